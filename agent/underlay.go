@@ -1,0 +1,83 @@
+package agent
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// underlay is the interface and address this host uses to reach other hosts.
+type underlay struct {
+	Dev    string
+	Addr   netip.Addr
+	Prefix netip.Prefix // the connected subnet, for cross-subnet decisions
+	MTU    int
+}
+
+// findUnderlay picks the configured interface, else the one carrying the
+// default route, else the only non-loopback interface with an IPv4 address.
+func findUnderlay(dev, addr string) (underlay, error) {
+	var u underlay
+	var link netlink.Link
+	var err error
+	switch {
+	case dev != "":
+		if link, err = netlink.LinkByName(dev); err != nil {
+			return u, fmt.Errorf("underlayInterface %q: %w", dev, err)
+		}
+	default:
+		routes, _ := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		for _, r := range routes {
+			if r.Dst == nil || r.Dst.String() == "0.0.0.0/0" {
+				if link, err = netlink.LinkByIndex(r.LinkIndex); err == nil {
+					break
+				}
+			}
+		}
+		if link == nil {
+			links, err := netlink.LinkList()
+			if err != nil {
+				return u, err
+			}
+			var candidates []netlink.Link
+			for _, l := range links {
+				if l.Attrs().Flags&1 == 0 || l.Type() == "bridge" || l.Attrs().Name == "lo" {
+					continue
+				}
+				if as, _ := netlink.AddrList(l, unix.AF_INET); len(as) > 0 {
+					candidates = append(candidates, l)
+				}
+			}
+			if len(candidates) != 1 {
+				return u, fmt.Errorf("underlayInterface: cannot choose one (no default route, %d interfaces with IPv4 addresses); set --underlay-interface", len(candidates))
+			}
+			link = candidates[0]
+		}
+	}
+	u.Dev = link.Attrs().Name
+	u.MTU = link.Attrs().MTU
+	addrs, err := netlink.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return u, fmt.Errorf("underlay %s: %w", u.Dev, err)
+	}
+	var want netip.Addr
+	if addr != "" {
+		want = netip.MustParseAddr(addr)
+	}
+	for _, a := range addrs {
+		ip, _ := netip.AddrFromSlice(a.IP.To4())
+		ones, _ := a.Mask.Size()
+		if want.IsValid() && ip != want {
+			continue
+		}
+		u.Addr = ip
+		u.Prefix = netip.PrefixFrom(ip, ones).Masked()
+		return u, nil
+	}
+	if want.IsValid() {
+		return u, fmt.Errorf("underlayAddress %s is not on interface %s", want, u.Dev)
+	}
+	return u, fmt.Errorf("underlay interface %s has no IPv4 address; set --underlay-interface", u.Dev)
+}

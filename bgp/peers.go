@@ -1,0 +1,243 @@
+package bgp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	api "github.com/osrg/gobgp/v3/api"
+)
+
+// SetPeers makes the configured neighbors exactly peers: new ones are added,
+// missing ones deleted (their session and learned routes go at once), and
+// changed ones re-created. GoBGP accepts connections only from configured
+// neighbors.
+func (s *Speaker) SetPeers(ctx context.Context, peers []Peer) error {
+	desired := make(map[netip.Addr]Peer, len(peers))
+	for _, p := range peers {
+		p, err := s.normalizePeer(p)
+		if err != nil {
+			return err
+		}
+		if other, dup := desired[p.Address]; dup {
+			return fmt.Errorf("bgp: peers %q and %q share address %s", other.Name, p.Name, p.Address)
+		}
+		desired[p.Address] = p
+	}
+
+	s.configMu.Lock()
+	defer s.configMu.Unlock()
+	if s.stopped {
+		return errStopped
+	}
+
+	// Clients must be in the reflect set before their sessions come up;
+	// a peer that stops being a client is re-created below, after the set
+	// no longer holds it.
+	var rrClients []netip.Addr
+	for _, p := range desired {
+		if p.Type == PeerRRClient {
+			rrClients = append(rrClients, p.Address)
+		}
+	}
+	if err := s.setRRClients(ctx, rrClients); err != nil {
+		return err
+	}
+
+	var errs []error
+	for _, current := range s.peerSnapshot() {
+		want, keep := desired[current.Address]
+		if keep && want == current {
+			continue
+		}
+		if err := s.deletePeer(ctx, current); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s.forgetPeer(current.Address)
+		if keep {
+			s.log.Info("bgp peer changed", "peer", want.Name, "address", want.Address)
+		} else {
+			s.log.Info("bgp peer removed", "peer", current.Name, "address", current.Address)
+		}
+	}
+	for _, want := range desired {
+		s.peersMu.RLock()
+		_, exists := s.peers[want.Address]
+		s.peersMu.RUnlock()
+		if exists {
+			continue
+		}
+		if err := s.addPeer(ctx, want); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s.log.Info("bgp peer configured", "peer", want.Name, "address", want.Address,
+			"asn", want.ASN, "type", want.Type, "port", want.Port, "passive", want.Passive,
+			"multihop", want.Multihop, "md5", want.Password != "")
+	}
+	// Attribution of existing routes may have changed (names, types).
+	s.signalRIBChanged()
+	return errors.Join(errs...)
+}
+
+func (s *Speaker) normalizePeer(p Peer) (Peer, error) {
+	if !p.Address.IsValid() || p.Address.IsUnspecified() {
+		return p, fmt.Errorf("bgp: peer %q: invalid address %q", p.Name, p.Address)
+	}
+	p.Address = p.Address.Unmap()
+	if p.Address == s.cfg.ListenAddress {
+		return p, fmt.Errorf("bgp: peer %q: address %s is our own listen address", p.Name, p.Address)
+	}
+	if p.Name == "" {
+		p.Name = p.Address.String()
+	}
+	if p.ASN == 0 {
+		p.ASN = s.cfg.ASN
+	}
+	if p.Port == 0 {
+		p.Port = 179
+	}
+	switch p.Type {
+	case "":
+		p.Type = PeerMesh
+	case PeerMesh, PeerExternal, PeerRouteReflector, PeerRRClient:
+	default:
+		return p, fmt.Errorf("bgp: peer %q: unknown type %q", p.Name, p.Type)
+	}
+	if (p.Type == PeerRRClient || p.Type == PeerRouteReflector || p.Type == PeerMesh) && p.ASN != s.cfg.ASN {
+		return p, fmt.Errorf("bgp: peer %q: type %s needs our own ASN %d, got %d", p.Name, p.Type, s.cfg.ASN, p.ASN)
+	}
+	if p.Multihop > 0 && p.ASN == s.cfg.ASN {
+		p.Multihop = 0 // iBGP is not TTL-limited; the setting means nothing there
+	}
+	return p, nil
+}
+
+func (s *Speaker) apiPeer(p Peer) *api.Peer {
+	secs := func(d time.Duration) uint64 { return uint64(d.Round(time.Second) / time.Second) }
+	ap := &api.Peer{
+		Conf: &api.PeerConf{
+			NeighborAddress: p.Address.String(),
+			PeerAsn:         p.ASN,
+			AuthPassword:    p.Password,
+			Description:     p.Name,
+		},
+		Timers: &api.Timers{Config: &api.TimersConfig{
+			HoldTime:          secs(s.cfg.HoldTime),
+			KeepaliveInterval: secs(s.cfg.KeepaliveInterval),
+			ConnectRetry:      secs(s.cfg.ConnectRetry),
+			// Come back quickly after a session reset instead of GoBGP's 30 s.
+			IdleHoldTimeAfterReset: secs(s.cfg.ConnectRetry),
+		}},
+		Transport: &api.Transport{
+			// Source every session from the underlay address: peers match
+			// neighbors (and MD5 keys) by source address.
+			LocalAddress: s.cfg.ListenAddress.String(),
+			RemotePort:   uint32(p.Port),
+			PassiveMode:  p.Passive,
+		},
+	}
+	if p.Multihop > 0 {
+		ap.EbgpMultihop = &api.EbgpMultihop{Enabled: true, MultihopTtl: uint32(p.Multihop)}
+	}
+	if p.Type == PeerRRClient {
+		ap.RouteReflector = &api.RouteReflector{
+			RouteReflectorClient:    true,
+			RouteReflectorClusterId: s.cfg.RouterID.String(),
+		}
+	}
+	return ap
+}
+
+func (s *Speaker) addPeer(ctx context.Context, p Peer) error {
+	s.peersMu.Lock()
+	s.peers[p.Address] = p
+	s.stateSince[p.Address] = time.Now()
+	s.peersMu.Unlock()
+	if err := s.server.AddPeer(ctx, &api.AddPeerRequest{Peer: s.apiPeer(p)}); err != nil {
+		s.forgetPeer(p.Address)
+		return fmt.Errorf("bgp: add peer %q (%s): %w", p.Name, p.Address, err)
+	}
+	return nil
+}
+
+func (s *Speaker) forgetPeer(addr netip.Addr) {
+	s.peersMu.Lock()
+	delete(s.peers, addr)
+	delete(s.stateSince, addr)
+	s.peersMu.Unlock()
+}
+
+func (s *Speaker) deletePeer(ctx context.Context, p Peer) error {
+	if p.Password != "" {
+		// GoBGP's DeletePeer leaves the MD5 key on the listening socket; a
+		// password change through UpdatePeer clears the old key. Do that
+		// first (admin-down, so it does not dial) so no stale key survives.
+		cleared := s.apiPeer(p)
+		cleared.Conf.AuthPassword = ""
+		cleared.Conf.AdminDown = true
+		if _, err := s.server.UpdatePeer(ctx, &api.UpdatePeerRequest{Peer: cleared}); err != nil {
+			s.log.Warn("bgp: could not clear MD5 key before deleting peer", "peer", p.Name, "error", err)
+		}
+	}
+	if err := s.server.DeletePeer(ctx, &api.DeletePeerRequest{Address: p.Address.String()}); err != nil {
+		return fmt.Errorf("bgp: delete peer %q (%s): %w", p.Name, p.Address, err)
+	}
+	return nil
+}
+
+// Peers reports every configured peer's session state.
+func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
+	live := map[netip.Addr]*api.Peer{}
+	err := s.server.ListPeer(ctx, &api.ListPeerRequest{}, func(p *api.Peer) {
+		if p.Conf == nil {
+			return
+		}
+		if addr, err := netip.ParseAddr(p.Conf.NeighborAddress); err == nil {
+			live[addr.Unmap()] = p
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("bgp: list peers: %w", err)
+	}
+
+	s.peersMu.RLock()
+	defer s.peersMu.RUnlock()
+	out := make([]PeerStatus, 0, len(s.peers))
+	for _, p := range s.peerSnapshotLocked() {
+		st := PeerStatus{Name: p.Name, Address: p.Address, ASN: p.ASN, Type: p.Type, State: "idle", Since: s.stateSince[p.Address]}
+		if ap, ok := live[p.Address]; ok {
+			if ap.State != nil {
+				st.State = sessionStateName(ap.State.SessionState)
+			}
+			for _, af := range ap.AfiSafis {
+				if af.State != nil {
+					st.Received += int(af.State.Received)
+					st.Accepted += int(af.State.Accepted)
+				}
+			}
+		}
+		out = append(out, st)
+	}
+	return out, nil
+}
+
+func sessionStateName(st api.PeerState_SessionState) string {
+	switch st {
+	case api.PeerState_ESTABLISHED:
+		return "established"
+	case api.PeerState_ACTIVE:
+		return "active"
+	case api.PeerState_CONNECT:
+		return "connect"
+	case api.PeerState_OPENSENT:
+		return "opensent"
+	case api.PeerState_OPENCONFIRM:
+		return "openconfirm"
+	default:
+		return "idle"
+	}
+}

@@ -1,0 +1,412 @@
+// Package bgp is fabricd's embedded BGP speaker: an in-process GoBGP server
+// that advertises this host's subnet, peers with the other hosts (iBGP mesh),
+// with external routers (top-of-rack, route reflectors) and with route
+// reflector clients, and reports the best learned routes so the data plane
+// can install them.
+package bgp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	api "github.com/osrg/gobgp/v3/api"
+	"github.com/osrg/gobgp/v3/pkg/server"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// DefaultASN is the private ASN used when Config.ASN is zero.
+const DefaultASN uint32 = 64512
+
+// Timer defaults: a dead peer is noticed within seconds (BGP's own default
+// hold time is 90 s), and a joining host is dialled again within seconds.
+const (
+	DefaultHoldTime          = 9 * time.Second
+	DefaultKeepaliveInterval = 3 * time.Second
+	DefaultConnectRetry      = 2 * time.Second
+)
+
+// PeerType says what role a peer plays; it decides the GoBGP neighbor config
+// and is reported with every route learned from that peer.
+type PeerType string
+
+const (
+	// PeerMesh is another fabric host in the iBGP full mesh.
+	PeerMesh PeerType = "mesh"
+	// PeerExternal is an eBGP or iBGP router such as a top-of-rack switch.
+	PeerExternal PeerType = "external"
+	// PeerRouteReflector reflects routes for us; we are its client.
+	PeerRouteReflector PeerType = "route-reflector"
+	// PeerRRClient is a client for which this speaker acts as route reflector.
+	PeerRRClient PeerType = "rr-client"
+)
+
+// Peer is one configured BGP neighbor.
+type Peer struct {
+	Name     string
+	Address  netip.Addr
+	ASN      uint32 // 0 = our own ASN (iBGP)
+	Port     uint16 // 0 = 179
+	Password string // TCP MD5 signature key; empty = none
+	Multihop uint8  // eBGP multihop TTL, 0 = off
+	Type     PeerType
+	Passive  bool // only accept connections, never dial
+}
+
+// Config configures a Speaker.
+type Config struct {
+	RouterID netip.Addr // default: ListenAddress (must be IPv4)
+	ASN      uint32     // default DefaultASN
+	// ListenAddress is the underlay address: BGP listens on it and every
+	// session is sourced from it. Required; never the unspecified address.
+	ListenAddress netip.Addr
+	ListenPort    int // default 179; -1 = do not listen (dial only)
+
+	HoldTime          time.Duration // default 9s
+	KeepaliveInterval time.Duration // default 3s
+	ConnectRetry      time.Duration // default 2s
+
+	// APISocket, if set, serves GoBGP's gRPC API on this unix socket
+	// (mode 0600) and nowhere else. Empty = no API server at all.
+	APISocket string
+
+	Logger *slog.Logger // default slog.Default()
+}
+
+// Route is one learned best path (never one of our own).
+type Route struct {
+	Prefix      netip.Prefix
+	NextHop     netip.Addr
+	PeerAddress netip.Addr // the neighbor the path came from
+	PeerName    string
+	PeerType    PeerType
+}
+
+// PeerStatus is the live state of one configured peer.
+type PeerStatus struct {
+	Name    string
+	Address netip.Addr
+	ASN     uint32
+	Type    PeerType
+	// State is one of "established", "active", "connect", "idle",
+	// "opensent", "openconfirm".
+	State string
+	Since time.Time // last state change seen by this speaker
+	// Received and Accepted count prefixes from this peer.
+	Received, Accepted int
+}
+
+// advertisement is our own prefix as installed in GoBGP.
+type advertisement struct {
+	prefix  netip.Prefix
+	nextHop netip.Addr
+	uuid    []byte // AddPath's handle; withdrawing by it never touches other paths
+}
+
+// Speaker is a running embedded BGP speaker.
+type Speaker struct {
+	cfg    Config
+	log    *slog.Logger
+	server *server.BgpServer
+	api    *apiSocket
+
+	// configMu serializes SetPeers/Advertise/Withdraw/Stop.
+	configMu    sync.Mutex
+	advertised  *advertisement
+	rrClientSet map[string]bool // neighbor-set entries that get reflected routes
+	stopped     bool
+
+	// peersMu guards the peer table read by the route publisher.
+	peersMu    sync.RWMutex
+	peers      map[netip.Addr]Peer
+	stateSince map[netip.Addr]time.Time
+
+	ribChanged chan struct{} // cap 1: "something changed, rebuild"
+	routes     chan []Route  // cap 1: latest full route set
+
+	cancel        context.CancelFunc
+	publisherDone chan struct{}
+}
+
+// Start starts the speaker: the BGP listener (if any), the optional API
+// socket, and the route publisher. It sends an initial, possibly empty,
+// route set on Routes().
+func Start(ctx context.Context, cfg Config) (*Speaker, error) {
+	cfg, err := withDefaults(cfg)
+	if err != nil {
+		return nil, err
+	}
+	logger := cfg.Logger.With("component", "bgp")
+	disableListenerMPTCP(logger)
+
+	opts := []server.ServerOption{server.LoggerOption(newSlogAdapter(cfg.Logger))}
+	var apiSock *apiSocket
+	if cfg.APISocket != "" {
+		apiSock, err = prepareAPISocket(cfg.APISocket)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, server.GrpcListenAddress("unix://"+apiSock.tempPath))
+	}
+	bgpServer := server.NewBgpServer(opts...)
+	go bgpServer.Serve()
+
+	fail := func(err error) (*Speaker, error) {
+		bgpServer.Stop()
+		if apiSock != nil {
+			apiSock.cleanup()
+		}
+		return nil, err
+	}
+
+	listenPort := int32(cfg.ListenPort)
+	err = bgpServer.StartBgp(ctx, &api.StartBgpRequest{Global: &api.Global{
+		Asn:             cfg.ASN,
+		RouterId:        cfg.RouterID.String(),
+		ListenPort:      listenPort,
+		ListenAddresses: []string{cfg.ListenAddress.String()},
+	}})
+	if err != nil {
+		return fail(fmt.Errorf("bgp: start speaker on %s port %d: %w", cfg.ListenAddress, cfg.ListenPort, err))
+	}
+	if apiSock != nil {
+		if err := apiSock.publish(ctx); err != nil {
+			return fail(err)
+		}
+	}
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	s := &Speaker{
+		cfg:           cfg,
+		log:           logger,
+		server:        bgpServer,
+		api:           apiSock,
+		peers:         map[netip.Addr]Peer{},
+		stateSince:    map[netip.Addr]time.Time{},
+		ribChanged:    make(chan struct{}, 1),
+		routes:        make(chan []Route, 1),
+		cancel:        cancel,
+		publisherDone: make(chan struct{}),
+	}
+
+	// The callback runs on GoBGP's watcher goroutine: only note the time and
+	// signal; the publisher does the heavy lifting.
+	err = bgpServer.WatchEvent(runCtx, &api.WatchEventRequest{
+		Peer: &api.WatchEventRequest_Peer{},
+		Table: &api.WatchEventRequest_Table{Filters: []*api.WatchEventRequest_Table_Filter{
+			{Type: api.WatchEventRequest_Table_Filter_BEST},
+		}},
+	}, s.onEvent)
+	if err != nil {
+		cancel()
+		return fail(fmt.Errorf("bgp: watch events: %w", err))
+	}
+
+	if err := s.installExportPolicy(ctx); err != nil {
+		cancel()
+		return fail(err)
+	}
+
+	s.signalRIBChanged() // the initial (empty) set
+	go s.publishRoutes(runCtx)
+
+	logger.Info("bgp speaker started", "router_id", cfg.RouterID, "asn", cfg.ASN,
+		"listen", cfg.ListenAddress, "port", cfg.ListenPort, "api_socket", cfg.APISocket)
+	return s, nil
+}
+
+func withDefaults(cfg Config) (Config, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.ASN == 0 {
+		cfg.ASN = DefaultASN
+	}
+	if !cfg.ListenAddress.IsValid() || cfg.ListenAddress.IsUnspecified() {
+		return cfg, fmt.Errorf("bgp: ListenAddress must be the underlay address, got %q", cfg.ListenAddress)
+	}
+	cfg.ListenAddress = cfg.ListenAddress.Unmap()
+	if !cfg.RouterID.IsValid() {
+		cfg.RouterID = cfg.ListenAddress
+	}
+	if !cfg.RouterID.Unmap().Is4() {
+		return cfg, fmt.Errorf("bgp: RouterID must be an IPv4 address, got %q (set Config.RouterID when listening on IPv6)", cfg.RouterID)
+	}
+	cfg.RouterID = cfg.RouterID.Unmap()
+	switch {
+	case cfg.ListenPort == 0:
+		cfg.ListenPort = 179
+	case cfg.ListenPort == -1:
+	case cfg.ListenPort < 0 || cfg.ListenPort > 65535:
+		return cfg, fmt.Errorf("bgp: ListenPort %d out of range", cfg.ListenPort)
+	}
+	if cfg.HoldTime == 0 {
+		cfg.HoldTime = DefaultHoldTime
+	}
+	if cfg.KeepaliveInterval == 0 {
+		cfg.KeepaliveInterval = DefaultKeepaliveInterval
+	}
+	if cfg.ConnectRetry == 0 {
+		cfg.ConnectRetry = DefaultConnectRetry
+	}
+	// GoBGP's timers are whole seconds; BGP forbids a hold time of 1 or 2.
+	if cfg.HoldTime < 3*time.Second {
+		return cfg, fmt.Errorf("bgp: HoldTime %s below the BGP minimum of 3s", cfg.HoldTime)
+	}
+	if cfg.KeepaliveInterval < time.Second || cfg.KeepaliveInterval >= cfg.HoldTime {
+		return cfg, fmt.Errorf("bgp: KeepaliveInterval %s must be at least 1s and below HoldTime %s", cfg.KeepaliveInterval, cfg.HoldTime)
+	}
+	if cfg.ConnectRetry < time.Second {
+		cfg.ConnectRetry = time.Second
+	}
+	return cfg, nil
+}
+
+// Routes delivers the full set of learned best paths after every change,
+// coalesced: a slow reader only ever sees the latest set. The channel is
+// closed by Stop.
+func (s *Speaker) Routes() <-chan []Route { return s.routes }
+
+// Advertise originates prefix (ORIGIN IGP, NEXT_HOP nextHop). Advertising a
+// different prefix replaces the old one (the new one is added first);
+// advertising the same prefix and next hop again is a no-op.
+func (s *Speaker) Advertise(ctx context.Context, prefix netip.Prefix, nextHop netip.Addr) error {
+	if !prefix.IsValid() {
+		return fmt.Errorf("bgp: advertise: invalid prefix %q", prefix)
+	}
+	prefix = prefix.Masked()
+	if !nextHop.IsValid() || nextHop.Unmap().Is4() != prefix.Addr().Is4() {
+		return fmt.Errorf("bgp: advertise %s: next hop %q must be a valid address of the same family", prefix, nextHop)
+	}
+	nextHop = nextHop.Unmap()
+
+	s.configMu.Lock()
+	defer s.configMu.Unlock()
+	if s.stopped {
+		return errStopped
+	}
+	old := s.advertised
+	if old != nil && old.prefix == prefix && old.nextHop == nextHop {
+		return nil
+	}
+	path, err := localPath(prefix, nextHop)
+	if err != nil {
+		return err
+	}
+	resp, err := s.server.AddPath(ctx, &api.AddPathRequest{TableType: api.TableType_GLOBAL, Path: path})
+	if err != nil {
+		return fmt.Errorf("bgp: advertise %s via %s: %w", prefix, nextHop, err)
+	}
+	s.advertised = &advertisement{prefix: prefix, nextHop: nextHop, uuid: resp.Uuid}
+	// Same prefix: AddPath replaced the path in place (and its UUID).
+	if old != nil && old.prefix != prefix {
+		if err := s.deletePath(ctx, old.uuid); err != nil {
+			return fmt.Errorf("bgp: withdraw previous prefix %s: %w", old.prefix, err)
+		}
+	}
+	s.log.Info("advertising prefix", "prefix", prefix, "next_hop", nextHop)
+	return nil
+}
+
+// Withdraw withdraws our advertised prefix, if any (graceful shutdown).
+func (s *Speaker) Withdraw(ctx context.Context) error {
+	s.configMu.Lock()
+	defer s.configMu.Unlock()
+	if s.stopped {
+		return errStopped
+	}
+	if s.advertised == nil {
+		return nil
+	}
+	if err := s.deletePath(ctx, s.advertised.uuid); err != nil {
+		return fmt.Errorf("bgp: withdraw %s: %w", s.advertised.prefix, err)
+	}
+	s.log.Info("withdrew prefix", "prefix", s.advertised.prefix)
+	s.advertised = nil
+	return nil
+}
+
+// deletePath withdraws exactly one of our paths. An empty UUID would make
+// GoBGP delete every local path, so refuse it.
+func (s *Speaker) deletePath(ctx context.Context, uuid []byte) error {
+	if len(uuid) == 0 {
+		return errors.New("no path handle (refusing a DeletePath that would remove every local path)")
+	}
+	return s.server.DeletePath(ctx, &api.DeletePathRequest{TableType: api.TableType_GLOBAL, Uuid: uuid})
+}
+
+func localPath(prefix netip.Prefix, nextHop netip.Addr) (*api.Path, error) {
+	nlri, err := anypb.New(&api.IPAddressPrefix{Prefix: prefix.Addr().String(), PrefixLen: uint32(prefix.Bits())})
+	if err != nil {
+		return nil, err
+	}
+	origin, err := anypb.New(&api.OriginAttribute{Origin: 0}) // IGP
+	if err != nil {
+		return nil, err
+	}
+	family := familyOf(prefix.Addr())
+	var nh *anypb.Any
+	if prefix.Addr().Is4() {
+		nh, err = anypb.New(&api.NextHopAttribute{NextHop: nextHop.String()})
+	} else {
+		nh, err = anypb.New(&api.MpReachNLRIAttribute{Family: family, NextHops: []string{nextHop.String()}, Nlris: []*anypb.Any{nlri}})
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &api.Path{Family: family, Nlri: nlri, Pattrs: []*anypb.Any{origin, nh}}, nil
+}
+
+var (
+	familyIPv4 = &api.Family{Afi: api.Family_AFI_IP, Safi: api.Family_SAFI_UNICAST}
+	familyIPv6 = &api.Family{Afi: api.Family_AFI_IP6, Safi: api.Family_SAFI_UNICAST}
+)
+
+func familyOf(a netip.Addr) *api.Family {
+	if a.Unmap().Is4() {
+		return familyIPv4
+	}
+	return familyIPv6
+}
+
+var errStopped = errors.New("bgp: speaker stopped")
+
+// Stop closes every session (peers see a Cease notification), the listener
+// and the API socket, and closes the Routes channel. Safe to call twice.
+func (s *Speaker) Stop() {
+	s.configMu.Lock()
+	defer s.configMu.Unlock()
+	if s.stopped {
+		return
+	}
+	s.stopped = true
+	s.cancel()
+	<-s.publisherDone
+	s.server.Stop()
+	if s.api != nil {
+		s.api.cleanup()
+	}
+	close(s.routes)
+	s.log.Info("bgp speaker stopped")
+}
+
+// peerSnapshot returns the configured peers, sorted by address.
+func (s *Speaker) peerSnapshot() []Peer {
+	s.peersMu.RLock()
+	defer s.peersMu.RUnlock()
+	return s.peerSnapshotLocked()
+}
+
+func (s *Speaker) peerSnapshotLocked() []Peer {
+	out := make([]Peer, 0, len(s.peers))
+	for _, p := range s.peers {
+		out = append(out, p)
+	}
+	slices.SortFunc(out, func(a, b Peer) int { return a.Address.Compare(b.Address) })
+	return out
+}

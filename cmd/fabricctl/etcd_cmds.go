@@ -1,0 +1,175 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/fabricnet/fabric/dockeropts"
+	"github.com/fabricnet/fabric/ipam"
+	"github.com/fabricnet/fabric/registry"
+)
+
+func ipamCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "ipam", Short: "The container address pool and the hosts' subnet leases"}
+	var poolCIDR string
+	var subnetLen int
+	initCmd := &cobra.Command{
+		Use:   "init",
+		Short: "Create the pool in etcd (fabricd --pool does the same on first start)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			p, err := netip.ParsePrefix(poolCIDR)
+			if err != nil {
+				return fmt.Errorf("--pool %q: not a CIDR, want e.g. 10.244.0.0/16", poolCIDR)
+			}
+			want := &ipam.Pool{Network: p, SubnetLen: subnetLen}
+			if err := want.Validate(); err != nil {
+				return err
+			}
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			got, err := ipam.EnsurePool(ctx, cli, g.etcdPrefix, want)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("pool %s, /%d per host\n", got.Network, got.SubnetLen)
+			return nil
+		},
+	}
+	initCmd.Flags().StringVar(&poolCIDR, "pool", "", "pool CIDR, e.g. 10.244.0.0/16")
+	initCmd.Flags().IntVar(&subnetLen, "subnet-len", 24, "prefix length of each host's subnet")
+	initCmd.MarkFlagRequired("pool")
+
+	show := &cobra.Command{
+		Use:   "show",
+		Short: "List the subnet leases: subnet, node, host address, expiry",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
+			if err != nil {
+				return err
+			}
+			leases, bad, err := ipam.List(ctx, cli, g.etcdPrefix)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(map[string]any{"pool": pool, "leases": leases, "malformed": bad})
+			}
+			fmt.Printf("pool %s, /%d per host, %d leased\n", pool.Network, pool.SubnetLen, len(leases))
+			var rows [][]string
+			for _, l := range leases {
+				rows = append(rows, []string{l.Subnet.String(), l.Node, l.HostAddr.String(), l.Expires.Format(time.RFC3339), time.Until(l.Expires).Round(time.Second).String()})
+			}
+			table("SUBNET\tNODE\tHOST ADDRESS\tEXPIRES\tIN", rows)
+			for _, b := range bad {
+				fmt.Fprintf(os.Stderr, "malformed lease %s: %s\n", b.Key, b.Problem)
+			}
+			return nil
+		},
+	}
+	release := &cobra.Command{
+		Use:   "release NODE",
+		Short: "Free the subnet of a decommissioned host",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			if err := ipam.ReleaseNode(ctx, cli, g.etcdPrefix, args[0]); err != nil {
+				return err
+			}
+			fmt.Printf("released the subnet of %s\n", args[0])
+			return nil
+		},
+	}
+	cmd.AddCommand(initCmd, show, release)
+	return cmd
+}
+
+func nodesCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "nodes",
+		Short: "Hosts in the fabric's node registry",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			nodes, bad, err := registry.List(ctx, cli, g.etcdPrefix)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(nodes)
+			}
+			var rows [][]string
+			for _, n := range nodes {
+				rows = append(rows, []string{n.Name, n.Address.String(), fmt.Sprint(n.ASN), n.Subnet.String(), strings.Join(n.Encaps, ","), n.VTEPMAC, n.Version})
+			}
+			table("NODE\tADDRESS\tASN\tSUBNET\tENCAPSULATIONS\tVTEP MAC\tVERSION", rows)
+			for _, b := range bad {
+				fmt.Fprintf(os.Stderr, "malformed node record %s: %s\n", b.Key, b.Problem)
+			}
+			return nil
+		},
+	}
+}
+
+func dockerOptsCmd(g *globals) *cobra.Command {
+	var format, file string
+	cmd := &cobra.Command{
+		Use:   "docker-opts",
+		Short: "The options dockerd needs on this host (--bip, --mtu, --ip-masq=false)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			data, err := os.ReadFile(file)
+			if err != nil {
+				return fmt.Errorf("%s: %w (fabricd writes it once it holds a lease; is fabricd running?)", file, err)
+			}
+			o, err := dockeropts.ParseEnv(string(data))
+			if err != nil {
+				return fmt.Errorf("%s: %w", file, err)
+			}
+			switch format {
+			case "env":
+				fmt.Print(o.Env())
+			case "json":
+				fmt.Print(o.JSON())
+			case "systemd":
+				fmt.Print(o.Systemd(file))
+			default:
+				return fmt.Errorf("--format %q: want env, json or systemd", format)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&format, "format", "env", "env, json or systemd")
+	cmd.Flags().StringVar(&file, "file", "/run/fabric/docker.env", "the options file fabricd writes")
+	return cmd
+}

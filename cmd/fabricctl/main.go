@@ -1,0 +1,172 @@
+// fabricctl is the operator's tool for a fabric: peers, routes, leases,
+// nodes and the options dockerd needs.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/fabricnet/fabric/agent"
+	"github.com/fabricnet/fabric/localapi"
+)
+
+type globals struct {
+	etcdEndpoints string
+	etcdPrefix    string
+	runDir        string
+	json          bool
+}
+
+func main() {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:           "fabricctl",
+		Short:         "Operate a fabric: peers, routes, subnet leases, nodes and docker options",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&g.etcdEndpoints, "etcd-endpoints", envOr("FABRIC_ETCD_ENDPOINTS", "http://127.0.0.1:2379"), "comma-separated etcd URLs (env FABRIC_ETCD_ENDPOINTS)")
+	root.PersistentFlags().StringVar(&g.etcdPrefix, "etcd-prefix", envOr("FABRIC_ETCD_PREFIX", "/fabric/v1"), "etcd key prefix")
+	root.PersistentFlags().StringVar(&g.runDir, "run-dir", envOr("FABRIC_RUN_DIR", "/run/fabric"), "fabricd's run directory (holds its local API socket)")
+	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts")
+
+	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), ipamCmd(g), nodesCmd(g), dockerOptsCmd(g), &cobra.Command{
+		Use: "version", Short: "Print the version",
+		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", agent.Version) },
+	})
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "fabricctl:", err)
+		os.Exit(1)
+	}
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func (g *globals) api() *localapi.Client { return localapi.NewClient(g.runDir + "/fabricd.sock") }
+
+func (g *globals) etcd() (*clientv3.Client, error) {
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   strings.Split(g.etcdEndpoints, ","),
+		DialTimeout: 5 * time.Second,
+		Logger:      zap.NewNop(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("etcd %s: %w", g.etcdEndpoints, err)
+	}
+	return cli, nil
+}
+
+func ctx5() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 5*time.Second)
+}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func table(header string, rows [][]string) {
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, header)
+	for _, r := range rows {
+		fmt.Fprintln(w, strings.Join(r, "\t"))
+	}
+	w.Flush()
+}
+
+func since(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return time.Since(t).Round(time.Second).String()
+}
+
+func peersCmd(g *globals) *cobra.Command {
+	peers := &cobra.Command{Use: "peers", Short: "BGP peers of this host"}
+	peers.AddCommand(&cobra.Command{
+		Use:   "status",
+		Short: "One row per BGP peer: address, type, state, since, prefixes, encapsulation",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := ctx5()
+			defer cancel()
+			ps, err := g.api().Peers(ctx)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(ps)
+			}
+			var rows [][]string
+			for _, p := range ps {
+				rows = append(rows, []string{p.Name, p.Address, fmt.Sprint(p.ASN), p.Type, p.State, since(p.Since), fmt.Sprint(p.Received), fmt.Sprint(p.Accepted), p.Encap})
+			}
+			table("PEER\tADDRESS\tASN\tTYPE\tSTATE\tSINCE\tRECEIVED\tACCEPTED\tENCAPSULATION", rows)
+			return nil
+		},
+	})
+	return peers
+}
+
+func routesCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "routes",
+		Short: "Kernel routes fabricd owns on this host, and why (peer, encapsulation)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := ctx5()
+			defer cancel()
+			rs, err := g.api().Routes(ctx)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(rs)
+			}
+			var rows [][]string
+			for _, r := range rs {
+				rows = append(rows, []string{r.Prefix, r.Via, r.Dev, r.Encap, r.Peer, r.PeerType})
+			}
+			table("PREFIX\tVIA\tDEVICE\tENCAPSULATION\tPEER\tLEARNED FROM", rows)
+			return nil
+		},
+	}
+}
+
+func statusCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "This host's fabricd: node, subnet, underlay, MTU",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := ctx5()
+			defer cancel()
+			s, err := g.api().Status(ctx)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(s)
+			}
+			w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+			fmt.Fprintf(w, "node\t%s\nversion\t%s\nsubnet\t%s (gateway %s)\nunderlay\t%s on %s\nasn\t%d\nencapsulation\t%s\nmtu\t%d\nbridge\t%s\nup\t%s\netcd\t%v\n",
+				s.Node, s.Version, s.Subnet, s.Gateway, s.Underlay, s.UnderlayDev, s.ASN, s.Encapsulation, s.MTU, s.Bridge, since(s.Started), map[bool]string{true: "reachable", false: "UNREACHABLE"}[s.EtcdHealthy])
+			return w.Flush()
+		},
+	}
+}

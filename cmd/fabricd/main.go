@@ -1,0 +1,59 @@
+// fabricd is the fabric agent that runs on every host.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/fabricnet/fabric/agent"
+	"github.com/fabricnet/fabric/config"
+)
+
+func main() {
+	for _, a := range os.Args[1:] {
+		if a == "--version" || a == "-version" {
+			fmt.Println("fabricd", agent.Version)
+			return
+		}
+	}
+	cfg, err := config.Load(os.Args[1:], os.Environ())
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fabricd:", err)
+		os.Exit(2)
+	}
+	log := newLogger(cfg)
+	if cfg.Cleanup {
+		if err := agent.Cleanup(cfg, log); err != nil {
+			fmt.Fprintln(os.Stderr, "fabricd --cleanup:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	log.Info("fabricd starting", "version", agent.Version, "node", cfg.NodeName, "etcd", cfg.EtcdEndpoints, "encapsulation", cfg.Encapsulation)
+	if err := agent.Run(ctx, cfg, log); err != nil {
+		log.Error("fabricd failed", "err", err)
+		fmt.Fprintln(os.Stderr, "fabricd:", err)
+		os.Exit(1)
+	}
+}
+
+func newLogger(cfg *config.Config) *slog.Logger {
+	var level slog.Level
+	level.UnmarshalText([]byte(cfg.LogLevel))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}

@@ -1,0 +1,410 @@
+// Package config loads fabricd's settings from defaults, an optional YAML
+// file, FABRIC_* environment variables and flags (later wins), and validates
+// them with errors that name the setting, the problem and what would be valid.
+package config
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"sigs.k8s.io/yaml"
+)
+
+// ExternalPeer is a BGP peer that is not a fabric host: a top-of-rack router
+// or a route reflector. External peers come only from the config file.
+type ExternalPeer struct {
+	Name     string `json:"name"`
+	Address  string `json:"address"`
+	ASN      uint32 `json:"asn"`
+	Port     uint16 `json:"port,omitempty"`
+	Password string `json:"password,omitempty"`
+	Multihop uint8  `json:"multihop,omitempty"`
+	// Type is "external" (default), "route-reflector" (it reflects for us)
+	// or "rr-client" (we reflect for it).
+	Type string `json:"type,omitempty"`
+}
+
+// Config is everything fabricd needs to run on one host.
+type Config struct {
+	NodeName      string        `json:"nodeName"`
+	MachineID     string        `json:"machineID"`
+	MachineIDFile string        `json:"machineIDFile"`
+	EtcdEndpoints []string      `json:"etcdEndpoints"`
+	EtcdPrefix    string        `json:"etcdPrefix"`
+	EtcdTimeout   time.Duration `json:"etcdTimeout"`
+
+	UnderlayInterface string `json:"underlayInterface"`
+	UnderlayAddress   string `json:"underlayAddress"`
+
+	Pool      string        `json:"pool"`
+	SubnetLen int           `json:"subnetLen"`
+	SubnetTTL time.Duration `json:"subnetTTL"`
+	NodeTTL   time.Duration `json:"nodeTTL"`
+
+	ASN               uint32         `json:"asn"`
+	BGPPort           int            `json:"bgpPort"`
+	HoldTime          time.Duration  `json:"holdTime"`
+	KeepaliveInterval time.Duration  `json:"keepaliveInterval"`
+	Mesh              bool           `json:"mesh"`
+	Peers             []ExternalPeer `json:"peers"`
+
+	Encapsulation string `json:"encapsulation"`
+	CrossSubnet   bool   `json:"crossSubnet"`
+	VXLANVNI      int    `json:"vxlanVNI"`
+	VXLANPort     int    `json:"vxlanPort"`
+	RouteProtocol int    `json:"routeProtocol"`
+
+	Bridge         string `json:"bridge"`
+	DockerOptsFile string `json:"dockerOptsFile"`
+
+	RunDir    string        `json:"runDir"`
+	Resync    time.Duration `json:"resync"`
+	LogLevel  string        `json:"logLevel"`
+	LogFormat string        `json:"logFormat"`
+
+	// Cleanup is an action, not a setting: remove everything fabricd owns.
+	Cleanup    bool   `json:"-"`
+	ConfigFile string `json:"-"`
+}
+
+// Defaults are the values used when nothing else sets a field.
+func Defaults() Config {
+	host, _ := os.Hostname()
+	return Config{
+		NodeName:          host,
+		MachineIDFile:     "/etc/machine-id",
+		EtcdEndpoints:     []string{"http://127.0.0.1:2379"},
+		EtcdPrefix:        "/fabric/v1",
+		EtcdTimeout:       5 * time.Second,
+		SubnetLen:         24,
+		SubnetTTL:         24 * time.Hour,
+		NodeTTL:           10 * time.Second,
+		ASN:               64512,
+		BGPPort:           179,
+		HoldTime:          9 * time.Second,
+		KeepaliveInterval: 3 * time.Second,
+		Mesh:              true,
+		Encapsulation:     "auto",
+		VXLANVNI:          4096,
+		VXLANPort:         4789,
+		RouteProtocol:     93,
+		Bridge:            "docker0",
+		DockerOptsFile:    "/run/fabric/docker.env",
+		RunDir:            "/run/fabric",
+		Resync:            30 * time.Second,
+		LogLevel:          "info",
+		LogFormat:         "text",
+	}
+}
+
+// SocketPath is where fabricd serves its local status API.
+func (c *Config) SocketPath() string { return c.RunDir + "/fabricd.sock" }
+
+// GoBGPSocketPath is where the embedded GoBGP's gRPC API listens (root only).
+func (c *Config) GoBGPSocketPath() string { return c.RunDir + "/gobgp.sock" }
+
+// Load builds the configuration from args (without the program name) and the
+// environment. The config file is named by --config or FABRIC_CONFIG.
+func Load(args []string, environ []string) (*Config, error) {
+	cfg := Defaults()
+	env := envMap(environ)
+
+	fs := flag.NewFlagSet("fabricd", flag.ContinueOnError)
+	fs.SetOutput(os.Stderr)
+	var configFile string
+	fs.StringVar(&configFile, "config", env["FABRIC_CONFIG"], "YAML config file (env FABRIC_CONFIG)")
+	defineFlags(fs, &cfg)
+	// First pass only to find --config; flags are applied again after the
+	// file and the environment so that they win.
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q: fabricd takes only flags", fs.Arg(0))
+	}
+	cfg = Defaults()
+	if configFile != "" {
+		data, err := os.ReadFile(configFile)
+		if err != nil {
+			return nil, fmt.Errorf("config file: %w", err)
+		}
+		if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
+			return nil, fmt.Errorf("config file %s: %w", configFile, err)
+		}
+	}
+	if err := applyEnv(&cfg, env); err != nil {
+		return nil, err
+	}
+	fs2 := flag.NewFlagSet("fabricd", flag.ContinueOnError)
+	fs2.SetOutput(os.Stderr)
+	fs2.String("config", "", "")
+	defineFlags(fs2, &cfg)
+	if err := fs2.Parse(args); err != nil {
+		return nil, err
+	}
+	cfg.ConfigFile = configFile
+	if cfg.MachineID == "" && !cfg.Cleanup {
+		id, err := os.ReadFile(cfg.MachineIDFile)
+		if err != nil {
+			return nil, fmt.Errorf("machineIDFile: cannot read %s (%v); set --machine-id or point --machine-id-file at a file with this machine's stable identity", cfg.MachineIDFile, err)
+		}
+		cfg.MachineID = strings.TrimSpace(string(id))
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+// Usage prints the flag list, for --help.
+func Usage() string {
+	cfg := Defaults()
+	fs := flag.NewFlagSet("fabricd", flag.ContinueOnError)
+	fs.String("config", "", "YAML config file (env FABRIC_CONFIG)")
+	defineFlags(fs, &cfg)
+	var b strings.Builder
+	fs.SetOutput(&b)
+	fs.PrintDefaults()
+	return b.String()
+}
+
+type listFlag struct{ dst *[]string }
+
+func (l listFlag) String() string {
+	if l.dst == nil {
+		return ""
+	}
+	return strings.Join(*l.dst, ",")
+}
+func (l listFlag) Set(s string) error { *l.dst = splitList(s); return nil }
+
+func defineFlags(fs *flag.FlagSet, c *Config) {
+	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "this host's name in the fabric (env FABRIC_NODE_NAME)")
+	fs.StringVar(&c.MachineID, "machine-id", c.MachineID, "stable machine identity; default: contents of --machine-id-file")
+	fs.StringVar(&c.MachineIDFile, "machine-id-file", c.MachineIDFile, "file holding the machine identity")
+	fs.Var(listFlag{&c.EtcdEndpoints}, "etcd-endpoints", "comma-separated etcd client URLs (env FABRIC_ETCD_ENDPOINTS)")
+	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", c.EtcdPrefix, "etcd key prefix")
+	fs.DurationVar(&c.EtcdTimeout, "etcd-timeout", c.EtcdTimeout, "timeout of one etcd request")
+	fs.StringVar(&c.UnderlayInterface, "underlay-interface", c.UnderlayInterface, "interface facing the other hosts; default: the interface of the default route, else the only non-loopback one")
+	fs.StringVar(&c.UnderlayAddress, "underlay-address", c.UnderlayAddress, "this host's underlay IPv4 address; default: the first address of the underlay interface")
+	fs.StringVar(&c.Pool, "pool", c.Pool, "container address pool to create in etcd if none exists, e.g. 10.244.0.0/16")
+	fs.IntVar(&c.SubnetLen, "subnet-len", c.SubnetLen, "prefix length of each host's subnet when creating the pool")
+	fs.DurationVar(&c.SubnetTTL, "subnet-ttl", c.SubnetTTL, "how long a dead host's subnet stays reserved")
+	fs.DurationVar(&c.NodeTTL, "node-ttl", c.NodeTTL, "liveness lease of the node record")
+	fs.Func("asn", "BGP AS number of this host (default 64512)", func(s string) error {
+		v, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			return fmt.Errorf("not an AS number: %q", s)
+		}
+		c.ASN = uint32(v)
+		return nil
+	})
+	fs.IntVar(&c.BGPPort, "bgp-port", c.BGPPort, "BGP listen and mesh port")
+	fs.DurationVar(&c.HoldTime, "bgp-hold-time", c.HoldTime, "BGP hold time: a silent peer is declared dead after it")
+	fs.DurationVar(&c.KeepaliveInterval, "bgp-keepalive", c.KeepaliveInterval, "BGP keepalive interval")
+	fs.BoolVar(&c.Mesh, "mesh", c.Mesh, "peer with every fabric host (turn off when route reflectors are configured)")
+	fs.StringVar(&c.Encapsulation, "encapsulation", c.Encapsulation, "ipip, vxlan or auto (env FABRIC_ENCAPSULATION)")
+	fs.BoolVar(&c.CrossSubnet, "cross-subnet", c.CrossSubnet, "route unencapsulated to peers on this host's own L2 subnet")
+	fs.IntVar(&c.VXLANVNI, "vxlan-vni", c.VXLANVNI, "VXLAN network identifier")
+	fs.IntVar(&c.VXLANPort, "vxlan-port", c.VXLANPort, "VXLAN UDP port")
+	fs.IntVar(&c.RouteProtocol, "route-protocol", c.RouteProtocol, "kernel route protocol number marking fabricd's routes")
+	fs.StringVar(&c.Bridge, "bridge", c.Bridge, "container bridge fabricd creates or adopts")
+	fs.StringVar(&c.DockerOptsFile, "docker-opts-file", c.DockerOptsFile, "environment file with the options dockerd needs")
+	fs.StringVar(&c.RunDir, "run-dir", c.RunDir, "directory for the local API sockets")
+	fs.DurationVar(&c.Resync, "resync", c.Resync, "interval of drift repair of kernel state")
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
+	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "text or json")
+	fs.BoolVar(&c.Cleanup, "cleanup", false, "remove every route, link and rule fabricd owns on this host, then exit")
+}
+
+func envMap(environ []string) map[string]string {
+	m := map[string]string{}
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok && strings.HasPrefix(k, "FABRIC_") {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+func applyEnv(c *Config, env map[string]string) error {
+	str := map[string]*string{
+		"FABRIC_NODE_NAME":          &c.NodeName,
+		"FABRIC_MACHINE_ID":         &c.MachineID,
+		"FABRIC_ETCD_PREFIX":        &c.EtcdPrefix,
+		"FABRIC_UNDERLAY_INTERFACE": &c.UnderlayInterface,
+		"FABRIC_UNDERLAY_ADDRESS":   &c.UnderlayAddress,
+		"FABRIC_POOL":               &c.Pool,
+		"FABRIC_ENCAPSULATION":      &c.Encapsulation,
+		"FABRIC_BRIDGE":             &c.Bridge,
+		"FABRIC_RUN_DIR":            &c.RunDir,
+		"FABRIC_LOG_LEVEL":          &c.LogLevel,
+		"FABRIC_LOG_FORMAT":         &c.LogFormat,
+	}
+	for k, p := range str {
+		if v, ok := env[k]; ok {
+			*p = v
+		}
+	}
+	if v, ok := env["FABRIC_ETCD_ENDPOINTS"]; ok {
+		c.EtcdEndpoints = splitList(v)
+	}
+	ints := map[string]*int{"FABRIC_VXLAN_PORT": &c.VXLANPort, "FABRIC_VXLAN_VNI": &c.VXLANVNI, "FABRIC_BGP_PORT": &c.BGPPort}
+	for k, p := range ints {
+		if v, ok := env[k]; ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("environment %s=%q: not a whole number", k, v)
+			}
+			*p = n
+		}
+	}
+	if v, ok := env["FABRIC_ASN"]; ok {
+		n, err := strconv.ParseUint(v, 10, 32)
+		if err != nil {
+			return fmt.Errorf("environment FABRIC_ASN=%q: not an AS number (1-4294967295)", v)
+		}
+		c.ASN = uint32(n)
+	}
+	return nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Validate checks every setting and reports all problems at once.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(setting, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", setting, fmt.Sprintf(format, a...)))
+	}
+	if c.Cleanup {
+		if c.RouteProtocol < 5 || c.RouteProtocol > 255 {
+			bad("routeProtocol", "%d is outside 5-255", c.RouteProtocol)
+		}
+		return errors.Join(errs...)
+	}
+	if c.NodeName == "" || len(c.NodeName) > 63 || strings.ContainsAny(c.NodeName, "/ \t") {
+		bad("nodeName", "%q is not valid: want 1-63 characters without '/' or spaces", c.NodeName)
+	}
+	if c.MachineID == "" {
+		bad("machineID", "empty; set --machine-id or --machine-id-file")
+	}
+	if len(c.EtcdEndpoints) == 0 {
+		bad("etcdEndpoints", "empty; want e.g. http://10.0.0.5:2379")
+	}
+	for _, e := range c.EtcdEndpoints {
+		if !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") && !strings.HasPrefix(e, "unix://") {
+			bad("etcdEndpoints", "%q is not a URL: want http://host:port, https://host:port or unix:///path", e)
+		}
+	}
+	if !strings.HasPrefix(c.EtcdPrefix, "/") || strings.HasSuffix(c.EtcdPrefix, "/") {
+		bad("etcdPrefix", "%q must start with '/' and not end with '/', e.g. /fabric/v1", c.EtcdPrefix)
+	}
+	if c.UnderlayAddress != "" {
+		if a, err := netip.ParseAddr(c.UnderlayAddress); err != nil || !a.Is4() {
+			bad("underlayAddress", "%q is not an IPv4 address", c.UnderlayAddress)
+		}
+	}
+	if c.Pool != "" {
+		p, err := netip.ParsePrefix(c.Pool)
+		switch {
+		case err != nil || !p.Addr().Is4():
+			bad("pool", "%q is not an IPv4 CIDR, want e.g. 10.244.0.0/16", c.Pool)
+		case p.Masked() != p:
+			bad("pool", "%q has host bits set; did you mean %s?", c.Pool, p.Masked())
+		case c.SubnetLen <= p.Bits() || c.SubnetLen > 30:
+			bad("subnetLen", "%d must be longer than the pool's /%d and at most 30", c.SubnetLen, p.Bits())
+		}
+	}
+	if c.SubnetTTL < time.Minute {
+		bad("subnetTTL", "%s is too short: a host would lose its subnet during a short outage; want at least 1m (default 24h)", c.SubnetTTL)
+	}
+	if c.NodeTTL < 2*time.Second || c.NodeTTL > 5*time.Minute {
+		bad("nodeTTL", "%s outside 2s-5m", c.NodeTTL)
+	}
+	if c.ASN == 0 {
+		bad("asn", "0 is not a valid AS number")
+	}
+	if c.BGPPort < 1 || c.BGPPort > 65535 {
+		bad("bgpPort", "%d outside 1-65535", c.BGPPort)
+	}
+	if c.HoldTime != 0 && c.HoldTime < 3*time.Second {
+		bad("holdTime", "%s: BGP needs at least 3s", c.HoldTime)
+	}
+	if c.KeepaliveInterval <= 0 || c.KeepaliveInterval*3 > c.HoldTime {
+		bad("keepaliveInterval", "%s must be positive and at most a third of holdTime %s", c.KeepaliveInterval, c.HoldTime)
+	}
+	for i, p := range c.Peers {
+		where := fmt.Sprintf("peers[%d]", i)
+		if p.Name != "" {
+			where += " (" + p.Name + ")"
+		}
+		if a, err := netip.ParseAddr(p.Address); err != nil || !a.Is4() {
+			bad(where+".address", "%q is not an IPv4 address", p.Address)
+		}
+		if p.ASN == 0 {
+			bad(where+".asn", "missing")
+		}
+		switch p.Type {
+		case "", "external", "route-reflector", "rr-client":
+		default:
+			bad(where+".type", "%q: want external, route-reflector or rr-client", p.Type)
+		}
+	}
+	switch c.Encapsulation {
+	case "ipip", "vxlan", "auto":
+	default:
+		bad("encapsulation", "%q: want ipip, vxlan or auto", c.Encapsulation)
+	}
+	if c.VXLANVNI < 1 || c.VXLANVNI > 1<<24-1 {
+		bad("vxlanVNI", "%d outside 1-16777215", c.VXLANVNI)
+	}
+	if c.VXLANPort < 1 || c.VXLANPort > 65535 {
+		bad("vxlanPort", "%d outside 1-65535", c.VXLANPort)
+	}
+	if c.RouteProtocol < 5 || c.RouteProtocol > 255 {
+		bad("routeProtocol", "%d outside 5-255 (0-4 belong to the kernel)", c.RouteProtocol)
+	}
+	if c.Bridge == "" || len(c.Bridge) > 15 {
+		bad("bridge", "%q: want an interface name of 1-15 characters", c.Bridge)
+	}
+	if c.Resync < time.Second {
+		bad("resync", "%s is below 1s", c.Resync)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("logLevel", "%q: want debug, info, warn or error", c.LogLevel)
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		bad("logFormat", "%q: want text or json", c.LogFormat)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("invalid configuration:\n  %w", joinIndented(errs))
+	}
+	return nil
+}
+
+func joinIndented(errs []error) error {
+	parts := make([]string, len(errs))
+	for i, e := range errs {
+		parts[i] = e.Error()
+	}
+	return errors.New(strings.Join(parts, "\n  "))
+}

@@ -1,0 +1,625 @@
+// Package dataplane turns the routes fabricd learns over BGP into kernel
+// routes. Like Calico felix's route table it owns its routes by one route
+// protocol number: every Apply recomputes the whole desired state from its
+// input, lists the kernel routes carrying that protocol, and adds, replaces
+// and deletes only the difference. There is no route cache that could bring a
+// withdrawn route back, and the first Apply after a restart sweeps leftovers.
+// Per peer it picks an encapsulation (ipip, vxlan or a direct route) and
+// keeps each backend's tunnel state in step with the peers that use it.
+package dataplane
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"github.com/fabricnet/fabric/backend"
+	"github.com/fabricnet/fabric/ipip"
+	"github.com/fabricnet/fabric/vxlanfallback"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultProtocol is the route protocol number fabricd marks its routes with
+// (shown as "proto 93" by ip route). Protocols 0-4 belong to the kernel and
+// to static configuration and are refused.
+const DefaultProtocol = 93
+
+// Mode says which encapsulations the data plane may use.
+type Mode string
+
+const (
+	ModeIPIP  Mode = "ipip"
+	ModeVXLAN Mode = "vxlan"
+	ModeAuto  Mode = "auto" // ipip where both ends can, vxlan elsewhere
+)
+
+// Encapsulation names, as reported by Encapsulations and Owned.
+const (
+	EncapIPIP   = "ipip"
+	EncapVXLAN  = "vxlan"
+	EncapDirect = "direct" // same L2 segment: plain route via the peer's underlay address
+	EncapNone   = "none"   // next hop is not a fabric node (e.g. a top-of-rack router)
+)
+
+// Config configures a Manager.
+type Config struct {
+	Handle       *netlink.Handle // nil = current namespace
+	Mode         Mode            // default ModeAuto
+	CrossSubnet  bool            // direct routes to peers inside the underlay's connected prefix
+	Protocol     int             // default DefaultProtocol
+	UnderlayDev  string
+	UnderlayAddr netip.Addr
+	UnderlayMTU  int                    // 0 = read from UnderlayDev
+	IPIP         *ipip.Backend          // nil if the kernel lacks ipip
+	VXLAN        *vxlanfallback.Backend // nil if vxlan is not wanted
+	Prober       ProtoProber            // optional; default: ipip works when both ends support it
+	Logger       *slog.Logger
+}
+
+// PeerInfo is what the node registry says about another fabric host.
+type PeerInfo struct {
+	Name    string
+	Address netip.Addr       // underlay address
+	VTEPMAC net.HardwareAddr // the peer's VXLAN device MAC
+	Encaps  []string         // what the peer's kernel supports: "ipip", "vxlan"
+	Subnet  netip.Prefix     // the peer's container subnet
+}
+
+// RemoteRoute is one route learned over BGP.
+type RemoteRoute struct {
+	Prefix   netip.Prefix
+	NextHop  netip.Addr // BGP next hop
+	PeerName string
+	Peer     *PeerInfo // nil: the next hop is not a fabric node; install a plain via route
+}
+
+// ProtoProber tells whether IP protocol 4 (ipip) passes between us and peer.
+type ProtoProber interface {
+	IPIPWorks(peer netip.Addr) bool
+}
+
+// OwnedRoute is a kernel route carrying our protocol.
+type OwnedRoute struct {
+	Prefix   netip.Prefix
+	Via      netip.Addr
+	Dev      string
+	Encap    string
+	PeerName string
+}
+
+type choice struct {
+	encap  string
+	reason string
+}
+
+// Manager owns the routes with its protocol number in the main table and the
+// tunnel state of its backends.
+type Manager struct {
+	cfg         Config
+	h           *netlink.Handle
+	log         *slog.Logger
+	underlayMTU int
+	mtu         int
+
+	mu      sync.Mutex
+	choices map[string]choice       // peer name -> current encapsulation; for logging changes and status
+	owners  map[netip.Prefix]string // prefix -> peer name of the last Apply; display only, never re-applied
+}
+
+type trueProber struct{}
+
+func (trueProber) IPIPWorks(netip.Addr) bool { return true }
+
+// New checks cfg against the kernel (underlay device, MTU) and computes the
+// container MTU once. It changes nothing in the kernel.
+func New(cfg Config) (*Manager, error) {
+	if cfg.Mode == "" {
+		cfg.Mode = ModeAuto
+	}
+	if cfg.Protocol == 0 {
+		cfg.Protocol = DefaultProtocol
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Prober == nil {
+		cfg.Prober = trueProber{}
+	}
+	if cfg.Protocol <= unix.RTPROT_STATIC || cfg.Protocol > 255 {
+		return nil, fmt.Errorf("route protocol %d: must be 5..255 (0-4 belong to the kernel and static routes)", cfg.Protocol)
+	}
+	switch cfg.Mode {
+	case ModeIPIP:
+		if cfg.IPIP == nil {
+			return nil, errors.New("mode ipip: this kernel has no ipip support (or no ipip backend was given); use mode auto or vxlan")
+		}
+	case ModeVXLAN:
+		if cfg.VXLAN == nil {
+			return nil, errors.New("mode vxlan needs a vxlan backend")
+		}
+	case ModeAuto:
+		if cfg.VXLAN == nil && cfg.IPIP == nil {
+			return nil, errors.New("mode auto needs a vxlan or an ipip backend")
+		}
+	default:
+		return nil, fmt.Errorf("unknown data plane mode %q (want ipip, vxlan or auto)", cfg.Mode)
+	}
+	if cfg.UnderlayDev == "" {
+		return nil, errors.New("data plane needs the underlay device name")
+	}
+	h := backend.DefaultHandle(cfg.Handle)
+	underlayMTU := cfg.UnderlayMTU
+	if underlayMTU == 0 {
+		link, err := h.LinkByName(cfg.UnderlayDev)
+		if err != nil {
+			return nil, fmt.Errorf("underlay device %s: %w", cfg.UnderlayDev, err)
+		}
+		underlayMTU = link.Attrs().MTU
+	}
+	m := &Manager{
+		cfg:         cfg,
+		h:           h,
+		log:         cfg.Logger.With("component", "dataplane"),
+		underlayMTU: underlayMTU,
+		choices:     map[string]choice{},
+		owners:      map[netip.Prefix]string{},
+	}
+	// The one place an overhead is subtracted from the underlay MTU for
+	// containers: the largest overhead any peer might get in this mode.
+	m.mtu = underlayMTU - m.maxOverhead()
+	if m.mtu < 576 {
+		return nil, fmt.Errorf("underlay MTU %d leaves container MTU %d, below the IPv4 minimum 576", underlayMTU, m.mtu)
+	}
+	return m, nil
+}
+
+func (m *Manager) maxOverhead() int {
+	most := 0
+	if m.cfg.Mode != ModeVXLAN && m.cfg.IPIP != nil {
+		most = max(most, m.cfg.IPIP.Overhead())
+	}
+	if m.cfg.Mode != ModeIPIP && m.cfg.VXLAN != nil {
+		most = max(most, m.cfg.VXLAN.Overhead())
+	}
+	return most
+}
+
+// MTU is the MTU for container interfaces and the bridge.
+func (m *Manager) MTU() int { return m.mtu }
+
+// Protocol is the route protocol number this manager owns.
+func (m *Manager) Protocol() int { return m.cfg.Protocol }
+
+// Encapsulations returns peer name -> "ipip", "vxlan" or "direct" as chosen by
+// the last Apply.
+func (m *Manager) Encapsulations() map[string]string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make(map[string]string, len(m.choices))
+	for name, c := range m.choices {
+		out[name] = c.encap
+	}
+	return out
+}
+
+// peerPlan is one peer's encapsulation for this Apply.
+type peerPlan struct {
+	peer  backend.Peer
+	info  PeerInfo
+	encap string
+	why   string
+	err   error // the peer's registry data is unusable for its encapsulation
+}
+
+// Apply makes the kernel match routes, the complete set of remote routes.
+// One bad route is logged and reported in the joined error; the others are
+// still applied. A bad route (e.g. a peer without a VTEP MAC) is not
+// installed; a route that cannot be built because of a transient failure
+// (its tunnel device or the underlay device is missing) keeps its current
+// kernel route rather than losing it.
+func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var errs []error
+	fail := func(err error) {
+		m.log.Error("data plane route failed", "err", err)
+		errs = append(errs, err)
+	}
+
+	underlay, connected, err := m.underlay()
+	if err != nil {
+		fail(err) // direct routes cannot be built; tunnels may still work
+	}
+
+	// 1. Per-peer encapsulation.
+	peers := map[string]*peerPlan{}
+	for _, r := range routes {
+		if r.Peer == nil {
+			continue
+		}
+		name := cmp.Or(r.Peer.Name, r.PeerName)
+		if _, seen := peers[name]; seen {
+			continue
+		}
+		p := &peerPlan{info: *r.Peer, peer: backend.Peer{
+			Name: name, Address: r.Peer.Address, VTEPMAC: r.Peer.VTEPMAC, Subnet: r.Peer.Subnet,
+		}}
+		if !p.peer.Address.IsValid() {
+			p.peer.Address = r.NextHop
+		}
+		if !p.peer.Subnet.IsValid() {
+			p.peer.Subnet = r.Prefix.Masked()
+		}
+		p.encap, p.why = m.choose(p.peer.Address, r.Peer.Encaps, connected)
+		switch {
+		case !p.peer.Address.Is4():
+			p.err = fmt.Errorf("peer %s: underlay address %v is not IPv4", name, p.peer.Address)
+		case p.encap == EncapVXLAN && len(p.peer.VTEPMAC) != 6:
+			p.err = fmt.Errorf("peer %s: no VTEP MAC in its registry entry, needed for vxlan", name)
+		}
+		peers[name] = p
+	}
+	m.logChoices(peers)
+
+	// 2. Tunnel devices and per-peer tunnel state, exactly for the peers using each.
+	ready := map[string]bool{EncapDirect: underlay != nil, EncapNone: true}
+	for _, b := range m.backends() {
+		var users []backend.Peer
+		for _, p := range peers {
+			if p.encap == b.Name() && p.err == nil {
+				users = append(users, p.peer)
+			}
+		}
+		slices.SortFunc(users, func(a, b backend.Peer) int { return cmp.Compare(a.Name, b.Name) })
+		if len(users) > 0 {
+			if _, err := b.Ensure(ctx, m.underlayMTU-b.Overhead()); err != nil {
+				fail(fmt.Errorf("%s device %s: %w", b.Name(), b.Device(), err))
+				continue
+			}
+			ready[b.Name()] = true
+		}
+		if err := b.SyncPeers(users); err != nil {
+			fail(err)
+		}
+	}
+
+	// 3. Desired routes.
+	desired := map[netip.Prefix]*netlink.Route{}
+	keep := map[netip.Prefix]bool{} // could not compute: leave the kernel's route alone
+	owners := map[netip.Prefix]string{}
+	for _, r := range routes {
+		prefix := r.Prefix.Masked()
+		if !prefix.IsValid() || !prefix.Addr().Is4() {
+			fail(fmt.Errorf("route %v (peer %q): not an IPv4 prefix", r.Prefix, r.PeerName))
+			continue
+		}
+		if _, dup := desired[prefix]; dup {
+			fail(fmt.Errorf("route %s (peer %q): duplicate prefix; keeping the first", prefix, r.PeerName))
+			continue
+		}
+		route, owner, err := m.routeFor(r, prefix, peers, ready, underlay)
+		if err != nil {
+			fail(err)
+			var unavailable errUnavailable
+			if errors.As(err, &unavailable) {
+				keep[prefix] = true // transient: do not take the working route away
+			}
+			continue
+		}
+		route.Protocol = netlink.RouteProtocol(m.cfg.Protocol)
+		route.Table = unix.RT_TABLE_MAIN
+		desired[prefix] = route
+		owners[prefix] = owner
+	}
+	m.owners = owners
+
+	// 4. Diff against the kernel, touching only routes with our protocol.
+	have, err := m.ownedKernelRoutes()
+	if err != nil {
+		fail(err)
+		return errors.Join(errs...)
+	}
+	done := map[netip.Prefix]bool{}
+	for _, kr := range have {
+		prefix := prefixOf(kr.Dst)
+		want, ok := desired[prefix]
+		switch {
+		case ok && !done[prefix] && sameRoute(&kr, want):
+			done[prefix] = true
+		case ok && !done[prefix]:
+			if err := m.h.RouteReplace(want); err != nil {
+				fail(fmt.Errorf("replace route %s: %w", describe(want), err))
+			} else {
+				m.log.Info("replaced route", "prefix", prefix, "old", describe(&kr), "new", describe(want))
+			}
+			done[prefix] = true
+		case keep[prefix] && !done[prefix]:
+			done[prefix] = true
+		default: // withdrawn, left over from an earlier run, or a duplicate
+			kr := kr
+			if err := m.h.RouteDel(&kr); err != nil && !errors.Is(err, unix.ESRCH) {
+				fail(fmt.Errorf("delete route %s: %w", describe(&kr), err))
+			} else {
+				m.log.Info("deleted route", "route", describe(&kr))
+			}
+		}
+	}
+	for _, prefix := range sortedPrefixes(desired) {
+		if done[prefix] {
+			continue
+		}
+		want := desired[prefix]
+		// Add, not replace: replace would overwrite another protocol's route for
+		// the same prefix, and those are never ours to change.
+		err := m.h.RouteAdd(want)
+		switch {
+		case errors.Is(err, unix.EEXIST):
+			fail(fmt.Errorf("add route %s: a route for %s that fabric does not own exists; leaving it", describe(want), prefix))
+		case err != nil:
+			fail(fmt.Errorf("add route %s: %w", describe(want), err))
+		default:
+			m.log.Info("added route", "route", describe(want), "peer", owners[prefix])
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// underlay returns the underlay link and its connected IPv4 prefixes.
+func (m *Manager) underlay() (netlink.Link, []netip.Prefix, error) {
+	link, err := m.h.LinkByName(m.cfg.UnderlayDev)
+	if err != nil {
+		return nil, nil, fmt.Errorf("underlay device %s: %w", m.cfg.UnderlayDev, err)
+	}
+	if !m.cfg.CrossSubnet {
+		return link, nil, nil
+	}
+	addrs, err := m.h.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return link, nil, fmt.Errorf("addresses of underlay device %s: %w", m.cfg.UnderlayDev, err)
+	}
+	var connected []netip.Prefix
+	for _, a := range addrs {
+		p, ok := prefixFromIPNet(a.IPNet)
+		if !ok || p.Bits() >= 32 {
+			continue
+		}
+		// With several addresses on the underlay, only our underlay address's prefix counts.
+		if m.cfg.UnderlayAddr.IsValid() && !p.Masked().Contains(m.cfg.UnderlayAddr) {
+			continue
+		}
+		connected = append(connected, p.Masked())
+	}
+	return link, connected, nil
+}
+
+func (m *Manager) backends() []backend.Backend {
+	var out []backend.Backend
+	if m.cfg.IPIP != nil && m.cfg.Mode != ModeVXLAN {
+		out = append(out, m.cfg.IPIP)
+	}
+	if m.cfg.VXLAN != nil && m.cfg.Mode != ModeIPIP {
+		out = append(out, m.cfg.VXLAN)
+	}
+	return out
+}
+
+// choose picks a peer's encapsulation and says why.
+func (m *Manager) choose(addr netip.Addr, encaps []string, connected []netip.Prefix) (string, string) {
+	for _, p := range connected {
+		if p.Contains(addr) {
+			return EncapDirect, fmt.Sprintf("cross-subnet: peer underlay address is inside the connected prefix %s", p)
+		}
+	}
+	switch m.cfg.Mode {
+	case ModeIPIP:
+		return EncapIPIP, "mode is ipip"
+	case ModeVXLAN:
+		return EncapVXLAN, "mode is vxlan"
+	}
+	switch {
+	case m.cfg.IPIP == nil:
+		return EncapVXLAN, "this kernel has no ipip support"
+	case m.cfg.VXLAN == nil:
+		return EncapIPIP, "ipip is the only encapsulation configured"
+	case !slices.Contains(encaps, EncapIPIP):
+		return EncapVXLAN, "the peer's kernel has no ipip support"
+	case !m.cfg.Prober.IPIPWorks(addr):
+		return EncapVXLAN, "IP protocol 4 does not pass between us and the peer"
+	}
+	return EncapIPIP, "both kernels support ipip and IP protocol 4 passes"
+}
+
+// logChoices logs each peer whose encapsulation is new or changed, and each
+// peer that is gone, once, not on every Apply.
+func (m *Manager) logChoices(peers map[string]*peerPlan) {
+	next := make(map[string]choice, len(peers))
+	for name, p := range peers {
+		c := choice{p.encap, p.why}
+		next[name] = c
+		old, had := m.choices[name]
+		switch {
+		case !had:
+			m.log.Info("peer encapsulation", "peer", name, "address", p.peer.Address, "encap", c.encap, "reason", c.reason)
+		case old != c:
+			m.log.Info("peer encapsulation changed", "peer", name, "address", p.peer.Address,
+				"encap", c.encap, "was", old.encap, "reason", c.reason)
+		}
+	}
+	for name, old := range m.choices {
+		if _, ok := next[name]; !ok {
+			m.log.Info("peer gone; removing its routes and tunnel state", "peer", name, "encap", old.encap)
+		}
+	}
+	m.choices = next
+}
+
+func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]*peerPlan, ready map[string]bool, underlay netlink.Link) (*netlink.Route, string, error) {
+	if r.Peer == nil {
+		if !r.NextHop.Is4() {
+			return nil, "", fmt.Errorf("route %s: next hop %v is not an IPv4 address", prefix, r.NextHop)
+		}
+		// Not a fabric node: a plain route; the kernel finds the device.
+		return &netlink.Route{Dst: backend.IPNet(prefix), Gw: r.NextHop.AsSlice()}, r.PeerName, nil
+	}
+	p := peers[cmp.Or(r.Peer.Name, r.PeerName)]
+	if p.err != nil {
+		return nil, "", fmt.Errorf("route %s: %w", prefix, p.err)
+	}
+	if !ready[p.encap] {
+		return nil, "", errUnavailable{fmt.Errorf("route %s to peer %s: %s is not available", prefix, p.peer.Name, p.encap)}
+	}
+	var route *netlink.Route
+	var err error
+	switch p.encap {
+	case EncapDirect:
+		route = &netlink.Route{LinkIndex: underlay.Attrs().Index, Dst: backend.IPNet(prefix), Gw: p.peer.Address.AsSlice()}
+	case EncapIPIP:
+		route, err = m.cfg.IPIP.RouteFor(prefix, p.peer)
+	case EncapVXLAN:
+		route, err = m.cfg.VXLAN.RouteFor(prefix, p.peer)
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	return route, p.peer.Name, nil
+}
+
+// errUnavailable marks a route that cannot be built right now because its
+// device is missing; its kernel route, if any, is kept.
+type errUnavailable struct{ error }
+
+func (e errUnavailable) Unwrap() error { return e.error }
+
+func (m *Manager) ownedKernelRoutes() ([]netlink.Route, error) {
+	filter := &netlink.Route{Protocol: netlink.RouteProtocol(m.cfg.Protocol), Table: unix.RT_TABLE_MAIN}
+	routes, err := m.h.RouteListFiltered(unix.AF_INET, filter, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("list routes with protocol %d: %w", m.cfg.Protocol, err)
+	}
+	return routes, nil
+}
+
+// Owned lists the kernel routes carrying our protocol, for `fabricctl routes`.
+func (m *Manager) Owned() ([]OwnedRoute, error) {
+	routes, err := m.ownedKernelRoutes()
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]OwnedRoute, 0, len(routes))
+	for _, r := range routes {
+		o := OwnedRoute{Prefix: prefixOf(r.Dst)}
+		if gw, ok := netip.AddrFromSlice(r.Gw); ok {
+			o.Via = gw.Unmap()
+		}
+		if link, err := m.h.LinkByIndex(r.LinkIndex); err == nil {
+			o.Dev = link.Attrs().Name
+		}
+		o.PeerName = m.owners[o.Prefix]
+		switch {
+		case m.cfg.IPIP != nil && o.Dev == m.cfg.IPIP.Device():
+			o.Encap = EncapIPIP
+		case m.cfg.VXLAN != nil && o.Dev == m.cfg.VXLAN.Device():
+			o.Encap = EncapVXLAN
+		case o.PeerName != "" && m.choices[o.PeerName].encap == EncapDirect:
+			o.Encap = EncapDirect
+		default:
+			o.Encap = EncapNone
+		}
+		out = append(out, o)
+	}
+	slices.SortFunc(out, func(a, b OwnedRoute) int { return comparePrefix(a.Prefix, b.Prefix) })
+	return out, nil
+}
+
+// Cleanup removes every route with protocol, in every table, and the named
+// tunnel devices (their neighbour and FDB entries go with them). With no
+// device names it removes the default ones. Used by `fabricd --cleanup`.
+func Cleanup(h *netlink.Handle, protocol int, devices ...string) error {
+	if protocol <= unix.RTPROT_STATIC || protocol > 255 {
+		return fmt.Errorf("refusing to clean up route protocol %d: must be 5..255", protocol)
+	}
+	h = backend.DefaultHandle(h)
+	if len(devices) == 0 {
+		devices = []string{ipip.DefaultDevice, vxlanfallback.DefaultDevice}
+	}
+	var errs []error
+	filter := &netlink.Route{Protocol: netlink.RouteProtocol(protocol), Table: unix.RT_TABLE_UNSPEC}
+	routes, err := h.RouteListFiltered(unix.AF_INET, filter, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("list routes with protocol %d: %w", protocol, err))
+	}
+	for _, r := range routes {
+		r := r
+		if err := h.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", describe(&r), err))
+		}
+	}
+	for _, name := range devices {
+		if err := backend.DeleteLink(h, name); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func sameRoute(have, want *netlink.Route) bool {
+	if want.LinkIndex != 0 && have.LinkIndex != want.LinkIndex {
+		return false
+	}
+	return net.IP(have.Gw).Equal(want.Gw) &&
+		have.Flags&int(netlink.FLAG_ONLINK) == want.Flags&int(netlink.FLAG_ONLINK) &&
+		have.Priority == want.Priority && have.Scope == want.Scope
+}
+
+func describe(r *netlink.Route) string {
+	s := fmt.Sprintf("%s via %s", prefixOf(r.Dst), r.Gw)
+	if r.LinkIndex != 0 {
+		s += fmt.Sprintf(" ifindex %d", r.LinkIndex)
+	}
+	if r.Flags&int(netlink.FLAG_ONLINK) != 0 {
+		s += " onlink"
+	}
+	return s + fmt.Sprintf(" proto %d", r.Protocol)
+}
+
+func prefixFromIPNet(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	addr, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(addr.Unmap(), ones), true
+}
+
+// prefixOf converts a route's destination; nil means the default route.
+func prefixOf(n *net.IPNet) netip.Prefix {
+	if p, ok := prefixFromIPNet(n); ok {
+		return p.Masked()
+	}
+	return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}
+
+func sortedPrefixes(m map[netip.Prefix]*netlink.Route) []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(m))
+	for p := range m {
+		out = append(out, p)
+	}
+	slices.SortFunc(out, comparePrefix)
+	return out
+}

@@ -1,0 +1,449 @@
+package dataplane
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/fabricnet/fabric/ipip"
+	"github.com/fabricnet/fabric/vxlanfallback"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+const testVXLANPort = 8472 // not the default, on purpose
+
+// logBuffer collects slog output for assertions.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+type testOpts struct {
+	mode        Mode
+	crossSubnet bool
+	logs        *logBuffer
+	ipip        bool
+}
+
+// manager builds the vxlan backend and a Manager for host h, as fabricd would.
+func (l *lab) manager(h *labHost, o testOpts) *Manager {
+	l.t.Helper()
+	logger := slog.New(slog.NewTextHandler(testWriter{l.t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	if o.logs != nil {
+		logger = slog.New(slog.NewTextHandler(o.logs, nil))
+	}
+	logger = logger.With("host", h.ns)
+	vx, err := vxlanfallback.New(vxlanfallback.Config{
+		Handle: h.handle, Port: testVXLANPort, UnderlayAddr: h.addr, UnderlayDev: h.underlayDev,
+		Subnet: h.subnet, Logger: logger,
+	})
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	cfg := Config{
+		Handle: h.handle, Mode: o.mode, CrossSubnet: o.crossSubnet, UnderlayDev: h.underlayDev,
+		UnderlayAddr: h.addr, VXLAN: vx, Logger: logger,
+	}
+	if o.ipip {
+		if cfg.IPIP, err = ipip.New(ipip.Config{Handle: h.handle, UnderlayAddr: h.addr, Subnet: h.subnet, Logger: logger}); err != nil {
+			l.t.Fatal(err)
+		}
+	}
+	m, err := New(cfg)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	l.setContainerMTU(h, m.MTU())
+	return m
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func ownedRoutes(t *testing.T, h *netlink.Handle, proto int) map[netip.Prefix]netlink.Route {
+	t.Helper()
+	routes, err := h.RouteListFiltered(unix.AF_INET, &netlink.Route{Protocol: netlink.RouteProtocol(proto), Table: unix.RT_TABLE_MAIN},
+		netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[netip.Prefix]netlink.Route{}
+	for _, r := range routes {
+		out[prefixOf(r.Dst)] = r
+	}
+	return out
+}
+
+func linkName(t *testing.T, h *netlink.Handle, index int) string {
+	t.Helper()
+	l, err := h.LinkByIndex(index)
+	if err != nil {
+		t.Fatalf("link %d: %v", index, err)
+	}
+	return l.Attrs().Name
+}
+
+func TestVXLANMeshPingAndTCP(t *testing.T) {
+	l := newLab(t, 3)
+	ctx := context.Background()
+	for _, h := range l.hosts {
+		m := l.manager(h, testOpts{mode: ModeVXLAN})
+		if m.MTU() != 1450 {
+			t.Fatalf("container MTU = %d, want 1450 for a 1500 underlay with vxlan", m.MTU())
+		}
+		if err := m.Apply(ctx, l.routesFor(h)); err != nil {
+			t.Fatalf("apply on %s: %v", h.ns, err)
+		}
+		// The device is what the peers expect: non-default port, stable MAC, MTU subtracted once.
+		link, err := h.handle.LinkByName(vxlanfallback.DefaultDevice)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vx := link.(*netlink.Vxlan)
+		if vx.Port != testVXLANPort || vx.VxlanId != vxlanfallback.DefaultVNI || vx.Learning || vx.MTU != 1450 {
+			t.Fatalf("vxlan device on %s: port %d vni %d learning %v mtu %d", h.ns, vx.Port, vx.VxlanId, vx.Learning, vx.MTU)
+		}
+		if vx.HardwareAddr.String() != vxlanfallback.MACFor(h.addr).String() {
+			t.Fatalf("vxlan MAC %s, want %s", vx.HardwareAddr, vxlanfallback.MACFor(h.addr))
+		}
+		// Idempotent: a second Apply changes nothing.
+		before := ownedRoutes(t, h.handle, DefaultProtocol)
+		if err := m.Apply(ctx, l.routesFor(h)); err != nil {
+			t.Fatal(err)
+		}
+		if after := ownedRoutes(t, h.handle, DefaultProtocol); fmt.Sprint(after) != fmt.Sprint(before) || len(after) != 2 {
+			t.Fatalf("second apply changed routes:\n%v\n%v", before, after)
+		}
+		owned, err := m.Owned()
+		if err != nil || len(owned) != 2 || owned[0].Encap != EncapVXLAN || owned[0].Dev != vxlanfallback.DefaultDevice || owned[0].PeerName == "" {
+			t.Fatalf("Owned() = %+v, %v", owned, err)
+		}
+	}
+	for _, a := range l.hosts {
+		for _, b := range l.hosts {
+			if a == b {
+				continue
+			}
+			if err := ping(a.ctr, b.ctrAddr, 56, false); err != nil {
+				t.Errorf("ping %s -> %s: %v", a.ctr, b.ctrAddr, err)
+			}
+			if err := tcpExchange(a.ctr, b.ctr, b.ctrAddr); err != nil {
+				t.Errorf("tcp %s -> %s: %v", a.ctr, b.ctrAddr, err)
+			}
+		}
+	}
+
+	// MTU: the largest unfragmented ping fits the tunnel; one byte more fails
+	// at the sender with EMSGSIZE instead of vanishing on the way.
+	a, b := l.hosts[0], l.hosts[1]
+	if err := ping(a.ctr, b.ctrAddr, 1450-28, true); err != nil {
+		t.Errorf("DF ping with 1422 bytes: %v", err)
+	}
+	if err := ping(a.ctr, b.ctrAddr, 1450-28+1, true); !errors.Is(err, unix.EMSGSIZE) {
+		t.Errorf("DF ping with 1423 bytes: got %v, want message too long", err)
+	}
+	// Host-originated traffic to a remote container takes the tunnel address as source.
+	if err := ping(a.ns, b.ctrAddr, 56, false); err != nil {
+		t.Errorf("ping from host %s to remote container: %v", a.ns, err)
+	}
+}
+
+func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
+	l := newLab(t, 2)
+	h1 := l.hosts[0]
+	// Leftovers of an earlier run (ours) and routes of others, planted before the first Apply.
+	run(t, "ip", "-n", h1.ns, "route", "add", "10.244.9.0/24", "via", "192.168.100.12", "proto", "93")
+	run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
+	run(t, "ip", "-n", h1.ns, "route", "add", "10.244.7.0/24", "via", "192.168.100.12", "proto", "12")
+	run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/16", "via", "192.168.100.12", "proto", "static")
+	m := l.manager(h1, testOpts{mode: ModeVXLAN})
+
+	routes := l.routesFor(h1)
+	// A route fabric wants but another protocol already holds: reported, not taken over.
+	routes = append(routes, RemoteRoute{Prefix: netip.MustParsePrefix("10.251.0.0/16"), NextHop: netip.MustParseAddr("192.168.100.13")})
+	err := m.Apply(context.Background(), routes)
+	if err == nil || !strings.Contains(err.Error(), "10.251.0.0/16") {
+		t.Errorf("apply: got %v, want an error naming 10.251.0.0/16", err)
+	}
+
+	out := run(t, "ip", "-n", h1.ns, "route", "show")
+	if strings.Contains(out, "10.244.9.0/24") {
+		t.Errorf("stale proto 93 route survived:\n%s", out)
+	}
+	for _, want := range []string{
+		"10.244.8.0/24 via 192.168.100.12 dev " + h1.underlayDev + " proto static",
+		"10.251.0.0/16 via 192.168.100.12 dev " + h1.underlayDev + " proto static",
+		"10.244.2.0/24 via 10.244.2.0 dev fabric.vxlan proto 93 onlink",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("missing %q in:\n%s", want, out)
+		}
+	}
+	if _, ok := ownedRoutes(t, h1.handle, 12)[netip.MustParsePrefix("10.244.7.0/24")]; !ok {
+		t.Errorf("route with protocol 12 was removed:\n%s", out)
+	}
+	// The one failed route did not stop the good one from working.
+	l.manager(l.hosts[1], testOpts{mode: ModeVXLAN}).Apply(context.Background(), l.routesFor(l.hosts[1]))
+	if err := ping(h1.ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestPeerDepartureAndCleanup(t *testing.T) {
+	l := newLab(t, 3)
+	ctx := context.Background()
+	var h1Manager *Manager
+	for _, h := range l.hosts {
+		m := l.manager(h, testOpts{mode: ModeVXLAN})
+		if err := m.Apply(ctx, l.routesFor(h)); err != nil {
+			t.Fatal(err)
+		}
+		if h == l.hosts[0] {
+			h1Manager = m
+		}
+	}
+	h1, h2, h3 := l.hosts[0], l.hosts[1], l.hosts[2]
+	if err := ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
+		t.Fatal(err)
+	}
+	state := func() (neigh, fdb string) {
+		neigh = run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice)
+		fdb = run(t, "bridge", "-n", h1.ns, "fdb", "show", "dev", vxlanfallback.DefaultDevice)
+		return
+	}
+	mac3 := vxlanfallback.MACFor(h3.addr).String()
+	neigh, fdb := state()
+	if !strings.Contains(neigh, "10.244.3.0 lladdr "+mac3+" PERMANENT") || !strings.Contains(fdb, mac3+" dst 192.168.100.13") {
+		t.Fatalf("peer state for h3 missing:\n%s\n%s", neigh, fdb)
+	}
+
+	// h3 leaves: BGP withdraws its route.
+	if err := h1Manager.Apply(ctx, l.routesFor(h1, h3)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := ownedRoutes(t, h1.handle, DefaultProtocol)[h3.subnet]; ok {
+		t.Error("route to departed peer h3 still installed")
+	}
+	neigh, fdb = state()
+	if strings.Contains(neigh, "10.244.3.0") || strings.Contains(fdb, mac3) {
+		t.Errorf("tunnel state of departed peer h3 left behind:\n%s\n%s", neigh, fdb)
+	}
+	// Stays withdrawn: nothing remembers it and puts it back.
+	if err := h1Manager.Apply(ctx, l.routesFor(h1, h3)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := ownedRoutes(t, h1.handle, DefaultProtocol)[h3.subnet]; ok {
+		t.Error("withdrawn route came back on the next Apply")
+	}
+	if _, ok := h1Manager.Encapsulations()[h3.ns]; ok {
+		t.Error("Encapsulations still lists departed peer")
+	}
+	if err := ping(h1.ctr, h3.ctrAddr, 56, false); err == nil {
+		t.Error("departed peer's containers still reachable")
+	}
+	if err := ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+		t.Errorf("remaining peer h2 unreachable after h3 left: %v", err)
+	}
+
+	// fabricd --cleanup
+	run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
+	if err := Cleanup(h1.handle, DefaultProtocol, vxlanfallback.DefaultDevice); err != nil {
+		t.Fatal(err)
+	}
+	if owned := ownedRoutes(t, h1.handle, DefaultProtocol); len(owned) != 0 {
+		t.Errorf("routes with our protocol after Cleanup: %v", owned)
+	}
+	if _, err := h1.handle.LinkByName(vxlanfallback.DefaultDevice); err == nil {
+		t.Error("vxlan device still exists after Cleanup")
+	}
+	if !strings.Contains(run(t, "ip", "-n", h1.ns, "route", "show"), "10.244.8.0/24 via 192.168.100.12") {
+		t.Error("Cleanup removed a static route")
+	}
+}
+
+func TestCrossSubnetDirectRoute(t *testing.T) {
+	l := newLab(t, 2)
+	ctx := context.Background()
+	for _, h := range l.hosts {
+		m := l.manager(h, testOpts{mode: ModeVXLAN, crossSubnet: true})
+		if err := m.Apply(ctx, l.routesFor(h)); err != nil {
+			t.Fatal(err)
+		}
+		peer := l.hosts[2-h.n]
+		r, ok := ownedRoutes(t, h.handle, DefaultProtocol)[peer.subnet]
+		if !ok || linkName(t, h.handle, r.LinkIndex) != h.underlayDev || !r.Gw.Equal(peer.addr.AsSlice()) {
+			t.Fatalf("route to %s on %s: %+v, want via %s dev %s", peer.subnet, h.ns, r, peer.addr, h.underlayDev)
+		}
+		if got := m.Encapsulations()[peer.ns]; got != EncapDirect {
+			t.Errorf("encapsulation of %s = %q, want direct", peer.ns, got)
+		}
+		if _, err := h.handle.LinkByName(vxlanfallback.DefaultDevice); err == nil {
+			t.Error("vxlan device created though no peer uses it")
+		}
+		owned, _ := m.Owned()
+		if len(owned) != 1 || owned[0].Encap != EncapDirect || owned[0].PeerName != peer.ns {
+			t.Errorf("Owned() = %+v", owned)
+		}
+	}
+	if err := ping(l.hosts[0].ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
+		t.Error(err)
+	}
+	if err := tcpExchange(l.hosts[1].ctr, l.hosts[0].ctr, l.hosts[0].ctrAddr); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestTopOfRackRouteIsPlain(t *testing.T) {
+	l := newLab(t, 2)
+	h1, router := l.hosts[0], l.hosts[1]
+	// h2 plays a top-of-rack router that owns 10.250.0.0/16.
+	run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
+	m := l.manager(h1, testOpts{mode: ModeVXLAN})
+	tor := netip.MustParsePrefix("10.250.0.0/16")
+	if err := m.Apply(context.Background(), []RemoteRoute{{Prefix: tor, NextHop: router.addr, PeerName: "tor"}}); err != nil {
+		t.Fatal(err)
+	}
+	r, ok := ownedRoutes(t, h1.handle, DefaultProtocol)[tor]
+	if !ok || !r.Gw.Equal(router.addr.AsSlice()) || linkName(t, h1.handle, r.LinkIndex) != h1.underlayDev || r.Flags&int(netlink.FLAG_ONLINK) != 0 {
+		t.Fatalf("ToR route = %+v, want plain 10.250.0.0/16 via %s", r, router.addr)
+	}
+	if _, err := h1.handle.LinkByName(vxlanfallback.DefaultDevice); err == nil {
+		t.Error("vxlan device created for a non-fabric next hop")
+	}
+	if owned, _ := m.Owned(); len(owned) != 1 || owned[0].Encap != EncapNone {
+		t.Errorf("Owned() = %+v", owned)
+	}
+	if err := ping(h1.ns, netip.MustParseAddr("10.250.0.1"), 56, false); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestAutoModeWithoutIPIPPicksVXLAN(t *testing.T) {
+	l := newLab(t, 2)
+	h1, h2 := l.hosts[0], l.hosts[1]
+	supported, err := ipip.Supported(h1.handle)
+	if err != nil {
+		t.Fatalf("ipip.Supported: %v", err)
+	}
+	// Ask the kernel independently.
+	probe := l.prefix + "ipip"
+	kernelHas := exec.Command("ip", "-n", h1.ns, "link", "add", probe, "type", "ipip").Run() == nil
+	exec.Command("ip", "-n", h1.ns, "link", "del", probe).Run()
+	if supported != kernelHas {
+		t.Fatalf("ipip.Supported = %v, but ip link add type ipip works: %v", supported, kernelHas)
+	}
+	if links, _ := h1.handle.LinkList(); strings.Contains(fmt.Sprint(links), "fabprobe") {
+		t.Error("Supported left its probe device behind")
+	}
+	if supported {
+		t.Skip("this kernel has ipip; the test is about kernels without it")
+	}
+
+	logs := &logBuffer{}
+	m := l.manager(h1, testOpts{mode: ModeAuto, logs: logs})
+	l.manager(h2, testOpts{mode: ModeAuto}).Apply(context.Background(), []RemoteRoute{
+		{Prefix: h1.subnet, NextHop: h1.addr, PeerName: h1.ns, Peer: h1.peerInfo("vxlan")}})
+	routes := []RemoteRoute{{Prefix: h2.subnet, NextHop: h2.addr, PeerName: h2.ns, Peer: h2.peerInfo("ipip", "vxlan")}}
+	for range 3 {
+		if err := m.Apply(context.Background(), routes); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := m.Encapsulations()[h2.ns]; got != EncapVXLAN {
+		t.Errorf("auto mode chose %q, want vxlan", got)
+	}
+	text := logs.String()
+	if n := strings.Count(text, `msg="peer encapsulation"`); n != 1 || !strings.Contains(text, `encap=vxlan reason="this kernel has no ipip support"`) {
+		t.Errorf("want one log line naming vxlan and why, got %d in:\n%s", n, text)
+	}
+	if err := ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+		t.Error(err)
+	}
+}
+
+// A restart with a changed configuration (vxlan -> cross-subnet direct) turns
+// the existing kernel state into the new one: route replaced, tunnel entries gone.
+func TestRestartWithChangedConfig(t *testing.T) {
+	l := newLab(t, 2)
+	ctx := context.Background()
+	h1, h2 := l.hosts[0], l.hosts[1]
+	if err := l.manager(h1, testOpts{mode: ModeVXLAN}).Apply(ctx, l.routesFor(h1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.manager(h2, testOpts{mode: ModeVXLAN, crossSubnet: true}).Apply(ctx, l.routesFor(h2)); err != nil {
+		t.Fatal(err)
+	}
+	before := ownedRoutes(t, h1.handle, DefaultProtocol)[h2.subnet]
+	if linkName(t, h1.handle, before.LinkIndex) != vxlanfallback.DefaultDevice {
+		t.Fatalf("first run: route %+v not over vxlan", before)
+	}
+
+	restarted := l.manager(h1, testOpts{mode: ModeVXLAN, crossSubnet: true})
+	if err := restarted.Apply(ctx, l.routesFor(h1)); err != nil {
+		t.Fatal(err)
+	}
+	owned := ownedRoutes(t, h1.handle, DefaultProtocol)
+	after := owned[h2.subnet]
+	if len(owned) != 1 || linkName(t, h1.handle, after.LinkIndex) != h1.underlayDev || !after.Gw.Equal(h2.addr.AsSlice()) {
+		t.Fatalf("after restart: %v, want one direct route via %s", owned, h2.addr)
+	}
+	if out := run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice); strings.Contains(out, "10.244.2.0") {
+		t.Errorf("vxlan neighbour entry of a peer now reached directly:\n%s", out)
+	}
+	if err := ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+		t.Error(err)
+	}
+}
+
+// A peer whose registry entry lacks a VTEP MAC gets no route and an error
+// naming it; the other peers are unaffected.
+func TestBadPeerDoesNotStopOthers(t *testing.T) {
+	l := newLab(t, 3)
+	ctx := context.Background()
+	h1, h2, h3 := l.hosts[0], l.hosts[1], l.hosts[2]
+	for _, h := range l.hosts[1:] {
+		if err := l.manager(h, testOpts{mode: ModeVXLAN}).Apply(ctx, l.routesFor(h)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	routes := l.routesFor(h1)
+	routes[0].Peer.VTEPMAC = nil // h2
+	err := l.manager(h1, testOpts{mode: ModeVXLAN}).Apply(ctx, routes)
+	if err == nil || !strings.Contains(err.Error(), h2.ns) || !strings.Contains(err.Error(), "10.244.2.0/24") {
+		t.Errorf("apply: %v, want an error naming %s and its prefix", err, h2.ns)
+	}
+	owned := ownedRoutes(t, h1.handle, DefaultProtocol)
+	if _, ok := owned[h2.subnet]; ok {
+		t.Error("route installed for a peer without VTEP MAC")
+	}
+	if _, ok := owned[h3.subnet]; !ok {
+		t.Fatal("route to the good peer missing")
+	}
+	if err := ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
+		t.Error(err)
+	}
+}

@@ -1,0 +1,118 @@
+// Package dockeropts renders the options dockerd needs to use this host's
+// lease, like flannel's subnet.env and mk-docker-opts: an environment file, a
+// daemon.json fragment and a systemd drop-in.
+package dockeropts
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// Options are the facts dockerd needs.
+type Options struct {
+	Pool    netip.Prefix // the whole fabric pool
+	Subnet  netip.Prefix // this host's lease
+	Gateway netip.Addr   // first address of Subnet, the bridge address
+	MTU     int
+	Bridge  string
+}
+
+// BIP is dockerd's --bip value: the gateway with the subnet's length.
+func (o Options) BIP() string { return netip.PrefixFrom(o.Gateway, o.Subnet.Bits()).String() }
+
+// Args are dockerd's command-line options. --ip-masq=false because fabricd
+// masquerades only traffic that leaves the pool; dockerd's rule would rewrite
+// container-to-container traffic across hosts.
+func (o Options) Args() []string {
+	return []string{"--bip=" + o.BIP(), fmt.Sprintf("--mtu=%d", o.MTU), "--ip-masq=false"}
+}
+
+// Env renders the environment file (subnet.env style).
+func (o Options) Env() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "FABRIC_NETWORK=%s\n", o.Pool)
+	fmt.Fprintf(&b, "FABRIC_SUBNET=%s\n", o.Subnet)
+	fmt.Fprintf(&b, "FABRIC_GATEWAY=%s\n", o.Gateway)
+	fmt.Fprintf(&b, "FABRIC_MTU=%d\n", o.MTU)
+	fmt.Fprintf(&b, "DOCKER_OPTS=\"%s\"\n", strings.Join(o.Args(), " "))
+	return b.String()
+}
+
+// JSON renders a daemon.json fragment.
+func (o Options) JSON() string {
+	v := map[string]any{"bip": o.BIP(), "mtu": o.MTU, "ip-masq": false}
+	b, _ := json.MarshalIndent(v, "", "  ")
+	return string(b) + "\n"
+}
+
+// Systemd renders a drop-in for docker.service that reads the env file.
+func (o Options) Systemd(envFile string) string {
+	return fmt.Sprintf(`# /etc/systemd/system/docker.service.d/fabric.conf, written by fabricctl docker-opts
+[Unit]
+After=fabricd.service
+Requires=fabricd.service
+
+[Service]
+EnvironmentFile=%s
+ExecStart=
+ExecStart=/usr/bin/dockerd -H fd:// --containerd=/run/containerd/containerd.sock $DOCKER_OPTS
+`, envFile)
+}
+
+// ParseEnv reads an env file written by WriteEnv back into Options.
+func ParseEnv(data string) (Options, error) {
+	var o Options
+	vals := map[string]string{}
+	for _, line := range strings.Split(data, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			vals[k] = strings.Trim(v, `"`)
+		}
+	}
+	var err error
+	if o.Pool, err = netip.ParsePrefix(vals["FABRIC_NETWORK"]); err != nil {
+		return o, fmt.Errorf("FABRIC_NETWORK: %w", err)
+	}
+	if o.Subnet, err = netip.ParsePrefix(vals["FABRIC_SUBNET"]); err != nil {
+		return o, fmt.Errorf("FABRIC_SUBNET: %w", err)
+	}
+	if o.Gateway, err = netip.ParseAddr(vals["FABRIC_GATEWAY"]); err != nil {
+		return o, fmt.Errorf("FABRIC_GATEWAY: %w", err)
+	}
+	if _, err := fmt.Sscan(vals["FABRIC_MTU"], &o.MTU); err != nil {
+		return o, fmt.Errorf("FABRIC_MTU: %w", err)
+	}
+	return o, nil
+}
+
+// WriteEnv replaces path atomically (write to a temporary file, rename), so a
+// reader never sees half a file, and does nothing when the content is equal.
+func WriteEnv(path string, o Options) (changed bool, err error) {
+	content := o.Env()
+	if old, err := os.ReadFile(path); err == nil && string(old) == content {
+		return false, nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return false, err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".docker.env-*")
+	if err != nil {
+		return false, err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.WriteString(content); err != nil {
+		tmp.Close()
+		return false, err
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return false, err
+	}
+	if err := tmp.Close(); err != nil {
+		return false, err
+	}
+	return true, os.Rename(tmp.Name(), path)
+}

@@ -1,0 +1,280 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/lab"
+)
+
+// expectRoutes checks that h's kernel holds exactly one owned route per other
+// host's subnet.
+func (f *fabric) routesTo(h *lab.Host, want []netip.Prefix) error {
+	got := f.ownedRoutes(h)
+	for _, p := range want {
+		if _, ok := got[p.String()]; !ok {
+			return fmt.Errorf("%s has no route to %s (owned routes: %v)", h.Name, p, got)
+		}
+	}
+	if len(got) != len(want) {
+		return fmt.Errorf("%s owns %d routes, want %d: %v", h.Name, len(got), len(want), got)
+	}
+	return nil
+}
+
+func (f *fabric) otherSubnets(self *lab.Host, hosts []*lab.Host) []netip.Prefix {
+	var out []netip.Prefix
+	for _, h := range hosts {
+		if h != self {
+			out = append(out, f.subnet(h))
+		}
+	}
+	return out
+}
+
+func (f *fabric) allEstablished(h *lab.Host, n int) error {
+	ps, err := f.peers(h)
+	if err != nil {
+		return err
+	}
+	est := 0
+	for _, p := range ps {
+		if p.State == "established" {
+			est++
+		}
+	}
+	if est != n || len(ps) != n {
+		return fmt.Errorf("%s: %d of %d peers established, want %d: %+v", h.Name, est, len(ps), n, ps)
+	}
+	return nil
+}
+
+// TestMeshLifecycle is the BGP issue's story on a 3-host lab: sessions come
+// up, routes appear, a 4th host joins, a killed host's route goes within the
+// hold time, a stopped host's route goes at once, and a restarted agent keeps
+// its lease and its routes.
+func TestMeshLifecycle(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 3}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--vxlan-port", "8472")
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h)
+	}
+
+	// Three distinct leases, as the operator sees them.
+	out, err := f.fabricctl(hosts[0], "ipam", "show")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("fabricctl ipam show:\n%s", out)
+	seen := map[netip.Prefix]string{}
+	for _, h := range hosts {
+		s := f.subnet(h)
+		if other, dup := seen[s]; dup {
+			t.Fatalf("%s and %s share subnet %s", h.Name, other, s)
+		}
+		seen[s] = h.Name
+		if !strings.Contains(out, s.String()) || !strings.Contains(out, h.Name) {
+			t.Errorf("ipam show lacks %s of %s", s, h.Name)
+		}
+	}
+
+	for _, h := range hosts {
+		f.eventually(20*time.Second, h.Name+" sessions established", func() error { return f.allEstablished(h, 2) })
+		f.eventually(10*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
+	}
+	out, _ = f.fabricctl(hosts[0], "peers", "status")
+	t.Logf("fabricctl peers status on host1:\n%s", out)
+	for _, h := range hosts[1:] {
+		if !strings.Contains(out, h.Name) || !strings.Contains(out, "established") || !strings.Contains(out, "vxlan") {
+			t.Errorf("peers status lacks an established vxlan row for %s", h.Name)
+		}
+	}
+
+	// Containers on every host reach each other (VXLAN on port 8472 here: this
+	// kernel has no IPIP, so auto falls back).
+	ctrs := map[string]*lab.Container{}
+	for _, h := range hosts {
+		ctrs[h.Name] = f.container(h, "c1", 2)
+	}
+	for _, a := range hosts {
+		for _, b := range hosts {
+			if a == b {
+				continue
+			}
+			src, dst := ctrs[a.Name], ctrs[b.Name]
+			f.eventually(5*time.Second, fmt.Sprintf("ping %s -> %s", a.Name, b.Name), func() error { return ping(src, dst.Addr) })
+			from, err := tcpExchange(dst, src, 8000)
+			if err != nil {
+				t.Fatalf("tcp %s -> %s: %v", a.Name, b.Name, err)
+			}
+			if from != src.Addr.String() {
+				t.Errorf("tcp %s -> %s: receiver saw %s, want the sender's container address %s", a.Name, b.Name, from, src.Addr)
+			}
+		}
+	}
+
+	// A 4th host joins: every host has its route within a couple of seconds.
+	ctx := context.Background()
+	h4, err := f.lab.AddHost(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.start(h4)
+	s4 := f.subnet(h4)
+	for _, h := range hosts {
+		d := f.eventually(10*time.Second, h.Name+" learns "+s4.String(), func() error {
+			if _, ok := f.ownedRoutes(h)[s4.String()]; !ok {
+				return fmt.Errorf("no route")
+			}
+			return nil
+		})
+		t.Logf("%s installed the route to the new host %s %.1fs after its agent answered", h.Name, h4.Name, d.Seconds())
+	}
+
+	// SIGKILL host3: its route goes everywhere within the hold time (3 s)
+	// plus a little.
+	h3 := hosts[2]
+	s3 := f.subnet(h3)
+	f.agents[h3.Name].proc.Kill()
+	killed := time.Now()
+	for _, h := range []*lab.Host{hosts[0], hosts[1], h4} {
+		f.eventually(8*time.Second, h.Name+" drops killed "+h3.Name, func() error {
+			if _, ok := f.ownedRoutes(h)[s3.String()]; ok {
+				return fmt.Errorf("route to %s still there", s3)
+			}
+			return nil
+		})
+	}
+	t.Logf("killed host's route gone everywhere %.1fs after SIGKILL (hold time 3s)", time.Since(killed).Seconds())
+
+	// Graceful stop of host4: withdrawn at once.
+	if err := f.agents[h4.Name].proc.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	for _, h := range hosts[:2] {
+		f.eventually(2*time.Second, h.Name+" drops stopped "+h4.Name, func() error {
+			if _, ok := f.ownedRoutes(h)[s4.String()]; ok {
+				return fmt.Errorf("route to %s still there", s4)
+			}
+			return nil
+		})
+	}
+	t.Logf("gracefully stopped host's route gone %.2fs after the agent exited", time.Since(stopped).Seconds())
+
+	// Restart host1's agent: same subnet, and its routes never leave the kernel.
+	h1 := hosts[0]
+	before := f.subnet(h1)
+	want := f.ownedRoutes(h1)
+	f.restart(h1)
+	deadline := time.Now().Add(6 * time.Second)
+	for time.Now().Before(deadline) {
+		got := f.ownedRoutes(h1)
+		for p := range want {
+			if _, ok := got[p]; !ok && p == f.subnetOrZero(hosts[1]).String() {
+				t.Fatalf("route %s vanished from %s during an agent restart", p, h1.Name)
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	f.eventually(15*time.Second, "restarted host1 answers", func() error { _, err := f.status(h1); return err })
+	if after := f.subnet(h1); after != before {
+		t.Fatalf("restart changed host1's subnet from %s to %s", before, after)
+	}
+	f.eventually(15*time.Second, "host2 relearns host1", func() error {
+		if _, ok := f.ownedRoutes(hosts[1])[before.String()]; !ok {
+			return fmt.Errorf("no route")
+		}
+		return ping(ctrs[hosts[1].Name], ctrs[h1.Name].Addr)
+	})
+}
+
+func (f *fabric) subnetOrZero(h *lab.Host) netip.Prefix {
+	s, err := f.status(h)
+	if err != nil {
+		return netip.Prefix{}
+	}
+	return netip.MustParsePrefix(s.Subnet)
+}
+
+// TestStaleRoutesSweptOthersKept plants a route with fabricd's protocol and
+// one of another protocol before the agent starts.
+func TestStaleRoutesSweptOthersKept(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 1})
+	h := f.lab.Hosts()[0]
+	ctx := context.Background()
+	for _, args := range [][]string{
+		{"route", "add", "10.99.1.0/24", "via", h.Addr.Next().String(), "proto", "93"},
+		{"route", "add", "10.99.2.0/24", "via", h.Addr.Next().String(), "proto", "static"},
+		{"route", "add", "10.99.3.0/24", "via", h.Addr.Next().String(), "proto", "12"},
+	} {
+		if out, err := h.Run(ctx, "ip", args...); err != nil {
+			t.Fatalf("plant: %v %s", err, out)
+		}
+	}
+	f.start(h)
+	f.eventually(15*time.Second, "stale owned route removed", func() error {
+		if _, ok := f.ownedRoutes(h)["10.99.1.0/24"]; ok {
+			return fmt.Errorf("10.99.1.0/24 proto 93 still there")
+		}
+		return nil
+	})
+	out, _ := h.Run(ctx, "ip", "route")
+	for _, p := range []string{"10.99.2.0/24", "10.99.3.0/24"} {
+		if !strings.Contains(out, p) {
+			t.Errorf("route %s of another protocol was removed:\n%s", p, out)
+		}
+	}
+}
+
+// TestCleanupLeavesNothing: --cleanup removes every route, link and file
+// fabricd created.
+func TestCleanupLeavesNothing(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2})
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h)
+	}
+	h := hosts[0]
+	f.eventually(20*time.Second, "route installed", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
+	a := f.agents[h.Name]
+	if err := a.proc.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if out, err := h.Run(ctx, a.args[0], append(a.args[1:], "--cleanup")...); err != nil {
+		t.Fatalf("fabricd --cleanup: %v\n%s", err, out)
+	}
+	if r := f.ownedRoutes(h); len(r) != 0 {
+		t.Errorf("owned routes left after --cleanup: %v", r)
+	}
+	links, _ := h.Run(ctx, "ip", "-o", "link")
+	for _, name := range []string{"fabric.vxlan", "fabric.ipip", "docker0"} {
+		if strings.Contains(links, name) {
+			t.Errorf("link %s left after --cleanup", name)
+		}
+	}
+}
+
+// TestBadConfigClearError: a malformed setting stops fabricd at once with an
+// error naming it.
+func TestBadConfigClearError(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 1})
+	h := f.lab.Hosts()[0]
+	runDir := f.lab.LogDir() + "/bad-run"
+	args := f.fabricdArgs(h, runDir, "--encapsulation", "gre")
+	out, err := h.Run(context.Background(), args[0], args[1:]...)
+	if err == nil || !strings.Contains(out, "encapsulation") || !strings.Contains(out, "want ipip, vxlan or auto") {
+		t.Fatalf("want a clear encapsulation error, got %v: %s", err, out)
+	}
+	// Forcing ipip on a kernel without it is refused with the reason.
+	args = f.fabricdArgs(h, runDir, "--encapsulation", "ipip")
+	out, err = h.Run(context.Background(), args[0], args[1:]...)
+	if err == nil || !strings.Contains(out, "no ipip support") {
+		t.Fatalf("want a clear 'no ipip support' error, got %v: %s", err, out)
+	}
+}

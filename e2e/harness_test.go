@@ -1,0 +1,260 @@
+// Package e2e runs real fabricd processes on lab hosts (network namespaces on
+// this machine) against a real etcd, and checks what an operator would see:
+// leases, BGP sessions, kernel routes and packets between containers.
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/lab"
+	"github.com/fabricnet/fabric/localapi"
+)
+
+var binDir string
+
+func TestMain(m *testing.M) {
+	binDir = os.Getenv("FABRIC_BIN")
+	if binDir == "" {
+		dir, err := os.MkdirTemp("", "fabric-e2e-bin-")
+		if err != nil {
+			panic(err)
+		}
+		defer os.RemoveAll(dir)
+		cmd := exec.Command("go", "build", "-o", dir+"/", "../cmd/fabricd", "../cmd/fabricctl", "./tcpprobe")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "build: %v\n%s", err, out)
+			os.Exit(1)
+		}
+		binDir = dir
+	} else if _, err := os.Stat(filepath.Join(binDir, "tcpprobe")); err != nil {
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "./tcpprobe")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "build tcpprobe: %v\n%s", err, out)
+			os.Exit(1)
+		}
+	}
+	os.Exit(m.Run())
+}
+
+// fabric is a lab with fabricd on its hosts.
+type fabric struct {
+	t      *testing.T
+	lab    *lab.Lab
+	agents map[string]*agentProc
+	extra  []string // flags for every fabricd
+}
+
+type agentProc struct {
+	host   *lab.Host
+	proc   *lab.Process
+	runDir string
+	args   []string
+}
+
+func newFabric(t *testing.T, spec lab.Spec, extra ...string) *fabric {
+	t.Helper()
+	l := lab.ForTest(t, spec)
+	return &fabric{t: t, lab: l, agents: map[string]*agentProc{}, extra: extra}
+}
+
+func (f *fabric) fabricdArgs(h *lab.Host, runDir string, more ...string) []string {
+	args := []string{
+		filepath.Join(binDir, "fabricd"),
+		"--node-name", h.Name,
+		"--machine-id", f.lab.Prefix() + "-" + h.Name,
+		"--etcd-endpoints", strings.Join(f.lab.EtcdEndpoints(), ","),
+		"--pool", "10.244.0.0/16",
+		"--run-dir", runDir,
+		"--docker-opts-file", runDir + "/docker.env",
+		"--underlay-interface", h.Dev,
+		"--resync", "5s",
+		"--log-level", "debug",
+	}
+	args = append(args, f.extra...)
+	return append(args, more...)
+}
+
+// start runs fabricd on h and waits until its local API answers.
+func (f *fabric) start(h *lab.Host, more ...string) *agentProc {
+	f.t.Helper()
+	runDir := filepath.Join(f.lab.LogDir(), h.Name+"-run")
+	args := f.fabricdArgs(h, runDir, more...)
+	p, err := h.Start("fabricd", args...)
+	if err != nil {
+		f.t.Fatalf("start fabricd on %s: %v", h.Name, err)
+	}
+	a := &agentProc{host: h, proc: p, runDir: runDir, args: args}
+	f.agents[h.Name] = a
+	f.eventually(20*time.Second, "fabricd on "+h.Name+" answers on its socket", func() error {
+		if p.Exited() {
+			return fmt.Errorf("fabricd exited; log:\n%s", tail(p.LogPath()))
+		}
+		_, err := f.status(h)
+		return err
+	})
+	return a
+}
+
+func (f *fabric) restart(h *lab.Host) {
+	a := f.agents[h.Name]
+	if err := a.proc.Stop(); err != nil {
+		f.t.Fatalf("stop fabricd on %s: %v", h.Name, err)
+	}
+	p, err := h.Start("fabricd", a.args...)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	a.proc = p
+}
+
+func (f *fabric) fabricctl(h *lab.Host, args ...string) (string, error) {
+	a := f.agents[h.Name]
+	runDir := filepath.Join(f.lab.LogDir(), h.Name+"-run")
+	if a != nil {
+		runDir = a.runDir
+	}
+	full := append([]string{filepath.Join(binDir, "fabricctl"), "--run-dir", runDir, "--etcd-endpoints", strings.Join(f.lab.EtcdEndpoints(), ",")}, args...)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	return h.Run(ctx, full[0], full[1:]...)
+}
+
+func (f *fabric) status(h *lab.Host) (localapi.Status, error) {
+	var s localapi.Status
+	out, err := f.fabricctl(h, "status", "--json")
+	if err != nil {
+		return s, err
+	}
+	return s, json.Unmarshal([]byte(out), &s)
+}
+
+func (f *fabric) peers(h *lab.Host) ([]localapi.Peer, error) {
+	var ps []localapi.Peer
+	out, err := f.fabricctl(h, "peers", "status", "--json")
+	if err != nil {
+		return nil, err
+	}
+	return ps, json.Unmarshal([]byte(out), &ps)
+}
+
+func (f *fabric) subnet(h *lab.Host) netip.Prefix {
+	f.t.Helper()
+	s, err := f.status(h)
+	if err != nil {
+		f.t.Fatalf("status of %s: %v", h.Name, err)
+	}
+	return netip.MustParsePrefix(s.Subnet)
+}
+
+// ownedRoutes lists the kernel routes with fabricd's protocol on h, as the
+// kernel reports them (not as fabricd thinks they are).
+func (f *fabric) ownedRoutes(h *lab.Host) map[string]string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	out, err := h.Run(ctx, "ip", "-4", "route", "show", "proto", "93")
+	if err != nil {
+		f.t.Fatalf("ip route on %s: %v", h.Name, err)
+	}
+	routes := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if line == "" {
+			continue
+		}
+		dst, rest, _ := strings.Cut(line, " ")
+		routes[dst] = rest
+	}
+	return routes
+}
+
+func (f *fabric) eventually(timeout time.Duration, what string, cond func() error) time.Duration {
+	f.t.Helper()
+	start := time.Now()
+	var err error
+	for time.Since(start) < timeout {
+		if err = cond(); err == nil {
+			return time.Since(start)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	f.t.Fatalf("%s: not within %s: %v", what, timeout, err)
+	return 0
+}
+
+func tail(path string) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(string(b), "\n")
+	if len(lines) > 40 {
+		lines = lines[len(lines)-40:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// container adds a container namespace on h's bridge with the n-th address
+// of h's subnet.
+func (f *fabric) container(h *lab.Host, name string, n int) *lab.Container {
+	f.t.Helper()
+	sub := f.subnet(h)
+	s, _ := f.status(h)
+	addr := sub.Addr()
+	for i := 0; i < n; i++ {
+		addr = addr.Next()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := f.lab.AddContainer(ctx, h, name, netip.PrefixFrom(addr, sub.Bits()), netip.MustParseAddr(s.Gateway), s.Bridge, s.MTU)
+	if err != nil {
+		f.t.Fatalf("container %s on %s: %v", name, h.Name, err)
+	}
+	return c
+}
+
+func ping(c *lab.Container, dst netip.Addr, extra ...string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	args := append([]string{"-c", "1", "-W", "2"}, extra...)
+	args = append(args, dst.String())
+	_, err := c.Run(ctx, "ping", args...)
+	return err
+}
+
+// tcpExchange opens a TCP connection from client to server:port and returns
+// the source address the server saw.
+func tcpExchange(server, client *lab.Container, port int) (seenFrom string, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	srv := server.Command(ctx, filepath.Join(binDir, "tcpprobe"), "serve", fmt.Sprintf("%s:%d", server.Addr, port), "1")
+	var out strings.Builder
+	srv.Stdout = &out
+	if err := srv.Start(); err != nil {
+		return "", err
+	}
+	defer srv.Process.Kill()
+	var got string
+	var lastErr error
+	for i := 0; i < 30; i++ {
+		time.Sleep(100 * time.Millisecond)
+		got, lastErr = client.Run(ctx, filepath.Join(binDir, "tcpprobe"), "dial", fmt.Sprintf("%s:%d", server.Addr, port))
+		if lastErr == nil {
+			break
+		}
+	}
+	if lastErr != nil {
+		return "", lastErr
+	}
+	seen, ok := strings.CutPrefix(strings.TrimSpace(got), "seen-from ")
+	if !ok {
+		return "", fmt.Errorf("client read %q", got)
+	}
+	return seen, nil
+}

@@ -1,0 +1,172 @@
+// Package ipam hands out one subnet of a shared pool to each host. The pool
+// configuration and the subnet leases live in etcd:
+//
+//	<prefix>/config                  {"network":"10.244.0.0/16","subnetLen":24}
+//	<prefix>/subnets/<a.b.c.d-len>   {"node":...,"machineID":...,"hostAddr":...,"leaseID":...}
+//
+// Each subnet key is attached to a long etcd lease that the owning agent
+// renews, so the subnet of a host that died is freed once the lease expires,
+// while a normal agent restart keeps the same subnet.
+package ipam
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// DefaultPrefix is the etcd key prefix used when none is configured.
+const DefaultPrefix = "/fabric/v1"
+
+// DefaultSubnetLen is the per-host subnet length callers apply when the user
+// gave none.
+const DefaultSubnetLen = 24
+
+// maxSubnetLen keeps at least two usable addresses (gateway + one container).
+const maxSubnetLen = 30
+
+// ErrNoPool is returned (wrapped) when the pool configuration key is absent.
+var ErrNoPool = errors.New("no pool configured")
+
+// Pool is the address range hosts take their subnets from.
+type Pool struct {
+	Network   netip.Prefix `json:"network"`
+	SubnetLen int          `json:"subnetLen"`
+}
+
+// Validate checks that the pool is an IPv4 network split into subnets of a
+// usable length.
+func (p Pool) Validate() error {
+	if !p.Network.IsValid() {
+		return fmt.Errorf("pool network is not set or not a CIDR")
+	}
+	if !p.Network.Addr().Is4() {
+		return fmt.Errorf("pool network %s is not IPv4: only IPv4 pools are supported", p.Network)
+	}
+	if p.Network.Masked() != p.Network {
+		return fmt.Errorf("pool network %s has host bits set; did you mean %s?", p.Network, p.Network.Masked())
+	}
+	if p.SubnetLen <= p.Network.Bits() || p.SubnetLen > maxSubnetLen {
+		return fmt.Errorf("pool subnet length /%d is out of range for network %s: want /%d to /%d",
+			p.SubnetLen, p.Network, p.Network.Bits()+1, maxSubnetLen)
+	}
+	return nil
+}
+
+// Size is the number of subnets in the pool.
+func (p Pool) Size() int {
+	return 1 << (p.SubnetLen - p.Network.Bits())
+}
+
+// Subnet returns the i-th subnet of the pool (0 <= i < Size()).
+func (p Pool) Subnet(i int) netip.Prefix {
+	base := p.Network.Addr().As4()
+	v := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
+	v += uint32(i) << (32 - p.SubnetLen)
+	addr := netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+	return netip.PrefixFrom(addr, p.SubnetLen)
+}
+
+// Contains reports whether s is one of the pool's subnets.
+func (p Pool) Contains(s netip.Prefix) bool {
+	return s.Bits() == p.SubnetLen && p.Network.Contains(s.Addr()) && s.Masked() == s
+}
+
+func (p Pool) String() string {
+	return fmt.Sprintf("%s /%d", p.Network, p.SubnetLen)
+}
+
+func configKey(prefix string) string { return normPrefix(prefix) + "/config" }
+
+func normPrefix(prefix string) string {
+	if prefix == "" {
+		return DefaultPrefix
+	}
+	for len(prefix) > 1 && prefix[len(prefix)-1] == '/' {
+		prefix = prefix[:len(prefix)-1]
+	}
+	return prefix
+}
+
+// poolJSON is the stored form, read with plain fields so errors can say which
+// value is wrong.
+type poolJSON struct {
+	Network   string `json:"network"`
+	SubnetLen int    `json:"subnetLen"`
+}
+
+func decodePool(key string, value []byte) (Pool, error) {
+	var raw poolJSON
+	if err := json.Unmarshal(value, &raw); err != nil {
+		return Pool{}, fmt.Errorf("etcd key %s: pool config is not valid JSON (%v); want {\"network\":\"10.244.0.0/16\",\"subnetLen\":24}", key, err)
+	}
+	network, err := netip.ParsePrefix(raw.Network)
+	if err != nil {
+		return Pool{}, fmt.Errorf("etcd key %s: network %q is not a CIDR, want e.g. 10.244.0.0/16", key, raw.Network)
+	}
+	p := Pool{Network: network, SubnetLen: raw.SubnetLen}
+	if err := p.Validate(); err != nil {
+		return Pool{}, fmt.Errorf("etcd key %s: %w", key, err)
+	}
+	return p, nil
+}
+
+// GetPool reads and validates the pool configuration.
+func GetPool(ctx context.Context, cli *clientv3.Client, prefix string) (Pool, error) {
+	key := configKey(prefix)
+	resp, err := cli.Get(ctx, key)
+	if err != nil {
+		return Pool{}, fmt.Errorf("read pool config %s from etcd: %w", key, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return Pool{}, fmt.Errorf("%w: etcd key %s is absent; create it with `fabricctl ipam init --pool 10.244.0.0/16` or start fabricd with --pool", ErrNoPool, key)
+	}
+	return decodePool(key, resp.Kvs[0].Value)
+}
+
+// EnsurePool creates the pool configuration if it is absent and returns the
+// pool in effect. A stored pool that differs from want is an error: hosts
+// must agree on one pool. With want == nil the pool must already exist.
+func EnsurePool(ctx context.Context, cli *clientv3.Client, prefix string, want *Pool) (Pool, error) {
+	key := configKey(prefix)
+	if want == nil {
+		return GetPool(ctx, cli, prefix)
+	}
+	if err := want.Validate(); err != nil {
+		return Pool{}, fmt.Errorf("configured pool: %w", err)
+	}
+	value, err := json.Marshal(poolJSON{Network: want.Network.String(), SubnetLen: want.SubnetLen})
+	if err != nil {
+		return Pool{}, err
+	}
+	resp, err := cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, string(value))).
+		Else(clientv3.OpGet(key)).
+		Commit()
+	if err != nil {
+		return Pool{}, fmt.Errorf("create pool config %s in etcd: %w", key, err)
+	}
+	if resp.Succeeded {
+		return *want, nil
+	}
+	kvs := resp.Responses[0].GetResponseRange().Kvs
+	if len(kvs) == 0 {
+		// Deleted between compare and read; let the caller retry.
+		return Pool{}, fmt.Errorf("pool config %s changed while being created; retry", key)
+	}
+	have, err := decodePool(key, kvs[0].Value)
+	if err != nil {
+		return Pool{}, err
+	}
+	if have != *want {
+		return Pool{}, fmt.Errorf("pool conflict: etcd key %s holds %s, this agent is configured with %s; "+
+			"remove --pool to use the stored pool, or change the stored pool only after all hosts released their subnets",
+			key, have, want)
+	}
+	return have, nil
+}

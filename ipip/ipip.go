@@ -1,0 +1,220 @@
+// Package ipip is the IP-in-IP encapsulation (IP protocol 4, 20 bytes): one
+// remote-less ipip device, like Calico's tunl0, and per peer a route
+// "<peer subnet> via <peer underlay address> dev fabric.ipip onlink".
+// The kernel needs the ipip module; Supported tells whether it has it.
+package ipip
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/fabricnet/fabric/backend"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	DefaultDevice = "fabric.ipip"
+	// Overhead is the outer IPv4 header.
+	Overhead = 20
+)
+
+// Config describes the ipip device of this host.
+type Config struct {
+	Handle       *netlink.Handle // nil = current namespace
+	Device       string          // default DefaultDevice
+	UnderlayAddr netip.Addr      // outer source address
+	Subnet       netip.Prefix    // own container subnet; its network address goes on the device as /32
+	Logger       *slog.Logger
+}
+
+// Backend owns the ipip device. It has no per-peer state besides routes.
+type Backend struct {
+	cfg    Config
+	handle *netlink.Handle
+	log    *slog.Logger
+
+	mu        sync.Mutex
+	linkIndex int
+}
+
+var _ backend.Backend = (*Backend)(nil)
+
+// New validates cfg and fills defaults. It does not touch the kernel.
+func New(cfg Config) (*Backend, error) {
+	if cfg.Device == "" {
+		cfg.Device = DefaultDevice
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	switch {
+	case len(cfg.Device) > 15:
+		return nil, fmt.Errorf("ipip device name %q is longer than 15 bytes", cfg.Device)
+	case cfg.Device == "tunl0":
+		return nil, errors.New("ipip device name tunl0 is the kernel's fallback device; choose another")
+	case !cfg.UnderlayAddr.Is4():
+		return nil, fmt.Errorf("ipip underlay address %v is not an IPv4 address", cfg.UnderlayAddr)
+	case !cfg.Subnet.IsValid() || !cfg.Subnet.Addr().Is4():
+		return nil, fmt.Errorf("ipip subnet %v is not an IPv4 prefix", cfg.Subnet)
+	}
+	cfg.Subnet = cfg.Subnet.Masked()
+	return &Backend{
+		cfg:    cfg,
+		handle: backend.DefaultHandle(cfg.Handle),
+		log:    cfg.Logger.With("backend", "ipip", "device", cfg.Device),
+	}, nil
+}
+
+func (b *Backend) Name() string   { return "ipip" }
+func (b *Backend) Device() string { return b.cfg.Device }
+func (b *Backend) Overhead() int  { return Overhead }
+
+// Ensure creates or repairs the device: type ipip, local = underlay address,
+// no remote (one device serves all peers), path MTU discovery on so inner
+// packets too large for the path get an ICMP error instead of fragmentation.
+func (b *Backend) Ensure(ctx context.Context, mtu int) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	h := b.handle
+	want := b.device(mtu)
+
+	var link netlink.Link
+	existing, err := h.LinkByName(b.cfg.Device)
+	switch {
+	case err == nil:
+		if why := mismatch(existing, want); why != "" {
+			b.log.Info("recreating ipip device with wrong attributes", "reason", why)
+			if err := h.LinkDel(existing); err != nil {
+				return 0, fmt.Errorf("ipip: delete mismatched device %s: %w", b.cfg.Device, err)
+			}
+		} else {
+			link = existing
+		}
+	case !backend.IsLinkNotFound(err):
+		return 0, fmt.Errorf("ipip: look up device %s: %w", b.cfg.Device, err)
+	}
+	if link == nil {
+		if err := h.LinkAdd(want); err != nil {
+			return 0, fmt.Errorf("ipip: create device %s (local %s): %w", b.cfg.Device, b.cfg.UnderlayAddr, err)
+		}
+		if link, err = h.LinkByName(b.cfg.Device); err != nil {
+			return 0, fmt.Errorf("ipip: look up new device %s: %w", b.cfg.Device, err)
+		}
+		b.log.Info("created ipip device", "local", b.cfg.UnderlayAddr, "mtu", mtu)
+	}
+	if mtu > 0 && link.Attrs().MTU != mtu {
+		if err := h.LinkSetMTU(link, mtu); err != nil {
+			return 0, fmt.Errorf("ipip: set MTU %d on %s: %w", mtu, b.cfg.Device, err)
+		}
+	}
+	if err := backend.SetSoleAddress(h, link, b.cfg.Subnet.Addr()); err != nil {
+		return 0, fmt.Errorf("ipip: %w", err)
+	}
+	if err := h.LinkSetUp(link); err != nil {
+		return 0, fmt.Errorf("ipip: set %s up: %w", b.cfg.Device, err)
+	}
+	b.linkIndex = link.Attrs().Index
+	return b.linkIndex, nil
+}
+
+func (b *Backend) device(mtu int) *netlink.Iptun {
+	return &netlink.Iptun{
+		LinkAttrs: netlink.LinkAttrs{Name: b.cfg.Device, MTU: mtu},
+		Local:     b.cfg.UnderlayAddr.AsSlice(),
+		PMtuDisc:  1,
+	}
+}
+
+func mismatch(have netlink.Link, want *netlink.Iptun) string {
+	t, ok := have.(*netlink.Iptun)
+	switch {
+	case !ok:
+		return fmt.Sprintf("device is of type %s, not ipip", have.Type())
+	case !t.Local.Equal(want.Local):
+		return fmt.Sprintf("local %v, want %v", t.Local, want.Local)
+	case len(t.Remote) != 0 && !t.Remote.IsUnspecified():
+		return fmt.Sprintf("remote %v, want none", t.Remote)
+	case t.Link != 0:
+		return fmt.Sprintf("bound to ifindex %d, want unbound", t.Link)
+	case t.PMtuDisc != 1:
+		return "path MTU discovery is off"
+	case t.FlowBased:
+		return "device is flow based (external)"
+	}
+	return ""
+}
+
+// SyncPeers has nothing to do: ipip keeps no per-peer state besides the route.
+func (b *Backend) SyncPeers([]backend.Peer) error { return nil }
+
+// RouteFor is "<dst> via <peer underlay address> dev <device> onlink": the
+// route's gateway becomes the outer destination address.
+func (b *Backend) RouteFor(dst netip.Prefix, peer backend.Peer) (*netlink.Route, error) {
+	b.mu.Lock()
+	idx := b.linkIndex
+	b.mu.Unlock()
+	if idx == 0 {
+		return nil, fmt.Errorf("ipip: route %s to peer %s: device %s not ensured", dst, peer.Name, b.cfg.Device)
+	}
+	return routeFor(idx, dst, peer)
+}
+
+func routeFor(linkIndex int, dst netip.Prefix, peer backend.Peer) (*netlink.Route, error) {
+	if !peer.Address.Is4() {
+		return nil, fmt.Errorf("ipip: route %s to peer %s: underlay address %v is not IPv4", dst, peer.Name, peer.Address)
+	}
+	if !dst.IsValid() || !dst.Addr().Is4() {
+		return nil, fmt.Errorf("ipip: route to peer %s: destination %v is not an IPv4 prefix", peer.Name, dst)
+	}
+	return &netlink.Route{
+		LinkIndex: linkIndex,
+		Dst:       backend.IPNet(dst),
+		Gw:        net.IP(peer.Address.AsSlice()),
+		Flags:     int(netlink.FLAG_ONLINK),
+		Scope:     netlink.SCOPE_UNIVERSE,
+	}, nil
+}
+
+// Cleanup deletes the device; routes through it go with it.
+func (b *Backend) Cleanup() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.linkIndex = 0
+	return backend.DeleteLink(b.handle, b.cfg.Device)
+}
+
+// Supported reports whether the kernel behind h can create ipip devices, by
+// creating a throwaway one and deleting it. A kernel without ipip answers
+// EOPNOTSUPP ("Unknown device type"): that is (false, nil). Note that loading
+// the module makes the kernel add its fallback device tunl0 to every
+// namespace; fabric leaves tunl0 alone.
+func Supported(h *netlink.Handle) (bool, error) {
+	h = backend.DefaultHandle(h)
+	var suffix [3]byte
+	if _, err := rand.Read(suffix[:]); err != nil {
+		return false, err
+	}
+	name := "fabprobe" + hex.EncodeToString(suffix[:])
+	err := h.LinkAdd(&netlink.Iptun{LinkAttrs: netlink.LinkAttrs{Name: name}})
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EAFNOSUPPORT) || errors.Is(err, unix.EPROTONOSUPPORT) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("probe ipip support by creating %s: %w", name, err)
+	}
+	if err := backend.DeleteLink(h, name); err != nil {
+		return true, fmt.Errorf("remove ipip probe device: %w", err)
+	}
+	return true, nil
+}

@@ -1,0 +1,339 @@
+package nat
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+func testContext(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func hostState(node, subnet string, publishes ...Publish) State {
+	return State{
+		Pool:      netip.MustParsePrefix(labPool),
+		Subnet:    netip.MustParsePrefix(subnet),
+		Bridge:    labBridge,
+		Node:      node,
+		Publishes: publishes,
+	}
+}
+
+func publish(proto string, hostPort uint16, target string, hosts ...string) Publish {
+	return Publish{Proto: proto, HostPort: hostPort, Target: netip.MustParseAddrPort(target), Hosts: hosts}
+}
+
+// addDockerStyleRules gives ns rules like dockerd's (without --ip-masq=false)
+// so the tests see fabric coexist with them.
+func addDockerStyleRules(l *testLab, ns, subnet string) {
+	l.in(ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", subnet, "!", "-o", labBridge, "-j", "MASQUERADE")
+	l.in(ns, "iptables", "-N", "DOCKER")
+	l.in(ns, "iptables", "-A", "FORWARD", "-o", labBridge, "-j", "DOCKER")
+	l.in(ns, "iptables", "-P", "FORWARD", "DROP")
+}
+
+func firstRule(l *testLab, ns, table, chain string) string {
+	out := l.in(ns, "iptables", "-t", table, "-S", chain)
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "-A ") {
+			return line
+		}
+	}
+	return ""
+}
+
+func TestMasqueradeOnlyTrafficLeavingTheFabric(t *testing.T) {
+	l := newTestLab(t)
+	ctx := testContext(t)
+	addDockerStyleRules(l, "h1", h1Subnet)
+	addDockerStyleRules(l, "h2", h2Subnet)
+	l.serveSource("out", outAddr+":9000")
+	l.serveSource("c2", "0.0.0.0:80")
+
+	for _, h := range []struct{ ns, subnet string }{{"h1", h1Subnet}, {"h2", h2Subnet}} {
+		if err := l.manager(h.ns).Apply(ctx, hostState(h.ns, h.subnet)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	l.expectSource("c1", outAddr+":9000", h1Underlay)
+	// Docker's own MASQUERADE (! -o bridge) would hide 10.244.1.2 here; the
+	// fabric chain runs first and keeps it.
+	l.expectSource("c1", "10.244.2.2:80", "10.244.1.2")
+
+	// Other owners' rules and policy are kept, our jumps come first.
+	for _, want := range []struct{ table, chain, jump string }{
+		{"nat", "POSTROUTING", PostroutingChain},
+		{"nat", "PREROUTING", PreroutingChain},
+		{"nat", "OUTPUT", OutputChain},
+		{"filter", "FORWARD", ForwardChain},
+	} {
+		if got := firstRule(l, "h1", want.table, want.chain); !strings.HasSuffix(got, "-j "+want.jump) {
+			t.Errorf("first rule of %s %s is %q, want the jump to %s", want.table, want.chain, got, want.jump)
+		}
+	}
+	save := l.save("h1")
+	for _, kept := range []string{
+		"-A POSTROUTING -s 10.244.1.0/24 ! -o fbr0 -j MASQUERADE",
+		"-A FORWARD -o fbr0 -j DOCKER",
+		":FORWARD DROP",
+	} {
+		if !strings.Contains(save, kept) {
+			t.Errorf("rule %q of another owner is gone:\n%s", kept, save)
+		}
+	}
+}
+
+func TestPublishedPorts(t *testing.T) {
+	l := newTestLab(t)
+	ctx := testContext(t)
+	addDockerStyleRules(l, "h1", h1Subnet)
+	addDockerStyleRules(l, "h2", h2Subnet)
+	l.serveSource("c2", "0.0.0.0:80")
+	l.serveSource("c1", "0.0.0.0:80")
+	l.serveUDPSource("c2", "0.0.0.0:53")
+
+	remote := publish("tcp", 8080, "10.244.2.2:80")
+	local := publish("tcp", 8081, "10.244.1.2:80")
+	elsewhere := publish("tcp", 8082, "10.244.2.2:80", "h2") // not on h1
+	udp := publish("udp", 5353, "10.244.2.2:53")
+	all := []Publish{remote, local, elsewhere, udp}
+	m1, m2 := l.manager("h1"), l.manager("h2")
+	if err := m1.Apply(ctx, hostState("h1", h1Subnet, all...)); err != nil {
+		t.Fatal(err)
+	}
+	if err := m2.Apply(ctx, hostState("h2", h2Subnet, all...)); err != nil {
+		t.Fatal(err)
+	}
+	h1 := func(port string) string { return h1Underlay + ":" + port }
+
+	// Remote target: the reply must come back through h1, so the target sees
+	// h1's gateway address.
+	l.expectSource("out", h1("8080"), "10.244.1.1")
+	l.expectSource("h1", h1("8080"), "10.244.1.1")
+	l.expectSource("c1", h1("8080"), "10.244.1.1")
+	// Local target: clients from elsewhere keep their address; the host and
+	// containers of the same bridge (hairpin) work too.
+	l.expectSource("out", h1("8081"), outAddr)
+	l.expectSource("h1", h1("8081"), h1Underlay)
+	l.expectSource("c1b", h1("8081"), "10.244.1.1")
+	l.expectSource("c1", h1("8081"), "10.244.1.1") // a container reaching itself
+	// UDP to a remote target, answered through h1.
+	if got, err := l.dialUDP("out", h1("5353")); err != nil || got != "10.244.1.1" {
+		t.Errorf("out -> udp %s: server saw %q (%v), want 10.244.1.1", h1("5353"), got, err)
+	}
+	// Published on h2 only.
+	l.expectClosed("out", h1("8082"))
+	l.expectSource("h1", "192.168.200.2:8082", "192.168.200.1")
+
+	// Deleting a publish closes it; the others stay.
+	if err := m1.Apply(ctx, hostState("h1", h1Subnet, local, elsewhere)); err != nil {
+		t.Fatal(err)
+	}
+	l.expectClosed("out", h1("8080"))
+	l.expectClosed("h1", h1("8080"))
+	l.expectSource("out", h1("8081"), outAddr)
+
+	if rules, err := m1.Rules(ctx); err != nil {
+		t.Fatal(err)
+	} else {
+		joined := strings.Join(rules, "\n")
+		if !strings.Contains(joined, "--dport 8081") || strings.Contains(joined, "--dport 8080") {
+			t.Errorf("Rules() after deleting 8080 =\n%s", joined)
+		}
+	}
+}
+
+func TestApplyIsIdempotentAndRestoresDeletedRules(t *testing.T) {
+	l := newTestLab(t)
+	ctx := testContext(t)
+	addDockerStyleRules(l, "h1", h1Subnet)
+	l.serveSource("out", outAddr+":9000")
+	m := l.manager("h1")
+	st := hostState("h1", h1Subnet, publish("tcp", 8080, "10.244.2.2:80"), publish("udp", 5353, "10.244.1.2:53"))
+	if err := m.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	want := l.save("h1")
+	writes := m.Writes()
+	if err := m.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	if m.Writes() != writes {
+		t.Errorf("second Apply wrote %d times, want no write", m.Writes()-writes)
+	}
+	if got := l.save("h1"); got != want {
+		t.Errorf("second Apply changed iptables:\nbefore:\n%s\nafter:\n%s", want, got)
+	}
+
+	breakages := []struct {
+		name string
+		args []string
+	}{
+		{"flush FABRIC-POSTROUTING", []string{"-t", "nat", "-F", PostroutingChain}},
+		{"delete the POSTROUTING jump", []string{"-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "fabric: masquerade and published replies", "-j", PostroutingChain}},
+		{"delete one rule of FABRIC-FORWARD", []string{"-D", ForwardChain, "1"}},
+		{"insert a foreign rule before our FORWARD jump", []string{"-I", "FORWARD", "1", "-j", "DOCKER"}},
+		{"duplicate our FORWARD jump", []string{"-A", "FORWARD", "-j", ForwardChain}},
+	}
+	for _, b := range breakages {
+		l.in("h1", "iptables", b.args...)
+		if l.save("h1") == want {
+			t.Fatalf("%s: changed nothing", b.name)
+		}
+		if err := m.Apply(ctx, st); err != nil {
+			t.Fatalf("%s: %v", b.name, err)
+		}
+		got := l.save("h1")
+		if b.name == "insert a foreign rule before our FORWARD jump" {
+			// The foreign rule stays, after our jump.
+			if first := firstRule(l, "h1", "filter", "FORWARD"); !strings.HasSuffix(first, "-j "+ForwardChain) {
+				t.Errorf("%s: first FORWARD rule is %q", b.name, first)
+			}
+			l.in("h1", "iptables", "-D", "FORWARD", "-j", "DOCKER") // back to the reference state
+			got = l.save("h1")
+		}
+		if got != want {
+			t.Errorf("%s: Apply did not restore the rules:\nwant:\n%s\ngot:\n%s", b.name, want, got)
+		}
+	}
+	l.expectSource("c1", outAddr+":9000", h1Underlay)
+
+	// A policy chain jumped before ours is left in place, with no write.
+	l.in("h1", "iptables", "-N", "FABRIC-POLICY")
+	l.in("h1", "iptables", "-I", "FORWARD", "1", "-j", "FABRIC-POLICY")
+	writes = m.Writes()
+	if err := m.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	if m.Writes() != writes {
+		t.Errorf("Apply rewrote rules although only a FABRIC-POLICY jump precedes ours")
+	}
+	if first := firstRule(l, "h1", "filter", "FORWARD"); first != "-A FORWARD -j FABRIC-POLICY" {
+		t.Errorf("first FORWARD rule is %q, want the policy jump kept first", first)
+	}
+}
+
+func TestMaintainRestoresWithinSeconds(t *testing.T) {
+	l := newTestLab(t)
+	ctx := testContext(t)
+	l.serveSource("out", outAddr+":9000")
+	m := l.manager("h1")
+	if err := m.Apply(ctx, hostState("h1", h1Subnet)); err != nil {
+		t.Fatal(err)
+	}
+	mctx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { m.Maintain(mctx, 200*time.Millisecond); close(done) }()
+	t.Cleanup(func() { stop(); <-done })
+
+	l.in("h1", "iptables", "-t", "nat", "-F", PostroutingChain)
+	// Without masquerade the outside cannot answer the container.
+	if _, err := l.dial("c1", outAddr+":9000"); err == nil {
+		t.Log("connected before Maintain restored the rules (it was quick)")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got, err := l.dial("c1", outAddr+":9000")
+		if err == nil && got == h1Underlay {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("masquerade not restored within 5s (last: %q, %v)", got, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func TestCleanupRemovesEverythingOfFabricOnly(t *testing.T) {
+	l := newTestLab(t)
+	ctx := testContext(t)
+	addDockerStyleRules(l, "h1", h1Subnet)
+	before := l.save("h1")
+	m := l.manager("h1")
+	if err := m.Cleanup(ctx); err != nil {
+		t.Fatalf("Cleanup with nothing there: %v", err)
+	}
+	if err := m.Apply(ctx, hostState("h1", h1Subnet, publish("tcp", 8080, "10.244.2.2:80"))); err != nil {
+		t.Fatal(err)
+	}
+	// A leftover duplicate jump must go too.
+	l.in("h1", "iptables", "-t", "nat", "-A", "POSTROUTING", "-j", PostroutingChain)
+	if err := m.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	after := l.save("h1")
+	if n := strings.Count(after, "FABRIC"); n != 0 {
+		t.Errorf("%d FABRIC mentions left after Cleanup:\n%s", n, after)
+	}
+	if after != before {
+		t.Errorf("Cleanup changed other rules:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	if rules, err := m.Rules(ctx); err != nil || len(rules) != 0 {
+		t.Errorf("Rules() after Cleanup = %q, %v", rules, err)
+	}
+	writes := m.Writes()
+	if err := m.Cleanup(ctx); err != nil {
+		t.Fatalf("second Cleanup: %v", err)
+	}
+	if m.Writes() != writes {
+		t.Errorf("second Cleanup wrote although nothing was there")
+	}
+}
+
+// TestLegacyBackend runs fabric on a host whose `iptables` is the legacy
+// backend: New must pick iptables-legacy-save/-restore to match.
+func TestLegacyBackend(t *testing.T) {
+	needRoot(t)
+	for _, tool := range []string{"iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not found: %v", tool, err)
+		}
+	}
+	l := newTestLab(t)
+	ctx := testContext(t)
+	l.serveSource("out", outAddr+":9000")
+	l.serveSource("c2", "0.0.0.0:80")
+	inH1 := l.exec("h1")
+	// Stand-in for a host where `iptables` is the legacy one.
+	legacyExec := func(ctx context.Context, name string, args ...string) *exec.Cmd {
+		if name == "iptables" {
+			name = "iptables-legacy"
+		}
+		return inH1(ctx, name, args...)
+	}
+	m, err := New(Config{Exec: legacyExec, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Backend() != "legacy" {
+		t.Fatalf("backend %q, want legacy", m.Backend())
+	}
+	st := hostState("h1", h1Subnet, publish("tcp", 8080, "10.244.2.2:80"))
+	for range 2 {
+		if err := m.Apply(ctx, st); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m.Writes() != 2 { // one per table, the second Apply writes nothing
+		t.Errorf("%d writes for two Applies, want 2", m.Writes())
+	}
+	l.expectSource("c1", outAddr+":9000", h1Underlay)
+	l.expectSource("out", h1Underlay+":8080", "10.244.1.1")
+	if strings.Contains(l.in("h1", "iptables-nft-save"), "FABRIC") {
+		t.Errorf("legacy manager wrote nf_tables rules")
+	}
+	if err := m.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(l.in("h1", "iptables-legacy-save"), "FABRIC"); n != 0 {
+		t.Errorf("%d FABRIC mentions left in legacy tables after Cleanup", n)
+	}
+}

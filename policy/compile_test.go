@@ -1,0 +1,83 @@
+package policy
+
+import (
+	"net/netip"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestCompileResolvesAndDrops(t *testing.T) {
+	nodes := map[string]netip.Prefix{
+		"host-a": netip.MustParsePrefix("10.244.2.0/24"),
+		"host-b": netip.MustParsePrefix("10.244.1.0/24"),
+	}
+	local := nodes["host-a"]
+	rules := []Rule{
+		{Name: "z-late", Order: 5, Action: "deny"},
+		{Name: "from-b", Order: 1, Action: "deny", From: []Selector{{Node: "host-b"}}, Protocol: "tcp", Ports: []PortRange{{80, 80}}},
+		{Name: "to-b-only", Order: 2, Action: "deny", To: []Selector{{Node: "host-b"}}},
+		{Name: "from-gone", Order: 3, Action: "deny", From: []Selector{{Node: "host-gone"}}},
+		{Name: "to-wide", Order: 4, Action: "allow", To: []Selector{{CIDR: "10.0.0.0/8"}, {Address: "10.244.2.7"}}},
+	}
+	rs, err := Compile(rules, "", nodes, local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, r := range rs.Rules {
+		names = append(names, r.Name)
+	}
+	// to-b-only does not reach this host; from-gone matches nothing (and
+	// must not become "from anywhere").
+	if want := []string{"from-b", "to-wide", "z-late"}; !reflect.DeepEqual(names, want) {
+		t.Fatalf("rules %v, want %v", names, want)
+	}
+	if rs.DefaultAction != "allow" {
+		t.Fatalf("default %q", rs.DefaultAction)
+	}
+	if got := rs.Rules[0].Sources; !reflect.DeepEqual(got, []netip.Prefix{nodes["host-b"]}) {
+		t.Fatalf("from-b sources %v", got)
+	}
+	// 10.0.0.0/8 covers the local subnet, which covers 10.244.2.7/32.
+	if got := rs.Rules[1].Dests; !reflect.DeepEqual(got, []netip.Prefix{local}) {
+		t.Fatalf("to-wide dests %v", got)
+	}
+	if len(rs.Warnings) != 1 || !strings.Contains(rs.Warnings[0], `node "host-gone" has no subnet`) {
+		t.Fatalf("warnings %v", rs.Warnings)
+	}
+
+	// The node rule follows a new lease.
+	nodes["host-b"] = netip.MustParsePrefix("10.244.3.0/24")
+	rs2, err := Compile(rules, "", nodes, local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := rs2.Rules[0].Sources[0].String(); got != "10.244.3.0/24" {
+		t.Fatalf("after lease change from-b source %s", got)
+	}
+	if rs.Hash() == rs2.Hash() {
+		t.Fatal("hash did not change with the lease")
+	}
+}
+
+func TestCompileRefusesInvalid(t *testing.T) {
+	local := netip.MustParsePrefix("10.244.2.0/24")
+	if _, err := Compile(nil, "block", nil, local); err == nil {
+		t.Fatal("bad default accepted")
+	}
+	if _, err := Compile([]Rule{{Name: "x", Action: "maybe"}}, "", nil, local); err == nil || !strings.Contains(err.Error(), `rule "x"`) {
+		t.Fatalf("bad rule: %v", err)
+	}
+}
+
+func TestProtoMatchesSplitsMultiport(t *testing.T) {
+	var ports []PortRange
+	for p := uint16(1); p <= 20; p++ {
+		ports = append(ports, PortRange{p, p})
+	}
+	got := protoMatches("tcp", ports)
+	if len(got) != 2 || !strings.HasSuffix(got[1], "--dports 16,17,18,19,20") {
+		t.Fatalf("got %q", got)
+	}
+}

@@ -1,0 +1,284 @@
+package policy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// DefaultKeyName is the key below <prefix>/policy/ holding the default
+// action. Rule names cannot start with "_", so it never clashes with a rule.
+const DefaultKeyName = "_default"
+
+// maxTxnOps is etcd's default --max-txn-ops; a larger file cannot be stored
+// in one transaction.
+const maxTxnOps = 128
+
+func policyDir(prefix string) string { return strings.TrimRight(prefix, "/") + "/policy/" }
+
+// RuleKey is the etcd key of one rule.
+func RuleKey(prefix, name string) string { return policyDir(prefix) + name }
+
+// DefaultKey is the etcd key of the default action.
+func DefaultKey(prefix string) string { return policyDir(prefix) + DefaultKeyName }
+
+// Put stores rules in one transaction: either all are stored or none.
+// Rules with existing names are replaced. Invalid rules refuse the batch.
+func Put(ctx context.Context, cli *clientv3.Client, prefix string, rules []Rule) error {
+	return PutDocument(ctx, cli, prefix, Document{Rules: rules})
+}
+
+// PutDocument stores a parsed file's rules and, if set, its default action
+// in one transaction.
+func PutDocument(ctx context.Context, cli *clientv3.Client, prefix string, doc Document) error {
+	var ops []clientv3.Op
+	seen := map[string]bool{}
+	for _, r := range doc.Rules {
+		if err := r.Validate(); err != nil {
+			return fmt.Errorf("store policy: %w (nothing stored)", err)
+		}
+		if seen[r.Name] {
+			return fmt.Errorf("store policy: rule %q: duplicate name (nothing stored)", r.Name)
+		}
+		seen[r.Name] = true
+		b, err := json.Marshal(r)
+		if err != nil {
+			return fmt.Errorf("store policy: rule %q: %w", r.Name, err)
+		}
+		ops = append(ops, clientv3.OpPut(RuleKey(prefix, r.Name), string(b)))
+	}
+	if doc.DefaultAction != "" {
+		if err := ValidateAction(doc.DefaultAction); err != nil {
+			return fmt.Errorf("store policy: default %w (nothing stored)", err)
+		}
+		ops = append(ops, clientv3.OpPut(DefaultKey(prefix), doc.DefaultAction))
+	}
+	if len(ops) == 0 {
+		return nil
+	}
+	if len(ops) > maxTxnOps {
+		return fmt.Errorf("store policy: %d rules exceed etcd's %d operations per transaction; split the file (nothing stored)", len(ops), maxTxnOps)
+	}
+	if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+		return fmt.Errorf("store policy: etcd txn at %s: %w", policyDir(prefix), err)
+	}
+	return nil
+}
+
+// SetDefaultAction stores the default action ("allow" or "deny").
+func SetDefaultAction(ctx context.Context, cli *clientv3.Client, prefix, action string) error {
+	if err := ValidateAction(action); err != nil {
+		return fmt.Errorf("set default policy: %w", err)
+	}
+	if _, err := cli.Put(ctx, DefaultKey(prefix), action); err != nil {
+		return fmt.Errorf("set default policy at %s: %w", DefaultKey(prefix), err)
+	}
+	return nil
+}
+
+// ErrNotFound is returned by Delete for a rule that is not stored.
+var ErrNotFound = errors.New("not found")
+
+// Delete removes one rule.
+func Delete(ctx context.Context, cli *clientv3.Client, prefix, name string) error {
+	key := RuleKey(prefix, name)
+	resp, err := cli.Delete(ctx, key)
+	if err != nil {
+		return fmt.Errorf("delete policy rule %q at %s: %w", name, key, err)
+	}
+	if resp.Deleted == 0 {
+		return fmt.Errorf("delete policy rule %q: no such rule at %s: %w", name, key, ErrNotFound)
+	}
+	return nil
+}
+
+// Policy is the whole stored policy.
+type Policy struct {
+	Rules         []Rule // in evaluation order
+	DefaultAction string // allow or deny
+}
+
+// List returns all stored rules in evaluation order. A malformed stored
+// value is an error naming its key.
+func List(ctx context.Context, cli *clientv3.Client, prefix string) ([]Rule, error) {
+	p, err := Get(ctx, cli, prefix)
+	return p.Rules, err
+}
+
+// Get returns the stored rules and default action.
+func Get(ctx context.Context, cli *clientv3.Client, prefix string) (Policy, error) {
+	resp, err := cli.Get(ctx, policyDir(prefix), clientv3.WithPrefix())
+	if err != nil {
+		return Policy{}, fmt.Errorf("list policy at %s: %w", policyDir(prefix), err)
+	}
+	kvs := map[string][]byte{}
+	for _, kv := range resp.Kvs {
+		kvs[string(kv.Key)] = kv.Value
+	}
+	p, bad := decodePolicy(prefix, kvs)
+	if len(bad) > 0 {
+		return p, errors.Join(bad...)
+	}
+	return p, nil
+}
+
+// decodePolicy decodes every stored value; malformed ones are returned as
+// errors naming their key and left out of the policy.
+func decodePolicy(prefix string, kvs map[string][]byte) (Policy, []error) {
+	dir := policyDir(prefix)
+	p := Policy{DefaultAction: ActionAllow}
+	var bad []error
+	for key, val := range kvs {
+		name := strings.TrimPrefix(key, dir)
+		if name == DefaultKeyName {
+			if err := ValidateAction(string(val)); err != nil {
+				bad = append(bad, fmt.Errorf("etcd key %s: default %w", key, err))
+				continue
+			}
+			p.DefaultAction = string(val)
+			continue
+		}
+		var r Rule
+		dec := json.NewDecoder(strings.NewReader(string(val)))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&r); err != nil {
+			bad = append(bad, fmt.Errorf("etcd key %s: malformed policy rule: %w", key, err))
+			continue
+		}
+		if err := r.Validate(); err != nil {
+			bad = append(bad, fmt.Errorf("etcd key %s: %w", key, err))
+			continue
+		}
+		if r.Name != name {
+			bad = append(bad, fmt.Errorf("etcd key %s: holds rule named %q", key, r.Name))
+			continue
+		}
+		p.Rules = append(p.Rules, r)
+	}
+	SortRules(p.Rules)
+	slices.SortFunc(bad, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
+	return p, bad
+}
+
+// Watch sends the full rule set on every change. See WatchPolicy.
+func Watch(ctx context.Context, cli *clientv3.Client, prefix string, logger *slog.Logger) <-chan []Rule {
+	in := WatchPolicy(ctx, cli, prefix, logger)
+	out := make(chan []Rule, 1)
+	go func() {
+		defer close(out)
+		for p := range in {
+			sendLatest(ctx, out, p.Rules)
+		}
+	}()
+	return out
+}
+
+// WatchPolicy sends the whole stored policy (rules and default action) at
+// start and after every change, until ctx ends. A slow reader only misses
+// intermediate states, never the latest.
+//
+// A malformed stored value (rule or default) is logged as an error naming
+// its key. Because a skipped deny rule would silently open traffic, no new
+// policy is sent while any stored value is malformed: the reader keeps
+// enforcing the last good one. Only at start, when there is no last good
+// policy, the valid part is sent: enforcing it can only be stricter than
+// enforcing nothing.
+func WatchPolicy(ctx context.Context, cli *clientv3.Client, prefix string, logger *slog.Logger) <-chan Policy {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	out := make(chan Policy, 1)
+	go func() {
+		defer close(out)
+		w := policyWatcher{cli: cli, prefix: prefix, log: logger, out: out}
+		for ctx.Err() == nil {
+			err := w.run(ctx)
+			if ctx.Err() != nil {
+				return
+			}
+			logger.Warn("policy watch interrupted; listing again", "prefix", policyDir(prefix), "err", err)
+			select {
+			case <-ctx.Done():
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+	}()
+	return out
+}
+
+type policyWatcher struct {
+	cli     *clientv3.Client
+	prefix  string
+	log     *slog.Logger
+	out     chan Policy
+	sentAny bool
+}
+
+// run lists the policy, then follows changes until the watch fails.
+func (w *policyWatcher) run(ctx context.Context) error {
+	dir := policyDir(w.prefix)
+	resp, err := w.cli.Get(ctx, dir, clientv3.WithPrefix())
+	if err != nil {
+		return fmt.Errorf("list %s: %w", dir, err)
+	}
+	kvs := map[string][]byte{}
+	for _, kv := range resp.Kvs {
+		kvs[string(kv.Key)] = kv.Value
+	}
+	w.publish(ctx, kvs)
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	wch := w.cli.Watch(wctx, dir, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
+	for wr := range wch {
+		if err := wr.Err(); err != nil {
+			return fmt.Errorf("watch %s: %w", dir, err)
+		}
+		for _, ev := range wr.Events {
+			if ev.Type == clientv3.EventTypeDelete {
+				delete(kvs, string(ev.Kv.Key))
+			} else {
+				kvs[string(ev.Kv.Key)] = ev.Kv.Value
+			}
+		}
+		if len(wr.Events) > 0 {
+			w.publish(ctx, kvs)
+		}
+	}
+	return fmt.Errorf("watch %s closed", dir)
+}
+
+func (w *policyWatcher) publish(ctx context.Context, kvs map[string][]byte) {
+	p, bad := decodePolicy(w.prefix, kvs)
+	for _, err := range bad {
+		w.log.Error("POLICY NOT UPDATED: malformed stored policy value; fix or delete the key", "err", err)
+	}
+	if len(bad) > 0 && w.sentAny {
+		w.log.Error("keeping the last good policy until every stored policy value is valid", "malformed", len(bad))
+		return
+	}
+	if len(bad) > 0 {
+		w.log.Error("no good policy yet: enforcing only the valid stored rules", "valid", len(p.Rules), "malformed", len(bad))
+	}
+	w.sentAny = true
+	sendLatest(ctx, w.out, p)
+}
+
+// sendLatest replaces an unread value in ch (capacity 1) with v; the caller
+// must be the only sender.
+func sendLatest[T any](ctx context.Context, ch chan T, v T) {
+	select {
+	case <-ch:
+	default:
+	}
+	select {
+	case ch <- v:
+	case <-ctx.Done():
+	}
+}

@@ -1,0 +1,177 @@
+package policy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/internal/etcdtest"
+)
+
+// lockedBuffer collects log output written from the watch goroutine.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func TestStoreRoundTrip(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const prefix = "/fabric"
+
+	doc, err := ParseDocument("policy.yaml", []byte(goodYAML))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := PutDocument(ctx, cli, prefix, doc); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Get(ctx, cli, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Policy{DefaultAction: "deny", Rules: []Rule{doc.Rules[1], doc.Rules[0]}} // order 0 before 10
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v\nwant %+v", got, want)
+	}
+
+	// A batch with one invalid rule stores nothing.
+	bad := []Rule{{Name: "fine", Action: "allow"}, {Name: "broken", Action: "block"}}
+	if err := Put(ctx, cli, prefix, bad); err == nil || !strings.Contains(err.Error(), `rule "broken"`) {
+		t.Fatalf("invalid batch: %v", err)
+	}
+	rules, err := List(ctx, cli, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rules) != 2 {
+		t.Fatalf("refused batch left rules behind: %+v", rules)
+	}
+
+	if err := Delete(ctx, cli, prefix, "web"); err != nil {
+		t.Fatal(err)
+	}
+	err = Delete(ctx, cli, prefix, "web")
+	if !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), `"web"`) {
+		t.Fatalf("deleting an absent rule: %v", err)
+	}
+	if rules, _ := List(ctx, cli, prefix); len(rules) != 1 || rules[0].Name != "ping" {
+		t.Fatalf("after delete: %+v", rules)
+	}
+}
+
+func TestWatchFollowsChangesAndHoldsOnMalformed(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const prefix = "/fabric"
+	logs := &lockedBuffer{}
+	logger := slog.New(slog.NewTextHandler(logs, nil))
+
+	deny80 := Rule{Name: "deny-80", Action: "deny", Protocol: "tcp", Ports: []PortRange{{80, 80}}}
+	if err := Put(ctx, cli, prefix, []Rule{deny80}); err != nil {
+		t.Fatal(err)
+	}
+	ch := WatchPolicy(ctx, cli, prefix, logger)
+	next := func(what string) Policy {
+		t.Helper()
+		select {
+		case p := <-ch:
+			return p
+		case <-time.After(time.Second): // the brief: well under a second
+			t.Fatalf("no policy update within 1s: %s", what)
+		}
+		return Policy{}
+	}
+	if p := next("initial"); len(p.Rules) != 1 || p.DefaultAction != "allow" {
+		t.Fatalf("initial: %+v", p)
+	}
+
+	start := time.Now()
+	if err := SetDefaultAction(ctx, cli, prefix, "deny"); err != nil {
+		t.Fatal(err)
+	}
+	if p := next("default deny"); p.DefaultAction != "deny" || len(p.Rules) != 1 {
+		t.Fatalf("after default change: %+v", p)
+	}
+	t.Logf("watch latency: %s", time.Since(start))
+
+	// A malformed rule must not drop deny-80: no update is sent and the
+	// problem is logged with its key.
+	if _, err := cli.Put(ctx, RuleKey(prefix, "evil"), `{"name":"evil","action":"allow","from":[{"cidr":"bogus"}]}`); err != nil {
+		t.Fatal(err)
+	}
+	if err := Delete(ctx, cli, prefix, "deny-80"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case p := <-ch:
+		t.Fatalf("update sent while a stored rule is malformed: %+v", p)
+	case <-time.After(500 * time.Millisecond):
+	}
+	if l := logs.String(); !strings.Contains(l, "/fabric/policy/evil") || !strings.Contains(l, "ERROR") {
+		t.Fatalf("malformed key not logged loudly:\n%s", l)
+	}
+
+	// Fixing the key releases the current state.
+	if _, err := cli.Delete(ctx, RuleKey(prefix, "evil")); err != nil {
+		t.Fatal(err)
+	}
+	if p := next("after fix"); len(p.Rules) != 0 || p.DefaultAction != "deny" {
+		t.Fatalf("after fix: %+v", p)
+	}
+
+	// Watch (rules only) sees the same.
+	rch := Watch(ctx, cli, prefix, logger)
+	select {
+	case rules := <-rch:
+		if len(rules) != 0 {
+			t.Fatalf("Watch: %+v", rules)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("Watch sent nothing")
+	}
+}
+
+func TestWatchStartsWithValidPartOfMalformedStore(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const prefix = "/fabric"
+	if err := Put(ctx, cli, prefix, []Rule{{Name: "deny-all", Action: "deny"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Put(ctx, RuleKey(prefix, "junk"), "{not json"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Get(ctx, cli, prefix); err == nil || !strings.Contains(err.Error(), "/fabric/policy/junk") {
+		t.Fatalf("Get with malformed value: %v", err)
+	}
+	select {
+	case p := <-WatchPolicy(ctx, cli, prefix, slog.New(slog.DiscardHandler)):
+		if len(p.Rules) != 1 || p.Rules[0].Name != "deny-all" {
+			t.Fatalf("got %+v", p)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("nothing sent at start")
+	}
+}

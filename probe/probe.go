@@ -1,0 +1,453 @@
+// Package probe finds out, per peer, whether the underlay path between this
+// host and the peer carries IP protocol 4 (IPIP). Some routers and clouds drop
+// protocol 4; for those peers fabricd uses VXLAN instead.
+//
+// Every fabricd opens a raw IP protocol 4 socket on its underlay address. Raw
+// sockets get a copy of each incoming protocol 4 packet before the ipip module
+// (if any) handles it, and they work on kernels without the ipip module, so
+// the prober and the responder run the same everywhere. A probe is an IPIP
+// packet whose inner packet is undeliverable (see wire.go); the peer's
+// responder answers it over protocol 4. A peer is marked "IPIP works" when an
+// answer arrives and "blocked" after FailAfter probes in a row go unanswered.
+package probe
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Defaults for the zero values of Config.
+const (
+	DefaultInterval            = 2 * time.Second
+	DefaultFailAfter           = 3
+	DefaultRecoverAfter        = 2
+	DefaultMaxRepliesPerSecond = 1000
+)
+
+// Config configures a Prober.
+type Config struct {
+	// Local is this host's underlay IPv4 address. Probes leave from it and
+	// peers send theirs to it.
+	Local netip.Addr
+	// Interval between two probes to the same peer; it is also how long a
+	// probe may take to be answered. Default DefaultInterval.
+	Interval time.Duration
+	// FailAfter consecutive unanswered probes mark a peer blocked.
+	// Default DefaultFailAfter.
+	FailAfter int
+	// RecoverAfter consecutive answers move a blocked peer back to IPIP.
+	// A new peer needs only one. Default DefaultRecoverAfter.
+	RecoverAfter int
+	// MaxRepliesPerSecond caps the answers to requests, from anyone. A reply
+	// is no larger than its request, so this is no amplifier anyway; the cap
+	// keeps a flood from costing CPU and upstream bandwidth. It must cover
+	// the whole cluster: every peer asks once per its interval.
+	// Default DefaultMaxRepliesPerSecond.
+	MaxRepliesPerSecond int
+	Logger              *slog.Logger
+}
+
+// Prober probes peers over IP protocol 4 and answers their probes.
+type Prober struct {
+	cfg     Config
+	log     *slog.Logger
+	conn    *net.IPConn
+	changes chan struct{}
+	kick    chan struct{}
+	done    chan struct{}
+
+	mu    sync.Mutex
+	peers map[netip.Addr]*peerState
+
+	// Counters, for tests and debug logs.
+	malformed   atomic.Uint64 // protocol 4 packets that got past the filter but are no probe
+	answered    atomic.Uint64 // requests answered
+	rateLimited atomic.Uint64 // requests not answered because of MaxRepliesPerSecond
+}
+
+type peerState struct {
+	works       bool
+	wasBlocked  bool // declared blocked once: getting back needs RecoverAfter answers
+	reason      string
+	since       time.Time // when works last changed, or when the peer was added
+	due         time.Time // when the next probe goes out
+	nonce       uint64
+	sentAt      time.Time
+	pending     bool // the last probe is still unanswered
+	misses      int  // consecutive unanswered probes
+	successes   int  // consecutive answered probes
+	lastRTT     time.Duration
+	lastSendErr error
+}
+
+const reasonWaiting = "waiting for the first answer over IP protocol 4"
+
+// Start opens the raw protocol 4 socket on cfg.Local in the calling thread's
+// network namespace and runs the responder and the prober until ctx is done.
+// It needs CAP_NET_RAW.
+func Start(ctx context.Context, cfg Config) (*Prober, error) {
+	if !cfg.Local.Is4() {
+		return nil, fmt.Errorf("probe: Local must be an IPv4 underlay address, got %q", cfg.Local)
+	}
+	if cfg.Interval <= 0 {
+		cfg.Interval = DefaultInterval
+	}
+	if cfg.FailAfter <= 0 {
+		cfg.FailAfter = DefaultFailAfter
+	}
+	if cfg.RecoverAfter <= 0 {
+		cfg.RecoverAfter = DefaultRecoverAfter
+	}
+	if cfg.MaxRepliesPerSecond <= 0 {
+		cfg.MaxRepliesPerSecond = DefaultMaxRepliesPerSecond
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("component", "ipip-probe", "local", cfg.Local)
+
+	conn, err := net.ListenIP("ip4:4", &net.IPAddr{IP: cfg.Local.AsSlice()})
+	switch {
+	case errors.Is(err, os.ErrPermission):
+		return nil, fmt.Errorf("probe: opening a raw IP protocol 4 socket on %s needs CAP_NET_RAW: %w", cfg.Local, err)
+	case errors.Is(err, unix.EADDRNOTAVAIL):
+		return nil, fmt.Errorf("probe: %s is not an address of this host: %w", cfg.Local, err)
+	case err != nil:
+		return nil, fmt.Errorf("probe: opening a raw IP protocol 4 socket on %s: %w", cfg.Local, err)
+	}
+	if err := attachFilter(conn); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("probe: attaching the socket filter: %w", err)
+	}
+
+	p := &Prober{
+		cfg:     cfg,
+		log:     log,
+		conn:    conn,
+		changes: make(chan struct{}, 1),
+		kick:    make(chan struct{}, 1),
+		done:    make(chan struct{}),
+		peers:   make(map[netip.Addr]*peerState),
+	}
+	var loops sync.WaitGroup
+	loops.Add(2)
+	go func() { defer loops.Done(); p.receiveLoop() }()
+	go func() { defer loops.Done(); p.probeLoop(ctx) }()
+	go func() {
+		<-ctx.Done()
+		conn.Close() // ends receiveLoop
+		loops.Wait()
+		close(p.done)
+	}()
+	log.Info("probing IP protocol 4 paths", "interval", cfg.Interval, "fail_after", cfg.FailAfter, "recover_after", cfg.RecoverAfter)
+	return p, nil
+}
+
+func attachFilter(conn *net.IPConn) error {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	filter := magicFilter()
+	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: unsafe.SliceData(filter)}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &prog)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// Done is closed when the prober has stopped after its context ended.
+func (p *Prober) Done() <-chan struct{} { return p.done }
+
+// Changes is signalled whenever a peer's verdict (IPIPWorks) changes.
+// Signals are coalesced: after one, read the state of all peers.
+func (p *Prober) Changes() <-chan struct{} { return p.changes }
+
+// SetPeers sets the peers to probe: those whose host can do IPIP. New peers
+// are probed at once; peers not listed are forgotten.
+func (p *Prober) SetPeers(peers []netip.Addr) {
+	now := time.Now()
+	want := make(map[netip.Addr]bool, len(peers))
+	for _, a := range peers {
+		a = a.Unmap()
+		if a.Is4() && a != p.cfg.Local {
+			want[a] = true
+		}
+	}
+	added := false
+	p.mu.Lock()
+	for a := range p.peers {
+		if !want[a] {
+			delete(p.peers, a)
+		}
+	}
+	for a := range want {
+		if p.peers[a] == nil {
+			p.peers[a] = &peerState{reason: reasonWaiting, since: now, due: now}
+			added = true
+		}
+	}
+	p.mu.Unlock()
+	if added {
+		select {
+		case p.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// IPIPWorks reports whether IPIP to peer is known to work. It is false for a
+// peer until its first answer, so a new peer starts on VXLAN.
+func (p *Prober) IPIPWorks(peer netip.Addr) bool {
+	works, _, _ := p.State(peer)
+	return works
+}
+
+// State reports the verdict for peer, why, and since when it holds.
+func (p *Prober) State(peer netip.Addr) (works bool, reason string, since time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st := p.peers[peer.Unmap()]
+	if st == nil {
+		return false, "not probed: not a peer that supports IPIP", time.Time{}
+	}
+	return st.works, st.reason, st.since
+}
+
+func (p *Prober) signalChange() {
+	select {
+	case p.changes <- struct{}{}:
+	default:
+	}
+}
+
+// probeLoop sends each peer a probe when it is due, and counts the previous
+// one as missed if it is still unanswered by then.
+func (p *Prober) probeLoop(ctx context.Context) {
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.kick:
+		case <-timer.C:
+		}
+		next := p.probeDue(time.Now())
+		timer.Reset(time.Until(next))
+	}
+}
+
+type outgoing struct {
+	peer  netip.Addr
+	nonce uint64
+}
+
+// probeDue probes the peers that are due and returns when the next one is.
+func (p *Prober) probeDue(now time.Time) time.Time {
+	var send []outgoing
+	changed := false
+	next := now.Add(p.cfg.Interval)
+
+	p.mu.Lock()
+	for peer, st := range p.peers {
+		if st.due.After(now) {
+			if st.due.Before(next) {
+				next = st.due
+			}
+			continue
+		}
+		if st.pending && p.missed(peer, st, now) {
+			changed = true
+		}
+		st.nonce = rand.Uint64()
+		st.sentAt = now
+		st.pending = true
+		st.due = now.Add(p.cfg.Interval)
+		send = append(send, outgoing{peer, st.nonce})
+	}
+	p.mu.Unlock()
+
+	for _, o := range send {
+		err := p.send(o.peer, message{typ: msgRequest, sender: p.cfg.Local, nonce: o.nonce})
+		if err != nil {
+			p.log.Debug("sending probe failed", "peer", o.peer, "err", err)
+		}
+		p.mu.Lock()
+		if st := p.peers[o.peer]; st != nil {
+			st.lastSendErr = err
+		}
+		p.mu.Unlock()
+	}
+	if changed {
+		p.signalChange()
+	}
+	return next
+}
+
+// missed counts an unanswered probe; it reports whether the verdict changed.
+// Called with p.mu held.
+func (p *Prober) missed(peer netip.Addr, st *peerState, now time.Time) bool {
+	st.pending = false
+	st.misses++
+	st.successes = 0
+	unanswered := fmt.Sprintf("%d %s over IP protocol 4 unanswered", st.misses, plural(st.misses, "probe", "probes"))
+	if st.lastSendErr != nil {
+		unanswered += fmt.Sprintf(" (sending: %v)", st.lastSendErr)
+	}
+	if st.misses < p.cfg.FailAfter {
+		if st.works {
+			st.reason = fmt.Sprintf("IP protocol 4 answered in %s, then %s", millis(st.lastRTT), unanswered)
+		} else if st.wasBlocked {
+			st.reason = unanswered
+		}
+		return false
+	}
+	st.reason = unanswered
+	if st.works {
+		st.works = false
+		st.wasBlocked = true
+		st.since = now
+		p.log.Warn("IPIP path to peer blocked, using VXLAN", "peer", peer, "reason", st.reason)
+		return true
+	}
+	if !st.wasBlocked {
+		st.wasBlocked = true
+		p.log.Warn("IPIP path to peer blocked, staying on VXLAN", "peer", peer, "reason", st.reason)
+	}
+	return false
+}
+
+// answered handles a reply from peer.
+func (p *Prober) handleReply(peer netip.Addr, nonce uint64, now time.Time) {
+	p.mu.Lock()
+	st := p.peers[peer]
+	if st == nil || !st.pending || st.nonce != nonce {
+		p.mu.Unlock()
+		return // unknown sender, stale or forged reply
+	}
+	st.pending = false
+	st.misses = 0
+	st.successes++
+	st.lastRTT = now.Sub(st.sentAt)
+	changed := false
+	need := 1
+	if st.wasBlocked {
+		need = p.cfg.RecoverAfter
+	}
+	switch {
+	case st.works || st.successes >= need:
+		st.reason = fmt.Sprintf("IP protocol 4 answered in %s", millis(st.lastRTT))
+		if !st.works {
+			st.works = true
+			st.since = now
+			changed = true
+			p.log.Info("IPIP path to peer works, using IPIP", "peer", peer, "reason", st.reason)
+		}
+	default:
+		st.reason = fmt.Sprintf("IP protocol 4 answered again in %s (%d of %d answers needed to switch back)",
+			millis(st.lastRTT), st.successes, need)
+	}
+	p.mu.Unlock()
+	if changed {
+		p.signalChange()
+	}
+}
+
+// receiveLoop answers requests and hands replies to handleReply until the
+// socket is closed.
+func (p *Prober) receiveLoop() {
+	limiter := newTokenBucket(p.cfg.MaxRepliesPerSecond)
+	buf := make([]byte, 2048)
+	for {
+		n, src, err := p.conn.ReadFromIP(buf) // the kernel's outer header is already stripped
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			p.log.Debug("receiving probe failed", "err", err)
+			time.Sleep(10 * time.Millisecond) // don't spin on a persistent error
+			continue
+		}
+		now := time.Now()
+		from, ok := netip.AddrFromSlice(src.IP)
+		from = from.Unmap()
+		m, err := parseMessage(buf[:n])
+		// The sender must be the packet's source: we only ever answer the
+		// source address, and a mismatch means a confused or forged probe.
+		if !ok || err != nil || m.sender != from {
+			p.malformed.Add(1)
+			continue
+		}
+		switch m.typ {
+		case msgRequest:
+			// Answer everyone: a peer may know us before we know it.
+			if !limiter.allow(now) {
+				p.rateLimited.Add(1)
+				continue
+			}
+			if err := p.send(from, message{typ: msgReply, sender: p.cfg.Local, nonce: m.nonce}); err != nil {
+				p.log.Debug("answering probe failed", "peer", from, "err", err)
+				continue
+			}
+			p.answered.Add(1)
+		case msgReply:
+			p.handleReply(from, m.nonce, now)
+		}
+	}
+}
+
+func (p *Prober) send(to netip.Addr, m message) error {
+	_, err := p.conn.WriteToIP(m.marshal(), &net.IPAddr{IP: to.AsSlice()})
+	return err
+}
+
+// tokenBucket allows rate events per second, in bursts of up to rate.
+type tokenBucket struct {
+	rate   float64
+	tokens float64
+	last   time.Time
+}
+
+func newTokenBucket(perSecond int) *tokenBucket {
+	return &tokenBucket{rate: float64(perSecond), tokens: float64(perSecond)}
+}
+
+func (b *tokenBucket) allow(now time.Time) bool {
+	if !b.last.IsZero() {
+		b.tokens = min(b.rate, b.tokens+now.Sub(b.last).Seconds()*b.rate)
+	}
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+func millis(d time.Duration) string {
+	return fmt.Sprintf("%.2f ms", float64(d)/float64(time.Millisecond))
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}

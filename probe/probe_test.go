@@ -1,0 +1,301 @@
+package probe
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+const testInterval = 200 * time.Millisecond
+
+func testLogger(t *testing.T, name string) *slog.Logger {
+	level := slog.LevelInfo
+	if testing.Verbose() {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("host", name)
+}
+
+var (
+	addrA = netip.MustParseAddr("10.99.1.10")
+	addrB = netip.MustParseAddr("10.99.1.11")
+	addrR = netip.MustParseAddr("10.99.1.1") // router, runs no prober
+	addrC = netip.MustParseAddr("10.99.2.10")
+)
+
+// TestPathVerdicts builds
+//
+//	A 10.99.1.10 ─┐
+//	B 10.99.1.11 ─┼─ bridge (namespace S) ─ R 10.99.1.1 | 10.99.2.1 ─ C 10.99.2.10
+//
+// runs a Prober in A, B and C, then drops IP protocol 4 in R's FORWARD chain
+// and lifts the drop again.
+func TestPathVerdicts(t *testing.T) {
+	l := newLab(t)
+	nsS, nsA, nsB, nsR, nsC := l.ns("S"), l.ns("A"), l.ns("B"), l.ns("R"), l.ns("C")
+	run(t, "ip", "-n", nsS, "link", "add", "br0", "type", "bridge")
+	run(t, "ip", "-n", nsS, "link", "set", "br0", "up")
+	for _, h := range []struct{ ns, port, addr string }{
+		{nsA, "pa", addrA.String() + "/24"},
+		{nsB, "pb", addrB.String() + "/24"},
+		{nsR, "pr", addrR.String() + "/24"},
+	} {
+		l.veth(h.ns, "eth0", nsS, h.port)
+		run(t, "ip", "-n", nsS, "link", "set", h.port, "master", "br0")
+		l.addr(h.ns, "eth0", h.addr)
+	}
+	l.veth(nsR, "eth1", nsC, "eth0")
+	l.addr(nsR, "eth1", "10.99.2.1/24")
+	l.addr(nsC, "eth0", addrC.String()+"/24")
+	l.exec(nsR, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	for _, ns := range []string{nsA, nsB} {
+		run(t, "ip", "-n", ns, "route", "add", "default", "via", addrR.String())
+	}
+	run(t, "ip", "-n", nsC, "route", "add", "default", "via", "10.99.2.1")
+
+	cfg := func(local netip.Addr, name string) Config {
+		return Config{Local: local, Interval: testInterval, FailAfter: 3, RecoverAfter: 2, Logger: testLogger(t, name)}
+	}
+	pa := startIn(t, nsA, cfg(addrA, "A"))
+	pb := startIn(t, nsB, cfg(addrB, "B"))
+	pc := startIn(t, nsC, cfg(addrC, "C"))
+
+	// A new peer is on VXLAN until it has answered.
+	pa.SetPeers([]netip.Addr{addrB, addrC, addrR})
+	if pa.IPIPWorks(addrB) || pa.IPIPWorks(addrC) {
+		t.Fatalf("a peer counts as IPIP before any answer: B %s, C %s", describe(pa, addrB), describe(pa, addrC))
+	}
+	pb.SetPeers([]netip.Addr{addrA, addrC})
+	pc.SetPeers([]netip.Addr{addrA}) // C does not know B, but must answer it
+
+	type pair struct {
+		name string
+		p    *Prober
+		peer netip.Addr
+	}
+	all := []pair{{"A→B", pa, addrB}, {"A→C", pa, addrC}, {"B→A", pb, addrA}, {"B→C", pb, addrC}, {"C→A", pc, addrA}}
+	for _, pr := range all {
+		took, ok := waitFor(2*testInterval, func() bool { return pr.p.IPIPWorks(pr.peer) })
+		if !ok {
+			t.Fatalf("%s: IPIP not working %s after start: %s", pr.name, took, describe(pr.p, pr.peer))
+		}
+		if _, reason, _ := pr.p.State(pr.peer); !strings.Contains(reason, "IP protocol 4 answered in") {
+			t.Errorf("%s: reason %q", pr.name, reason)
+		}
+	}
+	if !fired(pa.Changes()) {
+		t.Errorf("A: Changes() did not fire when its peers started to work")
+	}
+
+	// R runs no prober: blocked, never works.
+	_, ok := waitFor(time.Duration(3+2)*testInterval, func() bool {
+		_, reason, _ := pa.State(addrR)
+		return strings.HasPrefix(reason, "3 probes over IP protocol 4 unanswered")
+	})
+	if !ok || pa.IPIPWorks(addrR) {
+		t.Fatalf("A→R (no prober there): %s, want blocked after 3 probes", describe(pa, addrR))
+	}
+
+	// Hosts that run a responder send no ICMP for probes; the ipip-less R
+	// answers each probe with one protocol unreachable at most.
+	for _, ns := range []string{nsA, nsB, nsC} {
+		if n := l.icmpCounter(ns, "OutMsgs"); n != 0 {
+			t.Errorf("%s sent %d ICMP messages, want none", ns, n)
+		}
+	}
+	if n := l.icmpCounter(nsR, "OutDestUnreachs"); n > 10 {
+		t.Errorf("R sent %d ICMP unreachables for about 5 probes", n)
+	}
+
+	// Drop IP protocol 4 in the router: A↔C flips to blocked, A↔B stays.
+	drain(pa.Changes())
+	l.exec(nsR, "iptables", "-A", "FORWARD", "-p", "4", "-j", "DROP")
+	bFlapped := false
+	took, ok := waitFor(time.Duration(3+2)*testInterval, func() bool {
+		bFlapped = bFlapped || !pa.IPIPWorks(addrB)
+		return !pa.IPIPWorks(addrC)
+	})
+	if !ok {
+		t.Fatalf("A→C still IPIP %s after R dropped protocol 4: %s", took, describe(pa, addrC))
+	}
+	t.Logf("A→C blocked %s after the drop: %s", took.Round(time.Millisecond), describe(pa, addrC))
+	if _, reason, since := pa.State(addrC); reason != "3 probes over IP protocol 4 unanswered" || time.Since(since) > time.Second {
+		t.Errorf("A→C blocked with reason %q since %s", reason, since)
+	}
+	if !fired(pa.Changes()) {
+		t.Errorf("A: Changes() did not fire when C got blocked")
+	}
+	for _, pr := range []pair{{"C→A", pc, addrA}, {"B→C", pb, addrC}} {
+		if _, ok := waitFor(2*testInterval, func() bool { return !pr.p.IPIPWorks(pr.peer) }); !ok {
+			t.Errorf("%s still IPIP after the drop: %s", pr.name, describe(pr.p, pr.peer))
+		}
+	}
+	time.Sleep(2 * testInterval) // A↔B must stay up while C is down
+	if bFlapped || !pa.IPIPWorks(addrB) || !pb.IPIPWorks(addrA) {
+		t.Errorf("A↔B left IPIP although only the path to C drops protocol 4: A→B %s, B→A %s",
+			describe(pa, addrB), describe(pb, addrA))
+	}
+
+	// Lift the drop: A↔C recovers after RecoverAfter answers.
+	drain(pa.Changes())
+	l.exec(nsR, "iptables", "-D", "FORWARD", "-p", "4", "-j", "DROP")
+	took, ok = waitFor(time.Duration(2+2)*testInterval, func() bool { return pa.IPIPWorks(addrC) })
+	if !ok {
+		t.Fatalf("A→C not back on IPIP %s after the drop was lifted: %s", took, describe(pa, addrC))
+	}
+	t.Logf("A→C back %s after the drop was lifted: %s", took.Round(time.Millisecond), describe(pa, addrC))
+	if took < testInterval/2 {
+		t.Errorf("A→C recovered after %s, on one answer; want %d", took, 2)
+	}
+	if !fired(pa.Changes()) {
+		t.Errorf("A: Changes() did not fire when C recovered")
+	}
+
+	// Forgotten peers report false.
+	pa.SetPeers([]netip.Addr{addrB})
+	if works, reason, _ := pa.State(addrC); works || !strings.HasPrefix(reason, "not probed") {
+		t.Errorf("A→C after SetPeers without C: works=%v reason %q", works, reason)
+	}
+	if !pa.IPIPWorks(addrB) {
+		t.Errorf("A→B lost its verdict on SetPeers: %s", describe(pa, addrB))
+	}
+}
+
+// TestHostileInput sends a prober garbage and a flood of requests over IP
+// protocol 4, from a raw socket in a second namespace.
+func TestHostileInput(t *testing.T) {
+	l := newLab(t)
+	nsX, nsY := l.ns("X"), l.ns("Y")
+	addrX, addrY := netip.MustParseAddr("10.99.3.1"), netip.MustParseAddr("10.99.3.2")
+	l.veth(nsX, "eth0", nsY, "eth0")
+	l.addr(nsX, "eth0", addrX.String()+"/24")
+	l.addr(nsY, "eth0", addrY.String()+"/24")
+
+	const limit = 50
+	px := startIn(t, nsX, Config{Local: addrX, Interval: testInterval, MaxRepliesPerSecond: limit, Logger: testLogger(t, "X")})
+
+	var conn *net.IPConn
+	var err error
+	inNS(t, nsY, func() { conn, err = net.ListenIP("ip4:4", &net.IPAddr{IP: addrY.AsSlice()}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	to := &net.IPAddr{IP: addrX.AsSlice()}
+	send := func(b []byte) {
+		t.Helper()
+		if _, err := conn.WriteToIP(b, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// replies counts replies to Y with the given nonce (0: any) until quiet.
+	replies := func(nonce uint64, quiet time.Duration) int {
+		n := 0
+		buf := make([]byte, 2048)
+		for {
+			conn.SetReadDeadline(time.Now().Add(quiet))
+			k, src, err := conn.ReadFromIP(buf)
+			if err != nil {
+				return n
+			}
+			m, err := parseMessage(buf[:k])
+			if err == nil && m.typ == msgReply && src.IP.Equal(addrX.AsSlice()) && (nonce == 0 || m.nonce == nonce) {
+				n++
+			}
+		}
+	}
+	request := func(nonce uint64) []byte { return message{typ: msgRequest, sender: addrY, nonce: nonce}.marshal() }
+
+	// Garbage without our magic is dropped by the socket filter in the kernel.
+	garbage := make([]byte, 1400)
+	for i := range garbage {
+		garbage[i] = byte(i*7 + 3)
+	}
+	for _, n := range []int{0, 1, 19, 20, 23, 24, 39, 40, 41, 100, 1400} {
+		send(garbage[:n])
+	}
+	// Packets that carry the magic but are no valid probe reach the parser.
+	valid := request(1)
+	var broken [][]byte
+	for n := innerHeaderLen + 4; n < packetLen; n++ {
+		broken = append(broken, valid[:n]) // truncated
+	}
+	mutate := func(f func(b []byte)) {
+		b := bytes.Clone(valid)
+		f(b)
+		broken = append(broken, b)
+	}
+	mutate(func(b []byte) { b[0] = 0x46 })                                            // inner header with options
+	mutate(func(b []byte) { b[9] = 17 })                                              // inner UDP
+	mutate(func(b []byte) { binary.BigEndian.PutUint16(b[2:4], 1000) })               // wrong inner length
+	mutate(func(b []byte) { b[innerHeaderLen+4] = 9 })                                // unknown version
+	mutate(func(b []byte) { b[innerHeaderLen+5] = 0 })                                // unknown type
+	mutate(func(b []byte) { copy(b[innerHeaderLen+8:], []byte{10, 99, 3, 77}) })      // sender is not the source
+	mutate(func(b []byte) { copy(b[innerHeaderLen+8:], []byte{255, 255, 255, 255}) }) // broadcast sender
+	for _, b := range broken {
+		send(b)
+	}
+	if n := replies(0, 3*testInterval); n != 0 {
+		t.Errorf("X answered %d malformed probes", n)
+	}
+	if got := px.malformed.Load(); got != uint64(len(broken)) {
+		t.Errorf("X parsed %d malformed packets, want %d: the kernel filter should drop the %s", got, len(broken), "ones without magic")
+	}
+
+	// X still answers a valid request.
+	send(request(42))
+	if n := replies(42, 3*testInterval); n != 1 {
+		t.Fatalf("X answered a valid request %d times after the garbage, want 1", n)
+	}
+
+	// A flood gets at most the rate limit (plus what refills meanwhile).
+	start := time.Now()
+	for i := range 1000 {
+		send(request(uint64(1000 + i)))
+	}
+	n := replies(0, 3*testInterval)
+	allowed := limit + int(time.Since(start).Seconds()*limit) + 1
+	t.Logf("1000 requests got %d replies, limit allows %d", n, allowed)
+	if n > allowed || n < limit/2 {
+		t.Errorf("1000 requests got %d replies, want between %d and %d", n, limit/2, allowed)
+	}
+	if px.rateLimited.Load() == 0 {
+		t.Errorf("no request was rate limited")
+	}
+
+	// Y has a raw socket but no responder: X must not count it as working.
+	px.SetPeers([]netip.Addr{addrY})
+	_, ok := waitFor(5*testInterval, func() bool {
+		_, reason, _ := px.State(addrY)
+		return strings.HasPrefix(reason, "3 probes")
+	})
+	if !ok || px.IPIPWorks(addrY) {
+		t.Errorf("X→Y (no responder): %s, want blocked", describe(px, addrY))
+	}
+}
+
+func TestStartErrors(t *testing.T) {
+	if _, err := Start(context.Background(), Config{Local: netip.MustParseAddr("2001:db8::1")}); err == nil || !strings.Contains(err.Error(), "IPv4") {
+		t.Errorf("IPv6 Local: err = %v", err)
+	}
+	if _, err := Start(context.Background(), Config{}); err == nil {
+		t.Errorf("no Local: no error")
+	}
+
+	l := newLab(t)
+	ns := l.ns("E")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var err error
+	inNS(t, ns, func() { _, err = Start(ctx, Config{Local: netip.MustParseAddr("10.99.4.1")}) })
+	if err == nil || !strings.Contains(err.Error(), "not an address of this host") {
+		t.Errorf("address not on the host: err = %v", err)
+	}
+}

@@ -1,0 +1,185 @@
+package registry
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// DefaultTTL is the liveness lease of a node record: a host that stops
+// renewing disappears from the registry this long after.
+const DefaultTTL = 10 * time.Second
+
+// Publisher keeps this host's record in etcd.
+type Publisher struct {
+	cli    *clientv3.Client
+	prefix string
+	ttlSec int64
+	log    *slog.Logger
+	kick   chan struct{}
+
+	mu   sync.Mutex
+	self Node
+
+	// opMu serialises etcd writes so Withdraw cannot race a re-put.
+	opMu      sync.Mutex
+	leaseID   clientv3.LeaseID
+	putKey    string // key last written, to remove it after a rename
+	withdrawn bool
+}
+
+// NewPublisher returns a Publisher writing under prefix with a liveness
+// lease of ttl (DefaultTTL when zero, at least one second).
+func NewPublisher(cli *clientv3.Client, prefix string, ttl time.Duration, logger *slog.Logger) *Publisher {
+	if ttl <= 0 {
+		ttl = DefaultTTL
+	}
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return &Publisher{
+		cli:    cli,
+		prefix: normPrefix(prefix),
+		ttlSec: max(1, int64((ttl+time.Second-1)/time.Second)),
+		log:    logger,
+		kick:   make(chan struct{}, 1),
+	}
+}
+
+// Run publishes self and keeps the record alive until ctx is done. When
+// etcd is unreachable it retries; when the lease was lost (etcd restarted
+// or the host was away longer than the TTL) it publishes again. It returns
+// an error only for an invalid record. The record stays until its lease
+// expires unless Withdraw is called.
+func (p *Publisher) Run(ctx context.Context, self Node) error {
+	if err := self.Validate(); err != nil {
+		return fmt.Errorf("node record: %w", err)
+	}
+	p.mu.Lock()
+	p.self = self
+	p.mu.Unlock()
+
+	interval := time.Duration(p.ttlSec) * time.Second / 3
+	retry := min(interval, time.Second)
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-timer.C:
+		case <-p.kick:
+		}
+		next := interval
+		if err := p.sync(ctx, interval); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			p.log.Warn("cannot publish node record; retrying", "key", nodeKey(p.prefix, self.Name), "err", err, "retry in", retry)
+			next = retry
+		}
+		timer.Stop()
+		timer.Reset(next)
+	}
+}
+
+// Update replaces the published record; Run writes it at once.
+func (p *Publisher) Update(self Node) {
+	if err := self.Validate(); err != nil {
+		p.log.Error("ignoring invalid node record update", "err", err)
+		return
+	}
+	p.mu.Lock()
+	p.self = self
+	p.mu.Unlock()
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// sync renews the lease and makes sure the stored record is the current one.
+func (p *Publisher) sync(ctx context.Context, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, max(timeout, time.Second))
+	defer cancel()
+	p.mu.Lock()
+	self := p.self
+	p.mu.Unlock()
+	value, err := json.Marshal(self)
+	if err != nil {
+		return err
+	}
+	key := nodeKey(p.prefix, self.Name)
+
+	p.opMu.Lock()
+	defer p.opMu.Unlock()
+	if p.withdrawn {
+		return nil
+	}
+	if p.leaseID != 0 {
+		if _, err := p.cli.KeepAliveOnce(ctx, p.leaseID); errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			p.log.Warn("node record lease expired; publishing again", "key", key)
+			p.leaseID = 0
+		} else if err != nil {
+			return fmt.Errorf("renew lease of %s: %w", key, err)
+		}
+	}
+	if p.leaseID != 0 {
+		resp, err := p.cli.Get(ctx, key)
+		if err != nil {
+			return fmt.Errorf("check %s: %w", key, err)
+		}
+		if len(resp.Kvs) == 1 && clientv3.LeaseID(resp.Kvs[0].Lease) == p.leaseID && string(resp.Kvs[0].Value) == string(value) {
+			return nil
+		}
+	} else {
+		resp, err := p.cli.Grant(ctx, p.ttlSec)
+		if err != nil {
+			return fmt.Errorf("grant lease for %s: %w", key, err)
+		}
+		p.leaseID = resp.ID
+	}
+	if p.putKey != "" && p.putKey != key {
+		// Renamed: remove the old record if it is still ours.
+		if _, err := p.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.LeaseValue(p.putKey), "=", p.leaseID)).
+			Then(clientv3.OpDelete(p.putKey)).Commit(); err != nil {
+			return fmt.Errorf("remove old record %s: %w", p.putKey, err)
+		}
+	}
+	if _, err := p.cli.Put(ctx, key, string(value), clientv3.WithLease(p.leaseID)); err != nil {
+		return fmt.Errorf("put %s: %w", key, err)
+	}
+	p.putKey = key
+	p.log.Info("published node record", "key", key, "subnet", self.Subnet, "address", self.Address)
+	return nil
+}
+
+// Withdraw removes the record and revokes its lease, for a graceful stop;
+// Run writes nothing afterwards.
+func (p *Publisher) Withdraw(ctx context.Context) error {
+	p.opMu.Lock()
+	defer p.opMu.Unlock()
+	p.withdrawn = true
+	if p.leaseID == 0 || p.putKey == "" {
+		return nil
+	}
+	if _, err := p.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.LeaseValue(p.putKey), "=", p.leaseID)).
+		Then(clientv3.OpDelete(p.putKey)).Commit(); err != nil {
+		return fmt.Errorf("delete node record %s: %w", p.putKey, err)
+	}
+	if _, err := p.cli.Revoke(ctx, p.leaseID); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		return fmt.Errorf("revoke lease of node record %s: %w", p.putKey, err)
+	}
+	p.log.Info("withdrew node record", "key", p.putKey)
+	p.leaseID, p.putKey = 0, ""
+	return nil
+}

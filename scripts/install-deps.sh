@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and the demo need, and nothing when
+# they are already there. Usage: scripts/install-deps.sh test|demo
+set -euo pipefail
+want=(iproute2 iputils-ping util-linux iptables ipset etcd-server etcd-client bird2 tcpdump iperf3 procps)
+case "${1:-test}" in
+  test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils) ;;
+  demo) ;;
+esac
+if [ "$(id -u)" != 0 ]; then
+  echo "fabric's tests and demo build network namespaces: run them as root" >&2
+  exit 1
+fi
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts etcd as a service when it is installed; the lab runs its own.
+if command -v systemctl >/dev/null && systemctl is-active -q etcd 2>/dev/null; then
+  systemctl stop etcd || true
+fi

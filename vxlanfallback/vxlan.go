@@ -1,0 +1,318 @@
+// Package vxlanfallback is the VXLAN encapsulation: one VXLAN device with
+// learning off, and per peer a permanent neighbour entry (peer gateway address
+// -> peer VTEP MAC) and an FDB entry (VTEP MAC -> peer underlay address), the
+// way flannel's vxlan backend does it. It works on kernels without ipip.
+package vxlanfallback
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/fabricnet/fabric/backend"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	DefaultDevice = "fabric.vxlan"
+	DefaultVNI    = 4096
+	DefaultPort   = 4789
+	// Overhead is outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+	Overhead = 50
+)
+
+// Config describes the VXLAN device of this host.
+type Config struct {
+	Handle       *netlink.Handle // nil = current namespace
+	Device       string          // default DefaultDevice
+	VNI          int             // default DefaultVNI
+	Port         int             // UDP port, default DefaultPort (flannel uses 8472)
+	UnderlayAddr netip.Addr      // local VTEP address
+	UnderlayDev  string          // device the VXLAN packets leave by
+	Subnet       netip.Prefix    // own container subnet; its network address goes on the device as /32
+	Logger       *slog.Logger
+}
+
+// Backend owns the VXLAN device and its neighbour and FDB entries.
+type Backend struct {
+	cfg    Config
+	handle *netlink.Handle
+	log    *slog.Logger
+	mac    net.HardwareAddr
+
+	mu        sync.Mutex
+	linkIndex int
+}
+
+var _ backend.Backend = (*Backend)(nil)
+
+// New validates cfg and fills defaults. It does not touch the kernel: the
+// device is made by Ensure, only when some peer needs it.
+func New(cfg Config) (*Backend, error) {
+	if cfg.Device == "" {
+		cfg.Device = DefaultDevice
+	}
+	if cfg.VNI == 0 {
+		cfg.VNI = DefaultVNI
+	}
+	if cfg.Port == 0 {
+		cfg.Port = DefaultPort
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	switch {
+	case len(cfg.Device) > 15:
+		return nil, fmt.Errorf("vxlan device name %q is longer than 15 bytes", cfg.Device)
+	case cfg.VNI < 1 || cfg.VNI > 1<<24-1:
+		return nil, fmt.Errorf("vxlan VNI %d out of range 1..16777215", cfg.VNI)
+	case cfg.Port < 1 || cfg.Port > 65535:
+		return nil, fmt.Errorf("vxlan port %d out of range 1..65535", cfg.Port)
+	case !cfg.UnderlayAddr.Is4():
+		return nil, fmt.Errorf("vxlan underlay address %v is not an IPv4 address", cfg.UnderlayAddr)
+	case cfg.UnderlayDev == "":
+		return nil, errors.New("vxlan needs the underlay device name")
+	case !cfg.Subnet.IsValid() || !cfg.Subnet.Addr().Is4():
+		return nil, fmt.Errorf("vxlan subnet %v is not an IPv4 prefix", cfg.Subnet)
+	}
+	cfg.Subnet = cfg.Subnet.Masked()
+	return &Backend{
+		cfg:    cfg,
+		handle: backend.DefaultHandle(cfg.Handle),
+		log:    cfg.Logger.With("backend", "vxlan", "device", cfg.Device),
+		mac:    MACFor(cfg.UnderlayAddr),
+	}, nil
+}
+
+// MACFor is the VTEP MAC of the host with underlay address addr: 0e:fa: and
+// the four address bytes. Locally administered and unicast, and the same after
+// a restart, so the MAC published in the node registry stays true.
+func MACFor(addr netip.Addr) net.HardwareAddr {
+	a := addr.As4()
+	return net.HardwareAddr{0x0e, 0xfa, a[0], a[1], a[2], a[3]}
+}
+
+func (b *Backend) Name() string          { return "vxlan" }
+func (b *Backend) Device() string        { return b.cfg.Device }
+func (b *Backend) Overhead() int         { return Overhead }
+func (b *Backend) Port() int             { return b.cfg.Port }
+func (b *Backend) VNI() int              { return b.cfg.VNI }
+func (b *Backend) MAC() net.HardwareAddr { return bytes.Clone(b.mac) }
+
+// Ensure creates the device, or repairs it. A device with the wrong VNI, port,
+// local address, underlay device or learning on is deleted and recreated,
+// because the kernel cannot change those in place.
+func (b *Backend) Ensure(ctx context.Context, mtu int) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	h := b.handle
+	underlay, err := h.LinkByName(b.cfg.UnderlayDev)
+	if err != nil {
+		return 0, fmt.Errorf("vxlan: underlay device %s: %w", b.cfg.UnderlayDev, err)
+	}
+	want := &netlink.Vxlan{
+		LinkAttrs:    netlink.LinkAttrs{Name: b.cfg.Device, MTU: mtu, HardwareAddr: b.mac},
+		VxlanId:      b.cfg.VNI,
+		VtepDevIndex: underlay.Attrs().Index,
+		SrcAddr:      b.cfg.UnderlayAddr.AsSlice(),
+		Port:         b.cfg.Port,
+		Learning:     false,
+	}
+
+	var link netlink.Link
+	existing, err := h.LinkByName(b.cfg.Device)
+	switch {
+	case err == nil:
+		if why := mismatch(existing, want); why != "" {
+			b.log.Info("recreating vxlan device with wrong attributes", "reason", why)
+			if err := h.LinkDel(existing); err != nil {
+				return 0, fmt.Errorf("vxlan: delete mismatched device %s: %w", b.cfg.Device, err)
+			}
+		} else {
+			link = existing
+		}
+	case !backend.IsLinkNotFound(err):
+		return 0, fmt.Errorf("vxlan: look up device %s: %w", b.cfg.Device, err)
+	}
+	if link == nil {
+		if err := h.LinkAdd(want); err != nil {
+			return 0, fmt.Errorf("vxlan: create device %s (vni %d, port %d, local %s, dev %s): %w",
+				b.cfg.Device, b.cfg.VNI, b.cfg.Port, b.cfg.UnderlayAddr, b.cfg.UnderlayDev, err)
+		}
+		if link, err = h.LinkByName(b.cfg.Device); err != nil {
+			return 0, fmt.Errorf("vxlan: look up new device %s: %w", b.cfg.Device, err)
+		}
+		b.log.Info("created vxlan device", "vni", b.cfg.VNI, "port", b.cfg.Port,
+			"local", b.cfg.UnderlayAddr, "underlay", b.cfg.UnderlayDev, "mtu", mtu, "mac", b.mac.String())
+	}
+	if mtu > 0 && link.Attrs().MTU != mtu {
+		if err := h.LinkSetMTU(link, mtu); err != nil {
+			return 0, fmt.Errorf("vxlan: set MTU %d on %s: %w", mtu, b.cfg.Device, err)
+		}
+	}
+	if !bytes.Equal(link.Attrs().HardwareAddr, b.mac) {
+		if err := h.LinkSetHardwareAddr(link, b.mac); err != nil {
+			return 0, fmt.Errorf("vxlan: set MAC %s on %s: %w", b.mac, b.cfg.Device, err)
+		}
+	}
+	if err := backend.SetSoleAddress(h, link, b.cfg.Subnet.Addr()); err != nil {
+		return 0, fmt.Errorf("vxlan: %w", err)
+	}
+	if err := h.LinkSetUp(link); err != nil {
+		return 0, fmt.Errorf("vxlan: set %s up: %w", b.cfg.Device, err)
+	}
+	b.linkIndex = link.Attrs().Index
+	return b.linkIndex, nil
+}
+
+// mismatch names the first attribute of have that differs from want, or "".
+func mismatch(have netlink.Link, want *netlink.Vxlan) string {
+	v, ok := have.(*netlink.Vxlan)
+	switch {
+	case !ok:
+		return fmt.Sprintf("device is of type %s, not vxlan", have.Type())
+	case v.VxlanId != want.VxlanId:
+		return fmt.Sprintf("vni %d, want %d", v.VxlanId, want.VxlanId)
+	case v.Port != want.Port:
+		return fmt.Sprintf("port %d, want %d", v.Port, want.Port)
+	case !v.SrcAddr.Equal(want.SrcAddr):
+		return fmt.Sprintf("local %v, want %v", v.SrcAddr, want.SrcAddr)
+	case v.VtepDevIndex != want.VtepDevIndex:
+		return fmt.Sprintf("underlay ifindex %d, want %d", v.VtepDevIndex, want.VtepDevIndex)
+	case v.Learning:
+		return "learning is on"
+	}
+	return ""
+}
+
+// SyncPeers makes the neighbour and FDB entries on the device exactly those
+// of peers. One bad peer does not stop the others.
+func (b *Backend) SyncPeers(peers []backend.Peer) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	h := b.handle
+	link, err := h.LinkByName(b.cfg.Device)
+	if err != nil {
+		if backend.IsLinkNotFound(err) && len(peers) == 0 {
+			return nil // nothing to sync and nothing to clean up
+		}
+		return fmt.Errorf("vxlan: sync peers: device %s: %w", b.cfg.Device, err)
+	}
+	idx := link.Attrs().Index
+
+	var errs []error
+	wantNeigh := map[netip.Addr]net.HardwareAddr{} // peer gateway address -> VTEP MAC
+	wantFDB := map[string]netip.Addr{}             // VTEP MAC -> peer underlay address
+	for _, p := range peers {
+		if len(p.VTEPMAC) != 6 || !p.Address.Is4() || !p.Subnet.IsValid() {
+			errs = append(errs, fmt.Errorf("vxlan: peer %s: needs a VTEP MAC, an IPv4 underlay address and a subnet (mac %q, address %v, subnet %v)",
+				p.Name, p.VTEPMAC, p.Address, p.Subnet))
+			continue
+		}
+		wantNeigh[p.Subnet.Masked().Addr()] = p.VTEPMAC
+		wantFDB[p.VTEPMAC.String()] = p.Address
+	}
+
+	neighs, err := h.NeighList(idx, unix.AF_INET)
+	if err != nil {
+		return fmt.Errorf("vxlan: list neighbours on %s: %w", b.cfg.Device, err)
+	}
+	haveNeigh := map[netip.Addr]bool{}
+	for _, n := range neighs {
+		ip, _ := netip.AddrFromSlice(n.IP)
+		ip = ip.Unmap()
+		if mac, ok := wantNeigh[ip]; ok && bytes.Equal(mac, n.HardwareAddr) && n.State&netlink.NUD_PERMANENT != 0 {
+			haveNeigh[ip] = true
+			continue
+		}
+		n := n
+		if err := h.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("vxlan: delete neighbour %s on %s: %w", ip, b.cfg.Device, err))
+		} else {
+			b.log.Debug("removed neighbour entry", "ip", ip, "mac", n.HardwareAddr)
+		}
+	}
+	for ip, mac := range wantNeigh {
+		if haveNeigh[ip] {
+			continue
+		}
+		err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,
+			IP: ip.AsSlice(), HardwareAddr: mac})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: set neighbour %s -> %s on %s: %w", ip, mac, b.cfg.Device, err))
+		}
+	}
+
+	fdb, err := h.NeighList(idx, unix.AF_BRIDGE)
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("vxlan: list FDB on %s: %w", b.cfg.Device, err))...)
+	}
+	haveFDB := map[string]bool{}
+	for _, n := range fdb {
+		ip, _ := netip.AddrFromSlice(n.IP)
+		ip = ip.Unmap()
+		mac := n.HardwareAddr.String()
+		if want, ok := wantFDB[mac]; ok && want == ip {
+			haveFDB[mac] = true
+			continue
+		}
+		del := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+			State: n.State, IP: n.IP, HardwareAddr: n.HardwareAddr}
+		if err := h.NeighDel(del); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("vxlan: delete FDB entry %s -> %s on %s: %w", mac, ip, b.cfg.Device, err))
+		} else {
+			b.log.Debug("removed FDB entry", "mac", mac, "dst", ip)
+		}
+	}
+	for mac, ip := range wantFDB {
+		if haveFDB[mac] {
+			continue
+		}
+		hw, _ := net.ParseMAC(mac)
+		err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+			State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: hw})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: set FDB entry %s -> %s on %s: %w", mac, ip, b.cfg.Device, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// RouteFor is "<dst> via <peer gateway address> dev <device> onlink": the
+// neighbour entry resolves the gateway to the peer's VTEP MAC, the FDB entry
+// that MAC to the peer's underlay address.
+func (b *Backend) RouteFor(dst netip.Prefix, peer backend.Peer) (*netlink.Route, error) {
+	b.mu.Lock()
+	idx := b.linkIndex
+	b.mu.Unlock()
+	if idx == 0 {
+		return nil, fmt.Errorf("vxlan: route %s to peer %s: device %s not ensured", dst, peer.Name, b.cfg.Device)
+	}
+	if !peer.Subnet.IsValid() || !peer.Subnet.Addr().Is4() {
+		return nil, fmt.Errorf("vxlan: route %s to peer %s: peer has no IPv4 subnet", dst, peer.Name)
+	}
+	return &netlink.Route{
+		LinkIndex: idx,
+		Dst:       backend.IPNet(dst),
+		Gw:        peer.Subnet.Masked().Addr().AsSlice(),
+		Flags:     int(netlink.FLAG_ONLINK),
+		Scope:     netlink.SCOPE_UNIVERSE,
+	}, nil
+}
+
+// Cleanup deletes the device; its neighbour and FDB entries and routes go with it.
+func (b *Backend) Cleanup() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.linkIndex = 0
+	return backend.DeleteLink(b.handle, b.cfg.Device)
+}
