@@ -2,6 +2,8 @@ module github.com/fabricnet/fabric
 
 go 1.26
 
+godebug multipathtcp=0
+
 require (
 	github.com/beorn7/perks v1.0.1 // indirect
 	github.com/cenkalti/backoff/v4 v4.3.0 // indirect

@@ -56,10 +56,19 @@ type Agent struct {
 	mu        sync.Mutex
 	nodes     []registry.Node
 	bgpRoutes []bgp.Route
-	// converged turns true once the mesh sessions are up after start; until
-	// then routes known from the registry are kept, so a restart of fabricd
-	// does not flap routes that are still valid.
-	converged bool
+	// Start-up grace: routes already in the kernel when fabricd started
+	// (keptAtStart) stay for peers whose BGP session has not come up yet
+	// (establishedAt), until graceUntil. A restart of fabricd so does not
+	// flap routes that are still valid, while a new or dead peer gets nothing
+	// from the grace: it only keeps what was there.
+	converged     bool
+	graceUntil    time.Time
+	keptAtStart   map[netip.Prefix]bool
+	establishedAt map[string]time.Time
+	// nodesKnown turns true with the registry's first snapshot; before it
+	// the data plane is not touched, since a route set computed without
+	// node records would sweep every route fabricd installed before a restart.
+	nodesKnown bool
 
 	kick chan struct{}
 }
@@ -165,6 +174,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			}
 			a.mu.Lock()
 			a.nodes = ns
+			a.nodesKnown = true
 			a.mu.Unlock()
 			if err := a.speaker.SetPeers(runCtx, a.desiredPeers(ns)); err != nil {
 				log.Error("set BGP peers", "err", err)
@@ -176,10 +186,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			a.mu.Unlock()
 			a.kickDataplane()
 		case <-convergeCheck.C:
+			// During the grace the kept set shrinks as sessions come up.
 			if a.checkConverged(runCtx) {
 				convergeCheck.Stop()
-				a.kickDataplane()
 			}
+			a.kickDataplane()
 		}
 	}
 }
@@ -289,6 +300,7 @@ func (a *Agent) setupDataplane() error {
 		}
 	}
 	a.vxlan = vx
+	defer a.rememberStartRoutes()
 	a.dp, err = dataplane.New(dataplane.Config{
 		Mode:         mode,
 		CrossSubnet:  cfg.CrossSubnet,
@@ -301,6 +313,28 @@ func (a *Agent) setupDataplane() error {
 		Logger:       a.log.With("component", "dataplane"),
 	})
 	return err
+}
+
+// rememberStartRoutes notes the owned routes already in the kernel, which the
+// start-up grace keeps until their peers are back.
+func (a *Agent) rememberStartRoutes() {
+	a.keptAtStart = map[netip.Prefix]bool{}
+	a.establishedAt = map[string]time.Time{}
+	a.graceUntil = time.Now().Add(2*a.cfg.HoldTime + 5*time.Second)
+	if a.dp == nil {
+		return
+	}
+	owned, err := a.dp.Owned()
+	if err != nil {
+		a.log.Warn("read owned routes at start", "err", err)
+		return
+	}
+	for _, r := range owned {
+		a.keptAtStart[r.Prefix] = true
+	}
+	if len(owned) > 0 {
+		a.log.Info("keeping routes found in the kernel until their peers are back", "routes", len(owned), "until", a.graceUntil.Format(time.RFC3339))
+	}
 }
 
 func (a *Agent) vtepMAC() string {
@@ -359,37 +393,35 @@ func (a *Agent) desiredPeers(nodes []registry.Node) []bgp.Peer {
 	return peers
 }
 
-// checkConverged reports whether the start-up grace period is over: every
-// mesh peer is established, or twice the hold time has passed.
+// checkConverged records which peers have established since start and
+// reports whether the start-up grace period is over: every mesh peer came
+// up, or graceUntil has passed.
 func (a *Agent) checkConverged(ctx context.Context) bool {
+	peers, err := a.speaker.Peers(ctx)
 	a.mu.Lock()
-	done := a.converged
-	a.mu.Unlock()
-	if done {
+	defer a.mu.Unlock()
+	if a.converged {
 		return true
 	}
-	ok := time.Since(a.started) > 2*a.cfg.HoldTime+5*time.Second
-	if !ok {
-		peers, err := a.speaker.Peers(ctx)
-		a.mu.Lock()
-		known := len(a.nodes) > 0
-		a.mu.Unlock()
-		if err == nil && known {
-			ok = true
-			for _, p := range peers {
-				if p.State != "established" {
-					ok = false
-				}
+	all := err == nil && len(a.nodes) > 0
+	for _, p := range peers {
+		if p.State == "established" {
+			up, ok := a.establishedAt[p.Name]
+			if !ok {
+				a.establishedAt[p.Name] = time.Now()
+				all = false
+			} else if time.Since(up) < 3*time.Second {
+				all = false
 			}
+		} else {
+			all = false
 		}
 	}
-	if ok {
-		a.mu.Lock()
+	if all || time.Now().After(a.graceUntil) {
 		a.converged = true
-		a.mu.Unlock()
-		a.log.Info("BGP converged after start; BGP alone decides routes from now on")
+		a.log.Info("start-up grace over; BGP alone decides routes from now on", "allEstablished", all)
 	}
-	return ok
+	return a.converged
 }
 
 func (a *Agent) kickDataplane() {
@@ -404,6 +436,17 @@ func (a *Agent) kickDataplane() {
 func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 	a.mu.Lock()
 	nodes, routes, converged := a.nodes, a.bgpRoutes, a.converged
+	var keep []registry.Node
+	if !converged {
+		for _, n := range nodes {
+			// A session just established may not have sent its UPDATE yet:
+			// keep its route a little longer.
+			up, ok := a.establishedAt[n.Name]
+			if a.keptAtStart[n.Subnet] && (!ok || time.Since(up) < 3*time.Second) {
+				keep = append(keep, n)
+			}
+		}
+	}
 	a.mu.Unlock()
 	byAddr := map[netip.Addr]registry.Node{}
 	for _, n := range nodes {
@@ -423,14 +466,13 @@ func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 		seen[r.Prefix] = true
 		out = append(out, rr)
 	}
-	if !converged {
-		// Keep routes to hosts the registry knows until BGP has caught up.
-		for _, n := range nodes {
-			if n.Name == a.cfg.NodeName || !n.Subnet.IsValid() || seen[n.Subnet] {
-				continue
-			}
-			out = append(out, dataplane.RemoteRoute{Prefix: n.Subnet, NextHop: n.Address, PeerName: n.Name, Peer: peerInfo(n)})
+	// Keep routes that were in the kernel at start until their peer's
+	// session is back.
+	for _, n := range keep {
+		if n.Name == a.cfg.NodeName || !n.Subnet.IsValid() || seen[n.Subnet] {
+			continue
 		}
+		out = append(out, dataplane.RemoteRoute{Prefix: n.Subnet, NextHop: n.Address, PeerName: n.Name, Peer: peerInfo(n)})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Prefix.String() < out[j].Prefix.String() })
 	return out
@@ -452,6 +494,12 @@ func (a *Agent) dataplaneLoop(ctx context.Context) error {
 			return nil
 		case <-a.kick:
 		case <-t.C:
+		}
+		a.mu.Lock()
+		ready := a.nodesKnown
+		a.mu.Unlock()
+		if !ready {
+			continue
 		}
 		if err := a.dp.Apply(ctx, a.desiredRoutes()); err != nil {
 			a.log.Error("apply data plane", "err", err)

@@ -515,3 +515,50 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// The agent retries Acquire while etcd is away; it recognises that case by
+// the deadline error.
+func TestAcquireWhileEtcdUnreachableReportsDeadline(t *testing.T) {
+	cluster := etcdtest.Start(t)
+	cli := cluster.Client(t)
+	cluster.StopMember(0)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_, err := newManager(t, cli, testPrefix(t), "h", "m", time.Minute, pool("10.91.0.0/16", 24)).Acquire(ctx)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Acquire with etcd down: %v, want an error wrapping context.DeadlineExceeded", err)
+	}
+}
+
+func TestKeepAliveRidesOutEtcdOutage(t *testing.T) {
+	cluster := etcdtest.Start(t)
+	cli := cluster.Client(t)
+	prefix := testPrefix(t)
+	ctx := testCtx(t, 20*time.Second)
+	m := newManager(t, cli, prefix, "h1", "m1", 3*time.Second, pool("10.90.0.0/16", 24))
+	held, err := m.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keepCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	keepDone := make(chan error, 1)
+	go func() { keepDone <- m.KeepAlive(keepCtx) }()
+
+	cluster.StopMember(0)
+	time.Sleep(2 * time.Second)
+	if l, ok := m.Lease(); !ok || l.Subnet != held.Subnet {
+		t.Fatalf("subnet dropped while etcd is away: %v %v", l.Subnet, ok)
+	}
+	cluster.RestartMember(0)
+	time.Sleep(4 * time.Second) // longer than the TTL: only renewals keep it
+	select {
+	case err := <-keepDone:
+		t.Fatalf("KeepAlive gave up after an etcd outage: %v", err)
+	default:
+	}
+	leases, _, err := List(ctx, cli, prefix)
+	if err != nil || len(leases) != 1 || leases[0].Subnet != held.Subnet || leases[0].Node != "h1" {
+		t.Fatalf("after the outage: %+v %v, want h1 still holding %s", leases, err, held.Subnet)
+	}
+}

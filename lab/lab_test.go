@@ -205,6 +205,14 @@ func TestContainerPingsItsHost(t *testing.T) {
 	if err := h.Ping(ctx, c.Addr, 3*time.Second); err != nil {
 		t.Fatalf("host -> container: %v", err)
 	}
+	// MTU 1450: 1422 bytes of ICMP data + 28 header bytes fit, one more does
+	// not (don't-fragment is set).
+	if err := c.PingSize(ctx, gw.Addr(), 1422, 3*time.Second); err != nil {
+		t.Errorf("full-MTU ping: %v", err)
+	}
+	if err := c.PingSize(ctx, gw.Addr(), 1423, time.Second); err == nil {
+		t.Error("ping one byte over the MTU with don't-fragment succeeded")
+	}
 	out, err := c.Run(ctx, "ip", "-o", "link", "show", "eth0")
 	if err != nil || !strings.Contains(out, "mtu 1450") {
 		t.Fatalf("container eth0: %q %v", out, err)

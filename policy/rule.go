@@ -7,6 +7,21 @@
 // that matches decides. Packets no rule matches get the default action
 // ("allow" unless set to "deny"). Replies of allowed connections always pass.
 //
+// A policy file (YAML or JSON; ParseDocument) is a list of rules or:
+//
+//	defaultAction: deny          # optional; allow when never set
+//	rules:
+//	  - name: web                # letters, digits, . _ -
+//	    order: 10                # lower first; ties by name
+//	    action: allow            # allow | deny
+//	    from: [{node: host-b}, {cidr: 10.244.1.0/24}]   # empty = anywhere
+//	    to: [{address: 10.244.2.2}]                      # empty = anywhere
+//	    protocol: tcp            # tcp | udp | icmp | omitted = any
+//	    ports: [80, "8000-8100"] # tcp/udp only
+//
+// Default deny applies to every packet to the host's containers, including
+// traffic between containers on the same bridge.
+//
 // etcd layout (see store.go):
 //
 //	<prefix>/policy/<rule name>   JSON of one Rule

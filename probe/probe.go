@@ -90,6 +90,7 @@ type peerState struct {
 	successes   int  // consecutive answered probes
 	lastRTT     time.Duration
 	lastSendErr error
+	lastICMP    string // ICMP error a probe to this peer drew since its last answer
 }
 
 const reasonWaiting = "waiting for the first answer over IP protocol 4"
@@ -128,9 +129,9 @@ func Start(ctx context.Context, cfg Config) (*Prober, error) {
 	case err != nil:
 		return nil, fmt.Errorf("probe: opening a raw IP protocol 4 socket on %s: %w", cfg.Local, err)
 	}
-	if err := attachFilter(conn); err != nil {
+	if err := setSocketOptions(conn); err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("probe: attaching the socket filter: %w", err)
+		return nil, fmt.Errorf("probe: setting up the raw socket: %w", err)
 	}
 
 	p := &Prober{
@@ -156,7 +157,9 @@ func Start(ctx context.Context, cfg Config) (*Prober, error) {
 	return p, nil
 }
 
-func attachFilter(conn *net.IPConn) error {
+// setSocketOptions attaches the magic filter and asks for ICMP errors, which
+// tell a blocked path ("unreachable") from a peer without responder.
+func setSocketOptions(conn *net.IPConn) error {
 	raw, err := conn.SyscallConn()
 	if err != nil {
 		return err
@@ -166,6 +169,9 @@ func attachFilter(conn *net.IPConn) error {
 	var serr error
 	if err := raw.Control(func(fd uintptr) {
 		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &prog)
+		if serr == nil {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+		}
 	}); err != nil {
 		return err
 	}
@@ -308,8 +314,11 @@ func (p *Prober) missed(peer netip.Addr, st *peerState, now time.Time) bool {
 	st.misses++
 	st.successes = 0
 	unanswered := fmt.Sprintf("%d %s over IP protocol 4 unanswered", st.misses, plural(st.misses, "probe", "probes"))
-	if st.lastSendErr != nil {
+	switch {
+	case st.lastSendErr != nil:
 		unanswered += fmt.Sprintf(" (sending: %v)", st.lastSendErr)
+	case st.lastICMP != "":
+		unanswered += " (" + st.lastICMP + ")"
 	}
 	if st.misses < p.cfg.FailAfter {
 		if st.works {
@@ -334,7 +343,7 @@ func (p *Prober) missed(peer netip.Addr, st *peerState, now time.Time) bool {
 	return false
 }
 
-// answered handles a reply from peer.
+// handleReply counts an answer from peer to its outstanding probe.
 func (p *Prober) handleReply(peer netip.Addr, nonce uint64, now time.Time) {
 	p.mu.Lock()
 	st := p.peers[peer]
@@ -345,6 +354,7 @@ func (p *Prober) handleReply(peer netip.Addr, nonce uint64, now time.Time) {
 	st.pending = false
 	st.misses = 0
 	st.successes++
+	st.lastICMP = ""
 	st.lastRTT = now.Sub(st.sentAt)
 	changed := false
 	need := 1
@@ -381,8 +391,12 @@ func (p *Prober) receiveLoop() {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			p.log.Debug("receiving probe failed", "err", err)
-			time.Sleep(10 * time.Millisecond) // don't spin on a persistent error
+			// With IP_RECVERR an ICMP error for one of our probes
+			// surfaces as a read error; the details wait in the error queue.
+			if p.readICMPErrors() == 0 {
+				p.log.Debug("receiving probe failed", "err", err)
+				time.Sleep(10 * time.Millisecond) // don't spin on a persistent error
+			}
 			continue
 		}
 		now := time.Now()
@@ -411,6 +425,70 @@ func (p *Prober) receiveLoop() {
 			p.handleReply(from, m.nonce, now)
 		}
 	}
+}
+
+// readICMPErrors drains the socket's error queue and notes each ICMP error
+// with the peer the failed probe went to. It returns how many it read.
+func (p *Prober) readICMPErrors() int {
+	raw, err := p.conn.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	count := 0
+	buf := make([]byte, 256)
+	oob := make([]byte, 512)
+	raw.Read(func(fd uintptr) bool {
+		for {
+			_, oobn, _, from, err := unix.Recvmsg(int(fd), buf, oob, unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+			if err != nil {
+				return true
+			}
+			count++
+			to, ok := from.(*unix.SockaddrInet4) // where the failed probe went
+			if !ok {
+				continue
+			}
+			msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+			for _, m := range msgs {
+				if m.Header.Level == unix.IPPROTO_IP && m.Header.Type == unix.IP_RECVERR {
+					p.noteICMP(netip.AddrFrom4(to.Addr), m.Data)
+				}
+			}
+		}
+	})
+	return count
+}
+
+// noteICMP records an ICMP error (struct sock_extended_err, then the
+// offender's address) for the peer a probe was sent to.
+func (p *Prober) noteICMP(peer netip.Addr, data []byte) {
+	const errLen = int(unsafe.Sizeof(unix.SockExtendedErr{}))
+	if len(data) < errLen {
+		return
+	}
+	ee := (*unix.SockExtendedErr)(unsafe.Pointer(&data[0]))
+	if ee.Origin != unix.SO_EE_ORIGIN_ICMP {
+		return
+	}
+	from := "?"
+	if len(data) >= errLen+8 { // sockaddr_in: family, port, address
+		from = netip.AddrFrom4([4]byte(data[errLen+4 : errLen+8])).String()
+	}
+	var what string
+	switch {
+	case ee.Type == 3 && ee.Code == 2 && from == peer.String():
+		what = from + " answered ICMP protocol unreachable: neither ipip nor fabricd listens there"
+	case ee.Type == 3 && (ee.Code == 9 || ee.Code == 10 || ee.Code == 13):
+		what = from + " answered ICMP administratively prohibited: a firewall rejects IP protocol 4"
+	default:
+		what = fmt.Sprintf("%s answered ICMP type %d code %d", from, ee.Type, ee.Code)
+	}
+	p.mu.Lock()
+	if st := p.peers[peer]; st != nil {
+		st.lastICMP = what
+	}
+	p.mu.Unlock()
+	p.log.Debug("probe drew an ICMP error", "peer", peer, "icmp", what)
 }
 
 func (p *Prober) send(to netip.Addr, m message) error {

@@ -8,9 +8,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 const testInterval = 200 * time.Millisecond
@@ -101,6 +105,9 @@ func TestPathVerdicts(t *testing.T) {
 	})
 	if !ok || pa.IPIPWorks(addrR) {
 		t.Fatalf("A→R (no prober there): %s, want blocked after 3 probes", describe(pa, addrR))
+	}
+	if _, reason, _ := pa.State(addrR); !strings.Contains(reason, "10.99.1.1 answered ICMP protocol unreachable") {
+		t.Errorf("A→R reason %q does not name R's protocol unreachable", reason)
 	}
 
 	// Hosts that run a responder send no ICMP for probes; the ipip-less R
@@ -298,4 +305,40 @@ func TestStartErrors(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "not an address of this host") {
 		t.Errorf("address not on the host: err = %v", err)
 	}
+
+	// Without CAP_NET_RAW. The thread that drops it stays locked, so it
+	// dies with its goroutine instead of serving others without the capability.
+	l.addr(ns, "lo", "10.99.4.1/32")
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		target, err := netns.GetFromName(ns)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer target.Close()
+		if err := netns.Set(target); err != nil {
+			errc <- err
+			return
+		}
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		var data [2]unix.CapUserData
+		if err := unix.Capget(&hdr, &data[0]); err != nil {
+			errc <- err
+			return
+		}
+		data[unix.CAP_NET_RAW/32].Effective &^= 1 << (unix.CAP_NET_RAW % 32)
+		if err := unix.Capset(&hdr, &data[0]); err != nil {
+			errc <- err
+			return
+		}
+		_, err = Start(ctx, Config{Local: netip.MustParseAddr("10.99.4.1")})
+		errc <- err
+	}()
+	err = <-errc
+	if err == nil || !strings.Contains(err.Error(), "needs CAP_NET_RAW") {
+		t.Errorf("without CAP_NET_RAW: err = %v", err)
+	}
+	t.Logf("without CAP_NET_RAW: %v", err)
 }
