@@ -26,6 +26,9 @@ import (
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/localapi"
+	"github.com/fabricnet/fabric/nat"
+	"github.com/fabricnet/fabric/policy"
+	"github.com/fabricnet/fabric/probe"
 	"github.com/fabricnet/fabric/registry"
 	"github.com/fabricnet/fabric/vxlanfallback"
 )
@@ -70,14 +73,18 @@ type Agent struct {
 	// node records would sweep every route fabricd installed before a restart.
 	nodesKnown bool
 
-	kick chan struct{}
+	kick       chan struct{}
+	policyKick chan struct{}
+	prober     *probe.Prober // nil without ipip support
+	natMgr     *nat.Manager
+	enforcer   *policy.IptablesEnforcer
 }
 
 // Run starts fabricd and blocks until ctx is cancelled, then shuts down
 // gracefully: it withdraws its subnet and node record but leaves the kernel
 // state in place, so containers keep talking across an agent restart.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
-	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1)}
+	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1)}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   cfg.EtcdEndpoints,
 		DialTimeout: cfg.EtcdTimeout,
@@ -100,9 +107,20 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err := a.acquireLease(ctx); err != nil {
 		return err
 	}
+	if a.ipipOK {
+		// The prober answers peers' probes in every mode and decides per
+		// peer in auto mode whether IP protocol 4 passes.
+		if a.prober, err = probe.Start(ctx, probe.Config{Local: a.underlay.Addr, Logger: log.With("component", "probe")}); err != nil {
+			return err
+		}
+	}
 	if err := a.setupDataplane(); err != nil {
 		return err
 	}
+	if a.natMgr, err = nat.New(nat.Config{Logger: log.With("component", "nat")}); err != nil {
+		return err
+	}
+	a.enforcer = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, Legacy: a.natMgr.Backend() == "legacy", Logger: log.With("component", "policy")})
 	gw := netip.PrefixFrom(a.lease.Gateway(), a.lease.Subnet.Bits())
 	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.dp.MTU(), log); err != nil {
 		return err
@@ -156,6 +174,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("local-api", func(ctx context.Context) error { return localapi.Serve(ctx, cfg.SocketPath(), a, log) })
 	goLoop("dataplane", a.dataplaneLoop)
 	goLoop("host", a.hostLoop)
+	goLoop("nat", a.natLoop)
+	goLoop("policy", a.policyLoop)
 
 	nodes := registry.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "registry"))
 	routes := a.speaker.Routes()
@@ -179,11 +199,17 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			if err := a.speaker.SetPeers(runCtx, a.desiredPeers(ns)); err != nil {
 				log.Error("set BGP peers", "err", err)
 			}
+			if a.prober != nil {
+				a.prober.SetPeers(ipipPeers(ns, cfg.NodeName))
+			}
 			a.kickDataplane()
+			a.kickPolicy()
 		case rs := <-routes:
 			a.mu.Lock()
 			a.bgpRoutes = rs
 			a.mu.Unlock()
+			a.kickDataplane()
+		case <-a.proberChanges():
 			a.kickDataplane()
 		case <-convergeCheck.C:
 			// During the grace the kept set shrinks as sessions come up.
@@ -310,6 +336,7 @@ func (a *Agent) setupDataplane() error {
 		UnderlayMTU:  a.underlay.MTU,
 		IPIP:         ipipB,
 		VXLAN:        vx,
+		Prober:       a.protoProber(),
 		Logger:       a.log.With("component", "dataplane"),
 	})
 	return err
@@ -335,6 +362,34 @@ func (a *Agent) rememberStartRoutes() {
 	if len(owned) > 0 {
 		a.log.Info("keeping routes found in the kernel until their peers are back", "routes", len(owned), "until", a.graceUntil.Format(time.RFC3339))
 	}
+}
+
+// protoProber hands the dataplane the probe's verdicts; without ipip support
+// there is nothing to probe.
+func (a *Agent) protoProber() dataplane.ProtoProber {
+	if a.prober == nil {
+		return nil
+	}
+	return a.prober
+}
+
+func (a *Agent) proberChanges() <-chan struct{} {
+	if a.prober == nil {
+		return nil
+	}
+	return a.prober.Changes()
+}
+
+// ipipPeers are the other hosts whose kernels can do ipip: the ones worth
+// probing.
+func ipipPeers(nodes []registry.Node, self string) []netip.Addr {
+	var out []netip.Addr
+	for _, n := range nodes {
+		if n.Name != self && slices.Contains(n.Encaps, "ipip") {
+			out = append(out, n.Address)
+		}
+	}
+	return out
 }
 
 func (a *Agent) vtepMAC() string {
@@ -544,6 +599,7 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 		return nil, err
 	}
 	encaps := a.dp.Encapsulations()
+	reasons := a.dp.EncapsulationReasons()
 	out := make([]localapi.Peer, 0, len(ps))
 	for _, p := range ps {
 		e := encaps[p.Name]
@@ -552,7 +608,7 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 		}
 		out = append(out, localapi.Peer{
 			Name: p.Name, Address: p.Address.String(), ASN: p.ASN, Type: string(p.Type), State: p.State,
-			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e,
+			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e, EncapReason: reasons[p.Name],
 		})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
@@ -605,6 +661,19 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 	var errs []error
 	if err := dataplane.Cleanup(nil, cfg.RouteProtocol, VXLANDevice, IPIPDevice); err != nil {
 		errs = append(errs, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if natMgr, err := nat.New(nat.Config{Logger: log}); err != nil {
+		errs = append(errs, err)
+	} else {
+		if err := natMgr.Cleanup(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("NAT rules: %w", err))
+		}
+		enf := policy.New(policy.IptablesConfig{Legacy: natMgr.Backend() == "legacy", Logger: log})
+		if err := enf.Cleanup(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("policy rules: %w", err))
+		}
 	}
 	if err := bridge.Remove(nil, cfg.Bridge); err != nil {
 		errs = append(errs, fmt.Errorf("bridge %s: %w", cfg.Bridge, err))

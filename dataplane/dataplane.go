@@ -209,6 +209,18 @@ func (m *Manager) Encapsulations() map[string]string {
 	return out
 }
 
+// EncapsulationReasons returns peer name -> why its encapsulation was chosen,
+// as of the last Apply.
+func (m *Manager) EncapsulationReasons() map[string]string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make(map[string]string, len(m.choices))
+	for name, c := range m.choices {
+		out[name] = c.reason
+	}
+	return out
+}
+
 // peerPlan is one peer's encapsulation for this Apply.
 type peerPlan struct {
 	peer  backend.Peer
@@ -278,7 +290,10 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 			}
 		}
 		slices.SortFunc(users, func(a, b backend.Peer) int { return cmp.Compare(a.Name, b.Name) })
-		if len(users) > 0 {
+		// In auto mode every device stays up even with no peer using it: a
+		// peer may decide differently about us (its probe of the path runs
+		// separately), and its packets must find a device to land on.
+		if len(users) > 0 || m.cfg.Mode == ModeAuto {
 			if _, err := b.Ensure(ctx, m.underlayMTU-b.Overhead()); err != nil {
 				fail(fmt.Errorf("%s device %s: %w", b.Name(), b.Device(), err))
 				continue

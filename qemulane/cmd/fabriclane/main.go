@@ -61,6 +61,8 @@ var (
 	phasesFlag   = flag.String("phases", "ipip,auto", "phases to run, comma-separated: ipip, auto")
 	holdTime     = flag.String("bgp-hold-time", "3s", "fabricd --bgp-hold-time")
 	keepalive    = flag.String("bgp-keepalive", "1s", "fabricd --bgp-keepalive")
+	noTunl0      = flag.Bool("no-fallback-tunnels", false, "set net.core.fb_tunnels_only_for_init_net=1 so lab namespaces get no tunl0 "+
+		"(a diagnostic workaround for an ipip.Supported that collides with tunl0; off by default)")
 	settle       = flag.Duration("timeout", 40*time.Second, "how long to wait for each convergence")
 )
 
@@ -69,6 +71,13 @@ func main() {
 	flag.Parse()
 
 	start := time.Now()
+	if *noTunl0 {
+		if err := os.WriteFile("/proc/sys/net/core/fb_tunnels_only_for_init_net", []byte("1"), 0o644); err != nil {
+			fmt.Printf("%s fb_tunnels_only_for_init_net: %v\n", qemulane.FailPrefix, err)
+			os.Exit(1)
+		}
+		fmt.Println("WORKAROUND net.core.fb_tunnels_only_for_init_net=1: namespaces have no tunl0")
+	}
 	var failed []string
 	for i, ph := range strings.Split(*phasesFlag, ",") {
 		ph = strings.TrimSpace(ph)
@@ -390,7 +399,7 @@ func (p *phase) startEtcd() error {
 	var last error
 	for time.Since(t0) < 30*time.Second {
 		if pr.exited() {
-			return fmt.Errorf("etcd exited: %v\n%s", pr.err, tailFile(pr.log, 20))
+			return fmt.Errorf("etcd exited: %v\n%s", pr.err, tailFile(pr.log, 20, ""))
 		}
 		// From host1's namespace: the path fabricd takes. (busybox wget
 		// crashes in the VM: static glibc without NSS.)
@@ -402,7 +411,7 @@ func (p *phase) startEtcd() error {
 		last = err
 		time.Sleep(300 * time.Millisecond)
 	}
-	return fmt.Errorf("etcd not healthy within 30s: %v\n%s", last, tailFile(pr.log, 20))
+	return fmt.Errorf("etcd not healthy within 30s: %v\n%s", last, tailFile(pr.log, 20, ""))
 }
 
 // httpGet does a plain HTTP/1.0 GET from inside ns and returns the body.
@@ -488,12 +497,14 @@ func (p *phase) dumpLogs() {
 		if pr.exited() {
 			fmt.Printf("LOG %s fabricd %s exited: %v\n", p.name, name, pr.err)
 		}
-		for _, line := range strings.Split(tailFile(pr.log, 40), "\n") {
+		// GoBGP's per-message debug lines (keepalives every second) would
+		// push everything useful out of the tail.
+		for _, line := range strings.Split(tailFile(pr.log, 40, "component=gobgp"), "\n") {
 			fmt.Printf("LOG %s %s | %s\n", p.name, name, line)
 		}
 	}
 	if p.etcd != nil && p.etcd.exited() {
-		for _, line := range strings.Split(tailFile(p.etcd.log, 20), "\n") {
+		for _, line := range strings.Split(tailFile(p.etcd.log, 20, ""), "\n") {
 			fmt.Printf("LOG %s etcd | %s\n", p.name, line)
 		}
 	}
@@ -877,12 +888,20 @@ func nthAddr(n *net.IPNet, i byte) net.IP {
 	return ip
 }
 
-func tailFile(path string, n int) string {
+// tailFile returns the last n lines of path, leaving out debug lines that
+// contain skipDebug (if set).
+func tailFile(path string, n int, skipDebug string) string {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Sprintf("(%v)", err)
 	}
-	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	var lines []string
+	for _, l := range strings.Split(strings.TrimRight(string(data), "\n"), "\n") {
+		if skipDebug != "" && strings.Contains(l, "level=DEBUG") && strings.Contains(l, skipDebug) {
+			continue
+		}
+		lines = append(lines, l)
+	}
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}

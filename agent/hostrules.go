@@ -1,0 +1,90 @@
+package agent
+
+import (
+	"context"
+	"net/netip"
+	"time"
+
+	"github.com/fabricnet/fabric/nat"
+	"github.com/fabricnet/fabric/policy"
+	"github.com/fabricnet/fabric/publish"
+)
+
+// natLoop keeps MASQUERADE and the published ports in the kernel: it
+// re-applies on every change of the published ports in etcd, and nat's
+// Maintain repairs deleted rules within seconds.
+func (a *Agent) natLoop(ctx context.Context) error {
+	pubs := publish.Watch(ctx, a.etcd, a.cfg.EtcdPrefix, a.log.With("component", "publish"))
+	go a.natMgr.Maintain(ctx, 2*time.Second)
+	var current []nat.Publish
+	apply := func() {
+		st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName, Publishes: current}
+		if err := a.natMgr.Apply(ctx, st); err != nil {
+			a.log.Error("apply NAT rules", "err", err)
+		}
+	}
+	apply() // MASQUERADE does not wait for etcd
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case p, ok := <-pubs:
+			if !ok {
+				return nil
+			}
+			current = p
+			apply()
+		}
+	}
+}
+
+// policyLoop compiles the fabric's policy for this host's subnet and enforces
+// it. It recompiles when the policy or the node set changes (a rule naming a
+// node follows that node's lease) and repairs drift on a timer.
+func (a *Agent) policyLoop(ctx context.Context) error {
+	policies := policy.WatchPolicy(ctx, a.etcd, a.cfg.EtcdPrefix, a.log.With("component", "policy"))
+	repair := time.NewTicker(5 * time.Second)
+	defer repair.Stop()
+	var current *policy.Policy
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case p, ok := <-policies:
+			if !ok {
+				return nil
+			}
+			current = &p
+		case <-a.policyKick:
+		case <-repair.C:
+		}
+		if current == nil {
+			continue
+		}
+		a.mu.Lock()
+		subnets := map[string]netip.Prefix{}
+		for _, n := range a.nodes {
+			subnets[n.Name] = n.Subnet
+		}
+		a.mu.Unlock()
+		subnets[a.cfg.NodeName] = a.lease.Subnet
+		rs, err := policy.Compile(current.Rules, current.DefaultAction, subnets, a.lease.Subnet)
+		if err != nil {
+			a.log.Error("compile policy; keeping the rules in force", "err", err)
+			continue
+		}
+		for _, w := range rs.Warnings {
+			a.log.Warn("policy", "warning", w)
+		}
+		if err := a.enforcer.Apply(ctx, rs); err != nil {
+			a.log.Error("enforce policy", "err", err)
+		}
+	}
+}
+
+func (a *Agent) kickPolicy() {
+	select {
+	case a.policyKick <- struct{}{}:
+	default:
+	}
+}

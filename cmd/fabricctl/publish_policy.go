@@ -1,0 +1,235 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/fabricnet/fabric/ipam"
+	"github.com/fabricnet/fabric/nat"
+	"github.com/fabricnet/fabric/policy"
+	"github.com/fabricnet/fabric/publish"
+)
+
+func publishCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "publish", Short: "Fabric-wide published ports: every host forwards the port to a container anywhere in the fabric"}
+	var hosts string
+	add := &cobra.Command{
+		Use:   "add PORT[/tcp|/udp] TARGET:PORT",
+		Short: "Publish a port, e.g. `fabricctl publish add 8080/tcp 10.244.3.2:80`",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			proto, port, err := publish.ParseSpec(args[0])
+			if err != nil {
+				return err
+			}
+			target, err := netip.ParseAddrPort(args[1])
+			if err != nil {
+				return fmt.Errorf("target %q: want container-address:port, e.g. 10.244.3.2:80", args[1])
+			}
+			p := nat.Publish{Proto: proto, HostPort: port, Target: target}
+			if hosts != "" {
+				p.Hosts = strings.Split(hosts, ",")
+			}
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
+			if err != nil {
+				return err
+			}
+			if err := publish.Add(ctx, cli, g.etcdPrefix, pool.Network, p); err != nil {
+				return err
+			}
+			fmt.Printf("published %s\n", p)
+			return nil
+		},
+	}
+	add.Flags().StringVar(&hosts, "hosts", "", "comma-separated node names that forward the port (default: every host)")
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List published ports",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			pubs, bad, err := publish.List(ctx, cli, g.etcdPrefix)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(pubs)
+			}
+			var rows [][]string
+			for _, p := range pubs {
+				h := "all"
+				if len(p.Hosts) > 0 {
+					h = strings.Join(p.Hosts, ",")
+				}
+				rows = append(rows, []string{fmt.Sprintf("%d/%s", p.HostPort, p.Proto), p.Target.String(), h})
+			}
+			table("PORT\tTARGET\tHOSTS", rows)
+			for _, b := range bad {
+				fmt.Fprintf(os.Stderr, "malformed published port %s: %s\n", b.Key, b.Problem)
+			}
+			return nil
+		},
+	}
+	del := &cobra.Command{
+		Use:   "delete PORT[/tcp|/udp]",
+		Short: "Stop publishing a port on every host",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			proto, port, err := publish.ParseSpec(args[0])
+			if err != nil {
+				return err
+			}
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			if err := publish.Delete(ctx, cli, g.etcdPrefix, proto, port); err != nil {
+				return err
+			}
+			fmt.Printf("deleted %d/%s\n", port, proto)
+			return nil
+		},
+	}
+	cmd.AddCommand(add, list, del)
+	return cmd
+}
+
+func policyCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "policy", Short: "Network policy enforced by every host for its own containers"}
+	var file string
+	apply := &cobra.Command{
+		Use:   "apply -f FILE",
+		Short: "Store the rules of a YAML or JSON file; an invalid file is refused whole and changes nothing",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var data []byte
+			var err error
+			if file == "-" {
+				data, err = io.ReadAll(os.Stdin)
+			} else {
+				data, err = os.ReadFile(file)
+			}
+			if err != nil {
+				return err
+			}
+			doc, err := policy.ParseDocument(file, data)
+			if err != nil {
+				return err
+			}
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			if err := policy.PutDocument(ctx, cli, g.etcdPrefix, doc); err != nil {
+				return err
+			}
+			names := make([]string, len(doc.Rules))
+			for i, r := range doc.Rules {
+				names[i] = r.Name
+			}
+			fmt.Printf("applied %d rule(s): %s", len(doc.Rules), strings.Join(names, ", "))
+			if doc.DefaultAction != "" {
+				fmt.Printf("; default action %s", doc.DefaultAction)
+			}
+			fmt.Println()
+			return nil
+		},
+	}
+	apply.Flags().StringVarP(&file, "file", "f", "", "policy file (YAML or JSON), - for standard input")
+	apply.MarkFlagRequired("file")
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List the rules in evaluation order and the default action",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			p, err := policy.Get(ctx, cli, g.etcdPrefix)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(p)
+			}
+			fmt.Printf("default action: %s\n", p.DefaultAction)
+			var rows [][]string
+			for _, r := range p.Rules {
+				ports := make([]string, len(r.Ports))
+				for i, pr := range r.Ports {
+					ports[i] = pr.String()
+				}
+				rows = append(rows, []string{fmt.Sprint(r.Order), r.Name, r.Action, selectors(r.From), selectors(r.To), or(r.Protocol, "any"), or(strings.Join(ports, ","), "any")})
+			}
+			table("ORDER\tNAME\tACTION\tFROM\tTO\tPROTOCOL\tPORTS", rows)
+			return nil
+		},
+	}
+	del := &cobra.Command{
+		Use:   "delete NAME",
+		Short: "Delete one rule",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cli, err := g.etcd()
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := ctx5()
+			defer cancel()
+			if err := policy.Delete(ctx, cli, g.etcdPrefix, args[0]); err != nil {
+				return err
+			}
+			fmt.Printf("deleted rule %s\n", args[0])
+			return nil
+		},
+	}
+	cmd.AddCommand(apply, list, del)
+	return cmd
+}
+
+func selectors(s []policy.Selector) string {
+	if len(s) == 0 {
+		return "any"
+	}
+	out := make([]string, len(s))
+	for i, x := range s {
+		out[i] = x.String()
+	}
+	return strings.Join(out, ",")
+}
+
+func or(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
