@@ -603,7 +603,11 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 	out := make([]localapi.Peer, 0, len(ps))
 	for _, p := range ps {
 		e := encaps[p.Name]
-		if e == "" && p.Type != bgp.PeerMesh {
+		switch {
+		case e != "":
+		case p.Type == bgp.PeerRouteReflector:
+			e = "-" // it reflects routes; traffic goes to their originators
+		case p.Type != bgp.PeerMesh:
 			e = "direct"
 		}
 		out = append(out, localapi.Peer{

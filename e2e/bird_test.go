@@ -86,3 +86,71 @@ template bgp host { local %s as 65000; hold time 9; keepalive time 3; connect re
 	rs, _ := f.fabricctl(f.lab.Hosts()[0], "routes")
 	t.Logf("routes:\n%s", rs)
 }
+
+// TestBIRDRouteReflector turns the mesh off: every host peers only with BIRD
+// acting as an iBGP route reflector, and still learns every other host's
+// subnet with the originating host as next hop.
+func TestBIRDRouteReflector(t *testing.T) {
+	if _, err := exec.LookPath("bird"); err != nil {
+		t.Skip("bird not installed (apt-get install bird2; make test installs it)")
+	}
+	f := newFabric(t, lab.Spec{Hosts: 3})
+	ctx := context.Background()
+	rr, err := f.lab.AddOutside(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(f.lab.LogDir(), "bird")
+	os.MkdirAll(dir, 0o755)
+	conf := fmt.Sprintf(`router id %s;
+log stderr all;
+protocol device {}
+template bgp rrc { local %s as 64512; rr client; rr cluster id 1.1.1.1; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }
+`, rr.Addr, rr.Addr)
+	for _, h := range f.lab.Hosts() {
+		conf += fmt.Sprintf("protocol bgp %s from rrc { neighbor %s as 64512; }\n", h.Name, h.Addr)
+	}
+	confPath := filepath.Join(dir, "bird.conf")
+	os.WriteFile(confPath, []byte(conf), 0o644)
+	if _, err := rr.Start("bird", "bird", "-f", "-c", confPath, "-s", filepath.Join(dir, "bird.ctl"), "-P", filepath.Join(dir, "bird.pid")); err != nil {
+		t.Fatal(err)
+	}
+	peerFile := filepath.Join(dir, "fabricd.yaml")
+	os.WriteFile(peerFile, []byte(fmt.Sprintf("mesh: false\npeers:\n- name: rr\n  address: %s\n  asn: 64512\n  type: route-reflector\n", rr.Addr)), 0o644)
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h, "--config", peerFile)
+	}
+	for _, h := range hosts {
+		f.eventually(30*time.Second, h.Name+" learns every subnet through the reflector", func() error {
+			if err := f.routesTo(h, f.otherSubnets(h, hosts)); err != nil {
+				return err
+			}
+			for _, o := range hosts {
+				if o == h {
+					continue
+				}
+				// The reflector keeps the originator's next hop: the route
+				// leads to the host, not to the reflector.
+				sub := f.subnet(o)
+				r := f.ownedRoutes(h)[sub.String()]
+				if strings.Contains(r, rr.Addr.String()) {
+					return fmt.Errorf("route to %s points at the reflector: %s", sub, r)
+				}
+			}
+			return nil
+		})
+	}
+	st, _ := f.fabricctl(hosts[0], "peers", "status")
+	t.Logf("peers status with the mesh off:\n%s", st)
+	if strings.Contains(st, "mesh ") || !strings.Contains(st, "route-reflector") {
+		t.Errorf("want only the route-reflector peer:\n%s", st)
+	}
+	ctrs := map[string]*lab.Container{}
+	for _, h := range hosts {
+		ctrs[h.Name] = f.container(h, "c1", 2)
+	}
+	f.eventually(5*time.Second, "host1 container reaches host3 container via reflected route", func() error {
+		return ping(ctrs["host1"], ctrs["host3"].Addr)
+	})
+}

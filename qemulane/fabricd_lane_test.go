@@ -2,24 +2,60 @@ package qemulane
 
 import (
 	"context"
+	"fmt"
 	"go/parser"
 	"go/token"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 )
 
-// etcd for the VM: Debian's etcd-server 3.4 needs only the C library.
 const (
-	hostEtcd   = "/usr/bin/etcd"
-	hostLibc   = "/lib/x86_64-linux-gnu/libc.so.6"
-	hostLdso   = "/lib64/ld-linux-x86-64.so.2"
 	probePkg   = "github.com/fabricnet/fabric/probe"
 	laneMemory = 1024
+	xtablesDir = "/usr/lib/x86_64-linux-gnu/xtables"
 )
+
+// fabricdModules: the data planes (ipip, vxlan), the lab (veth, bridge) and
+// what fabricd's NAT and policy need from iptables-legacy and ipset. The VM
+// has no modprobe that could load them on demand. crc32c_generic first:
+// libcrc32c (under nf_conntrack) needs it through a softdep, which
+// ResolveModules does not follow.
+var fabricdModules = append(slices.Clone(laneModules), "crc32c_generic",
+	"iptable_filter", "iptable_nat", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
+	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter")
+
+// fabricdHostTools are the programs of this machine fabricd or the lane
+// run in the VM, copied with their shared libraries: Debian's etcd 3.4,
+// iptables (legacy backend: no nft_compat needed), ipset and iproute2's ip
+// (at /bin/ip, ahead of busybox's: fabricd's NAT asks it for JSON).
+var fabricdHostTools = map[string]string{
+	"/usr/bin/etcd":                  "",
+	"/usr/sbin/xtables-legacy-multi": "",
+	"/usr/sbin/ipset":                "",
+	"/usr/sbin/ip":                   "/bin/ip",
+}
+
+func addFabricdHostTools(img *Image) error {
+	for host, image := range fabricdHostTools {
+		if err := img.AddHostBinary(host, image); err != nil {
+			return fmt.Errorf("%w (the fabricd lane needs etcd-server, iptables, ipset and iproute2 installed)", err)
+		}
+	}
+	if err := img.AddHostDir(xtablesDir); err != nil {
+		return fmt.Errorf("iptables extensions: %w", err)
+	}
+	img.Symlinks = map[string]string{}
+	for _, name := range []string{"iptables", "iptables-save", "iptables-restore",
+		"iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
+		img.Symlinks["/usr/sbin/"+name] = "xtables-legacy-multi"
+	}
+	return nil
+}
 
 // autoFallbackWired reports whether fabricd's auto mode has the per-peer
 // probe that moves a peer to vxlan when IP protocol 4 stops passing: the
@@ -60,11 +96,6 @@ func TestFabricdIPIPLane(t *testing.T) {
 	if err := Available(); err != nil {
 		t.Skipf("kernel-IPIP lane needs qemu, a stock kernel and busybox-static: %v", err)
 	}
-	for _, f := range []string{hostEtcd, hostLibc, hostLdso} {
-		if _, err := os.Stat(f); err != nil {
-			t.Fatalf("%s: %v (the fabricd lane runs Debian's etcd in the VM: apt-get install -y etcd-server)", f, err)
-		}
-	}
 	kernel, _, err := FindKernel()
 	if err != nil {
 		t.Fatal(err)
@@ -93,15 +124,16 @@ func TestFabricdIPIPLane(t *testing.T) {
 		bins["/bin/"+filepath.Base(pkg)] = out
 	}
 	buildTime := time.Since(start)
-	bins["/usr/bin/etcd"] = hostEtcd
-	bins["/lib/x86_64-linux-gnu/libc.so.6"] = hostLibc
-	bins["/lib64/ld-linux-x86-64.so.2"] = hostLdso
-	initrd, err := Build(dir, Image{
+	img := Image{
 		Kernel:   kernel,
-		Modules:  laneModules,
+		Modules:  fabricdModules,
 		Binaries: bins,
 		Init:     "/bin/fabriclane -prefix fl -phases " + phases + extra + "\n",
-	})
+	}
+	if err := addFabricdHostTools(&img); err != nil {
+		t.Fatal(err)
+	}
+	initrd, err := Build(dir, img)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -68,6 +68,8 @@ type Image struct {
 	// Files maps a path in the image to its content. Content starting with
 	// "#!" is made executable.
 	Files map[string][]byte
+	// Symlinks maps a path in the image to the link's target.
+	Symlinks map[string]string
 	// Init is a shell script run by /init once busybox is installed, modules
 	// are loaded and /proc, /sys, /dev, /run, /tmp and /var/run/netns exist.
 	// It should print a verdict line; /init powers the VM off afterwards.
@@ -248,6 +250,11 @@ func Build(dir string, img Image) (initrdPath string, err error) {
 			return "", err
 		}
 	}
+	for imagePath, target := range img.Symlinks {
+		if err := a.addSymlink(strings.TrimPrefix(imagePath, "/"), target); err != nil {
+			return "", err
+		}
+	}
 	for imagePath, data := range img.Files {
 		perm := uint32(0o644)
 		if bytes.HasPrefix(data, []byte("#!")) {
@@ -283,6 +290,101 @@ func Build(dir string, img Image) (initrdPath string, err error) {
 		return "", fmt.Errorf("write %s: %w", initrdPath, werr)
 	}
 	return initrdPath, nil
+}
+
+// libDirs is where AddHostBinary looks for shared libraries (Debian amd64).
+var libDirs = []string{"/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib", "/lib"}
+
+// AddHostBinary adds a dynamically (or statically) linked program or shared
+// object of this machine to the image at imagePath (empty: the same path),
+// with its ELF interpreter and every shared library it needs, transitively,
+// at their host paths. Symlinks in hostPath are followed.
+func (img *Image) AddHostBinary(hostPath, imagePath string) error {
+	if imagePath == "" {
+		imagePath = hostPath
+	}
+	if img.Binaries == nil {
+		img.Binaries = map[string]string{}
+	}
+	real, err := filepath.EvalSymlinks(hostPath)
+	if err != nil {
+		return err
+	}
+	img.Binaries[imagePath] = real
+	return img.addLibraries(real, map[string]bool{})
+}
+
+func (img *Image) addLibraries(path string, seen map[string]bool) error {
+	f, err := elf.Open(path)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type != elf.PT_INTERP {
+			continue
+		}
+		data, err := io.ReadAll(p.Open())
+		if err != nil {
+			return fmt.Errorf("%s: interpreter: %w", path, err)
+		}
+		interp := strings.TrimRight(string(data), "\x00")
+		if _, ok := img.Binaries[interp]; !ok {
+			real, err := filepath.EvalSymlinks(interp)
+			if err != nil {
+				return fmt.Errorf("%s: interpreter %s: %w", path, interp, err)
+			}
+			img.Binaries[interp] = real
+		}
+	}
+	needed, err := f.ImportedLibraries()
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	for _, lib := range needed {
+		if seen[lib] {
+			continue
+		}
+		seen[lib] = true
+		found := ""
+		for _, dir := range libDirs {
+			if _, err := os.Stat(filepath.Join(dir, lib)); err == nil {
+				found = filepath.Join(dir, lib)
+				break
+			}
+		}
+		if found == "" {
+			return fmt.Errorf("%s needs %s, not found in %v", path, lib, libDirs)
+		}
+		real, err := filepath.EvalSymlinks(found)
+		if err != nil {
+			return err
+		}
+		img.Binaries[found] = real
+		if err := img.addLibraries(real, seen); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// AddHostDir adds every regular file in hostDir (not recursive) with
+// AddHostBinary: e.g. the xtables extensions iptables loads at run time.
+func (img *Image) AddHostDir(hostDir string) error {
+	entries, err := os.ReadDir(hostDir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		p := filepath.Join(hostDir, e.Name())
+		if fi, err := os.Stat(p); err != nil || !fi.Mode().IsRegular() {
+			continue
+		}
+		if err := img.AddHostBinary(p, ""); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Module is a kernel module file resolved from modules.dep.

@@ -1,0 +1,86 @@
+package e2e
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/lab"
+)
+
+// TestThreeMemberEtcdOneDown: with one of three etcd members stopped, agents
+// still start, lease distinct subnets and route to each other.
+func TestThreeMemberEtcdOneDown(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2, EtcdMembers: 3})
+	if err := f.lab.StopEtcdMember(0); err != nil {
+		t.Fatal(err)
+	}
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h)
+	}
+	if a, b := f.subnet(hosts[0]), f.subnet(hosts[1]); a == b {
+		t.Fatalf("both hosts got %s", a)
+	}
+	for _, h := range hosts {
+		f.eventually(20*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
+	}
+	out, err := f.fabricctl(hosts[0], "ipam", "show")
+	if err != nil {
+		t.Fatalf("ipam show with a member down: %v\n%s", err, out)
+	}
+	t.Logf("ipam show with etcd member 0 stopped:\n%s", out)
+}
+
+// TestEtcdAwayKeepsDataPlane: when etcd goes away entirely, agents keep their
+// routes and containers keep talking; when it returns, a new host is seen.
+func TestEtcdAwayKeepsDataPlane(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2}, "--resync", "1s")
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h)
+	}
+	for _, h := range hosts {
+		f.eventually(20*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
+	}
+	c1, c2 := f.container(hosts[0], "c1", 2), f.container(hosts[1], "c1", 2)
+	if err := f.lab.StopEtcdMember(0); err != nil {
+		t.Fatal(err)
+	}
+	// Longer than the node TTL (10 s): the records would have expired if
+	// etcd were judging liveness, but etcd is gone and the agents keep going.
+	deadline := time.Now().Add(12 * time.Second)
+	for time.Now().Before(deadline) {
+		if err := ping(c1, c2.Addr); err != nil {
+			t.Fatalf("container traffic broke while etcd was away: %v", err)
+		}
+		time.Sleep(time.Second)
+	}
+	st, err := f.status(hosts[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.EtcdHealthy {
+		t.Errorf("status says etcd is reachable while it is stopped")
+	}
+	if err := f.lab.StartEtcdMember(0); err != nil {
+		t.Fatal(err)
+	}
+	h3, err := f.lab.AddHost(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.start(h3)
+	s3 := f.subnet(h3)
+	f.eventually(20*time.Second, "host1 learns the host that joined after etcd came back", func() error {
+		if _, ok := f.ownedRoutes(hosts[0])[s3.String()]; !ok {
+			return fmt.Errorf("no route to %s", s3)
+		}
+		return nil
+	})
+	out, _ := f.fabricctl(hosts[0], "status")
+	if !strings.Contains(out, "reachable") {
+		t.Errorf("status after etcd returned:\n%s", out)
+	}
+}
