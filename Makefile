@@ -27,7 +27,7 @@ test: deps-test build
 demo: deps-demo build
 	./$(BIN)/fabriclab demo --bin $(CURDIR)/$(BIN)
 
-bench: deps-test build
+bench: deps-demo build
 	FABRIC_BIN=$(CURDIR)/$(BIN) $(GO) run ./bench
 
 clean:

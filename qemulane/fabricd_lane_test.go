@@ -148,7 +148,7 @@ func TestFabricdIPIPLane(t *testing.T) {
 	t.Logf("VM ran %s (kernel uptime at /init: %s)", res.Duration.Round(time.Millisecond), res.BootToInit)
 	evidence := []string{"QEMULANE-INIT:", "PHASE", "ETCD ", "FABRICD ", "STATUS ", "HOST ", "BRIDGE ", "MEM ",
 		"CONTAINER ", "PEERS ", "ROUTE ", "PING ", "TCP ", "UNDERLAY ", "FABRICCTL ", "RULE ", "FALLBACK ",
-		"RESTORED ", "CLEANUP ", "FAILED ", "LOG ", "WORKAROUND "}
+		"RESTORED ", "CLEANUP ", "SOURCE ", "NAT ", "FAILED ", "LOG ", "WORKAROUND "}
 	for _, line := range res.Lines("") {
 		for _, prefix := range evidence {
 			if strings.HasPrefix(line, prefix) {
@@ -191,6 +191,9 @@ func TestFabricdIPIPLane(t *testing.T) {
 			{"FABRICCTL", "host1 peers status |", 3},
 			{"FABRICCTL", "host1 routes |", 3},
 			{"CLEANUP", "fabricd --cleanup removed", 3},
+			{"CLEANUP", "no FABRIC-* chain", 3},
+			{"SOURCE", "container addresses kept", 3},
+			{"NAT", "masquerades", 3},
 		} {
 			if got := count(c.kind, "ipip", c.contains); got < c.want {
 				t.Errorf("want %d %s lines containing %q in phase ipip, got %d", c.want, c.kind, c.contains, got)

@@ -151,7 +151,11 @@ func policyCmd(g *globals) *cobra.Command {
 			for i, r := range doc.Rules {
 				names[i] = r.Name
 			}
-			fmt.Printf("applied %d rule(s): %s", len(doc.Rules), strings.Join(names, ", "))
+			if len(names) > 0 {
+				fmt.Printf("applied %d rule(s): %s", len(names), strings.Join(names, ", "))
+			} else {
+				fmt.Print("applied no rules")
+			}
 			if doc.DefaultAction != "" {
 				fmt.Printf("; default action %s", doc.DefaultAction)
 			}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -118,11 +119,16 @@ func demo(binDir string, nHosts int, encap string, keep bool) error {
 	fmt.Print(out)
 
 	step("one container per host, on the bridge fabricd created")
+	withDocker := lab.DockerMissing() == ""
 	var ctrs []*lab.Container
 	for _, h := range l.Hosts() {
 		s := statuses[h.Name]
 		sub := netip.MustParsePrefix(s.Subnet)
 		addr := sub.Addr().Next().Next()
+		if withDocker {
+			// dockerd joins this bridge later and hands out .2 upward.
+			addr = netip.AddrFrom4([4]byte{sub.Addr().As4()[0], sub.Addr().As4()[1], sub.Addr().As4()[2], 254})
+		}
 		c, err := l.AddContainer(ctx, h, "c1", netip.PrefixFrom(addr, sub.Bits()), netip.MustParseAddr(s.Gateway), s.Bridge, s.MTU)
 		if err != nil {
 			return err
@@ -159,6 +165,11 @@ func demo(binDir string, nHosts int, encap string, keep bool) error {
 	}
 	if failed > 0 {
 		return fmt.Errorf("%d container pairs could not reach each other; fabricd logs are in %s", failed, l.LogDir())
+	}
+	if reason := lab.DockerMissing(); !withDocker {
+		step("skipping the dockerd part: %s", reason)
+	} else if err := d.dockerDemo(ctx, statuses); err != nil {
+		return err
 	}
 	if keep {
 		step("lab is running; Ctrl-C to tear it down. Try: nsenter --net=/var/run/netns/%s %s/fabricctl --run-dir %s peers status", h1.Netns, binDir, d.runDir(h1))
@@ -222,4 +233,104 @@ func (d *demoLab) waitMesh(ctx context.Context) error {
 		}
 		time.Sleep(300 * time.Millisecond)
 	}
+}
+
+// dockerDemo starts a real dockerd on every host with the options fabricd
+// wrote, runs a busybox container on each with `docker run`, and pings
+// across hosts with `docker exec`. Lab.Close stops the daemons and removes
+// their containers, directories and cgroups.
+func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.Status) error {
+	hosts := d.lab.Hosts()
+	step("a real dockerd on every host, started with the options fabricd wrote (docker.io %s)", lab.DockerdPath)
+	type dockerCtr struct {
+		host *lab.Host
+		d    *lab.Dockerd
+		ip   string
+	}
+	var ctrs []dockerCtr
+	for _, h := range hosts {
+		out, err := d.ctl(ctx, h, "docker-opts", "--file", d.runDir(h)+"/docker.env")
+		if err != nil {
+			return err
+		}
+		var opts []string
+		for _, line := range strings.Split(out, "\n") {
+			if v, ok := strings.CutPrefix(line, "DOCKER_OPTS="); ok {
+				opts = strings.Fields(strings.Trim(v, `"`))
+			}
+		}
+		if len(opts) == 0 {
+			return fmt.Errorf("no DOCKER_OPTS in fabricctl docker-opts on %s:\n%s", h.Name, out)
+		}
+		sctx, cancel := context.WithTimeout(ctx, 40*time.Second)
+		dd, err := h.StartDockerd(sctx, lab.DockerdOptions{ExtraArgs: opts})
+		cancel()
+		if err != nil {
+			return err
+		}
+		fmt.Printf("  %s: dockerd %s (socket %s)\n", h.Name, strings.Join(opts, " "), dd.Socket)
+		ctrs = append(ctrs, dockerCtr{host: h, d: dd})
+	}
+
+	step("docker import of a busybox image, then `docker run -d` one container per host")
+	for i := range ctrs {
+		c := &ctrs[i]
+		rctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		img, err := d.lab.BusyboxImage(rctx, c.d, nil)
+		if err == nil {
+			_, err = c.d.Docker(rctx, "run", "-d", "--name", "demo", img, "sleep", "3600")
+		}
+		if err == nil {
+			c.ip, err = c.d.Docker(rctx, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", "demo")
+		}
+		mtu, _ := c.d.Docker(rctx, "exec", "demo", "cat", "/sys/class/net/eth0/mtu")
+		cancel()
+		if err != nil {
+			return fmt.Errorf("docker on %s: %w", c.host.Name, err)
+		}
+		s := statuses[c.host.Name]
+		fmt.Printf("  %s: docker container %s in %s (MTU %s, gateway %s on %s)\n", c.host.Name, c.ip, s.Subnet, mtu, s.Gateway, s.Bridge)
+	}
+
+	step("docker containers on different hosts reach each other (docker exec ping)")
+	failed := 0
+	for _, a := range ctrs {
+		for _, b := range ctrs {
+			if a.host == b.host {
+				continue
+			}
+			var err error
+			for try := 0; try < 3; try++ {
+				pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err = a.d.Docker(pctx, "exec", "demo", "ping", "-c", "1", "-W", "2", b.ip)
+				cancel()
+				if err == nil {
+					break
+				}
+			}
+			verdict := "ok"
+			if err != nil {
+				verdict = "FAILED"
+				failed++
+			}
+			fmt.Printf("  docker exec demo ping %s   (%s@%s -> %s@%s): %s\n", b.ip, a.ip, a.host.Name, b.ip, b.host.Name, verdict)
+		}
+	}
+	// One full-size packet: the container MTU fits the VXLAN overhead.
+	if len(ctrs) > 1 {
+		mtu := statuses[ctrs[0].host.Name].MTU
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := ctrs[0].d.Docker(pctx, "exec", "demo", "ping", "-c", "1", "-W", "2", "-s", strconv.Itoa(mtu-28), ctrs[1].ip)
+		cancel()
+		verdict := "ok"
+		if err != nil {
+			verdict = "FAILED"
+			failed++
+		}
+		fmt.Printf("  full-size ping (%d-byte IP packets, the container MTU) %s -> %s: %s\n", mtu, ctrs[0].host.Name, ctrs[1].host.Name, verdict)
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d docker container pings failed; logs in %s", failed, d.lab.LogDir())
+	}
+	return nil
 }

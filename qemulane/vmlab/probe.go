@@ -27,8 +27,10 @@ func (l *Lab) Ping(ns string, dst net.IP, wait time.Duration) error {
 
 // EchoServer accepts TCP connections in a namespace and echoes each one back.
 type EchoServer struct {
-	ln net.Listener
-	wg sync.WaitGroup
+	ln      net.Listener
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	clients map[string]int // client IP -> connections accepted
 }
 
 // StartEchoServer listens on addr ("ip:port") inside ns.
@@ -42,7 +44,7 @@ func (l *Lab) StartEchoServer(ns, addr string) (*EchoServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: listen %s: %w", l.FullName(ns), addr, err)
 	}
-	s := &EchoServer{ln: ln}
+	s := &EchoServer{ln: ln, clients: map[string]int{}}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -50,6 +52,11 @@ func (l *Lab) StartEchoServer(ns, addr string) (*EchoServer, error) {
 			c, err := ln.Accept()
 			if err != nil {
 				return
+			}
+			if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+				s.mu.Lock()
+				s.clients[ta.IP.String()]++
+				s.mu.Unlock()
 			}
 			go func() {
 				defer c.Close()
@@ -59,6 +66,14 @@ func (l *Lab) StartEchoServer(ns, addr string) (*EchoServer, error) {
 		}
 	}()
 	return s, nil
+}
+
+// Clients returns how many connections came from each client IP so far: the
+// source addresses as they arrived, after any NAT on the way.
+func (s *EchoServer) Clients() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.clients)
 }
 
 // Close stops accepting connections.

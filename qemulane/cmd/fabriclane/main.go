@@ -116,6 +116,7 @@ type phase struct {
 	etcd    *proc
 	daemons map[string]*proc // host name -> fabricd
 	hosts   []*host
+	servers map[string]*vmlab.EchoServer // host name -> echo server in its container
 	payload []byte
 }
 
@@ -244,9 +245,9 @@ func (p *phase) body() error {
 		}
 		p.logf("CONTAINER", "%s %s on %s/%s mtu=%d gateway=%s", h.Name, cidr, h.Name, h.Bridge, h.MTU, h.Gateway)
 	}
-	servers := []*vmlab.EchoServer{}
+	p.servers = map[string]*vmlab.EchoServer{}
 	defer func() {
-		for _, s := range servers {
+		for _, s := range p.servers {
 			s.Close()
 		}
 	}()
@@ -255,7 +256,7 @@ func (p *phase) body() error {
 		if err != nil {
 			return err
 		}
-		servers = append(servers, s)
+		p.servers[h.Name] = s
 	}
 
 	p.step("converge")
@@ -271,7 +272,9 @@ func (p *phase) body() error {
 	if err := p.trafficWithEvidence("mesh", []string{"host1", "host3"}, p.checkIPIPOnly); err != nil {
 		return err
 	}
+	p.checkSources()
 	p.printFabricctl("host1")
+	p.checkNATRules()
 
 	if encap == "auto" {
 		if err := p.blockAndRestore(); err != nil {
@@ -282,6 +285,7 @@ func (p *phase) body() error {
 	p.step("cleanup")
 	p.stopDaemons()
 	p.checkCleanup()
+	p.checkNATRulesGone()
 	p.step("done")
 	return nil
 }
@@ -313,6 +317,7 @@ func (p *phase) blockAndRestore() error {
 	if err := p.trafficWithEvidence("blocked", []string{"host1", "host3"}, p.checkFallbackWire); err != nil {
 		return err
 	}
+	p.checkSources()
 	p.printFabricctl("host1")
 	p.printFabricctl("host3")
 
@@ -494,6 +499,11 @@ func (p *phase) stopAll() {
 func (p *phase) dumpLogs() {
 	for _, name := range sortedKeys(p.daemons) {
 		pr := p.daemons[name]
+		if data, err := os.ReadFile(pr.log); err == nil && bytes.Contains(data, []byte("probe ipip support by creating")) &&
+			bytes.Contains(data, []byte("file exists")) {
+			fmt.Printf("LOG %s %s | HINT: ipip.Supported creates an ipip device without local/remote, which the kernel "+
+				"refuses with EEXIST because the ipip module's fallback device tunl0 has exactly those parameters\n", p.name, name)
+		}
 		if pr.exited() {
 			fmt.Printf("LOG %s fabricd %s exited: %v\n", p.name, name, pr.err)
 		}
@@ -836,6 +846,80 @@ func (p *phase) pingWithRetry(a, b *host) error {
 		}
 	}
 	return err
+}
+
+// checkSources: every container's echo server saw the other containers'
+// own addresses, i.e. nothing on the way (fabricd's NAT rules, a stray
+// MASQUERADE) rewrote container-to-container traffic.
+func (p *phase) checkSources() {
+	for _, b := range p.hosts {
+		clients := p.servers[b.Name].Clients()
+		var seen []string
+		for _, a := range p.hosts {
+			if a == b {
+				continue
+			}
+			if clients[a.Container.String()] == 0 {
+				p.failf("SOURCE %s: no connection from %s's container address %s (saw %v)", b.Name, a.Name, a.Container, clients)
+				continue
+			}
+			seen = append(seen, fmt.Sprintf("%s=%s", a.Name, a.Container))
+		}
+		for ip := range clients {
+			if ip2 := net.ParseIP(ip); !slices.ContainsFunc(p.hosts, func(h *host) bool { return h.Container.Equal(ip2) }) {
+				p.failf("SOURCE %s: connection from %s, not a container address", b.Name, ip)
+			}
+		}
+		p.logf("SOURCE", "%s's container saw clients %s: container addresses kept end to end", b.Name, strings.Join(seen, " "))
+	}
+}
+
+// checkNATRules reads the rules fabricd's NAT wrote (iptables-legacy in
+// the VM): containers keep their addresses inside the pool, MASQUERADE
+// only for traffic leaving it.
+func (p *phase) checkNATRules() {
+	for _, h := range p.hosts {
+		out, err := p.lab.Exec(h.Name, "iptables-save", "-t", "nat")
+		if err != nil {
+			p.failf("NAT %s: %v", h.Name, err)
+			continue
+		}
+		var keep, masq bool
+		for _, line := range strings.Split(string(out), "\n") {
+			if !strings.HasPrefix(line, "-A FABRIC-POSTROUTING ") {
+				continue
+			}
+			keep = keep || strings.Contains(line, "-s "+poolCIDR+" -d "+poolCIDR) && strings.HasSuffix(line, "-j ACCEPT")
+			masq = masq || strings.Contains(line, "-s "+h.PodNet.String()+" ! -d "+poolCIDR) && strings.HasSuffix(line, "-j MASQUERADE")
+		}
+		if !keep || !masq {
+			p.failf("NAT %s: FABRIC-POSTROUTING lacks the pool ACCEPT (%v) or the MASQUERADE of %s (%v):\n%s", h.Name, keep, h.PodNet, masq, out)
+			continue
+		}
+		p.logf("NAT", "%s: FABRIC-POSTROUTING accepts %s->%s and masquerades %s leaving the pool", h.Name, poolCIDR, poolCIDR, h.PodNet)
+	}
+}
+
+// checkNATRulesGone: fabricd --cleanup also removed every FABRIC-* chain.
+func (p *phase) checkNATRulesGone() {
+	for _, h := range p.hosts {
+		out, err := p.lab.Exec(h.Name, "iptables-save")
+		if err != nil {
+			p.failf("NAT %s: %v", h.Name, err)
+			continue
+		}
+		var left []string
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.Contains(line, "FABRIC-") {
+				left = append(left, line)
+			}
+		}
+		if len(left) > 0 {
+			p.failf("CLEANUP %s: iptables still has %v", h.Name, left)
+		} else {
+			p.logf("CLEANUP", "%s: no FABRIC-* chain or rule left in iptables", h.Name)
+		}
+	}
 }
 
 // ---- cleanup ----

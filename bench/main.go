@@ -1,0 +1,312 @@
+// Command bench measures fabric's data plane and its route programming on
+// this machine, each against a baseline measured in the same run:
+//
+//   - throughput container to container across two hosts over fabricd's
+//     VXLAN, against a hand-built kernel VXLAN (the same recipe, set up with
+//     ip and bridge commands) and the underlay itself;
+//   - programming 1000 peers (route + neighbour + FDB entry each) with the
+//     dataplane package, against `ip -batch` and `bridge -batch` doing the
+//     same, plus the cost of a no-change re-apply (drift repair);
+//   - fabricd's memory (RSS) with a full mesh.
+//
+// Run it with `make bench` (root). Results are tables with ratios; nothing
+// here asserts a timing.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/fabricnet/fabric/dataplane"
+	"github.com/fabricnet/fabric/lab"
+	"github.com/fabricnet/fabric/localapi"
+	"github.com/fabricnet/fabric/vxlanfallback"
+)
+
+func main() {
+	binDir := os.Getenv("FABRIC_BIN")
+	if binDir == "" {
+		binDir = "bin"
+	}
+	binDir, _ = filepath.Abs(binDir)
+	lab.CloseOnInterrupt()
+	if err := run(binDir); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(binDir string) error {
+	ctx := context.Background()
+	l, err := lab.New(ctx, lab.Spec{Hosts: 5, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	hosts := l.Hosts()
+
+	fmt.Println("## Throughput, container to container across two hosts (iperf3, 4 s, one stream)")
+	fabricBps, fabricdRSS, err := fabricThroughput(ctx, l, binDir, hosts[0], hosts[1])
+	if err != nil {
+		return fmt.Errorf("fabric throughput: %w", err)
+	}
+	handBps, err := handBuiltThroughput(ctx, l, hosts[2], hosts[3])
+	if err != nil {
+		return fmt.Errorf("hand-built vxlan: %w", err)
+	}
+	underBps, err := iperf(ctx, hostEndpoint{hosts[2]}, hostEndpoint{hosts[3]}, hosts[3].Addr)
+	if err != nil {
+		return fmt.Errorf("underlay: %w", err)
+	}
+	fmt.Printf("| path | Gbit/s | vs hand-built VXLAN |\n|---|---|---|\n")
+	for _, r := range []struct {
+		name string
+		bps  float64
+	}{
+		{"underlay, host to host", underBps},
+		{"hand-built kernel VXLAN (baseline)", handBps},
+		{"fabricd VXLAN", fabricBps},
+	} {
+		fmt.Printf("| %s | %.2f | %.2f |\n", r.name, r.bps/1e9, r.bps/handBps)
+	}
+
+	fmt.Println("\n## Programming 1000 peers (route + neighbour + FDB each) in a host namespace")
+	rows, err := programPeers(ctx, hosts[4], 1000)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("| method | time | vs ip/bridge -batch |\n|---|---|---|\n")
+	base := rows[0].d
+	for _, r := range rows {
+		fmt.Printf("| %s | %s | %.2f |\n", r.name, r.d.Round(100*time.Microsecond), float64(r.d)/float64(base))
+	}
+
+	fmt.Println("\n## Memory")
+	fmt.Printf("| process | RSS |\n|---|---|\n| fabricd with one mesh peer, after the throughput run | %.1f MiB |\n", float64(fabricdRSS)/(1<<20))
+	return nil
+}
+
+// endpoint is where iperf3 runs: a host or a container namespace.
+type endpoint interface {
+	Start(label string, args ...string) (*lab.Process, error)
+	Run(ctx context.Context, name string, args ...string) (string, error)
+}
+
+type hostEndpoint struct{ *lab.Host }
+
+func iperf(ctx context.Context, server, client endpoint, addr netip.Addr) (float64, error) {
+	p, err := server.Start("iperf3", "iperf3", "-s", "-1", "-B", addr.String())
+	if err != nil {
+		return 0, err
+	}
+	defer p.Stop()
+	var out string
+	for i := 0; i < 50; i++ {
+		time.Sleep(100 * time.Millisecond)
+		c, cancel := context.WithTimeout(ctx, 20*time.Second)
+		out, err = client.Run(c, "iperf3", "-c", addr.String(), "-t", "4", "-J")
+		cancel()
+		if err == nil {
+			break
+		}
+	}
+	if err != nil {
+		return 0, fmt.Errorf("iperf3 -c %s: %w", addr, err)
+	}
+	var res struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		return 0, fmt.Errorf("iperf3 output: %w", err)
+	}
+	return res.End.SumReceived.BitsPerSecond, nil
+}
+
+func fabricThroughput(ctx context.Context, l *lab.Lab, binDir string, a, b *lab.Host) (float64, int64, error) {
+	var procs []*lab.Process
+	for _, h := range []*lab.Host{a, b} {
+		run := filepath.Join(l.LogDir(), h.Name+"-run")
+		p, err := h.Start("fabricd", filepath.Join(binDir, "fabricd"), "--node-name", h.Name, "--machine-id", l.Prefix()+h.Name,
+			"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","), "--pool", "10.244.0.0/16", "--run-dir", run,
+			"--docker-opts-file", run+"/docker.env", "--underlay-interface", h.Dev, "--log-level", "warn")
+		if err != nil {
+			return 0, 0, err
+		}
+		procs = append(procs, p)
+	}
+	var ctrs []*lab.Container
+	for _, h := range []*lab.Host{a, b} {
+		cli := localapi.NewClient(filepath.Join(l.LogDir(), h.Name+"-run", "fabricd.sock"))
+		var st localapi.Status
+		var err error
+		for i := 0; i < 100; i++ {
+			if st, err = cli.Status(ctx); err == nil {
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		if err != nil {
+			return 0, 0, err
+		}
+		sub := netip.MustParsePrefix(st.Subnet)
+		c, err := l.AddContainer(ctx, h, "ip", netip.PrefixFrom(sub.Addr().Next().Next(), sub.Bits()), netip.MustParseAddr(st.Gateway), st.Bridge, st.MTU)
+		if err != nil {
+			return 0, 0, err
+		}
+		ctrs = append(ctrs, c)
+	}
+	for i := 0; i < 100; i++ {
+		if err := ctrs[0].Ping(ctx, ctrs[1].Addr, time.Second); err == nil {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	bps, err := iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr)
+	return bps, rss(procs[0].Pid()), err
+}
+
+func rss(pid int) int64 {
+	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// handBuiltThroughput sets up flannel's and Calico's VXLAN recipe by hand
+// between a and b: the reference for what the kernel can do.
+func handBuiltThroughput(ctx context.Context, l *lab.Lab, a, b *lab.Host) (float64, error) {
+	type side struct {
+		h      *lab.Host
+		subnet netip.Prefix
+		mac    string
+	}
+	sides := []side{{a, netip.MustParsePrefix("10.250.1.0/24"), "0e:00:00:00:01:01"}, {b, netip.MustParsePrefix("10.250.2.0/24"), "0e:00:00:00:02:02"}}
+	var ctrs []*lab.Container
+	for i, s := range sides {
+		o := sides[1-i]
+		gw := s.subnet.Addr().Next()
+		if err := s.h.EnsureBridge(ctx, "br0", netip.PrefixFrom(gw, 24), 1450); err != nil {
+			return 0, err
+		}
+		for _, args := range [][]string{
+			{"ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "local", s.h.Addr.String(), "dev", s.h.Dev, "dstport", "4789", "nolearning"},
+			{"ip", "link", "set", "vx0", "mtu", "1450", "address", s.mac, "up"},
+			{"ip", "addr", "add", s.subnet.Addr().String() + "/32", "dev", "vx0"},
+			{"ip", "neigh", "add", o.subnet.Addr().String(), "lladdr", o.mac, "dev", "vx0", "nud", "permanent"},
+			{"bridge", "fdb", "add", o.mac, "dev", "vx0", "dst", o.h.Addr.String()},
+			{"ip", "route", "add", o.subnet.String(), "via", o.subnet.Addr().String(), "dev", "vx0", "onlink"},
+		} {
+			if out, err := s.h.Run(ctx, args[0], args[1:]...); err != nil {
+				return 0, fmt.Errorf("%v: %w %s", args, err, out)
+			}
+		}
+		c, err := l.AddContainer(ctx, s.h, "hb", netip.PrefixFrom(gw.Next(), 24), gw, "br0", 1450)
+		if err != nil {
+			return 0, err
+		}
+		ctrs = append(ctrs, c)
+	}
+	return iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr)
+}
+
+type timing struct {
+	name string
+	d    time.Duration
+}
+
+// programPeers times installing n peers' routes, neighbours and FDB entries.
+func programPeers(ctx context.Context, h *lab.Host, n int) ([]timing, error) {
+	peers := make([]dataplane.RemoteRoute, n)
+	var ipBatch, fdbBatch strings.Builder
+	for i := range n {
+		sub := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100 + byte(i/256), byte(i % 256), 0}), 24)
+		addr := netip.AddrFrom4([4]byte{172, 31, byte(i / 256), byte(i%256) + 1})
+		mac := net.HardwareAddr{0x0e, 0xfa, 172, 31, byte(i / 256), byte(i%256) + 1}
+		peers[i] = dataplane.RemoteRoute{Prefix: sub, NextHop: addr, PeerName: fmt.Sprintf("peer%d", i),
+			Peer: &dataplane.PeerInfo{Name: fmt.Sprintf("peer%d", i), Address: addr, VTEPMAC: mac, Encaps: []string{"vxlan"}, Subnet: sub}}
+		fmt.Fprintf(&ipBatch, "neigh replace %s lladdr %s dev bvx nud permanent\nroute replace %s via %s dev bvx onlink proto 94\n", sub.Addr(), mac, sub, sub.Addr())
+		fmt.Fprintf(&fdbBatch, "fdb append %s dev bvx dst %s\n", mac, addr)
+	}
+	dir, err := os.MkdirTemp("", "fabric-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	os.WriteFile(filepath.Join(dir, "ip.batch"), []byte(ipBatch.String()), 0o644)
+	os.WriteFile(filepath.Join(dir, "fdb.batch"), []byte(fdbBatch.String()), 0o644)
+
+	// Baseline: iproute2's batch mode on its own VXLAN device.
+	if out, err := h.Run(ctx, "ip", "link", "add", "bvx", "type", "vxlan", "id", "7", "local", h.Addr.String(), "dev", h.Dev, "dstport", "4790", "nolearning"); err != nil {
+		return nil, fmt.Errorf("%w: %s", err, out)
+	}
+	h.Run(ctx, "ip", "link", "set", "bvx", "up")
+	start := time.Now()
+	if out, err := h.Run(ctx, "ip", "-batch", filepath.Join(dir, "ip.batch")); err != nil {
+		return nil, fmt.Errorf("ip -batch: %w: %s", err, out)
+	}
+	if out, err := h.Run(ctx, "bridge", "-batch", filepath.Join(dir, "fdb.batch")); err != nil {
+		return nil, fmt.Errorf("bridge -batch: %w: %s", err, out)
+	}
+	batch := time.Since(start)
+	h.Run(ctx, "ip", "link", "del", "bvx")
+
+	ns, err := netns.GetFromName(h.Netns)
+	if err != nil {
+		return nil, err
+	}
+	defer ns.Close()
+	nh, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, err
+	}
+	defer nh.Close()
+	quiet := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+	vx, err := vxlanfallback.New(vxlanfallback.Config{Handle: nh, UnderlayAddr: h.Addr, UnderlayDev: h.Dev, Subnet: netip.MustParsePrefix("10.99.0.0/24"), Logger: quiet})
+	if err != nil {
+		return nil, err
+	}
+	dp, err := dataplane.New(dataplane.Config{Handle: nh, Mode: dataplane.ModeVXLAN, UnderlayDev: h.Dev, UnderlayAddr: h.Addr, VXLAN: vx, Logger: quiet})
+	if err != nil {
+		return nil, err
+	}
+	defer dataplane.Cleanup(nh, dataplane.DefaultProtocol)
+	start = time.Now()
+	if err := dp.Apply(ctx, peers); err != nil {
+		return nil, err
+	}
+	first := time.Since(start)
+	start = time.Now()
+	if err := dp.Apply(ctx, peers); err != nil {
+		return nil, err
+	}
+	again := time.Since(start)
+	owned, _ := dp.Owned()
+	if len(owned) != n {
+		return nil, fmt.Errorf("dataplane installed %d routes, want %d", len(owned), n)
+	}
+	return []timing{
+		{"ip -batch + bridge -batch (baseline)", batch},
+		{"dataplane.Apply, empty kernel", first},
+		{"dataplane.Apply, nothing changed (drift check)", again},
+	}, nil
+}
