@@ -59,8 +59,19 @@ Requires=fabricd.service
 [Service]
 EnvironmentFile=%s
 ExecStart=
-ExecStart=/usr/bin/dockerd -H fd:// --containerd=/run/containerd/containerd.sock $DOCKER_OPTS
-`, envFile)
+ExecStart=%s -H fd:// --containerd=/run/containerd/containerd.sock $DOCKER_OPTS
+`, envFile, dockerdPath())
+}
+
+// dockerdPath finds dockerd: Debian's docker.io installs /usr/sbin/dockerd,
+// docker-ce /usr/bin/dockerd.
+func dockerdPath() string {
+	for _, p := range []string{"/usr/bin/dockerd", "/usr/sbin/dockerd"} {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return "/usr/bin/dockerd"
 }
 
 // ParseEnv reads an env file written by WriteEnv back into Options.

@@ -97,6 +97,8 @@ type Lab struct {
 
 	mu         sync.Mutex
 	closed     bool
+	closeOnce  sync.Once
+	closeErr   error
 	namespaces []string // created namespaces, in creation order
 	hosts      []*Host
 	router     *Host
@@ -589,11 +591,14 @@ func (l *Lab) Underlay() string { return l.underlay }
 // takes their links with them) and temporary directories. It is idempotent
 // and copes with a half-built lab.
 func (l *Lab) Close() error {
+	// The first caller tears down; later callers (an interrupt handler and a
+	// test cleanup racing) wait for it instead of returning early.
+	l.closeOnce.Do(func() { l.closeErr = l.close() })
+	return l.closeErr
+}
+
+func (l *Lab) close() error {
 	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return nil
-	}
 	l.closed = true
 	procs := make([]*Process, 0, len(l.procs))
 	for p := range l.procs {

@@ -63,7 +63,10 @@ type Image struct {
 	// equivalent). Dependencies are added and everything is loaded in
 	// dependency order. Modules built into the kernel are skipped.
 	Modules []string
-	// Binaries maps a path in the image to the host path of a static binary.
+	// Binaries maps a path in the image to the host path of a static binary
+	// (or of a dynamic one, see AddHostBinary). /usr/local/sbin and
+	// /usr/local/bin come first on PATH, so a program there wins over the
+	// busybox applet of the same name (busybox --install overwrites /bin).
 	Binaries map[string]string
 	// Files maps a path in the image to its content. Content starting with
 	// "#!" is made executable.
@@ -81,7 +84,9 @@ type Image struct {
 // broken image.
 const initScript = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+# Programs in /usr/local come first: busybox --install replaces same-named
+# files in /bin (e.g. a real ip) with its applets.
+export PATH=/usr/local/sbin:/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
 fail() { echo "` + FailPrefix + ` $*"; sync; poweroff -f; }
 mount -t proc proc /proc || fail "mount /proc"
 mount -t sysfs sysfs /sys || fail "mount /sys"

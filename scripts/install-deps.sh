@@ -4,8 +4,8 @@
 set -euo pipefail
 want=(iproute2 iputils-ping util-linux iptables ipset etcd-server etcd-client bird2 tcpdump iperf3 procps)
 case "${1:-test}" in
-  test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils) ;;
-  demo) ;;
+  test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils docker.io) ;;
+  demo) want+=(docker.io busybox-static) ;;
 esac
 if [ "$(id -u)" != 0 ]; then
   echo "fabric's tests and demo build network namespaces: run them as root" >&2
@@ -21,7 +21,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian starts etcd as a service when it is installed; the lab runs its own.
-if command -v systemctl >/dev/null && systemctl is-active -q etcd 2>/dev/null; then
-  systemctl stop etcd || true
+# Debian starts etcd and docker as services when they are installed; the lab
+# runs its own, one per host namespace.
+if command -v systemctl >/dev/null; then
+  for unit in etcd docker.socket docker containerd; do
+    if systemctl is-active -q "$unit" 2>/dev/null; then systemctl stop "$unit" || true; fi
+  done
 fi
