@@ -66,7 +66,7 @@ func run(binDir string) error {
 	if err != nil {
 		return fmt.Errorf("hand-built vxlan: %w", err)
 	}
-	underBps, err := iperf(ctx, hostEndpoint{hosts[2]}, hostEndpoint{hosts[3]}, hosts[3].Addr)
+	underBps, err := iperf(ctx, hosts[3], hosts[2], hosts[3].Addr)
 	if err != nil {
 		return fmt.Errorf("underlay: %w", err)
 	}
@@ -104,8 +104,6 @@ type endpoint interface {
 	Run(ctx context.Context, name string, args ...string) (string, error)
 }
 
-type hostEndpoint struct{ *lab.Host }
-
 func iperf(ctx context.Context, server, client endpoint, addr netip.Addr) (float64, error) {
 	p, err := server.Start("iperf3", "iperf3", "-s", "-1", "-B", addr.String())
 	if err != nil {
@@ -134,6 +132,9 @@ func iperf(ctx context.Context, server, client endpoint, addr netip.Addr) (float
 	}
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		return 0, fmt.Errorf("iperf3 output: %w", err)
+	}
+	if res.End.SumReceived.BitsPerSecond == 0 {
+		return 0, fmt.Errorf("iperf3 to %s measured nothing: %s", addr, out)
 	}
 	return res.End.SumReceived.BitsPerSecond, nil
 }
