@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
@@ -67,6 +68,55 @@ func DeleteLink(h *netlink.Handle, name string) error {
 	}
 	if err := h.LinkDel(link); err != nil && !IsLinkNotFound(err) {
 		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}
+
+// EnsureLink makes the device want.Attrs().Name exist with want's
+// attributes: an existing device that mismatch reports different is deleted
+// and created again (tunnel attributes cannot be changed in place); a new one
+// is created. It returns the link and whether it was created. kind names the
+// encapsulation in errors and logs.
+func EnsureLink(h *netlink.Handle, kind string, want netlink.Link, mismatch func(have netlink.Link) string, log *slog.Logger) (netlink.Link, bool, error) {
+	name := want.Attrs().Name
+	existing, err := h.LinkByName(name)
+	switch {
+	case err == nil:
+		why := mismatch(existing)
+		if why == "" {
+			return existing, false, nil
+		}
+		log.Info("recreating "+kind+" device with wrong attributes", "device", name, "reason", why)
+		if err := h.LinkDel(existing); err != nil {
+			return nil, false, fmt.Errorf("%s: delete mismatched device %s: %w", kind, name, err)
+		}
+	case !IsLinkNotFound(err):
+		return nil, false, fmt.Errorf("%s: look up device %s: %w", kind, name, err)
+	}
+	if err := h.LinkAdd(want); err != nil {
+		return nil, false, fmt.Errorf("%s: create device %s: %w", kind, name, err)
+	}
+	link, err := h.LinkByName(name)
+	if err != nil {
+		return nil, false, fmt.Errorf("%s: look up new device %s: %w", kind, name, err)
+	}
+	return link, true, nil
+}
+
+// FinishLink sets the MTU, the sole address addr/32 and the up flag of a
+// tunnel device, the steps every encapsulation shares after EnsureLink.
+func FinishLink(h *netlink.Handle, kind string, link netlink.Link, mtu int, addr netip.Addr) error {
+	name := link.Attrs().Name
+	if mtu > 0 && link.Attrs().MTU != mtu {
+		if err := h.LinkSetMTU(link, mtu); err != nil {
+			return fmt.Errorf("%s: set MTU %d on %s: %w", kind, mtu, name, err)
+		}
+	}
+	if err := SetSoleAddress(h, link, addr); err != nil {
+		return fmt.Errorf("%s: %w", kind, err)
+	}
+	if err := h.LinkSetUp(link); err != nil {
+		return fmt.Errorf("%s: set %s up: %w", kind, name, err)
 	}
 	return nil
 }

@@ -17,35 +17,15 @@ import (
 // router (eBGP, AS 65000): BIRD learns every host's subnet with the host as
 // next hop, and the aggregate BIRD originates is installed on the hosts.
 func TestBIRDTopOfRack(t *testing.T) {
-	if _, err := exec.LookPath("bird"); err != nil {
-		t.Skip("bird not installed (apt-get install bird2; make test installs it)")
-	}
 	f := newFabric(t, lab.Spec{Hosts: 3})
 	ctx := context.Background()
-	tor, err := f.lab.AddOutside(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(f.lab.LogDir(), "bird")
-	os.MkdirAll(dir, 0o755)
-	conf := fmt.Sprintf(`router id %s;
-log stderr all;
-protocol device {}
-protocol static { ipv4; route 10.250.0.0/16 blackhole; }
-template bgp host { local %s as 65000; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }
-`, tor.Addr, tor.Addr)
-	for _, h := range f.lab.Hosts() {
-		conf += fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }\n", h.Name, h.Addr)
-	}
-	confPath := filepath.Join(dir, "bird.conf")
-	sock := filepath.Join(dir, "bird.ctl")
-	os.WriteFile(confPath, []byte(conf), 0o644)
-	if _, err := tor.Start("bird", "bird", "-f", "-c", confPath, "-s", sock, "-P", filepath.Join(dir, "bird.pid")); err != nil {
-		t.Fatal(err)
-	}
-
-	peerFile := filepath.Join(dir, "fabricd.yaml")
-	os.WriteFile(peerFile, []byte(fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n", tor.Addr)), 0o644)
+	tor, sock := startBIRD(t, f, func(addr string) string {
+		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; }\n" +
+			"template bgp host { local " + addr + " as 65000; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
+	}, func(h *lab.Host) string {
+		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
+	})
+	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n", tor.Addr))
 	for _, h := range f.lab.Hosts() {
 		f.start(h, "--config", peerFile)
 	}
@@ -91,32 +71,13 @@ template bgp host { local %s as 65000; hold time 9; keepalive time 3; connect re
 // acting as an iBGP route reflector, and still learns every other host's
 // subnet with the originating host as next hop.
 func TestBIRDRouteReflector(t *testing.T) {
-	if _, err := exec.LookPath("bird"); err != nil {
-		t.Skip("bird not installed (apt-get install bird2; make test installs it)")
-	}
 	f := newFabric(t, lab.Spec{Hosts: 3})
-	ctx := context.Background()
-	rr, err := f.lab.AddOutside(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(f.lab.LogDir(), "bird")
-	os.MkdirAll(dir, 0o755)
-	conf := fmt.Sprintf(`router id %s;
-log stderr all;
-protocol device {}
-template bgp rrc { local %s as 64512; rr client; rr cluster id 1.1.1.1; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }
-`, rr.Addr, rr.Addr)
-	for _, h := range f.lab.Hosts() {
-		conf += fmt.Sprintf("protocol bgp %s from rrc { neighbor %s as 64512; }\n", h.Name, h.Addr)
-	}
-	confPath := filepath.Join(dir, "bird.conf")
-	os.WriteFile(confPath, []byte(conf), 0o644)
-	if _, err := rr.Start("bird", "bird", "-f", "-c", confPath, "-s", filepath.Join(dir, "bird.ctl"), "-P", filepath.Join(dir, "bird.pid")); err != nil {
-		t.Fatal(err)
-	}
-	peerFile := filepath.Join(dir, "fabricd.yaml")
-	os.WriteFile(peerFile, []byte(fmt.Sprintf("mesh: false\npeers:\n- name: rr\n  address: %s\n  asn: 64512\n  type: route-reflector\n", rr.Addr)), 0o644)
+	rr, _ := startBIRD(t, f, func(addr string) string {
+		return "template bgp rrc { local " + addr + " as 64512; rr client; rr cluster id 1.1.1.1; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
+	}, func(h *lab.Host) string {
+		return fmt.Sprintf("protocol bgp %s from rrc { neighbor %s as 64512; }", h.Name, h.Addr)
+	})
+	peerFile := peersFile(t, f, fmt.Sprintf("mesh: false\npeers:\n- name: rr\n  address: %s\n  asn: 64512\n  type: route-reflector\n", rr.Addr))
 	hosts := f.lab.Hosts()
 	for _, h := range hosts {
 		f.start(h, "--config", peerFile)
@@ -153,4 +114,42 @@ template bgp rrc { local %s as 64512; rr client; rr cluster id 1.1.1.1; hold tim
 	f.eventually(5*time.Second, "host1 container reaches host3 container via reflected route", func() error {
 		return ping(ctrs["host1"], ctrs["host3"].Addr)
 	})
+}
+
+// startBIRD runs BIRD 2 with conf (a protocol per host is appended by
+// perHost) in its own namespace on the underlay and returns that namespace
+// and the birdc socket.
+func startBIRD(t *testing.T, f *fabric, conf func(addr string) string, perHost func(h *lab.Host) string) (*lab.Host, string) {
+	t.Helper()
+	if _, err := exec.LookPath("bird"); err != nil {
+		t.Skip("bird not installed (apt-get install bird2; make test installs it)")
+	}
+	bird, err := f.lab.AddOutside(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(f.lab.LogDir(), "bird")
+	os.MkdirAll(dir, 0o755)
+	text := fmt.Sprintf("router id %s;\nlog stderr all;\nprotocol device {}\n", bird.Addr) + conf(bird.Addr.String())
+	for _, h := range f.lab.Hosts() {
+		text += perHost(h) + "\n"
+	}
+	confPath := filepath.Join(dir, "bird.conf")
+	sock := filepath.Join(dir, "bird.ctl")
+	if err := os.WriteFile(confPath, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bird.Start("bird", "bird", "-f", "-c", confPath, "-s", sock, "-P", filepath.Join(dir, "bird.pid")); err != nil {
+		t.Fatal(err)
+	}
+	return bird, sock
+}
+
+// peersFile writes a fabricd config file and returns its path.
+func peersFile(t *testing.T, f *fabric, content string) string {
+	path := filepath.Join(f.lab.LogDir(), "fabricd-peers.yaml")
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }

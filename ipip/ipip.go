@@ -89,40 +89,15 @@ func (b *Backend) Ensure(ctx context.Context, mtu int) (int, error) {
 	h := b.handle
 	want := b.device(mtu)
 
-	var link netlink.Link
-	existing, err := h.LinkByName(b.cfg.Device)
-	switch {
-	case err == nil:
-		if why := mismatch(existing, want); why != "" {
-			b.log.Info("recreating ipip device with wrong attributes", "reason", why)
-			if err := h.LinkDel(existing); err != nil {
-				return 0, fmt.Errorf("ipip: delete mismatched device %s: %w", b.cfg.Device, err)
-			}
-		} else {
-			link = existing
-		}
-	case !backend.IsLinkNotFound(err):
-		return 0, fmt.Errorf("ipip: look up device %s: %w", b.cfg.Device, err)
+	link, created, err := backend.EnsureLink(h, "ipip", want, func(have netlink.Link) string { return mismatch(have, want) }, b.log)
+	if err != nil {
+		return 0, err
 	}
-	if link == nil {
-		if err := h.LinkAdd(want); err != nil {
-			return 0, fmt.Errorf("ipip: create device %s (local %s): %w", b.cfg.Device, b.cfg.UnderlayAddr, err)
-		}
-		if link, err = h.LinkByName(b.cfg.Device); err != nil {
-			return 0, fmt.Errorf("ipip: look up new device %s: %w", b.cfg.Device, err)
-		}
-		b.log.Info("created ipip device", "local", b.cfg.UnderlayAddr, "mtu", mtu)
+	if created {
+		b.log.Info("created ipip device", "device", b.cfg.Device, "local", b.cfg.UnderlayAddr, "mtu", mtu)
 	}
-	if mtu > 0 && link.Attrs().MTU != mtu {
-		if err := h.LinkSetMTU(link, mtu); err != nil {
-			return 0, fmt.Errorf("ipip: set MTU %d on %s: %w", mtu, b.cfg.Device, err)
-		}
-	}
-	if err := backend.SetSoleAddress(h, link, b.cfg.Subnet.Addr()); err != nil {
-		return 0, fmt.Errorf("ipip: %w", err)
-	}
-	if err := h.LinkSetUp(link); err != nil {
-		return 0, fmt.Errorf("ipip: set %s up: %w", b.cfg.Device, err)
+	if err := backend.FinishLink(h, "ipip", link, mtu, b.cfg.Subnet.Addr()); err != nil {
+		return 0, err
 	}
 	b.linkIndex = link.Attrs().Index
 	return b.linkIndex, nil

@@ -128,47 +128,22 @@ func (b *Backend) Ensure(ctx context.Context, mtu int) (int, error) {
 		Learning:     false,
 	}
 
-	var link netlink.Link
-	existing, err := h.LinkByName(b.cfg.Device)
-	switch {
-	case err == nil:
-		if why := mismatch(existing, want); why != "" {
-			b.log.Info("recreating vxlan device with wrong attributes", "reason", why)
-			if err := h.LinkDel(existing); err != nil {
-				return 0, fmt.Errorf("vxlan: delete mismatched device %s: %w", b.cfg.Device, err)
-			}
-		} else {
-			link = existing
-		}
-	case !backend.IsLinkNotFound(err):
-		return 0, fmt.Errorf("vxlan: look up device %s: %w", b.cfg.Device, err)
+	link, created, err := backend.EnsureLink(h, "vxlan", want, func(have netlink.Link) string { return mismatch(have, want) }, b.log)
+	if err != nil {
+		return 0, fmt.Errorf("%w (vni %d, port %d, local %s, dev %s)", err, b.cfg.VNI, b.cfg.Port, b.cfg.UnderlayAddr, b.cfg.UnderlayDev)
 	}
-	if link == nil {
-		if err := h.LinkAdd(want); err != nil {
-			return 0, fmt.Errorf("vxlan: create device %s (vni %d, port %d, local %s, dev %s): %w",
-				b.cfg.Device, b.cfg.VNI, b.cfg.Port, b.cfg.UnderlayAddr, b.cfg.UnderlayDev, err)
-		}
-		if link, err = h.LinkByName(b.cfg.Device); err != nil {
-			return 0, fmt.Errorf("vxlan: look up new device %s: %w", b.cfg.Device, err)
-		}
-		b.log.Info("created vxlan device", "vni", b.cfg.VNI, "port", b.cfg.Port,
+	if created {
+		b.log.Info("created vxlan device", "device", b.cfg.Device, "vni", b.cfg.VNI, "port", b.cfg.Port,
 			"local", b.cfg.UnderlayAddr, "underlay", b.cfg.UnderlayDev, "mtu", mtu, "mac", b.mac.String())
 	}
-	if mtu > 0 && link.Attrs().MTU != mtu {
-		if err := h.LinkSetMTU(link, mtu); err != nil {
-			return 0, fmt.Errorf("vxlan: set MTU %d on %s: %w", mtu, b.cfg.Device, err)
-		}
-	}
+	// The MAC travels in the node registry: keep it stable.
 	if !bytes.Equal(link.Attrs().HardwareAddr, b.mac) {
 		if err := h.LinkSetHardwareAddr(link, b.mac); err != nil {
 			return 0, fmt.Errorf("vxlan: set MAC %s on %s: %w", b.mac, b.cfg.Device, err)
 		}
 	}
-	if err := backend.SetSoleAddress(h, link, b.cfg.Subnet.Addr()); err != nil {
-		return 0, fmt.Errorf("vxlan: %w", err)
-	}
-	if err := h.LinkSetUp(link); err != nil {
-		return 0, fmt.Errorf("vxlan: set %s up: %w", b.cfg.Device, err)
+	if err := backend.FinishLink(h, "vxlan", link, mtu, b.cfg.Subnet.Addr()); err != nil {
+		return 0, err
 	}
 	b.linkIndex = link.Attrs().Index
 	return b.linkIndex, nil

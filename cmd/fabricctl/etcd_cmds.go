@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/fabricnet/fabric/dockeropts"
 	"github.com/fabricnet/fabric/ipam"
@@ -31,19 +33,14 @@ func ipamCmd(g *globals) *cobra.Command {
 			if err := want.Validate(); err != nil {
 				return err
 			}
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			got, err := ipam.EnsurePool(ctx, cli, g.etcdPrefix, want)
-			if err != nil {
-				return err
-			}
-			fmt.Printf("pool %s, /%d per host\n", got.Network, got.SubnetLen)
-			return nil
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				got, err := ipam.EnsurePool(ctx, cli, g.etcdPrefix, want)
+				if err != nil {
+					return err
+				}
+				fmt.Printf("pool %s, /%d per host\n", got.Network, got.SubnetLen)
+				return nil
+			})
 		},
 	}
 	initCmd.Flags().StringVar(&poolCIDR, "pool", "", "pool CIDR, e.g. 10.244.0.0/16")
@@ -55,34 +52,29 @@ func ipamCmd(g *globals) *cobra.Command {
 		Short: "List the subnet leases: subnet, node, host address, expiry",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
-			if err != nil {
-				return err
-			}
-			leases, bad, err := ipam.List(ctx, cli, g.etcdPrefix)
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return printJSON(map[string]any{"pool": pool, "leases": leases, "malformed": bad})
-			}
-			fmt.Printf("pool %s, /%d per host, %d leased\n", pool.Network, pool.SubnetLen, len(leases))
-			var rows [][]string
-			for _, l := range leases {
-				rows = append(rows, []string{l.Subnet.String(), l.Node, l.HostAddr.String(), l.Expires.Format(time.RFC3339), time.Until(l.Expires).Round(time.Second).String()})
-			}
-			table("SUBNET\tNODE\tHOST ADDRESS\tEXPIRES\tIN", rows)
-			for _, b := range bad {
-				fmt.Fprintf(os.Stderr, "malformed lease %s: %s\n", b.Key, b.Problem)
-			}
-			return nil
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
+				if err != nil {
+					return err
+				}
+				leases, bad, err := ipam.List(ctx, cli, g.etcdPrefix)
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(map[string]any{"pool": pool, "leases": leases, "malformed": bad})
+				}
+				fmt.Printf("pool %s, /%d per host, %d leased\n", pool.Network, pool.SubnetLen, len(leases))
+				var rows [][]string
+				for _, l := range leases {
+					rows = append(rows, []string{l.Subnet.String(), l.Node, l.HostAddr.String(), l.Expires.Format(time.RFC3339), time.Until(l.Expires).Round(time.Second).String()})
+				}
+				table("SUBNET\tNODE\tHOST ADDRESS\tEXPIRES\tIN", rows)
+				for _, b := range bad {
+					fmt.Fprintf(os.Stderr, "malformed lease %s: %s\n", b.Key, b.Problem)
+				}
+				return nil
+			})
 		},
 	}
 	release := &cobra.Command{
@@ -90,18 +82,13 @@ func ipamCmd(g *globals) *cobra.Command {
 		Short: "Free the subnet of a decommissioned host",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			if err := ipam.ReleaseNode(ctx, cli, g.etcdPrefix, args[0]); err != nil {
-				return err
-			}
-			fmt.Printf("released the subnet of %s\n", args[0])
-			return nil
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				if err := ipam.ReleaseNode(ctx, cli, g.etcdPrefix, args[0]); err != nil {
+					return err
+				}
+				fmt.Printf("released the subnet of %s\n", args[0])
+				return nil
+			})
 		},
 	}
 	cmd.AddCommand(initCmd, show, release)
@@ -114,29 +101,24 @@ func nodesCmd(g *globals) *cobra.Command {
 		Short: "Hosts in the fabric's node registry",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			nodes, bad, err := registry.List(ctx, cli, g.etcdPrefix)
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return printJSON(nodes)
-			}
-			var rows [][]string
-			for _, n := range nodes {
-				rows = append(rows, []string{n.Name, n.Address.String(), fmt.Sprint(n.ASN), n.Subnet.String(), strings.Join(n.Encaps, ","), n.VTEPMAC, n.Version})
-			}
-			table("NODE\tADDRESS\tASN\tSUBNET\tENCAPSULATIONS\tVTEP MAC\tVERSION", rows)
-			for _, b := range bad {
-				fmt.Fprintf(os.Stderr, "malformed node record %s: %s\n", b.Key, b.Problem)
-			}
-			return nil
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				nodes, bad, err := registry.List(ctx, cli, g.etcdPrefix)
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(nodes)
+				}
+				var rows [][]string
+				for _, n := range nodes {
+					rows = append(rows, []string{n.Name, n.Address.String(), fmt.Sprint(n.ASN), n.Subnet.String(), strings.Join(n.Encaps, ","), n.VTEPMAC, n.Version})
+				}
+				table("NODE\tADDRESS\tASN\tSUBNET\tENCAPSULATIONS\tVTEP MAC\tVERSION", rows)
+				for _, b := range bad {
+					fmt.Fprintf(os.Stderr, "malformed node record %s: %s\n", b.Key, b.Problem)
+				}
+				return nil
+			})
 		},
 	}
 }

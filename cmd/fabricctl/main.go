@@ -70,6 +70,18 @@ func (g *globals) etcd() (*clientv3.Client, error) {
 	return cli, nil
 }
 
+// withEtcd runs f with an etcd client and a 5 s deadline.
+func (g *globals) withEtcd(f func(ctx context.Context, cli *clientv3.Client) error) error {
+	cli, err := g.etcd()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	ctx, cancel := ctx5()
+	defer cancel()
+	return f(ctx, cli)
+}
+
 func ctx5() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 5*time.Second)
 }

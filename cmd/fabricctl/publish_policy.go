@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/netip"
@@ -8,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/nat"
@@ -35,22 +37,17 @@ func publishCmd(g *globals) *cobra.Command {
 			if hosts != "" {
 				p.Hosts = strings.Split(hosts, ",")
 			}
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
-			if err != nil {
-				return err
-			}
-			if err := publish.Add(ctx, cli, g.etcdPrefix, pool.Network, p); err != nil {
-				return err
-			}
-			fmt.Printf("published %s\n", p)
-			return nil
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
+				if err != nil {
+					return err
+				}
+				if err := publish.Add(ctx, cli, g.etcdPrefix, pool.Network, p); err != nil {
+					return err
+				}
+				fmt.Printf("published %s\n", p)
+				return nil
+			})
 		},
 	}
 	add.Flags().StringVar(&hosts, "hosts", "", "comma-separated node names that forward the port (default: every host)")
@@ -59,33 +56,28 @@ func publishCmd(g *globals) *cobra.Command {
 		Short: "List published ports",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			pubs, bad, err := publish.List(ctx, cli, g.etcdPrefix)
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return printJSON(pubs)
-			}
-			var rows [][]string
-			for _, p := range pubs {
-				h := "all"
-				if len(p.Hosts) > 0 {
-					h = strings.Join(p.Hosts, ",")
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				pubs, bad, err := publish.List(ctx, cli, g.etcdPrefix)
+				if err != nil {
+					return err
 				}
-				rows = append(rows, []string{fmt.Sprintf("%d/%s", p.HostPort, p.Proto), p.Target.String(), h})
-			}
-			table("PORT\tTARGET\tHOSTS", rows)
-			for _, b := range bad {
-				fmt.Fprintf(os.Stderr, "malformed published port %s: %s\n", b.Key, b.Problem)
-			}
-			return nil
+				if g.json {
+					return printJSON(pubs)
+				}
+				var rows [][]string
+				for _, p := range pubs {
+					h := "all"
+					if len(p.Hosts) > 0 {
+						h = strings.Join(p.Hosts, ",")
+					}
+					rows = append(rows, []string{fmt.Sprintf("%d/%s", p.HostPort, p.Proto), p.Target.String(), h})
+				}
+				table("PORT\tTARGET\tHOSTS", rows)
+				for _, b := range bad {
+					fmt.Fprintf(os.Stderr, "malformed published port %s: %s\n", b.Key, b.Problem)
+				}
+				return nil
+			})
 		},
 	}
 	del := &cobra.Command{
@@ -97,18 +89,13 @@ func publishCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			if err := publish.Delete(ctx, cli, g.etcdPrefix, proto, port); err != nil {
-				return err
-			}
-			fmt.Printf("deleted %d/%s\n", port, proto)
-			return nil
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				if err := publish.Delete(ctx, cli, g.etcdPrefix, proto, port); err != nil {
+					return err
+				}
+				fmt.Printf("deleted %d/%s\n", port, proto)
+				return nil
+			})
 		},
 	}
 	cmd.AddCommand(add, list, del)
@@ -137,30 +124,25 @@ func policyCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			if err := policy.PutDocument(ctx, cli, g.etcdPrefix, doc); err != nil {
-				return err
-			}
-			names := make([]string, len(doc.Rules))
-			for i, r := range doc.Rules {
-				names[i] = r.Name
-			}
-			if len(names) > 0 {
-				fmt.Printf("applied %d rule(s): %s", len(names), strings.Join(names, ", "))
-			} else {
-				fmt.Print("applied no rules")
-			}
-			if doc.DefaultAction != "" {
-				fmt.Printf("; default action %s", doc.DefaultAction)
-			}
-			fmt.Println()
-			return nil
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				if err := policy.PutDocument(ctx, cli, g.etcdPrefix, doc); err != nil {
+					return err
+				}
+				names := make([]string, len(doc.Rules))
+				for i, r := range doc.Rules {
+					names[i] = r.Name
+				}
+				if len(names) > 0 {
+					fmt.Printf("applied %d rule(s): %s", len(names), strings.Join(names, ", "))
+				} else {
+					fmt.Print("applied no rules")
+				}
+				if doc.DefaultAction != "" {
+					fmt.Printf("; default action %s", doc.DefaultAction)
+				}
+				fmt.Println()
+				return nil
+			})
 		},
 	}
 	apply.Flags().StringVarP(&file, "file", "f", "", "policy file (YAML or JSON), - for standard input")
@@ -170,31 +152,26 @@ func policyCmd(g *globals) *cobra.Command {
 		Short: "List the rules in evaluation order and the default action",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			p, err := policy.Get(ctx, cli, g.etcdPrefix)
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return printJSON(p)
-			}
-			fmt.Printf("default action: %s\n", p.DefaultAction)
-			var rows [][]string
-			for _, r := range p.Rules {
-				ports := make([]string, len(r.Ports))
-				for i, pr := range r.Ports {
-					ports[i] = pr.String()
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				p, err := policy.Get(ctx, cli, g.etcdPrefix)
+				if err != nil {
+					return err
 				}
-				rows = append(rows, []string{fmt.Sprint(r.Order), r.Name, r.Action, selectors(r.From), selectors(r.To), or(r.Protocol, "any"), or(strings.Join(ports, ","), "any")})
-			}
-			table("ORDER\tNAME\tACTION\tFROM\tTO\tPROTOCOL\tPORTS", rows)
-			return nil
+				if g.json {
+					return printJSON(p)
+				}
+				fmt.Printf("default action: %s\n", p.DefaultAction)
+				var rows [][]string
+				for _, r := range p.Rules {
+					ports := make([]string, len(r.Ports))
+					for i, pr := range r.Ports {
+						ports[i] = pr.String()
+					}
+					rows = append(rows, []string{fmt.Sprint(r.Order), r.Name, r.Action, selectors(r.From), selectors(r.To), or(r.Protocol, "any"), or(strings.Join(ports, ","), "any")})
+				}
+				table("ORDER\tNAME\tACTION\tFROM\tTO\tPROTOCOL\tPORTS", rows)
+				return nil
+			})
 		},
 	}
 	del := &cobra.Command{
@@ -202,18 +179,13 @@ func policyCmd(g *globals) *cobra.Command {
 		Short: "Delete one rule",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cli, err := g.etcd()
-			if err != nil {
-				return err
-			}
-			defer cli.Close()
-			ctx, cancel := ctx5()
-			defer cancel()
-			if err := policy.Delete(ctx, cli, g.etcdPrefix, args[0]); err != nil {
-				return err
-			}
-			fmt.Printf("deleted rule %s\n", args[0])
-			return nil
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				if err := policy.Delete(ctx, cli, g.etcdPrefix, args[0]); err != nil {
+					return err
+				}
+				fmt.Printf("deleted rule %s\n", args[0])
+				return nil
+			})
 		},
 	}
 	cmd.AddCommand(apply, list, del)

@@ -25,8 +25,8 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"flag"
-	"io"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -63,7 +63,7 @@ var (
 	keepalive    = flag.String("bgp-keepalive", "1s", "fabricd --bgp-keepalive")
 	noTunl0      = flag.Bool("no-fallback-tunnels", false, "set net.core.fb_tunnels_only_for_init_net=1 so lab namespaces get no tunl0 "+
 		"(a diagnostic workaround for an ipip.Supported that collides with tunl0; off by default)")
-	settle       = flag.Duration("timeout", 40*time.Second, "how long to wait for each convergence")
+	settle = flag.Duration("timeout", 40*time.Second, "how long to wait for each convergence")
 )
 
 func main() {
@@ -510,9 +510,9 @@ func (p *phase) dumpLogs() {
 		if pr.exited() {
 			fmt.Printf("LOG %s fabricd %s exited: %v\n", p.name, name, pr.err)
 		}
-		// GoBGP's per-message debug lines (keepalives every second) would
-		// push everything useful out of the tail.
-		for _, line := range strings.Split(tailFile(pr.log, 40, "component=gobgp"), "\n") {
+		// Debug lines (GoBGP keepalives, NAT and policy resyncs every
+		// second) would push everything useful out of the tail.
+		for _, line := range strings.Split(tailFile(pr.log, 40, "level=DEBUG"), "\n") {
 			fmt.Printf("LOG %s %s | %s\n", p.name, name, line)
 		}
 	}
@@ -975,16 +975,16 @@ func nthAddr(n *net.IPNet, i byte) net.IP {
 	return ip
 }
 
-// tailFile returns the last n lines of path, leaving out debug lines that
-// contain skipDebug (if set).
-func tailFile(path string, n int, skipDebug string) string {
+// tailFile returns the last n lines of path, leaving out lines that contain
+// skip (if set).
+func tailFile(path string, n int, skip string) string {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Sprintf("(%v)", err)
 	}
 	var lines []string
 	for _, l := range strings.Split(strings.TrimRight(string(data), "\n"), "\n") {
-		if skipDebug != "" && strings.Contains(l, "level=DEBUG") && strings.Contains(l, skipDebug) {
+		if skip != "" && strings.Contains(l, skip) {
 			continue
 		}
 		lines = append(lines, l)
