@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -91,6 +92,14 @@ func TestMeshLifecycle(t *testing.T) {
 	for _, h := range hosts[1:] {
 		if !strings.Contains(out, h.Name) || !strings.Contains(out, "established") || !strings.Contains(out, "vxlan") {
 			t.Errorf("peers status lacks an established vxlan row for %s", h.Name)
+		}
+	}
+
+	// This kernel has no IPIP: auto mode says so and why, once, at start.
+	for _, h := range hosts {
+		log, _ := os.ReadFile(f.agents[h.Name].proc.LogPath())
+		if !strings.Contains(string(log), "this kernel has no ipip support") {
+			t.Errorf("%s: fabricd's log does not say that it falls back to VXLAN because the kernel lacks ipip", h.Name)
 		}
 	}
 
@@ -276,5 +285,18 @@ func TestBadConfigClearError(t *testing.T) {
 	out, err = h.Run(context.Background(), args[0], args[1:]...)
 	if err == nil || !strings.Contains(out, "no ipip support") {
 		t.Fatalf("want a clear 'no ipip support' error, got %v: %s", err, out)
+	}
+}
+
+// TestFabricctlWithoutAgent: fabricctl says clearly that fabricd is not
+// running, and exits non-zero, instead of printing an empty table.
+func TestFabricctlWithoutAgent(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 1})
+	h := f.lab.Hosts()[0]
+	for _, args := range [][]string{{"peers", "status"}, {"routes"}, {"status"}} {
+		out, err := f.fabricctl(h, args...)
+		if err == nil || !strings.Contains(out, "fabricd is not running") {
+			t.Errorf("fabricctl %v without fabricd: err=%v, output %q; want a non-zero exit saying fabricd is not running", args, err, out)
+		}
 	}
 }
