@@ -50,6 +50,7 @@ type Agent struct {
 	underlay underlay
 	pool     ipam.Pool
 	lease    ipam.Lease
+	ipamMgr  *ipam.Manager
 	ipipOK   bool
 	speaker  *bgp.Speaker
 	dp       *dataplane.Manager
@@ -164,11 +165,17 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		}()
 	}
 
-	mgr, err := ipam.New(a.ipamOptions())
-	if err != nil {
-		return err
-	}
-	goLoop("subnet-lease", mgr.KeepAlive)
+	// Losing the subnet for good (its lease expired while etcd was away and
+	// another host took it) ends fabricd: advertising a subnet another host
+	// owns would split traffic. A supervisor restarts it with a new lease.
+	leaseLost := make(chan error, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := a.ipamMgr.KeepAlive(runCtx); err != nil && runCtx.Err() == nil {
+			leaseLost <- err
+		}
+	}()
 	publisher := registry.NewPublisher(cli, cfg.EtcdPrefix, cfg.NodeTTL, log.With("component", "registry"))
 	goLoop("node-record", func(ctx context.Context) error { return publisher.Run(ctx, a.selfNode()) })
 	goLoop("local-api", func(ctx context.Context) error { return localapi.Serve(ctx, cfg.SocketPath(), a, log) })
@@ -188,8 +195,15 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			stop()
 			wg.Wait()
 			return nil
+		case err := <-leaseLost:
+			log.Error("subnet lease lost; withdrawing and exiting", "subnet", a.lease.Subnet, "err", err)
+			a.shutdown(publisher)
+			stop()
+			wg.Wait()
+			return fmt.Errorf("subnet %s: %w", a.lease.Subnet, err)
 		case ns, ok := <-nodes:
 			if !ok {
+				nodes = nil // closed only when stopping
 				continue
 			}
 			a.mu.Lock()
@@ -252,11 +266,12 @@ func (a *Agent) acquireLease(ctx context.Context) error {
 				return err
 			}
 			a.pool = pool
-			mgr, err := ipam.New(a.ipamOptions())
-			if err != nil {
-				return err
+			if a.ipamMgr == nil {
+				if a.ipamMgr, err = ipam.New(a.ipamOptions()); err != nil {
+					return err
+				}
 			}
-			a.lease, err = mgr.Acquire(c)
+			a.lease, err = a.ipamMgr.Acquire(c)
 			return err
 		}()
 		if err == nil {
@@ -293,10 +308,13 @@ func (a *Agent) ipamOptions() ipam.Options {
 func (a *Agent) detectKernel() error {
 	var err error
 	a.ipipOK, err = ipip.Supported(nil)
+	mode := dataplane.Mode(a.cfg.Encapsulation)
 	if err != nil {
+		if mode == dataplane.ModeIPIP {
+			return fmt.Errorf("encapsulation ipip: cannot tell whether this kernel supports ipip: %w", err)
+		}
 		a.log.Warn("cannot tell whether this kernel supports ipip; assuming it does not", "err", err)
 	}
-	mode := dataplane.Mode(a.cfg.Encapsulation)
 	if mode == dataplane.ModeIPIP && !a.ipipOK {
 		return fmt.Errorf("encapsulation ipip: this kernel has no ipip support (no ipip module); use --encapsulation=auto to fall back to VXLAN, or vxlan")
 	}

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/vxlanfallback"
 	"github.com/vishvananda/netlink"
@@ -48,7 +49,7 @@ type testOpts struct {
 // manager builds the vxlan backend and a Manager for host h, as fabricd would.
 func (l *lab) manager(h *labHost, o testOpts) *Manager {
 	l.t.Helper()
-	logger := slog.New(slog.NewTextHandler(testWriter{l.t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	logger := nstest.Logger(l.t)
 	if o.logs != nil {
 		logger = slog.New(slog.NewTextHandler(o.logs, nil))
 	}
@@ -75,13 +76,6 @@ func (l *lab) manager(h *labHost, o testOpts) *Manager {
 	}
 	l.setContainerMTU(h, m.MTU())
 	return m
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
 }
 
 func ownedRoutes(t *testing.T, h *netlink.Handle, proto int) map[netip.Prefix]netlink.Route {
@@ -148,7 +142,7 @@ func TestVXLANMeshPingAndTCP(t *testing.T) {
 			if a == b {
 				continue
 			}
-			if err := ping(a.ctr, b.ctrAddr, 56, false); err != nil {
+			if err := nstest.Ping(a.ctr, b.ctrAddr, 56, false); err != nil {
 				t.Errorf("ping %s -> %s: %v", a.ctr, b.ctrAddr, err)
 			}
 			if err := tcpExchange(a.ctr, b.ctr, b.ctrAddr); err != nil {
@@ -160,14 +154,14 @@ func TestVXLANMeshPingAndTCP(t *testing.T) {
 	// MTU: the largest unfragmented ping fits the tunnel; one byte more fails
 	// at the sender with EMSGSIZE instead of vanishing on the way.
 	a, b := l.hosts[0], l.hosts[1]
-	if err := ping(a.ctr, b.ctrAddr, 1450-28, true); err != nil {
+	if err := nstest.Ping(a.ctr, b.ctrAddr, 1450-28, true); err != nil {
 		t.Errorf("DF ping with 1422 bytes: %v", err)
 	}
-	if err := ping(a.ctr, b.ctrAddr, 1450-28+1, true); !errors.Is(err, unix.EMSGSIZE) {
+	if err := nstest.Ping(a.ctr, b.ctrAddr, 1450-28+1, true); !errors.Is(err, unix.EMSGSIZE) {
 		t.Errorf("DF ping with 1423 bytes: got %v, want message too long", err)
 	}
 	// Host-originated traffic to a remote container takes the tunnel address as source.
-	if err := ping(a.ns, b.ctrAddr, 56, false); err != nil {
+	if err := nstest.Ping(a.ns, b.ctrAddr, 56, false); err != nil {
 		t.Errorf("ping from host %s to remote container: %v", a.ns, err)
 	}
 }
@@ -176,10 +170,10 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 	l := newLab(t, 2)
 	h1 := l.hosts[0]
 	// Leftovers of an earlier run (ours) and routes of others, planted before the first Apply.
-	run(t, "ip", "-n", h1.ns, "route", "add", "10.244.9.0/24", "via", "192.168.100.12", "proto", "93")
-	run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
-	run(t, "ip", "-n", h1.ns, "route", "add", "10.244.7.0/24", "via", "192.168.100.12", "proto", "12")
-	run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/16", "via", "192.168.100.12", "proto", "static")
+	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.9.0/24", "via", "192.168.100.12", "proto", "93")
+	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
+	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.7.0/24", "via", "192.168.100.12", "proto", "12")
+	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/16", "via", "192.168.100.12", "proto", "static")
 	m := l.manager(h1, testOpts{mode: ModeVXLAN})
 
 	routes := l.routesFor(h1)
@@ -190,7 +184,7 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 		t.Errorf("apply: got %v, want an error naming 10.251.0.0/16", err)
 	}
 
-	out := run(t, "ip", "-n", h1.ns, "route", "show")
+	out := nstest.Run(t, "ip", "-n", h1.ns, "route", "show")
 	if strings.Contains(out, "10.244.9.0/24") {
 		t.Errorf("stale proto 93 route survived:\n%s", out)
 	}
@@ -208,7 +202,7 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 	}
 	// The one failed route did not stop the good one from working.
 	l.manager(l.hosts[1], testOpts{mode: ModeVXLAN}).Apply(context.Background(), l.routesFor(l.hosts[1]))
-	if err := ping(h1.ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
+	if err := nstest.Ping(h1.ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 }
@@ -227,12 +221,12 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 		}
 	}
 	h1, h2, h3 := l.hosts[0], l.hosts[1], l.hosts[2]
-	if err := ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
+	if err := nstest.Ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
 		t.Fatal(err)
 	}
 	state := func() (neigh, fdb string) {
-		neigh = run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice)
-		fdb = run(t, "bridge", "-n", h1.ns, "fdb", "show", "dev", vxlanfallback.DefaultDevice)
+		neigh = nstest.Run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice)
+		fdb = nstest.Run(t, "bridge", "-n", h1.ns, "fdb", "show", "dev", vxlanfallback.DefaultDevice)
 		return
 	}
 	mac3 := vxlanfallback.MACFor(h3.addr).String()
@@ -262,15 +256,15 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 	if _, ok := h1Manager.Encapsulations()[h3.ns]; ok {
 		t.Error("Encapsulations still lists departed peer")
 	}
-	if err := ping(h1.ctr, h3.ctrAddr, 56, false); err == nil {
+	if err := nstest.Ping(h1.ctr, h3.ctrAddr, 56, false); err == nil {
 		t.Error("departed peer's containers still reachable")
 	}
-	if err := ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+	if err := nstest.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
 		t.Errorf("remaining peer h2 unreachable after h3 left: %v", err)
 	}
 
 	// fabricd --cleanup
-	run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
+	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
 	if err := Cleanup(h1.handle, DefaultProtocol, vxlanfallback.DefaultDevice); err != nil {
 		t.Fatal(err)
 	}
@@ -280,7 +274,7 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 	if _, err := h1.handle.LinkByName(vxlanfallback.DefaultDevice); err == nil {
 		t.Error("vxlan device still exists after Cleanup")
 	}
-	if !strings.Contains(run(t, "ip", "-n", h1.ns, "route", "show"), "10.244.8.0/24 via 192.168.100.12") {
+	if !strings.Contains(nstest.Run(t, "ip", "-n", h1.ns, "route", "show"), "10.244.8.0/24 via 192.168.100.12") {
 		t.Error("Cleanup removed a static route")
 	}
 }
@@ -309,7 +303,7 @@ func TestCrossSubnetDirectRoute(t *testing.T) {
 			t.Errorf("Owned() = %+v", owned)
 		}
 	}
-	if err := ping(l.hosts[0].ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
+	if err := nstest.Ping(l.hosts[0].ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 	if err := tcpExchange(l.hosts[1].ctr, l.hosts[0].ctr, l.hosts[0].ctrAddr); err != nil {
@@ -321,7 +315,7 @@ func TestTopOfRackRouteIsPlain(t *testing.T) {
 	l := newLab(t, 2)
 	h1, router := l.hosts[0], l.hosts[1]
 	// h2 plays a top-of-rack router that owns 10.250.0.0/16.
-	run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
+	nstest.Run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
 	m := l.manager(h1, testOpts{mode: ModeVXLAN})
 	tor := netip.MustParsePrefix("10.250.0.0/16")
 	if err := m.Apply(context.Background(), []RemoteRoute{{Prefix: tor, NextHop: router.addr, PeerName: "tor"}}); err != nil {
@@ -337,7 +331,7 @@ func TestTopOfRackRouteIsPlain(t *testing.T) {
 	if owned, _ := m.Owned(); len(owned) != 1 || owned[0].Encap != EncapNone {
 		t.Errorf("Owned() = %+v", owned)
 	}
-	if err := ping(h1.ns, netip.MustParseAddr("10.250.0.1"), 56, false); err != nil {
+	if err := nstest.Ping(h1.ns, netip.MustParseAddr("10.250.0.1"), 56, false); err != nil {
 		t.Error(err)
 	}
 }
@@ -380,7 +374,7 @@ func TestAutoModeWithoutIPIPPicksVXLAN(t *testing.T) {
 	if n := strings.Count(text, `msg="peer encapsulation"`); n != 1 || !strings.Contains(text, `encap=vxlan reason="this kernel has no ipip support"`) {
 		t.Errorf("want one log line naming vxlan and why, got %d in:\n%s", n, text)
 	}
-	if err := ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+	if err := nstest.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 }
@@ -411,10 +405,10 @@ func TestRestartWithChangedConfig(t *testing.T) {
 	if len(owned) != 1 || linkName(t, h1.handle, after.LinkIndex) != h1.underlayDev || !after.Gw.Equal(h2.addr.AsSlice()) {
 		t.Fatalf("after restart: %v, want one direct route via %s", owned, h2.addr)
 	}
-	if out := run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice); strings.Contains(out, "10.244.2.0") {
+	if out := nstest.Run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice); strings.Contains(out, "10.244.2.0") {
 		t.Errorf("vxlan neighbour entry of a peer now reached directly:\n%s", out)
 	}
-	if err := ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+	if err := nstest.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 }
@@ -443,7 +437,7 @@ func TestBadPeerDoesNotStopOthers(t *testing.T) {
 	if _, ok := owned[h3.subnet]; !ok {
 		t.Fatal("route to the good peer missing")
 	}
-	if err := ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
+	if err := nstest.Ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 }

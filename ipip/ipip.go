@@ -181,9 +181,18 @@ func Supported(h *netlink.Handle) (bool, error) {
 		return false, err
 	}
 	name := "fabprobe" + hex.EncodeToString(suffix[:])
-	err := h.LinkAdd(&netlink.Iptun{LinkAttrs: netlink.LinkAttrs{Name: name}})
+	// A tunnel with no local and no remote address is what the kernel's own
+	// fallback device tunl0 is: once the ipip module is loaded, creating a
+	// second one fails with EEXIST. Give the probe device a loopback local
+	// address of its own, and read EEXIST as "the kernel knows ipip" anyway,
+	// since the type lookup succeeded before the tunnel lookup clashed.
+	local := netip.AddrFrom4([4]byte{127, suffix[0], suffix[1], suffix[2] | 1})
+	err := h.LinkAdd(&netlink.Iptun{LinkAttrs: netlink.LinkAttrs{Name: name}, Local: local.AsSlice()})
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EAFNOSUPPORT) || errors.Is(err, unix.EPROTONOSUPPORT) {
 		return false, nil
+	}
+	if errors.Is(err, unix.EEXIST) {
+		return true, nil
 	}
 	if err != nil {
 		return false, fmt.Errorf("probe ipip support by creating %s: %w", name, err)

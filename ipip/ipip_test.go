@@ -1,17 +1,14 @@
 package ipip
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"net/netip"
 	"os/exec"
 	"strings"
 	"testing"
 
 	"github.com/fabricnet/fabric/backend"
+	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 )
 
 func TestRouteForShape(t *testing.T) {
@@ -59,26 +56,9 @@ func TestNewValidates(t *testing.T) {
 // Supported agrees with the kernel (here: no ipip, so false with no error)
 // and leaves no probe device behind.
 func TestSupportedMatchesKernel(t *testing.T) {
-	if unix.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-	b := make([]byte, 2)
-	rand.Read(b)
-	name := "ip" + hex.EncodeToString(b)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("%v: %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	ns, err := netns.GetFromName(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	nstest.RequireRoot(t)
+	name := nstest.AddNS(t, nstest.Prefix("ip"))
+	h := nstest.Handle(t, name)
 
 	got, err := Supported(h)
 	if err != nil {

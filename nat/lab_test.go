@@ -1,23 +1,17 @@
 package nat
 
 import (
-	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"fmt"
+	"errors"
 	"io"
-	"log/slog"
 	"net"
-	"os"
 	"os/exec"
 	"regexp"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
+	"github.com/fabricnet/fabric/internal/nstest"
 )
 
 // testLab is two fabric hosts, their containers and an outside machine, each
@@ -44,43 +38,24 @@ const (
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces and iptables")
-	}
-	for _, tool := range []string{"ip", "nsenter", "iptables", "iptables-save", "iptables-restore"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not found: %v", tool, err)
-		}
-	}
+	nstest.RequireRoot(t, "iptables", "iptables-save", "iptables-restore")
 }
 
 func newTestLab(t *testing.T) *testLab {
 	t.Helper()
 	needRoot(t)
-	b := make([]byte, 2)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	l := &testLab{t: t, prefix: "nt" + hex.EncodeToString(b)}
+	l := &testLab{t: t, prefix: nstest.Prefix("nt")}
 	for _, ns := range []string{"h1", "c1", "c1b", "h2", "c2", "out"} {
-		name := l.ns(ns)
-		l.must("ip", "netns", "add", name)
-		t.Cleanup(func() {
-			if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-				t.Errorf("removing namespace %s: %v: %s", name, err, out)
-			}
-		})
-		l.in(ns, "ip", "link", "set", "lo", "up")
+		nstest.AddNS(t, l.ns(ns))
 	}
 	// Routers forward, and bridged frames pass iptables as dockerd sets it.
 	for _, h := range []string{"h1", "h2"} {
 		l.in(h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-		l.in(h, "ip", "link", "add", labBridge, "type", "bridge")
-		l.in(h, "ip", "link", "set", labBridge, "up")
+		nstest.Bridge(t, l.ns(h), labBridge)
 	}
 	l.in("h1", "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1")
-	l.in("h1", "ip", "addr", "add", "10.244.1.1/24", "dev", labBridge)
-	l.in("h2", "ip", "addr", "add", "10.244.2.1/24", "dev", labBridge)
+	nstest.Addr(t, l.ns("h1"), labBridge, "10.244.1.1/24")
+	nstest.Addr(t, l.ns("h2"), labBridge, "10.244.2.1/24")
 	l.container("c1", "h1", "10.244.1.2/24", "10.244.1.1")
 	l.container("c1b", "h1", "10.244.1.3/24", "10.244.1.1")
 	l.container("c2", "h2", "10.244.2.2/24", "10.244.2.1")
@@ -97,61 +72,39 @@ func (l *testLab) ns(short string) string { return l.prefix + "-" + short }
 // container puts namespace c on host's bridge with addr and a default route.
 func (l *testLab) container(c, host, addr, gw string) {
 	port := l.prefix + c // host side of the veth, unique per run
-	l.in(host, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", l.ns(c))
-	l.in(host, "ip", "link", "set", port, "master", labBridge, "up")
-	l.in(c, "ip", "addr", "add", addr, "dev", "eth0")
-	l.in(c, "ip", "link", "set", "eth0", "up")
+	nstest.Veth(l.t, l.ns(host), port, l.ns(c), "eth0")
+	nstest.AddToBridge(l.t, l.ns(host), labBridge, port)
+	nstest.Addr(l.t, l.ns(c), "eth0", addr)
 	l.in(c, "ip", "route", "add", "default", "via", gw)
 }
 
-// link joins namespaces a and b with a veth pair created inside a, never in
-// the root namespace.
+// link joins namespaces a and b with a veth pair and gives each end its
+// address.
 func (l *testLab) link(a, devA, addrA, b, devB, addrB string) {
-	l.in(a, "ip", "link", "add", devA, "type", "veth", "peer", "name", devB, "netns", l.ns(b))
-	l.in(a, "ip", "addr", "add", addrA, "dev", devA)
-	l.in(a, "ip", "link", "set", devA, "up")
-	l.in(b, "ip", "addr", "add", addrB, "dev", devB)
-	l.in(b, "ip", "link", "set", devB, "up")
-}
-
-func (l *testLab) must(name string, args ...string) string {
-	l.t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		l.t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	nstest.Veth(l.t, l.ns(a), devA, l.ns(b), devB)
+	nstest.Addr(l.t, l.ns(a), devA, addrA)
+	nstest.Addr(l.t, l.ns(b), devB, addrB)
 }
 
 // in runs a command in namespace ns and fails the test if it fails.
 func (l *testLab) in(ns string, name string, args ...string) string {
 	l.t.Helper()
-	return l.must("nsenter", append([]string{"--net=/var/run/netns/" + l.ns(ns), "--", name}, args...)...)
+	return nstest.Exec(l.t, l.ns(ns), append([]string{name}, args...)...)
 }
 
 func (l *testLab) exec(ns string) func(ctx context.Context, name string, args ...string) *exec.Cmd {
-	path := "/var/run/netns/" + l.ns(ns)
 	return func(ctx context.Context, name string, args ...string) *exec.Cmd {
-		return exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + path, "--", name}, args...)...)
+		return nstest.Command(ctx, l.ns(ns), name, args...)
 	}
 }
 
 func (l *testLab) manager(ns string) *Manager {
 	l.t.Helper()
-	log := slog.New(slog.NewTextHandler(testWriter{l.t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	m, err := New(Config{Exec: l.exec(ns), Logger: log.With("ns", ns)})
+	m, err := New(Config{Exec: l.exec(ns), Logger: nstest.Logger(l.t).With("ns", ns)})
 	if err != nil {
 		l.t.Fatal(err)
 	}
 	return m
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Helper()
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
 }
 
 // save returns iptables-save of ns without comments and packet counters, so
@@ -170,80 +123,29 @@ func (l *testLab) save(ns string) string {
 	return strings.Join(keep, "\n")
 }
 
-// inNetns runs f with the calling thread in namespace ns; sockets f creates
-// stay in ns.
-func (l *testLab) inNetns(ns string, f func() error) error {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return err
-	}
-	defer orig.Close()
-	target, err := netns.GetFromPath("/var/run/netns/" + l.ns(ns))
-	if err != nil {
-		runtime.UnlockOSThread()
-		return err
-	}
-	defer target.Close()
-	if err := netns.Set(target); err != nil {
-		runtime.UnlockOSThread()
-		return err
-	}
-	ferr := f()
-	if err := netns.Set(orig); err != nil {
-		// Leave the thread locked: it dies with the goroutine instead of
-		// running other goroutines in the wrong namespace.
-		return fmt.Errorf("returning to the original namespace: %v", err)
-	}
-	runtime.UnlockOSThread()
-	return ferr
-}
-
 // serveSource listens on addr in ns and tells every client the source
-// address it sees, then closes the connection.
+// address it sees.
 func (l *testLab) serveSource(ns, addr string) {
 	l.t.Helper()
-	var ln net.Listener
-	err := l.inNetns(ns, func() (err error) {
-		ln, err = net.Listen("tcp4", addr)
-		return err
-	})
+	ln, err := nstest.ServeTCP(l.ns(ns), addr)
 	if err != nil {
 		l.t.Fatalf("listening on %s in %s: %v", addr, ns, err)
 	}
 	l.t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			host, _, _ := net.SplitHostPort(conn.RemoteAddr().String())
-			fmt.Fprintf(conn, "%s\n", host)
-			conn.Close()
-		}
-	}()
 }
 
 // dial connects from ns to addr and returns the source address the server
 // reports.
 func (l *testLab) dial(ns, addr string) (string, error) {
-	var conn net.Conn
-	err := l.inNetns(ns, func() (err error) {
-		conn, err = net.DialTimeout("tcp4", addr, 2*time.Second)
-		return err
-	})
+	conn, seen, err := nstest.DialTCP(l.ns(ns), "", addr, 2*time.Second)
+	if errors.Is(err, io.EOF) {
+		return "", nil // connected, but the server hung up without a word
+	}
 	if err != nil {
 		return "", err
 	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(3 * time.Second))
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil && err != io.EOF {
-		return "", fmt.Errorf("reading from %s: %v", addr, err)
-	}
-	return strings.TrimSpace(line), nil
+	conn.Close()
+	return seen, nil
 }
 
 // expectSource dials addr from ns and checks the server saw want.
@@ -272,7 +174,7 @@ func (l *testLab) expectClosed(ns, addr string) {
 func (l *testLab) serveUDPSource(ns, addr string) {
 	l.t.Helper()
 	var pc net.PacketConn
-	err := l.inNetns(ns, func() (err error) {
+	err := nstest.InNS(l.ns(ns), func() (err error) {
 		pc, err = net.ListenPacket("udp4", addr)
 		return err
 	})
@@ -297,7 +199,7 @@ func (l *testLab) serveUDPSource(ns, addr string) {
 // the server reports.
 func (l *testLab) dialUDP(ns, addr string) (string, error) {
 	var conn net.Conn
-	err := l.inNetns(ns, func() (err error) {
+	err := nstest.InNS(l.ns(ns), func() (err error) {
 		conn, err = net.Dial("udp4", addr)
 		return err
 	})

@@ -2,12 +2,13 @@ package nat
 
 import (
 	"context"
-	"log/slog"
 	"net/netip"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fabricnet/fabric/internal/nstest"
 )
 
 func testContext(t *testing.T) context.Context {
@@ -309,7 +310,7 @@ func TestLegacyBackend(t *testing.T) {
 		}
 		return inH1(ctx, name, args...)
 	}
-	m, err := New(Config{Exec: legacyExec, Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	m, err := New(Config{Exec: legacyExec, Logger: nstest.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,23 +3,19 @@ package policy
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/fabricnet/fabric/internal/etcdtest"
-	"github.com/vishvananda/netns"
+	"github.com/fabricnet/fabric/internal/nstest"
 )
 
 // lab is one host network namespace with a bridge (10.244.2.1/24) and two
@@ -45,81 +41,43 @@ var (
 	nodeBMoved  = netip.MustParsePrefix("10.244.3.0/24")
 )
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
-	for _, tool := range []string{"ip", "nsenter", "iptables-restore", "iptables-save", "ipset", "ping"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: %v", tool, err)
-		}
-	}
-}
-
 func newLab(t *testing.T) *lab {
-	requireRoot(t)
-	b := make([]byte, 2)
-	rand.Read(b)
-	prefix := "pt" + hex.EncodeToString(b)
+	nstest.RequireRoot(t, "iptables-restore", "iptables-save", "ipset", "ping")
+	prefix := nstest.Prefix("pt")
 	l := &lab{t: t, host: prefix + "h", c1: prefix + "c1", c2: prefix + "c2", remote: prefix + "r"}
 	for _, ns := range []string{l.host, l.c1, l.c2, l.remote} {
-		l.sh("ip", "netns", "add", ns)
-		t.Cleanup(func() {
-			if out, err := exec.Command("ip", "netns", "del", ns).CombinedOutput(); err != nil {
-				t.Errorf("remove netns %s: %v: %s", ns, err, out)
-			}
-		})
+		nstest.AddNS(t, ns)
 	}
 	h := l.host
-	for _, ns := range []string{l.host, l.c1, l.c2, l.remote} {
-		l.sh("ip", "-n", ns, "link", "set", "lo", "up")
-	}
-	// Links are created inside the test namespaces, never in the root one.
-	l.sh("ip", "-n", h, "link", "add", "br0", "type", "bridge")
-	l.sh("ip", "-n", h, "addr", "add", "10.244.2.1/24", "dev", "br0")
-	l.sh("ip", "-n", h, "link", "set", "br0", "up")
+	nstest.Bridge(t, h, "br0")
+	nstest.Addr(t, h, "br0", "10.244.2.1/24")
 	for _, c := range []struct{ ns, port, addr string }{{l.c1, "vc1", c1Addr}, {l.c2, "vc2", c2Addr}} {
-		l.sh("ip", "-n", h, "link", "add", c.port, "type", "veth", "peer", "name", "eth0", "netns", c.ns)
-		l.sh("ip", "-n", h, "link", "set", c.port, "master", "br0", "up")
-		l.sh("ip", "-n", c.ns, "addr", "add", c.addr+"/24", "dev", "eth0")
-		l.sh("ip", "-n", c.ns, "link", "set", "eth0", "up")
-		l.sh("ip", "-n", c.ns, "route", "add", "default", "via", "10.244.2.1")
+		nstest.Veth(t, h, c.port, c.ns, "eth0")
+		nstest.AddToBridge(t, h, "br0", c.port)
+		nstest.Addr(t, c.ns, "eth0", c.addr+"/24")
+		nstest.Run(t, "ip", "-n", c.ns, "route", "add", "default", "via", "10.244.2.1")
 	}
-	l.sh("ip", "-n", h, "link", "add", "vremote", "type", "veth", "peer", "name", "eth0", "netns", l.remote)
-	l.sh("ip", "-n", h, "addr", "add", "10.244.1.1/24", "dev", "vremote")
-	l.sh("ip", "-n", h, "addr", "add", "10.244.3.1/24", "dev", "vremote")
-	l.sh("ip", "-n", h, "link", "set", "vremote", "up")
-	l.sh("ip", "-n", l.remote, "addr", "add", remoteAddr+"/24", "dev", "eth0")
-	l.sh("ip", "-n", l.remote, "addr", "add", remoteAddr2+"/24", "dev", "eth0")
-	l.sh("ip", "-n", l.remote, "link", "set", "eth0", "up")
-	l.sh("ip", "-n", l.remote, "route", "add", "default", "via", "10.244.1.1")
-	l.sh("nsenter", "--net="+l.nsPath(h), "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	nstest.Veth(t, h, "vremote", l.remote, "eth0")
+	nstest.Addr(t, h, "vremote", "10.244.1.1/24")
+	nstest.Addr(t, h, "vremote", "10.244.3.1/24")
+	nstest.Addr(t, l.remote, "eth0", remoteAddr+"/24")
+	nstest.Addr(t, l.remote, "eth0", remoteAddr2+"/24")
+	nstest.Run(t, "ip", "-n", l.remote, "route", "add", "default", "via", "10.244.1.1")
+	nstest.Exec(t, h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 	return l
-}
-
-func (l *lab) nsPath(ns string) string { return "/var/run/netns/" + ns }
-
-func (l *lab) sh(name string, args ...string) string {
-	l.t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		l.t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
 }
 
 // inHost runs a command in the host namespace.
 func (l *lab) inHost(name string, args ...string) string {
 	l.t.Helper()
-	return l.sh("nsenter", append([]string{"--net=" + l.nsPath(l.host), name}, args...)...)
+	return nstest.Exec(l.t, l.host, append([]string{name}, args...)...)
 }
 
 // bridgeNetfilterOff turns off iptables for bridged traffic in the host
 // namespace (so the enforcer must turn it on) and reports whether the
 // kernel offers it at all.
 func (l *lab) bridgeNetfilterOff() bool {
-	err := exec.Command("nsenter", "--net="+l.nsPath(l.host), "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0").Run()
+	err := nstest.Command(context.Background(), l.host, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0").Run()
 	return err == nil
 }
 
@@ -134,7 +92,7 @@ func (r *execRecorder) exec(ctx context.Context, name string, args ...string) *e
 	r.mu.Lock()
 	r.cmds = append(r.cmds, name+" "+strings.Join(args, " "))
 	r.mu.Unlock()
-	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=/var/run/netns/" + r.ns, name}, args...)...)
+	return nstest.Command(ctx, r.ns, name, args...)
 }
 
 func (r *execRecorder) take() []string {
@@ -145,86 +103,22 @@ func (r *execRecorder) take() []string {
 	return c
 }
 
-// inNetns runs fn on a thread switched into network namespace ns; sockets
-// created there stay in ns.
-func inNetns(ns string, fn func() error) error {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return err
-	}
-	defer orig.Close()
-	target, err := netns.GetFromName(ns)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("open netns %s: %w", ns, err)
-	}
-	defer target.Close()
-	if err := netns.Set(target); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("enter netns %s: %w", ns, err)
-	}
-	fnErr := fn()
-	if err := netns.Set(orig); err != nil {
-		// Leave the thread locked so it dies with this goroutine rather
-		// than serving others in the wrong namespace.
-		return fmt.Errorf("return from netns %s: %w", ns, err)
-	}
-	runtime.UnlockOSThread()
-	return fnErr
-}
-
-// listen starts a TCP server in ns at addr that greets with "ok" and then
-// echoes lines.
+// listen starts a TCP server in ns at addr that greets with the source
+// address it sees and then echoes.
 func (l *lab) listen(ns, addr string) {
 	l.t.Helper()
-	var ln net.Listener
-	err := inNetns(ns, func() (err error) {
-		ln, err = net.Listen("tcp", addr)
-		return err
-	})
+	ln, err := nstest.ServeTCP(ns, addr)
 	if err != nil {
 		l.t.Fatalf("listen %s in %s: %v", addr, ns, err)
 	}
 	l.t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.WriteString(c, "ok\n")
-				io.Copy(c, c)
-			}()
-		}
-	}()
 }
 
-// dial connects from ns with source address src and reads the greeting.
+// dial connects from ns with source address src and reads the greeting, so
+// a connection counts only once the server itself has answered.
 func dial(ns, src, dst string) (net.Conn, error) {
-	var conn net.Conn
-	err := inNetns(ns, func() error {
-		d := net.Dialer{Timeout: 2 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
-		c, err := d.Dial("tcp", dst)
-		if err != nil {
-			return err
-		}
-		conn = c
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	conn.SetDeadline(time.Now().Add(2 * time.Second))
-	line, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil || line != "ok\n" {
-		conn.Close()
-		return nil, fmt.Errorf("greeting from %s: %q, %v", dst, line, err)
-	}
-	return conn, nil
+	conn, _, err := nstest.DialTCP(ns, src, dst, 2*time.Second)
+	return conn, err
 }
 
 func (l *lab) expectTCP(ns, src, dst string, open bool) {
@@ -246,7 +140,7 @@ func (l *lab) expectTCP(ns, src, dst string, open bool) {
 
 func (l *lab) expectPing(ns, src, dst string, open bool) {
 	l.t.Helper()
-	err := exec.Command("nsenter", "--net="+l.nsPath(ns), "ping", "-n", "-q", "-c1", "-W1", "-I", src, dst).Run()
+	err := nstest.Command(context.Background(), ns, "ping", "-n", "-q", "-c1", "-W1", "-I", src, dst).Run()
 	if open && err != nil {
 		l.t.Errorf("ping %s -> %s: want reply, got %v", src, dst, err)
 	}
@@ -275,7 +169,7 @@ func TestIptablesEnforcement(t *testing.T) {
 	l.listen(l.c1, c1Addr+":81")
 	c1web, c1alt := c1Addr+":80", c1Addr+":81"
 	rec := &execRecorder{ns: l.host}
-	e := New(IptablesConfig{Exec: rec.exec, Bridge: "br0", Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	e := New(IptablesConfig{Exec: rec.exec, Bridge: "br0", Logger: nstest.Logger(t)})
 	t.Cleanup(func() { e.Cleanup(context.Background()) })
 	nodes := map[string]netip.Prefix{"host-a": localSubnet, "host-b": nodeB}
 
@@ -444,14 +338,6 @@ func TestIptablesEnforcement(t *testing.T) {
 		l.expectTCP(l.remote, remoteAddr, c1web, true)
 		l.expectPing(l.remote, remoteAddr, c1Addr, true)
 	})
-}
-
-// testWriter sends log lines to t.Log.
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
 }
 
 // TestApplyIsAtomic swaps between two rule sets that both deny port 80

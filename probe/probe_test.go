@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -44,25 +45,24 @@ var (
 func TestPathVerdicts(t *testing.T) {
 	l := newLab(t)
 	nsS, nsA, nsB, nsR, nsC := l.ns("S"), l.ns("A"), l.ns("B"), l.ns("R"), l.ns("C")
-	run(t, "ip", "-n", nsS, "link", "add", "br0", "type", "bridge")
-	run(t, "ip", "-n", nsS, "link", "set", "br0", "up")
+	nstest.Bridge(t, nsS, "br0")
 	for _, h := range []struct{ ns, port, addr string }{
 		{nsA, "pa", addrA.String() + "/24"},
 		{nsB, "pb", addrB.String() + "/24"},
 		{nsR, "pr", addrR.String() + "/24"},
 	} {
-		l.veth(h.ns, "eth0", nsS, h.port)
-		run(t, "ip", "-n", nsS, "link", "set", h.port, "master", "br0")
-		l.addr(h.ns, "eth0", h.addr)
+		nstest.Veth(t, h.ns, "eth0", nsS, h.port)
+		nstest.AddToBridge(t, nsS, "br0", h.port)
+		nstest.Addr(t, h.ns, "eth0", h.addr)
 	}
-	l.veth(nsR, "eth1", nsC, "eth0")
-	l.addr(nsR, "eth1", "10.99.2.1/24")
-	l.addr(nsC, "eth0", addrC.String()+"/24")
-	l.exec(nsR, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	nstest.Veth(t, nsR, "eth1", nsC, "eth0")
+	nstest.Addr(t, nsR, "eth1", "10.99.2.1/24")
+	nstest.Addr(t, nsC, "eth0", addrC.String()+"/24")
+	nstest.Exec(t, nsR, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 	for _, ns := range []string{nsA, nsB} {
-		run(t, "ip", "-n", ns, "route", "add", "default", "via", addrR.String())
+		nstest.Run(t, "ip", "-n", ns, "route", "add", "default", "via", addrR.String())
 	}
-	run(t, "ip", "-n", nsC, "route", "add", "default", "via", "10.99.2.1")
+	nstest.Run(t, "ip", "-n", nsC, "route", "add", "default", "via", "10.99.2.1")
 
 	cfg := func(local netip.Addr, name string) Config {
 		return Config{Local: local, Interval: testInterval, FailAfter: 3, RecoverAfter: 2, Logger: testLogger(t, name)}
@@ -123,7 +123,7 @@ func TestPathVerdicts(t *testing.T) {
 
 	// Drop IP protocol 4 in the router: A↔C flips to blocked, A↔B stays.
 	drain(pa.Changes())
-	l.exec(nsR, "iptables", "-A", "FORWARD", "-p", "4", "-j", "DROP")
+	nstest.Exec(t, nsR, "iptables", "-A", "FORWARD", "-p", "4", "-j", "DROP")
 	bFlapped := false
 	took, ok := waitFor(time.Duration(3+2)*testInterval, func() bool {
 		bFlapped = bFlapped || !pa.IPIPWorks(addrB)
@@ -152,7 +152,7 @@ func TestPathVerdicts(t *testing.T) {
 
 	// Lift the drop: A↔C recovers after RecoverAfter answers.
 	drain(pa.Changes())
-	l.exec(nsR, "iptables", "-D", "FORWARD", "-p", "4", "-j", "DROP")
+	nstest.Exec(t, nsR, "iptables", "-D", "FORWARD", "-p", "4", "-j", "DROP")
 	took, ok = waitFor(time.Duration(2+2)*testInterval, func() bool { return pa.IPIPWorks(addrC) })
 	if !ok {
 		t.Fatalf("A→C not back on IPIP %s after the drop was lifted: %s", took, describe(pa, addrC))
@@ -181,16 +181,18 @@ func TestHostileInput(t *testing.T) {
 	l := newLab(t)
 	nsX, nsY := l.ns("X"), l.ns("Y")
 	addrX, addrY := netip.MustParseAddr("10.99.3.1"), netip.MustParseAddr("10.99.3.2")
-	l.veth(nsX, "eth0", nsY, "eth0")
-	l.addr(nsX, "eth0", addrX.String()+"/24")
-	l.addr(nsY, "eth0", addrY.String()+"/24")
+	nstest.Veth(t, nsX, "eth0", nsY, "eth0")
+	nstest.Addr(t, nsX, "eth0", addrX.String()+"/24")
+	nstest.Addr(t, nsY, "eth0", addrY.String()+"/24")
 
 	const limit = 50
 	px := startIn(t, nsX, Config{Local: addrX, Interval: testInterval, MaxRepliesPerSecond: limit, Logger: testLogger(t, "X")})
 
 	var conn *net.IPConn
-	var err error
-	inNS(t, nsY, func() { conn, err = net.ListenIP("ip4:4", &net.IPAddr{IP: addrY.AsSlice()}) })
+	err := nstest.InNS(nsY, func() (err error) {
+		conn, err = net.ListenIP("ip4:4", &net.IPAddr{IP: addrY.AsSlice()})
+		return err
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,15 +302,17 @@ func TestStartErrors(t *testing.T) {
 	ns := l.ns("E")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var err error
-	inNS(t, ns, func() { _, err = Start(ctx, Config{Local: netip.MustParseAddr("10.99.4.1")}) })
+	err := nstest.InNS(ns, func() error {
+		_, err := Start(ctx, Config{Local: netip.MustParseAddr("10.99.4.1")})
+		return err
+	})
 	if err == nil || !strings.Contains(err.Error(), "not an address of this host") {
 		t.Errorf("address not on the host: err = %v", err)
 	}
 
 	// Without CAP_NET_RAW. The thread that drops it stays locked, so it
 	// dies with its goroutine instead of serving others without the capability.
-	l.addr(ns, "lo", "10.99.4.1/32")
+	nstest.Addr(t, ns, "lo", "10.99.4.1/32")
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()

@@ -3,19 +3,15 @@ package qemulane
 import (
 	"context"
 	"fmt"
-	"go/parser"
-	"go/token"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 )
 
 const (
-	probePkg   = "github.com/fabricnet/fabric/probe"
 	laneMemory = 1024
 	xtablesDir = "/usr/lib/x86_64-linux-gnu/xtables"
 )
@@ -58,37 +54,6 @@ func addFabricdHostTools(img *Image) error {
 	return nil
 }
 
-// autoFallbackWired reports whether fabricd's auto mode has the per-peer
-// probe that moves a peer to vxlan when IP protocol 4 stops passing: the
-// agent package imports the probe package. FABRIC_LANE_AUTO=1 forces the
-// phase, =0 skips it.
-func autoFallbackWired(t *testing.T) (bool, string) {
-	switch os.Getenv("FABRIC_LANE_AUTO") {
-	case "1":
-		return true, "forced by FABRIC_LANE_AUTO=1"
-	case "0":
-		return false, "skipped by FABRIC_LANE_AUTO=0"
-	}
-	files, _ := filepath.Glob("../agent/*.go")
-	fset := token.NewFileSet()
-	for _, f := range files {
-		if strings.HasSuffix(f, "_test.go") {
-			continue
-		}
-		af, err := parser.ParseFile(fset, f, nil, parser.ImportsOnly)
-		if err != nil {
-			continue
-		}
-		for _, imp := range af.Imports {
-			if p, _ := strconv.Unquote(imp.Path.Value); p == probePkg {
-				return true, "agent imports " + probePkg
-			}
-		}
-	}
-	return false, "fabricd's auto mode has no per-peer IPIP probe yet (package agent does not import " + probePkg +
-		"; dataplane.Config.Prober is left at its always-true default), so IPIP loss cannot move a peer to VXLAN"
-}
-
 // TestFabricdIPIPLane runs the real fabricd, fabricctl and etcd in the VM:
 // three hosts (two on one segment, one behind a router), BGP full mesh,
 // kernel IPIP routes and container traffic; then auto mode with the router
@@ -101,18 +66,7 @@ func TestFabricdIPIPLane(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	autoWired, autoWhy := autoFallbackWired(t)
-	phases := "ipip"
-	if autoWired {
-		phases = "ipip,auto"
-	}
-
-	// FABRIC_LANE_NO_TUNL0=1 is a diagnostic: lab namespaces get no tunl0
-	// fallback device, hiding a probe that collides with it.
-	extra := ""
-	if os.Getenv("FABRIC_LANE_NO_TUNL0") == "1" {
-		extra = " -no-fallback-tunnels"
-	}
+	phases := "ipip,auto"
 
 	dir := t.TempDir()
 	start := time.Now()
@@ -129,7 +83,7 @@ func TestFabricdIPIPLane(t *testing.T) {
 		Kernel:   kernel,
 		Modules:  fabricdModules,
 		Binaries: bins,
-		Init:     "/bin/fabriclane -prefix fl -phases " + phases + extra + "\n",
+		Init:     "/bin/fabriclane -prefix fl -phases " + phases + "\n",
 	}
 	if err := addFabricdHostTools(&img); err != nil {
 		t.Fatal(err)
@@ -139,8 +93,8 @@ func TestFabricdIPIPLane(t *testing.T) {
 		t.Fatal(err)
 	}
 	if fi, err := os.Stat(initrd); err == nil {
-		t.Logf("binaries built in %s, image %.1f MB in %s; phases %s (auto: %s)", buildTime.Round(time.Millisecond),
-			float64(fi.Size())/(1<<20), (time.Since(start) - buildTime).Round(time.Millisecond), phases, autoWhy)
+		t.Logf("binaries built in %s, image %.1f MB in %s; phases %s", buildTime.Round(time.Millisecond),
+			float64(fi.Size())/(1<<20), (time.Since(start) - buildTime).Round(time.Millisecond), phases)
 	}
 
 	// About 60 s on an idle machine; TCG slows down three times when the
@@ -204,9 +158,6 @@ func TestFabricdIPIPLane(t *testing.T) {
 		}
 	})
 	t.Run("auto-fallback", func(t *testing.T) {
-		if !autoWired {
-			t.Skipf("waits for the auto-mode IPIP probe in fabricd: %s", autoWhy)
-		}
 		phasePassed(t, "auto")
 		for _, c := range []struct {
 			kind, contains string

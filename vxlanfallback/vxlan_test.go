@@ -2,57 +2,27 @@ package vxlanfallback
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"net"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"testing"
 
 	"github.com/fabricnet/fabric/backend"
+	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 )
-
-func run(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
 
 // hostNS makes a namespace with an underlay device (a bridge: this kernel has
 // no dummy) carrying 192.168.100.11/24, and returns its name, a netlink
 // handle into it and the underlay device name.
 func hostNS(t *testing.T) (string, *netlink.Handle, string) {
 	t.Helper()
-	if unix.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-	b := make([]byte, 2)
-	rand.Read(b)
-	name := "vx" + hex.EncodeToString(b)
-	run(t, "ip", "netns", "add", name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	nstest.RequireRoot(t)
+	name := nstest.AddNS(t, nstest.Prefix("vx"))
 	dev := name + "u"
-	run(t, "ip", "-n", name, "link", "add", dev, "type", "bridge")
-	run(t, "ip", "-n", name, "addr", "add", "192.168.100.11/24", "dev", dev)
-	run(t, "ip", "-n", name, "link", "set", dev, "up")
-	ns, err := netns.GetFromName(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	return name, h, dev
+	nstest.Bridge(t, name, dev)
+	nstest.Addr(t, name, dev, "192.168.100.11/24")
+	return name, nstest.Handle(t, name), dev
 }
 
 func newBackend(t *testing.T, h *netlink.Handle, dev string) *Backend {
@@ -68,7 +38,7 @@ func newBackend(t *testing.T, h *netlink.Handle, dev string) *Backend {
 func TestEnsureCreatesAndRepairsDevice(t *testing.T) {
 	ns, h, dev := hostNS(t)
 	// A device of an earlier configuration: wrong VNI, default port, learning on.
-	run(t, "ip", "-n", ns, "link", "add", DefaultDevice, "type", "vxlan", "id", "7", "dstport", "4789",
+	nstest.Run(t, "ip", "-n", ns, "link", "add", DefaultDevice, "type", "vxlan", "id", "7", "dstport", "4789",
 		"local", "192.168.100.11", "dev", dev)
 	b := newBackend(t, h, dev)
 	idx, err := b.Ensure(context.Background(), 1450)
@@ -85,12 +55,12 @@ func TestEnsureCreatesAndRepairsDevice(t *testing.T) {
 		t.Fatalf("device after Ensure: vni %d port %d learning %v mtu %d mac %s flags %v",
 			vx.VxlanId, vx.Port, vx.Learning, vx.MTU, vx.HardwareAddr, vx.Flags)
 	}
-	if out := run(t, "ip", "-n", ns, "-4", "addr", "show", "dev", DefaultDevice); !strings.Contains(out, "inet 10.244.1.0/32") {
+	if out := nstest.Run(t, "ip", "-n", ns, "-4", "addr", "show", "dev", DefaultDevice); !strings.Contains(out, "inet 10.244.1.0/32") {
 		t.Errorf("gateway address missing:\n%s", out)
 	}
 
 	// Somebody changes the MAC and MTU; Ensure puts them back without recreating.
-	run(t, "ip", "-n", ns, "link", "set", DefaultDevice, "address", "02:00:00:00:00:01", "mtu", "1300")
+	nstest.Run(t, "ip", "-n", ns, "link", "set", DefaultDevice, "address", "02:00:00:00:00:01", "mtu", "1300")
 	idx2, err := b.Ensure(context.Background(), 1450)
 	if err != nil {
 		t.Fatal(err)
@@ -131,14 +101,14 @@ func TestSyncPeersExactState(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Foreign leftovers on our device.
-	run(t, "ip", "-n", ns, "neigh", "add", "10.244.9.0", "lladdr", "0e:fa:01:02:03:04", "dev", DefaultDevice, "nud", "permanent")
-	run(t, "bridge", "-n", ns, "fdb", "append", "0e:fa:01:02:03:04", "dev", DefaultDevice, "dst", "192.168.100.99")
+	nstest.Run(t, "ip", "-n", ns, "neigh", "add", "10.244.9.0", "lladdr", "0e:fa:01:02:03:04", "dev", DefaultDevice, "nud", "permanent")
+	nstest.Run(t, "bridge", "-n", ns, "fdb", "append", "0e:fa:01:02:03:04", "dev", DefaultDevice, "dst", "192.168.100.99")
 	// Peer 3 leaves.
 	if err := b.SyncPeers([]backend.Peer{peer(2)}); err != nil {
 		t.Fatal(err)
 	}
-	neigh := run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice)
-	fdb := run(t, "bridge", "-n", ns, "fdb", "show", "dev", DefaultDevice)
+	neigh := nstest.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice)
+	fdb := nstest.Run(t, "bridge", "-n", ns, "fdb", "show", "dev", DefaultDevice)
 	if !strings.Contains(neigh, "10.244.2.0 lladdr 0e:fa:c0:a8:64:0c PERMANENT") ||
 		!strings.Contains(fdb, "0e:fa:c0:a8:64:0c dst 192.168.100.12") {
 		t.Errorf("peer 2 state missing:\n%s\n%s", neigh, fdb)

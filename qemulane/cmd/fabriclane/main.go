@@ -61,9 +61,7 @@ var (
 	phasesFlag   = flag.String("phases", "ipip,auto", "phases to run, comma-separated: ipip, auto")
 	holdTime     = flag.String("bgp-hold-time", "3s", "fabricd --bgp-hold-time")
 	keepalive    = flag.String("bgp-keepalive", "1s", "fabricd --bgp-keepalive")
-	noTunl0      = flag.Bool("no-fallback-tunnels", false, "set net.core.fb_tunnels_only_for_init_net=1 so lab namespaces get no tunl0 "+
-		"(a diagnostic workaround for an ipip.Supported that collides with tunl0; off by default)")
-	settle = flag.Duration("timeout", 40*time.Second, "how long to wait for each convergence")
+	settle       = flag.Duration("timeout", 40*time.Second, "how long to wait for each convergence")
 )
 
 func main() {
@@ -71,13 +69,6 @@ func main() {
 	flag.Parse()
 
 	start := time.Now()
-	if *noTunl0 {
-		if err := os.WriteFile("/proc/sys/net/core/fb_tunnels_only_for_init_net", []byte("1"), 0o644); err != nil {
-			fmt.Printf("%s fb_tunnels_only_for_init_net: %v\n", qemulane.FailPrefix, err)
-			os.Exit(1)
-		}
-		fmt.Println("WORKAROUND net.core.fb_tunnels_only_for_init_net=1: namespaces have no tunl0")
-	}
 	var failed []string
 	for i, ph := range strings.Split(*phasesFlag, ",") {
 		ph = strings.TrimSpace(ph)
@@ -502,11 +493,6 @@ func (p *phase) stopAll() {
 func (p *phase) dumpLogs() {
 	for _, name := range sortedKeys(p.daemons) {
 		pr := p.daemons[name]
-		if data, err := os.ReadFile(pr.log); err == nil && bytes.Contains(data, []byte("probe ipip support by creating")) &&
-			bytes.Contains(data, []byte("file exists")) {
-			fmt.Printf("LOG %s %s | HINT: ipip.Supported creates an ipip device without local/remote, which the kernel "+
-				"refuses with EEXIST because the ipip module's fallback device tunl0 has exactly those parameters\n", p.name, name)
-		}
 		if pr.exited() {
 			fmt.Printf("LOG %s fabricd %s exited: %v\n", p.name, name, pr.err)
 		}

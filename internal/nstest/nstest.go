@@ -1,0 +1,181 @@
+// Package nstest builds small network-namespace labs for tests that check
+// real kernel state: namespaces named with a random per-run prefix and
+// removed when the test ends (also when it fails), veth pairs and bridges
+// created inside those namespaces (never in the root namespace), commands
+// and Go code run inside a namespace, and TCP and ICMP probes between them.
+package nstest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+)
+
+// RequireRoot skips the test unless it runs as root and ip, nsenter and the
+// given tools are installed.
+func RequireRoot(t testing.TB, tools ...string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	for _, tool := range append([]string{"ip", "nsenter"}, tools...) {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s: %v", tool, err)
+		}
+	}
+}
+
+// Prefix returns tag followed by four random hex digits. Names built on it
+// do not collide with a parallel run or the leftovers of a killed one, and
+// stay short enough for interface names (15 bytes).
+func Prefix(tag string) string {
+	b := make([]byte, 2)
+	rand.Read(b)
+	return tag + hex.EncodeToString(b)
+}
+
+// Run runs a command and fails the test if it fails; it returns the
+// combined output.
+func Run(t testing.TB, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// Path is where ip netns keeps the namespace called name.
+func Path(name string) string { return "/var/run/netns/" + name }
+
+// AddNS creates namespace name with loopback up and deletes it when the test
+// ends; links inside it go with it.
+func AddNS(t testing.TB, name string) string {
+	t.Helper()
+	Run(t, "ip", "netns", "add", name)
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+			t.Errorf("removing namespace %s: %v: %s", name, err, out)
+		}
+	})
+	Run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	return name
+}
+
+// Command returns a command that runs name in namespace ns, in the shape of
+// the Exec hooks the packages under test take.
+func Command(ctx context.Context, ns, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + Path(ns), "--", name}, args...)...)
+}
+
+// Exec runs a command in namespace ns and fails the test if it fails; it
+// returns the combined output.
+func Exec(t testing.TB, ns string, args ...string) string {
+	t.Helper()
+	return Run(t, append([]string{"nsenter", "--net=" + Path(ns), "--"}, args...)...)
+}
+
+// Veth links devA in nsA with devB in nsB and brings both up. The pair is
+// created inside nsA, so nothing ever lands in the root namespace.
+func Veth(t testing.TB, nsA, devA, nsB, devB string) {
+	t.Helper()
+	Run(t, "ip", "-n", nsA, "link", "add", devA, "type", "veth", "peer", "name", devB, "netns", nsB)
+	Run(t, "ip", "-n", nsA, "link", "set", devA, "up")
+	Run(t, "ip", "-n", nsB, "link", "set", devB, "up")
+}
+
+// Bridge creates bridge name in ns and brings it up.
+func Bridge(t testing.TB, ns, name string) {
+	t.Helper()
+	Run(t, "ip", "-n", ns, "link", "add", name, "type", "bridge")
+	Run(t, "ip", "-n", ns, "link", "set", name, "up")
+}
+
+// AddToBridge makes dev in ns a port of bridge.
+func AddToBridge(t testing.TB, ns, bridge, dev string) {
+	t.Helper()
+	Run(t, "ip", "-n", ns, "link", "set", dev, "master", bridge)
+}
+
+// Addr adds prefix (address/length) to dev in ns.
+func Addr(t testing.TB, ns, dev, prefix string) {
+	t.Helper()
+	Run(t, "ip", "-n", ns, "addr", "add", prefix, "dev", dev)
+}
+
+// Handle returns a netlink handle into namespace name, closed when the test
+// ends.
+func Handle(t testing.TB, name string) *netlink.Handle {
+	t.Helper()
+	ns, err := netns.GetFromName(name)
+	if err != nil {
+		t.Fatalf("open namespace %s: %v", name, err)
+	}
+	h, err := netlink.NewHandleAt(ns)
+	ns.Close()
+	if err != nil {
+		t.Fatalf("netlink handle for %s: %v", name, err)
+	}
+	t.Cleanup(h.Close)
+	return h
+}
+
+// InNS runs fn on a locked OS thread switched into namespace ns and returns
+// its error. Sockets fn opens belong to ns and stay there. It uses a fresh
+// goroutine so the caller's thread never changes namespace.
+func InNS(ns string, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		target, err := netns.GetFromName(ns)
+		if err != nil {
+			errc <- fmt.Errorf("open netns %s: %w", ns, err)
+			return
+		}
+		defer target.Close()
+		if err := netns.Set(target); err != nil {
+			errc <- fmt.Errorf("enter netns %s: %w", ns, err)
+			return
+		}
+		fnErr := fn()
+		if err := netns.Set(orig); err != nil {
+			// The thread stays locked, so it dies with this goroutine
+			// instead of running others in the wrong namespace.
+			errc <- errors.Join(fnErr, fmt.Errorf("return from netns %s: %w", ns, err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- fnErr
+	}()
+	return <-errc
+}
+
+// Logger returns a debug-level text logger that writes to t.Log, so the
+// code under test explains itself next to the failure.
+func Logger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(logWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type logWriter struct{ t testing.TB }
+
+func (w logWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
