@@ -73,12 +73,14 @@ func TestEtcdAwayKeepsDataPlane(t *testing.T) {
 	}
 	f.start(h3)
 	s3 := f.subnet(h3)
-	f.eventually(20*time.Second, "host1 learns the host that joined after etcd came back", func() error {
+	// The etcd client reconnects with a backoff, so allow for it.
+	d := f.eventually(45*time.Second, "host1 learns the host that joined after etcd came back", func() error {
 		if _, ok := f.ownedRoutes(hosts[0])[s3.String()]; !ok {
 			return fmt.Errorf("no route to %s", s3)
 		}
 		return nil
 	})
+	t.Logf("host1 routed to the host that joined after etcd returned %.1fs after that host's agent answered", d.Seconds())
 	out, _ := f.fabricctl(hosts[0], "status")
 	if !strings.Contains(out, "reachable") {
 		t.Errorf("status after etcd returned:\n%s", out)

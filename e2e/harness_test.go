@@ -96,7 +96,7 @@ func (f *fabric) start(h *lab.Host, more ...string) *agentProc {
 	}
 	a := &agentProc{host: h, proc: p, runDir: runDir, args: args}
 	f.agents[h.Name] = a
-	f.eventually(20*time.Second, "fabricd on "+h.Name+" answers on its socket", func() error {
+	f.eventually(30*time.Second, "fabricd on "+h.Name+" answers on its socket", func() error {
 		if p.Exited() {
 			return fmt.Errorf("fabricd exited; log:\n%s", tail(p.LogPath()))
 		}
