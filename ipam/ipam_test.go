@@ -477,7 +477,10 @@ func TestWorksWithOneOfThreeMembersDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(leases) != 1 || leases[0].Subnet != held.Subnet || time.Until(leases[0].Expires) < time.Second {
+	// Still listed 4 s into a 3 s TTL means it was renewed through the
+	// member changes (the remaining TTL at this instant depends on when the
+	// last renewal landed, so it is not checked).
+	if len(leases) != 1 || leases[0].Subnet != held.Subnet {
 		t.Fatalf("after 4 s (TTL 3 s) with members down: %+v, want %s still leased", leases, held.Subnet)
 	}
 	l2, err := newManager(t, cli, prefix, "h2", "m2", 3*time.Second, nil).Acquire(ctx)
