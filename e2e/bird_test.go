@@ -14,18 +14,19 @@ import (
 )
 
 // TestBIRDTopOfRack peers every host with BIRD 2 acting as a top-of-rack
-// router (eBGP, AS 65000): BIRD learns every host's subnet with the host as
+// router (eBGP, AS 65000, TCP MD5 password): BIRD learns every host's subnet with the host as
 // next hop, and the aggregate BIRD originates is installed on the hosts.
 func TestBIRDTopOfRack(t *testing.T) {
 	f := newFabric(t, lab.Spec{Hosts: 3})
 	ctx := context.Background()
 	tor, sock := startBIRD(t, f, func(addr string) string {
 		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; }\n" +
-			"template bgp host { local " + addr + " as 65000; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
+			"template bgp host { local " + addr + " as 65000; password \"fabric-md5\"; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
 	}, func(h *lab.Host) string {
 		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
 	})
-	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n", tor.Addr))
+	// The session is protected with a TCP MD5 password on both sides.
+	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n  password: fabric-md5\n", tor.Addr))
 	for _, h := range f.lab.Hosts() {
 		f.start(h, "--config", peerFile)
 	}

@@ -159,6 +159,19 @@ func TestMeshLifecycle(t *testing.T) {
 		})
 	}
 	t.Logf("killed host's route gone everywhere %.1fs after SIGKILL (hold time 3s)", time.Since(killed).Seconds())
+	// Nothing of the departed peer is left in the VXLAN state either.
+	f.eventually(5*time.Second, "host1 forgets host3's VXLAN neighbour and FDB entries", func() error {
+		ctx := context.Background()
+		neigh, _ := hosts[0].Run(ctx, "ip", "neigh", "show", "dev", "fabric.vxlan")
+		fdb, _ := hosts[0].Run(ctx, "bridge", "fdb", "show", "dev", "fabric.vxlan")
+		if strings.Contains(neigh, s3.Addr().String()+" ") || strings.Contains(fdb, h3.Addr.String()) {
+			return fmt.Errorf("neigh:\n%s\nfdb:\n%s", neigh, fdb)
+		}
+		if !strings.Contains(fdb, hosts[1].Addr.String()) {
+			return fmt.Errorf("host2's FDB entry is missing too:\n%s", fdb)
+		}
+		return nil
+	})
 
 	// Graceful stop of host4: withdrawn at once.
 	if err := f.agents[h4.Name].proc.Stop(); err != nil {
