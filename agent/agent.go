@@ -23,6 +23,7 @@ import (
 	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/dockeropts"
+	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/localapi"
@@ -57,9 +58,14 @@ type Agent struct {
 	vxlan    *vxlanfallback.Backend // nil in ipip mode
 	started  time.Time
 
-	mu        sync.Mutex
-	nodes     []registry.Node
-	bgpRoutes []bgp.Route
+	mu sync.Mutex
+	// registryNodes are the records in etcd; nodes is what the agent works
+	// with: the valid records plus departed hosts still in session.
+	registryNodes []registry.Node
+	nodes         []registry.Node
+	departed      map[string]departedNode // main loop only
+	warned        map[string]bool
+	bgpRoutes     []bgp.Route
 	// Start-up grace: routes already in the kernel when fabricd started
 	// (keptAtStart) stay for peers whose BGP session has not come up yet
 	// (establishedAt), until graceUntil. A restart of fabricd so does not
@@ -85,14 +91,11 @@ type Agent struct {
 // gracefully: it withdraws its subnet and node record but leaves the kernel
 // state in place, so containers keep talking across an agent restart.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
-	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1)}
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   cfg.EtcdEndpoints,
-		DialTimeout: cfg.EtcdTimeout,
-		Logger:      quietZap(),
-	})
+	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1),
+		departed: map[string]departedNode{}, warned: map[string]bool{}}
+	cli, err := etcdclient.New(cfg.EtcdEndpoints, cfg.EtcdTLSFiles(), cfg.EtcdTimeout, quietZap())
 	if err != nil {
-		return fmt.Errorf("etcd %v: %w", cfg.EtcdEndpoints, err)
+		return err // names the endpoints, or the TLS file and its problem
 	}
 	defer cli.Close()
 	a.etcd = cli
@@ -102,6 +105,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	log.Info("underlay", "device", a.underlay.Dev, "address", a.underlay.Addr, "mtu", a.underlay.MTU)
 
+	// Two agents on one host would fight over every route and rule.
+	if c, err := net.DialTimeout("unix", cfg.SocketPath(), time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("another fabricd is running on this host: its local API answers on %s", cfg.SocketPath())
+	}
 	if err := a.detectKernel(); err != nil {
 		return err
 	}
@@ -121,7 +129,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.natMgr, err = nat.New(nat.Config{Logger: log.With("component", "nat")}); err != nil {
 		return err
 	}
-	a.enforcer = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, Legacy: a.natMgr.Backend() == "legacy", Logger: log.With("component", "policy")})
+	save, restore := a.natMgr.Binaries()
+	a.enforcer = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, SaveCommand: save, RestoreCommand: restore, Logger: log.With("component", "policy")})
 	gw := netip.PrefixFrom(a.lease.Gateway(), a.lease.Subnet.Bits())
 	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.dp.MTU(), log); err != nil {
 		return err
@@ -183,11 +192,15 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("host", a.hostLoop)
 	goLoop("nat", a.natLoop)
 	goLoop("policy", a.policyLoop)
+	goLoop("metrics", a.metricsLoop)
 
 	nodes := registry.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "registry"))
 	routes := a.speaker.Routes()
 	convergeCheck := time.NewTicker(time.Second)
 	defer convergeCheck.Stop()
+	// Departed hosts are dropped once their sessions are down.
+	departedCheck := time.NewTicker(2 * time.Second)
+	defer departedCheck.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -207,17 +220,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 				continue
 			}
 			a.mu.Lock()
-			a.nodes = ns
-			a.nodesKnown = true
+			a.registryNodes = ns
 			a.mu.Unlock()
-			if err := a.speaker.SetPeers(runCtx, a.desiredPeers(ns)); err != nil {
-				log.Error("set BGP peers", "err", err)
-			}
-			if a.prober != nil {
-				a.prober.SetPeers(ipipPeers(ns, cfg.NodeName))
-			}
-			a.kickDataplane()
-			a.kickPolicy()
+			a.refreshNodes(runCtx)
+		case <-departedCheck.C:
+			a.refreshNodes(runCtx)
 		case rs := <-routes:
 			a.mu.Lock()
 			a.bgpRoutes = rs
@@ -532,7 +539,12 @@ func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 			continue
 		}
 		rr := dataplane.RemoteRoute{Prefix: r.Prefix, NextHop: r.NextHop, PeerName: r.PeerName}
-		if n, ok := byAddr[r.NextHop]; ok {
+		n, toNode := byAddr[r.NextHop]
+		if why := a.refuseRoute(r, toNode); why != "" {
+			a.warnOnce("route/"+r.Prefix.String()+"/"+r.NextHop.String(), "ignoring BGP route", "prefix", r.Prefix, "nexthop", r.NextHop, "peer", r.PeerName, "problem", why)
+			continue
+		}
+		if toNode {
 			rr.PeerName = n.Name
 			rr.Peer = peerInfo(n)
 		}
@@ -551,6 +563,21 @@ func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 	return out
 }
 
+// refuseRoute says why a learned route must not reach the kernel, or "".
+// A route through a tunnel may only lead into the pool: anything else (the
+// underlay, a peer's own address) would send the tunnel's outer packets into
+// the tunnel. No route may take over this host's own underlay segment.
+func (a *Agent) refuseRoute(r bgp.Route, toNode bool) string {
+	if toNode && (!a.pool.Network.Contains(r.Prefix.Addr()) || r.Prefix.Bits() < a.pool.Network.Bits()) {
+		return fmt.Sprintf("its next hop is a fabric host, so it would be tunnelled, but %s is outside the pool %s", r.Prefix, a.pool.Network)
+	}
+	u := a.underlay.Prefix
+	if r.Prefix.Overlaps(u) && r.Prefix.Bits() >= u.Bits() {
+		return fmt.Sprintf("it would take over this host's underlay segment %s", u)
+	}
+	return ""
+}
+
 func peerInfo(n registry.Node) *dataplane.PeerInfo {
 	mac, _ := net.ParseMAC(n.VTEPMAC)
 	return &dataplane.PeerInfo{Name: n.Name, Address: n.Address, VTEPMAC: mac, Encaps: slices.Clone(n.Encaps), Subnet: n.Subnet}
@@ -561,6 +588,7 @@ func peerInfo(n registry.Node) *dataplane.PeerInfo {
 func (a *Agent) dataplaneLoop(ctx context.Context) error {
 	t := time.NewTicker(a.cfg.Resync)
 	defer t.Stop()
+	retry, lastErr := 2*time.Second, ""
 	for {
 		select {
 		case <-ctx.Done():
@@ -574,10 +602,23 @@ func (a *Agent) dataplaneLoop(ctx context.Context) error {
 		if !ready {
 			continue
 		}
-		if err := a.dp.Apply(ctx, a.desiredRoutes()); err != nil {
-			a.log.Error("apply data plane", "err", err)
-			// Retry soon rather than waiting for the next resync.
-			time.AfterFunc(2*time.Second, a.kickDataplane)
+		desired := a.desiredRoutes()
+		start := time.Now()
+		err := a.dp.Apply(ctx, desired)
+		dataplaneApplySeconds.Observe(time.Since(start).Seconds())
+		if err != nil {
+			dataplaneApplyErrors.Inc()
+			// Retry sooner than the resync, backing off: some errors clear
+			// (a device being recreated), others last until the input
+			// changes (a route another owner holds) and must not spin.
+			if msg := err.Error(); msg != lastErr {
+				a.log.Error("apply data plane", "err", err, "retryIn", retry)
+				lastErr = msg
+			}
+			time.AfterFunc(retry, a.kickDataplane)
+			retry = min(2*retry, time.Minute)
+		} else {
+			retry, lastErr = 2*time.Second, ""
 		}
 	}
 }
@@ -692,7 +733,8 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 		if err := natMgr.Cleanup(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("NAT rules: %w", err))
 		}
-		enf := policy.New(policy.IptablesConfig{Legacy: natMgr.Backend() == "legacy", Logger: log})
+		save, restore := natMgr.Binaries()
+		enf := policy.New(policy.IptablesConfig{SaveCommand: save, RestoreCommand: restore, Logger: log})
 		if err := enf.Cleanup(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("policy rules: %w", err))
 		}

@@ -20,6 +20,7 @@ func (a *Agent) natLoop(ctx context.Context) error {
 	apply := func() {
 		st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName, Publishes: current}
 		if err := a.natMgr.Apply(ctx, st); err != nil {
+			natApplyErrors.Inc()
 			a.log.Error("apply NAT rules", "err", err)
 		}
 	}
@@ -70,6 +71,7 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 		subnets[a.cfg.NodeName] = a.lease.Subnet
 		rs, err := policy.Compile(current.Rules, current.DefaultAction, subnets, a.lease.Subnet)
 		if err != nil {
+			policyApplyErrors.Inc()
 			a.log.Error("compile policy; keeping the rules in force", "err", err)
 			continue
 		}
@@ -77,6 +79,7 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 			a.log.Warn("policy", "warning", w)
 		}
 		if err := a.enforcer.Apply(ctx, rs); err != nil {
+			policyApplyErrors.Inc()
 			a.log.Error("enforce policy", "err", err)
 		}
 	}

@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -28,13 +29,24 @@ func findUnderlay(dev, addr string) (underlay, error) {
 			return u, fmt.Errorf("underlayInterface %q: %w", dev, err)
 		}
 	default:
-		routes, _ := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		routes, err := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return u, fmt.Errorf("underlayInterface: list routes: %w", err)
+		}
 		for _, r := range routes {
-			if r.Dst == nil || r.Dst.String() == "0.0.0.0/0" {
-				if link, err = netlink.LinkByIndex(r.LinkIndex); err == nil {
-					break
-				}
+			if r.Dst != nil && r.Dst.String() != "0.0.0.0/0" {
+				continue
 			}
+			index := r.LinkIndex
+			if index == 0 && len(r.MultiPath) > 0 {
+				// An ECMP default route (two top-of-rack routers): its
+				// first path's interface.
+				index = r.MultiPath[0].LinkIndex
+			}
+			if link, err = netlink.LinkByIndex(index); err == nil {
+				break
+			}
+			link = nil
 		}
 		if link == nil {
 			links, err := netlink.LinkList()
@@ -43,7 +55,11 @@ func findUnderlay(dev, addr string) (underlay, error) {
 			}
 			var candidates []netlink.Link
 			for _, l := range links {
-				if l.Attrs().Flags&1 == 0 || l.Type() == "bridge" || l.Attrs().Name == "lo" {
+				// Not fabric's own devices, nor bridges and tunnels: their
+				// addresses are container gateways, not the underlay.
+				switch {
+				case l.Attrs().Flags&1 == 0, l.Attrs().Name == "lo", strings.HasPrefix(l.Attrs().Name, "fabric."),
+					l.Type() == "bridge", l.Type() == "vxlan", l.Type() == "ipip", l.Type() == "veth" && l.Attrs().MasterIndex != 0:
 					continue
 				}
 				if as, _ := netlink.AddrList(l, unix.AF_INET); len(as) > 0 {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"strconv"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/fabricnet/fabric/internal/etcdclient"
 )
 
 // ExternalPeer is a BGP peer that is not a fabric host: a top-of-rack router
@@ -38,6 +41,11 @@ type Config struct {
 	EtcdEndpoints []string      `json:"etcdEndpoints"`
 	EtcdPrefix    string        `json:"etcdPrefix"`
 	EtcdTimeout   time.Duration `json:"etcdTimeout"`
+	// TLS to etcd: PEM files of the CA that signed etcd's certificate
+	// (empty: the system roots) and of a client certificate and its key.
+	EtcdCACert string `json:"etcdCACert"`
+	EtcdCert   string `json:"etcdCert"`
+	EtcdKey    string `json:"etcdKey"`
 
 	UnderlayInterface string `json:"underlayInterface"`
 	UnderlayAddress   string `json:"underlayAddress"`
@@ -67,6 +75,10 @@ type Config struct {
 	Resync    time.Duration `json:"resync"`
 	LogLevel  string        `json:"logLevel"`
 	LogFormat string        `json:"logFormat"`
+
+	// MetricsAddress is host:port of the Prometheus endpoint (/metrics);
+	// "" turns it off. Loopback by default: it is an admin endpoint.
+	MetricsAddress string `json:"metricsAddress"`
 
 	// Cleanup is an action, not a setting: remove everything fabricd owns.
 	Cleanup    bool   `json:"-"`
@@ -100,6 +112,7 @@ func Defaults() Config {
 		Resync:            30 * time.Second,
 		LogLevel:          "info",
 		LogFormat:         "text",
+		MetricsAddress:    "127.0.0.1:9815",
 	}
 }
 
@@ -191,6 +204,9 @@ func defineFlags(fs *flag.FlagSet, c *Config) {
 	fs.Var(listFlag{&c.EtcdEndpoints}, "etcd-endpoints", "comma-separated etcd client URLs (env FABRIC_ETCD_ENDPOINTS)")
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", c.EtcdPrefix, "etcd key prefix")
 	fs.DurationVar(&c.EtcdTimeout, "etcd-timeout", c.EtcdTimeout, "timeout of one etcd request")
+	fs.StringVar(&c.EtcdCACert, "etcd-ca-cert", c.EtcdCACert, "PEM file of the CA that signed etcd's certificate; default: the system roots (env FABRIC_ETCD_CA_CERT)")
+	fs.StringVar(&c.EtcdCert, "etcd-cert", c.EtcdCert, "PEM file of the client certificate for etcd (env FABRIC_ETCD_CERT)")
+	fs.StringVar(&c.EtcdKey, "etcd-key", c.EtcdKey, "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
 	fs.StringVar(&c.UnderlayInterface, "underlay-interface", c.UnderlayInterface, "interface facing the other hosts; default: the interface of the default route, else the only non-loopback one")
 	fs.StringVar(&c.UnderlayAddress, "underlay-address", c.UnderlayAddress, "this host's underlay IPv4 address; default: the first address of the underlay interface")
 	fs.StringVar(&c.Pool, "pool", c.Pool, "container address pool to create in etcd if none exists, e.g. 10.244.0.0/16")
@@ -220,6 +236,7 @@ func defineFlags(fs *flag.FlagSet, c *Config) {
 	fs.DurationVar(&c.Resync, "resync", c.Resync, "interval of drift repair of kernel state")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "text or json")
+	fs.StringVar(&c.MetricsAddress, "metrics-address", c.MetricsAddress, "host:port of the Prometheus /metrics endpoint; \"\" turns it off (env FABRIC_METRICS_ADDRESS)")
 	fs.BoolVar(&c.Cleanup, "cleanup", false, "remove every route, link and rule fabricd owns on this host, then exit")
 }
 
@@ -238,6 +255,9 @@ func applyEnv(c *Config, env map[string]string) error {
 		"FABRIC_NODE_NAME":          &c.NodeName,
 		"FABRIC_MACHINE_ID":         &c.MachineID,
 		"FABRIC_ETCD_PREFIX":        &c.EtcdPrefix,
+		"FABRIC_ETCD_CA_CERT":       &c.EtcdCACert,
+		"FABRIC_ETCD_CERT":          &c.EtcdCert,
+		"FABRIC_ETCD_KEY":           &c.EtcdKey,
 		"FABRIC_UNDERLAY_INTERFACE": &c.UnderlayInterface,
 		"FABRIC_UNDERLAY_ADDRESS":   &c.UnderlayAddress,
 		"FABRIC_POOL":               &c.Pool,
@@ -246,6 +266,7 @@ func applyEnv(c *Config, env map[string]string) error {
 		"FABRIC_RUN_DIR":            &c.RunDir,
 		"FABRIC_LOG_LEVEL":          &c.LogLevel,
 		"FABRIC_LOG_FORMAT":         &c.LogFormat,
+		"FABRIC_METRICS_ADDRESS":    &c.MetricsAddress,
 	}
 	for k, p := range str {
 		if v, ok := env[k]; ok {
@@ -311,6 +332,7 @@ func (c *Config) Validate() error {
 			bad("etcdEndpoints", "%q is not a URL: want http://host:port, https://host:port or unix:///path", e)
 		}
 	}
+	c.validateEtcdTLS(bad)
 	if !strings.HasPrefix(c.EtcdPrefix, "/") || strings.HasSuffix(c.EtcdPrefix, "/") {
 		bad("etcdPrefix", "%q must start with '/' and not end with '/', e.g. /fabric/v1", c.EtcdPrefix)
 	}
@@ -395,10 +417,79 @@ func (c *Config) Validate() error {
 	default:
 		bad("logFormat", "%q: want text or json", c.LogFormat)
 	}
+	if c.MetricsAddress != "" {
+		var port uint64
+		var err error
+		if p, ok := strings.CutPrefix(c.MetricsAddress, ":"); ok {
+			port, err = strconv.ParseUint(p, 10, 16)
+		} else {
+			var ap netip.AddrPort
+			ap, err = netip.ParseAddrPort(c.MetricsAddress)
+			port = uint64(ap.Port())
+		}
+		if err != nil || port == 0 {
+			bad("metricsAddress", "%q is not IP:port: want e.g. 127.0.0.1:9815 (loopback, the default), the underlay address with a port, or :9815 (every address); \"\" turns metrics off", c.MetricsAddress)
+		}
+	}
 	if len(errs) > 0 {
 		return fmt.Errorf("invalid configuration:\n  %w", joinIndented(errs))
 	}
 	return nil
+}
+
+// EtcdTLSFiles returns the TLS files for the etcd client.
+func (c *Config) EtcdTLSFiles() etcdclient.TLSFiles {
+	return etcdclient.TLSFiles{CA: c.EtcdCACert, Cert: c.EtcdCert, Key: c.EtcdKey}
+}
+
+// validateEtcdTLS checks the etcd TLS files: they must be readable PEM,
+// certificate and key go together, and at least one endpoint must use
+// https:// (an https:// endpoint without a CA uses the system roots).
+func (c *Config) validateEtcdTLS(bad func(setting, format string, a ...any)) {
+	files := []struct{ setting, path string }{
+		{"etcdCACert", c.EtcdCACert}, {"etcdCert", c.EtcdCert}, {"etcdKey", c.EtcdKey},
+	}
+	readable := true
+	for _, f := range files {
+		if f.path == "" {
+			continue
+		}
+		if !etcdclient.AnyTLSEndpoint(c.EtcdEndpoints) {
+			bad(f.setting, "%s is set but no etcd endpoint uses https://; use https:// endpoints (%s) or drop the setting", f.path, strings.Join(c.EtcdEndpoints, ","))
+		}
+		fh, err := os.Open(f.path)
+		if err == nil {
+			fh.Close()
+		} else {
+			readable = false
+			var pe *fs.PathError
+			if errors.As(err, &pe) {
+				err = pe.Err
+			}
+			bad(f.setting, "cannot read %s: %v", f.path, err)
+		}
+	}
+	switch {
+	case c.EtcdCert != "" && c.EtcdKey == "":
+		bad("etcdKey", "missing: etcdCert %s needs its key", c.EtcdCert)
+		readable = false
+	case c.EtcdKey != "" && c.EtcdCert == "":
+		bad("etcdCert", "missing: etcdKey %s needs its certificate", c.EtcdKey)
+		readable = false
+	}
+	if !readable {
+		return
+	}
+	if c.EtcdCACert != "" {
+		if _, err := etcdclient.LoadCA(c.EtcdCACert); err != nil {
+			bad("etcdCACert", "%v", err)
+		}
+	}
+	if c.EtcdCert != "" {
+		if _, err := etcdclient.LoadKeyPair(c.EtcdCert, c.EtcdKey); err != nil {
+			bad("etcdCert", "%v", err)
+		}
+	}
 }
 
 func joinIndented(errs []error) error {

@@ -5,6 +5,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/internal/etcdtest"
 )
 
 func TestPrecedenceFileEnvFlags(t *testing.T) {
@@ -43,6 +46,9 @@ func TestInvalidSettingsNamed(t *testing.T) {
 		{[]string{"--vxlan-port", "70000"}, "vxlanPort: 70000 outside 1-65535"},
 		{[]string{"--bgp-hold-time", "6s", "--bgp-keepalive", "3s"}, "keepaliveInterval"},
 		{[]string{"--subnet-ttl", "5s"}, "subnetTTL"},
+		{[]string{"--metrics-address", "0.0.0.0"}, `metricsAddress: "0.0.0.0" is not IP:port`},
+		{[]string{"--metrics-address", "localhost:9815"}, "metricsAddress"},
+		{[]string{"--metrics-address", "127.0.0.1:0"}, "metricsAddress"},
 	} {
 		_, err := Load(append([]string{"--machine-id", "m"}, tc.args...), nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -64,5 +70,109 @@ func TestMissingMachineID(t *testing.T) {
 	_, err := Load([]string{"--machine-id-file", "/nonexistent/machine-id"}, nil)
 	if err == nil || !strings.Contains(err.Error(), "machineIDFile") {
 		t.Fatalf("want a machineIDFile error, got %v", err)
+	}
+}
+
+func TestMetricsAddress(t *testing.T) {
+	for _, tc := range []struct {
+		args, env []string
+		want      string
+	}{
+		{nil, nil, "127.0.0.1:9815"}, // loopback only unless told otherwise
+		{nil, []string{"FABRIC_METRICS_ADDRESS=10.0.0.11:9815"}, "10.0.0.11:9815"},
+		{[]string{"--metrics-address", ":9900"}, []string{"FABRIC_METRICS_ADDRESS=10.0.0.11:9815"}, ":9900"},
+		{[]string{"--metrics-address", ""}, nil, ""}, // off
+	} {
+		cfg, err := Load(append([]string{"--machine-id", "m"}, tc.args...), tc.env)
+		if err != nil {
+			t.Fatalf("%v %v: %v", tc.args, tc.env, err)
+		}
+		if cfg.MetricsAddress != tc.want {
+			t.Errorf("%v %v: metricsAddress=%q, want %q", tc.args, tc.env, cfg.MetricsAddress, tc.want)
+		}
+	}
+}
+
+func TestEtcdTLSSettings(t *testing.T) {
+	f := etcdtest.WriteTLSFiles(t)
+	https := []string{"--etcd-endpoints", "https://10.0.0.5:2379"}
+	cfg, err := Load(append([]string{"--machine-id", "m", "--etcd-ca-cert", f.CA, "--etcd-cert", f.Cert, "--etcd-key", f.Key}, https...), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.EtcdTLSFiles(); got.CA != f.CA || got.Cert != f.Cert || got.Key != f.Key {
+		t.Errorf("flags not applied: %+v", got)
+	}
+	cfg, err = Load([]string{"--machine-id", "m"}, []string{
+		"FABRIC_ETCD_ENDPOINTS=https://10.0.0.5:2379", "FABRIC_ETCD_CA_CERT=" + f.CA, "FABRIC_ETCD_CERT=" + f.Cert, "FABRIC_ETCD_KEY=" + f.Key,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.EtcdCACert != f.CA || cfg.EtcdCert != f.Cert || cfg.EtcdKey != f.Key {
+		t.Errorf("environment not applied: %+v", cfg.EtcdTLSFiles())
+	}
+	file := filepath.Join(t.TempDir(), "fabricd.yaml")
+	os.WriteFile(file, []byte("etcdEndpoints: [https://10.0.0.5:2379]\netcdCACert: "+f.CA+"\n"), 0o600)
+	if cfg, err = Load([]string{"--config", file, "--machine-id", "m"}, nil); err != nil || cfg.EtcdCACert != f.CA {
+		t.Errorf("etcdCACert from file: %v, %+v", err, cfg)
+	}
+	// https:// without a CA: the system roots.
+	if _, err := Load(append([]string{"--machine-id", "m"}, https...), nil); err != nil {
+		t.Errorf("https without CA must be allowed: %v", err)
+	}
+}
+
+func TestEtcdTLSInvalid(t *testing.T) {
+	f := etcdtest.WriteTLSFiles(t)
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.pem")
+	garbage := filepath.Join(dir, "garbage.pem")
+	os.WriteFile(garbage, []byte("junk\n"), 0o600)
+	https := "https://10.0.0.5:2379"
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"--etcd-endpoints", https, "--etcd-cert", f.Cert}, []string{"etcdKey: missing: etcdCert " + f.Cert}},
+		{[]string{"--etcd-endpoints", https, "--etcd-key", f.Key}, []string{"etcdCert: missing: etcdKey " + f.Key}},
+		{[]string{"--etcd-ca-cert", f.CA}, []string{"etcdCACert: " + f.CA + " is set but no etcd endpoint uses https://"}},
+		{[]string{"--etcd-endpoints", "http://a:2379,http://b:2379", "--etcd-cert", f.Cert, "--etcd-key", f.Key}, []string{"etcdCert: " + f.Cert + " is set but no etcd endpoint", "etcdKey: " + f.Key + " is set"}},
+		{[]string{"--etcd-endpoints", https, "--etcd-ca-cert", missing}, []string{"etcdCACert: cannot read " + missing + ": no such file or directory"}},
+		{[]string{"--etcd-endpoints", https, "--etcd-cert", f.Cert, "--etcd-key", missing}, []string{"etcdKey: cannot read " + missing}},
+		{[]string{"--etcd-endpoints", https, "--etcd-ca-cert", garbage}, []string{"etcdCACert: ", garbage, "no PEM-encoded certificate"}},
+		{[]string{"--etcd-endpoints", https, "--etcd-cert", garbage, "--etcd-key", f.Key}, []string{"etcdCert: ", garbage, "certificate input"}},
+		{[]string{"--etcd-endpoints", https, "--etcd-cert", f.CA, "--etcd-key", f.Key}, []string{"etcdCert: ", f.CA, "does not match"}},
+	} {
+		_, err := Load(append([]string{"--machine-id", "m"}, tc.args...), nil)
+		for _, w := range tc.want {
+			if err == nil || !strings.Contains(err.Error(), w) {
+				t.Errorf("%v: error %v, want it to mention %q", tc.args, err, w)
+			}
+		}
+	}
+	if os.Getuid() != 0 {
+		unreadable := filepath.Join(dir, "unreadable.pem")
+		os.WriteFile(unreadable, []byte("x"), 0o000)
+		_, err := Load([]string{"--machine-id", "m", "--etcd-endpoints", https, "--etcd-ca-cert", unreadable}, nil)
+		if err == nil || !strings.Contains(err.Error(), "etcdCACert: cannot read "+unreadable+": permission denied") {
+			t.Errorf("unreadable CA: %v", err)
+		}
+	}
+}
+
+func TestFileDurationsWithUnits(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "fabricd.yaml")
+	os.WriteFile(file, []byte("holdTime: 6s\nkeepaliveInterval: 2s\nsubnetTTL: 48h\nresync: 1m\n"), 0o600)
+	cfg, err := Load([]string{"--config", file, "--machine-id", "m"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.HoldTime != 6*time.Second || cfg.KeepaliveInterval != 2*time.Second || cfg.SubnetTTL != 48*time.Hour || cfg.Resync != time.Minute {
+		t.Fatalf("durations from the file: hold %s keepalive %s subnetTTL %s resync %s", cfg.HoldTime, cfg.KeepaliveInterval, cfg.SubnetTTL, cfg.Resync)
+	}
+	os.WriteFile(file, []byte("holdTime: 9\n"), 0o600)
+	if _, err := Load([]string{"--config", file, "--machine-id", "m"}, nil); err == nil || !strings.Contains(err.Error(), "unit") {
+		t.Fatalf("a bare number must be refused (it would mean nanoseconds), got %v", err)
 	}
 }

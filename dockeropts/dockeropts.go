@@ -27,9 +27,20 @@ func (o Options) BIP() string { return netip.PrefixFrom(o.Gateway, o.Subnet.Bits
 // Args are dockerd's command-line options. --ip-masq=false because fabricd
 // masquerades only traffic that leaves the pool; dockerd's rule would rewrite
 // container-to-container traffic across hosts.
+//
+// With a bridge other than docker0, dockerd is pointed at it with --bridge
+// and takes the gateway address fabricd put on it (dockerd refuses --bip
+// together with --bridge); otherwise it would build a second bridge docker0
+// with the same subnet.
 func (o Options) Args() []string {
-	return []string{"--bip=" + o.BIP(), fmt.Sprintf("--mtu=%d", o.MTU), "--ip-masq=false"}
+	addr := "--bip=" + o.BIP()
+	if o.customBridge() {
+		addr = "--bridge=" + o.Bridge
+	}
+	return []string{addr, fmt.Sprintf("--mtu=%d", o.MTU), "--ip-masq=false"}
 }
+
+func (o Options) customBridge() bool { return o.Bridge != "" && o.Bridge != "docker0" }
 
 // Env renders the environment file (subnet.env style).
 func (o Options) Env() string {
@@ -38,6 +49,9 @@ func (o Options) Env() string {
 	fmt.Fprintf(&b, "FABRIC_SUBNET=%s\n", o.Subnet)
 	fmt.Fprintf(&b, "FABRIC_GATEWAY=%s\n", o.Gateway)
 	fmt.Fprintf(&b, "FABRIC_MTU=%d\n", o.MTU)
+	if o.Bridge != "" {
+		fmt.Fprintf(&b, "FABRIC_BRIDGE=%s\n", o.Bridge)
+	}
 	fmt.Fprintf(&b, "DOCKER_OPTS=\"%s\"\n", strings.Join(o.Args(), " "))
 	return b.String()
 }
@@ -45,6 +59,10 @@ func (o Options) Env() string {
 // JSON renders a daemon.json fragment.
 func (o Options) JSON() string {
 	v := map[string]any{"bip": o.BIP(), "mtu": o.MTU, "ip-masq": false}
+	if o.customBridge() {
+		delete(v, "bip")
+		v["bridge"] = o.Bridge
+	}
 	b, _ := json.MarshalIndent(v, "", "  ")
 	return string(b) + "\n"
 }
@@ -53,8 +71,10 @@ func (o Options) JSON() string {
 func (o Options) Systemd(envFile string) string {
 	return fmt.Sprintf(`# /etc/systemd/system/docker.service.d/fabric.conf, written by fabricctl docker-opts
 [Unit]
+# After, not Requires: restarting fabricd must not restart dockerd and its
+# containers; the kernel state fabricd keeps serves them meanwhile.
 After=fabricd.service
-Requires=fabricd.service
+Wants=fabricd.service
 
 [Service]
 EnvironmentFile=%s
@@ -93,6 +113,7 @@ func ParseEnv(data string) (Options, error) {
 	if o.Gateway, err = netip.ParseAddr(vals["FABRIC_GATEWAY"]); err != nil {
 		return o, fmt.Errorf("FABRIC_GATEWAY: %w", err)
 	}
+	o.Bridge = vals["FABRIC_BRIDGE"]
 	if _, err := fmt.Sscan(vals["FABRIC_MTU"], &o.MTU); err != nil {
 		return o, fmt.Errorf("FABRIC_MTU: %w", err)
 	}

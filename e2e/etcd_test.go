@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -84,5 +85,40 @@ func TestEtcdAwayKeepsDataPlane(t *testing.T) {
 	out, _ := f.fabricctl(hosts[0], "status")
 	if !strings.Contains(out, "reachable") {
 		t.Errorf("status after etcd returned:\n%s", out)
+	}
+}
+
+// TestNodeRecordGoneSessionUp: a host's node record vanishes from etcd (its
+// liveness lease expired while it was cut off from etcd, say) while its BGP
+// session and data plane work: the other hosts keep routing to it.
+func TestNodeRecordGoneSessionUp(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2})
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h)
+	}
+	h1, h2 := hosts[0], hosts[1]
+	s2 := f.subnet(h2)
+	f.eventually(20*time.Second, "host1 routes to host2", func() error { return f.routesTo(h1, []netip.Prefix{s2}) })
+	cli, err := f.lab.EtcdClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	// host2's agent puts its record back soon; until then the record is
+	// gone while the session is up, which is the window under test.
+	if _, err := cli.Delete(t.Context(), "/fabric/v1/nodes/"+h2.Name); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(4 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, ok := f.ownedRoutes(h1)[s2.String()]; !ok {
+			t.Fatalf("host1 dropped its route to host2 when host2's node record vanished, though their session is up")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	ps, err := f.peers(h1)
+	if err != nil || len(ps) != 1 || ps[0].State != "established" {
+		t.Fatalf("host1's peers after host2's record vanished: %+v %v", ps, err)
 	}
 }

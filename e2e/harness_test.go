@@ -36,7 +36,9 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 		binDir = dir
-	} else if _, err := os.Stat(filepath.Join(binDir, "tcpprobe")); err != nil {
+	} else {
+		// Always rebuilt: `make build` does not build it, and a stale copy
+		// lacks newer subcommands.
 		cmd := exec.Command("go", "build", "-o", binDir+"/", "./tcpprobe")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
@@ -80,6 +82,7 @@ func (f *fabric) fabricdArgs(h *lab.Host, runDir string, more ...string) []strin
 		"--underlay-interface", h.Dev,
 		"--resync", "5s",
 		"--log-level", "debug",
+		"--metrics-address", netip.AddrPortFrom(h.Addr, 9815).String(),
 	}
 	args = append(args, f.extra...)
 	return append(args, more...)

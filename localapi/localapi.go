@@ -14,7 +14,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"syscall"
 	"time"
 )
 
@@ -72,14 +71,22 @@ func Serve(ctx context.Context, path string, p Provider, log *slog.Logger) error
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	// A socket left by a killed agent would make Listen fail.
+	// A socket left by a killed agent would make Listen fail; one that
+	// answers belongs to a running fabricd and is not ours to take.
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("local API socket %s: another fabricd is running and answers on it", path)
+	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	old := syscall.Umask(0o177)
 	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
 	if err != nil {
+		return fmt.Errorf("local API socket %s: %w", path, err)
+	}
+	// Connecting needs write permission on the socket: root only.
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
 		return fmt.Errorf("local API socket %s: %w", path, err)
 	}
 	mux := http.NewServeMux()

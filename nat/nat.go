@@ -173,6 +173,10 @@ func pickBinary(preferred, fallback string) string {
 // Backend is "nf_tables" or "legacy": the iptables backend in use.
 func (m *Manager) Backend() string { return m.backend }
 
+// Binaries are the iptables-save and iptables-restore commands of the
+// detected backend, for other owners of rules (policy) to use the same.
+func (m *Manager) Binaries() (save, restore string) { return m.save, m.restore }
+
 // Writes counts the iptables-restore runs so far; an Apply that finds the
 // kernel already right does not add to it.
 func (m *Manager) Writes() uint64 {

@@ -58,7 +58,11 @@ type IptablesConfig struct {
 	// iptables-save/-restore (nf_tables on Debian 12). Use the same
 	// variant as the rest of the host.
 	Legacy bool
-	Logger *slog.Logger
+	// SaveCommand and RestoreCommand, when set, override Legacy: fabricd
+	// passes the ones the nat package detected, so both owners of rules
+	// always use the same backend.
+	SaveCommand, RestoreCommand string
+	Logger                      *slog.Logger
 }
 
 // IptablesEnforcer enforces a Ruleset with a filter-table chain
@@ -227,6 +231,9 @@ func (e *IptablesEnforcer) destroySets(ctx context.Context, have []string, keep 
 }
 
 func (e *IptablesEnforcer) restoreCmd() string {
+	if e.cfg.RestoreCommand != "" {
+		return e.cfg.RestoreCommand
+	}
 	if e.cfg.Legacy {
 		return "iptables-legacy-restore"
 	}
@@ -234,6 +241,9 @@ func (e *IptablesEnforcer) restoreCmd() string {
 }
 
 func (e *IptablesEnforcer) saveCmd() string {
+	if e.cfg.SaveCommand != "" {
+		return e.cfg.SaveCommand
+	}
 	if e.cfg.Legacy {
 		return "iptables-legacy-save"
 	}

@@ -259,12 +259,12 @@ func (w *policyWatcher) publish(ctx context.Context, kvs map[string][]byte) {
 	for _, err := range bad {
 		w.log.Error("POLICY NOT UPDATED: malformed stored policy value; fix or delete the key", "err", err)
 	}
-	if len(bad) > 0 && w.sentAny {
-		w.log.Error("keeping the last good policy until every stored policy value is valid", "malformed", len(bad))
-		return
-	}
 	if len(bad) > 0 {
-		w.log.Error("no good policy yet: enforcing only the valid stored rules", "valid", len(p.Rules), "malformed", len(bad))
+		// Also at start: the kernel may still hold the previous agent's
+		// rules, and enforcing only the valid part (or reading a bad
+		// default as allow) could open what they close. Keep them.
+		w.log.Error("keeping the policy in force until every stored policy value is valid", "malformed", len(bad))
+		return
 	}
 	w.sentAny = true
 	sendLatest(ctx, w.out, p)

@@ -152,7 +152,11 @@ func TestWatchFollowsChangesAndHoldsOnMalformed(t *testing.T) {
 	}
 }
 
-func TestWatchStartsWithValidPartOfMalformedStore(t *testing.T) {
+// A malformed stored value at start sends nothing: the kernel may still hold
+// the previous agent's rules, and enforcing only the valid part (or a bad
+// default read as allow) could open what they close. Once the value is fixed,
+// the whole policy is sent.
+func TestWatchHoldsAtStartWhileStoreIsMalformed(t *testing.T) {
 	cli := etcdtest.Start(t).Client(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -166,12 +170,21 @@ func TestWatchStartsWithValidPartOfMalformedStore(t *testing.T) {
 	if _, err := Get(ctx, cli, prefix); err == nil || !strings.Contains(err.Error(), "/fabric/policy/junk") {
 		t.Fatalf("Get with malformed value: %v", err)
 	}
+	ch := WatchPolicy(ctx, cli, prefix, slog.New(slog.DiscardHandler))
 	select {
-	case p := <-WatchPolicy(ctx, cli, prefix, slog.New(slog.DiscardHandler)):
+	case p := <-ch:
+		t.Fatalf("sent %+v while a stored value is malformed", p)
+	case <-time.After(time.Second):
+	}
+	if _, err := cli.Delete(ctx, RuleKey(prefix, "junk")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case p := <-ch:
 		if len(p.Rules) != 1 || p.Rules[0].Name != "deny-all" {
 			t.Fatalf("got %+v", p)
 		}
-	case <-time.After(time.Second):
-		t.Fatal("nothing sent at start")
+	case <-time.After(5 * time.Second):
+		t.Fatal("nothing sent after the malformed value was deleted")
 	}
 }

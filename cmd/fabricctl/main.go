@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -14,14 +15,18 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/fabricnet/fabric/agent"
+	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/localapi"
 )
 
 type globals struct {
 	etcdEndpoints string
 	etcdPrefix    string
+	etcdTLS       etcdclient.TLSFiles
 	runDir        string
 	json          bool
 }
@@ -35,6 +40,9 @@ func main() {
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&g.etcdEndpoints, "etcd-endpoints", envOr("FABRIC_ETCD_ENDPOINTS", "http://127.0.0.1:2379"), "comma-separated etcd URLs (env FABRIC_ETCD_ENDPOINTS)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.CA, "etcd-ca-cert", os.Getenv("FABRIC_ETCD_CA_CERT"), "PEM file of the CA that signed etcd's certificate; default: the system roots (env FABRIC_ETCD_CA_CERT)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.Cert, "etcd-cert", os.Getenv("FABRIC_ETCD_CERT"), "PEM file of the client certificate for etcd (env FABRIC_ETCD_CERT)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.Key, "etcd-key", os.Getenv("FABRIC_ETCD_KEY"), "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
 	root.PersistentFlags().StringVar(&g.etcdPrefix, "etcd-prefix", envOr("FABRIC_ETCD_PREFIX", "/fabric/v1"), "etcd key prefix")
 	root.PersistentFlags().StringVar(&g.runDir, "run-dir", envOr("FABRIC_RUN_DIR", "/run/fabric"), "fabricd's run directory (holds its local API socket)")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts")
@@ -58,19 +66,24 @@ func envOr(k, def string) string {
 
 func (g *globals) api() *localapi.Client { return localapi.NewClient(g.runDir + "/fabricd.sock") }
 
-func (g *globals) etcd() (*clientv3.Client, error) {
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   strings.Split(g.etcdEndpoints, ","),
-		DialTimeout: 5 * time.Second,
-		Logger:      zap.NewNop(),
-	})
-	if err != nil {
-		return nil, fmt.Errorf("etcd %s: %w", g.etcdEndpoints, err)
+func (g *globals) endpoints() []string {
+	var eps []string
+	for _, e := range strings.Split(g.etcdEndpoints, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			eps = append(eps, e)
+		}
 	}
-	return cli, nil
+	return eps
 }
 
-// withEtcd runs f with an etcd client and a 5 s deadline.
+func (g *globals) etcd() (*clientv3.Client, error) {
+	return etcdclient.New(g.endpoints(), g.etcdTLS, 5*time.Second, zap.NewNop())
+}
+
+// withEtcd runs f with an etcd client and a 5 s deadline. When f fails
+// because etcd could not be reached, the error says why (refused
+// connection, TLS handshake, client certificate) instead of a bare
+// "context deadline exceeded".
 func (g *globals) withEtcd(f func(ctx context.Context, cli *clientv3.Client) error) error {
 	cli, err := g.etcd()
 	if err != nil {
@@ -79,7 +92,27 @@ func (g *globals) withEtcd(f func(ctx context.Context, cli *clientv3.Client) err
 	defer cli.Close()
 	ctx, cancel := ctx5()
 	defer cancel()
-	return f(ctx, cli)
+	err = f(ctx, cli)
+	if err != nil && unreachable(ctx, err) {
+		dctx, dcancel := ctx5()
+		defer dcancel()
+		if derr := etcdclient.Diagnose(dctx, g.endpoints(), g.etcdTLS); derr != nil {
+			return derr
+		}
+	}
+	return err
+}
+
+// unreachable reports whether err looks like etcd not answering at all.
+func unreachable(ctx context.Context, err error) bool {
+	if ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded:
+		return true
+	}
+	return false
 }
 
 func ctx5() (context.Context, context.CancelFunc) {

@@ -1,13 +1,17 @@
 // tcpprobe is the tests' TCP endpoint: `tcpprobe serve ADDR:PORT N` answers N
 // connections with the peer address it saw; `tcpprobe dial ADDR:PORT` prints
 // the answer. It lets a test check that a connection works and which source
-// address the receiver saw.
+// address the receiver saw. `tcpprobe get URL` prints the body of an HTTP GET
+// (and fails unless the status is 200), for scraping fabricd's metrics from
+// inside a lab namespace.
 package main
 
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"time"
@@ -15,7 +19,7 @@ import (
 
 func main() {
 	if len(os.Args) < 3 {
-		fmt.Fprintln(os.Stderr, "usage: tcpprobe serve ADDR:PORT [N] | dial ADDR:PORT")
+		fmt.Fprintln(os.Stderr, "usage: tcpprobe serve ADDR:PORT [N] | dial ADDR:PORT | get URL")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -52,6 +56,21 @@ func main() {
 			os.Exit(1)
 		}
 		fmt.Print(line)
+	case "get":
+		resp, err := (&http.Client{Timeout: 5 * time.Second}).Get(os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			fmt.Fprintln(os.Stderr, resp.Status)
+			os.Exit(1)
+		}
+		if _, err := io.Copy(os.Stdout, resp.Body); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
 	default:
 		os.Exit(2)
 	}

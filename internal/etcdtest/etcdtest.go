@@ -5,6 +5,7 @@ package etcdtest
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
@@ -30,6 +32,10 @@ type Cluster struct {
 	logs    *testLogWriter
 	mu      sync.Mutex
 	members []*member
+	// tls is set for a cluster from StartTLS: the server side of the client
+	// URLs, and clientTLS what this package's own clients use.
+	tls       *TLSFiles
+	clientTLS *tls.Config
 }
 
 type member struct {
@@ -38,6 +44,7 @@ type member struct {
 	clientURL url.URL
 	peerURL   url.URL
 	initial   string // initial-cluster string, needed again on restart
+	tls       *TLSFiles
 	etcd      *embed.Etcd
 }
 
@@ -54,11 +61,16 @@ func StartCluster(t testing.TB, n int) *Cluster {
 	if n < 1 {
 		t.Fatalf("etcdtest: cluster size must be at least 1, got %d", n)
 	}
+	return startWithRetries(t, n, nil)
+}
+
+func startWithRetries(t testing.TB, n int, tlsFiles *TLSFiles) *Cluster {
+	t.Helper()
 	var lastErr error
 	// Ports are picked by binding :0 and closing again, so another process
 	// may grab one before etcd binds it; retry with fresh ports then.
 	for attempt := 0; attempt < 5; attempt++ {
-		c, err := startCluster(t, n)
+		c, err := startCluster(t, n, tlsFiles)
 		if err == nil {
 			t.Cleanup(func() {
 				c.stopAll()
@@ -72,19 +84,28 @@ func StartCluster(t testing.TB, n int) *Cluster {
 	return nil
 }
 
-func startCluster(t testing.TB, n int) (*Cluster, error) {
+func startCluster(t testing.TB, n int, tlsFiles *TLSFiles) (*Cluster, error) {
 	ports, err := freePorts(2 * n)
 	if err != nil {
 		return nil, err
 	}
-	c := &Cluster{t: t, logs: &testLogWriter{w: t.Output()}}
+	c := &Cluster{t: t, logs: &testLogWriter{w: t.Output()}, tls: tlsFiles}
+	clientScheme := "http"
+	if tlsFiles != nil {
+		clientScheme = "https"
+		info := transport.TLSInfo{CertFile: tlsFiles.Cert, KeyFile: tlsFiles.Key, TrustedCAFile: tlsFiles.CA}
+		if c.clientTLS, err = info.ClientConfig(); err != nil {
+			return nil, fmt.Errorf("client TLS: %w", err)
+		}
+	}
 	var initial []string
 	for i := 0; i < n; i++ {
 		m := &member{
 			name:      fmt.Sprintf("m%d", i),
 			dir:       t.TempDir(),
-			clientURL: url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", ports[2*i])},
+			clientURL: url.URL{Scheme: clientScheme, Host: fmt.Sprintf("127.0.0.1:%d", ports[2*i])},
 			peerURL:   url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", ports[2*i+1])},
+			tls:       tlsFiles,
 		}
 		c.members = append(c.members, m)
 		initial = append(initial, m.name+"="+m.peerURL.String())
@@ -125,6 +146,16 @@ func (m *member) config(state string, logs *testLogWriter) *embed.Config {
 	cfg.ListenPeerUrls = []url.URL{m.peerURL}
 	cfg.AdvertisePeerUrls = []url.URL{m.peerURL}
 	cfg.InitialCluster = m.initial
+	if m.tls != nil {
+		// The server uses its own certificate and requires a client
+		// certificate signed by the same CA.
+		cfg.ClientTLSInfo = transport.TLSInfo{
+			CertFile:       m.tls.serverCert,
+			KeyFile:        m.tls.serverKey,
+			TrustedCAFile:  m.tls.CA,
+			ClientCertAuth: true,
+		}
+	}
 	cfg.InitialClusterToken = "etcdtest"
 	cfg.ClusterState = state
 	cfg.Logger = "zap"
@@ -180,16 +211,21 @@ func (c *Cluster) Client(t testing.TB) *clientv3.Client {
 // ClientFor returns a client for the given endpoints; closed in t.Cleanup.
 func (c *Cluster) ClientFor(t testing.TB, endpoints ...string) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   endpoints,
-		DialTimeout: 5 * time.Second,
-		Logger:      zap.NewNop(),
-	})
+	cli, err := clientv3.New(c.clientConfig(endpoints...))
 	if err != nil {
 		t.Fatalf("etcdtest: client for %v: %v", endpoints, err)
 	}
 	t.Cleanup(func() { cli.Close() })
 	return cli
+}
+
+func (c *Cluster) clientConfig(endpoints ...string) clientv3.Config {
+	return clientv3.Config{
+		Endpoints:   endpoints,
+		DialTimeout: 5 * time.Second,
+		TLS:         c.clientTLS,
+		Logger:      zap.NewNop(),
+	}
 }
 
 // StopMember stops member i abruptly, like a crash: no leadership
@@ -246,11 +282,7 @@ func (c *Cluster) RestartMember(i int) {
 // cluster lose another member without losing quorum.
 func (c *Cluster) waitServing(m *member) {
 	c.t.Helper()
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   []string{m.clientURL.String()},
-		DialTimeout: 5 * time.Second,
-		Logger:      zap.NewNop(),
-	})
+	cli, err := clientv3.New(c.clientConfig(m.clientURL.String()))
 	if err != nil {
 		c.t.Fatalf("etcdtest: client for member %s: %v", m.name, err)
 	}

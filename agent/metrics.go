@@ -1,0 +1,117 @@
+package agent
+
+import (
+	"context"
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/fabricnet/fabric/dataplane"
+	"github.com/fabricnet/fabric/metrics"
+)
+
+// Counters and histograms, observed where the work happens (dataplaneLoop,
+// natLoop, policyLoop). Everything else is read at scrape time by
+// agentCollector from what the agent already reports to fabricctl.
+var (
+	dataplaneApplySeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "fabric_dataplane_apply_seconds",
+		Help:    "Time taken by one apply of the desired routes to the kernel (routes, tunnel neighbours and FDB entries).",
+		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+	})
+	dataplaneApplyErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "fabric_dataplane_apply_errors_total",
+		Help: "Applies of the desired routes to the kernel that failed (retried after 2s).",
+	})
+	natApplyErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "fabric_nat_apply_errors_total",
+		Help: "Applies of the NAT rules (MASQUERADE and published ports) that failed.",
+	})
+	policyApplyErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "fabric_policy_apply_errors_total",
+		Help: "Policy updates that did not take effect: the policy did not compile (the rules in force are kept) or enforcing it failed.",
+	})
+)
+
+// metricsLoop serves the metrics on cfg.MetricsAddress until ctx is done.
+func (a *Agent) metricsLoop(ctx context.Context) error {
+	if a.cfg.MetricsAddress == "" {
+		return nil
+	}
+	reg := metrics.NewRegistry()
+	reg.MustRegister(dataplaneApplySeconds, dataplaneApplyErrors, natApplyErrors, policyApplyErrors, &agentCollector{a: a})
+	return metrics.Serve(ctx, a.cfg.MetricsAddress, reg, a.log.With("component", "metrics"))
+}
+
+var (
+	descPeerUp = prometheus.NewDesc("fabric_bgp_peer_up",
+		"Whether the BGP session with the peer is established (1) or not (0).", []string{"peer", "type"}, nil)
+	descRoutesOwned = prometheus.NewDesc("fabric_routes_owned",
+		"Kernel routes carrying fabricd's route protocol, by encapsulation (ipip, vxlan, direct, none).", []string{"encapsulation"}, nil)
+	descProbeIPIP = prometheus.NewDesc("fabric_probe_ipip_works",
+		"Whether IP protocol 4 (IPIP) to the peer is known to work (1) or not (0), as the probe last decided. Only with ipip support in this kernel.", []string{"peer"}, nil)
+	descLease = prometheus.NewDesc("fabric_subnet_lease_info",
+		"The subnet this host leases from the pool; always 1.", []string{"subnet"}, nil)
+	descEtcd = prometheus.NewDesc("fabric_etcd_reachable",
+		"Whether etcd answered a read within 2s at scrape time (1) or not (0).", nil, nil)
+)
+
+// agentCollector reads the agent's state at scrape time through the same
+// methods that answer fabricctl (Peers, Routes, Status).
+type agentCollector struct{ a *Agent }
+
+func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descPeerUp, descRoutesOwned, descProbeIPIP, descLease, descEtcd} {
+		ch <- d
+	}
+}
+
+func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
+	a := c.a
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+
+	if peers, err := a.Peers(ctx); err != nil {
+		ch <- prometheus.NewInvalidMetric(descPeerUp, err)
+	} else {
+		for _, p := range peers {
+			ch <- prometheus.MustNewConstMetric(descPeerUp, prometheus.GaugeValue, boolValue(p.State == "established"), p.Name, p.Type)
+		}
+	}
+
+	if routes, err := a.Routes(ctx); err != nil {
+		ch <- prometheus.NewInvalidMetric(descRoutesOwned, err)
+	} else {
+		count := map[string]int{dataplane.EncapIPIP: 0, dataplane.EncapVXLAN: 0, dataplane.EncapDirect: 0}
+		for _, r := range routes {
+			count[r.Encap]++
+		}
+		for encap, n := range count {
+			ch <- prometheus.MustNewConstMetric(descRoutesOwned, prometheus.GaugeValue, float64(n), encap)
+		}
+	}
+
+	if a.prober != nil {
+		a.mu.Lock()
+		nodes := slices.Clone(a.nodes)
+		a.mu.Unlock()
+		for _, n := range nodes {
+			if n.Name != a.cfg.NodeName && slices.Contains(n.Encaps, "ipip") {
+				ch <- prometheus.MustNewConstMetric(descProbeIPIP, prometheus.GaugeValue, boolValue(a.prober.IPIPWorks(n.Address)), n.Name)
+			}
+		}
+	}
+
+	ch <- prometheus.MustNewConstMetric(descLease, prometheus.GaugeValue, 1, a.lease.Subnet.String())
+
+	st, err := a.Status(ctx)
+	ch <- prometheus.MustNewConstMetric(descEtcd, prometheus.GaugeValue, boolValue(err == nil && st.EtcdHealthy))
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
