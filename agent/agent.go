@@ -739,6 +739,9 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 			errs = append(errs, fmt.Errorf("policy rules: %w", err))
 		}
 	}
+	if err := sweepFabricChains(log); err != nil {
+		errs = append(errs, fmt.Errorf("leftover iptables chains: %w", err))
+	}
 	if err := bridge.Remove(nil, cfg.Bridge); err != nil {
 		errs = append(errs, fmt.Errorf("bridge %s: %w", cfg.Bridge, err))
 	}

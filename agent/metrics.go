@@ -22,7 +22,7 @@ var (
 	})
 	dataplaneApplyErrors = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "fabric_dataplane_apply_errors_total",
-		Help: "Applies of the desired routes to the kernel that failed (retried after 2s).",
+		Help: "Applies of the desired routes to the kernel that failed (retried with backoff, 2s up to 1m).",
 	})
 	natApplyErrors = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "fabric_nat_apply_errors_total",

@@ -268,11 +268,26 @@ func TestCleanupLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
+	// A chain an older fabricd left, jumped to from a built-in chain: the
+	// cleanup finds it by its FABRIC- prefix.
+	for _, args := range [][]string{
+		{"-t", "mangle", "-N", "FABRIC-OLD"},
+		{"-t", "mangle", "-A", "FABRIC-OLD", "-j", "RETURN"},
+		{"-t", "mangle", "-I", "PREROUTING", "-m", "comment", "--comment", "fabric: old version", "-j", "FABRIC-OLD"},
+	} {
+		if out, err := h.Run(ctx, "iptables", args...); err != nil {
+			t.Fatalf("plant old chain: %v %s", err, out)
+		}
+	}
 	if out, err := h.Run(ctx, a.args[0], append(a.args[1:], "--cleanup")...); err != nil {
 		t.Fatalf("fabricd --cleanup: %v\n%s", err, out)
 	}
 	if r := f.ownedRoutes(h); len(r) != 0 {
 		t.Errorf("owned routes left after --cleanup: %v", r)
+	}
+	rules, _ := h.Run(ctx, "iptables-save")
+	if strings.Contains(rules, "FABRIC") {
+		t.Errorf("iptables rules or chains left after --cleanup:\n%s", rules)
 	}
 	links, _ := h.Run(ctx, "ip", "-o", "link")
 	for _, name := range []string{"fabric.vxlan", "fabric.ipip", "docker0"} {
