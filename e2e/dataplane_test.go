@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -47,22 +46,7 @@ func TestCrossSubnetDirectAndVXLAN(t *testing.T) {
 	if !strings.Contains(r, "dev eth0") || strings.Contains(r, "fabric.vxlan") {
 		t.Errorf("route host1 -> host3 (same subnet) is %q, want a plain route on eth0", r)
 	}
-	ctrs := map[string]*lab.Container{}
-	for _, h := range hosts {
-		ctrs[h.Name] = f.container(h, "c1", 2)
-	}
-	for _, a := range hosts {
-		for _, b := range hosts {
-			if a == b {
-				continue
-			}
-			src, dst := ctrs[a.Name], ctrs[b.Name]
-			f.eventually(5*time.Second, fmt.Sprintf("ping %s -> %s", a.Name, b.Name), func() error { return ping(src, dst.Addr) })
-			if from, err := tcpExchange(dst, src, 8000); err != nil || from != src.Addr.String() {
-				t.Errorf("tcp %s -> %s: seen from %q, err %v", a.Name, b.Name, from, err)
-			}
-		}
-	}
+	f.containersTalk(hosts)
 }
 
 // TestMTUNoBlackHole: the container MTU is the underlay's minus VXLAN's 50

@@ -105,26 +105,7 @@ func TestMeshLifecycle(t *testing.T) {
 
 	// Containers on every host reach each other (VXLAN on port 8472 here: this
 	// kernel has no IPIP, so auto falls back).
-	ctrs := map[string]*lab.Container{}
-	for _, h := range hosts {
-		ctrs[h.Name] = f.container(h, "c1", 2)
-	}
-	for _, a := range hosts {
-		for _, b := range hosts {
-			if a == b {
-				continue
-			}
-			src, dst := ctrs[a.Name], ctrs[b.Name]
-			f.eventually(5*time.Second, fmt.Sprintf("ping %s -> %s", a.Name, b.Name), func() error { return ping(src, dst.Addr) })
-			from, err := tcpExchange(dst, src, 8000)
-			if err != nil {
-				t.Fatalf("tcp %s -> %s: %v", a.Name, b.Name, err)
-			}
-			if from != src.Addr.String() {
-				t.Errorf("tcp %s -> %s: receiver saw %s, want the sender's container address %s", a.Name, b.Name, from, src.Addr)
-			}
-		}
-	}
+	ctrs := f.containersTalk(hosts)
 
 	// A 4th host joins: every host has its route within a couple of seconds.
 	ctx := context.Background()

@@ -261,3 +261,31 @@ func tcpExchange(server, client *lab.Container, port int) (seenFrom string, err 
 	}
 	return seen, nil
 }
+
+// containersTalk puts a container on every host's bridge and checks, for
+// every ordered pair, a ping and a TCP connection whose receiver sees the
+// sender's container address (no NAT between containers).
+func (f *fabric) containersTalk(hosts []*lab.Host) map[string]*lab.Container {
+	f.t.Helper()
+	ctrs := map[string]*lab.Container{}
+	for _, h := range hosts {
+		ctrs[h.Name] = f.container(h, "c1", 2)
+	}
+	for _, a := range hosts {
+		for _, b := range hosts {
+			if a == b {
+				continue
+			}
+			src, dst := ctrs[a.Name], ctrs[b.Name]
+			f.eventually(5*time.Second, fmt.Sprintf("ping %s -> %s", a.Name, b.Name), func() error { return ping(src, dst.Addr) })
+			from, err := tcpExchange(dst, src, 8000)
+			if err != nil {
+				f.t.Fatalf("tcp %s -> %s: %v", a.Name, b.Name, err)
+			}
+			if from != src.Addr.String() {
+				f.t.Errorf("tcp %s -> %s: receiver saw %s, want the sender's container address %s", a.Name, b.Name, from, src.Addr)
+			}
+		}
+	}
+	return ctrs
+}
