@@ -11,8 +11,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"slices"
-	"sort"
 	"sync"
 	"time"
 
@@ -248,11 +246,14 @@ func (a *Agent) shutdown(publisher *registry.Publisher) {
 	if err := a.speaker.Withdraw(ctx); err != nil {
 		a.log.Warn("withdraw subnet", "err", err)
 	}
+	// Give the withdrawal a moment to leave, then close the sessions before
+	// the node record goes: peers that see the record vanish while a
+	// session is still up would keep this host as a departed peer.
+	time.Sleep(300 * time.Millisecond)
+	a.speaker.Stop()
 	if err := publisher.Withdraw(ctx); err != nil {
 		a.log.Warn("withdraw node record", "err", err)
 	}
-	// Give the withdrawal a moment to leave before the sessions close.
-	time.Sleep(300 * time.Millisecond)
 	a.log.Info("stopped; kernel routes and links are kept until --cleanup")
 }
 
@@ -367,56 +368,6 @@ func (a *Agent) setupDataplane() error {
 	return err
 }
 
-// rememberStartRoutes notes the owned routes already in the kernel, which the
-// start-up grace keeps until their peers are back.
-func (a *Agent) rememberStartRoutes() {
-	a.keptAtStart = map[netip.Prefix]bool{}
-	a.establishedAt = map[string]time.Time{}
-	a.graceUntil = time.Now().Add(2*a.cfg.HoldTime + 5*time.Second)
-	if a.dp == nil {
-		return
-	}
-	owned, err := a.dp.Owned()
-	if err != nil {
-		a.log.Warn("read owned routes at start", "err", err)
-		return
-	}
-	for _, r := range owned {
-		a.keptAtStart[r.Prefix] = true
-	}
-	if len(owned) > 0 {
-		a.log.Info("keeping routes found in the kernel until their peers are back", "routes", len(owned), "until", a.graceUntil.Format(time.RFC3339))
-	}
-}
-
-// protoProber hands the dataplane the probe's verdicts; without ipip support
-// there is nothing to probe.
-func (a *Agent) protoProber() dataplane.ProtoProber {
-	if a.prober == nil {
-		return nil
-	}
-	return a.prober
-}
-
-func (a *Agent) proberChanges() <-chan struct{} {
-	if a.prober == nil {
-		return nil
-	}
-	return a.prober.Changes()
-}
-
-// ipipPeers are the other hosts whose kernels can do ipip: the ones worth
-// probing.
-func ipipPeers(nodes []registry.Node, self string) []netip.Addr {
-	var out []netip.Addr
-	for _, n := range nodes {
-		if n.Name != self && slices.Contains(n.Encaps, "ipip") {
-			out = append(out, n.Address)
-		}
-	}
-	return out
-}
-
 func (a *Agent) vtepMAC() string {
 	if a.vxlan == nil {
 		return ""
@@ -467,160 +418,16 @@ func (a *Agent) desiredPeers(nodes []registry.Node) []bgp.Peer {
 			if n.Name == a.cfg.NodeName || n.Address == a.underlay.Addr || external[n.Address] {
 				continue
 			}
-			peers = append(peers, bgp.Peer{Name: n.Name, Address: n.Address, ASN: n.ASN, Port: uint16(a.cfg.BGPPort), Type: bgp.PeerMesh})
+			// Only the host with the lower address dials. When both dial,
+			// GoBGP's fixed 5 s idle hold after a failure can keep each
+			// side refusing the other's attempt in turn for a long time
+			// (seen after a crash and quick restart); a passive side sits
+			// in Active and takes the first connection that comes.
+			passive := a.underlay.Addr.Compare(n.Address) > 0
+			peers = append(peers, bgp.Peer{Name: n.Name, Address: n.Address, ASN: n.ASN, Port: uint16(a.cfg.BGPPort), Type: bgp.PeerMesh, Passive: passive})
 		}
 	}
 	return peers
-}
-
-// checkConverged records which peers have established since start and
-// reports whether the start-up grace period is over: every mesh peer came
-// up, or graceUntil has passed.
-func (a *Agent) checkConverged(ctx context.Context) bool {
-	peers, err := a.speaker.Peers(ctx)
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.converged {
-		return true
-	}
-	all := err == nil && len(a.nodes) > 0
-	for _, p := range peers {
-		if p.State == "established" {
-			up, ok := a.establishedAt[p.Name]
-			if !ok {
-				a.establishedAt[p.Name] = time.Now()
-				all = false
-			} else if time.Since(up) < 3*time.Second {
-				all = false
-			}
-		} else {
-			all = false
-		}
-	}
-	if all || time.Now().After(a.graceUntil) {
-		a.converged = true
-		a.log.Info("start-up grace over; BGP alone decides routes from now on", "allEstablished", all)
-	}
-	return a.converged
-}
-
-func (a *Agent) kickDataplane() {
-	select {
-	case a.kick <- struct{}{}:
-	default:
-	}
-}
-
-// desiredRoutes turns the BGP best paths into data-plane routes, attaching
-// what the registry knows about the peer that owns each next hop.
-func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
-	a.mu.Lock()
-	nodes, routes, converged := a.nodes, a.bgpRoutes, a.converged
-	var keep []registry.Node
-	if !converged {
-		for _, n := range nodes {
-			// A session just established may not have sent its UPDATE yet:
-			// keep its route a little longer.
-			up, ok := a.establishedAt[n.Name]
-			if a.keptAtStart[n.Subnet] && (!ok || time.Since(up) < 3*time.Second) {
-				keep = append(keep, n)
-			}
-		}
-	}
-	a.mu.Unlock()
-	byAddr := map[netip.Addr]registry.Node{}
-	for _, n := range nodes {
-		byAddr[n.Address] = n
-	}
-	var out []dataplane.RemoteRoute
-	seen := map[netip.Prefix]bool{}
-	for _, r := range routes {
-		if r.Prefix.Overlaps(a.lease.Subnet) || r.NextHop == a.underlay.Addr {
-			continue
-		}
-		rr := dataplane.RemoteRoute{Prefix: r.Prefix, NextHop: r.NextHop, PeerName: r.PeerName}
-		n, toNode := byAddr[r.NextHop]
-		if why := a.refuseRoute(r, toNode); why != "" {
-			a.warnOnce("route/"+r.Prefix.String()+"/"+r.NextHop.String(), "ignoring BGP route", "prefix", r.Prefix, "nexthop", r.NextHop, "peer", r.PeerName, "problem", why)
-			continue
-		}
-		if toNode {
-			rr.PeerName = n.Name
-			rr.Peer = peerInfo(n)
-		}
-		seen[r.Prefix] = true
-		out = append(out, rr)
-	}
-	// Keep routes that were in the kernel at start until their peer's
-	// session is back.
-	for _, n := range keep {
-		if n.Name == a.cfg.NodeName || !n.Subnet.IsValid() || seen[n.Subnet] {
-			continue
-		}
-		out = append(out, dataplane.RemoteRoute{Prefix: n.Subnet, NextHop: n.Address, PeerName: n.Name, Peer: peerInfo(n)})
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Prefix.String() < out[j].Prefix.String() })
-	return out
-}
-
-// refuseRoute says why a learned route must not reach the kernel, or "".
-// A route through a tunnel may only lead into the pool: anything else (the
-// underlay, a peer's own address) would send the tunnel's outer packets into
-// the tunnel. No route may take over this host's own underlay segment.
-func (a *Agent) refuseRoute(r bgp.Route, toNode bool) string {
-	if toNode && (!a.pool.Network.Contains(r.Prefix.Addr()) || r.Prefix.Bits() < a.pool.Network.Bits()) {
-		return fmt.Sprintf("its next hop is a fabric host, so it would be tunnelled, but %s is outside the pool %s", r.Prefix, a.pool.Network)
-	}
-	u := a.underlay.Prefix
-	if r.Prefix.Overlaps(u) && r.Prefix.Bits() >= u.Bits() {
-		return fmt.Sprintf("it would take over this host's underlay segment %s", u)
-	}
-	return ""
-}
-
-func peerInfo(n registry.Node) *dataplane.PeerInfo {
-	mac, _ := net.ParseMAC(n.VTEPMAC)
-	return &dataplane.PeerInfo{Name: n.Name, Address: n.Address, VTEPMAC: mac, Encaps: slices.Clone(n.Encaps), Subnet: n.Subnet}
-}
-
-// dataplaneLoop applies the desired routes on every change and on the resync
-// timer (drift repair). Apply is idempotent and cheap when nothing changed.
-func (a *Agent) dataplaneLoop(ctx context.Context) error {
-	t := time.NewTicker(a.cfg.Resync)
-	defer t.Stop()
-	retry, lastErr := 2*time.Second, ""
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-a.kick:
-		case <-t.C:
-		}
-		a.mu.Lock()
-		ready := a.nodesKnown
-		a.mu.Unlock()
-		if !ready {
-			continue
-		}
-		desired := a.desiredRoutes()
-		start := time.Now()
-		err := a.dp.Apply(ctx, desired)
-		dataplaneApplySeconds.Observe(time.Since(start).Seconds())
-		if err != nil {
-			dataplaneApplyErrors.Inc()
-			// Retry sooner than the resync, backing off: some errors clear
-			// (a device being recreated), others last until the input
-			// changes (a route another owner holds) and must not spin.
-			if msg := err.Error(); msg != lastErr {
-				a.log.Error("apply data plane", "err", err, "retryIn", retry)
-				lastErr = msg
-			}
-			time.AfterFunc(retry, a.kickDataplane)
-			retry = min(2*retry, time.Minute)
-		} else {
-			retry, lastErr = 2*time.Second, ""
-		}
-	}
 }
 
 // hostLoop repairs the bridge and the docker options file.
@@ -649,73 +456,6 @@ func (a *Agent) writeDockerOpts() {
 	} else if changed {
 		a.log.Info("wrote docker options", "file", a.cfg.DockerOptsFile, "bip", opts.BIP(), "mtu", opts.MTU)
 	}
-}
-
-// Peers implements localapi.Provider.
-func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
-	ps, err := a.speaker.Peers(ctx)
-	if err != nil {
-		return nil, err
-	}
-	encaps := a.dp.Encapsulations()
-	reasons := a.dp.EncapsulationReasons()
-	out := make([]localapi.Peer, 0, len(ps))
-	for _, p := range ps {
-		e := encaps[p.Name]
-		switch {
-		case e != "":
-		case p.Type == bgp.PeerRouteReflector:
-			e = "-" // it reflects routes; traffic goes to their originators
-		case p.Type != bgp.PeerMesh:
-			e = "direct"
-		}
-		out = append(out, localapi.Peer{
-			Name: p.Name, Address: p.Address.String(), ASN: p.ASN, Type: string(p.Type), State: p.State,
-			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e, EncapReason: reasons[p.Name],
-		})
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out, nil
-}
-
-// Routes implements localapi.Provider.
-func (a *Agent) Routes(ctx context.Context) ([]localapi.Route, error) {
-	owned, err := a.dp.Owned()
-	if err != nil {
-		return nil, err
-	}
-	a.mu.Lock()
-	types := map[netip.Prefix]string{}
-	for _, r := range a.bgpRoutes {
-		types[r.Prefix] = string(r.PeerType)
-	}
-	a.mu.Unlock()
-	out := make([]localapi.Route, 0, len(owned))
-	for _, r := range owned {
-		typ := types[r.Prefix]
-		if typ == "" {
-			typ = "registry (start-up grace)"
-		}
-		via := ""
-		if r.Via.IsValid() {
-			via = r.Via.String()
-		}
-		out = append(out, localapi.Route{Prefix: r.Prefix.String(), Via: via, Dev: r.Dev, Encap: r.Encap, Peer: r.PeerName, PeerType: typ})
-	}
-	return out, nil
-}
-
-// Status implements localapi.Provider.
-func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
-	c, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	_, etcdErr := a.etcd.Get(c, a.cfg.EtcdPrefix+"/config")
-	return localapi.Status{
-		Node: a.cfg.NodeName, Version: Version, Subnet: a.lease.Subnet.String(), Gateway: a.lease.Gateway().String(),
-		Underlay: a.underlay.Addr.String(), UnderlayDev: a.underlay.Dev, ASN: a.cfg.ASN,
-		Encapsulation: a.cfg.Encapsulation, MTU: a.dp.MTU(), Bridge: a.cfg.Bridge, Started: a.started,
-		EtcdHealthy: etcdErr == nil,
-	}, nil
 }
 
 // Cleanup removes everything fabricd owns on this host: its routes, tunnel

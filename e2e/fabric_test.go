@@ -309,3 +309,36 @@ func TestFabricctlWithoutAgent(t *testing.T) {
 		}
 	}
 }
+
+// TestKilledAgentComesBack: an agent killed with SIGKILL and started again at
+// once (its node record has not even expired) gets its subnet back, and the
+// other host learns its route again.
+func TestKilledAgentComesBack(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s")
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h)
+	}
+	h1, h2 := hosts[0], hosts[1]
+	s1 := f.subnet(h1)
+	f.eventually(20*time.Second, "host2 routes to host1", func() error { return f.routesTo(h2, []netip.Prefix{s1}) })
+	a := f.agents[h1.Name]
+	a.proc.Kill()
+	p, err := h1.Start("fabricd", a.args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.proc = p
+	restarted := time.Now()
+	f.eventually(30*time.Second, "killed host1 answers again", func() error { _, err := f.status(h1); return err })
+	if got := f.subnet(h1); got != s1 {
+		t.Fatalf("host1's subnet changed from %s to %s across a crash", s1, got)
+	}
+	f.eventually(30*time.Second, "host2 relearns host1 after its crash", func() error {
+		if err := f.allEstablished(h2, 1); err != nil {
+			return err
+		}
+		return f.routesTo(h2, []netip.Prefix{s1})
+	})
+	t.Logf("host2 routes to host1 again %.1fs after host1's agent was killed and restarted", time.Since(restarted).Seconds())
+}

@@ -1,0 +1,81 @@
+package agent
+
+// The local API provider: what `fabricctl peers status`, `routes` and
+// `status` show.
+
+import (
+	"context"
+	"net/netip"
+	"sort"
+	"time"
+
+	"github.com/fabricnet/fabric/bgp"
+	"github.com/fabricnet/fabric/localapi"
+)
+
+// Peers implements localapi.Provider.
+func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
+	ps, err := a.speaker.Peers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	encaps := a.dp.Encapsulations()
+	reasons := a.dp.EncapsulationReasons()
+	out := make([]localapi.Peer, 0, len(ps))
+	for _, p := range ps {
+		e := encaps[p.Name]
+		switch {
+		case e != "":
+		case p.Type == bgp.PeerRouteReflector:
+			e = "-" // it reflects routes; traffic goes to their originators
+		case p.Type != bgp.PeerMesh:
+			e = "direct"
+		}
+		out = append(out, localapi.Peer{
+			Name: p.Name, Address: p.Address.String(), ASN: p.ASN, Type: string(p.Type), State: p.State,
+			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e, EncapReason: reasons[p.Name],
+		})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// Routes implements localapi.Provider.
+func (a *Agent) Routes(ctx context.Context) ([]localapi.Route, error) {
+	owned, err := a.dp.Owned()
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	types := map[netip.Prefix]string{}
+	for _, r := range a.bgpRoutes {
+		types[r.Prefix] = string(r.PeerType)
+	}
+	a.mu.Unlock()
+	out := make([]localapi.Route, 0, len(owned))
+	for _, r := range owned {
+		typ := types[r.Prefix]
+		if typ == "" {
+			typ = "registry (start-up grace)"
+		}
+		via := ""
+		if r.Via.IsValid() {
+			via = r.Via.String()
+		}
+		out = append(out, localapi.Route{Prefix: r.Prefix.String(), Via: via, Dev: r.Dev, Encap: r.Encap, Peer: r.PeerName, PeerType: typ})
+	}
+	return out, nil
+}
+
+// Status implements localapi.Provider.
+func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
+	c, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	_, etcdErr := a.etcd.Get(c, a.cfg.EtcdPrefix+"/config")
+	return localapi.Status{
+		Node: a.cfg.NodeName, Version: Version, Subnet: a.lease.Subnet.String(), Gateway: a.lease.Gateway().String(),
+		Underlay: a.underlay.Addr.String(), UnderlayDev: a.underlay.Dev, ASN: a.cfg.ASN,
+		Encapsulation: a.cfg.Encapsulation, MTU: a.dp.MTU(), Bridge: a.cfg.Bridge, Started: a.started,
+		EtcdHealthy: etcdErr == nil,
+	}, nil
+}
