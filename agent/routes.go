@@ -49,7 +49,10 @@ func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 	var out []dataplane.RemoteRoute
 	seen := map[netip.Prefix]bool{}
 	for _, r := range routes {
-		if r.Prefix.Overlaps(a.lease.Subnet) || r.NextHop == a.underlay.Addr {
+		// Our own subnet (or a piece of it) is on the bridge; a covering
+		// route such as a top-of-rack default is fine, the kernel prefers
+		// the connected /24.
+		if (r.Prefix.Overlaps(a.lease.Subnet) && r.Prefix.Bits() >= a.lease.Subnet.Bits()) || r.NextHop == a.underlay.Addr {
 			continue
 		}
 		rr := dataplane.RemoteRoute{Prefix: r.Prefix, NextHop: r.NextHop, PeerName: r.PeerName}

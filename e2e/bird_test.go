@@ -15,12 +15,13 @@ import (
 
 // TestBIRDTopOfRack peers every host with BIRD 2 acting as a top-of-rack
 // router (eBGP, AS 65000, TCP MD5 password): BIRD learns every host's subnet with the host as
-// next hop, and the aggregate BIRD originates is installed on the hosts.
+// next hop, and the aggregate and default route BIRD originates are installed
+// on the hosts.
 func TestBIRDTopOfRack(t *testing.T) {
 	f := newFabric(t, lab.Spec{Hosts: 3})
 	ctx := context.Background()
 	tor, sock := startBIRD(t, f, func(addr string) string {
-		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; }\n" +
+		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; route 0.0.0.0/0 blackhole; }\n" +
 			"template bgp host { local " + addr + " as 65000; password \"fabric-md5\"; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
 	}, func(h *lab.Host) string {
 		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
@@ -48,13 +49,15 @@ func TestBIRDTopOfRack(t *testing.T) {
 	out, _ := tor.Run(ctx, "birdc", "-s", sock, "show", "route")
 	t.Logf("birdc show route:\n%s", out)
 
-	// Every host installs BIRD's aggregate via BIRD, and its peers status
-	// shows the external peer.
+	// Every host installs BIRD's aggregate and default route via BIRD, and
+	// its peers status shows the external peer.
 	for _, h := range f.lab.Hosts() {
-		f.eventually(15*time.Second, h.Name+" installs 10.250.0.0/16", func() error {
-			r, ok := f.ownedRoutes(h)["10.250.0.0/16"]
-			if !ok || !strings.Contains(r, "via "+tor.Addr.String()) {
-				return fmt.Errorf("owned routes: %v", f.ownedRoutes(h))
+		f.eventually(15*time.Second, h.Name+" installs 10.250.0.0/16 and the default route", func() error {
+			owned := f.ownedRoutes(h)
+			for _, p := range []string{"10.250.0.0/16", "default"} {
+				if r, ok := owned[p]; !ok || !strings.Contains(r, "via "+tor.Addr.String()) {
+					return fmt.Errorf("no %s via %s; owned routes: %v", p, tor.Addr, owned)
+				}
 			}
 			return nil
 		})
