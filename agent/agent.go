@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"sync"
@@ -103,10 +102,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	log.Info("underlay", "device", a.underlay.Dev, "address", a.underlay.Addr, "mtu", a.underlay.MTU)
 
-	// Two agents on one host would fight over every route and rule.
-	if c, err := net.DialTimeout("unix", cfg.SocketPath(), time.Second); err == nil {
-		c.Close()
-		return fmt.Errorf("another fabricd is running on this host: its local API answers on %s", cfg.SocketPath())
+	// Before anything is taken from etcd or the kernel.
+	if err := localapi.CheckFree(cfg.SocketPath()); err != nil {
+		return err
 	}
 	if err := a.detectKernel(); err != nil {
 		return err

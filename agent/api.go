@@ -19,11 +19,10 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 	if err != nil {
 		return nil, err
 	}
-	encaps := a.dp.Encapsulations()
-	reasons := a.dp.EncapsulationReasons()
+	choices := a.dp.Choices()
 	out := make([]localapi.Peer, 0, len(ps))
 	for _, p := range ps {
-		e := encaps[p.Name]
+		e := choices[p.Name].Encap
 		switch {
 		case e != "":
 		case p.Type == bgp.PeerRouteReflector:
@@ -33,7 +32,7 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 		}
 		out = append(out, localapi.Peer{
 			Name: p.Name, Address: p.Address.String(), ASN: p.ASN, Type: string(p.Type), State: p.State,
-			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e, EncapReason: reasons[p.Name],
+			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e, EncapReason: choices[p.Name].Reason,
 		})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })

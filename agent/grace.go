@@ -48,7 +48,7 @@ func (a *Agent) checkConverged(ctx context.Context) bool {
 			if !ok {
 				a.establishedAt[p.Name] = time.Now()
 				all = false
-			} else if time.Since(up) < 3*time.Second {
+			} else if !settled(up) {
 				all = false
 			}
 		} else {
@@ -61,3 +61,12 @@ func (a *Agent) checkConverged(ctx context.Context) bool {
 	}
 	return a.converged
 }
+
+// sessionSettle is how long a session must have been up before the grace
+// stops keeping its peer's route: a session just established may not have
+// sent its UPDATE yet.
+const sessionSettle = 3 * time.Second
+
+// settled reports whether a session established at up has had time to send
+// its routes.
+func settled(up time.Time) bool { return time.Since(up) >= sessionSettle }

@@ -33,10 +33,8 @@ func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 	var keep []registry.Node
 	if !converged {
 		for _, n := range nodes {
-			// A session just established may not have sent its UPDATE yet:
-			// keep its route a little longer.
 			up, ok := a.establishedAt[n.Name]
-			if a.keptAtStart[n.Subnet] && (!ok || time.Since(up) < 3*time.Second) {
+			if a.keptAtStart[n.Subnet] && (!ok || !settled(up)) {
 				keep = append(keep, n)
 			}
 		}

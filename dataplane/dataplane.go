@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -94,9 +95,10 @@ type OwnedRoute struct {
 	PeerName string
 }
 
-type choice struct {
-	encap  string
-	reason string
+// Choice is one peer's encapsulation and why it was chosen.
+type Choice struct {
+	Encap  string // "ipip", "vxlan" or "direct"
+	Reason string
 }
 
 // Manager owns the routes with its protocol number in the main table and the
@@ -109,7 +111,7 @@ type Manager struct {
 	mtu         int
 
 	mu      sync.Mutex
-	choices map[string]choice       // peer name -> current encapsulation; for logging changes and status
+	choices map[string]Choice       // peer name -> current encapsulation; for logging changes and status
 	owners  map[netip.Prefix]string // prefix -> peer name of the last Apply; display only, never re-applied
 }
 
@@ -168,7 +170,7 @@ func New(cfg Config) (*Manager, error) {
 		h:           h,
 		log:         cfg.Logger.With("component", "dataplane"),
 		underlayMTU: underlayMTU,
-		choices:     map[string]choice{},
+		choices:     map[string]Choice{},
 		owners:      map[netip.Prefix]string{},
 	}
 	// The one place an overhead is subtracted from the underlay MTU for
@@ -197,28 +199,12 @@ func (m *Manager) MTU() int { return m.mtu }
 // Protocol is the route protocol number this manager owns.
 func (m *Manager) Protocol() int { return m.cfg.Protocol }
 
-// Encapsulations returns peer name -> "ipip", "vxlan" or "direct" as chosen by
-// the last Apply.
-func (m *Manager) Encapsulations() map[string]string {
+// Choices returns each peer's encapsulation and its reason, as chosen by
+// the last Apply (for `fabricctl peers status`).
+func (m *Manager) Choices() map[string]Choice {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := make(map[string]string, len(m.choices))
-	for name, c := range m.choices {
-		out[name] = c.encap
-	}
-	return out
-}
-
-// EncapsulationReasons returns peer name -> why its encapsulation was chosen,
-// as of the last Apply.
-func (m *Manager) EncapsulationReasons() map[string]string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	out := make(map[string]string, len(m.choices))
-	for name, c := range m.choices {
-		out[name] = c.reason
-	}
-	return out
+	return maps.Clone(m.choices)
 }
 
 // peerPlan is one peer's encapsulation for this Apply.
@@ -454,22 +440,22 @@ func (m *Manager) choose(addr netip.Addr, encaps []string, connected []netip.Pre
 // logChoices logs each peer whose encapsulation is new or changed, and each
 // peer that is gone, once, not on every Apply.
 func (m *Manager) logChoices(peers map[string]*peerPlan) {
-	next := make(map[string]choice, len(peers))
+	next := make(map[string]Choice, len(peers))
 	for name, p := range peers {
-		c := choice{p.encap, p.why}
+		c := Choice{p.encap, p.why}
 		next[name] = c
 		old, had := m.choices[name]
 		switch {
 		case !had:
-			m.log.Info("peer encapsulation", "peer", name, "address", p.peer.Address, "encap", c.encap, "reason", c.reason)
+			m.log.Info("peer encapsulation", "peer", name, "address", p.peer.Address, "encap", c.Encap, "reason", c.Reason)
 		case old != c:
 			m.log.Info("peer encapsulation changed", "peer", name, "address", p.peer.Address,
-				"encap", c.encap, "was", old.encap, "reason", c.reason)
+				"encap", c.Encap, "was", old.Encap, "reason", c.Reason)
 		}
 	}
 	for name, old := range m.choices {
 		if _, ok := next[name]; !ok {
-			m.log.Info("peer gone; removing its routes and tunnel state", "peer", name, "encap", old.encap)
+			m.log.Info("peer gone; removing its routes and tunnel state", "peer", name, "encap", old.Encap)
 		}
 	}
 	m.choices = next
@@ -544,7 +530,7 @@ func (m *Manager) Owned() ([]OwnedRoute, error) {
 			o.Encap = EncapIPIP
 		case m.cfg.VXLAN != nil && o.Dev == m.cfg.VXLAN.Device():
 			o.Encap = EncapVXLAN
-		case o.PeerName != "" && m.choices[o.PeerName].encap == EncapDirect:
+		case o.PeerName != "" && m.choices[o.PeerName].Encap == EncapDirect:
 			o.Encap = EncapDirect
 		default:
 			o.Encap = EncapNone

@@ -253,7 +253,7 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 	if _, ok := ownedRoutes(t, h1.handle, DefaultProtocol)[h3.subnet]; ok {
 		t.Error("withdrawn route came back on the next Apply")
 	}
-	if _, ok := h1Manager.Encapsulations()[h3.ns]; ok {
+	if _, ok := h1Manager.Choices()[h3.ns]; ok {
 		t.Error("Encapsulations still lists departed peer")
 	}
 	if err := nstest.Ping(h1.ctr, h3.ctrAddr, 56, false); err == nil {
@@ -292,7 +292,7 @@ func TestCrossSubnetDirectRoute(t *testing.T) {
 		if !ok || linkName(t, h.handle, r.LinkIndex) != h.underlayDev || !r.Gw.Equal(peer.addr.AsSlice()) {
 			t.Fatalf("route to %s on %s: %+v, want via %s dev %s", peer.subnet, h.ns, r, peer.addr, h.underlayDev)
 		}
-		if got := m.Encapsulations()[peer.ns]; got != EncapDirect {
+		if got := m.Choices()[peer.ns].Encap; got != EncapDirect {
 			t.Errorf("encapsulation of %s = %q, want direct", peer.ns, got)
 		}
 		if _, err := h.handle.LinkByName(vxlanfallback.DefaultDevice); err == nil {
@@ -367,7 +367,7 @@ func TestAutoModeWithoutIPIPPicksVXLAN(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := m.Encapsulations()[h2.ns]; got != EncapVXLAN {
+	if got := m.Choices()[h2.ns].Encap; got != EncapVXLAN {
 		t.Errorf("auto mode chose %q, want vxlan", got)
 	}
 	text := logs.String()

@@ -165,13 +165,7 @@ func TestKilledAgentSubnetReservedUntilTTL(t *testing.T) {
 		t.Fatal(err)
 	}
 	victim := newManager(t, cli, prefix, "victim", "m-victim", ttl, p)
-	held, err := victim.Acquire(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keepCtx, kill := context.WithCancel(ctx)
-	keepDone := make(chan error, 1)
-	go func() { keepDone <- victim.KeepAlive(keepCtx) }()
+	held, kill, keepDone := acquireAndKeep(t, ctx, victim)
 
 	newcomer := newManager(t, cli, prefix, "newcomer", "m-newcomer", ttl, p)
 	// Longer than the TTL: only the running keepalive holds the subnet.
@@ -215,14 +209,8 @@ func TestKeepAliveTakesSameSubnetAfterLeaseLoss(t *testing.T) {
 	ctx := testCtx(t, 20*time.Second)
 
 	m := newManager(t, cli, prefix, "h1", "m1", 3*time.Second, p)
-	held, err := m.Acquire(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keepCtx, stop := context.WithCancel(ctx)
+	held, stop, keepDone := acquireAndKeep(t, ctx, m)
 	defer stop()
-	keepDone := make(chan error, 1)
-	go func() { keepDone <- m.KeepAlive(keepCtx) }()
 
 	// What etcd does when the host was away longer than the TTL.
 	if _, err := cli.Revoke(ctx, held.LeaseID); err != nil {
@@ -539,14 +527,8 @@ func TestKeepAliveRidesOutEtcdOutage(t *testing.T) {
 	prefix := testPrefix(t)
 	ctx := testCtx(t, 20*time.Second)
 	m := newManager(t, cli, prefix, "h1", "m1", 3*time.Second, pool("10.90.0.0/16", 24))
-	held, err := m.Acquire(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keepCtx, stop := context.WithCancel(ctx)
+	held, stop, keepDone := acquireAndKeep(t, ctx, m)
 	defer stop()
-	keepDone := make(chan error, 1)
-	go func() { keepDone <- m.KeepAlive(keepCtx) }()
 
 	cluster.StopMember(0)
 	time.Sleep(2 * time.Second)
@@ -564,4 +546,18 @@ func TestKeepAliveRidesOutEtcdOutage(t *testing.T) {
 	if err != nil || len(leases) != 1 || leases[0].Subnet != held.Subnet || leases[0].Node != "h1" {
 		t.Fatalf("after the outage: %+v %v, want h1 still holding %s", leases, err, held.Subnet)
 	}
+}
+
+// acquireAndKeep takes m's subnet and runs its keep-alive until the returned
+// stop is called; keepDone receives what KeepAlive returned.
+func acquireAndKeep(t *testing.T, ctx context.Context, m *Manager) (held Lease, stop context.CancelFunc, keepDone <-chan error) {
+	t.Helper()
+	held, err := m.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keepCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.KeepAlive(keepCtx) }()
+	return held, stop, done
 }

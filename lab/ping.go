@@ -43,6 +43,15 @@ func (c *Container) PingSize(ctx context.Context, dst netip.Addr, payload int, t
 
 const defaultPayload = 56 // as ping(8)
 
+// PingFrom pings dst from the named network namespace ns with payload bytes
+// of ICMP data, optionally with don't-fragment set, until a reply of that
+// size arrives or timeout ends. A send the kernel refuses as too large
+// returns an error wrapping unix.EMSGSIZE, so MTU tests can tell "too big"
+// from "lost". Package tests that build their own namespaces use it too.
+func PingFrom(ctx context.Context, ns string, dst netip.Addr, timeout time.Duration, payload int, dontFragment bool) error {
+	return ping(ctx, ns, dst, timeout, payload, dontFragment)
+}
+
 func ping(ctx context.Context, ns string, dst netip.Addr, timeout time.Duration, payload int, dontFragment bool) error {
 	if !dst.Is4() {
 		return fmt.Errorf("lab: ping: only IPv4, got %v", dst)
@@ -106,7 +115,7 @@ func ping(ctx context.Context, ns string, dst netip.Addr, timeout time.Duration,
 			if !ok || !src.IP.Equal(to.IP) {
 				continue
 			}
-			if isEchoReply(buf[:n], id) {
+			if isEchoReply(buf[:n], id, payload) {
 				return nil
 			}
 		}
@@ -128,7 +137,9 @@ func echoRequest(id, seq uint16, payload int) []byte {
 	return b
 }
 
-func isEchoReply(b []byte, id uint16) bool {
+// isEchoReply reports whether b is the reply to our request: our id and
+// the full payload back.
+func isEchoReply(b []byte, id uint16, payload int) bool {
 	// Raw sockets may or may not hand us the IPv4 header; skip it if present.
 	if len(b) >= 20 && b[0]>>4 == 4 {
 		ihl := int(b[0]&0x0f) * 4
@@ -137,7 +148,7 @@ func isEchoReply(b []byte, id uint16) bool {
 		}
 		b = b[ihl:]
 	}
-	return len(b) >= 8 && b[0] == 0 && binary.BigEndian.Uint16(b[4:]) == id
+	return len(b) == 8+payload && b[0] == 0 && binary.BigEndian.Uint16(b[4:]) == id
 }
 
 func icmpChecksum(b []byte) uint16 {

@@ -65,18 +65,28 @@ type Provider interface {
 	Status(ctx context.Context) (Status, error)
 }
 
+// CheckFree returns an error if a fabricd answers on the socket at path: two
+// agents on one host would fight over every route and rule, and a live
+// socket is not ours to take over.
+func CheckFree(path string) error {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return nil
+	}
+	c.Close()
+	return fmt.Errorf("another fabricd is running on this host: its local API answers on %s", path)
+}
+
 // Serve answers on the unix socket at path until ctx is done. The socket is
 // created with mode 0600 so only root can read the fabric's state.
 func Serve(ctx context.Context, path string, p Provider, log *slog.Logger) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	// A socket left by a killed agent would make Listen fail; one that
-	// answers belongs to a running fabricd and is not ours to take.
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return fmt.Errorf("local API socket %s: another fabricd is running and answers on it", path)
+	if err := CheckFree(path); err != nil {
+		return err
 	}
+	// A socket left by a killed agent would make Listen fail.
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}

@@ -43,17 +43,8 @@ func TestIPIPKernelLane(t *testing.T) {
 	defer cancel()
 	res, err := Run(ctx, kernel, initrd, RunOptions{Timeout: 150 * time.Second})
 	t.Logf("VM ran %s (kernel uptime at /init: %s)", res.Duration.Round(time.Millisecond), res.BootToInit)
-	// Evidence lines in console order.
-	evidence := []string{"QEMULANE-INIT:", "PHASE ", "HOST ", "PING ", "TCP ", "UNDERLAY ", "IPIP ", "RULE ",
-		"BLOCKED ", "UNAFFECTED ", "BLOCK ", "RESTORED ", "CLEANUP ", "FAILED "}
-	for _, line := range res.Lines("") {
-		for _, prefix := range evidence {
-			if strings.HasPrefix(line, prefix) {
-				t.Log(line)
-				break
-			}
-		}
-	}
+	logEvidence(t, res, "QEMULANE-INIT:", "PHASE ", "HOST ", "PING ", "TCP ", "UNDERLAY ", "IPIP ", "RULE ",
+		"BLOCKED ", "UNAFFECTED ", "BLOCK ", "RESTORED ", "CLEANUP ", "FAILED ")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,3 +163,17 @@ func TestCpioNewc(t *testing.T) {
 }
 
 func align4(n int) int { return (n + 3) &^ 3 }
+
+// logEvidence logs, in console order, the VM's lines that start with one of
+// prefixes: what the lane proved, readable in the test output.
+func logEvidence(t *testing.T, res Result, prefixes ...string) {
+	t.Helper()
+	for _, line := range res.Lines("") {
+		for _, prefix := range prefixes {
+			if strings.HasPrefix(line, prefix) {
+				t.Log(line)
+				break
+			}
+		}
+	}
+}

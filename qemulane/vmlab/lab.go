@@ -38,6 +38,19 @@ func New(prefix string) *Lab {
 	return &Lab{prefix: prefix, handles: map[string]*netlink.Handle{}}
 }
 
+// NamespacesWithPrefix lists the named namespaces whose names start with
+// prefix: what a run left behind, if anything.
+func NamespacesWithPrefix(prefix string) []string {
+	entries, _ := os.ReadDir(NetnsDir)
+	var left []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), prefix) {
+			left = append(left, e.Name())
+		}
+	}
+	return left
+}
+
 // FullName is the namespace name as seen in NetnsDir.
 func (l *Lab) FullName(ns string) string { return l.prefix + ns }
 

@@ -169,7 +169,7 @@ func (p *phase) run() {
 	p.stopAll()
 	if err := p.lab.Close(); err != nil {
 		p.failf("cleanup: %v", err)
-	} else if left := leftoverNamespaces(p.prefix); len(left) > 0 {
+	} else if left := vmlab.NamespacesWithPrefix(p.prefix); len(left) > 0 {
 		p.failf("cleanup: namespaces left behind: %v", left)
 	} else {
 		p.logf("CLEANUP", "all %s* namespaces removed", p.prefix)
@@ -979,17 +979,6 @@ func tailFile(path string, n int, skip string) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
-}
-
-func leftoverNamespaces(prefix string) []string {
-	entries, _ := os.ReadDir(vmlab.NetnsDir)
-	var left []string
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), prefix) {
-			left = append(left, e.Name())
-		}
-	}
-	return left
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -59,7 +59,7 @@ func main() {
 	err := run(c, lab)
 	if cerr := lab.Close(); cerr != nil {
 		c.failf("cleanup: %v", cerr)
-	} else if left := leftoverNamespaces(*prefix); len(left) > 0 {
+	} else if left := vmlab.NamespacesWithPrefix(*prefix); len(left) > 0 {
 		c.failf("cleanup: namespaces left behind: %v", left)
 	} else {
 		c.logf("CLEANUP all %s* namespaces removed", *prefix)
@@ -272,17 +272,6 @@ func checkProtoBlock(c *checker, lab *vmlab.Lab, topo *vmlab.Topology, payload [
 	}
 	c.phase("done")
 	return nil
-}
-
-func leftoverNamespaces(prefix string) []string {
-	entries, _ := os.ReadDir(vmlab.NetnsDir)
-	var left []string
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), prefix) {
-			left = append(left, e.Name())
-		}
-	}
-	return left
 }
 
 func echoAddr(h vmlab.Host) string {
