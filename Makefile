@@ -2,7 +2,7 @@
 # with Go; each installs the Debian packages it needs.
 GO      ?= go
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -X github.com/fabricnet/fabric/agent.Version=$(VERSION)
+LDFLAGS := -X github.com/fabricnet/fabric/version.Version=$(VERSION)
 BIN     := bin
 export CGO_ENABLED=0
 

@@ -15,6 +15,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/fabricnet/fabric/backend"
+	"github.com/fabricnet/fabric/backend/encaps"
 	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/bridge"
 	"github.com/fabricnet/fabric/config"
@@ -23,21 +25,14 @@ import (
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/ipip"
+	"github.com/fabricnet/fabric/iptables"
 	"github.com/fabricnet/fabric/localapi"
+	"github.com/fabricnet/fabric/planner"
 	"github.com/fabricnet/fabric/nat"
 	"github.com/fabricnet/fabric/policy"
 	"github.com/fabricnet/fabric/probe"
 	"github.com/fabricnet/fabric/registry"
-	"github.com/fabricnet/fabric/vxlanfallback"
-)
-
-// Version is set at build time with -ldflags "-X .../agent.Version=...".
-var Version = "dev"
-
-// Tunnel device names fabricd owns.
-const (
-	VXLANDevice = "fabric.vxlan"
-	IPIPDevice  = "fabric.ipip"
+	"github.com/fabricnet/fabric/version"
 )
 
 // Agent is one running fabricd.
@@ -49,10 +44,11 @@ type Agent struct {
 	pool     ipam.Pool
 	lease    ipam.Lease
 	ipamMgr  *ipam.Manager
-	ipipOK   bool
+	ipipOK   bool          // this kernel can run ipip: answer peers' probes
+	kinds    []encaps.Kind // the encapsulations this host runs
+	backends []backend.Backend
 	speaker  *bgp.Speaker
 	dp       *dataplane.Manager
-	vxlan    *vxlanfallback.Backend // nil in ipip mode
 	started  time.Time
 
 	mu sync.Mutex
@@ -60,18 +56,10 @@ type Agent struct {
 	// with: the valid records plus departed hosts still in session.
 	registryNodes []registry.Node
 	nodes         []registry.Node
-	departed      map[string]departedNode // main loop only
+	departed      map[string]planner.Departed // main loop only
 	warned        map[string]bool
 	bgpRoutes     []bgp.Route
-	// Start-up grace: routes already in the kernel when fabricd started
-	// (keptAtStart) stay for peers whose BGP session has not come up yet
-	// (establishedAt), until graceUntil. A restart of fabricd so does not
-	// flap routes that are still valid, while a new or dead peer gets nothing
-	// from the grace: it only keeps what was there.
-	converged     bool
-	graceUntil    time.Time
-	keptAtStart   map[netip.Prefix]bool
-	establishedAt map[string]time.Time
+	grace         planner.Grace
 	// nodesKnown turns true with the registry's first snapshot; before it
 	// the data plane is not touched, since a route set computed without
 	// node records would sweep every route fabricd installed before a restart.
@@ -80,6 +68,7 @@ type Agent struct {
 	kick       chan struct{}
 	policyKick chan struct{}
 	prober     *probe.Prober // nil without ipip support
+	tables     *iptables.Manager
 	natMgr     *nat.Manager
 	enforcer   *policy.IptablesEnforcer
 }
@@ -89,7 +78,7 @@ type Agent struct {
 // state in place, so containers keep talking across an agent restart.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1),
-		departed: map[string]departedNode{}, warned: map[string]bool{}}
+		departed: map[string]planner.Departed{}, warned: map[string]bool{}}
 	cli, err := etcdclient.New(cfg.EtcdEndpoints, cfg.EtcdTLSFiles(), cfg.EtcdTimeout, quietZap())
 	if err != nil {
 		return err // names the endpoints, or the TLS file and its problem
@@ -122,11 +111,18 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err := a.setupDataplane(); err != nil {
 		return err
 	}
-	if a.natMgr, err = nat.New(nat.Config{Logger: log.With("component", "nat")}); err != nil {
+	// One owner for every iptables table; it writes nothing until both nat
+	// and policy have said what they want, so a restart keeps the previous
+	// run's rules, policy included, until then.
+	if a.tables, err = iptables.New(iptables.Config{Sections: []string{nat.Section, policy.Section}, Logger: log}); err != nil {
 		return err
 	}
-	save, restore := a.natMgr.Binaries()
-	a.enforcer = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, SaveCommand: save, RestoreCommand: restore, Logger: log.With("component", "policy")})
+	if a.natMgr, err = nat.New(nat.Config{Tables: a.tables, Logger: log}); err != nil {
+		return err
+	}
+	if a.enforcer, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, Tables: a.tables, Logger: log}); err != nil {
+		return err
+	}
 	gw := netip.PrefixFrom(a.lease.Gateway(), a.lease.Subnet.Bits())
 	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.dp.MTU(), log); err != nil {
 		return err
@@ -181,12 +177,13 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			leaseLost <- err
 		}
 	}()
-	publisher := registry.NewPublisher(cli, cfg.EtcdPrefix, cfg.NodeTTL, log.With("component", "registry"))
-	goLoop("node-record", func(ctx context.Context) error { return publisher.Run(ctx, a.selfNode()) })
+	heartbeat := registry.NewHeartbeat(cli, cfg.EtcdPrefix, cfg.NodeTTL, log.With("component", "registry"))
+	goLoop("node-record", func(ctx context.Context) error { return heartbeat.Run(ctx, a.selfNode()) })
 	goLoop("local-api", func(ctx context.Context) error { return localapi.Serve(ctx, cfg.SocketPath(), a, log) })
 	goLoop("dataplane", a.dataplaneLoop)
 	goLoop("host", a.hostLoop)
 	goLoop("nat", a.natLoop)
+	goLoop("iptables", func(ctx context.Context) error { return a.tables.Maintain(ctx, 2*time.Second) })
 	goLoop("policy", a.policyLoop)
 	goLoop("metrics", a.metricsLoop)
 
@@ -200,13 +197,13 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	for {
 		select {
 		case <-ctx.Done():
-			a.shutdown(publisher)
+			a.shutdown(heartbeat)
 			stop()
 			wg.Wait()
 			return nil
 		case err := <-leaseLost:
 			log.Error("subnet lease lost; withdrawing and exiting", "subnet", a.lease.Subnet, "err", err)
-			a.shutdown(publisher)
+			a.shutdown(heartbeat)
 			stop()
 			wg.Wait()
 			return fmt.Errorf("subnet %s: %w", a.lease.Subnet, err)
@@ -238,7 +235,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 }
 
-func (a *Agent) shutdown(publisher *registry.Publisher) {
+func (a *Agent) shutdown(heartbeat *registry.Heartbeat) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	if err := a.speaker.Withdraw(ctx); err != nil {
@@ -249,7 +246,7 @@ func (a *Agent) shutdown(publisher *registry.Publisher) {
 	// session is still up would keep this host as a departed peer.
 	time.Sleep(300 * time.Millisecond)
 	a.speaker.Stop()
-	if err := publisher.Withdraw(ctx); err != nil {
+	if err := heartbeat.Withdraw(ctx); err != nil {
 		a.log.Warn("withdraw node record", "err", err)
 	}
 	a.log.Info("stopped; kernel routes and links are kept until --cleanup")
@@ -309,74 +306,77 @@ func (a *Agent) ipamOptions() ipam.Options {
 	}
 }
 
-// detectKernel finds which encapsulations this kernel can do and refuses a
+// detectKernel finds which encapsulations this kernel can run and refuses a
 // mode it cannot, before anything is taken from etcd.
 func (a *Agent) detectKernel() error {
-	var err error
-	a.ipipOK, err = ipip.Supported(nil)
-	mode := dataplane.Mode(a.cfg.Encapsulation)
-	if err != nil {
-		if mode == dataplane.ModeIPIP {
-			return fmt.Errorf("encapsulation ipip: cannot tell whether this kernel supports ipip: %w", err)
+	supported := map[string]bool{}
+	for _, k := range encaps.Kinds {
+		ok, err := k.Supported(nil)
+		if err != nil {
+			if a.cfg.Encapsulation == k.Name {
+				return fmt.Errorf("encapsulation %s: cannot tell whether this kernel supports it: %w", k.Name, err)
+			}
+			a.log.Warn("cannot tell whether this kernel supports an encapsulation; assuming it does not", "encapsulation", k.Name, "err", err)
 		}
-		a.log.Warn("cannot tell whether this kernel supports ipip; assuming it does not", "err", err)
+		supported[k.Name] = ok
+		if !ok && a.cfg.Encapsulation == encaps.Auto {
+			a.log.Info(fmt.Sprintf("this kernel has no %s support: peers use the other encapsulations", k.Name), "encapsulation", k.Name, "vxlanPort", a.cfg.VXLANPort)
+		}
 	}
-	if mode == dataplane.ModeIPIP && !a.ipipOK {
-		return fmt.Errorf("encapsulation ipip: this kernel has no ipip support (no ipip module); use --encapsulation=auto to fall back to VXLAN, or vxlan")
-	}
-	if mode == dataplane.ModeAuto && !a.ipipOK {
-		a.log.Info("this kernel has no ipip support: every peer will use VXLAN", "encapsulation", "auto", "vxlanPort", a.cfg.VXLANPort)
-	}
-	return nil
+	a.ipipOK = supported[ipip.Name]
+	var err error
+	a.kinds, err = encaps.Select(a.cfg.Encapsulation, supported)
+	return err
 }
 
 func (a *Agent) setupDataplane() error {
 	cfg := a.cfg
-	mode := dataplane.Mode(cfg.Encapsulation)
-	var err error
-	var ipipB *ipip.Backend
-	if a.ipipOK && mode != dataplane.ModeVXLAN {
-		if ipipB, err = ipip.New(ipip.Config{Device: IPIPDevice, UnderlayAddr: a.underlay.Addr, Subnet: a.lease.Subnet, Logger: a.log}); err != nil {
+	settings := encaps.Settings{
+		UnderlayAddr: a.underlay.Addr, UnderlayDev: a.underlay.Dev, Subnet: a.lease.Subnet,
+		VXLANVNI: cfg.VXLANVNI, VXLANPort: cfg.VXLANPort, Logger: a.log,
+	}
+	if len(a.kinds) > 1 && a.prober != nil {
+		settings.PathWorks = a.prober.IPIPWorks
+	}
+	a.backends = nil
+	for _, k := range a.kinds {
+		b, err := k.New(settings)
+		if err != nil {
 			return err
 		}
+		a.backends = append(a.backends, b)
 	}
-	var vx *vxlanfallback.Backend
-	if mode != dataplane.ModeIPIP {
-		if vx, err = vxlanfallback.New(vxlanfallback.Config{
-			Device: VXLANDevice, VNI: cfg.VXLANVNI, Port: cfg.VXLANPort,
-			UnderlayAddr: a.underlay.Addr, UnderlayDev: a.underlay.Dev, Subnet: a.lease.Subnet, Logger: a.log,
-		}); err != nil {
-			return err
-		}
-	}
-	a.vxlan = vx
 	defer a.rememberStartRoutes()
+	var err error
 	a.dp, err = dataplane.New(dataplane.Config{
-		Mode:         mode,
+		Backends:     a.backends,
 		CrossSubnet:  cfg.CrossSubnet,
 		Protocol:     cfg.RouteProtocol,
 		UnderlayDev:  a.underlay.Dev,
 		UnderlayAddr: a.underlay.Addr,
 		UnderlayMTU:  a.underlay.MTU,
-		IPIP:         ipipB,
-		VXLAN:        vx,
-		Prober:       a.protoProber(),
 		Logger:       a.log.With("component", "dataplane"),
 	})
 	return err
 }
 
+// vtepMAC is the device MAC peers need to reach this host (VXLAN's), if an
+// encapsulation this host runs needs one.
 func (a *Agent) vtepMAC() string {
-	if a.vxlan == nil {
-		return ""
+	for _, b := range a.backends {
+		if m, ok := b.(backend.MACAdvertiser); ok {
+			return m.MAC().String()
+		}
 	}
-	return a.vxlan.MAC().String()
+	return ""
 }
 
 func (a *Agent) selfNode() registry.Node {
-	encaps := []string{"vxlan"}
-	if a.ipipOK {
-		encaps = []string{"ipip", "vxlan"}
+	// Only what this host runs: a peer in auto mode must not pick an
+	// encapsulation this host has no device for.
+	var names []string
+	for _, k := range a.kinds {
+		names = append(names, k.Name)
 	}
 	return registry.Node{
 		Name:      a.cfg.NodeName,
@@ -384,8 +384,8 @@ func (a *Agent) selfNode() registry.Node {
 		ASN:       a.cfg.ASN,
 		Subnet:    a.lease.Subnet,
 		VTEPMAC:   a.vtepMAC(),
-		Encaps:    encaps,
-		Version:   Version,
+		Encaps:    names,
+		Version:   version.String(),
 		MachineID: a.cfg.MachineID,
 	}
 }
@@ -460,25 +460,17 @@ func (a *Agent) writeDockerOpts() {
 // devices, the bridge and the docker options file.
 func Cleanup(cfg *config.Config, log *slog.Logger) error {
 	var errs []error
-	if err := dataplane.Cleanup(nil, cfg.RouteProtocol, VXLANDevice, IPIPDevice); err != nil {
+	if err := dataplane.Cleanup(nil, cfg.RouteProtocol, encaps.Devices()...); err != nil {
 		errs = append(errs, err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if natMgr, err := nat.New(nat.Config{Logger: log}); err != nil {
+	if tables, err := iptables.New(iptables.Config{Logger: log}); err != nil {
 		errs = append(errs, err)
-	} else {
-		if err := natMgr.Cleanup(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("NAT rules: %w", err))
-		}
-		save, restore := natMgr.Binaries()
-		enf := policy.New(policy.IptablesConfig{SaveCommand: save, RestoreCommand: restore, Logger: log})
-		if err := enf.Cleanup(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("policy rules: %w", err))
-		}
-	}
-	if err := sweepFabricChains(log); err != nil {
-		errs = append(errs, fmt.Errorf("leftover iptables chains: %w", err))
+	} else if err := tables.Cleanup(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("iptables rules: %w", err))
+	} else if err := policy.DestroySets(ctx, nil, log); err != nil {
+		errs = append(errs, err)
 	}
 	if err := bridge.Remove(nil, cfg.Bridge); err != nil {
 		errs = append(errs, fmt.Errorf("bridge %s: %w", cfg.Bridge, err))
@@ -492,6 +484,6 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	log.Info("removed everything fabricd owns", "routeProtocol", cfg.RouteProtocol, "devices", []string{VXLANDevice, IPIPDevice, cfg.Bridge})
+	log.Info("removed everything fabricd owns", "routeProtocol", cfg.RouteProtocol, "devices", append(encaps.Devices(), cfg.Bridge))
 	return nil
 }

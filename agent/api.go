@@ -11,6 +11,7 @@ import (
 
 	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/localapi"
+	"github.com/fabricnet/fabric/version"
 )
 
 // Peers implements localapi.Provider.
@@ -72,7 +73,7 @@ func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
 	defer cancel()
 	_, etcdErr := a.etcd.Get(c, a.cfg.EtcdPrefix+"/config")
 	return localapi.Status{
-		Node: a.cfg.NodeName, Version: Version, Subnet: a.lease.Subnet.String(), Gateway: a.lease.Gateway().String(),
+		Node: a.cfg.NodeName, Version: version.String(), Subnet: a.lease.Subnet.String(), Gateway: a.lease.Gateway().String(),
 		Underlay: a.underlay.Addr.String(), UnderlayDev: a.underlay.Dev, ASN: a.cfg.ASN,
 		Encapsulation: a.cfg.Encapsulation, MTU: a.dp.MTU(), Bridge: a.cfg.Bridge, Started: a.started,
 		EtcdHealthy: etcdErr == nil,

@@ -1,20 +1,25 @@
 package agent
 
-// The start-up grace: routes present in the kernel when fabricd starts stay
-// until their peers' sessions are back, so an agent restart does not flap them.
+// The start-up grace (planner.Grace): routes present in the kernel when
+// fabricd starts stay until their peers' sessions are back, so an agent
+// restart does not flap them.
 
 import (
 	"context"
 	"net/netip"
 	"time"
+
+	"github.com/fabricnet/fabric/planner"
 )
 
 // rememberStartRoutes notes the owned routes already in the kernel, which the
 // start-up grace keeps until their peers are back.
 func (a *Agent) rememberStartRoutes() {
-	a.keptAtStart = map[netip.Prefix]bool{}
-	a.establishedAt = map[string]time.Time{}
-	a.graceUntil = time.Now().Add(2*a.cfg.HoldTime + 5*time.Second)
+	a.grace = planner.Grace{
+		Until:         time.Now().Add(2*a.cfg.HoldTime + 5*time.Second),
+		KeptAtStart:   map[netip.Prefix]bool{},
+		EstablishedAt: map[string]time.Time{},
+	}
 	if a.dp == nil {
 		return
 	}
@@ -24,49 +29,34 @@ func (a *Agent) rememberStartRoutes() {
 		return
 	}
 	for _, r := range owned {
-		a.keptAtStart[r.Prefix] = true
+		a.grace.KeptAtStart[r.Prefix] = true
 	}
 	if len(owned) > 0 {
-		a.log.Info("keeping routes found in the kernel until their peers are back", "routes", len(owned), "until", a.graceUntil.Format(time.RFC3339))
+		a.log.Info("keeping routes found in the kernel until their peers are back", "routes", len(owned), "until", a.grace.Until.Format(time.RFC3339))
 	}
 }
 
-// checkConverged records which peers have established since start and
-// reports whether the start-up grace period is over: every mesh peer came
-// up, or graceUntil has passed.
+// checkConverged feeds the peers' session states to the grace and reports
+// whether it is over.
 func (a *Agent) checkConverged(ctx context.Context) bool {
 	peers, err := a.speaker.Peers(ctx)
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.converged {
-		return true
-	}
-	all := err == nil && len(a.nodes) > 0
+	var established []string
+	all := err == nil
 	for _, p := range peers {
 		if p.State == "established" {
-			up, ok := a.establishedAt[p.Name]
-			if !ok {
-				a.establishedAt[p.Name] = time.Now()
-				all = false
-			} else if !settled(up) {
-				all = false
-			}
+			established = append(established, p.Name)
 		} else {
 			all = false
 		}
 	}
-	if all || time.Now().After(a.graceUntil) {
-		a.converged = true
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.grace.Over {
+		return true
+	}
+	a.grace = a.grace.Observe(established, all && len(a.nodes) > 0, time.Now())
+	if a.grace.Over {
 		a.log.Info("start-up grace over; BGP alone decides routes from now on", "allEstablished", all)
 	}
-	return a.converged
+	return a.grace.Over
 }
-
-// sessionSettle is how long a session must have been up before the grace
-// stops keeping its peer's route: a session just established may not have
-// sent its UPDATE yet.
-const sessionSettle = 3 * time.Second
-
-// settled reports whether a session established at up has had time to send
-// its routes.
-func settled(up time.Time) bool { return time.Since(up) >= sessionSettle }

@@ -10,30 +10,32 @@ import (
 	"github.com/fabricnet/fabric/publish"
 )
 
-// natLoop keeps MASQUERADE and the published ports in the kernel: it
-// re-applies on every change of the published ports in etcd, and nat's
-// Maintain repairs deleted rules within seconds.
+// natLoop renders MASQUERADE and the published ports on every change of the
+// published ports in etcd; the iptables owner's Maintain repairs deleted
+// rules within seconds, and the tick here gives new bridge ports hairpin.
 func (a *Agent) natLoop(ctx context.Context) error {
 	pubs := publish.Watch(ctx, a.etcd, a.cfg.EtcdPrefix, a.log.With("component", "publish"))
-	go a.natMgr.Maintain(ctx, 2*time.Second)
-	var current []nat.Publish
+	hairpin := time.NewTicker(2 * time.Second)
+	defer hairpin.Stop()
+	st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName}
 	apply := func() {
-		st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName, Publishes: current}
 		if err := a.natMgr.Apply(ctx, st); err != nil {
 			natApplyErrors.Inc()
 			a.log.Error("apply NAT rules", "err", err)
 		}
 	}
-	apply() // MASQUERADE does not wait for etcd
+	apply() // MASQUERADE does not wait for the published ports
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-hairpin.C:
+			a.natMgr.RepairHairpin(ctx, st)
 		case p, ok := <-pubs:
 			if !ok {
 				return nil
 			}
-			current = p
+			st.Publishes = p
 			apply()
 		}
 	}

@@ -7,7 +7,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/fabricnet/fabric/backend/encaps"
 	"github.com/fabricnet/fabric/dataplane"
+	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/metrics"
 )
 
@@ -83,7 +85,11 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	if routes, err := a.Routes(ctx); err != nil {
 		ch <- prometheus.NewInvalidMetric(descRoutesOwned, err)
 	} else {
-		count := map[string]int{dataplane.EncapIPIP: 0, dataplane.EncapVXLAN: 0, dataplane.EncapDirect: 0}
+		// Every encapsulation fabric knows, so each series exists on every host.
+		count := map[string]int{dataplane.EncapDirect: 0}
+		for _, k := range encaps.Kinds {
+			count[k.Name] = 0
+		}
 		for _, r := range routes {
 			count[r.Encap]++
 		}
@@ -97,7 +103,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		nodes := slices.Clone(a.nodes)
 		a.mu.Unlock()
 		for _, n := range nodes {
-			if n.Name != a.cfg.NodeName && slices.Contains(n.Encaps, "ipip") {
+			if n.Name != a.cfg.NodeName && slices.Contains(n.Encaps, ipip.Name) {
 				ch <- prometheus.MustNewConstMetric(descProbeIPIP, prometheus.GaugeValue, boolValue(a.prober.IPIPWorks(n.Address)), n.Name)
 			}
 		}

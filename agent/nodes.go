@@ -2,70 +2,39 @@ package agent
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"reflect"
-	"sort"
 	"time"
 
-	"github.com/fabricnet/fabric/registry"
+	"github.com/fabricnet/fabric/planner"
 )
 
-// departedNode is a host whose node record is gone from etcd while its BGP
-// session is still up. Its record may only have expired because that host,
-// or etcd, is cut off from etcd for a while; its data plane still works, so
-// the mesh keeps it until its session drops.
-type departedNode struct {
-	node  registry.Node
-	since time.Time
+func (a *Agent) host() planner.Host {
+	return planner.Host{Name: a.cfg.NodeName, ASN: a.cfg.ASN, Underlay: netip.PrefixFrom(a.underlay.Addr, a.underlay.Prefix.Bits()),
+		Subnet: a.lease.Subnet, Pool: a.pool.Network}
 }
 
-// acceptNodes drops node records that would break the mesh for everyone:
-// one bad record must not stop this host from peering with the others.
-func (a *Agent) acceptNodes(ns []registry.Node) []registry.Node {
-	owner := map[netip.Addr]string{}
-	var out []registry.Node
-	for _, n := range ns {
-		if n.Name == a.cfg.NodeName {
-			out = append(out, n)
+// warnRefused logs each refusal the first time it is seen, not on every update.
+func (a *Agent) warnRefused(refused []planner.Refusal) {
+	for _, r := range refused {
+		a.mu.Lock()
+		seen := a.warned[r.Key]
+		a.warned[r.Key] = true
+		a.mu.Unlock()
+		if seen {
 			continue
 		}
-		var why string
-		switch {
-		case n.ASN != a.cfg.ASN:
-			why = fmt.Sprintf("its ASN %d differs from this host's %d; mesh peers share one ASN", n.ASN, a.cfg.ASN)
-		case !n.Address.Is4() || !n.Address.IsGlobalUnicast():
-			why = fmt.Sprintf("its address %v cannot be a peer", n.Address)
-		case n.Address == a.underlay.Addr:
-			why = fmt.Sprintf("it claims this host's underlay address %s", n.Address)
-		case owner[n.Address] != "":
-			why = fmt.Sprintf("node %s already has address %s", owner[n.Address], n.Address)
+		if r.What == "node record" {
+			a.log.Warn("ignoring node record", "node", r.Name, "key", a.cfg.EtcdPrefix+"/nodes/"+r.Name, "problem", r.Why)
+		} else {
+			a.log.Warn("ignoring BGP route", "route", r.Name, "problem", r.Why)
 		}
-		if why != "" {
-			a.warnOnce("node/"+n.Name+"/"+why, "ignoring node record", "node", n.Name, "key", a.cfg.EtcdPrefix+"/nodes/"+n.Name, "problem", why)
-			continue
-		}
-		owner[n.Address] = n.Name
-		out = append(out, n)
-	}
-	return out
-}
-
-// warnOnce logs a problem the first time it is seen, not on every update.
-func (a *Agent) warnOnce(key, msg string, args ...any) {
-	a.mu.Lock()
-	seen := a.warned[key]
-	a.warned[key] = true
-	a.mu.Unlock()
-	if !seen {
-		a.log.Warn(msg, args...)
 	}
 }
 
-// refreshNodes recomputes the node set the agent works with, the registry's
-// valid records plus departed hosts whose sessions are still up, and hands it
-// to BGP, the prober, the data plane and policy when it changed. It runs only
-// on the main loop, which owns a.departed.
+// refreshNodes recomputes the node set the agent works with (the planner's
+// Nodes) and hands it to BGP, the prober, the data plane and policy when it
+// changed. It runs only on the main loop, which owns a.departed.
 func (a *Agent) refreshNodes(ctx context.Context) {
 	established := map[string]bool{}
 	if peers, err := a.speaker.Peers(ctx); err == nil {
@@ -77,43 +46,25 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 	reg, prev, known := a.registryNodes, a.nodes, a.nodesKnown
 	a.mu.Unlock()
 
-	valid := a.acceptNodes(reg)
-	inRegistry := map[string]bool{}
-	for _, n := range valid {
-		inRegistry[n.Name] = true
+	accepted, refused := planner.AcceptNodes(a.host(), reg)
+	a.warnRefused(refused)
+	set := planner.Nodes(a.host(), accepted, prev, a.departed, established, a.cfg.SubnetTTL, time.Now())
+	a.departed = set.Departed
+	for _, e := range set.Events {
+		a.log.Info(e)
 	}
-	now := time.Now()
-	for _, n := range prev {
-		if _, kept := a.departed[n.Name]; !inRegistry[n.Name] && !kept && n.Name != a.cfg.NodeName && established[n.Name] {
-			a.departed[n.Name] = departedNode{node: n, since: now}
-			a.log.Info("node record gone from etcd; keeping the peer while its BGP session is up", "node", n.Name)
-		}
-	}
-	effective := valid
-	for name, d := range a.departed {
-		switch {
-		case inRegistry[name]:
-			delete(a.departed, name)
-		case !established[name] || now.Sub(d.since) > a.cfg.SubnetTTL:
-			delete(a.departed, name)
-			a.log.Info("departed node's session is down; removing the peer", "node", name)
-		default:
-			effective = append(effective, d.node)
-		}
-	}
-	sort.Slice(effective, func(i, j int) bool { return effective[i].Name < effective[j].Name })
-	if known && reflect.DeepEqual(prev, effective) {
+	if known && reflect.DeepEqual(prev, set.Nodes) {
 		return
 	}
 	a.mu.Lock()
-	a.nodes = effective
+	a.nodes = set.Nodes
 	a.nodesKnown = true
 	a.mu.Unlock()
-	if err := a.speaker.SetPeers(ctx, a.desiredPeers(effective)); err != nil {
+	if err := a.speaker.SetPeers(ctx, a.desiredPeers(set.Nodes)); err != nil {
 		a.log.Error("set BGP peers", "err", err)
 	}
 	if a.prober != nil {
-		a.prober.SetPeers(ipipPeers(effective, a.cfg.NodeName))
+		a.prober.SetPeers(ipipPeers(set.Nodes, a.cfg.NodeName))
 	}
 	a.kickDataplane()
 	a.kickPolicy()

@@ -17,13 +17,15 @@ type Peer struct {
 	Address netip.Addr       // underlay address (tunnel endpoint)
 	VTEPMAC net.HardwareAddr // VXLAN only: the peer's VTEP device MAC
 	Subnet  netip.Prefix     // the peer's container subnet
+	Encaps  []string         // the encapsulations the peer runs (Backend.Name values)
 }
 
 // Backend is one encapsulation. Implementations own exactly one tunnel device
 // and the per-peer neighbour/FDB state on it; they never touch routes other
 // than through RouteFor, so the dataplane can diff all routes in one place.
 type Backend interface {
-	// Name is "ipip" or "vxlan".
+	// Name is the encapsulation's name ("ipip", "vxlan"), as in config and
+	// node records.
 	Name() string
 	// Device is the name of the tunnel device the backend owns.
 	Device() string
@@ -39,10 +41,21 @@ type Backend interface {
 	// encapsulation. The caller sets the protocol and table. Ensure must have
 	// succeeded first.
 	RouteFor(dst netip.Prefix, peer Peer) (*netlink.Route, error)
+	// Usable tells whether this encapsulation can carry traffic to peer now,
+	// and why or why not: the peer runs it too, its record has what it
+	// needs, the path passes its packets. The data plane gives each peer the
+	// first usable backend in order of preference.
+	Usable(peer Peer) (ok bool, why string)
 	// Overhead is the number of bytes the encapsulation adds (20 IPIP, 50 VXLAN).
 	Overhead() int
 	// Cleanup removes the device and everything on it.
 	Cleanup() error
+}
+
+// MACAdvertiser is a Backend whose peers need this host's device MAC, which
+// travels in the node record (VXLAN's VTEP MAC).
+type MACAdvertiser interface {
+	MAC() net.HardwareAddr
 }
 
 // IPNet converts a prefix to the form netlink wants.

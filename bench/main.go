@@ -29,6 +29,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/fabricnet/fabric/backend"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/localapi"
@@ -286,11 +287,11 @@ func programPeers(ctx context.Context, h *lab.Host, n int) ([]timing, error) {
 	if err != nil {
 		return nil, err
 	}
-	dp, err := dataplane.New(dataplane.Config{Handle: nh, Mode: dataplane.ModeVXLAN, UnderlayDev: h.Dev, UnderlayAddr: h.Addr, VXLAN: vx, Logger: quiet})
+	dp, err := dataplane.New(dataplane.Config{Handle: nh, Backends: []backend.Backend{vx}, UnderlayDev: h.Dev, UnderlayAddr: h.Addr, Logger: quiet})
 	if err != nil {
 		return nil, err
 	}
-	defer dataplane.Cleanup(nh, dataplane.DefaultProtocol)
+	defer dataplane.Cleanup(nh, dataplane.DefaultProtocol, vx.Device())
 	start = time.Now()
 	if err := dp.Apply(ctx, peers); err != nil {
 		return nil, err

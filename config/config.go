@@ -17,6 +17,9 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/fabricnet/fabric/internal/etcdclient"
+	"slices"
+
+	"github.com/fabricnet/fabric/backend/encaps"
 )
 
 // ExternalPeer is a BGP peer that is not a fabric host: a top-of-rack router
@@ -387,10 +390,8 @@ func (c *Config) Validate() error {
 			bad(where+".type", "%q: want external, route-reflector or rr-client", p.Type)
 		}
 	}
-	switch c.Encapsulation {
-	case "ipip", "vxlan", "auto":
-	default:
-		bad("encapsulation", "%q: want ipip, vxlan or auto", c.Encapsulation)
+	if !slices.Contains(encaps.Modes(), c.Encapsulation) {
+		bad("encapsulation", "%q: want %s", c.Encapsulation, strings.Join(encaps.Modes(), ", "))
 	}
 	if c.VXLANVNI < 1 || c.VXLANVNI > 1<<24-1 {
 		bad("vxlanVNI", "%d outside 1-16777215", c.VXLANVNI)

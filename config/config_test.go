@@ -39,7 +39,7 @@ func TestInvalidSettingsNamed(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"--encapsulation", "gre"}, `encapsulation: "gre": want ipip, vxlan or auto`},
+		{[]string{"--encapsulation", "gre"}, `encapsulation: "gre": want auto, ipip, vxlan`},
 		{[]string{"--pool", "10.244.1.0/16"}, "did you mean 10.244.0.0/16"},
 		{[]string{"--pool", "10.244.0.0/16", "--subnet-len", "16"}, "subnetLen: 16 must be longer"},
 		{[]string{"--etcd-endpoints", "10.0.0.1:2379"}, "etcdEndpoints"},

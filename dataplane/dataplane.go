@@ -18,11 +18,10 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/fabricnet/fabric/backend"
-	"github.com/fabricnet/fabric/ipip"
-	"github.com/fabricnet/fabric/vxlanfallback"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -32,35 +31,27 @@ import (
 // to static configuration and are refused.
 const DefaultProtocol = 93
 
-// Mode says which encapsulations the data plane may use.
-type Mode string
-
+// Route kinds that are not an encapsulation, as reported by Choices and
+// Owned beside the backends' names.
 const (
-	ModeIPIP  Mode = "ipip"
-	ModeVXLAN Mode = "vxlan"
-	ModeAuto  Mode = "auto" // ipip where both ends can, vxlan elsewhere
-)
-
-// Encapsulation names, as reported by Encapsulations and Owned.
-const (
-	EncapIPIP   = "ipip"
-	EncapVXLAN  = "vxlan"
 	EncapDirect = "direct" // same L2 segment: plain route via the peer's underlay address
 	EncapNone   = "none"   // next hop is not a fabric node (e.g. a top-of-rack router)
 )
 
 // Config configures a Manager.
 type Config struct {
-	Handle       *netlink.Handle // nil = current namespace
-	Mode         Mode            // default ModeAuto
-	CrossSubnet  bool            // direct routes to peers inside the underlay's connected prefix
-	Protocol     int             // default DefaultProtocol
+	Handle *netlink.Handle // nil = current namespace
+	// Backends are the encapsulations this host runs, in order of
+	// preference: each peer gets the first one usable for it (see
+	// backend.Backend.Usable), or the last one when none is. With more
+	// than one, every device stays up, since a peer may choose
+	// differently about us.
+	Backends     []backend.Backend
+	CrossSubnet  bool // direct routes to peers inside the underlay's connected prefix
+	Protocol     int  // default DefaultProtocol
 	UnderlayDev  string
 	UnderlayAddr netip.Addr
-	UnderlayMTU  int                    // 0 = read from UnderlayDev
-	IPIP         *ipip.Backend          // nil if the kernel lacks ipip
-	VXLAN        *vxlanfallback.Backend // nil if vxlan is not wanted
-	Prober       ProtoProber            // optional; default: ipip works when both ends support it
+	UnderlayMTU  int // 0 = read from UnderlayDev
 	Logger       *slog.Logger
 }
 
@@ -69,7 +60,7 @@ type PeerInfo struct {
 	Name    string
 	Address netip.Addr       // underlay address
 	VTEPMAC net.HardwareAddr // the peer's VXLAN device MAC
-	Encaps  []string         // what the peer's kernel supports: "ipip", "vxlan"
+	Encaps  []string         // the encapsulations the peer runs
 	Subnet  netip.Prefix     // the peer's container subnet
 }
 
@@ -79,11 +70,6 @@ type RemoteRoute struct {
 	NextHop  netip.Addr // BGP next hop
 	PeerName string
 	Peer     *PeerInfo // nil: the next hop is not a fabric node; install a plain via route
-}
-
-// ProtoProber tells whether IP protocol 4 (ipip) passes between us and peer.
-type ProtoProber interface {
-	IPIPWorks(peer netip.Addr) bool
 }
 
 // OwnedRoute is a kernel route carrying our protocol.
@@ -97,7 +83,7 @@ type OwnedRoute struct {
 
 // Choice is one peer's encapsulation and why it was chosen.
 type Choice struct {
-	Encap  string // "ipip", "vxlan" or "direct"
+	Encap  string // a backend's name, or "direct"
 	Reason string
 }
 
@@ -115,43 +101,20 @@ type Manager struct {
 	owners  map[netip.Prefix]string // prefix -> peer name of the last Apply; display only, never re-applied
 }
 
-type trueProber struct{}
-
-func (trueProber) IPIPWorks(netip.Addr) bool { return true }
-
 // New checks cfg against the kernel (underlay device, MTU) and computes the
 // container MTU once. It changes nothing in the kernel.
 func New(cfg Config) (*Manager, error) {
-	if cfg.Mode == "" {
-		cfg.Mode = ModeAuto
-	}
 	if cfg.Protocol == 0 {
 		cfg.Protocol = DefaultProtocol
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	if cfg.Prober == nil {
-		cfg.Prober = trueProber{}
-	}
 	if cfg.Protocol <= unix.RTPROT_STATIC || cfg.Protocol > 255 {
 		return nil, fmt.Errorf("route protocol %d: must be 5..255 (0-4 belong to the kernel and static routes)", cfg.Protocol)
 	}
-	switch cfg.Mode {
-	case ModeIPIP:
-		if cfg.IPIP == nil {
-			return nil, errors.New("mode ipip: this kernel has no ipip support (or no ipip backend was given); use mode auto or vxlan")
-		}
-	case ModeVXLAN:
-		if cfg.VXLAN == nil {
-			return nil, errors.New("mode vxlan needs a vxlan backend")
-		}
-	case ModeAuto:
-		if cfg.VXLAN == nil && cfg.IPIP == nil {
-			return nil, errors.New("mode auto needs a vxlan or an ipip backend")
-		}
-	default:
-		return nil, fmt.Errorf("unknown data plane mode %q (want ipip, vxlan or auto)", cfg.Mode)
+	if len(cfg.Backends) == 0 {
+		return nil, errors.New("data plane needs at least one encapsulation")
 	}
 	if cfg.UnderlayDev == "" {
 		return nil, errors.New("data plane needs the underlay device name")
@@ -184,11 +147,8 @@ func New(cfg Config) (*Manager, error) {
 
 func (m *Manager) maxOverhead() int {
 	most := 0
-	if m.cfg.Mode != ModeVXLAN && m.cfg.IPIP != nil {
-		most = max(most, m.cfg.IPIP.Overhead())
-	}
-	if m.cfg.Mode != ModeIPIP && m.cfg.VXLAN != nil {
-		most = max(most, m.cfg.VXLAN.Overhead())
+	for _, b := range m.cfg.Backends {
+		most = max(most, b.Overhead())
 	}
 	return most
 }
@@ -209,11 +169,12 @@ func (m *Manager) Choices() map[string]Choice {
 
 // peerPlan is one peer's encapsulation for this Apply.
 type peerPlan struct {
-	peer  backend.Peer
-	info  PeerInfo
-	encap string
-	why   string
-	err   error // the peer's registry data is unusable for its encapsulation
+	peer    backend.Peer
+	info    PeerInfo
+	backend backend.Backend // nil for a direct route
+	encap   string
+	why     string
+	err     error // no encapsulation can reach the peer
 }
 
 // Apply makes the kernel match routes, the complete set of remote routes.
@@ -247,7 +208,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 			continue
 		}
 		p := &peerPlan{info: *r.Peer, peer: backend.Peer{
-			Name: name, Address: r.Peer.Address, VTEPMAC: r.Peer.VTEPMAC, Subnet: r.Peer.Subnet,
+			Name: name, Address: r.Peer.Address, VTEPMAC: r.Peer.VTEPMAC, Subnet: r.Peer.Subnet, Encaps: r.Peer.Encaps,
 		}}
 		if !p.peer.Address.IsValid() {
 			p.peer.Address = r.NextHop
@@ -255,12 +216,12 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 		if !p.peer.Subnet.IsValid() {
 			p.peer.Subnet = r.Prefix.Masked()
 		}
-		p.encap, p.why = m.choose(p.peer.Address, r.Peer.Encaps, connected)
+		p.backend, p.encap, p.why = m.choose(p.peer, connected)
 		switch {
 		case !p.peer.Address.Is4():
 			p.err = fmt.Errorf("peer %s: underlay address %v is not IPv4", name, p.peer.Address)
-		case p.encap == EncapVXLAN && len(p.peer.VTEPMAC) != 6:
-			p.err = fmt.Errorf("peer %s: no VTEP MAC in its registry entry, needed for vxlan", name)
+		case p.encap == "":
+			p.err = fmt.Errorf("peer %s: no encapsulation can reach it: %s", name, p.why)
 		}
 		peers[name] = p
 	}
@@ -268,10 +229,10 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 
 	// 2. Tunnel devices and per-peer tunnel state, exactly for the peers using each.
 	ready := map[string]bool{EncapDirect: underlay != nil, EncapNone: true}
-	for _, b := range m.backends() {
+	for _, b := range m.cfg.Backends {
 		var users []backend.Peer
 		for _, p := range peers {
-			if p.encap == b.Name() && p.err == nil {
+			if p.backend == b && p.err == nil {
 				users = append(users, p.peer)
 			}
 		}
@@ -279,7 +240,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 		// In auto mode every device stays up even with no peer using it: a
 		// peer may decide differently about us (its probe of the path runs
 		// separately), and its packets must find a device to land on.
-		if len(users) > 0 || m.cfg.Mode == ModeAuto {
+		if len(users) > 0 || len(m.cfg.Backends) > 1 {
 			if _, err := b.Ensure(ctx, m.underlayMTU-b.Overhead()); err != nil {
 				fail(fmt.Errorf("%s device %s: %w", b.Name(), b.Device(), err))
 				continue
@@ -400,41 +361,29 @@ func (m *Manager) underlay() (netlink.Link, []netip.Prefix, error) {
 	return link, connected, nil
 }
 
-func (m *Manager) backends() []backend.Backend {
-	var out []backend.Backend
-	if m.cfg.IPIP != nil && m.cfg.Mode != ModeVXLAN {
-		out = append(out, m.cfg.IPIP)
-	}
-	if m.cfg.VXLAN != nil && m.cfg.Mode != ModeIPIP {
-		out = append(out, m.cfg.VXLAN)
-	}
-	return out
-}
-
-// choose picks a peer's encapsulation and says why.
-func (m *Manager) choose(addr netip.Addr, encaps []string, connected []netip.Prefix) (string, string) {
+// choose picks a peer's encapsulation and says why: a direct route on our
+// own L2 segment, else the first backend usable for the peer. A backend
+// chosen after others says why they were passed over. No backend at all:
+// encap is "" and why lists every refusal.
+func (m *Manager) choose(peer backend.Peer, connected []netip.Prefix) (backend.Backend, string, string) {
 	for _, p := range connected {
-		if p.Contains(addr) {
-			return EncapDirect, fmt.Sprintf("cross-subnet: peer underlay address is inside the connected prefix %s", p)
+		if p.Contains(peer.Address) {
+			return nil, EncapDirect, fmt.Sprintf("cross-subnet: peer underlay address is inside the connected prefix %s", p)
 		}
 	}
-	switch m.cfg.Mode {
-	case ModeIPIP:
-		return EncapIPIP, "mode is ipip"
-	case ModeVXLAN:
-		return EncapVXLAN, "mode is vxlan"
+	var refused []string
+	for _, b := range m.cfg.Backends {
+		ok, why := b.Usable(peer)
+		if !ok {
+			refused = append(refused, b.Name()+": "+why)
+			continue
+		}
+		if len(refused) > 0 {
+			why = strings.Join(refused, "; ")
+		}
+		return b, b.Name(), why
 	}
-	switch {
-	case m.cfg.IPIP == nil:
-		return EncapVXLAN, "this kernel has no ipip support"
-	case m.cfg.VXLAN == nil:
-		return EncapIPIP, "ipip is the only encapsulation configured"
-	case !slices.Contains(encaps, EncapIPIP):
-		return EncapVXLAN, "the peer's kernel has no ipip support"
-	case !m.cfg.Prober.IPIPWorks(addr):
-		return EncapVXLAN, "IP protocol 4 does not pass between us and the peer"
-	}
-	return EncapIPIP, "both kernels support ipip and IP protocol 4 passes"
+	return nil, "", strings.Join(refused, "; ")
 }
 
 // logChoices logs each peer whose encapsulation is new or changed, and each
@@ -476,16 +425,10 @@ func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]
 	if !ready[p.encap] {
 		return nil, "", errUnavailable{fmt.Errorf("route %s to peer %s: %s is not available", prefix, p.peer.Name, p.encap)}
 	}
-	var route *netlink.Route
-	var err error
-	switch p.encap {
-	case EncapDirect:
-		route = &netlink.Route{LinkIndex: underlay.Attrs().Index, Dst: backend.IPNet(prefix), Gw: p.peer.Address.AsSlice()}
-	case EncapIPIP:
-		route, err = m.cfg.IPIP.RouteFor(prefix, p.peer)
-	case EncapVXLAN:
-		route, err = m.cfg.VXLAN.RouteFor(prefix, p.peer)
+	if p.backend == nil { // direct
+		return &netlink.Route{LinkIndex: underlay.Attrs().Index, Dst: backend.IPNet(prefix), Gw: p.peer.Address.AsSlice()}, p.peer.Name, nil
 	}
+	route, err := p.backend.RouteFor(prefix, p.peer)
 	if err != nil {
 		return nil, "", err
 	}
@@ -525,15 +468,14 @@ func (m *Manager) Owned() ([]OwnedRoute, error) {
 			o.Dev = link.Attrs().Name
 		}
 		o.PeerName = m.owners[o.Prefix]
-		switch {
-		case m.cfg.IPIP != nil && o.Dev == m.cfg.IPIP.Device():
-			o.Encap = EncapIPIP
-		case m.cfg.VXLAN != nil && o.Dev == m.cfg.VXLAN.Device():
-			o.Encap = EncapVXLAN
-		case o.PeerName != "" && m.choices[o.PeerName].Encap == EncapDirect:
+		o.Encap = EncapNone
+		if o.PeerName != "" && m.choices[o.PeerName].Encap == EncapDirect {
 			o.Encap = EncapDirect
-		default:
-			o.Encap = EncapNone
+		}
+		for _, b := range m.cfg.Backends {
+			if o.Dev == b.Device() {
+				o.Encap = b.Name()
+			}
 		}
 		out = append(out, o)
 	}
@@ -542,16 +484,13 @@ func (m *Manager) Owned() ([]OwnedRoute, error) {
 }
 
 // Cleanup removes every route with protocol, in every table, and the named
-// tunnel devices (their neighbour and FDB entries go with them). With no
-// device names it removes the default ones. Used by `fabricd --cleanup`.
+// tunnel devices (their neighbour and FDB entries go with them). Used by
+// `fabricd --cleanup`, which names every backend's device.
 func Cleanup(h *netlink.Handle, protocol int, devices ...string) error {
 	if protocol <= unix.RTPROT_STATIC || protocol > 255 {
 		return fmt.Errorf("refusing to clean up route protocol %d: must be 5..255", protocol)
 	}
 	h = backend.DefaultHandle(h)
-	if len(devices) == 0 {
-		devices = []string{ipip.DefaultDevice, vxlanfallback.DefaultDevice}
-	}
 	var errs []error
 	filter := &netlink.Route{Protocol: netlink.RouteProtocol(protocol), Table: unix.RT_TABLE_UNSPEC}
 	routes, err := h.RouteListFiltered(unix.AF_INET, filter, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)

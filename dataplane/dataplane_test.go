@@ -39,8 +39,15 @@ func (b *logBuffer) String() string {
 	return b.buf.String()
 }
 
+// Test modes: which backends a manager gets, as fabricd's encaps.Select
+// would pick them.
+const (
+	modeVXLAN = "vxlan" // vxlan only
+	modeAuto  = "auto"  // ipip (with testOpts.ipip) then vxlan
+)
+
 type testOpts struct {
-	mode        Mode
+	mode        string
 	crossSubnet bool
 	logs        *logBuffer
 	ipip        bool
@@ -62,14 +69,17 @@ func (l *lab) manager(h *labHost, o testOpts) *Manager {
 		l.t.Fatal(err)
 	}
 	cfg := Config{
-		Handle: h.handle, Mode: o.mode, CrossSubnet: o.crossSubnet, UnderlayDev: h.underlayDev,
-		UnderlayAddr: h.addr, VXLAN: vx, Logger: logger,
+		Handle: h.handle, CrossSubnet: o.crossSubnet, UnderlayDev: h.underlayDev,
+		UnderlayAddr: h.addr, Logger: logger,
 	}
-	if o.ipip {
-		if cfg.IPIP, err = ipip.New(ipip.Config{Handle: h.handle, UnderlayAddr: h.addr, Subnet: h.subnet, Logger: logger}); err != nil {
+	if o.ipip && o.mode == modeAuto {
+		ip, err := ipip.New(ipip.Config{Handle: h.handle, UnderlayAddr: h.addr, Subnet: h.subnet, Logger: logger})
+		if err != nil {
 			l.t.Fatal(err)
 		}
+		cfg.Backends = append(cfg.Backends, ip)
 	}
+	cfg.Backends = append(cfg.Backends, vx)
 	m, err := New(cfg)
 	if err != nil {
 		l.t.Fatal(err)
@@ -105,7 +115,7 @@ func TestVXLANMeshPingAndTCP(t *testing.T) {
 	l := newLab(t, 3)
 	ctx := context.Background()
 	for _, h := range l.hosts {
-		m := l.manager(h, testOpts{mode: ModeVXLAN})
+		m := l.manager(h, testOpts{mode: modeVXLAN})
 		if m.MTU() != 1450 {
 			t.Fatalf("container MTU = %d, want 1450 for a 1500 underlay with vxlan", m.MTU())
 		}
@@ -133,7 +143,7 @@ func TestVXLANMeshPingAndTCP(t *testing.T) {
 			t.Fatalf("second apply changed routes:\n%v\n%v", before, after)
 		}
 		owned, err := m.Owned()
-		if err != nil || len(owned) != 2 || owned[0].Encap != EncapVXLAN || owned[0].Dev != vxlanfallback.DefaultDevice || owned[0].PeerName == "" {
+		if err != nil || len(owned) != 2 || owned[0].Encap != vxlanfallback.Name || owned[0].Dev != vxlanfallback.DefaultDevice || owned[0].PeerName == "" {
 			t.Fatalf("Owned() = %+v, %v", owned, err)
 		}
 	}
@@ -174,7 +184,7 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
 	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.7.0/24", "via", "192.168.100.12", "proto", "12")
 	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/16", "via", "192.168.100.12", "proto", "static")
-	m := l.manager(h1, testOpts{mode: ModeVXLAN})
+	m := l.manager(h1, testOpts{mode: modeVXLAN})
 
 	routes := l.routesFor(h1)
 	// A route fabric wants but another protocol already holds: reported, not taken over.
@@ -201,7 +211,7 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 		t.Errorf("route with protocol 12 was removed:\n%s", out)
 	}
 	// The one failed route did not stop the good one from working.
-	l.manager(l.hosts[1], testOpts{mode: ModeVXLAN}).Apply(context.Background(), l.routesFor(l.hosts[1]))
+	l.manager(l.hosts[1], testOpts{mode: modeVXLAN}).Apply(context.Background(), l.routesFor(l.hosts[1]))
 	if err := nstest.Ping(h1.ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
@@ -212,7 +222,7 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 	ctx := context.Background()
 	var h1Manager *Manager
 	for _, h := range l.hosts {
-		m := l.manager(h, testOpts{mode: ModeVXLAN})
+		m := l.manager(h, testOpts{mode: modeVXLAN})
 		if err := m.Apply(ctx, l.routesFor(h)); err != nil {
 			t.Fatal(err)
 		}
@@ -283,7 +293,7 @@ func TestCrossSubnetDirectRoute(t *testing.T) {
 	l := newLab(t, 2)
 	ctx := context.Background()
 	for _, h := range l.hosts {
-		m := l.manager(h, testOpts{mode: ModeVXLAN, crossSubnet: true})
+		m := l.manager(h, testOpts{mode: modeVXLAN, crossSubnet: true})
 		if err := m.Apply(ctx, l.routesFor(h)); err != nil {
 			t.Fatal(err)
 		}
@@ -316,7 +326,7 @@ func TestTopOfRackRouteIsPlain(t *testing.T) {
 	h1, router := l.hosts[0], l.hosts[1]
 	// h2 plays a top-of-rack router that owns 10.250.0.0/16.
 	nstest.Run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
-	m := l.manager(h1, testOpts{mode: ModeVXLAN})
+	m := l.manager(h1, testOpts{mode: modeVXLAN})
 	tor := netip.MustParsePrefix("10.250.0.0/16")
 	if err := m.Apply(context.Background(), []RemoteRoute{{Prefix: tor, NextHop: router.addr, PeerName: "tor"}}); err != nil {
 		t.Fatal(err)
@@ -358,8 +368,8 @@ func TestAutoModeWithoutIPIPPicksVXLAN(t *testing.T) {
 	}
 
 	logs := &logBuffer{}
-	m := l.manager(h1, testOpts{mode: ModeAuto, logs: logs})
-	l.manager(h2, testOpts{mode: ModeAuto}).Apply(context.Background(), []RemoteRoute{
+	m := l.manager(h1, testOpts{mode: modeAuto, logs: logs})
+	l.manager(h2, testOpts{mode: modeAuto}).Apply(context.Background(), []RemoteRoute{
 		{Prefix: h1.subnet, NextHop: h1.addr, PeerName: h1.ns, Peer: h1.peerInfo("vxlan")}})
 	routes := []RemoteRoute{{Prefix: h2.subnet, NextHop: h2.addr, PeerName: h2.ns, Peer: h2.peerInfo("ipip", "vxlan")}}
 	for range 3 {
@@ -367,11 +377,11 @@ func TestAutoModeWithoutIPIPPicksVXLAN(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := m.Choices()[h2.ns].Encap; got != EncapVXLAN {
+	if got := m.Choices()[h2.ns].Encap; got != vxlanfallback.Name {
 		t.Errorf("auto mode chose %q, want vxlan", got)
 	}
 	text := logs.String()
-	if n := strings.Count(text, `msg="peer encapsulation"`); n != 1 || !strings.Contains(text, `encap=vxlan reason="this kernel has no ipip support"`) {
+	if n := strings.Count(text, `msg="peer encapsulation"`); n != 1 || !strings.Contains(text, `encap=vxlan reason="the peer runs vxlan"`) {
 		t.Errorf("want one log line naming vxlan and why, got %d in:\n%s", n, text)
 	}
 	if err := nstest.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
@@ -385,10 +395,10 @@ func TestRestartWithChangedConfig(t *testing.T) {
 	l := newLab(t, 2)
 	ctx := context.Background()
 	h1, h2 := l.hosts[0], l.hosts[1]
-	if err := l.manager(h1, testOpts{mode: ModeVXLAN}).Apply(ctx, l.routesFor(h1)); err != nil {
+	if err := l.manager(h1, testOpts{mode: modeVXLAN}).Apply(ctx, l.routesFor(h1)); err != nil {
 		t.Fatal(err)
 	}
-	if err := l.manager(h2, testOpts{mode: ModeVXLAN, crossSubnet: true}).Apply(ctx, l.routesFor(h2)); err != nil {
+	if err := l.manager(h2, testOpts{mode: modeVXLAN, crossSubnet: true}).Apply(ctx, l.routesFor(h2)); err != nil {
 		t.Fatal(err)
 	}
 	before := ownedRoutes(t, h1.handle, DefaultProtocol)[h2.subnet]
@@ -396,7 +406,7 @@ func TestRestartWithChangedConfig(t *testing.T) {
 		t.Fatalf("first run: route %+v not over vxlan", before)
 	}
 
-	restarted := l.manager(h1, testOpts{mode: ModeVXLAN, crossSubnet: true})
+	restarted := l.manager(h1, testOpts{mode: modeVXLAN, crossSubnet: true})
 	if err := restarted.Apply(ctx, l.routesFor(h1)); err != nil {
 		t.Fatal(err)
 	}
@@ -420,13 +430,13 @@ func TestBadPeerDoesNotStopOthers(t *testing.T) {
 	ctx := context.Background()
 	h1, h2, h3 := l.hosts[0], l.hosts[1], l.hosts[2]
 	for _, h := range l.hosts[1:] {
-		if err := l.manager(h, testOpts{mode: ModeVXLAN}).Apply(ctx, l.routesFor(h)); err != nil {
+		if err := l.manager(h, testOpts{mode: modeVXLAN}).Apply(ctx, l.routesFor(h)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	routes := l.routesFor(h1)
 	routes[0].Peer.VTEPMAC = nil // h2
-	err := l.manager(h1, testOpts{mode: ModeVXLAN}).Apply(ctx, routes)
+	err := l.manager(h1, testOpts{mode: modeVXLAN}).Apply(ctx, routes)
 	if err == nil || !strings.Contains(err.Error(), h2.ns) || !strings.Contains(err.Error(), "10.244.2.0/24") {
 		t.Errorf("apply: %v, want an error naming %s and its prefix", err, h2.ns)
 	}

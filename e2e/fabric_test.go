@@ -286,7 +286,7 @@ func TestBadConfigClearError(t *testing.T) {
 	runDir := f.lab.LogDir() + "/bad-run"
 	args := f.fabricdArgs(h, runDir, "--encapsulation", "gre")
 	out, err := h.Run(context.Background(), args[0], args[1:]...)
-	if err == nil || !strings.Contains(out, "encapsulation") || !strings.Contains(out, "want ipip, vxlan or auto") {
+	if err == nil || !strings.Contains(out, "encapsulation") || !strings.Contains(out, "want auto, ipip, vxlan") {
 		t.Fatalf("want a clear encapsulation error, got %v: %s", err, out)
 	}
 	// Forcing ipip on a kernel without it is refused with the reason.

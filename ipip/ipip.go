@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 
 	"github.com/fabricnet/fabric/backend"
@@ -21,6 +22,8 @@ import (
 )
 
 const (
+	// Name is the encapsulation's name in config and node records.
+	Name          = "ipip"
 	DefaultDevice = "fabric.ipip"
 	// Overhead is the outer IPv4 header.
 	Overhead = 20
@@ -32,7 +35,10 @@ type Config struct {
 	Device       string          // default DefaultDevice
 	UnderlayAddr netip.Addr      // outer source address
 	Subnet       netip.Prefix    // own container subnet; its network address goes on the device as /32
-	Logger       *slog.Logger
+	// PathWorks tells whether IP protocol 4 passes between this host and a
+	// peer (the probe's verdict). Nil: assume it does.
+	PathWorks func(peer netip.Addr) bool
+	Logger    *slog.Logger
 }
 
 // Backend owns the ipip device. It has no per-peer state besides routes.
@@ -73,9 +79,20 @@ func New(cfg Config) (*Backend, error) {
 	}, nil
 }
 
-func (b *Backend) Name() string   { return "ipip" }
+func (b *Backend) Name() string   { return Name }
 func (b *Backend) Device() string { return b.cfg.Device }
 func (b *Backend) Overhead() int  { return Overhead }
+
+// Usable: the peer runs ipip and IP protocol 4 passes between us.
+func (b *Backend) Usable(peer backend.Peer) (bool, string) {
+	switch {
+	case !slices.Contains(peer.Encaps, Name):
+		return false, "the peer does not run ipip"
+	case b.cfg.PathWorks != nil && !b.cfg.PathWorks(peer.Address):
+		return false, "IP protocol 4 does not pass between us and the peer"
+	}
+	return true, "both hosts run ipip and IP protocol 4 passes"
+}
 
 // Ensure creates or repairs the device: type ipip, local = underlay address,
 // no remote (one device serves all peers), path MTU discovery on so inner

@@ -2,13 +2,11 @@
 // container traffic leaving the fabric and DNAT for fabric-wide published
 // ports (a routing mesh like Docker swarm's, without swarm).
 //
-// Following Calico felix's pattern, Apply computes the whole desired state,
-// reads the kernel's with one iptables-save per table, and writes only the
-// difference with one `iptables-restore --noflush` per table, so every change
-// is atomic and rules of other owners (dockerd, the policy package) are never
-// touched. All rules live in fabricd's own chains (names start with FABRIC-)
-// and carry a comment "fabric: <why>"; the built-in chains only get one jump
-// each, placed before every rule that fabric does not own.
+// nat only renders its chains; the iptables package owns the kernel tables:
+// it diffs, writes atomically, orders the jumps in the built-in chains and
+// repairs drift. All rules live in fabricd's own chains (names start with
+// FABRIC-) and carry a comment "fabric: <why>"; the built-in chains only get
+// one jump each, placed before every rule that fabric does not own.
 //
 // Chains:
 //
@@ -17,10 +15,8 @@
 //	nat    FABRIC-POSTROUTING <- POSTROUTING  SNAT of published connections, MASQUERADE leaving the fabric
 //	filter FABRIC-FORWARD     <- FORWARD      ACCEPT fabric traffic before dockerd's DROP policy
 //
-// The policy package filters traffic in its own chain (FABRIC-POLICY) whose
-// jump it keeps in FORWARD before ForwardChain's: Apply accepts jumps to any
-// FABRIC- chain ahead of its own and only moves its jump when a rule of
-// another owner precedes it.
+// The policy package's FABRIC-POLICY jump precedes FABRIC-FORWARD's in
+// FORWARD; the iptables owner places both in one transaction.
 //
 // Limits: a published port is reached through the host's non-loopback
 // addresses only; 127.0.0.1:port is not forwarded (that would need
@@ -32,7 +28,7 @@
 // subnet, Apply turns on hairpin mode on the bridge's ports (dockerd enables
 // bridge-nf-call-iptables, so a container reaching its own published port
 // needs its frame sent back out of the port it came in by); ports added later
-// get it at the next Apply or Maintain tick.
+// get it at the next Apply or RepairHairpin.
 //
 // FABRIC-FORWARD runs before dockerd's DOCKER-USER chain: fabric traffic is
 // accepted there, so restrictions on it belong in the policy package.
@@ -44,15 +40,14 @@ package nat
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os/exec"
 	"slices"
 	"strings"
-	"sync"
-	"time"
+
+	"github.com/fabricnet/fabric/iptables"
 )
 
 // Chain names. ForwardChain is shared with the policy package, which jumps to
@@ -62,21 +57,18 @@ const (
 	PreroutingChain  = "FABRIC-PREROUTING"
 	OutputChain      = "FABRIC-OUTPUT"
 	PostroutingChain = "FABRIC-POSTROUTING"
-
-	// ChainPrefix starts the name of every chain fabric owns.
-	ChainPrefix = "FABRIC-"
 )
 
-// Publish is one fabric-wide published port: HostPort on the selected hosts
+// PublishedPort is one fabric-wide published port: HostPort on the selected hosts
 // forwards to Target, which may run on any host of the fabric.
-type Publish struct {
+type PublishedPort struct {
 	Proto    string         // "tcp" or "udp"
 	HostPort uint16         // port on every selected host's addresses
 	Target   netip.AddrPort // container address:port inside the pool
 	Hosts    []string       // node names; empty means every host
 }
 
-func (p Publish) String() string {
+func (p PublishedPort) String() string {
 	s := fmt.Sprintf("%s/%d -> %s", p.Proto, p.HostPort, p.Target)
 	if len(p.Hosts) > 0 {
 		s += " on " + strings.Join(p.Hosts, ",")
@@ -85,7 +77,7 @@ func (p Publish) String() string {
 }
 
 // onHost reports whether p is published on the node called node.
-func (p Publish) onHost(node string) bool {
+func (p PublishedPort) onHost(node string) bool {
 	return len(p.Hosts) == 0 || slices.Contains(p.Hosts, node)
 }
 
@@ -94,35 +86,32 @@ type State struct {
 	Pool      netip.Prefix // the whole fabric, e.g. 10.244.0.0/16
 	Subnet    netip.Prefix // this host's lease, e.g. 10.244.1.0/24
 	Bridge    string       // the containers' bridge, e.g. docker0
-	Node      string       // this host's name, to filter Publish.Hosts
-	Publishes []Publish
+	Node      string       // this host's name, to filter PublishedPort.Hosts
+	Publishes []PublishedPort
 }
 
 // Config configures a Manager.
 type Config struct {
-	// Exec builds the commands Manager runs (iptables-save/-restore, ip).
-	// Nil means exec.CommandContext; tests wrap `nsenter --net=...`.
-	Exec   func(ctx context.Context, name string, args ...string) *exec.Cmd
+	// Exec builds the commands Manager runs (ip, and iptables when Tables
+	// is nil). Nil means exec.CommandContext; tests wrap `nsenter --net=...`.
+	Exec func(ctx context.Context, name string, args ...string) *exec.Cmd
+	// Tables is the host's iptables owner, shared with the policy package.
+	// Nil: New makes one that owns only nat's section.
+	Tables *iptables.Manager
 	Logger *slog.Logger
 }
 
-// Manager owns fabric's NAT and forward chains on one host.
+// Manager renders fabric's NAT and forward chains on one host and hands them
+// to the iptables owner.
 type Manager struct {
-	exec    func(ctx context.Context, name string, args ...string) *exec.Cmd
-	log     *slog.Logger
-	save    string // iptables-save binary of the chosen backend
-	restore string // iptables-restore binary of the chosen backend
-	backend string // "nf_tables" or "legacy"
-
-	mu     sync.Mutex // serialises Apply, Cleanup and Maintain
-	last   *State     // last state applied, re-applied by Maintain
-	writes uint64     // iptables-restore runs, for tests and debugging
+	exec   func(ctx context.Context, name string, args ...string) *exec.Cmd
+	log    *slog.Logger
+	tables *iptables.Manager
 }
 
-// New detects the iptables backend that plain `iptables` uses (the one
-// dockerd uses too) and returns a Manager for it.
+// New returns a Manager. It writes nothing.
 func New(cfg Config) (*Manager, error) {
-	m := &Manager{exec: cfg.Exec, log: cfg.Logger}
+	m := &Manager{exec: cfg.Exec, log: cfg.Logger, tables: cfg.Tables}
 	if m.exec == nil {
 		m.exec = exec.CommandContext
 	}
@@ -130,180 +119,60 @@ func New(cfg Config) (*Manager, error) {
 		m.log = slog.Default()
 	}
 	m.log = m.log.With("component", "nat")
-
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	out, err := m.exec(ctx, "iptables", "--version").CombinedOutput()
-	if err != nil {
-		return nil, fmt.Errorf("nat: iptables not usable (install the iptables package): %v: %s", err, strings.TrimSpace(string(out)))
-	}
-	version := strings.TrimSpace(string(out))
-	switch {
-	case strings.Contains(version, "(nf_tables)"):
-		m.backend = "nf_tables"
-		m.save, m.restore = pickBinary("iptables-nft-save", "iptables-save"), pickBinary("iptables-nft-restore", "iptables-restore")
-	case strings.Contains(version, "(legacy)"):
-		m.backend = "legacy"
-		m.save, m.restore = pickBinary("iptables-legacy-save", "iptables-save"), pickBinary("iptables-legacy-restore", "iptables-restore")
-	default:
-		// Old iptables (< 1.8) prints no backend: it is legacy and has only
-		// the plain names.
-		m.backend = "legacy"
-		m.save, m.restore = "iptables-save", "iptables-restore"
-	}
-	for _, bin := range []string{m.save, m.restore} {
-		if _, err := exec.LookPath(bin); err != nil {
-			return nil, fmt.Errorf("nat: %s (backend %s of %q) not found: %v", bin, m.backend, version, err)
+	if m.tables == nil {
+		t, err := iptables.New(iptables.Config{Exec: m.exec, Sections: []string{Section}, Logger: m.log})
+		if err != nil {
+			return nil, fmt.Errorf("nat: %w", err)
 		}
+		m.tables = t
 	}
-	m.log.Debug("iptables backend detected", "version", version, "save", m.save, "restore", m.restore)
 	return m, nil
 }
 
-// pickBinary returns preferred when it is installed, else fallback: the
-// backend-specific names keep save/restore on the same backend as iptables
-// even when alternatives point elsewhere.
-func pickBinary(preferred, fallback string) string {
-	if _, err := exec.LookPath(preferred); err == nil {
-		return preferred
-	}
-	return fallback
-}
-
 // Backend is "nf_tables" or "legacy": the iptables backend in use.
-func (m *Manager) Backend() string { return m.backend }
+func (m *Manager) Backend() string { return m.tables.Backend() }
 
-// Binaries are the iptables-save and iptables-restore commands of the
-// detected backend, for other owners of rules (policy) to use the same.
-func (m *Manager) Binaries() (save, restore string) { return m.save, m.restore }
+// Writes counts the iptables-restore runs of the iptables owner.
+func (m *Manager) Writes() uint64 { return m.tables.Writes() }
 
-// Writes counts the iptables-restore runs so far; an Apply that finds the
-// kernel already right does not add to it.
-func (m *Manager) Writes() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.writes
-}
-
-// Apply makes the kernel's fabric chains match st. It is idempotent and,
-// when nothing changed, costs one iptables-save per table.
+// Apply makes the kernel's NAT chains match st. It is idempotent and,
+// when nothing changed, costs one iptables-save.
 func (m *Manager) Apply(ctx context.Context, st State) error {
 	if err := checkState(st); err != nil {
 		return err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if err := m.apply(ctx, st); err != nil {
-		return err
+	if err := m.tables.Set(ctx, Section, render(st, m.selectPublishes(st), m.tables.RandomFully())); err != nil {
+		return fmt.Errorf("nat: %w", err)
 	}
-	saved := st
-	saved.Publishes = slices.Clone(st.Publishes)
-	m.last = &saved
+	// Hairpin lets a container reach its own published port through the
+	// host; failing it only loses that case, so it is not fatal.
+	m.RepairHairpin(ctx, st)
 	return nil
 }
 
-func (m *Manager) apply(ctx context.Context, st State) error {
-	publishes := m.selectPublishes(st)
-	for _, want := range desiredTables(st, publishes) {
-		have, err := m.readTable(ctx, want.name)
-		if err != nil {
-			return err
-		}
-		payload := diffTable(want, have)
-		if payload == "" {
-			m.log.Debug("chains up to date", "table", want.name)
-			continue
-		}
-		if err := m.restoreTable(ctx, want.name, payload); err != nil {
-			return err
-		}
-		m.log.Info("rules written", "table", want.name, "publishes", len(publishes))
-	}
-	if st.Bridge != "" && hasLocalTarget(st, publishes) {
-		// Hairpin lets a container reach its own published port through the
-		// host; failing it only loses that case, so it is not fatal.
-		if err := m.ensureHairpin(ctx, st.Bridge); err != nil {
-			m.log.Warn("cannot enable hairpin on bridge ports; a container cannot reach its own published port", "bridge", st.Bridge, "err", err)
-		}
-	}
-	return nil
-}
-
-// Maintain re-applies the last applied State every interval until ctx ends,
-// so chains or jumps deleted by hand or by another program come back within
-// one interval. It returns ctx's error.
-func (m *Manager) Maintain(ctx context.Context, interval time.Duration) error {
-	if interval <= 0 {
-		interval = 5 * time.Second
-	}
-	ticker := time.NewTicker(interval)
-	defer ticker.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-ticker.C:
-		}
-		m.mu.Lock()
-		if m.last != nil {
-			if err := m.apply(ctx, *m.last); err != nil && ctx.Err() == nil {
-				m.log.Warn("re-applying rules failed; retrying", "err", err, "in", interval)
-			}
-		}
-		m.mu.Unlock()
-	}
-}
-
-// Cleanup removes fabric's chains and every rule that jumps to them. It is
-// safe when nothing is there.
+// Cleanup withdraws nat's rules. It is safe when nothing is there.
 func (m *Manager) Cleanup(ctx context.Context) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.last = nil
-	var errs []error
-	for _, tbl := range []string{"nat", "filter"} {
-		have, err := m.readTable(ctx, tbl)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		payload := cleanupPayload(tbl, have)
-		if payload == "" {
-			continue
-		}
-		if err := m.restoreTable(ctx, tbl, payload); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		m.log.Info("chains removed", "table", tbl)
-	}
-	return errors.Join(errs...)
+	return m.tables.Set(ctx, Section, iptables.Section{})
 }
 
-// Rules lists fabric's current rules as "-t TABLE -A CHAIN ..." lines: the
-// jumps in built-in chains and the contents of fabric's chains.
-func (m *Manager) Rules(ctx context.Context) ([]string, error) {
-	var lines []string
-	for _, tbl := range []string{"nat", "filter"} {
-		have, err := m.readTable(ctx, tbl)
-		if err != nil {
-			return nil, err
-		}
-		for _, chain := range have.order {
-			for _, rule := range have.rules[chain] {
-				if ownedChain(tbl, chain) || ownedChain(tbl, ruleTarget(rule)) {
-					lines = append(lines, fmt.Sprintf("-t %s -A %s %s", tbl, chain, rule))
-				}
-			}
-		}
+// RepairHairpin turns hairpin on for bridge ports added since the last
+// Apply, while a publish targets this host.
+func (m *Manager) RepairHairpin(ctx context.Context, st State) {
+	if st.Bridge == "" || !hasLocalTarget(st, m.selectPublishes(st)) {
+		return
 	}
-	return lines, nil
+	if err := m.ensureHairpin(ctx, st.Bridge); err != nil {
+		m.log.Warn("cannot enable hairpin on bridge ports; a container cannot reach its own published port", "bridge", st.Bridge, "err", err)
+	}
 }
+
+// Rules lists fabric's current rules as "-t TABLE -A CHAIN ..." lines.
+func (m *Manager) Rules(ctx context.Context) ([]string, error) { return m.tables.Rules(ctx) }
 
 // selectPublishes keeps the valid publishes of this node, sorted, the first
 // of any two claiming the same proto/port winning.
-func (m *Manager) selectPublishes(st State) []Publish {
-	var out []Publish
+func (m *Manager) selectPublishes(st State) []PublishedPort {
+	var out []PublishedPort
 	for _, p := range st.Publishes {
 		if !p.onHost(st.Node) {
 			continue
@@ -314,7 +183,7 @@ func (m *Manager) selectPublishes(st State) []Publish {
 		}
 		out = append(out, p)
 	}
-	slices.SortFunc(out, func(a, b Publish) int {
+	slices.SortFunc(out, func(a, b PublishedPort) int {
 		if c := strings.Compare(a.Proto, b.Proto); c != 0 {
 			return c
 		}
@@ -323,7 +192,7 @@ func (m *Manager) selectPublishes(st State) []Publish {
 	return out
 }
 
-func hasLocalTarget(st State, publishes []Publish) bool {
+func hasLocalTarget(st State, publishes []PublishedPort) bool {
 	for _, p := range publishes {
 		if st.Subnet.Contains(p.Target.Addr().Unmap()) {
 			return true
@@ -351,7 +220,7 @@ func checkState(st State) error {
 // ValidatePublish checks p before fabricctl stores it: a known protocol, non-zero
 // ports, a target inside pool, and no overlap with an existing publish of
 // the same protocol and host port on a common host.
-func ValidatePublish(p Publish, pool netip.Prefix, existing []Publish) error {
+func ValidatePublish(p PublishedPort, pool netip.Prefix, existing []PublishedPort) error {
 	if p.Proto != "tcp" && p.Proto != "udp" {
 		return fmt.Errorf("publish %s: protocol %q is not tcp or udp", p, p.Proto)
 	}

@@ -10,13 +10,13 @@ import (
 
 func TestValidatePublish(t *testing.T) {
 	pool := netip.MustParsePrefix("10.244.0.0/16")
-	existing := []Publish{
+	existing := []PublishedPort{
 		publish("tcp", 8080, "10.244.2.2:80"),
 		publish("udp", 53, "10.244.3.3:53", "a", "b"),
 	}
 	for _, c := range []struct {
 		name    string
-		p       Publish
+		p       PublishedPort
 		wantErr string // "" = valid
 	}{
 		{"valid", publish("tcp", 8081, "10.244.2.2:80"), ""},
@@ -27,8 +27,8 @@ func TestValidatePublish(t *testing.T) {
 		{"conflict on a shared host", publish("udp", 53, "10.244.3.4:53", "b"), "already published (udp/53 -> 10.244.3.3:53 on a,b)"},
 		{"port 0", publish("tcp", 0, "10.244.2.2:80"), "host port 0"},
 		{"target port 0", publish("tcp", 1, "10.244.2.2:0"), "non-zero port"},
-		{"bad proto", Publish{Proto: "sctp", HostPort: 1, Target: netip.MustParseAddrPort("10.244.2.2:80")}, `protocol "sctp"`},
-		{"no target", Publish{Proto: "tcp", HostPort: 1}, "needs an address"},
+		{"bad proto", PublishedPort{Proto: "sctp", HostPort: 1, Target: netip.MustParseAddrPort("10.244.2.2:80")}, `protocol "sctp"`},
+		{"no target", PublishedPort{Proto: "tcp", HostPort: 1}, "needs an address"},
 		{"ipv6", publish("tcp", 1, "[fd00::1]:80"), "not IPv4"},
 	} {
 		err := ValidatePublish(c.p, pool, existing)
@@ -58,21 +58,5 @@ func TestSelectPublishesFiltersAndSkipsConflicts(t *testing.T) {
 	want := "tcp/9000 -> 10.244.1.2:80|udp/53 -> 10.244.1.2:53 on h1,h3"
 	if strings.Join(names, "|") != want {
 		t.Errorf("selected %q, want %q", strings.Join(names, "|"), want)
-	}
-}
-
-func TestSaveFormatHelpers(t *testing.T) {
-	if got := saveQuote("fabric: a b"); got != `"fabric: a b"` {
-		t.Errorf("saveQuote = %s", got)
-	}
-	if got := saveQuote("plain-word_1"); got != "plain-word_1" {
-		t.Errorf("saveQuote = %s", got)
-	}
-	rule := `-m comment --comment "trick -j FABRIC-X \" quoted" -j MASQUERADE`
-	if got := ruleTarget(rule); got != "MASQUERADE" {
-		t.Errorf("ruleTarget(%s) = %q", rule, got)
-	}
-	if got := ruleTarget("-s 10.0.0.0/8 -g FABRIC-FORWARD"); got != "FABRIC-FORWARD" {
-		t.Errorf("ruleTarget with -g = %q", got)
 	}
 }

@@ -169,7 +169,7 @@ func TestIptablesEnforcement(t *testing.T) {
 	l.listen(l.c1, c1Addr+":81")
 	c1web, c1alt := c1Addr+":80", c1Addr+":81"
 	rec := &execRecorder{ns: l.host}
-	e := New(IptablesConfig{Exec: rec.exec, Bridge: "br0", Logger: nstest.Logger(t)})
+	e := newEnforcer(t, IptablesConfig{Exec: rec.exec, Bridge: "br0", Logger: nstest.Logger(t)})
 	t.Cleanup(func() { e.Cleanup(context.Background()) })
 	nodes := map[string]netip.Prefix{"host-a": localSubnet, "host-b": nodeB}
 
@@ -346,7 +346,7 @@ func TestIptablesEnforcement(t *testing.T) {
 func TestApplyIsAtomic(t *testing.T) {
 	l := newLab(t)
 	l.listen(l.c1, c1Addr+":80")
-	e := New(IptablesConfig{Exec: (&execRecorder{ns: l.host}).exec, Bridge: "br0", Logger: slog.New(slog.DiscardHandler)})
+	e := newEnforcer(t, IptablesConfig{Exec: (&execRecorder{ns: l.host}).exec, Bridge: "br0", Logger: slog.New(slog.DiscardHandler)})
 	t.Cleanup(func() { e.Cleanup(context.Background()) })
 	nodes := map[string]netip.Prefix{"host-b": nodeB}
 	var many []Selector
@@ -401,7 +401,7 @@ func TestStoredRuleIsEnforced(t *testing.T) {
 	cli := etcdtest.Start(t).Client(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	e := New(IptablesConfig{Exec: (&execRecorder{ns: l.host}).exec, Bridge: "br0", Logger: slog.New(slog.DiscardHandler)})
+	e := newEnforcer(t, IptablesConfig{Exec: (&execRecorder{ns: l.host}).exec, Bridge: "br0", Logger: slog.New(slog.DiscardHandler)})
 	t.Cleanup(func() { e.Cleanup(context.Background()) })
 	nodes := map[string]netip.Prefix{"host-a": localSubnet, "host-b": nodeB}
 
@@ -465,4 +465,13 @@ func TestStoredRuleIsEnforced(t *testing.T) {
 	}
 	waitApplied("0 rules")
 	l.expectTCP(l.remote, remoteAddr, c1Addr+":80", true)
+}
+
+func newEnforcer(t *testing.T, cfg IptablesConfig) *IptablesEnforcer {
+	t.Helper()
+	e, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
 }

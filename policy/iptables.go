@@ -16,6 +16,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/fabricnet/fabric/iptables"
 )
 
 // Enforcer makes the kernel enforce a Ruleset. Implementations: iptables +
@@ -46,49 +48,59 @@ var policySetName = regexp.MustCompile(`^fabric-[0-9a-f]{16}$`)
 
 // IptablesConfig configures an IptablesEnforcer.
 type IptablesConfig struct {
-	// Exec builds commands; nil means exec.CommandContext. Tests wrap it
-	// with nsenter to work in a network namespace.
+	// Exec builds commands (ipset, sysctl, and iptables when Tables is
+	// nil); nil means exec.CommandContext. Tests wrap it with nsenter to
+	// work in a network namespace.
 	Exec func(ctx context.Context, name string, args ...string) *exec.Cmd
 	// Bridge, if set, limits enforcement to packets leaving through it
 	// (the containers' bridge, e.g. docker0) and makes Apply turn on
 	// net.bridge.bridge-nf-call-iptables, without which traffic between
 	// containers on the same bridge never reaches FORWARD.
 	Bridge string
-	// Legacy selects iptables-legacy-save/-restore instead of
-	// iptables-save/-restore (nf_tables on Debian 12). Use the same
-	// variant as the rest of the host.
-	Legacy bool
-	// SaveCommand and RestoreCommand, when set, override Legacy: fabricd
-	// passes the ones the nat package detected, so both owners of rules
-	// always use the same backend.
-	SaveCommand, RestoreCommand string
-	Logger                      *slog.Logger
+	// Tables is the host's iptables owner, shared with the nat package, so
+	// the policy jump is placed before nat's accept rules in the same
+	// transaction. Nil: New makes one that owns only the policy section.
+	Tables *iptables.Manager
+	Logger *slog.Logger
 }
 
+// Section is the name policy's rules go by in the iptables owner.
+const Section = "policy"
+
 // IptablesEnforcer enforces a Ruleset with a filter-table chain
-// FABRIC-POLICY, jumped to from FORWARD position 1, and hash:net ipsets for
-// long address lists.
+// FABRIC-POLICY, jumped to from FORWARD ahead of every other fabric jump,
+// and hash:net ipsets for long address lists.
 //
 // The local-subnet match lives inside the chain (first rule: RETURN unless
 // the destination is the local subnet), so the FORWARD jump never changes
 // and a new lease is applied in the same atomic commit as the rules.
 type IptablesEnforcer struct {
-	cfg IptablesConfig
-	log *slog.Logger
-	mu  sync.Mutex
+	cfg    IptablesConfig
+	log    *slog.Logger
+	tables *iptables.Manager
+	mu     sync.Mutex
+	marker string // ruleset last applied, to log changes once
 }
 
 var _ Enforcer = (*IptablesEnforcer)(nil)
 
 // New returns an IptablesEnforcer. It touches nothing until Apply.
-func New(cfg IptablesConfig) *IptablesEnforcer {
+func New(cfg IptablesConfig) (*IptablesEnforcer, error) {
 	if cfg.Exec == nil {
 		cfg.Exec = exec.CommandContext
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &IptablesEnforcer{cfg: cfg, log: cfg.Logger.With("component", "policy")}
+	e := &IptablesEnforcer{cfg: cfg, log: cfg.Logger.With("component", "policy"), tables: cfg.Tables}
+	if e.tables == nil {
+		t, err := iptables.New(iptables.Config{Exec: cfg.Exec, Sections: []string{Section}, Logger: e.log})
+		if err != nil {
+			return nil, fmt.Errorf("policy: %w", err)
+		}
+		e.tables = t
+	}
+	return e, nil
 }
 
 // rendered is a Ruleset expressed for iptables.
@@ -96,6 +108,15 @@ type rendered struct {
 	marker string              // ruleset hash, carried in the first rule's comment
 	rules  []string            // rule specs appended to the chain, in order
 	sets   map[string][]string // ipset name -> CIDRs
+}
+
+// section is what the iptables owner writes for these rules.
+func (r rendered) section() iptables.Section {
+	return iptables.Section{
+		Chains: []iptables.Chain{{Table: "filter", Name: ChainName, Rules: r.rules}},
+		Jumps: []iptables.Jump{{Table: "filter", From: "FORWARD", To: ChainName,
+			Why: "enforce fabric policy for local containers", Rank: iptables.RankPolicy}},
+	}
 }
 
 // Apply installs rs. See Enforcer.
@@ -107,58 +128,45 @@ func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 	if err != nil {
 		return err
 	}
-	have, err := e.readState(ctx)
+	have, err := e.listSets(ctx)
 	if err != nil {
 		return err
 	}
-	if have.matches(want) {
-		e.log.Debug("policy unchanged", "ruleset", want.marker)
-		return nil
-	}
-
 	e.ensureBridgeNetfilter(ctx)
 
 	// 1. Sets first, under names derived from their content, so the old
 	// chain keeps using the old sets until the commit below.
-	if len(want.sets) > 0 {
-		var b strings.Builder
-		for _, name := range slices.Sorted(maps.Keys(want.sets)) {
-			cidrs := want.sets[name]
-			fmt.Fprintf(&b, "create %s hash:net family inet hashsize 1024 maxelem %d\n", name, max(65536, len(cidrs)))
-			for _, c := range cidrs {
-				fmt.Fprintf(&b, "add %s %s\n", name, c)
-			}
+	var b strings.Builder
+	for _, name := range slices.Sorted(maps.Keys(want.sets)) {
+		if slices.Contains(have, name) {
+			continue
 		}
-		// -exist: a set left by an earlier run is completed, not refused.
+		cidrs := want.sets[name]
+		fmt.Fprintf(&b, "create %s hash:net family inet hashsize 1024 maxelem %d\n", name, max(65536, len(cidrs)))
+		for _, c := range cidrs {
+			fmt.Fprintf(&b, "add %s %s\n", name, c)
+		}
+	}
+	if b.Len() > 0 {
+		// -exist: a set left half-made by an earlier run is completed.
 		if _, err := e.run(ctx, b.String(), "ipset", "-exist", "restore"); err != nil {
 			return fmt.Errorf("apply policy: create ipsets: %w", err)
 		}
 	}
 
-	// 2. One iptables-restore commit: declaring the chain flushes it, the
-	// -A lines refill it, the jump is (re)placed at FORWARD position 1.
-	var b strings.Builder
-	b.WriteString("*filter\n")
-	fmt.Fprintf(&b, ":%s - [0:0]\n", ChainName)
-	if !have.jumpFirstAndOnly() {
-		for _, j := range have.jumps {
-			b.WriteString("-D" + strings.TrimPrefix(have.forward[j], "-A") + "\n")
-		}
-		fmt.Fprintf(&b, "-I FORWARD 1 %s -j %s\n", comment("enforce fabric policy for local containers"), ChainName)
-	}
-	for _, r := range want.rules {
-		fmt.Fprintf(&b, "-A %s %s\n", ChainName, r)
-	}
-	b.WriteString("COMMIT\n")
-	if _, err := e.run(ctx, b.String(), e.restoreCmd(), "-w", "--noflush"); err != nil {
+	// 2. The chain and its jump, in one transaction of the iptables owner.
+	if err := e.tables.Set(ctx, Section, want.section()); err != nil {
 		return fmt.Errorf("apply policy: chain %s: %w", ChainName, err)
 	}
 
 	// 3. Sets the new chain no longer uses.
-	e.destroySets(ctx, have.sets, want.sets)
-	e.log.Info("policy applied", "ruleset", want.marker, "rules", len(rs.Rules),
-		"iptables_rules", len(want.rules), "ipsets", len(want.sets), "default", rs.DefaultAction,
-		"local", rs.Local, "took", time.Since(start))
+	e.destroySets(ctx, have, want.sets)
+	if want.marker != e.marker {
+		e.marker = want.marker
+		e.log.Info("policy applied", "ruleset", want.marker, "rules", len(rs.Rules),
+			"iptables_rules", len(want.rules), "ipsets", len(want.sets), "default", rs.DefaultAction,
+			"local", rs.Local, "took", time.Since(start))
+	}
 	return nil
 }
 
@@ -166,31 +174,36 @@ func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 func (e *IptablesEnforcer) Cleanup(ctx context.Context) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	have, err := e.readState(ctx)
+	e.marker = ""
+	if err := e.tables.Set(ctx, Section, iptables.Section{}); err != nil {
+		return fmt.Errorf("remove policy chain %s: %w", ChainName, err)
+	}
+	return DestroySets(ctx, e.cfg.Exec, e.log)
+}
+
+// DestroySets destroys every ipset this package creates; the chains using
+// them must be gone. --cleanup uses it after the iptables owner's Cleanup.
+func DestroySets(ctx context.Context, run func(ctx context.Context, name string, args ...string) *exec.Cmd, log *slog.Logger) error {
+	e := &IptablesEnforcer{cfg: IptablesConfig{Exec: run}, log: log}
+	if e.cfg.Exec == nil {
+		e.cfg.Exec = exec.CommandContext
+	}
+	have, err := e.listSets(ctx)
 	if err != nil {
 		return err
 	}
-	if have.chainExists || len(have.jumps) > 0 {
-		var b strings.Builder
-		b.WriteString("*filter\n")
-		for _, j := range have.jumps {
-			b.WriteString("-D" + strings.TrimPrefix(have.forward[j], "-A") + "\n")
-		}
-		if have.chainExists {
-			fmt.Fprintf(&b, ":%s - [0:0]\n-X %s\n", ChainName, ChainName)
-		}
-		b.WriteString("COMMIT\n")
-		if _, err := e.run(ctx, b.String(), e.restoreCmd(), "-w", "--noflush"); err != nil {
-			return fmt.Errorf("remove policy chain %s: %w", ChainName, err)
-		}
-	}
-	if left := e.destroySets(ctx, have.sets, nil); len(left) > 0 {
+	if left := e.destroySets(ctx, have, nil); len(left) > 0 {
 		return fmt.Errorf("remove policy ipsets: could not destroy %s", strings.Join(left, ", "))
 	}
-	if have.chainExists || len(have.jumps) > 0 {
-		e.log.Info("policy removed", "chain", ChainName)
-	}
 	return nil
+}
+
+func (e *IptablesEnforcer) listSets(ctx context.Context) ([]string, error) {
+	sets, err := e.run(ctx, "", "ipset", "list", "-n")
+	if err != nil {
+		return nil, fmt.Errorf("read ipsets: %w", err)
+	}
+	return strings.Fields(sets), nil
 }
 
 const bridgeNetfilterSysctl = "net.bridge.bridge-nf-call-iptables"
@@ -228,90 +241,6 @@ func (e *IptablesEnforcer) destroySets(ctx context.Context, have []string, keep 
 		}
 	}
 	return left
-}
-
-func (e *IptablesEnforcer) restoreCmd() string {
-	if e.cfg.RestoreCommand != "" {
-		return e.cfg.RestoreCommand
-	}
-	if e.cfg.Legacy {
-		return "iptables-legacy-restore"
-	}
-	return "iptables-restore"
-}
-
-func (e *IptablesEnforcer) saveCmd() string {
-	if e.cfg.SaveCommand != "" {
-		return e.cfg.SaveCommand
-	}
-	if e.cfg.Legacy {
-		return "iptables-legacy-save"
-	}
-	return "iptables-save"
-}
-
-// kernelState is what iptables-save and ipset report about our objects.
-type kernelState struct {
-	forward     []string // FORWARD rules as saved ("-A FORWARD ...")
-	jumps       []int    // indexes in forward of jumps to our chain
-	chainExists bool
-	chain       []string // our chain's rules as saved
-	sets        []string // all ipset names
-}
-
-func (s kernelState) jumpFirstAndOnly() bool {
-	return len(s.jumps) == 1 && s.jumps[0] == 0
-}
-
-// matches reports whether the kernel already enforces want. The first rule
-// carries the ruleset hash; the rule count catches rules added or removed
-// by hand; set names are content hashes.
-func (s kernelState) matches(want rendered) bool {
-	if !s.chainExists || !s.jumpFirstAndOnly() || len(s.chain) != len(want.rules) || len(s.chain) == 0 {
-		return false
-	}
-	if !strings.Contains(s.chain[0], "ruleset "+want.marker) {
-		return false
-	}
-	for name := range want.sets {
-		if !slices.Contains(s.sets, name) {
-			return false
-		}
-	}
-	return true
-}
-
-func (e *IptablesEnforcer) readState(ctx context.Context) (kernelState, error) {
-	var s kernelState
-	// The whole dump, not -t filter: in a fresh network namespace the
-	// filter table may not exist yet, which -t filter reports as an error.
-	out, err := e.run(ctx, "", e.saveCmd())
-	if err != nil {
-		return s, fmt.Errorf("read iptables state: %w", err)
-	}
-	inFilter := false
-	for _, line := range strings.Split(out, "\n") {
-		switch {
-		case strings.HasPrefix(line, "*"):
-			inFilter = line == "*filter"
-		case !inFilter:
-		case strings.HasPrefix(line, ":"+ChainName+" "):
-			s.chainExists = true
-		case strings.HasPrefix(line, "-A FORWARD "):
-			if strings.HasSuffix(line, "-j "+ChainName) {
-				s.jumps = append(s.jumps, len(s.forward))
-			}
-			s.forward = append(s.forward, line)
-		case strings.HasPrefix(line, "-A "+ChainName+" "):
-			s.chain = append(s.chain, line)
-		}
-	}
-	sets, err := e.run(ctx, "", "ipset", "list", "-n")
-	if err != nil {
-		return s, fmt.Errorf("read ipsets: %w", err)
-	}
-	s.sets = strings.Fields(sets)
-	return s, nil
 }
 
 // render turns rs into chain rules and ipsets.
@@ -443,9 +372,7 @@ func targets(action, proto string) []target {
 	}
 }
 
-func comment(text string) string {
-	return fmt.Sprintf("-m comment --comment %q", commentPrefix+text)
-}
+func comment(text string) string { return iptables.Comment(commentPrefix + text) }
 
 func joinSpec(parts ...string) string {
 	var nonEmpty []string

@@ -8,9 +8,10 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
-	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/fabricnet/fabric/internal/etcdwatch"
 )
 
 // DefaultKeyName is the key below <prefix>/policy/ holding the default
@@ -167,118 +168,38 @@ func decodePolicy(prefix string, kvs map[string][]byte) (Policy, []error) {
 	return p, bad
 }
 
-// Watch sends the full rule set on every change. See WatchPolicy.
-func Watch(ctx context.Context, cli *clientv3.Client, prefix string, logger *slog.Logger) <-chan []Rule {
-	in := WatchPolicy(ctx, cli, prefix, logger)
-	out := make(chan []Rule, 1)
-	go func() {
-		defer close(out)
-		for p := range in {
-			sendLatest(ctx, out, p.Rules)
-		}
-	}()
-	return out
-}
-
 // WatchPolicy sends the whole stored policy (rules and default action) at
 // start and after every change, until ctx ends. A slow reader only misses
 // intermediate states, never the latest.
 //
 // A malformed stored value (rule or default) is logged as an error naming
-// its key. Because a skipped deny rule would silently open traffic, no new
-// policy is sent while any stored value is malformed: the reader keeps
-// enforcing the last good one. Only at start, when there is no last good
-// policy, the valid part is sent: enforcing it can only be stricter than
-// enforcing nothing.
+// its key, and security decisions fail closed:
+//   - once a policy has been sent, no new one is sent while any stored value
+//     is malformed, since a skipped deny rule would silently open traffic:
+//     the reader keeps enforcing the last good one;
+//   - at start, when there is no last good policy, the valid rules are sent
+//     with the default action deny, whatever is stored: nothing is opened
+//     that a malformed rule might have closed.
 func WatchPolicy(ctx context.Context, cli *clientv3.Client, prefix string, logger *slog.Logger) <-chan Policy {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	out := make(chan Policy, 1)
-	go func() {
-		defer close(out)
-		w := policyWatcher{cli: cli, prefix: prefix, log: logger, out: out}
-		for ctx.Err() == nil {
-			err := w.run(ctx)
-			if ctx.Err() != nil {
-				return
+	sentAny := false
+	return etcdwatch.Watch(ctx, cli, policyDir(prefix), logger, func(kvs etcdwatch.KVs) (Policy, bool) {
+		p, bad := decodePolicy(prefix, kvs)
+		for _, err := range bad {
+			logger.Error("malformed stored policy value; fix or delete the key", "err", err)
+		}
+		if len(bad) > 0 {
+			if sentAny {
+				logger.Error("POLICY NOT UPDATED: keeping the policy in force until every stored policy value is valid", "malformed", len(bad))
+				return Policy{}, false
 			}
-			logger.Warn("policy watch interrupted; listing again", "prefix", policyDir(prefix), "err", err)
-			select {
-			case <-ctx.Done():
-			case <-time.After(500 * time.Millisecond):
-			}
+			logger.Error("no policy in force yet and some stored values are malformed: enforcing the valid rules with default deny until every value is valid",
+				"malformed", len(bad), "valid", len(p.Rules))
+			p.DefaultAction = ActionDeny
 		}
-	}()
-	return out
-}
-
-type policyWatcher struct {
-	cli     *clientv3.Client
-	prefix  string
-	log     *slog.Logger
-	out     chan Policy
-	sentAny bool
-}
-
-// run lists the policy, then follows changes until the watch fails.
-func (w *policyWatcher) run(ctx context.Context) error {
-	dir := policyDir(w.prefix)
-	resp, err := w.cli.Get(ctx, dir, clientv3.WithPrefix())
-	if err != nil {
-		return fmt.Errorf("list %s: %w", dir, err)
-	}
-	kvs := map[string][]byte{}
-	for _, kv := range resp.Kvs {
-		kvs[string(kv.Key)] = kv.Value
-	}
-	w.publish(ctx, kvs)
-	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-	defer cancel()
-	wch := w.cli.Watch(wctx, dir, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
-	for wr := range wch {
-		if err := wr.Err(); err != nil {
-			return fmt.Errorf("watch %s: %w", dir, err)
-		}
-		for _, ev := range wr.Events {
-			if ev.Type == clientv3.EventTypeDelete {
-				delete(kvs, string(ev.Kv.Key))
-			} else {
-				kvs[string(ev.Kv.Key)] = ev.Kv.Value
-			}
-		}
-		if len(wr.Events) > 0 {
-			w.publish(ctx, kvs)
-		}
-	}
-	return fmt.Errorf("watch %s closed", dir)
-}
-
-func (w *policyWatcher) publish(ctx context.Context, kvs map[string][]byte) {
-	p, bad := decodePolicy(w.prefix, kvs)
-	for _, err := range bad {
-		w.log.Error("POLICY NOT UPDATED: malformed stored policy value; fix or delete the key", "err", err)
-	}
-	if len(bad) > 0 {
-		// Also at start: the kernel may still hold the previous agent's
-		// rules, and enforcing only the valid part (or reading a bad
-		// default as allow) could open what they close. Keep them.
-		w.log.Error("keeping the policy in force until every stored policy value is valid", "malformed", len(bad))
-		return
-	}
-	w.sentAny = true
-	sendLatest(ctx, w.out, p)
-}
-
-// sendLatest replaces an unread value in ch (capacity 1) with v; the caller
-// must be the only sender.
-func sendLatest[T any](ctx context.Context, ch chan T, v T) {
-	select {
-	case <-ch:
-	default:
-	}
-	select {
-	case ch <- v:
-	case <-ctx.Done():
-	}
+		sentAny = true
+		return p, true
+	})
 }

@@ -139,29 +139,17 @@ func TestWatchFollowsChangesAndHoldsOnMalformed(t *testing.T) {
 	if p := next("after fix"); len(p.Rules) != 0 || p.DefaultAction != "deny" {
 		t.Fatalf("after fix: %+v", p)
 	}
-
-	// Watch (rules only) sees the same.
-	rch := Watch(ctx, cli, prefix, logger)
-	select {
-	case rules := <-rch:
-		if len(rules) != 0 {
-			t.Fatalf("Watch: %+v", rules)
-		}
-	case <-time.After(time.Second):
-		t.Fatal("Watch sent nothing")
-	}
 }
 
-// A malformed stored value at start sends nothing: the kernel may still hold
-// the previous agent's rules, and enforcing only the valid part (or a bad
-// default read as allow) could open what they close. Once the value is fixed,
-// the whole policy is sent.
-func TestWatchHoldsAtStartWhileStoreIsMalformed(t *testing.T) {
+// A malformed stored value at start, when no policy is in force yet: the
+// valid rules are enforced with default deny (fail closed), whatever default
+// is stored. Once the value is fixed, the stored policy is sent.
+func TestWatchFailsClosedAtStartWhileStoreIsMalformed(t *testing.T) {
 	cli := etcdtest.Start(t).Client(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	const prefix = "/fabric"
-	if err := Put(ctx, cli, prefix, []Rule{{Name: "deny-all", Action: "deny"}}); err != nil {
+	if err := PutDocument(ctx, cli, prefix, Document{DefaultAction: ActionAllow, Rules: []Rule{{Name: "allow-web", Action: "allow", Protocol: "tcp", Ports: []PortRange{{80, 80}}}}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := cli.Put(ctx, RuleKey(prefix, "junk"), "{not json"); err != nil {
@@ -173,16 +161,19 @@ func TestWatchHoldsAtStartWhileStoreIsMalformed(t *testing.T) {
 	ch := WatchPolicy(ctx, cli, prefix, slog.New(slog.DiscardHandler))
 	select {
 	case p := <-ch:
-		t.Fatalf("sent %+v while a stored value is malformed", p)
-	case <-time.After(time.Second):
+		if len(p.Rules) != 1 || p.Rules[0].Name != "allow-web" || p.DefaultAction != ActionDeny {
+			t.Fatalf("at start with a malformed value: %+v, want allow-web with default deny", p)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("nothing sent at start: the host would have no policy at all")
 	}
 	if _, err := cli.Delete(ctx, RuleKey(prefix, "junk")); err != nil {
 		t.Fatal(err)
 	}
 	select {
 	case p := <-ch:
-		if len(p.Rules) != 1 || p.Rules[0].Name != "deny-all" {
-			t.Fatalf("got %+v", p)
+		if len(p.Rules) != 1 || p.DefaultAction != ActionAllow {
+			t.Fatalf("after the fix: %+v, want the stored default allow", p)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("nothing sent after the malformed value was deleted")

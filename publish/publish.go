@@ -12,10 +12,10 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/fabricnet/fabric/internal/etcdwatch"
 	"github.com/fabricnet/fabric/nat"
 )
 
@@ -32,16 +32,16 @@ func Key(prefix, proto string, port uint16) string {
 	return fmt.Sprintf("%s/publish/%s-%d", prefix, proto, port)
 }
 
-func decode(key string, value []byte) (nat.Publish, error) {
+func decode(key string, value []byte) (nat.PublishedPort, error) {
 	var r record
 	if err := json.Unmarshal(value, &r); err != nil {
-		return nat.Publish{}, fmt.Errorf("etcd key %s: not a published port: %v", key, err)
+		return nat.PublishedPort{}, fmt.Errorf("etcd key %s: not a published port: %v", key, err)
 	}
 	target, err := netip.ParseAddrPort(r.Target)
 	if err != nil {
-		return nat.Publish{}, fmt.Errorf("etcd key %s: target %q: want address:port", key, r.Target)
+		return nat.PublishedPort{}, fmt.Errorf("etcd key %s: target %q: want address:port", key, r.Target)
 	}
-	p := nat.Publish{Proto: r.Proto, HostPort: r.HostPort, Target: target, Hosts: r.Hosts}
+	p := nat.PublishedPort{Proto: r.Proto, HostPort: r.HostPort, Target: target, Hosts: r.Hosts}
 	if want := Key("", p.Proto, p.HostPort); !strings.HasSuffix(key, want) {
 		return p, fmt.Errorf("etcd key %s: holds %s/%d, which belongs under %s", key, p.Proto, p.HostPort, want)
 	}
@@ -56,22 +56,28 @@ type BadRecord struct {
 
 // List returns every published port, sorted by protocol and port, and the
 // keys whose values are malformed.
-func List(ctx context.Context, cli *clientv3.Client, prefix string) ([]nat.Publish, []BadRecord, error) {
-	out, bad, _, err := list(ctx, cli, prefix)
-	return out, bad, err
-}
-
-func list(ctx context.Context, cli *clientv3.Client, prefix string) ([]nat.Publish, []BadRecord, int64, error) {
+func List(ctx context.Context, cli *clientv3.Client, prefix string) ([]nat.PublishedPort, []BadRecord, error) {
 	resp, err := cli.Get(ctx, prefix+"/publish/", clientv3.WithPrefix())
 	if err != nil {
-		return nil, nil, 0, fmt.Errorf("etcd %s/publish/: %w", prefix, err)
+		return nil, nil, fmt.Errorf("etcd %s/publish/: %w", prefix, err)
 	}
-	var out []nat.Publish
-	var bad []BadRecord
+	kvs := etcdwatch.KVs{}
 	for _, kv := range resp.Kvs {
-		p, err := decode(string(kv.Key), kv.Value)
+		kvs[string(kv.Key)] = kv.Value
+	}
+	pubs, bad := decodeAll(kvs)
+	return pubs, bad, nil
+}
+
+// decodeAll decodes every stored published port, sorted by protocol and
+// port, and names the keys whose values are malformed.
+func decodeAll(kvs etcdwatch.KVs) ([]nat.PublishedPort, []BadRecord) {
+	var out []nat.PublishedPort
+	var bad []BadRecord
+	for key, value := range kvs {
+		p, err := decode(key, value)
 		if err != nil {
-			bad = append(bad, BadRecord{Key: string(kv.Key), Problem: err.Error()})
+			bad = append(bad, BadRecord{Key: key, Problem: err.Error()})
 			continue
 		}
 		out = append(out, p)
@@ -82,13 +88,14 @@ func list(ctx context.Context, cli *clientv3.Client, prefix string) ([]nat.Publi
 		}
 		return out[i].HostPort < out[j].HostPort
 	})
-	return out, bad, resp.Header.Revision, nil
+	sort.Slice(bad, func(i, j int) bool { return bad[i].Key < bad[j].Key })
+	return out, bad
 }
 
 // Add stores p after checking it against the pool and the ports already
 // published; the put succeeds only if the key is still absent, so two
 // operators publishing the same port at once cannot both win.
-func Add(ctx context.Context, cli *clientv3.Client, prefix string, pool netip.Prefix, p nat.Publish) error {
+func Add(ctx context.Context, cli *clientv3.Client, prefix string, pool netip.Prefix, p nat.PublishedPort) error {
 	existing, _, err := List(ctx, cli, prefix)
 	if err != nil {
 		return err
@@ -141,44 +148,21 @@ func ParseSpec(s string) (proto string, port uint16, err error) {
 }
 
 // Watch sends the full set of published ports at once and after every
-// change. Malformed values are logged by key and skipped.
-func Watch(ctx context.Context, cli *clientv3.Client, prefix string, log *slog.Logger) <-chan []nat.Publish {
-	out := make(chan []nat.Publish, 1)
-	send := func(v []nat.Publish) {
-		select {
-		case <-out:
-		default:
-		}
-		out <- v
-	}
-	go func() {
-		defer close(out)
-		for ctx.Err() == nil {
-			pubs, bad, rev, err := list(ctx, cli, prefix)
-			if err != nil {
-				log.Warn("list published ports; retrying", "err", err)
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(2 * time.Second):
-				}
-				continue
-			}
-			for _, b := range bad {
+// change; the newest set wins. Malformed values are logged by key once and
+// skipped.
+func Watch(ctx context.Context, cli *clientv3.Client, prefix string, log *slog.Logger) <-chan []nat.PublishedPort {
+	logged := map[string]string{}
+	return etcdwatch.Watch(ctx, cli, prefix+"/publish/", log, func(kvs etcdwatch.KVs) ([]nat.PublishedPort, bool) {
+		pubs, bad := decodeAll(kvs)
+		for _, b := range bad {
+			if logged[b.Key] != b.Problem {
 				log.Error("ignoring malformed published port", "key", b.Key, "problem", b.Problem)
 			}
-			send(pubs)
-			// Watch from the revision after the list; any event triggers a
-			// full re-list, so start, change and compaction share one path.
-			wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-			wch := cli.Watch(wctx, prefix+"/publish/", clientv3.WithPrefix(), clientv3.WithRev(rev+1))
-			for wr := range wch {
-				if wr.Err() != nil || len(wr.Events) > 0 {
-					break
-				}
-			}
-			cancel()
 		}
-	}()
-	return out
+		clear(logged)
+		for _, b := range bad {
+			logged[b.Key] = b.Problem
+		}
+		return pubs, true
+	})
 }

@@ -83,7 +83,7 @@ func hasNames(want ...string) func([]Node) bool {
 	return func(nodes []Node) bool { return slices.Equal(names(nodes), want) }
 }
 
-func runPublisher(t *testing.T, ctx context.Context, p *Publisher, self Node) (stop func()) {
+func runHeartbeat(t *testing.T, ctx context.Context, p *Heartbeat, self Node) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx, self) }()
@@ -104,10 +104,10 @@ func TestWatchJoinChangeAndDeparture(t *testing.T) {
 	w := startWatch(t, ctx, cli, prefix)
 	w.waitFor("the initial empty set", time.Second, hasNames())
 
-	pa := NewPublisher(cli, prefix, ttl, testLogger(t))
-	killA := runPublisher(t, ctx, pa, node("alpha", 1))
-	pb := NewPublisher(cli, prefix, ttl, testLogger(t))
-	stopB := runPublisher(t, ctx, pb, node("bravo", 2))
+	pa := NewHeartbeat(cli, prefix, ttl, testLogger(t))
+	killA := runHeartbeat(t, ctx, pa, node("alpha", 1))
+	pb := NewHeartbeat(cli, prefix, ttl, testLogger(t))
+	stopB := runHeartbeat(t, ctx, pb, node("bravo", 2))
 	got := w.waitFor("alpha and bravo joined", 2*time.Second, hasNames("alpha", "bravo"))
 	if !got[0].Address.IsValid() || got[1].Subnet != node("bravo", 2).Subnet || got[0].MachineID != "machine-alpha" {
 		t.Fatalf("records arrived incomplete: %+v", got)
@@ -149,14 +149,14 @@ func TestWatchJoinChangeAndDeparture(t *testing.T) {
 	t.Logf("killed host gone after %s (TTL %s)", time.Since(killed).Round(time.Millisecond), ttl)
 }
 
-func TestPublisherRepublishesAfterLeaseLoss(t *testing.T) {
+func TestHeartbeatRewritesRecordAfterLeaseLoss(t *testing.T) {
 	cli := etcdtest.Start(t).Client(t)
 	prefix := testPrefix(t)
 	ctx := testCtx(t, 20*time.Second)
 
 	w := startWatch(t, ctx, cli, prefix)
-	p := NewPublisher(cli, prefix, 3*time.Second, testLogger(t))
-	defer runPublisher(t, ctx, p, node("alpha", 1))()
+	p := NewHeartbeat(cli, prefix, 3*time.Second, testLogger(t))
+	defer runHeartbeat(t, ctx, p, node("alpha", 1))()
 	w.waitFor("alpha", 2*time.Second, hasNames("alpha"))
 
 	// What an etcd that lost the lease (or a too-long absence) looks like.
@@ -248,8 +248,8 @@ func TestWatchAcrossMemberFailures(t *testing.T) {
 	w := startWatch(t, ctx, watchCli, prefix)
 	w.waitFor("the initial empty set", 2*time.Second, hasNames())
 
-	pub := NewPublisher(cluster.Client(t), prefix, 2*time.Second, testLogger(t))
-	defer runPublisher(t, ctx, pub, node("alpha", 1))()
+	pub := NewHeartbeat(cluster.Client(t), prefix, 2*time.Second, testLogger(t))
+	defer runHeartbeat(t, ctx, pub, node("alpha", 1))()
 	w.waitFor("alpha", 2*time.Second, hasNames("alpha"))
 
 	for _, down := range []int{0, 1} {

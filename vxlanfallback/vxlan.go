@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 
 	"github.com/fabricnet/fabric/backend"
@@ -20,6 +21,8 @@ import (
 )
 
 const (
+	// Name is the encapsulation's name in config and node records.
+	Name          = "vxlan"
 	DefaultDevice = "fabric.vxlan"
 	DefaultVNI    = 4096
 	DefaultPort   = 4789
@@ -98,12 +101,23 @@ func MACFor(addr netip.Addr) net.HardwareAddr {
 	return net.HardwareAddr{0x0e, 0xfa, a[0], a[1], a[2], a[3]}
 }
 
-func (b *Backend) Name() string          { return "vxlan" }
+func (b *Backend) Name() string          { return Name }
 func (b *Backend) Device() string        { return b.cfg.Device }
 func (b *Backend) Overhead() int         { return Overhead }
 func (b *Backend) Port() int             { return b.cfg.Port }
 func (b *Backend) VNI() int              { return b.cfg.VNI }
 func (b *Backend) MAC() net.HardwareAddr { return bytes.Clone(b.mac) }
+
+// Usable: the peer runs vxlan and its record carries its VTEP MAC.
+func (b *Backend) Usable(peer backend.Peer) (bool, string) {
+	switch {
+	case !slices.Contains(peer.Encaps, Name):
+		return false, "the peer does not run vxlan"
+	case len(peer.VTEPMAC) != 6:
+		return false, "the peer's node record has no VTEP MAC"
+	}
+	return true, "the peer runs vxlan"
+}
 
 // Ensure creates the device, or repairs it. A device with the wrong VNI, port,
 // local address, underlay device or learning on is deleted and recreated,

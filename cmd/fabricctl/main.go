@@ -18,9 +18,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/fabricnet/fabric/agent"
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/localapi"
+	"github.com/fabricnet/fabric/version"
 )
 
 type globals struct {
@@ -49,7 +49,7 @@ func main() {
 
 	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), ipamCmd(g), nodesCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
 		Use: "version", Short: "Print the version",
-		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", agent.Version) },
+		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", version.String()) },
 	})
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "fabricctl:", err)

@@ -33,7 +33,7 @@ func publishCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("target %q: want container-address:port, e.g. 10.244.3.2:80", args[1])
 			}
-			p := nat.Publish{Proto: proto, HostPort: port, Target: target}
+			p := nat.PublishedPort{Proto: proto, HostPort: port, Target: target}
 			if hosts != "" {
 				p.Hosts = strings.Split(hosts, ",")
 			}

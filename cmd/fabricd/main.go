@@ -13,12 +13,13 @@ import (
 
 	"github.com/fabricnet/fabric/agent"
 	"github.com/fabricnet/fabric/config"
+	"github.com/fabricnet/fabric/version"
 )
 
 func main() {
 	for _, a := range os.Args[1:] {
 		if a == "--version" || a == "-version" {
-			fmt.Println("fabricd", agent.Version)
+			fmt.Println("fabricd", version.String())
 			return
 		}
 	}
@@ -40,7 +41,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	log.Info("fabricd starting", "version", agent.Version, "node", cfg.NodeName, "etcd", cfg.EtcdEndpoints, "encapsulation", cfg.Encapsulation)
+	log.Info("fabricd starting", "version", version.String(), "node", cfg.NodeName, "etcd", cfg.EtcdEndpoints, "encapsulation", cfg.Encapsulation)
 	if err := agent.Run(ctx, cfg, log); err != nil {
 		log.Error("fabricd failed", "err", err)
 		fmt.Fprintln(os.Stderr, "fabricd:", err)

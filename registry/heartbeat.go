@@ -17,8 +17,8 @@ import (
 // renewing disappears from the registry this long after.
 const DefaultTTL = 10 * time.Second
 
-// Publisher keeps this host's record in etcd.
-type Publisher struct {
+// Heartbeat keeps this host's record in etcd.
+type Heartbeat struct {
 	cli    *clientv3.Client
 	prefix string
 	ttlSec int64
@@ -35,16 +35,16 @@ type Publisher struct {
 	withdrawn bool
 }
 
-// NewPublisher returns a Publisher writing under prefix with a liveness
+// NewHeartbeat returns a Heartbeat writing under prefix with a liveness
 // lease of ttl (DefaultTTL when zero, at least one second).
-func NewPublisher(cli *clientv3.Client, prefix string, ttl time.Duration, logger *slog.Logger) *Publisher {
+func NewHeartbeat(cli *clientv3.Client, prefix string, ttl time.Duration, logger *slog.Logger) *Heartbeat {
 	if ttl <= 0 {
 		ttl = DefaultTTL
 	}
 	if logger == nil {
 		logger = slog.Default()
 	}
-	return &Publisher{
+	return &Heartbeat{
 		cli:    cli,
 		prefix: normPrefix(prefix),
 		ttlSec: max(1, int64((ttl+time.Second-1)/time.Second)),
@@ -58,7 +58,7 @@ func NewPublisher(cli *clientv3.Client, prefix string, ttl time.Duration, logger
 // or the host was away longer than the TTL) it publishes again. It returns
 // an error only for an invalid record. The record stays until its lease
 // expires unless Withdraw is called.
-func (p *Publisher) Run(ctx context.Context, self Node) error {
+func (p *Heartbeat) Run(ctx context.Context, self Node) error {
 	if err := self.Validate(); err != nil {
 		return fmt.Errorf("node record: %w", err)
 	}
@@ -91,7 +91,7 @@ func (p *Publisher) Run(ctx context.Context, self Node) error {
 }
 
 // Update replaces the published record; Run writes it at once.
-func (p *Publisher) Update(self Node) {
+func (p *Heartbeat) Update(self Node) {
 	if err := self.Validate(); err != nil {
 		p.log.Error("ignoring invalid node record update", "err", err)
 		return
@@ -106,7 +106,7 @@ func (p *Publisher) Update(self Node) {
 }
 
 // sync renews the lease and makes sure the stored record is the current one.
-func (p *Publisher) sync(ctx context.Context, timeout time.Duration) error {
+func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, max(timeout, time.Second))
 	defer cancel()
 	p.mu.Lock()
@@ -164,7 +164,7 @@ func (p *Publisher) sync(ctx context.Context, timeout time.Duration) error {
 
 // Withdraw removes the record and revokes its lease, for a graceful stop;
 // Run writes nothing afterwards.
-func (p *Publisher) Withdraw(ctx context.Context) error {
+func (p *Heartbeat) Withdraw(ctx context.Context) error {
 	p.opMu.Lock()
 	defer p.opMu.Unlock()
 	p.withdrawn = true

@@ -1,0 +1,260 @@
+// Package iptables is the one owner of fabric's iptables rules on a host.
+//
+// Following Calico felix's table owner, renderers (the nat and policy
+// packages) only say what they want, as a Section of chains and jumps; this
+// package reads the kernel with one iptables-save, computes the difference
+// for every table (plan, a pure function) and writes it with one
+// `iptables-restore --noflush` per table, so every change is atomic and rules
+// of other owners (dockerd, the administrator) are never touched. It alone
+// decides the order of fabric's jumps in the built-in chains (Rank): the
+// policy jump and the accept jump are always placed in the same transaction,
+// policy first. Every chain named FABRIC-* in any table is fabric's: what no
+// section wants is removed, so leftovers of an older fabricd go at start and
+// on --cleanup.
+//
+// Nothing is written until every section named in Config.Sections has been
+// set once: after a restart the kernel keeps the previous run's rules, policy
+// included, until this run knows all of them.
+package iptables
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	goipt "github.com/coreos/go-iptables/iptables"
+)
+
+// Config configures a Manager.
+type Config struct {
+	// Exec builds the commands the Manager runs. Nil means
+	// exec.CommandContext; tests wrap `nsenter --net=...`.
+	Exec func(ctx context.Context, name string, args ...string) *exec.Cmd
+	// Sections names every section that will be Set; see the package doc.
+	Sections []string
+	Logger   *slog.Logger
+}
+
+// Manager owns every FABRIC-* chain and every jump into one.
+type Manager struct {
+	exec        func(ctx context.Context, name string, args ...string) *exec.Cmd
+	log         *slog.Logger
+	save        string // iptables-save binary of the chosen backend
+	restore     string // iptables-restore binary of the chosen backend
+	backend     string // "nf_tables" or "legacy"
+	randomFully bool
+
+	mu       sync.Mutex
+	declared []string
+	sections map[string]Section
+	writes   uint64
+}
+
+// New detects the iptables backend that plain `iptables` uses (the one
+// dockerd uses too) and returns a Manager for it. It writes nothing.
+func New(cfg Config) (*Manager, error) {
+	m := &Manager{exec: cfg.Exec, log: cfg.Logger, declared: slices.Clone(cfg.Sections), sections: map[string]Section{}}
+	if m.exec == nil {
+		m.exec = exec.CommandContext
+	}
+	if m.log == nil {
+		m.log = slog.Default()
+	}
+	m.log = m.log.With("component", "iptables")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := m.exec(ctx, "iptables", "--version").CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("iptables not usable (install the iptables package): %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	version := strings.TrimSpace(string(out))
+	switch {
+	case strings.Contains(version, "(nf_tables)"):
+		m.backend = "nf_tables"
+		m.save, m.restore = pickBinary("iptables-nft-save", "iptables-save"), pickBinary("iptables-nft-restore", "iptables-restore")
+	case strings.Contains(version, "(legacy)"):
+		m.backend = "legacy"
+		m.save, m.restore = pickBinary("iptables-legacy-save", "iptables-save"), pickBinary("iptables-legacy-restore", "iptables-restore")
+	default:
+		// Old iptables (< 1.8) prints no backend: it is legacy and has only
+		// the plain names.
+		m.backend = "legacy"
+		m.save, m.restore = "iptables-save", "iptables-restore"
+	}
+	for _, bin := range []string{m.save, m.restore} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return nil, fmt.Errorf("%s (backend %s of %q) not found: %v", bin, m.backend, version, err)
+		}
+	}
+	// go-iptables knows which iptables versions take --random-fully; it
+	// only reads the binary's version, whatever the namespace.
+	if ipt, err := goipt.New(); err == nil {
+		m.randomFully = ipt.HasRandomFully()
+	}
+	m.log.Debug("iptables backend detected", "version", version, "save", m.save, "restore", m.restore, "randomFully", m.randomFully)
+	return m, nil
+}
+
+// pickBinary returns preferred when it is installed, else fallback: the
+// backend-specific names keep save/restore on the same backend as iptables
+// even when alternatives point elsewhere.
+func pickBinary(preferred, fallback string) string {
+	if _, err := exec.LookPath(preferred); err == nil {
+		return preferred
+	}
+	return fallback
+}
+
+// Backend is "nf_tables" or "legacy": the iptables backend in use.
+func (m *Manager) Backend() string { return m.backend }
+
+// RandomFully reports whether MASQUERADE may use --random-fully (fully
+// randomised source ports avoid SNAT port collisions under load).
+func (m *Manager) RandomFully() bool { return m.randomFully }
+
+// Writes counts the iptables-restore runs so far; an apply that finds the
+// kernel already right does not add to it.
+func (m *Manager) Writes() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.writes
+}
+
+// Set replaces what section wants and, once every declared section is
+// known, brings the kernel in line with all of them before it returns.
+func (m *Manager) Set(ctx context.Context, section string, s Section) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !slices.Contains(m.declared, section) {
+		m.declared = append(m.declared, section)
+	}
+	m.sections[section] = s
+	if missing := m.pending(); len(missing) > 0 {
+		m.log.Info("keeping the kernel's rules until every section is known", "set", section, "waitingFor", missing)
+		return nil
+	}
+	return m.apply(ctx)
+}
+
+// pending lists declared sections not set yet.
+func (m *Manager) pending() []string {
+	var out []string
+	for _, s := range m.declared {
+		if _, ok := m.sections[s]; !ok {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func (m *Manager) apply(ctx context.Context) error {
+	want, err := merge(m.sections)
+	if err != nil {
+		return err
+	}
+	have, err := m.read(ctx)
+	if err != nil {
+		return err
+	}
+	return m.write(ctx, plan(want, have))
+}
+
+func (m *Manager) write(ctx context.Context, payloads map[string]string) error {
+	var errs []error
+	for _, table := range slices.Sorted(maps.Keys(payloads)) {
+		if err := m.restoreTable(ctx, table, payloads[table]); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		m.log.Info("rules written", "table", table)
+	}
+	return errors.Join(errs...)
+}
+
+// Maintain re-applies every section each interval until ctx ends, so chains
+// or jumps deleted or displaced by hand or by another program (a dockerd
+// restart inserts DOCKER-USER at the top of FORWARD) are repaired within one
+// interval. It returns ctx's error.
+func (m *Manager) Maintain(ctx context.Context, interval time.Duration) error {
+	if interval <= 0 {
+		interval = 2 * time.Second
+	}
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ticker.C:
+		}
+		m.mu.Lock()
+		if len(m.pending()) == 0 {
+			if err := m.apply(ctx); err != nil && ctx.Err() == nil {
+				m.log.Warn("repairing rules failed; retrying", "err", err, "in", interval)
+			}
+		}
+		m.mu.Unlock()
+	}
+}
+
+// Cleanup removes every FABRIC-* chain in every table and every rule that
+// jumps to one, and forgets the sections. It is safe when nothing is there.
+func (m *Manager) Cleanup(ctx context.Context) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.sections = map[string]Section{}
+	m.declared = nil
+	have, err := m.read(ctx)
+	if err != nil {
+		return err
+	}
+	return m.write(ctx, plan(nil, have))
+}
+
+// Rules lists fabric's current rules as "-t TABLE -A CHAIN ..." lines: the
+// jumps in built-in chains and the contents of fabric's chains.
+func (m *Manager) Rules(ctx context.Context) ([]string, error) {
+	have, err := m.read(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return fabricRules(have), nil
+}
+
+// read dumps every table at once: in a fresh network namespace a table may
+// not exist yet, which `-t TABLE` reports as an error.
+func (m *Manager) read(ctx context.Context) (map[string]savedTable, error) {
+	cmd := m.exec(ctx, m.save)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("reading iptables with %s: %v: %s", m.save, err, strings.TrimSpace(stderr.String()))
+	}
+	t, err := parseSave(out)
+	if err != nil {
+		return nil, fmt.Errorf("reading iptables: %w", err)
+	}
+	return t, nil
+}
+
+func (m *Manager) restoreTable(ctx context.Context, table, payload string) error {
+	m.log.Debug("iptables-restore", "table", table, "input", payload)
+	cmd := m.exec(ctx, m.restore, "--noflush", "--wait")
+	cmd.Stdin = strings.NewReader(payload)
+	out, err := cmd.CombinedOutput()
+	m.writes++
+	if err != nil {
+		return fmt.Errorf("writing table %s with %s: %v: %s\ninput was:\n%s", table, m.restore, err, strings.TrimSpace(string(out)), payload)
+	}
+	return nil
+}

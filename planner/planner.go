@@ -1,0 +1,267 @@
+// Package planner holds fabricd's decisions about routes and peers as pure
+// functions: given the same inputs (this host, node records, BGP best paths,
+// session states, what the kernel held at start, the time) they return the
+// same outputs, so every rule is a table test that needs no root, no kernel
+// and no etcd. The agent feeds them from its watchers and hands their results
+// to the appliers (bgp, dataplane, policy).
+package planner
+
+import (
+	"cmp"
+	"fmt"
+	"maps"
+	"net"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/fabricnet/fabric/bgp"
+	"github.com/fabricnet/fabric/dataplane"
+	"github.com/fabricnet/fabric/registry"
+)
+
+// Host is this host as the decisions need it.
+type Host struct {
+	Name     string
+	ASN      uint32
+	Underlay netip.Prefix // underlay address with its connected prefix length
+	Subnet   netip.Prefix // this host's lease
+	Pool     netip.Prefix // the whole fabric
+}
+
+// Refusal is an input the planner will not act on, and why. Key identifies
+// it, so a caller can log each refusal once.
+type Refusal struct {
+	Key  string
+	What string // "node record" or "route"
+	Name string // the node or prefix refused
+	Why  string
+}
+
+// AcceptNodes drops node records that would break the mesh for everyone:
+// one bad record must not stop this host from peering with the others.
+// This host's own record is always kept.
+func AcceptNodes(h Host, records []registry.Node) ([]registry.Node, []Refusal) {
+	owner := map[netip.Addr]string{}
+	var out []registry.Node
+	var refused []Refusal
+	for _, n := range records {
+		if n.Name == h.Name {
+			out = append(out, n)
+			continue
+		}
+		var why string
+		switch {
+		case n.ASN != h.ASN:
+			why = fmt.Sprintf("its ASN %d differs from this host's %d; mesh peers share one ASN", n.ASN, h.ASN)
+		case !n.Address.Is4() || !n.Address.IsGlobalUnicast():
+			why = fmt.Sprintf("its address %v cannot be a peer", n.Address)
+		case n.Address == h.Underlay.Addr():
+			why = fmt.Sprintf("it claims this host's underlay address %s", n.Address)
+		case owner[n.Address] != "":
+			why = fmt.Sprintf("node %s already has address %s", owner[n.Address], n.Address)
+		}
+		if why != "" {
+			refused = append(refused, Refusal{Key: "node/" + n.Name + "/" + why, What: "node record", Name: n.Name, Why: why})
+			continue
+		}
+		owner[n.Address] = n.Name
+		out = append(out, n)
+	}
+	return out, refused
+}
+
+// Departed is a host whose node record is gone from etcd while its BGP
+// session is still up. Its record may only have expired because that host,
+// or etcd, is cut off from etcd for a while; its data plane still works, so
+// the mesh keeps it until its session drops.
+type Departed struct {
+	Node  registry.Node
+	Since time.Time
+}
+
+// NodeSet is the node set the agent works with and the departed hosts kept.
+type NodeSet struct {
+	Nodes    []registry.Node // accepted records plus departed hosts still in session, by name
+	Departed map[string]Departed
+	Events   []string // what changed among the departed, for the log
+}
+
+// Nodes computes the node set: the accepted records, plus hosts that left
+// the registry while their sessions are up, for at most maxAway. prev is the
+// last set, departed the hosts kept so far, established the peers whose
+// sessions are up, by name.
+func Nodes(h Host, accepted, prev []registry.Node, departed map[string]Departed, established map[string]bool, maxAway time.Duration, now time.Time) NodeSet {
+	inRegistry := map[string]bool{}
+	for _, n := range accepted {
+		inRegistry[n.Name] = true
+	}
+	out := NodeSet{Departed: map[string]Departed{}}
+	for name, d := range departed {
+		out.Departed[name] = d
+	}
+	for _, n := range prev {
+		if _, kept := out.Departed[n.Name]; !inRegistry[n.Name] && !kept && n.Name != h.Name && established[n.Name] {
+			out.Departed[n.Name] = Departed{Node: n, Since: now}
+			out.Events = append(out.Events, fmt.Sprintf("node %s: record gone from etcd; keeping the peer while its BGP session is up", n.Name))
+		}
+	}
+	nodes := slices.Clone(accepted)
+	for _, name := range slices.Sorted(maps.Keys(out.Departed)) {
+		d := out.Departed[name]
+		switch {
+		case inRegistry[name]:
+			delete(out.Departed, name)
+		case !established[name] || now.Sub(d.Since) > maxAway:
+			delete(out.Departed, name)
+			out.Events = append(out.Events, fmt.Sprintf("node %s: departed and its session is down; removing the peer", name))
+		default:
+			nodes = append(nodes, d.Node)
+		}
+	}
+	slices.SortFunc(nodes, func(a, b registry.Node) int { return cmp.Compare(a.Name, b.Name) })
+	out.Nodes = nodes
+	return out
+}
+
+// SessionSettle is how long a session must have been up before the start-up
+// grace stops keeping its peer's route: a session just established may not
+// have sent its UPDATE yet.
+const SessionSettle = 3 * time.Second
+
+// Grace is the start-up grace: routes already in the kernel when fabricd
+// started (KeptAtStart) stay for peers whose BGP session has not been up for
+// SessionSettle yet, until Until. A restart of fabricd so does not flap
+// routes that are still valid, while a new or dead peer gains nothing: it
+// only keeps what was there.
+type Grace struct {
+	Over          bool
+	Until         time.Time
+	KeptAtStart   map[netip.Prefix]bool
+	EstablishedAt map[string]time.Time // peer name -> first seen established
+}
+
+// Observe records which peers are established now and ends the grace when
+// every peer has settled (and there is at least one node), or Until passed.
+func (g Grace) Observe(established []string, peersKnown bool, now time.Time) Grace {
+	if g.Over {
+		return g
+	}
+	next := g
+	next.EstablishedAt = map[string]time.Time{}
+	for name, at := range g.EstablishedAt {
+		next.EstablishedAt[name] = at
+	}
+	all := peersKnown
+	for _, name := range established {
+		at, ok := next.EstablishedAt[name]
+		if !ok {
+			next.EstablishedAt[name] = now
+			all = false
+		} else if now.Sub(at) < SessionSettle {
+			all = false
+		}
+	}
+	if all || now.After(g.Until) {
+		next.Over = true
+	}
+	return next
+}
+
+// keeps reports whether the grace keeps n's route at now.
+func (g Grace) keeps(n registry.Node, now time.Time) bool {
+	if g.Over || !g.KeptAtStart[n.Subnet] {
+		return false
+	}
+	at, ok := g.EstablishedAt[n.Name]
+	return !ok || now.Sub(at) < SessionSettle
+}
+
+// Routes turns the BGP best paths into the routes the kernel should hold,
+// attaching what the registry knows about the host behind each next hop,
+// and says why each refused route was refused. During the start-up grace it
+// adds the routes kept from before the restart.
+func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, now time.Time) ([]dataplane.RemoteRoute, []Refusal) {
+	byAddr := map[netip.Addr]registry.Node{}
+	for _, n := range nodes {
+		if n.Name != h.Name {
+			byAddr[n.Address] = n
+		}
+	}
+	var out []dataplane.RemoteRoute
+	var refused []Refusal
+	seen := map[netip.Prefix]bool{}
+	for _, r := range best {
+		// Our own subnet (or a piece of it) is on the bridge; a covering
+		// route such as a top-of-rack default is fine, the kernel prefers
+		// the connected /24.
+		if (r.Prefix.Overlaps(h.Subnet) && r.Prefix.Bits() >= h.Subnet.Bits()) || r.NextHop == h.Underlay.Addr() {
+			continue
+		}
+		n, toNode := byAddr[r.NextHop]
+		if why := refuseRoute(h, nodes, r, toNode); why != "" {
+			refused = append(refused, Refusal{Key: "route/" + r.Prefix.String() + "/" + r.NextHop.String(), What: "route",
+				Name: fmt.Sprintf("%s via %s from %s", r.Prefix, r.NextHop, r.PeerName), Why: why})
+			continue
+		}
+		rr := dataplane.RemoteRoute{Prefix: r.Prefix, NextHop: r.NextHop, PeerName: r.PeerName}
+		if toNode {
+			rr.PeerName = n.Name
+			rr.Peer = PeerInfo(n)
+		}
+		seen[r.Prefix] = true
+		out = append(out, rr)
+	}
+	for _, n := range nodes {
+		if n.Name == h.Name || !n.Subnet.IsValid() || seen[n.Subnet] || !g.keeps(n, now) {
+			continue
+		}
+		out = append(out, dataplane.RemoteRoute{Prefix: n.Subnet, NextHop: n.Address, PeerName: n.Name, Peer: PeerInfo(n)})
+	}
+	slices.SortFunc(out, func(a, b dataplane.RemoteRoute) int {
+		return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()))
+	})
+	return out, refused
+}
+
+// refuseRoute says why a learned route must not reach the kernel, or "".
+//   - A prefix inside the pool belongs to the host whose node record holds
+//     it: only that exact prefix, with that host as next hop, is accepted,
+//     so no speaker can take a host's containers by announcing its subnet or
+//     a longer prefix inside it.
+//   - A route through a tunnel (its next hop is a fabric host) may only lead
+//     into the pool: anything else (the underlay, a peer's own address)
+//     would send the tunnel's outer packets into the tunnel.
+//   - No route may take over this host's own underlay segment.
+func refuseRoute(h Host, nodes []registry.Node, r bgp.Route, toNode bool) string {
+	if h.Pool.IsValid() && h.Pool.Contains(r.Prefix.Addr()) && r.Prefix.Bits() >= h.Pool.Bits() {
+		var owner *registry.Node
+		for i := range nodes {
+			if nodes[i].Subnet.IsValid() && nodes[i].Subnet.Overlaps(r.Prefix) {
+				owner = &nodes[i]
+				break
+			}
+		}
+		switch {
+		case owner == nil:
+			return fmt.Sprintf("%s is inside the pool %s but no fabric host holds it", r.Prefix, h.Pool)
+		case owner.Subnet != r.Prefix:
+			return fmt.Sprintf("%s is not the subnet %s that host %s holds; only the whole subnet is routed", r.Prefix, owner.Subnet, owner.Name)
+		case owner.Address != r.NextHop:
+			return fmt.Sprintf("%s belongs to host %s (%s), but the next hop is %s", r.Prefix, owner.Name, owner.Address, r.NextHop)
+		}
+	}
+	if toNode && (!h.Pool.Contains(r.Prefix.Addr()) || r.Prefix.Bits() < h.Pool.Bits()) {
+		return fmt.Sprintf("its next hop is a fabric host, so it would be tunnelled, but %s is outside the pool %s", r.Prefix, h.Pool)
+	}
+	if u := h.Underlay.Masked(); r.Prefix.Overlaps(u) && r.Prefix.Bits() >= u.Bits() {
+		return fmt.Sprintf("it would take over this host's underlay segment %s", u)
+	}
+	return ""
+}
+
+// PeerInfo is what the data plane needs to know about node n.
+func PeerInfo(n registry.Node) *dataplane.PeerInfo {
+	mac, _ := net.ParseMAC(n.VTEPMAC)
+	return &dataplane.PeerInfo{Name: n.Name, Address: n.Address, VTEPMAC: mac, Encaps: slices.Clone(n.Encaps), Subnet: n.Subnet}
+}

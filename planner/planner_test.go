@@ -1,0 +1,208 @@
+package planner
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/bgp"
+	"github.com/fabricnet/fabric/registry"
+)
+
+var (
+	self = Host{
+		Name:     "h1",
+		ASN:      64512,
+		Underlay: netip.MustParsePrefix("192.0.2.1/24"),
+		Subnet:   netip.MustParsePrefix("10.244.1.0/24"),
+		Pool:     netip.MustParsePrefix("10.244.0.0/16"),
+	}
+	h1 = node("h1", "192.0.2.1", "10.244.1.0/24")
+	h2 = node("h2", "192.0.2.2", "10.244.2.0/24")
+	h3 = node("h3", "198.51.100.3", "10.244.3.0/24")
+	t0 = time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+)
+
+func node(name, addr, subnet string) registry.Node {
+	return registry.Node{Name: name, Address: netip.MustParseAddr(addr), ASN: 64512, Subnet: netip.MustParsePrefix(subnet),
+		VTEPMAC: "0e:fa:c0:00:02:02", Encaps: []string{"vxlan"}}
+}
+
+func route(prefix, nextHop, peer string) bgp.Route {
+	return bgp.Route{Prefix: netip.MustParsePrefix(prefix), NextHop: netip.MustParseAddr(nextHop), PeerName: peer}
+}
+
+// describe renders routes as "prefix via nexthop (node|plain)" for compact
+// comparison.
+func describe(t *testing.T, nodes []registry.Node, best []bgp.Route, g Grace, now time.Time) (string, []string) {
+	t.Helper()
+	routes, refused := Routes(self, nodes, best, g, now)
+	var got []string
+	for _, r := range routes {
+		kind := "plain"
+		if r.Peer != nil {
+			kind = "node " + r.Peer.Name
+		}
+		got = append(got, r.Prefix.String()+" via "+r.NextHop.String()+" ("+kind+")")
+	}
+	var why []string
+	for _, r := range refused {
+		why = append(why, r.Why)
+	}
+	return strings.Join(got, "; "), why
+}
+
+var over = Grace{Over: true}
+
+func TestRoutes(t *testing.T) {
+	nodes := []registry.Node{h1, h2, h3}
+	for _, c := range []struct {
+		name    string
+		best    []bgp.Route
+		want    string
+		refused string // part of the refusal's reason; "" = none
+	}{
+		{"a host's subnet from its owner", []bgp.Route{route("10.244.2.0/24", "192.0.2.2", "h2")}, "10.244.2.0/24 via 192.0.2.2 (node h2)", ""},
+		{"a host's subnet from another host", []bgp.Route{route("10.244.2.0/24", "198.51.100.3", "h3")}, "",
+			"10.244.2.0/24 belongs to host h2 (192.0.2.2), but the next hop is 198.51.100.3"},
+		{"a /25 inside a host's subnet", []bgp.Route{route("10.244.2.0/25", "198.51.100.3", "h3")}, "",
+			"10.244.2.0/25 is not the subnet 10.244.2.0/24 that host h2 holds"},
+		{"a /32 inside a host's subnet, even from its owner", []bgp.Route{route("10.244.2.7/32", "192.0.2.2", "h2")}, "",
+			"10.244.2.7/32 is not the subnet 10.244.2.0/24"},
+		{"an unleased pool prefix from an outside router", []bgp.Route{route("10.244.9.0/24", "192.0.2.254", "tor")}, "",
+			"10.244.9.0/24 is inside the pool 10.244.0.0/16 but no fabric host holds it"},
+		{"a host's subnet via a router", []bgp.Route{route("10.244.3.0/24", "192.0.2.254", "tor")}, "",
+			"10.244.3.0/24 belongs to host h3 (198.51.100.3), but the next hop is 192.0.2.254"},
+		{"a default route from a top-of-rack router", []bgp.Route{route("0.0.0.0/0", "192.0.2.254", "tor")}, "0.0.0.0/0 via 192.0.2.254 (plain)", ""},
+		{"an aggregate covering the pool", []bgp.Route{route("10.0.0.0/8", "192.0.2.254", "tor")}, "10.0.0.0/8 via 192.0.2.254 (plain)", ""},
+		{"outside the pool via a fabric host", []bgp.Route{route("172.16.0.0/16", "192.0.2.2", "h2")}, "",
+			"would be tunnelled, but 172.16.0.0/16 is outside the pool"},
+		{"the underlay segment", []bgp.Route{route("192.0.2.0/25", "198.51.100.254", "tor")}, "",
+			"it would take over this host's underlay segment 192.0.2.0/24"},
+		{"our own subnet is skipped silently", []bgp.Route{route("10.244.1.0/24", "198.51.100.3", "h3")}, "", ""},
+		{"our own path is skipped", []bgp.Route{route("10.244.5.0/24", "192.0.2.1", "h1")}, "", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got, why := describe(t, nodes, c.best, over, t0)
+			if got != c.want {
+				t.Errorf("routes = %q, want %q", got, c.want)
+			}
+			switch {
+			case c.refused == "" && len(why) > 0:
+				t.Errorf("refused %q, want nothing refused", why)
+			case c.refused != "" && (len(why) != 1 || !strings.Contains(why[0], c.refused)):
+				t.Errorf("refused %q, want one refusal containing %q", why, c.refused)
+			}
+		})
+	}
+}
+
+func TestStartupGrace(t *testing.T) {
+	nodes := []registry.Node{h1, h2, h3}
+	g := Grace{Until: t0.Add(23 * time.Second), KeptAtStart: map[netip.Prefix]bool{h2.Subnet: true}, EstablishedAt: map[string]time.Time{}}
+	only2 := "10.244.2.0/24 via 192.0.2.2 (node h2)"
+
+	// Right after start: no BGP route yet, but h2's was in the kernel: kept.
+	// h3's was not: a new or dead peer gains nothing.
+	if got, _ := describe(t, nodes, nil, g, t0); got != only2 {
+		t.Errorf("at start: %q, want only the kept route %q", got, only2)
+	}
+	// h2's session comes up: kept while it settles, dropped after.
+	g = g.Observe([]string{"h2"}, false, t0.Add(time.Second))
+	if got, _ := describe(t, nodes, nil, g, t0.Add(2*time.Second)); got != only2 {
+		t.Errorf("session just up: %q, want %q", got, only2)
+	}
+	if got, _ := describe(t, nodes, nil, g, t0.Add(time.Second+SessionSettle)); got != "" {
+		t.Errorf("session settled without the route: %q, want nothing", got)
+	}
+	if g.Over {
+		t.Fatal("grace over although h3 is not established")
+	}
+	// Every peer settled: the grace ends before Until.
+	g = g.Observe([]string{"h2", "h3"}, true, t0.Add(5*time.Second))
+	g = g.Observe([]string{"h2", "h3"}, true, t0.Add(5*time.Second+SessionSettle))
+	if !g.Over {
+		t.Error("grace not over after every peer settled")
+	}
+	// Until passed: over whatever the sessions.
+	late := Grace{Until: t0, KeptAtStart: map[netip.Prefix]bool{h2.Subnet: true}}.Observe(nil, false, t0.Add(time.Millisecond))
+	if !late.Over {
+		t.Error("grace not over after Until")
+	}
+	if got, _ := describe(t, nodes, nil, late, t0.Add(time.Second)); got != "" {
+		t.Errorf("after the grace: %q, want nothing without BGP", got)
+	}
+}
+
+func TestAcceptNodes(t *testing.T) {
+	otherASN := node("asn", "192.0.2.9", "10.244.9.0/24")
+	otherASN.ASN = 65000
+	loop := node("loop", "127.0.0.1", "10.244.10.0/24")
+	mine := node("mine", "192.0.2.1", "10.244.11.0/24")
+	dup := node("dup", "192.0.2.2", "10.244.12.0/24")
+	got, refused := AcceptNodes(self, []registry.Node{h1, h2, otherASN, loop, mine, dup, h3})
+	var names []string
+	for _, n := range got {
+		names = append(names, n.Name)
+	}
+	if strings.Join(names, ",") != "h1,h2,h3" {
+		t.Errorf("accepted %v, want h1,h2,h3", names)
+	}
+	want := map[string]string{
+		"asn":  "its ASN 65000 differs from this host's 64512",
+		"loop": "its address 127.0.0.1 cannot be a peer",
+		"mine": "it claims this host's underlay address 192.0.2.1",
+		"dup":  "node h2 already has address 192.0.2.2",
+	}
+	if len(refused) != len(want) {
+		t.Errorf("refused %+v", refused)
+	}
+	for _, r := range refused {
+		if !strings.Contains(r.Why, want[r.Name]) || want[r.Name] == "" {
+			t.Errorf("refusal of %s: %q, want %q", r.Name, r.Why, want[r.Name])
+		}
+	}
+}
+
+func TestDepartedNodes(t *testing.T) {
+	names := func(ns []registry.Node) string {
+		var out []string
+		for _, n := range ns {
+			out = append(out, n.Name)
+		}
+		return strings.Join(out, ",")
+	}
+	prev := []registry.Node{h1, h2, h3}
+	// h2's record is gone while its session is up: kept.
+	set := Nodes(self, []registry.Node{h1, h3}, prev, nil, map[string]bool{"h2": true, "h3": true}, time.Hour, t0)
+	if names(set.Nodes) != "h1,h2,h3" || len(set.Departed) != 1 {
+		t.Fatalf("record gone, session up: nodes %s, departed %v", names(set.Nodes), set.Departed)
+	}
+	// h3's record goes while its session is down: gone at once.
+	set = Nodes(self, []registry.Node{h1}, set.Nodes, set.Departed, map[string]bool{"h2": true}, time.Hour, t0.Add(time.Second))
+	if names(set.Nodes) != "h1,h2" {
+		t.Errorf("record and session gone: nodes %s, want h1,h2", names(set.Nodes))
+	}
+	// h2 kept no longer than maxAway, even in session.
+	kept := Nodes(self, []registry.Node{h1}, set.Nodes, set.Departed, map[string]bool{"h2": true}, time.Hour, t0.Add(2*time.Hour))
+	if names(kept.Nodes) != "h1" || len(kept.Departed) != 0 {
+		t.Errorf("after maxAway: nodes %s, departed %v", names(kept.Nodes), kept.Departed)
+	}
+	// h2's session drops: gone.
+	down := Nodes(self, []registry.Node{h1}, set.Nodes, set.Departed, map[string]bool{}, time.Hour, t0.Add(3*time.Second))
+	if names(down.Nodes) != "h1" || !slices.ContainsFunc(down.Events, func(e string) bool { return strings.Contains(e, "node h2: departed and its session is down") }) {
+		t.Errorf("session down: nodes %s, events %q", names(down.Nodes), down.Events)
+	}
+	// Its record comes back: a plain member again.
+	back := Nodes(self, []registry.Node{h1, h2}, set.Nodes, set.Departed, map[string]bool{"h2": true}, time.Hour, t0.Add(4*time.Second))
+	if names(back.Nodes) != "h1,h2" || len(back.Departed) != 0 {
+		t.Errorf("record back: nodes %s, departed %v", names(back.Nodes), back.Departed)
+	}
+	// A departed host's subnet is still routed while it is kept.
+	got, _ := describe(t, set.Nodes, []bgp.Route{route("10.244.2.0/24", "192.0.2.2", "h2")}, over, t0)
+	if got != "10.244.2.0/24 via 192.0.2.2 (node h2)" {
+		t.Errorf("departed host's route: %q", got)
+	}
+}
