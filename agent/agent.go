@@ -65,19 +65,20 @@ type Agent struct {
 	// node records would sweep every route fabricd installed before a restart.
 	nodesKnown bool
 
-	kick       chan struct{}
-	policyKick chan struct{}
-	prober     *probe.Prober // nil without ipip support
-	tables     *iptables.Manager
-	natMgr     *nat.Manager
-	enforcer   *policy.IptablesEnforcer
+	kick         chan struct{}
+	policyKick   chan struct{}
+	leaveRequest chan struct{}
+	prober       *probe.Prober // nil without ipip support
+	tables       *iptables.Manager
+	natMgr       *nat.Manager
+	enforcer     *policy.IptablesEnforcer
 }
 
 // Run starts fabricd and blocks until ctx is cancelled, then shuts down
 // gracefully: it withdraws its subnet and node record but leaves the kernel
 // state in place, so containers keep talking across an agent restart.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
-	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1),
+	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1), leaveRequest: make(chan struct{}, 1),
 		departed: map[string]planner.Departed{}, warned: map[string]bool{}}
 	cli, err := etcdclient.New(cfg.EtcdEndpoints, cfg.EtcdTLSFiles(), cfg.EtcdTimeout, quietZap())
 	if err != nil {
@@ -104,7 +105,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.ipipOK {
 		// The prober answers peers' probes in every mode and decides per
 		// peer in auto mode whether IP protocol 4 passes.
-		if a.prober, err = probe.Start(ctx, probe.Config{Local: a.underlay.Addr, Logger: log.With("component", "probe")}); err != nil {
+		if a.prober, err = probe.Start(ctx, probe.Config{Local: a.underlay.Addr, StateFile: cfg.ProbeStatePath(), Logger: log.With("component", "probe")}); err != nil {
 			return err
 		}
 	}
@@ -136,8 +137,12 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		ListenPort:        cfg.BGPPort,
 		HoldTime:          cfg.HoldTime,
 		KeepaliveInterval: cfg.KeepaliveInterval,
-		APISocket:         cfg.GoBGPSocketPath(),
-		Logger:            log.With("component", "bgp"),
+		// A restart finds its own routes in the kernel: peers are told we
+		// kept forwarding state, and keep our routes until our End-of-RIB.
+		GracefulRestartTime: cfg.GracefulRestartTime,
+		Restarting:          len(a.grace.KeptAtStart) > 0,
+		APISocket:           cfg.GoBGPSocketPath(),
+		Logger:              log.With("component", "bgp"),
 	})
 	if err != nil {
 		return err
@@ -197,13 +202,23 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	for {
 		select {
 		case <-ctx.Done():
-			a.shutdown(heartbeat)
+			if cfg.GracefulRestartTime > 0 {
+				a.stopForRestart()
+			} else {
+				a.leave(heartbeat)
+			}
+			stop()
+			wg.Wait()
+			return nil
+		case <-a.leaveRequest:
+			a.log.Warn("leaving the fabric on request: withdrawing this host's subnet and node record", "subnet", a.lease.Subnet)
+			a.leave(heartbeat)
 			stop()
 			wg.Wait()
 			return nil
 		case err := <-leaseLost:
 			log.Error("subnet lease lost; withdrawing and exiting", "subnet", a.lease.Subnet, "err", err)
-			a.shutdown(heartbeat)
+			a.leave(heartbeat)
 			stop()
 			wg.Wait()
 			return fmt.Errorf("subnet %s: %w", a.lease.Subnet, err)
@@ -235,7 +250,22 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 }
 
-func (a *Agent) shutdown(heartbeat *registry.Heartbeat) {
+// stopForRestart is a plain stop (SIGTERM, systemctl restart, an upgrade):
+// nothing is withdrawn. The kernel's routes, devices, bridge and rules stay,
+// the node record lives on until its lease ends (a restarted fabricd writes
+// it again before that), and the BGP sessions end with the process without
+// a NOTIFICATION, so graceful-restart peers keep this host's routes until it
+// is back.
+func (a *Agent) stopForRestart() {
+	a.speaker.Detach()
+	a.log.Info("stopped for a restart: routes, devices, rules and the node record are kept; peers keep this host's routes while it restarts",
+		"subnet", a.lease.Subnet, "peersWaitUpTo", a.cfg.GracefulRestartTime)
+}
+
+// leave withdraws this host from the fabric at once: its path (peers drop
+// the route now), its sessions, then its node record. Kernel state stays
+// until `fabricd --cleanup`.
+func (a *Agent) leave(heartbeat *registry.Heartbeat) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	if err := a.speaker.Withdraw(ctx); err != nil {
@@ -249,7 +279,20 @@ func (a *Agent) shutdown(heartbeat *registry.Heartbeat) {
 	if err := heartbeat.Withdraw(ctx); err != nil {
 		a.log.Warn("withdraw node record", "err", err)
 	}
-	a.log.Info("stopped; kernel routes and links are kept until --cleanup")
+	a.log.Info("left the fabric: subnet withdrawn from every peer and node record deleted; the subnet stays leased to this host, kernel routes and links stay until --cleanup",
+		"subnet", a.lease.Subnet)
+}
+
+// Leave implements localapi.Provider: `fabricctl leave`.
+func (a *Agent) Leave(context.Context) (localapi.LeaveResult, error) {
+	select {
+	case a.leaveRequest <- struct{}{}:
+	default: // already leaving
+	}
+	return localapi.LeaveResult{Node: a.cfg.NodeName, Subnet: a.lease.Subnet.String(),
+		Done: "withdrawing the subnet from every peer and deleting the node record; fabricd then exits. " +
+			"The subnet stays leased to this host (free it with `fabricctl ipam release " + a.cfg.NodeName + "`); " +
+			"kernel state stays until `fabricd --cleanup`."}, nil
 }
 
 // acquireLease makes sure the pool exists and takes this host's subnet,
@@ -478,7 +521,7 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 	if err := os.Remove(cfg.DockerOptsFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}
-	for _, s := range []string{cfg.SocketPath(), cfg.GoBGPSocketPath()} {
+	for _, s := range []string{cfg.SocketPath(), cfg.GoBGPSocketPath(), cfg.ProbeStatePath()} {
 		os.Remove(s)
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -15,10 +15,11 @@ import (
 // rememberStartRoutes notes the owned routes already in the kernel, which the
 // start-up grace keeps until their peers are back.
 func (a *Agent) rememberStartRoutes() {
+	// A peer that never comes back keeps what it had for as long as the
+	// other hosts keep its routes under graceful restart.
 	a.grace = planner.Grace{
-		Until:         time.Now().Add(2*a.cfg.HoldTime + 5*time.Second),
-		KeptAtStart:   map[netip.Prefix]bool{},
-		EstablishedAt: map[string]time.Time{},
+		Until:       time.Now().Add(max(2*a.cfg.HoldTime+5*time.Second, a.cfg.GracefulRestartTime)),
+		KeptAtStart: map[netip.Prefix]netip.Addr{},
 	}
 	if a.dp == nil {
 		return
@@ -29,7 +30,7 @@ func (a *Agent) rememberStartRoutes() {
 		return
 	}
 	for _, r := range owned {
-		a.grace.KeptAtStart[r.Prefix] = true
+		a.grace.KeptAtStart[r.Prefix] = r.Via
 	}
 	if len(owned) > 0 {
 		a.log.Info("keeping routes found in the kernel until their peers are back", "routes", len(owned), "until", a.grace.Until.Format(time.RFC3339))
@@ -37,26 +38,25 @@ func (a *Agent) rememberStartRoutes() {
 }
 
 // checkConverged feeds the peers' session states to the grace and reports
-// whether it is over.
+// whether it is over; then the speaker stops telling new peers it restarts.
 func (a *Agent) checkConverged(ctx context.Context) bool {
 	peers, err := a.speaker.Peers(ctx)
-	var established []string
-	all := err == nil
+	if err != nil {
+		return false
+	}
+	var syncs []planner.PeerSync
 	for _, p := range peers {
-		if p.State == "established" {
-			established = append(established, p.Name)
-		} else {
-			all = false
-		}
+		syncs = append(syncs, planner.PeerSync{Name: p.Name, Established: p.State == "established",
+			GracefulRestart: p.GracefulRestart, EndOfRIB: p.EndOfRIB})
 	}
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.grace.Over {
-		return true
+	wasOver := a.grace.Over
+	a.grace = a.grace.Observe(syncs, time.Now())
+	over := a.grace.Over
+	a.mu.Unlock()
+	if over && !wasOver {
+		a.speaker.EndRestart()
+		a.log.Info("start-up grace over: every peer has sent its routes (or the wait ended); BGP alone decides routes from now on")
 	}
-	a.grace = a.grace.Observe(established, all && len(a.nodes) > 0, time.Now())
-	if a.grace.Over {
-		a.log.Info("start-up grace over; BGP alone decides routes from now on", "allEstablished", all)
-	}
-	return a.grace.Over
+	return over
 }

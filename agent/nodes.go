@@ -36,10 +36,12 @@ func (a *Agent) warnRefused(refused []planner.Refusal) {
 // Nodes) and hands it to BGP, the prober, the data plane and policy when it
 // changed. It runs only on the main loop, which owns a.departed.
 func (a *Agent) refreshNodes(ctx context.Context) {
-	established := map[string]bool{}
+	// In session: established, or restarting under graceful restart (its
+	// routes are kept; so is the peer, though its record may expire).
+	inSession := map[string]bool{}
 	if peers, err := a.speaker.Peers(ctx); err == nil {
 		for _, p := range peers {
-			established[p.Name] = p.State == "established"
+			inSession[p.Name] = p.State == "established" || p.Restarting
 		}
 	}
 	a.mu.Lock()
@@ -48,7 +50,7 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 
 	accepted, refused := planner.AcceptNodes(a.host(), reg)
 	a.warnRefused(refused)
-	set := planner.Nodes(a.host(), accepted, prev, a.departed, established, a.cfg.SubnetTTL, time.Now())
+	set := planner.Nodes(a.host(), accepted, prev, a.departed, inSession, a.cfg.SubnetTTL, time.Now())
 	a.departed = set.Departed
 	for _, e := range set.Events {
 		a.log.Info(e)

@@ -28,7 +28,7 @@ func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 	a.mu.Lock()
 	nodes, routes, grace := a.nodes, a.bgpRoutes, a.grace
 	a.mu.Unlock()
-	out, refused := planner.Routes(a.host(), nodes, routes, grace, time.Now())
+	out, refused := planner.Routes(a.host(), nodes, routes, grace)
 	a.warnRefused(refused)
 	return out
 }

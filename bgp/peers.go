@@ -140,6 +140,20 @@ func (s *Speaker) apiPeer(p Peer) *api.Peer {
 			PassiveMode:  p.Passive,
 		},
 	}
+	if t := secs(s.cfg.GracefulRestartTime); t > 0 {
+		ap.GracefulRestart = &api.GracefulRestart{
+			Enabled:     true,
+			RestartTime: uint32(t),
+			// While restarting, wait for the peers' End-of-RIB at most
+			// this long before sending our own routes.
+			DeferralTime:    uint32(t),
+			LocalRestarting: s.restarting,
+		}
+		ap.AfiSafis = []*api.AfiSafi{{
+			Config:            &api.AfiSafiConfig{Family: familyOf(s.cfg.ListenAddress), Enabled: true},
+			MpGracefulRestart: &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}},
+		}}
+	}
 	if p.Multihop > 0 {
 		ap.EbgpMultihop = &api.EbgpMultihop{Enabled: true, MultihopTtl: uint32(p.Multihop)}
 	}
@@ -213,12 +227,17 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 			if ap.State != nil {
 				st.State = sessionStateName(ap.State.SessionState)
 			}
+			st.EndOfRIB = len(ap.AfiSafis) > 0
 			for _, af := range ap.AfiSafis {
 				if af.State != nil {
 					st.Received += int(af.State.Received)
 					st.Accepted += int(af.State.Accepted)
 				}
+				gr := af.GetMpGracefulRestart().GetState()
+				st.GracefulRestart = st.GracefulRestart || (gr.GetAdvertised() && gr.GetReceived())
+				st.EndOfRIB = st.EndOfRIB && gr.GetEndOfRibReceived()
 			}
+			st.Restarting = ap.GetGracefulRestart().GetPeerRestarting()
 		}
 		out = append(out, st)
 	}

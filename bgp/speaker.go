@@ -71,6 +71,18 @@ type Config struct {
 	KeepaliveInterval time.Duration // default 3s
 	ConnectRetry      time.Duration // default 2s
 
+	// GracefulRestartTime turns on BGP graceful restart (RFC 4724) on
+	// every session: a peer whose session ends without a NOTIFICATION
+	// keeps its routes (stale) for this long, until it is back and has
+	// sent End-of-RIB, and this speaker asks its peers to do the same for
+	// it. 0 = off. Whole seconds up to 4095.
+	GracefulRestartTime time.Duration
+	// Restarting says this speaker comes back after a restart with its
+	// forwarding state kept: peers added before EndRestart are told so
+	// (the Restart State and Forwarding State bits), keep our routes
+	// until our End-of-RIB, and we send ours only once theirs are in.
+	Restarting bool
+
 	// APISocket, if set, serves GoBGP's gRPC API on this unix socket
 	// (mode 0600) and nowhere else. Empty = no API server at all.
 	APISocket string
@@ -99,6 +111,13 @@ type PeerStatus struct {
 	Since time.Time // last state change seen by this speaker
 	// Received and Accepted count prefixes from this peer.
 	Received, Accepted int
+	// GracefulRestart: both sides negotiated graceful restart.
+	GracefulRestart bool
+	// Restarting: the session went down without a NOTIFICATION and the
+	// peer's routes are kept (stale) while it restarts.
+	Restarting bool
+	// EndOfRIB: the peer has sent all its routes since the session came up.
+	EndOfRIB bool
 }
 
 // advertisement is our own prefix as installed in GoBGP.
@@ -120,6 +139,7 @@ type Speaker struct {
 	advertised  *advertisement
 	rrClientSet map[string]bool // neighbor-set entries that get reflected routes
 	stopped     bool
+	restarting  bool // peers added now get LocalRestarting; see Config.Restarting
 
 	// peersMu guards the peer table read by the route publisher.
 	peersMu    sync.RWMutex
@@ -191,6 +211,7 @@ func Start(ctx context.Context, cfg Config) (*Speaker, error) {
 		ribChanged:    make(chan struct{}, 1),
 		routes:        make(chan []Route, 1),
 		cancel:        cancel,
+		restarting:    cfg.Restarting && cfg.GracefulRestartTime > 0,
 		publisherDone: make(chan struct{}),
 	}
 
@@ -263,6 +284,9 @@ func withDefaults(cfg Config) (Config, error) {
 	}
 	if cfg.ConnectRetry < time.Second {
 		cfg.ConnectRetry = time.Second
+	}
+	if cfg.GracefulRestartTime < 0 || cfg.GracefulRestartTime > 4095*time.Second {
+		return cfg, fmt.Errorf("bgp: GracefulRestartTime %s outside 0..4095s", cfg.GracefulRestartTime)
 	}
 	return cfg, nil
 }
@@ -376,8 +400,9 @@ func familyOf(a netip.Addr) *api.Family {
 
 var errStopped = errors.New("bgp: speaker stopped")
 
-// Stop closes every session (peers see a Cease notification), the listener
-// and the API socket, and closes the Routes channel. Safe to call twice.
+// Stop closes every session (peers see a Cease notification and drop our
+// routes at once), the listener and the API socket, and closes the Routes
+// channel. Safe to call twice, and after Detach.
 func (s *Speaker) Stop() {
 	s.configMu.Lock()
 	defer s.configMu.Unlock()
@@ -393,6 +418,35 @@ func (s *Speaker) Stop() {
 	}
 	close(s.routes)
 	s.log.Info("bgp speaker stopped")
+}
+
+// Detach is the stop before a restart: it stops the route publisher and the
+// API socket but sends peers nothing. The sessions end when the process
+// exits, without a NOTIFICATION, which graceful-restart peers treat as a
+// restart: they keep our routes until we are back. The process must exit
+// soon after.
+func (s *Speaker) Detach() {
+	s.configMu.Lock()
+	defer s.configMu.Unlock()
+	if s.stopped {
+		return
+	}
+	s.stopped = true
+	s.cancel()
+	<-s.publisherDone
+	if s.api != nil {
+		s.api.cleanup()
+	}
+	close(s.routes)
+	s.log.Info("bgp speaker detached; sessions end with the process, peers keep our routes", "restartTime", s.cfg.GracefulRestartTime)
+}
+
+// EndRestart says the restart is over (every peer has sent its routes, or
+// the wait ended): peers added from now on are not told we are restarting.
+func (s *Speaker) EndRestart() {
+	s.configMu.Lock()
+	defer s.configMu.Unlock()
+	s.restarting = false
 }
 
 // peerSnapshot returns the configured peers, sorted by address.

@@ -62,6 +62,10 @@ type Config struct {
 	BGPPort           int            `json:"bgpPort"`
 	HoldTime          time.Duration  `json:"holdTime"`
 	KeepaliveInterval time.Duration  `json:"keepaliveInterval"`
+	// GracefulRestartTime is how long BGP peers keep this host's routes
+	// while fabricd restarts (RFC 4724), and how long this host keeps its
+	// peers' routes while they restart. 0 turns graceful restart off.
+	GracefulRestartTime time.Duration `json:"gracefulRestartTime"`
 	Mesh              bool           `json:"mesh"`
 	Peers             []ExternalPeer `json:"peers"`
 
@@ -104,6 +108,9 @@ func Defaults() Config {
 		BGPPort:           179,
 		HoldTime:          9 * time.Second,
 		KeepaliveInterval: 3 * time.Second,
+		// BIRD's and Calico's default: long enough for an upgrade that
+		// pulls a package, short enough that a dead host's routes go.
+		GracefulRestartTime: 120 * time.Second,
 		Mesh:              true,
 		Encapsulation:     "auto",
 		VXLANVNI:          4096,
@@ -121,6 +128,9 @@ func Defaults() Config {
 
 // SocketPath is where fabricd serves its local status API.
 func (c *Config) SocketPath() string { return c.RunDir + "/fabricd.sock" }
+
+// ProbeStatePath keeps the IPIP path verdicts across restarts.
+func (c *Config) ProbeStatePath() string { return c.RunDir + "/probe-verdicts.json" }
 
 // GoBGPSocketPath is where the embedded GoBGP's gRPC API listens (root only).
 func (c *Config) GoBGPSocketPath() string { return c.RunDir + "/gobgp.sock" }
@@ -227,6 +237,8 @@ func defineFlags(fs *flag.FlagSet, c *Config) {
 	fs.IntVar(&c.BGPPort, "bgp-port", c.BGPPort, "BGP listen and mesh port")
 	fs.DurationVar(&c.HoldTime, "bgp-hold-time", c.HoldTime, "BGP hold time: a silent peer is declared dead after it")
 	fs.DurationVar(&c.KeepaliveInterval, "bgp-keepalive", c.KeepaliveInterval, "BGP keepalive interval")
+	fs.DurationVar(&c.GracefulRestartTime, "graceful-restart-time", c.GracefulRestartTime,
+		"how long BGP peers keep this host's routes while fabricd restarts (0 = no graceful restart)")
 	fs.BoolVar(&c.Mesh, "mesh", c.Mesh, "peer with every fabric host (turn off when route reflectors are configured)")
 	fs.StringVar(&c.Encapsulation, "encapsulation", c.Encapsulation, "ipip, vxlan or auto (env FABRIC_ENCAPSULATION)")
 	fs.BoolVar(&c.CrossSubnet, "cross-subnet", c.CrossSubnet, "route unencapsulated to peers on this host's own L2 subnet")
@@ -369,6 +381,9 @@ func (c *Config) Validate() error {
 	}
 	if c.HoldTime != 0 && c.HoldTime < 3*time.Second {
 		bad("holdTime", "%s: BGP needs at least 3s", c.HoldTime)
+	}
+	if c.GracefulRestartTime < 0 || c.GracefulRestartTime > 4095*time.Second || c.GracefulRestartTime%time.Second != 0 {
+		bad("gracefulRestartTime", "%s: want whole seconds from 0 (off) to 4095s, the most BGP can carry", c.GracefulRestartTime)
 	}
 	if c.KeepaliveInterval <= 0 || c.KeepaliveInterval*3 > c.HoldTime {
 		bad("keepaliveInterval", "%s must be positive and at most a third of holdTime %s", c.KeepaliveInterval, c.HoldTime)

@@ -59,7 +59,10 @@ func (f *fabric) allEstablished(h *lab.Host, n int) error {
 // hold time, a stopped host's route goes at once, and a restarted agent keeps
 // its lease and its routes.
 func TestMeshLifecycle(t *testing.T) {
-	f := newFabric(t, lab.Spec{Hosts: 3}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--vxlan-port", "8472")
+	// A short graceful-restart time, so a host that stays down is seen to go.
+	const restartTime = 5 * time.Second
+	f := newFabric(t, lab.Spec{Hosts: 3}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--vxlan-port", "8472",
+		"--graceful-restart-time", restartTime.String())
 	hosts := f.lab.Hosts()
 	for _, h := range hosts {
 		f.start(h)
@@ -125,21 +128,28 @@ func TestMeshLifecycle(t *testing.T) {
 		t.Logf("%s installed the route to the new host %s %.1fs after its agent answered", h.Name, h4.Name, d.Seconds())
 	}
 
-	// SIGKILL host3: its route goes everywhere within the hold time (3 s)
-	// plus a little.
+	// SIGKILL host3, which stays down: peers keep its route (graceful
+	// restart) until the restart time ends, then it goes everywhere.
 	h3 := hosts[2]
 	s3 := f.subnet(h3)
 	f.agents[h3.Name].proc.Kill()
 	killed := time.Now()
+	kept := map[string]time.Duration{}
 	for _, h := range []*lab.Host{hosts[0], hosts[1], h4} {
-		f.eventually(8*time.Second, h.Name+" drops killed "+h3.Name, func() error {
+		f.eventually(restartTime+3*time.Second, h.Name+" drops killed "+h3.Name, func() error {
 			if _, ok := f.ownedRoutes(h)[s3.String()]; ok {
 				return fmt.Errorf("route to %s still there", s3)
 			}
 			return nil
 		})
+		kept[h.Name] = time.Since(killed)
 	}
-	t.Logf("killed host's route gone everywhere %.1fs after SIGKILL (hold time 3s)", time.Since(killed).Seconds())
+	for name, d := range kept {
+		if d < restartTime-time.Second {
+			t.Errorf("%s dropped the killed host's route after %.1fs, before the restart time %s", name, d.Seconds(), restartTime)
+		}
+	}
+	t.Logf("killed host that stays down: its route gone everywhere %.1fs after SIGKILL (graceful-restart time %s)", time.Since(killed).Seconds(), restartTime)
 	// Nothing of the departed peer is left in the VXLAN state either.
 	f.eventually(5*time.Second, "host1 forgets host3's VXLAN neighbour and FDB entries", func() error {
 		ctx := context.Background()
@@ -154,20 +164,27 @@ func TestMeshLifecycle(t *testing.T) {
 		return nil
 	})
 
-	// Graceful stop of host4: withdrawn at once.
-	if err := f.agents[h4.Name].proc.Stop(); err != nil {
-		t.Fatal(err)
+	// host4 leaves the fabric (decommission): withdrawn everywhere within 1 s.
+	out, err = f.fabricctl(h4, "leave")
+	if err != nil {
+		t.Fatalf("fabricctl leave: %v: %s", err, out)
 	}
-	stopped := time.Now()
+	t.Logf("fabricctl leave on host4: %s", strings.TrimSpace(out))
+	left := time.Now()
 	for _, h := range hosts[:2] {
-		f.eventually(2*time.Second, h.Name+" drops stopped "+h4.Name, func() error {
+		f.eventually(time.Second, h.Name+" drops "+h4.Name+" after it left", func() error {
 			if _, ok := f.ownedRoutes(h)[s4.String()]; ok {
 				return fmt.Errorf("route to %s still there", s4)
 			}
 			return nil
 		})
 	}
-	t.Logf("gracefully stopped host's route gone %.2fs after the agent exited", time.Since(stopped).Seconds())
+	t.Logf("host that left: its route gone everywhere %.2fs after fabricctl leave", time.Since(left).Seconds())
+	select {
+	case <-f.agents[h4.Name].proc.Done():
+	case <-time.After(5 * time.Second):
+		t.Errorf("fabricd on host4 still runs 5s after fabricctl leave")
+	}
 
 	// Restart host1's agent: same subnet, and its routes never leave the kernel.
 	h1 := hosts[0]

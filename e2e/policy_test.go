@@ -758,8 +758,13 @@ func (e *policyEnv) testRuleFollowsNode(t *testing.T) {
 	e.expect(t, checks(c4)...)
 
 	// host4 leaves and comes back with a new subnet: the rule moves with it.
-	if err := f.agents[h4.Name].proc.Stop(); err != nil {
-		t.Fatal(err)
+	if out, err := f.fabricctl(h4, "leave"); err != nil {
+		t.Fatalf("fabricctl leave on host4: %v: %s", err, out)
+	}
+	select {
+	case <-f.agents[h4.Name].proc.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("fabricd on host4 still runs 10s after fabricctl leave")
 	}
 	f.eventually(3*time.Second, "host2 drops block-host4 when host4 leaves", func() error {
 		if lines, err := ruleLines(h2, "block-host4"); err != nil || len(lines) != 0 {

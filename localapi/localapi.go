@@ -63,6 +63,16 @@ type Provider interface {
 	Peers(ctx context.Context) ([]Peer, error)
 	Routes(ctx context.Context) ([]Route, error)
 	Status(ctx context.Context) (Status, error)
+	// Leave starts a decommission: the host withdraws its subnet and node
+	// record at once and fabricd exits. It returns what will be done.
+	Leave(ctx context.Context) (LeaveResult, error)
+}
+
+// LeaveResult says what a decommission does.
+type LeaveResult struct {
+	Node   string `json:"node"`
+	Subnet string `json:"subnet"`
+	Done   string `json:"done"`
 }
 
 // CheckFree returns an error if a fabricd answers on the socket at path: two
@@ -115,6 +125,7 @@ func Serve(ctx context.Context, path string, p Provider, log *slog.Logger) error
 	handle("GET /v1/peers", func(ctx context.Context) (any, error) { return p.Peers(ctx) })
 	handle("GET /v1/routes", func(ctx context.Context) (any, error) { return p.Routes(ctx) })
 	handle("GET /v1/status", func(ctx context.Context) (any, error) { return p.Status(ctx) })
+	handle("POST /v1/leave", func(ctx context.Context) (any, error) { return p.Leave(ctx) })
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
@@ -152,13 +163,24 @@ func NewClient(path string) *Client {
 }
 
 func (c *Client) get(ctx context.Context, route string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://fabricd"+route, nil)
+	return c.do(ctx, http.MethodGet, route, out)
+}
+
+// Leave asks fabricd to leave the fabric (see Provider.Leave).
+func (c *Client) Leave(ctx context.Context) (LeaveResult, error) {
+	var v LeaveResult
+	err := c.do(ctx, http.MethodPost, "/v1/leave", &v)
+	return v, err
+}
+
+func (c *Client) do(ctx context.Context, method, route string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://fabricd"+route, nil)
 	if err != nil {
 		return err
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("%w (no answer on %s: %v); start it, or point --socket at its run directory", ErrNotRunning, c.Socket, errors.Unwrap(err))
+		return fmt.Errorf("%w (no answer on %s: %v); start it, or point --run-dir at its run directory", ErrNotRunning, c.Socket, errors.Unwrap(err))
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)

@@ -124,43 +124,58 @@ func Nodes(h Host, accepted, prev []registry.Node, departed map[string]Departed,
 	return out
 }
 
-// SessionSettle is how long a session must have been up before the start-up
-// grace stops keeping its peer's route: a session just established may not
-// have sent its UPDATE yet.
+// SessionSettle is how long a session without graceful restart must have
+// been up before the start-up grace stops keeping its peer's routes: such a
+// peer sends no End-of-RIB, and a session just established may not have sent
+// its UPDATEs yet.
 const SessionSettle = 3 * time.Second
 
-// Grace is the start-up grace: routes already in the kernel when fabricd
-// started (KeptAtStart) stay for peers whose BGP session has not been up for
-// SessionSettle yet, until Until. A restart of fabricd so does not flap
-// routes that are still valid, while a new or dead peer gains nothing: it
-// only keeps what was there.
+// PeerSync is what the grace needs to know of one BGP peer.
+type PeerSync struct {
+	Name            string
+	Established     bool
+	GracefulRestart bool // negotiated: the peer sends End-of-RIB
+	EndOfRIB        bool // the peer has sent all its routes
+}
+
+// Grace is the start-up grace: a restarted fabricd keeps the routes that were
+// in the kernel when it started (KeptAtStart, prefix -> next hop) until the
+// peers they came from have sent all their routes again (End-of-RIB), so a
+// restart changes nothing in the kernel: a host's subnet stays until that
+// host's session has synced, a route from a router (a top-of-rack default)
+// until every peer has. The grace ends when every peer has synced, or at
+// Until. A new or dead peer gains nothing: it only keeps what was there.
 type Grace struct {
 	Over          bool
 	Until         time.Time
-	KeptAtStart   map[netip.Prefix]bool
+	KeptAtStart   map[netip.Prefix]netip.Addr
 	EstablishedAt map[string]time.Time // peer name -> first seen established
+	Synced        map[string]bool      // peer name -> has sent all its routes
 }
 
-// Observe records which peers are established now and ends the grace when
-// every peer has settled (and there is at least one node), or Until passed.
-func (g Grace) Observe(established []string, peersKnown bool, now time.Time) Grace {
+// Observe records the peers' states and ends the grace when every peer has
+// synced (and at least one is known), or Until passed.
+func (g Grace) Observe(peers []PeerSync, now time.Time) Grace {
 	if g.Over {
 		return g
 	}
 	next := g
 	next.EstablishedAt = map[string]time.Time{}
-	for name, at := range g.EstablishedAt {
-		next.EstablishedAt[name] = at
-	}
-	all := peersKnown
-	for _, name := range established {
-		at, ok := next.EstablishedAt[name]
-		if !ok {
-			next.EstablishedAt[name] = now
+	next.Synced = map[string]bool{}
+	all := len(peers) > 0
+	for _, p := range peers {
+		if !p.Established {
 			all = false
-		} else if now.Sub(at) < SessionSettle {
-			all = false
+			continue
 		}
+		at, ok := g.EstablishedAt[p.Name]
+		if !ok {
+			at = now
+		}
+		next.EstablishedAt[p.Name] = at
+		synced := g.Synced[p.Name] || p.EndOfRIB || (!p.GracefulRestart && now.Sub(at) >= SessionSettle)
+		next.Synced[p.Name] = synced
+		all = all && synced
 	}
 	if all || now.After(g.Until) {
 		next.Over = true
@@ -168,20 +183,17 @@ func (g Grace) Observe(established []string, peersKnown bool, now time.Time) Gra
 	return next
 }
 
-// keeps reports whether the grace keeps n's route at now.
-func (g Grace) keeps(n registry.Node, now time.Time) bool {
-	if g.Over || !g.KeptAtStart[n.Subnet] {
-		return false
-	}
-	at, ok := g.EstablishedAt[n.Name]
-	return !ok || now.Sub(at) < SessionSettle
+// keepsNode reports whether the grace keeps n's subnet.
+func (g Grace) keepsNode(n registry.Node) bool {
+	_, kept := g.KeptAtStart[n.Subnet]
+	return !g.Over && kept && !g.Synced[n.Name]
 }
 
 // Routes turns the BGP best paths into the routes the kernel should hold,
 // attaching what the registry knows about the host behind each next hop,
 // and says why each refused route was refused. During the start-up grace it
 // adds the routes kept from before the restart.
-func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, now time.Time) ([]dataplane.RemoteRoute, []Refusal) {
+func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]dataplane.RemoteRoute, []Refusal) {
 	byAddr := map[netip.Addr]registry.Node{}
 	for _, n := range nodes {
 		if n.Name != h.Name {
@@ -212,11 +224,25 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, now time.T
 		seen[r.Prefix] = true
 		out = append(out, rr)
 	}
+	nodeSubnets := map[netip.Prefix]bool{}
 	for _, n := range nodes {
-		if n.Name == h.Name || !n.Subnet.IsValid() || seen[n.Subnet] || !g.keeps(n, now) {
+		nodeSubnets[n.Subnet] = true
+		if n.Name == h.Name || !n.Subnet.IsValid() || seen[n.Subnet] || !g.keepsNode(n) {
 			continue
 		}
+		seen[n.Subnet] = true
 		out = append(out, dataplane.RemoteRoute{Prefix: n.Subnet, NextHop: n.Address, PeerName: n.Name, Peer: PeerInfo(n)})
+	}
+	if !g.Over {
+		// Routes from routers: which peer sent them is not in the kernel,
+		// so they stay until the grace is over.
+		for prefix, via := range g.KeptAtStart {
+			inPool := h.Pool.Contains(prefix.Addr()) && prefix.Bits() >= h.Pool.Bits()
+			if seen[prefix] || nodeSubnets[prefix] || inPool || !via.IsValid() {
+				continue // a pool prefix is only ever a host's subnet, rebuilt from its record
+			}
+			out = append(out, dataplane.RemoteRoute{Prefix: prefix, NextHop: via, PeerName: "kept from before the restart"})
+		}
 	}
 	slices.SortFunc(out, func(a, b dataplane.RemoteRoute) int {
 		return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()))

@@ -36,9 +36,9 @@ func route(prefix, nextHop, peer string) bgp.Route {
 
 // describe renders routes as "prefix via nexthop (node|plain)" for compact
 // comparison.
-func describe(t *testing.T, nodes []registry.Node, best []bgp.Route, g Grace, now time.Time) (string, []string) {
+func describe(t *testing.T, nodes []registry.Node, best []bgp.Route, g Grace) (string, []string) {
 	t.Helper()
-	routes, refused := Routes(self, nodes, best, g, now)
+	routes, refused := Routes(self, nodes, best, g)
 	var got []string
 	for _, r := range routes {
 		kind := "plain"
@@ -85,7 +85,7 @@ func TestRoutes(t *testing.T) {
 		{"our own path is skipped", []bgp.Route{route("10.244.5.0/24", "192.0.2.1", "h1")}, "", ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			got, why := describe(t, nodes, c.best, over, t0)
+			got, why := describe(t, nodes, c.best, over)
 			if got != c.want {
 				t.Errorf("routes = %q, want %q", got, c.want)
 			}
@@ -101,38 +101,68 @@ func TestRoutes(t *testing.T) {
 
 func TestStartupGrace(t *testing.T) {
 	nodes := []registry.Node{h1, h2, h3}
-	g := Grace{Until: t0.Add(23 * time.Second), KeptAtStart: map[netip.Prefix]bool{h2.Subnet: true}, EstablishedAt: map[string]time.Time{}}
-	only2 := "10.244.2.0/24 via 192.0.2.2 (node h2)"
+	tor := netip.MustParseAddr("192.0.2.254")
+	g := Grace{Until: t0.Add(120 * time.Second), KeptAtStart: map[netip.Prefix]netip.Addr{
+		h2.Subnet:                          h2.Address,
+		netip.MustParsePrefix("0.0.0.0/0"): tor, // from the top-of-rack router
+	}}
+	keptBoth := "0.0.0.0/0 via 192.0.2.254 (plain); 10.244.2.0/24 via 192.0.2.2 (node h2)"
+	peer := func(name string, established, eor bool) PeerSync {
+		return PeerSync{Name: name, Established: established, GracefulRestart: true, EndOfRIB: eor}
+	}
 
-	// Right after start: no BGP route yet, but h2's was in the kernel: kept.
-	// h3's was not: a new or dead peer gains nothing.
-	if got, _ := describe(t, nodes, nil, g, t0); got != only2 {
-		t.Errorf("at start: %q, want only the kept route %q", got, only2)
+	// Right after a restart: no BGP route yet, but h2's subnet and the
+	// router's default were in the kernel: both kept. h3's was not: a new
+	// or dead peer gains nothing.
+	if got, _ := describe(t, nodes, nil, g); got != keptBoth {
+		t.Errorf("at start: %q, want %q", got, keptBoth)
 	}
-	// h2's session comes up: kept while it settles, dropped after.
-	g = g.Observe([]string{"h2"}, false, t0.Add(time.Second))
-	if got, _ := describe(t, nodes, nil, g, t0.Add(2*time.Second)); got != only2 {
-		t.Errorf("session just up: %q, want %q", got, only2)
+	// h2's session is up but has not sent End-of-RIB: still kept, however
+	// long that takes (no timer but Until).
+	g = g.Observe([]PeerSync{peer("h2", true, false), peer("h3", false, false), peer("tor", true, false)}, t0.Add(time.Second))
+	g = g.Observe([]PeerSync{peer("h2", true, false), peer("h3", false, false), peer("tor", true, false)}, t0.Add(60*time.Second))
+	if got, _ := describe(t, nodes, nil, g); got != keptBoth {
+		t.Errorf("sessions up without End-of-RIB: %q, want %q", got, keptBoth)
 	}
-	if got, _ := describe(t, nodes, nil, g, t0.Add(time.Second+SessionSettle)); got != "" {
-		t.Errorf("session settled without the route: %q, want nothing", got)
+	// h2 has sent End-of-RIB without its subnet: it withdrew it, so it goes.
+	// The router's default stays while any peer has not synced.
+	g = g.Observe([]PeerSync{peer("h2", true, true), peer("h3", false, false), peer("tor", true, true)}, t0.Add(61*time.Second))
+	if got, _ := describe(t, nodes, nil, g); got != "0.0.0.0/0 via 192.0.2.254 (plain)" {
+		t.Errorf("h2 synced: %q, want only the router's default", got)
 	}
 	if g.Over {
-		t.Fatal("grace over although h3 is not established")
+		t.Fatal("grace over although h3 has not synced")
 	}
-	// Every peer settled: the grace ends before Until.
-	g = g.Observe([]string{"h2", "h3"}, true, t0.Add(5*time.Second))
-	g = g.Observe([]string{"h2", "h3"}, true, t0.Add(5*time.Second+SessionSettle))
+	// A BGP route replaces a kept one.
+	if got, _ := describe(t, nodes, []bgp.Route{route("0.0.0.0/0", "192.0.2.253", "tor2")}, g); got != "0.0.0.0/0 via 192.0.2.253 (plain)" {
+		t.Errorf("BGP default next to a kept one: %q", got)
+	}
+	// Every peer synced: over; BGP alone decides.
+	g = g.Observe([]PeerSync{peer("h2", true, true), peer("h3", true, true), peer("tor", true, true)}, t0.Add(62*time.Second))
 	if !g.Over {
-		t.Error("grace not over after every peer settled")
+		t.Fatal("grace not over after every peer synced")
 	}
+	if got, _ := describe(t, nodes, nil, g); got != "" {
+		t.Errorf("after the grace without BGP routes: %q, want nothing", got)
+	}
+
+	// A peer without graceful restart sends no End-of-RIB: settled after
+	// SessionSettle instead.
+	plain := Grace{Until: t0.Add(time.Hour), KeptAtStart: map[netip.Prefix]netip.Addr{h2.Subnet: h2.Address}}
+	noGR := []PeerSync{{Name: "h2", Established: true}}
+	plain = plain.Observe(noGR, t0)
+	if got, _ := describe(t, nodes, nil, plain); got == "" {
+		t.Error("a just-established peer without graceful restart lost its kept route")
+	}
+	plain = plain.Observe(noGR, t0.Add(SessionSettle))
+	if !plain.Over {
+		t.Error("grace not over after the only peer settled")
+	}
+
 	// Until passed: over whatever the sessions.
-	late := Grace{Until: t0, KeptAtStart: map[netip.Prefix]bool{h2.Subnet: true}}.Observe(nil, false, t0.Add(time.Millisecond))
+	late := Grace{Until: t0, KeptAtStart: map[netip.Prefix]netip.Addr{h2.Subnet: h2.Address}}.Observe(nil, t0.Add(time.Millisecond))
 	if !late.Over {
 		t.Error("grace not over after Until")
-	}
-	if got, _ := describe(t, nodes, nil, late, t0.Add(time.Second)); got != "" {
-		t.Errorf("after the grace: %q, want nothing without BGP", got)
 	}
 }
 
@@ -201,7 +231,7 @@ func TestDepartedNodes(t *testing.T) {
 		t.Errorf("record back: nodes %s, departed %v", names(back.Nodes), back.Departed)
 	}
 	// A departed host's subnet is still routed while it is kept.
-	got, _ := describe(t, set.Nodes, []bgp.Route{route("10.244.2.0/24", "192.0.2.2", "h2")}, over, t0)
+	got, _ := describe(t, set.Nodes, []bgp.Route{route("10.244.2.0/24", "192.0.2.2", "h2")}, over)
 	if got != "10.244.2.0/24 via 192.0.2.2 (node h2)" {
 		t.Errorf("departed host's route: %q", got)
 	}

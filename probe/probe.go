@@ -13,6 +13,7 @@ package probe
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,6 +21,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -56,7 +58,11 @@ type Config struct {
 	// the whole cluster: every peer asks once per its interval.
 	// Default DefaultMaxRepliesPerSecond.
 	MaxRepliesPerSecond int
-	Logger              *slog.Logger
+	// StateFile, if set, keeps the verdicts across restarts: they are
+	// written there on every change and a new Prober starts from them, so
+	// a restart does not send an IPIP peer to VXLAN and back.
+	StateFile string
+	Logger    *slog.Logger
 }
 
 // Prober probes peers over IP protocol 4 and answers their probes.
@@ -70,6 +76,7 @@ type Prober struct {
 
 	mu    sync.Mutex
 	peers map[netip.Addr]*peerState
+	saved map[netip.Addr]bool // verdicts of the previous run, for peers not seen yet
 
 	// Counters, for tests and debug logs.
 	malformed   atomic.Uint64 // protocol 4 packets that got past the filter but are no probe
@@ -142,6 +149,7 @@ func Start(ctx context.Context, cfg Config) (*Prober, error) {
 		kick:    make(chan struct{}, 1),
 		done:    make(chan struct{}),
 		peers:   make(map[netip.Addr]*peerState),
+		saved:   loadVerdicts(cfg.StateFile, log),
 	}
 	var loops sync.WaitGroup
 	loops.Add(2)
@@ -205,7 +213,15 @@ func (p *Prober) SetPeers(peers []netip.Addr) {
 	}
 	for a := range want {
 		if p.peers[a] == nil {
-			p.peers[a] = &peerState{reason: reasonWaiting, since: now, due: now}
+			st := &peerState{reason: reasonWaiting, since: now, due: now}
+			if works, ok := p.saved[a]; ok {
+				// Start from the previous run's verdict; probes go on as
+				// usual and change it only as they would have.
+				st.works, st.wasBlocked = works, !works
+				st.reason = "verdict kept from before the restart"
+				delete(p.saved, a)
+			}
+			p.peers[a] = st
 			added = true
 		}
 	}
@@ -237,6 +253,7 @@ func (p *Prober) State(peer netip.Addr) (works bool, reason string, since time.T
 }
 
 func (p *Prober) signalChange() {
+	p.saveVerdicts()
 	select {
 	case p.changes <- struct{}{}:
 	default:
@@ -528,4 +545,52 @@ func plural(n int, one, many string) string {
 		return one
 	}
 	return many
+}
+
+// loadVerdicts reads the verdicts a previous run saved; a missing or
+// unreadable file means starting without them.
+func loadVerdicts(path string, log *slog.Logger) map[netip.Addr]bool {
+	out := map[netip.Addr]bool{}
+	if path == "" {
+		return out
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			log.Warn("cannot read saved probe verdicts; probing from scratch", "file", path, "err", err)
+		}
+		return out
+	}
+	var saved map[netip.Addr]bool
+	if err := json.Unmarshal(data, &saved); err != nil {
+		log.Warn("saved probe verdicts are malformed; probing from scratch", "file", path, "err", err)
+		return out
+	}
+	log.Info("starting from the probe verdicts of the previous run", "file", path, "peers", len(saved))
+	return saved
+}
+
+// saveVerdicts writes every peer's verdict to the state file, atomically.
+func (p *Prober) saveVerdicts() {
+	if p.cfg.StateFile == "" {
+		return
+	}
+	p.mu.Lock()
+	verdicts := map[netip.Addr]bool{}
+	for a, st := range p.peers {
+		verdicts[a] = st.works
+	}
+	p.mu.Unlock()
+	data, _ := json.Marshal(verdicts)
+	tmp := p.cfg.StateFile + ".tmp"
+	err := os.MkdirAll(filepath.Dir(tmp), 0o755)
+	if err == nil {
+		err = os.WriteFile(tmp, data, 0o644)
+	}
+	if err == nil {
+		err = os.Rename(tmp, p.cfg.StateFile)
+	}
+	if err != nil {
+		p.log.Warn("cannot save probe verdicts; a restart will probe from scratch", "file", p.cfg.StateFile, "err", err)
+	}
 }

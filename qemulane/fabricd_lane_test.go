@@ -101,7 +101,18 @@ func TestFabricdIPIPLane(t *testing.T) {
 	// two cores are shared with other work.
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	res, err := Run(ctx, kernel, initrd, RunOptions{MemoryMB: laneMemory, Timeout: 300 * time.Second})
+	opts := RunOptions{MemoryMB: laneMemory, Timeout: 300 * time.Second, Append: os.Getenv("FABRIC_QEMU_APPEND")}
+	if path := os.Getenv("FABRIC_QEMU_CONSOLE"); path != "" {
+		// The whole serial console, for a run that needs more than the
+		// evidence lines (kernel stacks, say).
+		console, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer console.Close()
+		opts.Console = console
+	}
+	res, err := Run(ctx, kernel, initrd, opts)
 	t.Logf("VM ran %s (kernel uptime at /init: %s)", res.Duration.Round(time.Millisecond), res.BootToInit)
 	logEvidence(t, res, "QEMULANE-INIT:", "PHASE", "ETCD ", "FABRICD ", "STATUS ", "HOST ", "BRIDGE ", "MEM ",
 		"CONTAINER ", "PEERS ", "ROUTE ", "PING ", "TCP ", "UNDERLAY ", "FABRICCTL ", "RULE ", "FALLBACK ",

@@ -47,13 +47,40 @@ func main() {
 	root.PersistentFlags().StringVar(&g.runDir, "run-dir", envOr("FABRIC_RUN_DIR", "/run/fabric"), "fabricd's run directory (holds its local API socket)")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts")
 
-	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), ipamCmd(g), nodesCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
+	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), ipamCmd(g), nodesCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
 		Use: "version", Short: "Print the version",
 		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", version.String()) },
 	})
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "fabricctl:", err)
 		os.Exit(1)
+	}
+}
+
+// leaveCmd decommissions this host: unlike a stop (a restart, which peers
+// ride out with graceful restart), it withdraws the host's subnet at once.
+func leaveCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "leave",
+		Short: "Take this host out of the fabric: withdraw its subnet from every peer now, delete its node record, stop fabricd",
+		Long: "A plain stop of fabricd (SIGTERM, systemctl stop or restart, an upgrade) is a restart: peers keep this\n" +
+			"host's routes for the graceful-restart time and nothing is withdrawn. `fabricctl leave` is the deliberate\n" +
+			"decommission: every peer drops the route at once, and fabricd exits. The subnet stays leased to the host\n" +
+			"(`fabricctl ipam release NODE` frees it) and kernel state stays until `fabricd --cleanup`.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := ctx5()
+			defer cancel()
+			res, err := g.api().Leave(ctx)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return printJSON(res)
+			}
+			fmt.Printf("node %s, subnet %s: %s\n", res.Node, res.Subnet, res.Done)
+			return nil
+		},
 	}
 }
 
