@@ -58,16 +58,16 @@ type Config struct {
 	SubnetTTL time.Duration `json:"subnetTTL"`
 	NodeTTL   time.Duration `json:"nodeTTL"`
 
-	ASN               uint32         `json:"asn"`
-	BGPPort           int            `json:"bgpPort"`
-	HoldTime          time.Duration  `json:"holdTime"`
-	KeepaliveInterval time.Duration  `json:"keepaliveInterval"`
+	ASN               uint32        `json:"asn"`
+	BGPPort           int           `json:"bgpPort"`
+	HoldTime          time.Duration `json:"holdTime"`
+	KeepaliveInterval time.Duration `json:"keepaliveInterval"`
 	// GracefulRestartTime is how long BGP peers keep this host's routes
 	// while fabricd restarts (RFC 4724), and how long this host keeps its
 	// peers' routes while they restart. 0 turns graceful restart off.
-	GracefulRestartTime time.Duration `json:"gracefulRestartTime"`
-	Mesh              bool           `json:"mesh"`
-	Peers             []ExternalPeer `json:"peers"`
+	GracefulRestartTime time.Duration  `json:"gracefulRestartTime"`
+	Mesh                bool           `json:"mesh"`
+	Peers               []ExternalPeer `json:"peers"`
 
 	Encapsulation string `json:"encapsulation"`
 	CrossSubnet   bool   `json:"crossSubnet"`
@@ -111,18 +111,18 @@ func Defaults() Config {
 		// BIRD's and Calico's default: long enough for an upgrade that
 		// pulls a package, short enough that a dead host's routes go.
 		GracefulRestartTime: 120 * time.Second,
-		Mesh:              true,
-		Encapsulation:     "auto",
-		VXLANVNI:          4096,
-		VXLANPort:         4789,
-		RouteProtocol:     93,
-		Bridge:            "docker0",
-		DockerOptsFile:    "/run/fabric/docker.env",
-		RunDir:            "/run/fabric",
-		Resync:            30 * time.Second,
-		LogLevel:          "info",
-		LogFormat:         "text",
-		MetricsAddress:    "127.0.0.1:9815",
+		Mesh:                true,
+		Encapsulation:       "auto",
+		VXLANVNI:            4096,
+		VXLANPort:           4789,
+		RouteProtocol:       93,
+		Bridge:              "docker0",
+		DockerOptsFile:      "/run/fabric/docker.env",
+		RunDir:              "/run/fabric",
+		Resync:              30 * time.Second,
+		LogLevel:            "info",
+		LogFormat:           "text",
+		MetricsAddress:      "127.0.0.1:9815",
 	}
 }
 
