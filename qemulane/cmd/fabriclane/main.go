@@ -879,7 +879,7 @@ func (p *phase) checkNATRules() {
 				continue
 			}
 			keep = keep || strings.Contains(line, "-s "+poolCIDR+" -d "+poolCIDR) && strings.HasSuffix(line, "-j ACCEPT")
-			masq = masq || strings.Contains(line, "-s "+h.PodNet.String()+" ! -d "+poolCIDR) && strings.HasSuffix(line, "-j MASQUERADE")
+			masq = masq || strings.Contains(line, "-s "+h.PodNet.String()+" ! -d "+poolCIDR) && strings.Contains(line, "-j MASQUERADE")
 		}
 		if !keep || !masq {
 			p.failf("NAT %s: FABRIC-POSTROUTING lacks the pool ACCEPT (%v) or the MASQUERADE of %s (%v):\n%s", h.Name, keep, h.PodNet, masq, out)
