@@ -157,3 +157,88 @@ func peersFile(t *testing.T, f *fabric, content string) string {
 	}
 	return path
 }
+
+// TestBIRDGracefulRestartHelper: BIRD as an eBGP top-of-rack router with
+// graceful restart on. While fabricd on host1 restarts (SIGTERM, then start),
+// BIRD keeps host1's subnet and host1 keeps BIRD's default route and
+// aggregate: polled every 100 ms on BIRD, `ip monitor route` on host1.
+func TestBIRDGracefulRestartHelper(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2}, "--graceful-restart-time", "30s")
+	ctx := context.Background()
+	tor, sock := startBIRD(t, f, func(addr string) string {
+		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; route 0.0.0.0/0 blackhole; }\n" +
+			"template bgp host { local " + addr + " as 65000; hold time 9; keepalive time 3; connect retry time 2; " +
+			"graceful restart on; graceful restart time 30; ipv4 { import all; export all; }; }\n"
+	}, func(h *lab.Host) string {
+		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
+	})
+	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n", tor.Addr))
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h, "--config", peerFile)
+	}
+	h1 := hosts[0]
+	sub := f.subnet(h1)
+	torHas := func() error {
+		c, cancel := context.WithTimeout(ctx, 3*time.Second)
+		defer cancel()
+		out, err := tor.Run(c, "birdc", "-s", sock, "show", "route", "for", sub.Addr().Next().String())
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(out, sub.String()) {
+			return fmt.Errorf("BIRD has no route to %s: %s", sub, out)
+		}
+		return nil
+	}
+	f.eventually(30*time.Second, "BIRD learns "+sub.String(), torHas)
+	f.eventually(15*time.Second, "host1 installs BIRD's default route", func() error {
+		if _, ok := f.ownedRoutes(h1)["default"]; !ok {
+			return fmt.Errorf("no default route")
+		}
+		return nil
+	})
+	f.eventually(15*time.Second, "graceful restart negotiated with BIRD", func() error {
+		out, _ := tor.Run(ctx, "birdc", "-s", sock, "show", "protocols", "all", h1.Name)
+		if !strings.Contains(out, "Graceful restart") || !strings.Contains(out, "Established") {
+			return fmt.Errorf("birdc show protocols all %s:\n%s", h1.Name, out)
+		}
+		return nil
+	})
+
+	monitor, err := h1.Start("route-monitor", "ip", "monitor", "route")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := f.agents[h1.Name]
+	if err := a.proc.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	p, err := h1.Start("fabricd", a.args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.proc = p
+	restarted := time.Now()
+	missing, polls := 0, 0
+	for time.Since(restarted) < 15*time.Second {
+		polls++
+		if err := torHas(); err != nil {
+			missing++
+			t.Logf("%.1fs after the restart: %v", time.Since(restarted).Seconds(), err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	f.eventually(30*time.Second, "host1 back in session with BIRD", func() error { return f.allEstablished(h1, 2) })
+	monitor.Stop()
+	if missing > 0 {
+		t.Errorf("BIRD lacked host1's subnet in %d of %d polls during host1's restart", missing, polls)
+	}
+	log, _ := os.ReadFile(monitor.LogPath())
+	for _, line := range strings.Split(string(log), "\n") {
+		if strings.HasPrefix(line, "Deleted default") || strings.HasPrefix(line, "Deleted 10.250.0.0/16") {
+			t.Errorf("host1 deleted BIRD's route during its restart: %s", line)
+		}
+	}
+	t.Logf("over 15s of host1's restart, BIRD lacked %s in %d of %d polls", sub, missing, polls)
+}
