@@ -51,7 +51,7 @@ func (a *Agent) checkConverged(ctx context.Context) bool {
 	}
 	a.mu.Lock()
 	wasOver := a.grace.Over
-	a.grace = a.grace.Observe(syncs, time.Now())
+	a.grace = a.grace.Observe(syncs, a.nodesKnown, time.Now())
 	over := a.grace.Over
 	a.mu.Unlock()
 	if over && !wasOver {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"time"
 
@@ -17,7 +18,11 @@ func (a *Agent) natLoop(ctx context.Context) error {
 	pubs := publish.Watch(ctx, a.etcd, a.cfg.EtcdPrefix, a.log.With("component", "publish"))
 	hairpin := time.NewTicker(2 * time.Second)
 	defer hairpin.Stop()
-	st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName}
+	st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName,
+		Reserved: nat.Reserved{
+			fmt.Sprintf("tcp/%d", a.cfg.BGPPort):   "this host's BGP port",
+			fmt.Sprintf("udp/%d", a.cfg.VXLANPort): "this host's VXLAN port",
+		}}
 	apply := func() {
 		if err := a.natMgr.Apply(ctx, st); err != nil {
 			natApplyErrors.Inc()

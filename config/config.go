@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"sigs.k8s.io/yaml"
 
@@ -333,8 +334,10 @@ func (c *Config) Validate() error {
 		}
 		return errors.Join(errs...)
 	}
-	if c.NodeName == "" || len(c.NodeName) > 63 || strings.ContainsAny(c.NodeName, "/ \t") {
-		bad("nodeName", "%q is not valid: want 1-63 characters without '/' or spaces", c.NodeName)
+	if c.NodeName == "" || len(c.NodeName) > 63 || strings.ContainsFunc(c.NodeName, func(r rune) bool {
+		return r == '/' || unicode.IsSpace(r) || !unicode.IsPrint(r)
+	}) {
+		bad("nodeName", "%q is not valid: want 1-63 printable characters without '/', spaces or line breaks", c.NodeName)
 	}
 	if c.MachineID == "" {
 		bad("machineID", "empty; set --machine-id or --machine-id-file")
@@ -379,8 +382,11 @@ func (c *Config) Validate() error {
 	if c.BGPPort < 1 || c.BGPPort > 65535 {
 		bad("bgpPort", "%d outside 1-65535", c.BGPPort)
 	}
-	if c.HoldTime != 0 && c.HoldTime < 3*time.Second {
-		bad("holdTime", "%s: BGP needs at least 3s", c.HoldTime)
+	if c.HoldTime != 0 && (c.HoldTime < 3*time.Second || c.HoldTime > 65535*time.Second) {
+		bad("holdTime", "%s: BGP needs 3s to 65535s (18h12m15s)", c.HoldTime)
+	}
+	if c.EtcdTimeout < 100*time.Millisecond || c.EtcdTimeout > 5*time.Minute {
+		bad("etcdTimeout", "%s: want 100ms to 5m (default 5s); 0 would wait for ever", c.EtcdTimeout)
 	}
 	if c.GracefulRestartTime < 0 || c.GracefulRestartTime > 4095*time.Second || c.GracefulRestartTime%time.Second != 0 {
 		bad("gracefulRestartTime", "%s: want whole seconds from 0 (off) to 4095s, the most BGP can carry", c.GracefulRestartTime)
@@ -398,6 +404,10 @@ func (c *Config) Validate() error {
 		}
 		if p.ASN == 0 {
 			bad(where+".asn", "missing")
+		}
+		// Linux keeps TCP MD5 keys of at most TCP_MD5SIG_MAXKEYLEN bytes.
+		if len(p.Password) > 80 {
+			bad(where+".password", "%d bytes: Linux takes TCP MD5 keys of at most 80 bytes", len(p.Password))
 		}
 		switch p.Type {
 		case "", "external", "route-reflector", "rr-client":

@@ -49,6 +49,11 @@ func TestInvalidSettingsNamed(t *testing.T) {
 		{[]string{"--metrics-address", "0.0.0.0"}, `metricsAddress: "0.0.0.0" is not IP:port`},
 		{[]string{"--metrics-address", "localhost:9815"}, "metricsAddress"},
 		{[]string{"--metrics-address", "127.0.0.1:0"}, "metricsAddress"},
+		{[]string{"--etcd-timeout", "0s"}, "etcdTimeout: 0s: want 100ms to 5m"},
+		{[]string{"--node-name", "host1\nhost2"}, `nodeName: "host1\nhost2" is not valid`},
+		{[]string{"--bgp-hold-time", "100000h"}, "holdTime: 100000h0m0s: BGP needs 3s to 65535s"},
+		{[]string{"--graceful-restart-time", "5000s"}, "gracefulRestartTime: 1h23m20s"},
+		{[]string{"--graceful-restart-time", "1500ms"}, "gracefulRestartTime: 1.5s: want whole seconds"},
 	} {
 		_, err := Load(append([]string{"--machine-id", "m"}, tc.args...), nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -174,5 +179,17 @@ func TestFileDurationsWithUnits(t *testing.T) {
 	os.WriteFile(file, []byte("holdTime: 9\n"), 0o600)
 	if _, err := Load([]string{"--config", file, "--machine-id", "m"}, nil); err == nil || !strings.Contains(err.Error(), "unit") {
 		t.Fatalf("a bare number must be refused (it would mean nanoseconds), got %v", err)
+	}
+}
+
+func TestMD5PasswordLongerThanLinuxTakes(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "fabricd.yaml")
+	long := strings.Repeat("k", 95)
+	if err := os.WriteFile(file, []byte("peers:\n- name: tor\n  address: 10.0.0.1\n  asn: 65000\n  password: "+long+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load([]string{"--machine-id", "m", "--config", file}, nil)
+	if err == nil || !strings.Contains(err.Error(), "peers[0] (tor).password: 95 bytes: Linux takes TCP MD5 keys of at most 80 bytes") {
+		t.Errorf("95-byte MD5 password: %v", err)
 	}
 }

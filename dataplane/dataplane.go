@@ -415,8 +415,19 @@ func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]
 		if !r.NextHop.Is4() {
 			return nil, "", fmt.Errorf("route %s: next hop %v is not an IPv4 address", prefix, r.NextHop)
 		}
-		// Not a fabric node: a plain route; the kernel finds the device.
-		return &netlink.Route{Dst: backend.IPNet(prefix), Gw: r.NextHop.AsSlice()}, r.PeerName, nil
+		// Not a fabric node: a plain route. A next hop on a connected
+		// segment is used as it is (the kernel finds the device); one
+		// further away (eBGP multihop, a reflected route) is resolved
+		// through the kernel's routes to the gateway that reaches it.
+		route := &netlink.Route{Dst: backend.IPNet(prefix), Gw: r.NextHop.AsSlice()}
+		via, err := m.h.RouteGet(r.NextHop.AsSlice())
+		if err != nil || len(via) == 0 {
+			return nil, "", fmt.Errorf("route %s: next hop %s is not reachable through this host's routes: %v", prefix, r.NextHop, err)
+		}
+		if via[0].Gw != nil {
+			route.Gw, route.LinkIndex = via[0].Gw, via[0].LinkIndex
+		}
+		return route, r.PeerName, nil
 	}
 	p := peers[cmp.Or(r.Peer.Name, r.PeerName)]
 	if p.err != nil {

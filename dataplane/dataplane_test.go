@@ -451,3 +451,38 @@ func TestBadPeerDoesNotStopOthers(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestMultihopNextHopResolved: a route whose BGP next hop is not on a
+// connected segment (an eBGP multihop peer, a reflected route) is installed
+// via the gateway the kernel uses to reach that next hop.
+func TestMultihopNextHopResolved(t *testing.T) {
+	l := newLab(t, 2)
+	h1, router := l.hosts[0], l.hosts[1]
+	// The multihop peer's address and the prefix it announces live behind
+	// h2; h1 reaches the peer through a static route.
+	nstest.Run(t, "ip", "-n", router.ns, "addr", "add", "10.251.0.1/32", "dev", "lo")
+	nstest.Run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
+	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/24", "via", router.addr.String())
+	m := l.manager(h1, testOpts{mode: modeVXLAN})
+	far := netip.MustParsePrefix("10.250.0.0/16")
+	routes := []RemoteRoute{{Prefix: far, NextHop: netip.MustParseAddr("10.251.0.1"), PeerName: "multihop"}}
+	if err := m.Apply(context.Background(), routes); err != nil {
+		t.Fatal(err)
+	}
+	r, ok := ownedRoutes(t, h1.handle, DefaultProtocol)[far]
+	if !ok || !r.Gw.Equal(router.addr.AsSlice()) {
+		t.Fatalf("multihop route = %+v, want %s via the resolved gateway %s", r, far, router.addr)
+	}
+	if err := nstest.Ping(h1.ns, netip.MustParseAddr("10.250.0.1"), 56, false); err != nil {
+		t.Error(err)
+	}
+	// Applying again changes nothing (the resolved route is the desired one).
+	if err := m.Apply(context.Background(), routes); err != nil {
+		t.Fatal(err)
+	}
+	// A next hop nothing reaches is an error naming it, not a blackhole.
+	err := m.Apply(context.Background(), []RemoteRoute{{Prefix: far, NextHop: netip.MustParseAddr("10.252.0.1"), PeerName: "lost"}})
+	if err == nil || !strings.Contains(err.Error(), "next hop 10.252.0.1 is not reachable") {
+		t.Errorf("unreachable next hop: %v", err)
+	}
+}

@@ -2,9 +2,11 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -74,6 +76,10 @@ func TestMeshLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("fabricctl ipam show:\n%s", out)
+	// Publishing a port fabric hosts need for themselves is refused.
+	if out, err := f.fabricctl(hosts[0], "publish", "add", "179/tcp", "10.244.0.2:80"); err == nil || !strings.Contains(out, "tcp/179 is reserved for BGP") {
+		t.Errorf("fabricctl publish add 179/tcp: %v: %s; want a refusal naming BGP", err, out)
+	}
 	seen := map[netip.Prefix]string{}
 	for _, h := range hosts {
 		s := f.subnet(h)
@@ -305,6 +311,24 @@ func TestBadConfigClearError(t *testing.T) {
 	out, err := h.Run(context.Background(), args[0], args[1:]...)
 	if err == nil || !strings.Contains(out, "encapsulation") || !strings.Contains(out, "want auto, ipip, vxlan") {
 		t.Fatalf("want a clear encapsulation error, got %v: %s", err, out)
+	}
+	// Settings that used to hang or silently break: refused at once, exit 2.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--etcd-timeout", "0s"}, "etcdTimeout: 0s"},
+		{[]string{"--node-name", "host1\nevil"}, "nodeName"},
+		{[]string{"--bgp-hold-time", "100000h"}, "holdTime: 100000h0m0s"},
+	} {
+		args := f.fabricdArgs(h, runDir, c.args...)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		out, err := h.Run(ctx, args[0], args[1:]...)
+		cancel()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.Contains(out, c.want) {
+			t.Errorf("fabricd %v: %v: %s; want exit 2 naming %q", c.args, err, out, c.want)
+		}
 	}
 	// Forcing ipip on a kernel without it is refused with the reason.
 	args = f.fabricdArgs(h, runDir, "--encapsulation", "ipip")

@@ -88,6 +88,9 @@ type State struct {
 	Bridge    string       // the containers' bridge, e.g. docker0
 	Node      string       // this host's name, to filter PublishedPort.Hosts
 	Publishes []PublishedPort
+	// Reserved are this host's own ports (its BGP and VXLAN ports) that no
+	// publish may take, besides DefaultReserved.
+	Reserved Reserved
 }
 
 // Config configures a Manager.
@@ -177,7 +180,7 @@ func (m *Manager) selectPublishes(st State) []PublishedPort {
 		if !p.onHost(st.Node) {
 			continue
 		}
-		if err := ValidatePublish(p, st.Pool, out); err != nil {
+		if err := ValidatePublish(p, st.Pool, out, st.Reserved); err != nil {
 			m.log.Warn("publish skipped", "publish", p.String(), "err", err)
 			continue
 		}
@@ -217,15 +220,43 @@ func checkState(st State) error {
 	return nil
 }
 
+// Reserved maps "proto/port" to what uses that port on fabric hosts.
+type Reserved map[string]string
+
+// DefaultReserved are ports a published port must never take: DNAT of every
+// host's BGP port would cut its sessions, of the VXLAN port its tunnels, of
+// etcd's ports the fabric's state, of SSH the operator.
+var DefaultReserved = Reserved{
+	"tcp/179":  "BGP",
+	"udp/4789": "VXLAN (the IANA port)",
+	"udp/8472": "VXLAN (the Linux kernel's and flannel's port)",
+	"tcp/2379": "etcd clients",
+	"tcp/2380": "etcd peers",
+	"tcp/22":   "SSH",
+}
+
+// why says what uses proto/port, or "".
+func (r Reserved) why(proto string, port uint16) string {
+	key := fmt.Sprintf("%s/%d", proto, port)
+	if w := DefaultReserved[key]; w != "" {
+		return w
+	}
+	return r[key]
+}
+
 // ValidatePublish checks p before fabricctl stores it: a known protocol, non-zero
-// ports, a target inside pool, and no overlap with an existing publish of
-// the same protocol and host port on a common host.
-func ValidatePublish(p PublishedPort, pool netip.Prefix, existing []PublishedPort) error {
+// ports, a host port nothing of the fabric uses (DefaultReserved and
+// reserved), a target inside pool, and no overlap with an existing publish
+// of the same protocol and host port on a common host.
+func ValidatePublish(p PublishedPort, pool netip.Prefix, existing []PublishedPort, reserved Reserved) error {
 	if p.Proto != "tcp" && p.Proto != "udp" {
 		return fmt.Errorf("publish %s: protocol %q is not tcp or udp", p, p.Proto)
 	}
 	if p.HostPort == 0 {
 		return fmt.Errorf("publish %s: host port 0 is not a port", p)
+	}
+	if what := reserved.why(p.Proto, p.HostPort); what != "" {
+		return fmt.Errorf("publish %s: %s/%d is reserved for %s on fabric hosts; publishing it would take that port on every host", p, p.Proto, p.HostPort, what)
 	}
 	if !p.Target.IsValid() || p.Target.Port() == 0 {
 		return fmt.Errorf("publish %s: target %v needs an address and a non-zero port", p, p.Target)

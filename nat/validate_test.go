@@ -26,12 +26,17 @@ func TestValidatePublish(t *testing.T) {
 		{"conflict", publish("tcp", 8080, "10.244.5.5:80"), "already published (tcp/8080 -> 10.244.2.2:80)"},
 		{"conflict on a shared host", publish("udp", 53, "10.244.3.4:53", "b"), "already published (udp/53 -> 10.244.3.3:53 on a,b)"},
 		{"port 0", publish("tcp", 0, "10.244.2.2:80"), "host port 0"},
+		{"BGP", publish("tcp", 179, "10.244.2.2:80"), "tcp/179 is reserved for BGP on fabric hosts"},
+		{"VXLAN", publish("udp", 4789, "10.244.2.2:80"), "udp/4789 is reserved for VXLAN (the IANA port)"},
+		{"etcd", publish("tcp", 2379, "10.244.2.2:80"), "tcp/2379 is reserved for etcd clients"},
+		{"this host's own port", publish("tcp", 1790, "10.244.2.2:80"), "tcp/1790 is reserved for this host's BGP port"},
+		{"UDP 179 is no BGP", publish("udp", 179, "10.244.2.2:53"), ""},
 		{"target port 0", publish("tcp", 1, "10.244.2.2:0"), "non-zero port"},
 		{"bad proto", PublishedPort{Proto: "sctp", HostPort: 1, Target: netip.MustParseAddrPort("10.244.2.2:80")}, `protocol "sctp"`},
 		{"no target", PublishedPort{Proto: "tcp", HostPort: 1}, "needs an address"},
 		{"ipv6", publish("tcp", 1, "[fd00::1]:80"), "not IPv4"},
 	} {
-		err := ValidatePublish(c.p, pool, existing)
+		err := ValidatePublish(c.p, pool, existing, Reserved{"tcp/1790": "this host's BGP port"})
 		switch {
 		case c.wantErr == "" && err != nil:
 			t.Errorf("%s: unexpected error %v", c.name, err)

@@ -154,15 +154,17 @@ type Grace struct {
 }
 
 // Observe records the peers' states and ends the grace when every peer has
-// synced (and at least one is known), or Until passed.
-func (g Grace) Observe(peers []PeerSync, now time.Time) Grace {
+// synced, or Until passed. peersKnown says the peer set is complete (the
+// node registry has been read): before that, no peers means none known yet,
+// after it, a host with no peers has nothing to wait for.
+func (g Grace) Observe(peers []PeerSync, peersKnown bool, now time.Time) Grace {
 	if g.Over {
 		return g
 	}
 	next := g
 	next.EstablishedAt = map[string]time.Time{}
 	next.Synced = map[string]bool{}
-	all := len(peers) > 0
+	all := peersKnown
 	for _, p := range peers {
 		if !p.Established {
 			all = false

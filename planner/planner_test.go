@@ -119,14 +119,14 @@ func TestStartupGrace(t *testing.T) {
 	}
 	// h2's session is up but has not sent End-of-RIB: still kept, however
 	// long that takes (no timer but Until).
-	g = g.Observe([]PeerSync{peer("h2", true, false), peer("h3", false, false), peer("tor", true, false)}, t0.Add(time.Second))
-	g = g.Observe([]PeerSync{peer("h2", true, false), peer("h3", false, false), peer("tor", true, false)}, t0.Add(60*time.Second))
+	g = g.Observe([]PeerSync{peer("h2", true, false), peer("h3", false, false), peer("tor", true, false)}, true, t0.Add(time.Second))
+	g = g.Observe([]PeerSync{peer("h2", true, false), peer("h3", false, false), peer("tor", true, false)}, true, t0.Add(60*time.Second))
 	if got, _ := describe(t, nodes, nil, g); got != keptBoth {
 		t.Errorf("sessions up without End-of-RIB: %q, want %q", got, keptBoth)
 	}
 	// h2 has sent End-of-RIB without its subnet: it withdrew it, so it goes.
 	// The router's default stays while any peer has not synced.
-	g = g.Observe([]PeerSync{peer("h2", true, true), peer("h3", false, false), peer("tor", true, true)}, t0.Add(61*time.Second))
+	g = g.Observe([]PeerSync{peer("h2", true, true), peer("h3", false, false), peer("tor", true, true)}, true, t0.Add(61*time.Second))
 	if got, _ := describe(t, nodes, nil, g); got != "0.0.0.0/0 via 192.0.2.254 (plain)" {
 		t.Errorf("h2 synced: %q, want only the router's default", got)
 	}
@@ -138,7 +138,7 @@ func TestStartupGrace(t *testing.T) {
 		t.Errorf("BGP default next to a kept one: %q", got)
 	}
 	// Every peer synced: over; BGP alone decides.
-	g = g.Observe([]PeerSync{peer("h2", true, true), peer("h3", true, true), peer("tor", true, true)}, t0.Add(62*time.Second))
+	g = g.Observe([]PeerSync{peer("h2", true, true), peer("h3", true, true), peer("tor", true, true)}, true, t0.Add(62*time.Second))
 	if !g.Over {
 		t.Fatal("grace not over after every peer synced")
 	}
@@ -150,17 +150,17 @@ func TestStartupGrace(t *testing.T) {
 	// SessionSettle instead.
 	plain := Grace{Until: t0.Add(time.Hour), KeptAtStart: map[netip.Prefix]netip.Addr{h2.Subnet: h2.Address}}
 	noGR := []PeerSync{{Name: "h2", Established: true}}
-	plain = plain.Observe(noGR, t0)
+	plain = plain.Observe(noGR, true, t0)
 	if got, _ := describe(t, nodes, nil, plain); got == "" {
 		t.Error("a just-established peer without graceful restart lost its kept route")
 	}
-	plain = plain.Observe(noGR, t0.Add(SessionSettle))
+	plain = plain.Observe(noGR, true, t0.Add(SessionSettle))
 	if !plain.Over {
 		t.Error("grace not over after the only peer settled")
 	}
 
 	// Until passed: over whatever the sessions.
-	late := Grace{Until: t0, KeptAtStart: map[netip.Prefix]netip.Addr{h2.Subnet: h2.Address}}.Observe(nil, t0.Add(time.Millisecond))
+	late := Grace{Until: t0, KeptAtStart: map[netip.Prefix]netip.Addr{h2.Subnet: h2.Address}}.Observe(nil, false, t0.Add(time.Millisecond))
 	if !late.Over {
 		t.Error("grace not over after Until")
 	}
@@ -236,3 +236,17 @@ func TestDepartedNodes(t *testing.T) {
 		t.Errorf("departed host's route: %q", got)
 	}
 }
+
+// A host with no peers at all has nothing to wait for once the registry has
+// been read; before that, no peers means none known yet.
+func TestGraceWithoutPeers(t *testing.T) {
+	g := Grace{Until: t0.Add(time.Hour), KeptAtStart: map[netip.Prefix]netip.Addr{netip.MustParsePrefix("10.99.1.0/24"): tor()}}
+	if g.Observe(nil, false, t0).Over {
+		t.Error("grace over before the peer set is known")
+	}
+	if !g.Observe(nil, true, t0).Over {
+		t.Error("grace not over for a host with no peers")
+	}
+}
+
+func tor() netip.Addr { return netip.MustParseAddr("192.0.2.254") }

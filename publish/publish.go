@@ -100,7 +100,7 @@ func Add(ctx context.Context, cli *clientv3.Client, prefix string, pool netip.Pr
 	if err != nil {
 		return err
 	}
-	if err := nat.ValidatePublish(p, pool, existing); err != nil {
+	if err := nat.ValidatePublish(p, pool, existing, nil); err != nil {
 		return err
 	}
 	data, _ := json.Marshal(record{Proto: p.Proto, HostPort: p.HostPort, Target: p.Target.String(), Hosts: p.Hosts})
