@@ -22,6 +22,7 @@ import (
 	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/dockeropts"
+	"github.com/fabricnet/fabric/ingress"
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/ipip"
@@ -67,10 +68,12 @@ type Agent struct {
 
 	kick         chan struct{}
 	policyKick   chan struct{}
+	ingressKick  chan struct{}
 	leaveRequest chan struct{}
 	prober       *probe.Prober // nil without ipip support
 	tables       *iptables.Manager
 	natMgr       *nat.Manager
+	ingress      *ingress.Limiter
 	enforcer     *policy.IptablesEnforcer
 }
 
@@ -78,7 +81,7 @@ type Agent struct {
 // gracefully: it withdraws its subnet and node record but leaves the kernel
 // state in place, so containers keep talking across an agent restart.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
-	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1), leaveRequest: make(chan struct{}, 1),
+	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1), leaveRequest: make(chan struct{}, 1), ingressKick: make(chan struct{}, 1),
 		departed: map[string]planner.Departed{}, warned: map[string]bool{}}
 	cli, err := etcdclient.New(cfg.EtcdEndpoints, cfg.EtcdTLSFiles(), cfg.EtcdTimeout, quietZap())
 	if err != nil {
@@ -115,7 +118,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	// One owner for every iptables table; it writes nothing until both nat
 	// and policy have said what they want, so a restart keeps the previous
 	// run's rules, policy included, until then.
-	if a.tables, err = iptables.New(iptables.Config{Sections: []string{nat.Section, policy.Section}, Logger: log}); err != nil {
+	if a.tables, err = iptables.New(iptables.Config{Sections: []string{nat.Section, policy.Section, ingress.Section}, Logger: log}); err != nil {
 		return err
 	}
 	if a.natMgr, err = nat.New(nat.Config{Tables: a.tables, Logger: log}); err != nil {
@@ -124,6 +127,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.enforcer, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, Tables: a.tables, Logger: log}); err != nil {
 		return err
 	}
+	var tunnels []string
+	for _, b := range a.backends {
+		tunnels = append(tunnels, b.Ingress())
+	}
+	a.ingress = ingress.New(ingress.Config{Tables: a.tables, Matches: tunnels, Logger: log})
 	gw := netip.PrefixFrom(a.lease.Gateway(), a.lease.Subnet.Bits())
 	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.dp.MTU(), log); err != nil {
 		return err
@@ -190,6 +198,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("nat", a.natLoop)
 	goLoop("iptables", func(ctx context.Context) error { return a.tables.Maintain(ctx, 2*time.Second) })
 	goLoop("policy", a.policyLoop)
+	goLoop("ingress", a.ingressLoop)
 	goLoop("metrics", a.metricsLoop)
 
 	nodes := registry.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "registry"))
@@ -512,8 +521,13 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 		errs = append(errs, err)
 	} else if err := tables.Cleanup(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("iptables rules: %w", err))
-	} else if err := policy.DestroySets(ctx, nil, log); err != nil {
-		errs = append(errs, err)
+	} else {
+		if err := policy.DestroySets(ctx, nil, log); err != nil {
+			errs = append(errs, err)
+		}
+		if err := ingress.DestroySet(ctx, nil); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := bridge.Remove(nil, cfg.Bridge); err != nil {
 		errs = append(errs, fmt.Errorf("bridge %s: %w", cfg.Bridge, err))

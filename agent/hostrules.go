@@ -93,8 +93,38 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 }
 
 func (a *Agent) kickPolicy() {
-	select {
-	case a.policyKick <- struct{}{}:
-	default:
+	for _, kick := range []chan struct{}{a.policyKick, a.ingressKick} {
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// ingressLoop keeps the set of fabric hosts allowed to send tunnel packets
+// in step with the node set, and repairs it on a timer.
+func (a *Agent) ingressLoop(ctx context.Context) error {
+	repair := time.NewTicker(10 * time.Second)
+	defer repair.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.ingressKick:
+		case <-repair.C:
+		}
+		a.mu.Lock()
+		known := a.nodesKnown
+		var addrs []netip.Addr
+		for _, n := range a.nodes {
+			addrs = append(addrs, n.Address)
+		}
+		a.mu.Unlock()
+		if !known {
+			continue // no node set yet: keep what the kernel has
+		}
+		if err := a.ingress.Apply(ctx, addrs); err != nil {
+			a.log.Error("limit tunnel ingress to fabric hosts", "err", err)
+		}
 	}
 }

@@ -46,6 +46,10 @@ type Backend interface {
 	// needs, the path passes its packets. The data plane gives each peer the
 	// first usable backend in order of preference.
 	Usable(peer Peer) (ok bool, why string)
+	// Ingress is the iptables match of this encapsulation's packets
+	// arriving at this host (e.g. "-p udp -m udp --dport 4789"), written as
+	// iptables-save prints it; only fabric hosts may send them.
+	Ingress() string
 	// Overhead is the number of bytes the encapsulation adds (20 IPIP, 50 VXLAN).
 	Overhead() int
 	// Cleanup removes the device and everything on it.

@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -119,4 +122,20 @@ func FinishLink(h *netlink.Handle, kind string, link netlink.Link, mtu int, addr
 		return fmt.Errorf("%s: set %s up: %w", kind, name, err)
 	}
 	return nil
+}
+
+// ProtocolName is the name /etc/protocols gives IP protocol number proto, as
+// iptables-save prints it, or the number when the file has none.
+func ProtocolName(proto int) string {
+	data, err := os.ReadFile("/etc/protocols")
+	if err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			line, _, _ = strings.Cut(line, "#")
+			f := strings.Fields(line)
+			if len(f) >= 2 && f[1] == strconv.Itoa(proto) {
+				return f[0]
+			}
+		}
+	}
+	return strconv.Itoa(proto)
 }

@@ -94,6 +94,11 @@ func (b *Backend) Usable(peer backend.Peer) (bool, string) {
 	return true, "both hosts run ipip and IP protocol 4 passes"
 }
 
+// Ingress matches IP protocol 4 by the name iptables-save prints for it:
+// the /etc/protocols name where the host has one ("ipencap" on Debian),
+// else the number.
+func (b *Backend) Ingress() string { return "-p " + backend.ProtocolName(unix.IPPROTO_IPIP) }
+
 // Ensure creates or repairs the device: type ipip, local = underlay address,
 // no remote (one device serves all peers), path MTU discovery on so inner
 // packets too large for the path get an ICMP error instead of fragmentation.

@@ -22,9 +22,10 @@ const ChainPrefix = "FABRIC-"
 type Rank int
 
 const (
-	RankPolicy Rank = 10 // FABRIC-POLICY: rejects what policy denies
-	RankAccept Rank = 20 // FABRIC-FORWARD: accepts fabric traffic
-	RankNAT    Rank = 30 // the nat table's chains
+	RankIngress Rank = 5  // FABRIC-INPUT: tunnel packets only from fabric hosts
+	RankPolicy  Rank = 10 // FABRIC-POLICY: rejects what policy denies
+	RankAccept  Rank = 20 // FABRIC-FORWARD: accepts fabric traffic
+	RankNAT     Rank = 30 // the nat table's chains
 )
 
 // Chain is the desired content of one fabric chain, each rule written

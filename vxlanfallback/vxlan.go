@@ -119,6 +119,9 @@ func (b *Backend) Usable(peer backend.Peer) (bool, string) {
 	return true, "the peer runs vxlan"
 }
 
+// Ingress matches VXLAN packets to this host's port.
+func (b *Backend) Ingress() string { return fmt.Sprintf("-p udp -m udp --dport %d", b.cfg.Port) }
+
 // Ensure creates the device, or repairs it. A device with the wrong VNI, port,
 // local address, underlay device or learning on is deleted and recreated,
 // because the kernel cannot change those in place.
