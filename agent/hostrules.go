@@ -18,7 +18,12 @@ func (a *Agent) natLoop(ctx context.Context) error {
 	pubs := publish.Watch(ctx, a.etcd, a.cfg.EtcdPrefix, a.log.With("component", "publish"))
 	hairpin := time.NewTicker(2 * time.Second)
 	defer hairpin.Stop()
+	var tunnels []string
+	for _, b := range a.backends {
+		tunnels = append(tunnels, b.Device())
+	}
 	st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName,
+		UnderlayDev: a.underlay.Dev, Tunnels: tunnels,
 		Reserved: nat.Reserved{
 			fmt.Sprintf("tcp/%d", a.cfg.BGPPort):   "this host's BGP port",
 			fmt.Sprintf("udp/%d", a.cfg.VXLANPort): "this host's VXLAN port",

@@ -83,11 +83,15 @@ func (p PublishedPort) onHost(node string) bool {
 
 // State is everything Apply needs to compute this host's rules.
 type State struct {
-	Pool      netip.Prefix // the whole fabric, e.g. 10.244.0.0/16
-	Subnet    netip.Prefix // this host's lease, e.g. 10.244.1.0/24
-	Bridge    string       // the containers' bridge, e.g. docker0
-	Node      string       // this host's name, to filter PublishedPort.Hosts
-	Publishes []PublishedPort
+	Pool   netip.Prefix // the whole fabric, e.g. 10.244.0.0/16
+	Subnet netip.Prefix // this host's lease, e.g. 10.244.1.0/24
+	Bridge string       // the containers' bridge, e.g. docker0
+	// UnderlayDev and Tunnels are the interfaces fabric traffic crosses;
+	// FABRIC-FORWARD accepts only between them and Bridge.
+	UnderlayDev string
+	Tunnels     []string
+	Node        string // this host's name, to filter PublishedPort.Hosts
+	Publishes   []PublishedPort
 	// Reserved are this host's own ports (its BGP and VXLAN ports) that no
 	// publish may take, besides DefaultReserved.
 	Reserved Reserved

@@ -19,11 +19,15 @@ func testContext(t *testing.T) context.Context {
 
 func hostState(node, subnet string, publishes ...PublishedPort) State {
 	return State{
-		Pool:      netip.MustParsePrefix(labPool),
-		Subnet:    netip.MustParsePrefix(subnet),
-		Bridge:    labBridge,
-		Node:      node,
-		Publishes: publishes,
+		Pool:   netip.MustParsePrefix(labPool),
+		Subnet: netip.MustParsePrefix(subnet),
+		Bridge: labBridge,
+		// The hosts' direct link plays the tunnel; eu is the underlay
+		// toward the outside.
+		Tunnels:     []string{"et"},
+		UnderlayDev: "eu",
+		Node:        node,
+		Publishes:   publishes,
 	}
 }
 
@@ -36,7 +40,9 @@ func publish(proto string, hostPort uint16, target string, hosts ...string) Publ
 func addDockerStyleRules(l *testLab, ns, subnet string) {
 	l.in(ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", subnet, "!", "-o", labBridge, "-j", "MASQUERADE")
 	l.in(ns, "iptables", "-N", "DOCKER")
+	l.in(ns, "iptables", "-A", "FORWARD", "-o", labBridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
 	l.in(ns, "iptables", "-A", "FORWARD", "-o", labBridge, "-j", "DOCKER")
+	l.in(ns, "iptables", "-A", "FORWARD", "-i", labBridge, "!", "-o", labBridge, "-j", "ACCEPT")
 	l.in(ns, "iptables", "-P", "FORWARD", "DROP")
 }
 
@@ -84,6 +90,7 @@ func TestMasqueradeOnlyTrafficLeavingTheFabric(t *testing.T) {
 	for _, kept := range []string{
 		"-A POSTROUTING -s 10.244.1.0/24 ! -o fbr0 -j MASQUERADE",
 		"-A FORWARD -o fbr0 -j DOCKER",
+		"-A FORWARD -i fbr0 ! -o fbr0 -j ACCEPT",
 		":FORWARD DROP",
 	} {
 		if !strings.Contains(save, kept) {

@@ -21,8 +21,10 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 	gateway := subnet.Addr().Next() // the bridge's address, routed back to this host by the fabric
 
 	var prerouting, output, postrouting, forward []string
+	// Replies of published connections (DNATed here) on any interface; other
+	// replies are Docker's to accept, so DOCKER-USER stays in force.
 	forward = append(forward,
-		"-m conntrack --ctstate RELATED,ESTABLISHED "+comment("replies of accepted connections")+" -j ACCEPT")
+		"-m conntrack --ctstate RELATED,ESTABLISHED -m conntrack --ctstate DNAT "+comment("replies of published connections")+" -j ACCEPT")
 	for _, p := range publishes {
 		target := p.Target.Addr().Unmap()
 		port := strconv.Itoa(int(p.Target.Port()))
@@ -64,8 +66,23 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 		fmt.Sprintf("-s %s -d %s %s -j ACCEPT", pool, pool, comment("traffic between containers keeps its addresses")),
 		fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions),
 	)
-	forward = append(forward,
-		fmt.Sprintf("-s %s %s -j ACCEPT", pool, comment("traffic from containers of the fabric")))
+	// Fabric traffic only: between this host's bridge and its tunnels, and
+	// between the bridge and the underlay for pool-to-pool traffic (direct
+	// routes to peers on the same segment). Nothing else: a container on
+	// docker0 reaching a user-defined Docker network, or going out to the
+	// world, is Docker's to allow or refuse (DOCKER-ISOLATION, DOCKER-USER).
+	if st.Bridge != "" {
+		for _, t := range st.Tunnels {
+			forward = append(forward,
+				fmt.Sprintf("-d %s -i %s -o %s %s -j ACCEPT", subnet, t, st.Bridge, comment("fabric tunnel to local containers")),
+				fmt.Sprintf("-s %s -i %s -o %s %s -j ACCEPT", subnet, st.Bridge, t, comment("local containers to the fabric tunnel")))
+		}
+		if st.UnderlayDev != "" {
+			forward = append(forward,
+				fmt.Sprintf("-s %s -d %s -i %s -o %s %s -j ACCEPT", pool, subnet, st.UnderlayDev, st.Bridge, comment("fabric peers on this segment to local containers")),
+				fmt.Sprintf("-s %s -d %s -i %s -o %s %s -j ACCEPT", subnet, pool, st.Bridge, st.UnderlayDev, comment("local containers to fabric peers on this segment")))
+		}
+	}
 
 	return iptables.Section{
 		Chains: []iptables.Chain{
