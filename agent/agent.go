@@ -56,6 +56,7 @@ type Agent struct {
 	// registryNodes are the records in etcd; nodes is what the agent works
 	// with: the valid records plus departed hosts still in session.
 	registryNodes []registry.Node
+	held          ipam.Holdings // subnets leased to each node; nil until etcd's first answer
 	nodes         []registry.Node
 	departed      map[string]planner.Departed // main loop only
 	warned        map[string]bool
@@ -202,6 +203,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("metrics", a.metricsLoop)
 
 	nodes := registry.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "registry"))
+	held := ipam.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "ipam"))
 	routes := a.speaker.Routes()
 	convergeCheck := time.NewTicker(time.Second)
 	defer convergeCheck.Stop()
@@ -238,6 +240,15 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			}
 			a.mu.Lock()
 			a.registryNodes = ns
+			a.mu.Unlock()
+			a.refreshNodes(runCtx)
+		case h, ok := <-held:
+			if !ok {
+				held = nil
+				continue
+			}
+			a.mu.Lock()
+			a.held = h
 			a.mu.Unlock()
 			a.refreshNodes(runCtx)
 		case <-departedCheck.C:

@@ -45,10 +45,13 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 		}
 	}
 	a.mu.Lock()
-	reg, prev, known := a.registryNodes, a.nodes, a.nodesKnown
+	reg, held, prev, known := a.registryNodes, a.held, a.nodes, a.nodesKnown
 	a.mu.Unlock()
+	if reg == nil || held == nil {
+		return // the node set is known only once both records and leases are read
+	}
 
-	accepted, refused := planner.AcceptNodes(a.host(), reg)
+	accepted, refused := planner.AcceptNodes(a.host(), reg, held)
 	a.warnRefused(refused)
 	set := planner.Nodes(a.host(), accepted, prev, a.departed, inSession, a.cfg.SubnetTTL, time.Now())
 	a.departed = set.Departed

@@ -561,3 +561,43 @@ func acquireAndKeep(t *testing.T, ctx context.Context, m *Manager) (held Lease, 
 	go func() { done <- m.KeepAlive(keepCtx) }()
 	return held, stop, done
 }
+
+// Watch follows who holds which subnet: a lease taken appears, a release
+// makes it go, and an unreadable key holds nothing.
+func TestWatchHoldings(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	prefix := testPrefix(t)
+	ctx := testCtx(t, 30*time.Second)
+	ch := Watch(ctx, cli, prefix, testLogger(t))
+	next := func(what string, ok func(Holdings) bool) Holdings {
+		t.Helper()
+		deadline := time.After(5 * time.Second)
+		for {
+			select {
+			case h := <-ch:
+				if ok(h) {
+					return h
+				}
+			case <-deadline:
+				t.Fatalf("%s: not seen within 5s", what)
+			}
+		}
+	}
+	next("empty at start", func(h Holdings) bool { return len(h) == 0 })
+	m := newManager(t, cli, prefix, "host-a", "machine-a", time.Minute, pool("10.99.0.0/16", 24))
+	l, err := m.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := next("host-a's lease", func(h Holdings) bool { return len(h["host-a"]) == 1 })
+	if h["host-a"][0] != l.Subnet {
+		t.Errorf("holdings %v, want host-a holding %s", h, l.Subnet)
+	}
+	if _, err := cli.Put(ctx, subnetsPrefix(prefix)+"junk", "{"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ReleaseNode(ctx, cli, prefix, "host-a"); err != nil {
+		t.Fatal(err)
+	}
+	next("release", func(h Holdings) bool { return len(h) == 0 })
+}

@@ -4,13 +4,17 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/fabricnet/fabric/internal/etcdwatch"
 )
 
 // Lease is one host's subnet.
@@ -194,4 +198,27 @@ func ReleaseNode(ctx context.Context, cli *clientv3.Client, prefix, node string)
 		return fmt.Errorf("node %q holds no subnet under %s (see `fabricctl ipam show`)", node, subnetsPrefix(prefix))
 	}
 	return nil
+}
+
+// Holdings maps a node name to the subnets leased to it.
+type Holdings map[string][]netip.Prefix
+
+// Watch sends which subnets every node holds, at start and after every
+// change, until ctx ends. Keys that cannot be understood are left out (and
+// reported by List): a node whose lease cannot be read holds nothing.
+func Watch(ctx context.Context, cli *clientv3.Client, prefix string, log *slog.Logger) <-chan Holdings {
+	return etcdwatch.Watch(ctx, cli, subnetsPrefix(prefix), log, func(kvs etcdwatch.KVs) (Holdings, bool) {
+		out := Holdings{}
+		for key, value := range kvs {
+			e := decodeEntry(prefix, key, value, 0, 0)
+			if e.problem != "" {
+				continue
+			}
+			out[e.lease.Node] = append(out[e.lease.Node], e.subnet)
+		}
+		for _, subnets := range out {
+			slices.SortFunc(subnets, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+		}
+		return out, true
+	})
 }

@@ -38,10 +38,13 @@ type Refusal struct {
 	Why  string
 }
 
-// AcceptNodes drops node records that would break the mesh for everyone:
-// one bad record must not stop this host from peering with the others.
-// This host's own record is always kept.
-func AcceptNodes(h Host, records []registry.Node) ([]registry.Node, []Refusal) {
+// AcceptNodes drops node records that would break the mesh for everyone,
+// one bad record must not stop this host from peering with the others, and
+// records whose subnet is not leased to that node in etcd: a record claiming
+// another host's subnet, or 0.0.0.0/0, would key tunnels and "from node"
+// policy rules. held maps node names to the subnets leased to them. This
+// host's own record is always kept.
+func AcceptNodes(h Host, records []registry.Node, held map[string][]netip.Prefix) ([]registry.Node, []Refusal) {
 	owner := map[netip.Addr]string{}
 	var out []registry.Node
 	var refused []Refusal
@@ -60,6 +63,8 @@ func AcceptNodes(h Host, records []registry.Node) ([]registry.Node, []Refusal) {
 			why = fmt.Sprintf("it claims this host's underlay address %s", n.Address)
 		case owner[n.Address] != "":
 			why = fmt.Sprintf("node %s already has address %s", owner[n.Address], n.Address)
+		case !slices.Contains(held[n.Name], n.Subnet):
+			why = fmt.Sprintf("its subnet %s is not leased to it (etcd leases it %v)", n.Subnet, held[n.Name])
 		}
 		if why != "" {
 			refused = append(refused, Refusal{Key: "node/" + n.Name + "/" + why, What: "node record", Name: n.Name, Why: why})

@@ -172,7 +172,14 @@ func TestAcceptNodes(t *testing.T) {
 	loop := node("loop", "127.0.0.1", "10.244.10.0/24")
 	mine := node("mine", "192.0.2.1", "10.244.11.0/24")
 	dup := node("dup", "192.0.2.2", "10.244.12.0/24")
-	got, refused := AcceptNodes(self, []registry.Node{h1, h2, otherASN, loop, mine, dup, h3})
+	everything := node("everything", "192.0.2.20", "0.0.0.0/0")
+	stolen := node("stolen", "192.0.2.21", "10.244.2.0/24") // h2's subnet
+	held := map[string][]netip.Prefix{
+		"h2": {h2.Subnet}, "h3": {h3.Subnet}, "asn": {otherASN.Subnet}, "loop": {loop.Subnet},
+		"mine": {mine.Subnet}, "dup": {dup.Subnet}, "everything": {netip.MustParsePrefix("10.244.20.0/24")},
+		"stolen": {netip.MustParsePrefix("10.244.21.0/24")},
+	}
+	got, refused := AcceptNodes(self, []registry.Node{h1, h2, otherASN, loop, mine, dup, h3, everything, stolen}, held)
 	var names []string
 	for _, n := range got {
 		names = append(names, n.Name)
@@ -181,10 +188,12 @@ func TestAcceptNodes(t *testing.T) {
 		t.Errorf("accepted %v, want h1,h2,h3", names)
 	}
 	want := map[string]string{
-		"asn":  "its ASN 65000 differs from this host's 64512",
-		"loop": "its address 127.0.0.1 cannot be a peer",
-		"mine": "it claims this host's underlay address 192.0.2.1",
-		"dup":  "node h2 already has address 192.0.2.2",
+		"asn":        "its ASN 65000 differs from this host's 64512",
+		"loop":       "its address 127.0.0.1 cannot be a peer",
+		"mine":       "it claims this host's underlay address 192.0.2.1",
+		"dup":        "node h2 already has address 192.0.2.2",
+		"everything": "its subnet 0.0.0.0/0 is not leased to it (etcd leases it [10.244.20.0/24])",
+		"stolen":     "its subnet 10.244.2.0/24 is not leased to it (etcd leases it [10.244.21.0/24])",
 	}
 	if len(refused) != len(want) {
 		t.Errorf("refused %+v", refused)
