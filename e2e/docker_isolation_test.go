@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/lab"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 // TestDockerIsolationKept: fabric must not open what Docker closes. A
@@ -17,7 +19,7 @@ import (
 // the fabric still reach each other across hosts.
 func TestDockerIsolationKept(t *testing.T) {
 	if reason := lab.DockerMissing(); reason != "" {
-		t.Skip(reason)
+		testreq.Missing(t, "%s", reason)
 	}
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.lab.Hosts()

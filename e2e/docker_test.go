@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/lab"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 // dockerHost is one lab host running fabricd and a real dockerd started with
@@ -87,7 +89,7 @@ func outsideDial(o *lab.Host, addr string) (string, error) {
 // NAT chain is repaired; --cleanup leaves nothing of fabric behind.
 func TestDockerFabric(t *testing.T) {
 	if reason := lab.DockerMissing(); reason != "" {
-		t.Skip(reason)
+		testreq.Missing(t, "%s", reason)
 	}
 	f := newFabric(t, lab.Spec{Hosts: 3})
 	hosts := f.lab.Hosts()

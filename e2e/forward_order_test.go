@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +11,8 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/lab"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 // TestDenyHoldsWhileForwardIsRewritten is the attack of the architecture
@@ -23,7 +24,7 @@ import (
 // timers, and for a moment FABRIC-FORWARD's accept ran before FABRIC-POLICY.
 func TestDenyHoldsWhileForwardIsRewritten(t *testing.T) {
 	if reason := lab.DockerMissing(); reason != "" {
-		t.Skip(reason)
+		testreq.Missing(t, "%s", reason)
 	}
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.lab.Hosts()
@@ -73,7 +74,7 @@ func TestDenyHoldsWhileForwardIsRewritten(t *testing.T) {
 	if out, err := f.fabricctl(client, "policy", "apply", "-f", policyFile); err != nil {
 		t.Fatalf("policy apply: %v: %s", err, out)
 	}
-	f.eventually(10*time.Second, "deny in force", func() error { return tcpRefused(cli, srv.Addr, 8000) })
+	f.eventually(10*time.Second, "deny in force", func() error { return tcpBlockedFrom(cli, srv.Addr, 8000) })
 
 	// Another owner of FORWARD: its own chain, which returns, jumped to from
 	// the top of FORWARD every 200 ms.
@@ -152,17 +153,4 @@ func TestDenyHoldsWhileForwardIsRewritten(t *testing.T) {
 	if err := tcpOKFrom(cli, srv.Addr, 8001); err != nil {
 		t.Errorf("allowed port after the window: %v", err)
 	}
-}
-
-// tcpRefused: a connection is refused by a reset, as a policy deny answers;
-// a timeout (broken routing) is not enforcement.
-func tcpRefused(c *lab.Container, dst netip.Addr, port int) error {
-	_, err := dial(c, dst, port, 1500*time.Millisecond)
-	switch {
-	case err == nil:
-		return fmt.Errorf("tcp %s -> %s:%d connected, want refused", c.Addr, dst, port)
-	case !strings.Contains(err.Error(), "refused"):
-		return fmt.Errorf("tcp %s -> %s:%d: %v, want refused", c.Addr, dst, port, err)
-	}
-	return nil
 }

@@ -128,13 +128,16 @@ func tcpOKFrom(src *lab.Container, dst netip.Addr, port int) error {
 	return nil
 }
 
-// tcpBlocked: a connection fails. Policy denies reject with a TCP reset, so
-// a blocked connection fails at once ("connection refused"); the short
-// timeout only bounds a silently dropped one.
+// tcpBlockedFrom: a connection is refused. Policy denies reject with a TCP
+// reset, so a blocked connection fails at once with "connection refused"; a
+// timeout is broken routing, not enforcement, and counts as a failure.
 func tcpBlockedFrom(src *lab.Container, dst netip.Addr, port int) error {
 	_, err := dial(src, dst, port, 1500*time.Millisecond)
-	if err == nil {
-		return fmt.Errorf("tcp %s -> %s:%d: connected, want blocked", src.Addr, dst, port)
+	switch {
+	case err == nil:
+		return fmt.Errorf("tcp %s -> %s:%d: connected, want refused", src.Addr, dst, port)
+	case !strings.Contains(err.Error(), "refused"):
+		return fmt.Errorf("tcp %s -> %s:%d: %v; want refused by policy (a timeout is broken routing)", src.Addr, dst, port, err)
 	}
 	return nil
 }

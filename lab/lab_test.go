@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 func testContext(t *testing.T) context.Context {
@@ -249,7 +251,7 @@ func TestAddHostAndOutside(t *testing.T) {
 func TestCloseRemovesEverything(t *testing.T) {
 	t.Parallel()
 	if reason := cannotRun(); reason != "" {
-		t.Skip(reason)
+		testreq.Missing(t, "%s", reason)
 	}
 	ctx := testContext(t)
 	l, err := New(ctx, Spec{Hosts: 2, Subnets: 2})
@@ -393,7 +395,7 @@ func TestHelperLab(t *testing.T) {
 func startHelperLab(t *testing.T) (*exec.Cmd, string, []int) {
 	t.Helper()
 	if reason := cannotRun(); reason != "" {
-		t.Skip(reason)
+		testreq.Missing(t, "%s", reason)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperLab$", "-test.v")
 	cmd.Env = append(os.Environ(), "FABRICLAB_HELPER=1")

@@ -8,6 +8,8 @@ import (
 	"sort"
 	"testing"
 	"time"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 // ForTest builds a lab for a test. It skips the test when the machine cannot
@@ -17,7 +19,7 @@ import (
 func ForTest(t testing.TB, spec Spec) *Lab {
 	t.Helper()
 	if reason := cannotRun(); reason != "" {
-		t.Skipf("lab: skipping, %s", reason)
+		testreq.Missing(t, "lab: skipping, %s", reason)
 	}
 	if err := SweepStale(); err != nil {
 		t.Logf("lab: sweeping stale runs: %v", err)

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nstest"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 func testContext(t *testing.T) context.Context {
@@ -302,7 +304,7 @@ func TestLegacyBackend(t *testing.T) {
 	needRoot(t)
 	for _, tool := range []string{"iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not found: %v", tool, err)
+			testreq.Missing(t, "%s not found: %v", tool, err)
 		}
 	}
 	l := newTestLab(t)

@@ -16,6 +16,8 @@ import (
 
 	"github.com/fabricnet/fabric/internal/etcdtest"
 	"github.com/fabricnet/fabric/internal/nstest"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 // lab is one host network namespace with a bridge (10.244.2.1/24) and two
@@ -300,7 +302,7 @@ func TestIptablesEnforcement(t *testing.T) {
 	t.Run("same-bridge traffic is enforced", func(t *testing.T) {
 		l.t = t
 		if !l.bridgeNetfilterOff() {
-			t.Skip("net.bridge.bridge-nf-call-iptables unavailable: same-bridge traffic bypasses iptables")
+			testreq.Missing(t, "net.bridge.bridge-nf-call-iptables unavailable: same-bridge traffic bypasses iptables")
 		}
 		denyC2 := Rule{Name: "deny-web-from-c2", Action: "deny", Protocol: "tcp", Ports: []PortRange{{80, 80}},
 			From: []Selector{{Address: c2Addr}}, To: []Selector{{Address: c1Addr}}}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 const (
@@ -60,7 +62,7 @@ func addFabricdHostTools(img *Image) error {
 // blackholing IP protocol 4.
 func TestFabricdIPIPLane(t *testing.T) {
 	if err := Available(); err != nil {
-		t.Skipf("kernel-IPIP lane needs qemu, a stock kernel and busybox-static: %v", err)
+		testreq.Missing(t, "kernel-IPIP lane needs qemu, a stock kernel and busybox-static: %v", err)
 	}
 	kernel, _, err := FindKernel()
 	if err != nil {

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 // laneModules are what ipipcheck needs: ipip for the data plane under test,
@@ -16,7 +18,7 @@ var laneModules = []string{"ipip", "veth", "bridge", "vxlan"}
 
 func TestIPIPKernelLane(t *testing.T) {
 	if err := Available(); err != nil {
-		t.Skipf("kernel-IPIP lane needs qemu, a stock kernel and busybox-static: %v", err)
+		testreq.Missing(t, "kernel-IPIP lane needs qemu, a stock kernel and busybox-static: %v", err)
 	}
 	kernel, modDir, err := FindKernel()
 	if err != nil {
@@ -66,7 +68,7 @@ func TestIPIPKernelLane(t *testing.T) {
 // TestRunTimeoutKillsQEMU checks that a hung guest costs the timeout, not more.
 func TestRunTimeoutKillsQEMU(t *testing.T) {
 	if err := Available(); err != nil {
-		t.Skipf("needs qemu, a stock kernel and busybox-static: %v", err)
+		testreq.Missing(t, "needs qemu, a stock kernel and busybox-static: %v", err)
 	}
 	initrd, err := Build(t.TempDir(), Image{Init: "sleep 600\n"})
 	if err != nil {
@@ -87,7 +89,7 @@ func TestRunTimeoutKillsQEMU(t *testing.T) {
 func TestResolveModulesOrder(t *testing.T) {
 	_, modDir, err := FindKernel()
 	if err != nil {
-		t.Skipf("no stock kernel modules installed: %v", err)
+		testreq.Missing(t, "no stock kernel modules installed: %v", err)
 	}
 	mods, err := ResolveModules(modDir, laneModules)
 	if err != nil {

@@ -20,6 +20,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/fabricnet/fabric/internal/testreq"
 )
 
 // RequireRoot skips the test unless it runs as root and ip, nsenter and the
@@ -27,11 +29,11 @@ import (
 func RequireRoot(t testing.TB, tools ...string) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
+		testreq.Missing(t, "needs root to create network namespaces")
 	}
 	for _, tool := range append([]string{"ip", "nsenter"}, tools...) {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s: %v", tool, err)
+			testreq.Missing(t, "needs %s: %v", tool, err)
 		}
 	}
 }

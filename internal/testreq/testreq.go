@@ -1,0 +1,28 @@
+// Package testreq decides what a test does when something it needs (root,
+// a Debian package, a kernel feature) is missing. On a developer's machine
+// it skips with the reason; with FABRIC_REQUIRE_ALL=1 (.ci/run sets it) it
+// fails, so a broken install step cannot turn a lane green by skipping it.
+package testreq
+
+import (
+	"fmt"
+	"os"
+	"testing"
+)
+
+// Env is the switch .ci/run sets.
+const Env = "FABRIC_REQUIRE_ALL"
+
+// Strict reports whether missing requirements fail tests.
+func Strict() bool { return os.Getenv(Env) == "1" }
+
+// Missing ends t because a requirement is missing: a skip, or a failure
+// under FABRIC_REQUIRE_ALL=1.
+func Missing(t testing.TB, format string, args ...any) {
+	t.Helper()
+	reason := fmt.Sprintf(format, args...)
+	if Strict() {
+		t.Fatalf("required (%s=1): %s", Env, reason)
+	}
+	t.Skip(reason)
+}
