@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -267,11 +268,35 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	}
 	h := hosts[0]
 	f.eventually(20*time.Second, "route installed", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
+	ctx := context.Background()
+	// Everything fabricd can own: a policy with a long address list (an
+	// ipset), a published port, the node set (the ingress ipset), and a rule
+	// of another owner that must survive.
+	policyFile := filepath.Join(f.lab.LogDir(), "cleanup-policy.yaml")
+	if err := os.WriteFile(policyFile, []byte("rules:\n  - name: many\n    action: deny\n    from: [{cidr: 10.1.0.0/24}, {cidr: 10.2.0.0/24}, {cidr: 10.3.0.0/24}]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := f.fabricctl(h, "policy", "apply", "-f", policyFile); err != nil {
+		t.Fatalf("policy apply: %v: %s", err, out)
+	}
+	if out, err := f.fabricctl(h, "publish", "add", "8080/tcp", f.subnet(hosts[1]).Addr().Next().Next().String()+":80"); err != nil {
+		t.Fatalf("publish add: %v: %s", err, out)
+	}
+	if out, err := h.Run(ctx, "iptables", "-A", "FORWARD", "-i", "other0", "-j", "ACCEPT"); err != nil {
+		t.Fatalf("foreign rule: %v %s", err, out)
+	}
+	f.eventually(10*time.Second, "policy ipset, ingress ipset and publish rules in place", func() error {
+		sets, _ := h.Run(ctx, "ipset", "list", "-n")
+		rules, _ := h.Run(ctx, "iptables-save")
+		if !strings.Contains(sets, "fabric-nodes") || strings.Count(sets, "fabric-") < 2 || !strings.Contains(rules, "8080") {
+			return fmt.Errorf("ipsets %q; publish rule present: %v", sets, strings.Contains(rules, "8080"))
+		}
+		return nil
+	})
 	a := f.agents[h.Name]
 	if err := a.proc.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
 	// A chain an older fabricd left, jumped to from a built-in chain: the
 	// cleanup finds it by its FABRIC- prefix.
 	for _, args := range [][]string{
@@ -293,10 +318,21 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	if strings.Contains(rules, "FABRIC") {
 		t.Errorf("iptables rules or chains left after --cleanup:\n%s", rules)
 	}
+	if !strings.Contains(rules, "-A FORWARD -i other0 -j ACCEPT") {
+		t.Errorf("another owner's FORWARD rule was removed by --cleanup:\n%s", rules)
+	}
 	links, _ := h.Run(ctx, "ip", "-o", "link")
 	for _, name := range []string{"fabric.vxlan", "fabric.ipip", "docker0"} {
 		if strings.Contains(links, name) {
 			t.Errorf("link %s left after --cleanup", name)
+		}
+	}
+	if sets, _ := h.Run(ctx, "ipset", "list", "-n"); strings.Contains(sets, "fabric-") {
+		t.Errorf("ipsets left after --cleanup: %q", sets)
+	}
+	for _, file := range []string{"docker.env", "fabricd.sock", "gobgp.sock", "probe-verdicts.json"} {
+		if _, err := os.Stat(filepath.Join(a.runDir, file)); err == nil {
+			t.Errorf("%s left in the run directory after --cleanup", file)
 		}
 	}
 }
