@@ -355,7 +355,8 @@ func TestAutoModeWithoutIPIPPicksVXLAN(t *testing.T) {
 	}
 	// Ask the kernel independently.
 	probe := l.prefix + "ipip"
-	kernelHas := exec.Command("ip", "-n", h1.ns, "link", "add", probe, "type", "ipip").Run() == nil
+	// A local address of its own keeps it from colliding with tunl0.
+	kernelHas := exec.Command("ip", "-n", h1.ns, "link", "add", probe, "type", "ipip", "local", "127.3.4.5").Run() == nil
 	exec.Command("ip", "-n", h1.ns, "link", "del", probe).Run()
 	if supported != kernelHas {
 		t.Fatalf("ipip.Supported = %v, but ip link add type ipip works: %v", supported, kernelHas)

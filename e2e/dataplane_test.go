@@ -31,8 +31,9 @@ func TestCrossSubnetDirectAndVXLAN(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	routed := f.autoEncap(byName["host1"])
 	for _, p := range ps {
-		want := "vxlan"
+		want := routed
 		if byName[p.Name].SubnetIndex == byName["host1"].SubnetIndex {
 			want = "direct"
 		}

@@ -289,3 +289,18 @@ func (f *fabric) containersTalk(hosts []*lab.Host) map[string]*lab.Container {
 	}
 	return ctrs
 }
+
+// autoEncap is what auto mode gives two hosts of this lab that reach each
+// other: ipip where this kernel has it, vxlan where it does not. The tests
+// hold on either kernel.
+func (f *fabric) autoEncap(h *lab.Host) string {
+	f.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	// With a local address of its own, so it does not collide with tunl0.
+	if _, err := h.Run(ctx, "ip", "link", "add", "fbprobe", "type", "ipip", "local", "127.3.4.5"); err != nil {
+		return "vxlan"
+	}
+	h.Run(ctx, "ip", "link", "del", "fbprobe")
+	return "ipip"
+}

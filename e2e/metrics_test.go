@@ -53,6 +53,7 @@ func TestMetrics(t *testing.T) {
 	h1, h2 := hosts[0], hosts[1]
 	f.eventually(20*time.Second, "sessions established", func() error { return f.allEstablished(h1, 1) })
 
+	encap := f.autoEncap(h1)
 	var body string
 	f.eventually(15*time.Second, "metrics of "+h1.Name+" show the session and the route", func() error {
 		var err error
@@ -62,8 +63,8 @@ func TestMetrics(t *testing.T) {
 		if v, ok := metricValue(body, "fabric_bgp_peer_up", `peer="`+h2.Name+`"`, `type="mesh"`); !ok || v != 1 {
 			return fmt.Errorf("fabric_bgp_peer_up for %s: %v (found %v)", h2.Name, v, ok)
 		}
-		if v, ok := metricValue(body, "fabric_routes_owned", `encapsulation="vxlan"`); !ok || v != 1 {
-			return fmt.Errorf("fabric_routes_owned{encapsulation=\"vxlan\"}: %v (found %v)", v, ok)
+		if v, ok := metricValue(body, "fabric_routes_owned", `encapsulation="`+encap+`"`); !ok || v != 1 {
+			return fmt.Errorf("fabric_routes_owned{encapsulation=%q}: %v (found %v)", encap, v, ok)
 		}
 		return nil
 	})
