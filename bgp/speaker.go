@@ -404,20 +404,9 @@ var errStopped = errors.New("bgp: speaker stopped")
 // routes at once), the listener and the API socket, and closes the Routes
 // channel. Safe to call twice, and after Detach.
 func (s *Speaker) Stop() {
-	s.configMu.Lock()
-	defer s.configMu.Unlock()
-	if s.stopped {
-		return
+	if s.shutdown(true) {
+		s.log.Info("bgp speaker stopped")
 	}
-	s.stopped = true
-	s.cancel()
-	<-s.publisherDone
-	s.server.Stop()
-	if s.api != nil {
-		s.api.cleanup()
-	}
-	close(s.routes)
-	s.log.Info("bgp speaker stopped")
 }
 
 // Detach is the stop before a restart: it stops the route publisher and the
@@ -426,19 +415,30 @@ func (s *Speaker) Stop() {
 // restart: they keep our routes until we are back. The process must exit
 // soon after.
 func (s *Speaker) Detach() {
+	if s.shutdown(false) {
+		s.log.Info("bgp speaker detached; sessions end with the process, peers keep our routes", "restartTime", s.cfg.GracefulRestartTime)
+	}
+}
+
+// shutdown stops the publisher and the API socket, and GoBGP itself when
+// closeSessions is set. It reports whether it did anything.
+func (s *Speaker) shutdown(closeSessions bool) bool {
 	s.configMu.Lock()
 	defer s.configMu.Unlock()
 	if s.stopped {
-		return
+		return false
 	}
 	s.stopped = true
 	s.cancel()
 	<-s.publisherDone
+	if closeSessions {
+		s.server.Stop()
+	}
 	if s.api != nil {
 		s.api.cleanup()
 	}
 	close(s.routes)
-	s.log.Info("bgp speaker detached; sessions end with the process, peers keep our routes", "restartTime", s.cfg.GracefulRestartTime)
+	return true
 }
 
 // EndRestart says the restart is over (every peer has sent its routes, or

@@ -22,13 +22,7 @@ func TestDockerIsolationKept(t *testing.T) {
 		testreq.Missing(t, "%s", reason)
 	}
 	f := newFabric(t, lab.Spec{Hosts: 2})
-	hosts := f.lab.Hosts()
-	for _, h := range hosts {
-		f.start(h)
-	}
-	for _, h := range hosts {
-		f.eventually(20*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
-	}
+	hosts := f.startMesh()
 	h1 := hosts[0]
 	opts, err := f.dockerOpts(h1)
 	if err != nil {

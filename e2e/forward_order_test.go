@@ -27,14 +27,8 @@ func TestDenyHoldsWhileForwardIsRewritten(t *testing.T) {
 		testreq.Missing(t, "%s", reason)
 	}
 	f := newFabric(t, lab.Spec{Hosts: 2})
-	hosts := f.lab.Hosts()
+	hosts := f.startMesh()
 	client, server := hosts[0], hosts[1]
-	for _, h := range hosts {
-		f.start(h)
-	}
-	for _, h := range hosts {
-		f.eventually(20*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
-	}
 
 	// A real dockerd on the server host, adopting fabricd's docker0.
 	opts, err := f.dockerOpts(server)

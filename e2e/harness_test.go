@@ -304,3 +304,17 @@ func (f *fabric) autoEncap(h *lab.Host) string {
 	h.Run(ctx, "ip", "link", "del", "fbprobe")
 	return "ipip"
 }
+
+// startMesh starts fabricd on every host of the lab and waits until each
+// has a route to every other host's subnet.
+func (f *fabric) startMesh(more ...string) []*lab.Host {
+	f.t.Helper()
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h, more...)
+	}
+	for _, h := range hosts {
+		f.eventually(20*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
+	}
+	return hosts
+}

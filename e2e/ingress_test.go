@@ -6,7 +6,6 @@ import (
 	"regexp"
 	"strconv"
 	"testing"
-	"time"
 
 	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/vxlanfallback"
@@ -18,13 +17,7 @@ import (
 // container; host2's real traffic still does.
 func TestForgedTunnelPacketsDropped(t *testing.T) {
 	f := newFabric(t, lab.Spec{Hosts: 2})
-	hosts := f.lab.Hosts()
-	for _, h := range hosts {
-		f.start(h)
-	}
-	for _, h := range hosts {
-		f.eventually(20*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
-	}
+	hosts := f.startMesh()
 	h1, h2 := hosts[0], hosts[1]
 	target := f.container(h1, "target", 2)
 	peer := f.container(h2, "peer", 2)

@@ -22,13 +22,7 @@ import (
 // host shows no route of the fabric deleted.
 func TestHitlessRestart(t *testing.T) {
 	f := newFabric(t, lab.Spec{Hosts: 3}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--graceful-restart-time", "30s")
-	hosts := f.lab.Hosts()
-	for _, h := range hosts {
-		f.start(h)
-	}
-	for _, h := range hosts {
-		f.eventually(20*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
-	}
+	hosts := f.startMesh()
 	ctrs := f.containersTalk(hosts)
 	// host2 restarts: host1 dials it (lower address), it dials host3.
 	target := hosts[1]
