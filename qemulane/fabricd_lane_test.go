@@ -118,7 +118,7 @@ func TestFabricdIPIPLane(t *testing.T) {
 	t.Logf("VM ran %s (kernel uptime at /init: %s)", res.Duration.Round(time.Millisecond), res.BootToInit)
 	logEvidence(t, res, "QEMULANE-INIT:", "PHASE", "ETCD ", "FABRICD ", "STATUS ", "HOST ", "BRIDGE ", "MEM ",
 		"CONTAINER ", "PEERS ", "ROUTE ", "PING ", "TCP ", "UNDERLAY ", "FABRICCTL ", "RULE ", "FALLBACK ",
-		"RESTORED ", "CLEANUP ", "SOURCE ", "NAT ", "FAILED ", "LOG ")
+		"RESTORED ", "RESTART ", "CLEANUP ", "SOURCE ", "NAT ", "FAILED ", "LOG ")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,6 +176,10 @@ func TestFabricdIPIPLane(t *testing.T) {
 			{"RESTORED", "back on ipip", 1},
 			{"PING", "restored", 6},
 			{"TCP", "restored", 6},
+			{"RESTART", "every pair established on ipip", 1},
+			{"RESTART", "no encapsulation change logged", 1},
+			{"PING", "restarted", 6},
+			{"TCP", "restarted", 6},
 		} {
 			if got := count(c.kind, "auto", c.contains); got < c.want {
 				t.Errorf("want %d %s lines containing %q in phase auto, got %d", c.want, c.kind, c.contains, got)

@@ -274,6 +274,9 @@ func (p *phase) body() error {
 		if err := p.blockAndRestore(); err != nil {
 			return err
 		}
+		if err := p.restartKeepsIPIP(); err != nil {
+			return err
+		}
 	}
 
 	p.step("cleanup")
@@ -330,6 +333,64 @@ func (p *phase) blockAndRestore() error {
 		return fmt.Errorf("RESTORED: %w", err)
 	}
 	return p.trafficWithEvidence("restored", []string{"host1", "host3"}, p.checkIPIPOnly)
+}
+
+// restartKeepsIPIP restarts host2's fabricd (SIGTERM, start again): it
+// starts from its saved probe verdicts, so every peer stays on ipip: the new
+// fabricd logs no vxlan choice and no change, and the peers log none either.
+func (p *phase) restartKeepsIPIP() error {
+	p.step("restart")
+	h := p.topo.Hosts[1]
+	mark := map[string]int64{}
+	for _, o := range p.topo.Hosts {
+		if fi, err := os.Stat(fabricdLog(p.name, o.Name, "")); err == nil {
+			mark[o.Name] = fi.Size()
+		}
+	}
+	if err := p.daemons[h.Name].stop(10 * time.Second); err != nil {
+		return fmt.Errorf("RESTART: %w", err)
+	}
+	if err := p.startFabricdLog(h, p.name, "-restarted"); err != nil {
+		return fmt.Errorf("RESTART: %w", err)
+	}
+	restarted := time.Now()
+	if _, err := p.waitStatus(h); err != nil {
+		return fmt.Errorf("RESTART: %w", err)
+	}
+	allIPIP := func(a, b *host) string { return "ipip" }
+	if err := p.waitPeers(allIPIP); err != nil {
+		return fmt.Errorf("RESTART: %w", err)
+	}
+	p.logf("RESTART", "%s restarted; every pair established on ipip %.1fs after the start", h.Name, time.Since(restarted).Seconds())
+	if err := p.trafficWithEvidence("restarted", []string{"host1", "host3"}, p.checkIPIPOnly); err != nil {
+		return err
+	}
+	changed := 0
+	logs := map[string]string{h.Name: fabricdLog(p.name, h.Name, "-restarted")}
+	for _, o := range p.topo.Hosts {
+		if o.Name != h.Name {
+			logs[o.Name] = fabricdLog(p.name, o.Name, "")
+		}
+	}
+	for name, path := range logs {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("RESTART: %w", err)
+		}
+		if from := mark[name]; name != h.Name && from <= int64(len(data)) {
+			data = data[from:] // only what the peers logged since the restart
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			if strings.Contains(line, `msg="peer encapsulation changed"`) || (strings.Contains(line, `msg="peer encapsulation"`) && !strings.Contains(line, "encap=ipip")) {
+				changed++
+				p.failf("RESTART %s logged an encapsulation other than ipip: %s", name, line)
+			}
+		}
+	}
+	if changed == 0 {
+		p.logf("RESTART", "no encapsulation change logged by %s or its peers across the restart", h.Name)
+	}
+	return nil
 }
 
 // ---- processes ----
@@ -442,6 +503,15 @@ func (p *phase) httpGet(ns, addr, path string) ([]byte, error) {
 }
 
 func (p *phase) startFabricd(h vmlab.Host, encap string) error {
+	return p.startFabricdLog(h, encap, "")
+}
+
+func fabricdLog(phase, host, suffix string) string {
+	return fmt.Sprintf("/tmp/fabricd-%s-%s%s.log", phase, host, suffix)
+}
+
+// startFabricdLog starts fabricd on h, logging to fabricdLog(..., suffix).
+func (p *phase) startFabricdLog(h vmlab.Host, encap, suffix string) error {
 	runDir := fmt.Sprintf("/run/fabric-%s-%s", p.name, h.Name)
 	args := []string{*fabricdBin,
 		"--node-name", h.Name,
@@ -456,7 +526,7 @@ func (p *phase) startFabricd(h vmlab.Host, encap string) error {
 		"--bgp-keepalive", *keepalive,
 		"--log-level", "debug",
 	}
-	pr, err := p.startProc(h.Name, "fabricd "+h.Name, fmt.Sprintf("/tmp/fabricd-%s-%s.log", p.name, h.Name), args...)
+	pr, err := p.startProc(h.Name, "fabricd "+h.Name, fabricdLog(p.name, h.Name, suffix), args...)
 	if err != nil {
 		return err
 	}
