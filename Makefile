@@ -6,7 +6,7 @@ LDFLAGS := -X github.com/fabricnet/fabric/version.Version=$(VERSION)
 BIN     := bin
 export CGO_ENABLED=0
 
-.PHONY: all build deps-test deps-demo test test-short demo bench clean
+.PHONY: all build deps-test deps-demo test test-short demo bench deb install clean
 
 all: build
 
@@ -29,6 +29,19 @@ demo: deps-demo build
 
 bench: deps-demo build
 	FABRIC_BIN=$(CURDIR)/$(BIN) $(GO) run ./bench
+
+# A .deb with fabricd, fabricctl, the systemd unit, the docker.service
+# drop-in, /etc/fabric/fabricd.yaml and the docs (dpkg-deb).
+deb:
+	./scripts/build-deb.sh $(BIN)
+
+# Install on this host, as the .deb would (DESTDIR for staging).
+install: build
+	install -D -m 0755 $(BIN)/fabricd $(DESTDIR)/usr/bin/fabricd
+	install -D -m 0755 $(BIN)/fabricctl $(DESTDIR)/usr/bin/fabricctl
+	install -D -m 0644 packaging/fabricd.service $(DESTDIR)/lib/systemd/system/fabricd.service
+	install -D -m 0644 packaging/docker-fabric.conf $(DESTDIR)/lib/systemd/system/docker.service.d/fabric.conf
+	test -e $(DESTDIR)/etc/fabric/fabricd.yaml || install -D -m 0644 packaging/fabricd.yaml $(DESTDIR)/etc/fabric/fabricd.yaml
 
 clean:
 	rm -rf $(BIN)

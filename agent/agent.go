@@ -24,6 +24,7 @@ import (
 	"github.com/fabricnet/fabric/dockeropts"
 	"github.com/fabricnet/fabric/ingress"
 	"github.com/fabricnet/fabric/internal/etcdclient"
+	"github.com/fabricnet/fabric/internal/sdnotify"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/iptables"
@@ -137,7 +138,14 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.dp.MTU(), log); err != nil {
 		return err
 	}
-	a.writeDockerOpts()
+	if err := a.writeDockerOpts(); err != nil {
+		return fmt.Errorf("docker options file %s: %w", cfg.DockerOptsFile, err)
+	}
+	// The lease, the bridge and the docker options exist: dockerd, ordered
+	// after fabricd.service, can start now.
+	if err := sdnotify.Send(sdnotify.Ready); err != nil {
+		log.Warn("cannot tell systemd fabricd is ready", "err", err)
+	}
 
 	a.speaker, err = bgp.Start(ctx, bgp.Config{
 		RouterID:          a.underlay.Addr,
@@ -213,6 +221,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	for {
 		select {
 		case <-ctx.Done():
+			sdnotify.Send(sdnotify.Stopping)
 			if cfg.GracefulRestartTime > 0 {
 				a.stopForRestart()
 			} else {
@@ -505,18 +514,21 @@ func (a *Agent) hostLoop(ctx context.Context) error {
 		if err := bridge.Ensure(nil, a.cfg.Bridge, gw, a.dp.MTU(), a.log); err != nil {
 			a.log.Error("repair bridge", "err", err)
 		}
-		a.writeDockerOpts()
+		a.writeDockerOpts() // logged; retried on the next tick
 	}
 }
 
-func (a *Agent) writeDockerOpts() {
+func (a *Agent) writeDockerOpts() error {
 	opts := dockeropts.Options{Pool: a.pool.Network, Subnet: a.lease.Subnet, Gateway: a.lease.Gateway(), MTU: a.dp.MTU(), Bridge: a.cfg.Bridge}
 	changed, err := dockeropts.WriteEnv(a.cfg.DockerOptsFile, opts)
 	if err != nil {
 		a.log.Error("write docker options", "file", a.cfg.DockerOptsFile, "err", err)
-	} else if changed {
+		return err
+	}
+	if changed {
 		a.log.Info("wrote docker options", "file", a.cfg.DockerOptsFile, "bip", opts.BIP(), "mtu", opts.MTU)
 	}
+	return nil
 }
 
 // Cleanup removes everything fabricd owns on this host: its routes, tunnel

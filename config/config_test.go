@@ -168,12 +168,12 @@ func TestEtcdTLSInvalid(t *testing.T) {
 
 func TestFileDurationsWithUnits(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "fabricd.yaml")
-	os.WriteFile(file, []byte("holdTime: 6s\nkeepaliveInterval: 2s\nsubnetTTL: 48h\nresync: 1m\n"), 0o600)
+	os.WriteFile(file, []byte("holdTime: 6s\nkeepaliveInterval: 2s\nsubnetTTL: 48h\nresync: 1m\ngracefulRestartTime: 30s\n"), 0o600)
 	cfg, err := Load([]string{"--config", file, "--machine-id", "m"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.HoldTime != 6*time.Second || cfg.KeepaliveInterval != 2*time.Second || cfg.SubnetTTL != 48*time.Hour || cfg.Resync != time.Minute {
+	if cfg.HoldTime != 6*time.Second || cfg.KeepaliveInterval != 2*time.Second || cfg.SubnetTTL != 48*time.Hour || cfg.Resync != time.Minute || cfg.GracefulRestartTime != 30*time.Second {
 		t.Fatalf("durations from the file: hold %s keepalive %s subnetTTL %s resync %s", cfg.HoldTime, cfg.KeepaliveInterval, cfg.SubnetTTL, cfg.Resync)
 	}
 	os.WriteFile(file, []byte("holdTime: 9\n"), 0o600)

@@ -37,6 +37,7 @@ func (c *Config) UnmarshalJSON(b []byte) error {
 		NodeTTL           duration `json:"nodeTTL"`
 		HoldTime          duration `json:"holdTime"`
 		KeepaliveInterval duration `json:"keepaliveInterval"`
+		GracefulRestart   duration `json:"gracefulRestartTime"`
 		Resync            duration `json:"resync"`
 	}{
 		plain:             (*plain)(c),
@@ -45,6 +46,7 @@ func (c *Config) UnmarshalJSON(b []byte) error {
 		NodeTTL:           duration{&c.NodeTTL},
 		HoldTime:          duration{&c.HoldTime},
 		KeepaliveInterval: duration{&c.KeepaliveInterval},
+		GracefulRestart:   duration{&c.GracefulRestartTime},
 		Resync:            duration{&c.Resync},
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))

@@ -77,7 +77,10 @@ After=fabricd.service
 Wants=fabricd.service
 
 [Service]
-EnvironmentFile=%s
+# "-": dockerd still starts (with Docker's defaults) if fabricd could not
+# write the file; fabricd.service is Type=notify, so normally the file is
+# there before dockerd starts.
+EnvironmentFile=-%s
 ExecStart=
 ExecStart=%s -H fd:// --containerd=/run/containerd/containerd.sock $DOCKER_OPTS
 `, envFile, dockerdPath())

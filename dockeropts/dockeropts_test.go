@@ -56,7 +56,7 @@ func TestSystemdDropInDoesNotTieDockerToFabricd(t *testing.T) {
 	if strings.Contains(unit, "Requires=") {
 		t.Fatalf("Requires= would restart dockerd and its containers with fabricd:\n%s", unit)
 	}
-	if !strings.Contains(unit, "EnvironmentFile=/run/fabric/docker.env") || !strings.Contains(unit, "$DOCKER_OPTS") {
+	if !strings.Contains(unit, "EnvironmentFile=-/run/fabric/docker.env") || !strings.Contains(unit, "$DOCKER_OPTS") {
 		t.Fatalf("drop-in does not use the options file:\n%s", unit)
 	}
 }

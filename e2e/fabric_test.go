@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -425,4 +426,43 @@ func TestKilledAgentComesBack(t *testing.T) {
 		return f.routesTo(h2, []netip.Prefix{s1})
 	})
 	t.Logf("host2 routes to host1 again %.1fs after host1's agent was killed and restarted", time.Since(restarted).Seconds())
+}
+
+// TestSystemdNotify: started as systemd starts a Type=notify unit, fabricd
+// says READY=1 only once the docker options file exists (dockerd, ordered
+// after it, reads that file), and STOPPING=1 when it stops.
+func TestSystemdNotify(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 1})
+	h := f.lab.Hosts()[0]
+	sock := filepath.Join(t.TempDir(), "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	runDir := filepath.Join(f.lab.LogDir(), h.Name+"-notify-run")
+	args := f.fabricdArgs(h, runDir)
+	p, err := h.Start("fabricd", append([]string{"env", "NOTIFY_SOCKET=" + sock}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	buf := make([]byte, 256)
+	n, err := conn.Read(buf)
+	if err != nil {
+		t.Fatalf("no notification within 30s: %v; log:\n%s", err, tail(p.LogPath()))
+	}
+	if got := string(buf[:n]); got != "READY=1" {
+		t.Fatalf("first notification %q, want READY=1", got)
+	}
+	if _, err := os.Stat(filepath.Join(runDir, "docker.env")); err != nil {
+		t.Errorf("READY=1 sent before the docker options file exists: %v", err)
+	}
+	if err := p.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err = conn.Read(buf); err != nil || string(buf[:n]) != "STOPPING=1" {
+		t.Errorf("at stop: %q, %v; want STOPPING=1", buf[:n], err)
+	}
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the fabric .deb with dpkg-deb: fabricd and fabricctl, the systemd
+# unit, the docker.service drop-in, a default /etc/fabric/fabricd.yaml and
+# the docs. Usage: scripts/build-deb.sh OUTDIR   (prints the .deb's path)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: build-deb.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+describe=$(git describe --always --dirty 2>/dev/null || echo dev)
+# A Debian version must start with a digit.
+version="0.1.0+g${describe//[^A-Za-z0-9.+~]/.}"
+arch=$(go env GOARCH)
+root=$(mktemp -d)
+chmod 0755 "$root"
+trap 'rm -rf "$root"' EXIT
+
+install -d "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system/docker.service.d" \
+  "$root/etc/fabric" "$root/usr/share/doc/fabric"
+CGO_ENABLED=0 go build -ldflags "-X github.com/fabricnet/fabric/version.Version=$version" \
+  -o "$root/usr/bin/" ./cmd/fabricd ./cmd/fabricctl
+chmod 0755 "$root/usr/bin/fabricd" "$root/usr/bin/fabricctl"
+install -m 0644 packaging/fabricd.service "$root/lib/systemd/system/fabricd.service"
+install -m 0644 packaging/docker-fabric.conf "$root/lib/systemd/system/docker.service.d/fabric.conf"
+install -m 0644 packaging/fabricd.yaml "$root/etc/fabric/fabricd.yaml"
+for doc in README.md docs/architecture.md docs/operations.md docs/security.md docs/troubleshooting.md; do
+  install -m 0644 "$doc" "$root/usr/share/doc/fabric/$(basename "$doc")"
+done
+echo /etc/fabric/fabricd.yaml > "$root/DEBIAN/conffiles"
+cat > "$root/DEBIAN/control" <<CONTROL
+Package: fabric
+Version: $version
+Architecture: $arch
+Maintainer: fabric developers <fabric@localhost>
+Depends: iptables, ipset, iproute2
+Recommends: docker.io
+Section: net
+Priority: optional
+Description: routed container network for Docker hosts
+ fabricd leases a subnet per host from etcd, advertises it with an embedded
+ BGP speaker, routes containers over IPIP or VXLAN, and programs docker0,
+ NAT, published ports and network policy. fabricctl is the operator's tool.
+CONTROL
+deb="$out/fabric_${version}_${arch}.deb"
+dpkg-deb --root-owner-group --build "$root" "$deb" >/dev/null
+echo "$deb"
