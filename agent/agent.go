@@ -208,6 +208,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("iptables", func(ctx context.Context) error { return a.tables.Maintain(ctx, 2*time.Second) })
 	goLoop("policy", a.policyLoop)
 	goLoop("ingress", a.ingressLoop)
+	goLoop("probe-hold", a.probeHoldLoop)
 	goLoop("metrics", a.metricsLoop)
 
 	nodes := registry.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "registry"))

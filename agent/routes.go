@@ -10,6 +10,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/planner"
@@ -78,6 +79,35 @@ func (a *Agent) proberChanges() <-chan struct{} {
 		return nil
 	}
 	return a.prober.Changes()
+}
+
+// probeHoldLoop keeps the probe from judging the path to a peer whose BGP
+// session is down: that peer's fabricd is away (restarting, say), so its
+// probes go unanswered although IP protocol 4 still passes.
+func (a *Agent) probeHoldLoop(ctx context.Context) error {
+	if a.prober == nil {
+		return nil
+	}
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		peers, err := a.speaker.Peers(ctx)
+		if err != nil {
+			continue
+		}
+		var away []netip.Addr
+		for _, p := range peers {
+			if p.Type == bgp.PeerMesh && p.State != "established" {
+				away = append(away, p.Address)
+			}
+		}
+		a.prober.Hold(away)
+	}
 }
 
 // ipipPeers are the other hosts whose kernels can do ipip: the ones worth

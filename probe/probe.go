@@ -77,6 +77,7 @@ type Prober struct {
 	mu    sync.Mutex
 	peers map[netip.Addr]*peerState
 	saved map[netip.Addr]bool // verdicts of the previous run, for peers not seen yet
+	held  map[netip.Addr]bool // peers whose verdict unanswered probes do not change
 
 	// Counters, for tests and debug logs.
 	malformed   atomic.Uint64 // protocol 4 packets that got past the filter but are no probe
@@ -150,6 +151,7 @@ func Start(ctx context.Context, cfg Config) (*Prober, error) {
 		done:    make(chan struct{}),
 		peers:   make(map[netip.Addr]*peerState),
 		saved:   loadVerdicts(cfg.StateFile, log),
+		held:    map[netip.Addr]bool{},
 	}
 	var loops sync.WaitGroup
 	loops.Add(2)
@@ -232,6 +234,30 @@ func (p *Prober) SetPeers(peers []netip.Addr) {
 		default:
 		}
 	}
+}
+
+// Hold freezes the verdicts of peers: unanswered probes do not change them.
+// A peer whose fabricd restarts answers no probe for a few seconds although
+// its path still carries IP protocol 4; its BGP session being down says so,
+// and holding its verdict keeps it from flipping to VXLAN and back. Peers
+// not listed are released.
+func (p *Prober) Hold(peers []netip.Addr) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	next := map[netip.Addr]bool{}
+	for _, a := range peers {
+		a = a.Unmap()
+		next[a] = true
+		if st := p.peers[a]; st != nil && !p.held[a] {
+			p.log.Info("peer not in session: holding its IPIP verdict", "peer", a, "works", st.works)
+		}
+	}
+	for a := range p.held {
+		if st := p.peers[a]; st != nil && !next[a] {
+			st.misses = 0 // count afresh now that it answers again
+		}
+	}
+	p.held = next
 }
 
 // IPIPWorks reports whether IPIP to peer is known to work. It is false for a
@@ -328,6 +354,9 @@ func (p *Prober) probeDue(now time.Time) time.Time {
 // Called with p.mu held.
 func (p *Prober) missed(peer netip.Addr, st *peerState, now time.Time) bool {
 	st.pending = false
+	if p.held[peer] {
+		return false // the peer itself is away, not the path
+	}
 	st.misses++
 	st.successes = 0
 	unanswered := fmt.Sprintf("%d %s over IP protocol 4 unanswered", st.misses, plural(st.misses, "probe", "probes"))

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -345,4 +346,54 @@ func TestStartErrors(t *testing.T) {
 		t.Errorf("without CAP_NET_RAW: err = %v", err)
 	}
 	t.Logf("without CAP_NET_RAW: %v", err)
+}
+
+// TestRestartKeepsVerdicts: a peer whose fabricd is away (its probe
+// responder stops) keeps its verdict while it is held, and a prober started
+// again from its state file begins with the verdicts it had.
+func TestRestartKeepsVerdicts(t *testing.T) {
+	l := newLab(t)
+	nsS, nsA, nsB := l.ns("S"), l.ns("A"), l.ns("B")
+	nstest.Bridge(t, nsS, "br0")
+	for _, h := range []struct{ ns, port, addr string }{{nsA, "pa", addrA.String() + "/24"}, {nsB, "pb", addrB.String() + "/24"}} {
+		nstest.Veth(t, h.ns, "eth0", nsS, h.port)
+		nstest.AddToBridge(t, nsS, "br0", h.port)
+		nstest.Addr(t, h.ns, "eth0", h.addr)
+	}
+	state := filepath.Join(t.TempDir(), "verdicts.json")
+	cfgA := Config{Local: addrA, Interval: testInterval, FailAfter: 3, RecoverAfter: 2, StateFile: state, Logger: testLogger(t, "A")}
+	pa := startIn(t, nsA, cfgA)
+	ctxB, stopB := context.WithCancel(context.Background())
+	var pb *Prober
+	if err := nstest.InNS(nsB, func() (err error) {
+		pb, err = Start(ctxB, Config{Local: addrB, Interval: testInterval, Logger: testLogger(t, "B")})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	pa.SetPeers([]netip.Addr{addrB})
+	if _, ok := waitFor(5*testInterval, func() bool { return pa.IPIPWorks(addrB) }); !ok {
+		t.Fatalf("A→B: %s", describe(pa, addrB))
+	}
+
+	// B's fabricd goes away (restart): held, A's verdict stands.
+	pa.Hold([]netip.Addr{addrB})
+	stopB()
+	<-pb.Done()
+	time.Sleep(6 * testInterval)
+	if !pa.IPIPWorks(addrB) {
+		t.Fatalf("held peer flipped while its responder was away: %s", describe(pa, addrB))
+	}
+	// Not held, the same silence is a blocked path.
+	pa.Hold(nil)
+	if _, ok := waitFor(6*testInterval, func() bool { return !pa.IPIPWorks(addrB) }); !ok {
+		t.Fatalf("released peer without answers still works: %s", describe(pa, addrB))
+	}
+
+	// A restarted prober starts from the saved verdicts: B blocked now.
+	pa2 := startIn(t, nsA+"", Config{Local: addrA, Interval: time.Hour, StateFile: state, Logger: testLogger(t, "A2")})
+	pa2.SetPeers([]netip.Addr{addrB})
+	if works, reason, _ := pa2.State(addrB); works || reason != "verdict kept from before the restart" {
+		t.Errorf("restarted prober: works=%v reason=%q, want the saved blocked verdict", works, reason)
+	}
 }
