@@ -2,6 +2,9 @@ package e2e
 
 import (
 	"context"
+	"net/netip"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -81,5 +84,74 @@ func TestMTUNoBlackHole(t *testing.T) {
 	// TCP between the containers works at this MTU.
 	if _, err := tcpExchange(c2, c1, 8001); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestPathMTUDiscovery: senders that do not know the fabric MTU learn it
+// instead of losing packets: an outside client routed through host1 and a
+// container started without the fabric MTU (1500 on its link) send 1500-byte
+// DF packets to a container on host2; host1 answers "fragmentation needed"
+// with the tunnel's MTU, and the senders then get through at that size. The
+// route to host2 must really be the tunnel device.
+func TestPathMTUDiscovery(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2, MTU: 1500})
+	hosts := f.startMesh()
+	h1, h2 := hosts[0], hosts[1]
+	encap := f.autoEncap(h1)
+	tunnel, overhead := "fabric.vxlan", 50
+	if encap == "ipip" {
+		tunnel, overhead = "fabric.ipip", 20
+	}
+	want := 1500 - overhead
+	route := f.ownedRoutes(h1)[f.subnet(h2).String()]
+	if !strings.Contains(route, "dev "+tunnel) {
+		t.Fatalf("host1's route to host2 is %q, want it on %s", route, tunnel)
+	}
+	target := f.container(h2, "target", 2)
+	ctx := context.Background()
+
+	// A container that kept the default MTU of 1500.
+	st, _ := f.status(h1)
+	sub := f.subnet(h1)
+	wide, err := f.lab.AddContainer(ctx, h1, "wide", netip.PrefixFrom(sub.Addr().Next().Next().Next(), sub.Bits()), netip.MustParseAddr(st.Gateway), st.Bridge, 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// An outside client whose route to the pool goes through host1.
+	outside, err := f.lab.AddOutside(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := outside.Run(ctx, "ip", "route", "add", "10.244.0.0/16", "via", h1.Addr.String()); err != nil {
+		t.Fatalf("outside route: %v %s", err, out)
+	}
+	mtuRE := regexp.MustCompile(`mtu ?= ?(\d+)`)
+	for _, sender := range []struct {
+		name string
+		run  func(args ...string) (string, error)
+	}{
+		{"container without the fabric MTU", func(args ...string) (string, error) {
+			c, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			return wide.Run(c, "ping", args...)
+		}},
+		{"outside client", func(args ...string) (string, error) {
+			c, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			return outside.Run(c, "ping", args...)
+		}},
+	} {
+		// 1500 - 20 (IP) - 8 (ICMP) = 1472: a full-size DF packet.
+		out, _ := sender.run("-c", "3", "-i", "0.3", "-W", "1", "-M", "do", "-s", "1472", target.Addr.String())
+		m := mtuRE.FindStringSubmatch(out)
+		if m == nil || m[1] != strconv.Itoa(want) {
+			t.Errorf("%s: a 1500-byte DF packet to %s: want 'fragmentation needed' naming mtu %d, got:\n%s", sender.name, target.Addr, want, out)
+			continue
+		}
+		// The largest packet that fits the tunnel gets through.
+		if out, err := sender.run("-c", "1", "-W", "2", "-M", "do", "-s", strconv.Itoa(want-28), target.Addr.String()); err != nil {
+			t.Errorf("%s: a %d-byte DF packet did not get through: %v\n%s", sender.name, want, err, out)
+		}
+		t.Logf("%s: told mtu %s for a 1500-byte packet over %s; %d-byte packets pass", sender.name, m[1], encap, want)
 	}
 }
