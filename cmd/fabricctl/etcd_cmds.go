@@ -23,7 +23,7 @@ func ipamCmd(g *globals) *cobra.Command {
 	initCmd := &cobra.Command{
 		Use:   "init",
 		Short: "Create the pool in etcd (fabricd --pool does the same on first start)",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			p, err := netip.ParsePrefix(poolCIDR)
 			if err != nil {
@@ -50,7 +50,7 @@ func ipamCmd(g *globals) *cobra.Command {
 	show := &cobra.Command{
 		Use:   "show",
 		Short: "List the subnet leases: subnet, node, host address, expiry",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
 				pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
@@ -80,7 +80,7 @@ func ipamCmd(g *globals) *cobra.Command {
 	release := &cobra.Command{
 		Use:   "release NODE",
 		Short: "Free the subnet of a decommissioned host",
-		Args:  cobra.ExactArgs(1),
+		Args:  usageArgs(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
 				if err := ipam.ReleaseNode(ctx, cli, g.etcdPrefix, args[0]); err != nil {
@@ -99,7 +99,7 @@ func nodesCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "nodes",
 		Short: "Hosts in the fabric's node registry",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
 				nodes, bad, err := registry.List(ctx, cli, g.etcdPrefix)
@@ -128,7 +128,7 @@ func dockerOptsCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "docker-opts",
 		Short: "The options dockerd needs on this host (--bip, --mtu, --ip-masq=false)",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			data, err := os.ReadFile(file)
 			if err != nil {

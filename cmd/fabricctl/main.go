@@ -51,10 +51,55 @@ func main() {
 		Use: "version", Short: "Print the version",
 		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", version.String()) },
 	})
+	root.Version = version.String()
+	root.SetVersionTemplate("fabricctl {{.Version}}\n")
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "fabricctl:", err)
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
+}
+
+// Exit codes, documented in docs/operations.md.
+const (
+	exitOK              = 0
+	exitFailed          = 1 // the request failed (bad data, refused change, ...)
+	exitUsage           = 2 // bad usage: unknown command or flag, wrong arguments
+	exitEtcdUnreachable = 3
+	exitNotRunning      = 4 // fabricd does not answer on its socket
+)
+
+// usageError marks a mistake in how fabricctl was called.
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+// usageArgs makes an argument-count check's error a usage error.
+func usageArgs(check cobra.PositionalArgs) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := check(cmd, args); err != nil {
+			return usageError{err}
+		}
+		return nil
+	}
+}
+
+// errEtcdUnreachable marks an error because etcd could not be reached.
+var errEtcdUnreachable = errors.New("etcd unreachable")
+
+func exitCode(err error) int {
+	var usage usageError
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.As(err, &usage), strings.HasPrefix(err.Error(), "unknown command"):
+		return exitUsage
+	case errors.Is(err, errEtcdUnreachable):
+		return exitEtcdUnreachable
+	case errors.Is(err, localapi.ErrNotRunning):
+		return exitNotRunning
+	}
+	return exitFailed
 }
 
 // leaveCmd decommissions this host: unlike a stop (a restart, which peers
@@ -67,7 +112,7 @@ func leaveCmd(g *globals) *cobra.Command {
 			"host's routes for the graceful-restart time and nothing is withdrawn. `fabricctl leave` is the deliberate\n" +
 			"decommission: every peer drops the route at once, and fabricd exits. The subnet stays leased to the host\n" +
 			"(`fabricctl ipam release NODE` frees it) and kernel state stays until `fabricd --cleanup`.",
-		Args: cobra.NoArgs,
+		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := ctx5()
 			defer cancel()
@@ -124,7 +169,7 @@ func (g *globals) withEtcd(f func(ctx context.Context, cli *clientv3.Client) err
 		dctx, dcancel := ctx5()
 		defer dcancel()
 		if derr := etcdclient.Diagnose(dctx, g.endpoints(), g.etcdTLS); derr != nil {
-			return derr
+			return fmt.Errorf("%w: %w", errEtcdUnreachable, derr)
 		}
 	}
 	return err
@@ -173,7 +218,7 @@ func peersCmd(g *globals) *cobra.Command {
 	peers.AddCommand(&cobra.Command{
 		Use:   "status",
 		Short: "One row per BGP peer: address, type, state, since, prefixes, encapsulation",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := ctx5()
 			defer cancel()
@@ -199,7 +244,7 @@ func routesCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "routes",
 		Short: "Kernel routes fabricd owns on this host, and why (peer, encapsulation)",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := ctx5()
 			defer cancel()
@@ -224,7 +269,7 @@ func statusCmd(g *globals) *cobra.Command {
 	return &cobra.Command{
 		Use:   "status",
 		Short: "This host's fabricd: node, subnet, underlay, MTU",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := ctx5()
 			defer cancel()

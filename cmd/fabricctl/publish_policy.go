@@ -23,7 +23,7 @@ func publishCmd(g *globals) *cobra.Command {
 	add := &cobra.Command{
 		Use:   "add PORT[/tcp|/udp] TARGET:PORT",
 		Short: "Publish a port, e.g. `fabricctl publish add 8080/tcp 10.244.3.2:80`",
-		Args:  cobra.ExactArgs(2),
+		Args:  usageArgs(cobra.ExactArgs(2)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			proto, port, err := publish.ParseSpec(args[0])
 			if err != nil {
@@ -54,7 +54,7 @@ func publishCmd(g *globals) *cobra.Command {
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List published ports",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
 				pubs, bad, err := publish.List(ctx, cli, g.etcdPrefix)
@@ -83,7 +83,7 @@ func publishCmd(g *globals) *cobra.Command {
 	del := &cobra.Command{
 		Use:   "delete PORT[/tcp|/udp]",
 		Short: "Stop publishing a port on every host",
-		Args:  cobra.ExactArgs(1),
+		Args:  usageArgs(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			proto, port, err := publish.ParseSpec(args[0])
 			if err != nil {
@@ -108,7 +108,7 @@ func policyCmd(g *globals) *cobra.Command {
 	apply := &cobra.Command{
 		Use:   "apply -f FILE",
 		Short: "Store the rules of a YAML or JSON file; an invalid file is refused whole and changes nothing",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var data []byte
 			var err error
@@ -150,7 +150,7 @@ func policyCmd(g *globals) *cobra.Command {
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List the rules in evaluation order and the default action",
-		Args:  cobra.NoArgs,
+		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
 				p, err := policy.Get(ctx, cli, g.etcdPrefix)
@@ -177,7 +177,7 @@ func policyCmd(g *globals) *cobra.Command {
 	del := &cobra.Command{
 		Use:   "delete NAME",
 		Short: "Delete one rule",
-		Args:  cobra.ExactArgs(1),
+		Args:  usageArgs(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
 				if err := policy.Delete(ctx, cli, g.etcdPrefix, args[0]); err != nil {
