@@ -67,6 +67,9 @@ type Agent struct {
 	// the data plane is not touched, since a route set computed without
 	// node records would sweep every route fabricd installed before a restart.
 	nodesKnown bool
+	// dataplaneApplied turns true with the first data-plane apply that
+	// succeeded: /readyz.
+	dataplaneApplied bool
 
 	kick         chan struct{}
 	policyKick   chan struct{}

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"time"
 
@@ -43,7 +44,22 @@ func (a *Agent) metricsLoop(ctx context.Context) error {
 	}
 	reg := metrics.NewRegistry()
 	reg.MustRegister(dataplaneApplySeconds, dataplaneApplyErrors, natApplyErrors, policyApplyErrors, &agentCollector{a: a})
-	return metrics.Serve(ctx, a.cfg.MetricsAddress, reg, a.log.With("component", "metrics"))
+	return metrics.Serve(ctx, a.cfg.MetricsAddress, reg, a, a.log.With("component", "metrics"))
+}
+
+// Ready implements metrics.Health: the host carries fabric traffic once it
+// holds its lease (it does from start) and the data plane has been applied
+// with the node set known.
+func (a *Agent) Ready() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	switch {
+	case !a.nodesKnown:
+		return errors.New("node records and leases not read from etcd yet")
+	case !a.dataplaneApplied:
+		return errors.New("data plane not applied yet")
+	}
+	return nil
 }
 
 var (

@@ -70,6 +70,9 @@ func (a *Agent) dataplaneLoop(ctx context.Context) error {
 			retry = min(2*retry, time.Minute)
 		} else {
 			retry, lastErr = 2*time.Second, ""
+			a.mu.Lock()
+			a.dataplaneApplied = true
+			a.mu.Unlock()
 		}
 	}
 }

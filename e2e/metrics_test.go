@@ -69,6 +69,16 @@ func TestMetrics(t *testing.T) {
 		return nil
 	})
 
+	// Probes beside the metrics: alive, and ready once the data plane is applied.
+	for _, path := range []string{"/healthz", "/readyz"} {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		out, err := h1.Run(ctx, filepath.Join(binDir, "tcpprobe"), "get", fmt.Sprintf("http://%s:9815%s", h1.Addr, path))
+		cancel()
+		if err != nil || !strings.Contains(out, map[string]string{"/healthz": "ok", "/readyz": "ready"}[path]) {
+			t.Errorf("GET %s on %s: %v %q", path, h1.Name, err, out)
+		}
+	}
+
 	sub := f.subnet(h1)
 	for _, want := range []struct {
 		name   string

@@ -31,9 +31,16 @@ func NewRegistry() *prometheus.Registry {
 	return reg
 }
 
-// Handler serves reg at Path. A collector that fails is logged and left out
-// of that scrape; the other metrics are still served.
-func Handler(reg *prometheus.Registry, log *slog.Logger) http.Handler {
+// Health answers the probes of a supervisor or an orchestrator.
+type Health interface {
+	// Ready returns nil once the host carries fabric traffic, else why not.
+	Ready() error
+}
+
+// Handler serves reg at Path, and /healthz (the process answers) and
+// /readyz (health.Ready) beside it. A collector that fails is logged and
+// left out of that scrape; the other metrics are still served.
+func Handler(reg *prometheus.Registry, health Health, log *slog.Logger) http.Handler {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -44,12 +51,22 @@ func Handler(reg *prometheus.Registry, log *slog.Logger) http.Handler {
 		MaxRequestsInFlight: 4,
 		Timeout:             30 * time.Second,
 	}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if health != nil {
+			if err := health.Ready(); err != nil {
+				http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
+		fmt.Fprintln(w, "ready")
+	})
 	return mux
 }
 
 // Serve listens on addr (host:port) and serves reg until ctx is done. An
 // empty addr turns the endpoint off: Serve returns nil at once.
-func Serve(ctx context.Context, addr string, reg *prometheus.Registry, log *slog.Logger) error {
+func Serve(ctx context.Context, addr string, reg *prometheus.Registry, health Health, log *slog.Logger) error {
 	if addr == "" {
 		return nil
 	}
@@ -61,7 +78,7 @@ func Serve(ctx context.Context, addr string, reg *prometheus.Registry, log *slog
 		return fmt.Errorf("metrics: listen on %s: %w", addr, err)
 	}
 	log.Info("serving metrics", "url", "http://"+ln.Addr().String()+Path)
-	return serve(ctx, ln, Handler(reg, log))
+	return serve(ctx, ln, Handler(reg, health, log))
 }
 
 func serve(ctx context.Context, ln net.Listener, h http.Handler) error {

@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -42,7 +43,7 @@ func TestHandlerServesRegistry(t *testing.T) {
 	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "fabric_test_up", Help: "A test gauge."}, []string{"peer"})
 	g.WithLabelValues("host2").Set(1)
 	reg.MustRegister(c, g, failing{prometheus.NewDesc("fabric_test_broken", "Always fails.", nil, nil)})
-	srv := httptest.NewServer(Handler(reg, nil))
+	srv := httptest.NewServer(Handler(reg, nil, nil))
 	defer srv.Close()
 
 	code, ctype, body := scrape(t, srv.URL+Path)
@@ -87,7 +88,7 @@ func TestOwnRegistry(t *testing.T) {
 }
 
 func TestServeStopsWithContext(t *testing.T) {
-	if err := Serve(context.Background(), "", NewRegistry(), nil); err != nil {
+	if err := Serve(context.Background(), "", NewRegistry(), nil, nil); err != nil {
 		t.Fatalf("empty address must turn the endpoint off, got %v", err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -96,7 +97,7 @@ func TestServeStopsWithContext(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- serve(ctx, ln, Handler(NewRegistry(), nil)) }()
+	go func() { done <- serve(ctx, ln, Handler(NewRegistry(), nil, nil)) }()
 	if code, _, _ := scrape(t, "http://"+ln.Addr().String()+Path); code != http.StatusOK {
 		t.Fatalf("status %d", code)
 	}
@@ -115,8 +116,37 @@ func TestServeStopsWithContext(t *testing.T) {
 }
 
 func TestServeListenError(t *testing.T) {
-	err := Serve(context.Background(), "256.0.0.1:9815", NewRegistry(), nil)
+	err := Serve(context.Background(), "256.0.0.1:9815", NewRegistry(), nil, nil)
 	if err == nil || !strings.Contains(err.Error(), "256.0.0.1:9815") {
 		t.Fatalf("want a listen error naming the address, got %v", err)
+	}
+}
+
+type readiness struct{ err error }
+
+func (r *readiness) Ready() error { return r.err }
+
+func TestHealthAndReadiness(t *testing.T) {
+	r := &readiness{err: errors.New("no subnet lease yet")}
+	srv := httptest.NewServer(Handler(NewRegistry(), r, nil))
+	defer srv.Close()
+	get := func(path string) (int, string) {
+		resp, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	if code, _ := get("/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz: %d", code)
+	}
+	if code, body := get("/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no subnet lease yet") {
+		t.Errorf("/readyz while not ready: %d %q", code, body)
+	}
+	r.err = nil
+	if code, _ := get("/readyz"); code != http.StatusOK {
+		t.Errorf("/readyz when ready: %d", code)
 	}
 }
