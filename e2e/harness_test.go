@@ -318,3 +318,10 @@ func (f *fabric) startMesh(more ...string) []*lab.Host {
 	}
 	return hosts
 }
+
+// sub is the fabric with t as the test to fail, for use in a subtest.
+func (f *fabric) sub(t *testing.T) *fabric {
+	g := *f
+	g.t = t
+	return &g
+}
