@@ -485,7 +485,8 @@ func (a *Agent) desiredPeers(nodes []registry.Node) []bgp.Peer {
 		if name == "" {
 			name = p.Address
 		}
-		peers = append(peers, bgp.Peer{Name: name, Address: addr, ASN: p.ASN, Port: p.Port, Password: p.Password, Multihop: p.Multihop, Type: typ})
+		peers = append(peers, bgp.Peer{Name: name, Address: addr, ASN: p.ASN, Port: p.Port, Password: p.Password, Multihop: p.Multihop, Type: typ,
+			MaxPrefixes: p.RouteLimit()})
 	}
 	if a.cfg.Mesh {
 		for _, n := range nodes {

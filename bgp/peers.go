@@ -149,10 +149,16 @@ func (s *Speaker) apiPeer(p Peer) *api.Peer {
 			DeferralTime:    uint32(t),
 			LocalRestarting: s.restarting,
 		}
-		ap.AfiSafis = []*api.AfiSafi{{
-			Config:            &api.AfiSafiConfig{Family: familyOf(s.cfg.ListenAddress), Enabled: true},
-			MpGracefulRestart: &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}},
-		}}
+	}
+	if ap.GracefulRestart != nil || p.MaxPrefixes > 0 {
+		af := &api.AfiSafi{Config: &api.AfiSafiConfig{Family: familyOf(s.cfg.ListenAddress), Enabled: true}}
+		if ap.GracefulRestart != nil {
+			af.MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
+		}
+		if p.MaxPrefixes > 0 {
+			af.PrefixLimits = &api.PrefixLimit{Family: af.Config.Family, MaxPrefixes: p.MaxPrefixes}
+		}
+		ap.AfiSafis = []*api.AfiSafi{af}
 	}
 	if p.Multihop > 0 {
 		ap.EbgpMultihop = &api.EbgpMultihop{Enabled: true, MultihopTtl: uint32(p.Multihop)}

@@ -56,6 +56,9 @@ type Peer struct {
 	Multihop uint8  // eBGP multihop TTL, 0 = off
 	Type     PeerType
 	Passive  bool // only accept connections, never dial
+	// MaxPrefixes, if set, closes the session (a Cease NOTIFICATION, logged
+	// by GoBGP as "prefix limit reached") when the peer sends more routes.
+	MaxPrefixes uint32
 }
 
 // Config configures a Speaker.

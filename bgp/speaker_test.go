@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	api "github.com/osrg/gobgp/v3/api"
 )
 
 // TestMeshLifecycle runs a real iBGP full mesh over loopback and walks it
@@ -363,4 +365,38 @@ func TestStartErrors(t *testing.T) {
 	a.Stop()
 	b := startSpeaker(t, "host-a-again", fastConfig(testAddr(block, 1)))
 	b.Stop()
+}
+
+// TestMaxPrefixes: a router that sends more routes than its peer's limit
+// loses the session, and its routes with it; within the limit it stays.
+func TestMaxPrefixes(t *testing.T) {
+	t.Parallel()
+	const block = 9
+	host := startSpeaker(t, "host", fastConfig(testAddr(block, 1)))
+	torCfg := fastConfig(testAddr(block, 254))
+	torCfg.ASN = 65001
+	tor := startSpeaker(t, "tor", torCfg)
+	mustSetPeers(t, tor, Peer{Name: "host", Address: host.addr, ASN: DefaultASN, Type: PeerExternal})
+	mustSetPeers(t, host, Peer{Name: "tor", Address: tor.addr, ASN: 65001, Type: PeerExternal, MaxPrefixes: 2})
+	announce := func(prefix string) netip.Prefix {
+		t.Helper()
+		p := netip.MustParsePrefix(prefix)
+		path, err := localPath(p, tor.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tor.server.AddPath(context.Background(), &api.AddPathRequest{Path: path}); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	first, second := announce("10.250.1.0/24"), announce("10.250.2.0/24")
+	host.waitRoutes(t, 10*time.Second, "two routes within the limit", func(rs []Route) bool { return hasRoute(first)(rs) && hasRoute(second)(rs) })
+	third := announce("10.250.3.0/24")
+	host.waitRoutes(t, 10*time.Second, "every route of the router gone past the limit", func(rs []Route) bool {
+		return lacksRoute(first)(rs) && lacksRoute(third)(rs)
+	})
+	if st, _ := peerState(t, host, tor.addr); st.State == "established" {
+		t.Errorf("session with a router over its prefix limit still established")
+	}
 }

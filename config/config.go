@@ -35,6 +35,26 @@ type ExternalPeer struct {
 	// Type is "external" (default), "route-reflector" (it reflects for us)
 	// or "rr-client" (we reflect for it).
 	Type string `json:"type,omitempty"`
+	// MaxPrefixes closes the session when the peer sends more routes: a
+	// guard against a router leaking a full table into every host. 0 means
+	// the default: DefaultMaxPrefixes for an external peer, no limit for a
+	// route reflector or client (they carry every host's subnet).
+	MaxPrefixes uint32 `json:"maxPrefixes,omitempty"`
+}
+
+// DefaultMaxPrefixes is an external peer's route limit when none is set: a
+// top-of-rack router sends a default route and a few aggregates.
+const DefaultMaxPrefixes = 1000
+
+// RouteLimit is the limit that applies to p (0 = none).
+func (p ExternalPeer) RouteLimit() uint32 {
+	switch {
+	case p.MaxPrefixes > 0:
+		return p.MaxPrefixes
+	case p.Type == "" || p.Type == "external":
+		return DefaultMaxPrefixes
+	}
+	return 0
 }
 
 // Config is everything fabricd needs to run on one host.
