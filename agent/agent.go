@@ -82,9 +82,11 @@ type Agent struct {
 	enforcer     *policy.IptablesEnforcer
 }
 
-// Run starts fabricd and blocks until ctx is cancelled, then shuts down
-// gracefully: it withdraws its subnet and node record but leaves the kernel
-// state in place, so containers keep talking across an agent restart.
+// Run starts fabricd and blocks until ctx is cancelled or `fabricctl leave`
+// asks it to. A cancel is a restart (see stopForRestart): nothing is
+// withdrawn and peers keep this host's routes under graceful restart; with
+// graceful restart off, and on leave or a lost lease, the subnet and node
+// record are withdrawn at once (see leave). Kernel state stays either way.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1), leaveRequest: make(chan struct{}, 1), ingressKick: make(chan struct{}, 1),
 		departed: map[string]planner.Departed{}, warned: map[string]bool{}}
@@ -120,9 +122,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err := a.setupDataplane(); err != nil {
 		return err
 	}
-	// One owner for every iptables table; it writes nothing until both nat
-	// and policy have said what they want, so a restart keeps the previous
-	// run's rules, policy included, until then.
+	// One owner for every iptables table; it writes nothing until nat,
+	// policy and ingress have all said what they want, so a restart keeps
+	// the previous run's rules, policy included, until then.
 	if a.tables, err = iptables.New(iptables.Config{Sections: []string{nat.Section, policy.Section, ingress.Section}, Logger: log}); err != nil {
 		return err
 	}
