@@ -457,14 +457,16 @@ func (a *Agent) selfNode() registry.Node {
 		names = append(names, k.Name)
 	}
 	return registry.Node{
-		Name:      a.cfg.NodeName,
-		Address:   a.underlay.Addr,
-		ASN:       a.cfg.ASN,
-		Subnet:    a.lease.Subnet,
-		VTEPMAC:   a.vtepMAC(),
-		Encaps:    names,
-		Version:   version.String(),
-		MachineID: a.cfg.MachineID,
+		Name:    a.cfg.NodeName,
+		Address: a.underlay.Addr,
+		ASN:     a.cfg.ASN,
+		Subnet:  a.lease.Subnet,
+		VTEPMAC: a.vtepMAC(),
+		Encaps:  names,
+		Version: version.String(),
+		// Peers see it and peer with the reflectors only.
+		RouteReflector: a.cfg.RouteReflector,
+		MachineID:      a.cfg.MachineID,
 	}
 }
 
@@ -491,18 +493,13 @@ func (a *Agent) desiredPeers(nodes []registry.Node) []bgp.Peer {
 			MaxPrefixes: p.RouteLimit()})
 	}
 	if a.cfg.Mesh {
+		var fabric []registry.Node
 		for _, n := range nodes {
-			if n.Name == a.cfg.NodeName || n.Address == a.underlay.Addr || external[n.Address] {
-				continue
+			if !external[n.Address] {
+				fabric = append(fabric, n)
 			}
-			// Only the host with the lower address dials. When both dial,
-			// GoBGP's fixed 5 s idle hold after a failure can keep each
-			// side refusing the other's attempt in turn for a long time
-			// (seen after a crash and quick restart); a passive side sits
-			// in Active and takes the first connection that comes.
-			passive := a.underlay.Addr.Compare(n.Address) > 0
-			peers = append(peers, bgp.Peer{Name: n.Name, Address: n.Address, ASN: n.ASN, Port: uint16(a.cfg.BGPPort), Type: bgp.PeerMesh, Passive: passive})
 		}
+		peers = append(peers, planner.FabricPeers(a.host(), a.cfg.RouteReflector, fabric, uint16(a.cfg.BGPPort))...)
 	}
 	return peers
 }

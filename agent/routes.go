@@ -105,7 +105,8 @@ func (a *Agent) probeHoldLoop(ctx context.Context) error {
 		}
 		var away []netip.Addr
 		for _, p := range peers {
-			if p.Type == bgp.PeerMesh && p.State != "established" {
+			fabricHost := p.Type == bgp.PeerMesh || p.Type == bgp.PeerRRClient || p.Type == bgp.PeerRouteReflector
+			if fabricHost && p.State != "established" {
 				away = append(away, p.Address)
 			}
 		}

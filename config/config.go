@@ -86,9 +86,13 @@ type Config struct {
 	// GracefulRestartTime is how long BGP peers keep this host's routes
 	// while fabricd restarts (RFC 4724), and how long this host keeps its
 	// peers' routes while they restart. 0 turns graceful restart off.
-	GracefulRestartTime time.Duration  `json:"gracefulRestartTime"`
-	Mesh                bool           `json:"mesh"`
-	Peers               []ExternalPeer `json:"peers"`
+	GracefulRestartTime time.Duration `json:"gracefulRestartTime"`
+	Mesh                bool          `json:"mesh"`
+	// RouteReflector makes this host a route reflector of the fabric: it
+	// says so in its node record, and every host that is not a reflector
+	// then peers only with the reflectors instead of the full mesh.
+	RouteReflector bool           `json:"routeReflector"`
+	Peers          []ExternalPeer `json:"peers"`
 
 	Encapsulation string `json:"encapsulation"`
 	CrossSubnet   bool   `json:"crossSubnet"`
@@ -261,6 +265,7 @@ func defineFlags(fs *flag.FlagSet, c *Config) {
 	fs.DurationVar(&c.GracefulRestartTime, "graceful-restart-time", c.GracefulRestartTime,
 		"how long BGP peers keep this host's routes while fabricd restarts (0 = no graceful restart)")
 	fs.BoolVar(&c.Mesh, "mesh", c.Mesh, "peer with every fabric host (turn off when route reflectors are configured)")
+	fs.BoolVar(&c.RouteReflector, "route-reflector", c.RouteReflector, "reflect routes for the fabric; hosts that are not reflectors then peer only with the reflectors")
 	fs.StringVar(&c.Encapsulation, "encapsulation", c.Encapsulation, "ipip, vxlan or auto (env FABRIC_ENCAPSULATION)")
 	fs.BoolVar(&c.CrossSubnet, "cross-subnet", c.CrossSubnet, "route unencapsulated to peers on this host's own L2 subnet")
 	fs.IntVar(&c.VXLANVNI, "vxlan-vni", c.VXLANVNI, "VXLAN network identifier")

@@ -298,3 +298,41 @@ func PeerInfo(n registry.Node) *dataplane.PeerInfo {
 	mac, _ := net.ParseMAC(n.VTEPMAC)
 	return &dataplane.PeerInfo{Name: n.Name, Address: n.Address, VTEPMAC: mac, Encaps: slices.Clone(n.Encaps), Subnet: n.Subnet}
 }
+
+// FabricPeers is whom this host peers with among the fabric's hosts. With no
+// route reflector among them, every host peers with every other (the full
+// mesh). Once hosts flagged as route reflectors exist, a reflector peers with
+// every host (other reflectors as plain iBGP peers, the rest as its clients)
+// and every other host peers only with the reflectors: sessions per host go
+// from n-1 to the number of reflectors. Between two hosts only the one with
+// the lower address dials: when both dial, GoBGP's fixed idle hold after a
+// failure can keep each side refusing the other's attempt in turn.
+func FabricPeers(h Host, selfReflects bool, nodes []registry.Node, port uint16) []bgp.Peer {
+	reflectors := selfReflects
+	for _, n := range nodes {
+		if n.Name != h.Name && n.RouteReflector {
+			reflectors = true
+		}
+	}
+	var peers []bgp.Peer
+	for _, n := range nodes {
+		if n.Name == h.Name || n.Address == h.Underlay.Addr() {
+			continue
+		}
+		typ := bgp.PeerMesh
+		switch {
+		case !reflectors:
+		case selfReflects && !n.RouteReflector:
+			typ = bgp.PeerRRClient
+		case selfReflects && n.RouteReflector:
+			typ = bgp.PeerMesh // reflectors peer with each other as usual
+		case n.RouteReflector:
+			typ = bgp.PeerRouteReflector
+		default:
+			continue // two clients: the reflectors carry their routes
+		}
+		peers = append(peers, bgp.Peer{Name: n.Name, Address: n.Address, ASN: n.ASN, Port: port, Type: typ,
+			Passive: h.Underlay.Addr().Compare(n.Address) > 0})
+	}
+	return peers
+}

@@ -259,3 +259,40 @@ func TestGraceWithoutPeers(t *testing.T) {
 }
 
 func tor() netip.Addr { return netip.MustParseAddr("192.0.2.254") }
+
+func TestFabricPeers(t *testing.T) {
+	rr := func(n registry.Node) registry.Node { n.RouteReflector = true; return n }
+	h4 := node("h4", "192.0.2.4", "10.244.4.0/24")
+	describe := func(peers []bgp.Peer) string {
+		var out []string
+		for _, p := range peers {
+			dial := "dials"
+			if p.Passive {
+				dial = "waits"
+			}
+			out = append(out, p.Name+":"+string(p.Type)+":"+dial)
+		}
+		return strings.Join(out, " ")
+	}
+	for _, c := range []struct {
+		name     string
+		reflects bool
+		nodes    []registry.Node
+		want     string
+	}{
+		{"full mesh without reflectors", false, []registry.Node{h1, h2, h3, h4}, "h2:mesh:dials h3:mesh:dials h4:mesh:dials"},
+		{"a client peers only with the reflectors", false, []registry.Node{h1, rr(h2), rr(h3), h4}, "h2:route-reflector:dials h3:route-reflector:dials"},
+		{"a reflector peers with everyone", true, []registry.Node{rr(h1), rr(h2), h3, h4}, "h2:mesh:dials h3:rr-client:dials h4:rr-client:dials"},
+		{"the only reflector", true, []registry.Node{rr(h1), h2, h4}, "h2:rr-client:dials h4:rr-client:dials"},
+	} {
+		if got := describe(FabricPeers(self, c.reflects, c.nodes, 179)); got != c.want {
+			t.Errorf("%s: %s, want %s", c.name, got, c.want)
+		}
+	}
+	// The higher address waits for the lower one to dial.
+	high := self
+	high.Underlay = netip.MustParsePrefix("192.0.2.200/24")
+	if got := describe(FabricPeers(high, false, []registry.Node{h2}, 179)); got != "h2:mesh:waits" {
+		t.Errorf("higher address: %s, want h2:mesh:waits", got)
+	}
+}

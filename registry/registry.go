@@ -22,14 +22,17 @@ const DefaultPrefix = "/fabric/v1"
 
 // Node is one host's record.
 type Node struct {
-	Name      string       `json:"name"`
-	Address   netip.Addr   `json:"address"`
-	ASN       uint32       `json:"asn"`
-	Subnet    netip.Prefix `json:"subnet"`
-	VTEPMAC   string       `json:"vtepMAC,omitempty"`
-	Encaps    []string     `json:"encaps"` // encapsulations this host's kernel supports: "ipip", "vxlan"
-	Version   string       `json:"version"`
-	MachineID string       `json:"machineID"`
+	Name    string       `json:"name"`
+	Address netip.Addr   `json:"address"`
+	ASN     uint32       `json:"asn"`
+	Subnet  netip.Prefix `json:"subnet"`
+	VTEPMAC string       `json:"vtepMAC,omitempty"`
+	Encaps  []string     `json:"encaps"` // encapsulations this host's kernel supports: "ipip", "vxlan"
+	Version string       `json:"version"`
+	// RouteReflector: this host reflects routes for the fabric; once any
+	// host does, the others peer only with the reflectors (no full mesh).
+	RouteReflector bool   `json:"routeReflector,omitempty"`
+	MachineID      string `json:"machineID"`
 }
 
 // Validate checks that a record can be used to reach the host.
