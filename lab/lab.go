@@ -108,6 +108,8 @@ type Lab struct {
 	procs      map[*Process]struct{}
 	vethSeq    int
 	stopGrace  time.Duration // SIGTERM to SIGKILL, 10 s; tests shorten it
+	// releaseNeigh gives back a raised neighbour table (labs of many hosts).
+	releaseNeigh func() error
 }
 
 const (
@@ -164,6 +166,13 @@ func New(ctx context.Context, spec Spec) (*Lab, error) {
 	l := &Lab{spec: spec, procs: map[*Process]struct{}{}, stopGrace: 10 * time.Second}
 	if err := l.claimPrefix(spec.Prefix); err != nil {
 		return nil, err
+	}
+	if spec.Hosts > neighHosts {
+		release, err := raiseNeighTable()
+		if err != nil {
+			return nil, err
+		}
+		l.releaseNeigh = release
 	}
 	l.log = spec.Logger.With("lab", l.prefix)
 	register(l)
@@ -668,6 +677,11 @@ func (l *Lab) close() error {
 	}
 	if l.log != nil {
 		l.log.Debug("lab closed")
+	}
+	if l.releaseNeigh != nil {
+		if err := l.releaseNeigh(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("lab %s: close: %w", l.prefix, err)
