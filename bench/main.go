@@ -7,7 +7,12 @@
 //   - programming 1000 peers (route + neighbour + FDB entry each) with the
 //     dataplane package, against `ip -batch` and `bridge -batch` doing the
 //     same, plus the cost of a no-change re-apply (drift repair);
-//   - fabricd's memory (RSS) with a full mesh.
+//   - fabricd's memory (RSS) with a full mesh;
+//   - a fabric of many hosts as a full mesh against the same hosts with two
+//     fabricd route reflectors: sessions per host, time to converge, memory.
+//
+// Throughput is the median of several runs, with min and max: these machines
+// are shared and noisy, one sample proves nothing.
 //
 // Run it with `make bench` (root). Results are tables with ratios; nothing
 // here asserts a timing.
@@ -22,6 +27,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -58,29 +64,29 @@ func run(binDir string) error {
 	defer l.Close()
 	hosts := l.Hosts()
 
-	fmt.Println("## Throughput, container to container across two hosts (iperf3, 4 s, one stream)")
-	fabricBps, fabricdRSS, err := fabricThroughput(ctx, l, binDir, hosts[0], hosts[1])
+	fmt.Printf("## Throughput, container to container across two hosts (iperf3, 4 s, one stream; median of %d runs, min-max)\n", runs)
+	fabric, fabricdRSS, err := fabricThroughput(ctx, l, binDir, hosts[0], hosts[1])
 	if err != nil {
 		return fmt.Errorf("fabric throughput: %w", err)
 	}
-	handBps, err := handBuiltThroughput(ctx, l, hosts[2], hosts[3])
+	hand, err := handBuiltThroughput(ctx, l, hosts[2], hosts[3])
 	if err != nil {
 		return fmt.Errorf("hand-built vxlan: %w", err)
 	}
-	underBps, err := iperf(ctx, hosts[3], hosts[2], hosts[3].Addr)
+	under, err := samples(func() (float64, error) { return iperf(ctx, hosts[3], hosts[2], hosts[3].Addr) })
 	if err != nil {
 		return fmt.Errorf("underlay: %w", err)
 	}
-	fmt.Printf("| path | Gbit/s | vs hand-built VXLAN |\n|---|---|---|\n")
+	fmt.Printf("| path | Gbit/s median (min-max) | median vs hand-built VXLAN |\n|---|---|---|\n")
 	for _, r := range []struct {
 		name string
-		bps  float64
+		bps  stats
 	}{
-		{"underlay, host to host", underBps},
-		{"hand-built kernel VXLAN (baseline)", handBps},
-		{"fabricd VXLAN", fabricBps},
+		{"underlay, host to host", under},
+		{"hand-built kernel VXLAN (baseline)", hand},
+		{"fabricd (auto mode: " + fabric.encap + ")", fabric.bps},
 	} {
-		fmt.Printf("| %s | %.2f | %.2f |\n", r.name, r.bps/1e9, r.bps/handBps)
+		fmt.Printf("| %s | %.2f (%.2f-%.2f) | %.2f |\n", r.name, r.bps.median/1e9, r.bps.min/1e9, r.bps.max/1e9, r.bps.median/hand.median)
 	}
 
 	fmt.Println("\n## Programming 1000 peers (route + neighbour + FDB each) in a host namespace")
@@ -96,7 +102,123 @@ func run(binDir string) error {
 
 	fmt.Println("\n## Memory")
 	fmt.Printf("| process | RSS |\n|---|---|\n| fabricd with one mesh peer, after the throughput run | %.1f MiB |\n", float64(fabricdRSS)/(1<<20))
+	l.Close()
+
+	fmt.Printf("\n## %d hosts: full mesh against two fabricd route reflectors\n", manyHosts)
+	fmt.Printf("| setup | BGP sessions per host (max) | start to every route everywhere | fabricd RSS, mean |\n|---|---|---|---|\n")
+	for _, reflectors := range []int{0, 2} {
+		r, err := converge(ctx, binDir, manyHosts, reflectors)
+		if err != nil {
+			return fmt.Errorf("%d hosts, %d reflectors: %w", manyHosts, reflectors, err)
+		}
+		name := "full mesh"
+		if reflectors > 0 {
+			name = fmt.Sprintf("%d reflectors", reflectors)
+		}
+		fmt.Printf("| %s | %d | %s | %.1f MiB |\n", name, r.sessions, r.took.Round(100*time.Millisecond), r.rss/(1<<20))
+	}
 	return nil
+}
+
+// runs is how many samples each throughput figure is the median of.
+const runs = 3
+
+// manyHosts is the size of the mesh-against-reflectors comparison: past the
+// 20 hosts at which the lab raises the shared neighbour table.
+const manyHosts = 24
+
+type stats struct{ median, min, max float64 }
+
+// samples runs measure runs times and summarises.
+func samples(measure func() (float64, error)) (stats, error) {
+	var vs []float64
+	for range runs {
+		v, err := measure()
+		if err != nil {
+			return stats{}, err
+		}
+		vs = append(vs, v)
+	}
+	slices.Sort(vs)
+	return stats{median: vs[len(vs)/2], min: vs[0], max: vs[len(vs)-1]}, nil
+}
+
+type convergence struct {
+	sessions int
+	took     time.Duration
+	rss      float64
+}
+
+// converge starts fabricd on n hosts of a new lab (the first reflectors of
+// them with --route-reflector) and measures until every host has a route to
+// every other host's subnet.
+func converge(ctx context.Context, binDir string, n, reflectors int) (convergence, error) {
+	l, err := lab.New(ctx, lab.Spec{Hosts: n, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		return convergence{}, err
+	}
+	defer l.Close()
+	hosts := l.Hosts()
+	start := time.Now()
+	var procs []*lab.Process
+	for i, h := range hosts {
+		args := fabricdArgs(l, binDir, h)
+		if i < reflectors {
+			args = append(args, "--route-reflector")
+		}
+		p, err := h.Start("fabricd", args...)
+		if err != nil {
+			return convergence{}, err
+		}
+		procs = append(procs, p)
+	}
+	clients := map[string]*localapi.Client{}
+	for _, h := range hosts {
+		clients[h.Name] = localapi.NewClient(filepath.Join(l.LogDir(), h.Name+"-run", "fabricd.sock"))
+	}
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		done := true
+		for _, h := range hosts {
+			routes, err := clients[h.Name].Routes(ctx)
+			if err != nil || len(routes) < n-1 {
+				done = false
+				break
+			}
+		}
+		if done {
+			break
+		}
+		if time.Now().After(deadline) {
+			return convergence{}, fmt.Errorf("not every host has every route after 3 minutes")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	r := convergence{took: time.Since(start)}
+	for _, h := range hosts {
+		peers, err := clients[h.Name].Peers(ctx)
+		if err != nil {
+			return r, err
+		}
+		r.sessions = max(r.sessions, len(peers))
+	}
+	var total float64
+	for _, p := range procs {
+		v, err := rss(p)
+		if err != nil {
+			return r, err
+		}
+		total += float64(v)
+	}
+	r.rss = total / float64(len(procs))
+	return r, nil
+}
+
+func fabricdArgs(l *lab.Lab, binDir string, h *lab.Host) []string {
+	run := filepath.Join(l.LogDir(), h.Name+"-run")
+	return []string{filepath.Join(binDir, "fabricd"), "--node-name", h.Name, "--machine-id", l.Prefix() + h.Name,
+		"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","), "--pool", "10.244.0.0/16", "--run-dir", run,
+		"--docker-opts-file", run + "/docker.env", "--underlay-interface", h.Dev, "--log-level", "warn"}
 }
 
 // endpoint is where iperf3 runs: a host or a container namespace.
@@ -140,15 +262,18 @@ func iperf(ctx context.Context, server, client endpoint, addr netip.Addr) (float
 	return res.End.SumReceived.BitsPerSecond, nil
 }
 
-func fabricThroughput(ctx context.Context, l *lab.Lab, binDir string, a, b *lab.Host) (float64, int64, error) {
+// fabricRun is fabricd's throughput and the encapsulation auto mode chose.
+type fabricRun struct {
+	bps   stats
+	encap string
+}
+
+func fabricThroughput(ctx context.Context, l *lab.Lab, binDir string, a, b *lab.Host) (fabricRun, int64, error) {
 	var procs []*lab.Process
 	for _, h := range []*lab.Host{a, b} {
-		run := filepath.Join(l.LogDir(), h.Name+"-run")
-		p, err := h.Start("fabricd", filepath.Join(binDir, "fabricd"), "--node-name", h.Name, "--machine-id", l.Prefix()+h.Name,
-			"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","), "--pool", "10.244.0.0/16", "--run-dir", run,
-			"--docker-opts-file", run+"/docker.env", "--underlay-interface", h.Dev, "--log-level", "warn")
+		p, err := h.Start("fabricd", fabricdArgs(l, binDir, h)...)
 		if err != nil {
-			return 0, 0, err
+			return fabricRun{}, 0, err
 		}
 		procs = append(procs, p)
 	}
@@ -164,12 +289,12 @@ func fabricThroughput(ctx context.Context, l *lab.Lab, binDir string, a, b *lab.
 			time.Sleep(200 * time.Millisecond)
 		}
 		if err != nil {
-			return 0, 0, err
+			return fabricRun{}, 0, err
 		}
 		sub := netip.MustParsePrefix(st.Subnet)
 		c, err := l.AddContainer(ctx, h, "ip", netip.PrefixFrom(sub.Addr().Next().Next(), sub.Bits()), netip.MustParseAddr(st.Gateway), st.Bridge, st.MTU)
 		if err != nil {
-			return 0, 0, err
+			return fabricRun{}, 0, err
 		}
 		ctrs = append(ctrs, c)
 	}
@@ -179,24 +304,39 @@ func fabricThroughput(ctx context.Context, l *lab.Lab, binDir string, a, b *lab.
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	bps, err := iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr)
-	return bps, rss(procs[0].Pid()), err
+	bps, err := samples(func() (float64, error) { return iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr) })
+	if err != nil {
+		return fabricRun{}, 0, err
+	}
+	run := fabricRun{bps: bps, encap: "?"}
+	if peers, err := localapi.NewClient(filepath.Join(l.LogDir(), a.Name+"-run", "fabricd.sock")).Peers(ctx); err == nil && len(peers) > 0 {
+		run.encap = peers[0].Encap
+	}
+	mem, err := rss(procs[0])
+	return run, mem, err
 }
 
-func rss(pid int) int64 {
-	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+// rss is p's resident memory; a process that has exited is an error, not 0.
+func rss(p *lab.Process) (int64, error) {
+	if p.Exited() {
+		return 0, fmt.Errorf("%s exited; see %s", p.Label, p.LogPath())
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.Pid()))
+	if err != nil {
+		return 0, err
+	}
 	for _, line := range strings.Split(string(data), "\n") {
 		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
 			kb, _ := strconv.ParseInt(f[1], 10, 64)
-			return kb << 10
+			return kb << 10, nil
 		}
 	}
-	return 0
+	return 0, fmt.Errorf("no VmRSS for %s", p.Label)
 }
 
 // handBuiltThroughput sets up flannel's and Calico's VXLAN recipe by hand
 // between a and b: the reference for what the kernel can do.
-func handBuiltThroughput(ctx context.Context, l *lab.Lab, a, b *lab.Host) (float64, error) {
+func handBuiltThroughput(ctx context.Context, l *lab.Lab, a, b *lab.Host) (stats, error) {
 	type side struct {
 		h      *lab.Host
 		subnet netip.Prefix
@@ -208,7 +348,7 @@ func handBuiltThroughput(ctx context.Context, l *lab.Lab, a, b *lab.Host) (float
 		o := sides[1-i]
 		gw := s.subnet.Addr().Next()
 		if err := s.h.EnsureBridge(ctx, "br0", netip.PrefixFrom(gw, 24), 1450); err != nil {
-			return 0, err
+			return stats{}, err
 		}
 		for _, args := range [][]string{
 			{"ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "local", s.h.Addr.String(), "dev", s.h.Dev, "dstport", "4789", "nolearning"},
@@ -219,16 +359,16 @@ func handBuiltThroughput(ctx context.Context, l *lab.Lab, a, b *lab.Host) (float
 			{"ip", "route", "add", o.subnet.String(), "via", o.subnet.Addr().String(), "dev", "vx0", "onlink"},
 		} {
 			if out, err := s.h.Run(ctx, args[0], args[1:]...); err != nil {
-				return 0, fmt.Errorf("%v: %w %s", args, err, out)
+				return stats{}, fmt.Errorf("%v: %w %s", args, err, out)
 			}
 		}
 		c, err := l.AddContainer(ctx, s.h, "hb", netip.PrefixFrom(gw.Next(), 24), gw, "br0", 1450)
 		if err != nil {
-			return 0, err
+			return stats{}, err
 		}
 		ctrs = append(ctrs, c)
 	}
-	return iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr)
+	return samples(func() (float64, error) { return iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr) })
 }
 
 type timing struct {
