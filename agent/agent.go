@@ -57,6 +57,7 @@ type Agent struct {
 	// registryNodes are the records in etcd; nodes is what the agent works
 	// with: the valid records plus departed hosts still in session.
 	registryNodes []registry.Node
+	ownRecordSeen bool          // main loop only: our record was seen with our address
 	held          ipam.Holdings // subnets leased to each node; nil until etcd's first answer
 	nodes         []registry.Node
 	departed      map[string]planner.Departed // main loop only
@@ -257,6 +258,15 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			a.registryNodes = ns
 			a.mu.Unlock()
 			a.refreshNodes(runCtx)
+		case other := <-heartbeat.Conflicts():
+			err := fmt.Errorf("node %s: machine %s (underlay %s) writes this host's node record too, with machine id %s (this host's: %s): "+
+				"cloned machines take each other's subnet; give each machine its own /etc/machine-id and node name",
+				other.Name, other.Address, a.underlay.Addr, other.MachineID, a.cfg.MachineID)
+			log.Error("refusing to run: another machine is this host's clone", "err", err)
+			a.stopForRestart() // withdraw nothing: the clone may be the one that stays
+			stop()
+			wg.Wait()
+			return err
 		case h, ok := <-held:
 			if !ok {
 				held = nil

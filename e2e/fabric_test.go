@@ -466,3 +466,31 @@ func TestSystemdNotify(t *testing.T) {
 		t.Errorf("at stop: %q, %v; want STOPPING=1", buf[:n], err)
 	}
 }
+
+// TestClonedMachinesRefused: two machines with the same node name and
+// machine id (a cloned VM) would take the same subnet and overwrite each
+// other's node record. Both notice and stop, each naming the other.
+func TestClonedMachinesRefused(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2})
+	var procs []*lab.Process
+	for _, h := range f.lab.Hosts() {
+		args := f.fabricdArgs(h, filepath.Join(f.lab.LogDir(), h.Name+"-run"), "--node-name", "twin", "--machine-id", "cloned-id")
+		p, err := h.Start("fabricd", args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		procs = append(procs, p)
+	}
+	for i, p := range procs {
+		select {
+		case <-p.Done():
+		case <-time.After(45 * time.Second):
+			t.Fatalf("%s: fabricd still runs 45s after its clone started", f.lab.Hosts()[i].Name)
+		}
+		log, _ := os.ReadFile(p.LogPath())
+		other := f.lab.Hosts()[1-i].Addr.String()
+		if !strings.Contains(string(log), "cloned machines") || !strings.Contains(string(log), other) {
+			t.Errorf("%s: log does not name the clone at %s:\n%s", f.lab.Hosts()[i].Name, other, tail(p.LogPath()))
+		}
+	}
+}

@@ -24,6 +24,9 @@ type Heartbeat struct {
 	ttlSec int64
 	log    *slog.Logger
 	kick   chan struct{}
+	// conflicts receives the record another machine wrote under this
+	// node's name (a clone), seen when renewing ours.
+	conflicts chan Node
 
 	mu   sync.Mutex
 	self Node
@@ -45,13 +48,18 @@ func NewHeartbeat(cli *clientv3.Client, prefix string, ttl time.Duration, logger
 		logger = slog.Default()
 	}
 	return &Heartbeat{
-		cli:    cli,
-		prefix: normPrefix(prefix),
-		ttlSec: max(1, int64((ttl+time.Second-1)/time.Second)),
-		log:    logger,
-		kick:   make(chan struct{}, 1),
+		cli:       cli,
+		prefix:    normPrefix(prefix),
+		ttlSec:    max(1, int64((ttl+time.Second-1)/time.Second)),
+		log:       logger,
+		kick:      make(chan struct{}, 1),
+		conflicts: make(chan Node, 1),
 	}
 }
+
+// Conflicts delivers a record that another machine wrote under this node's
+// name while this heartbeat keeps it: two machines with one identity.
+func (p *Heartbeat) Conflicts() <-chan Node { return p.conflicts }
 
 // Run publishes self and keeps the record alive until ctx is done. When
 // etcd is unreachable it retries; when the lease was lost (etcd restarted
@@ -123,6 +131,7 @@ func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
 	if p.withdrawn {
 		return nil
 	}
+	var conflict *Node
 	if p.leaseID != 0 {
 		if _, err := p.cli.KeepAliveOnce(ctx, p.leaseID); errors.Is(err, rpctypes.ErrLeaseNotFound) {
 			p.log.Warn("node record lease expired; publishing again", "key", key)
@@ -138,6 +147,15 @@ func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
 		}
 		if len(resp.Kvs) == 1 && clientv3.LeaseID(resp.Kvs[0].Lease) == p.leaseID && string(resp.Kvs[0].Value) == string(value) {
 			return nil
+		}
+		// Our record, written under another lease with another address:
+		// another machine publishes this node name (a clone).
+		// It is told once our record is back in place: then the clone, at
+		// its next renewal, finds ours and stops too.
+		var other Node
+		if len(resp.Kvs) == 1 && clientv3.LeaseID(resp.Kvs[0].Lease) != p.leaseID &&
+			json.Unmarshal(resp.Kvs[0].Value, &other) == nil && other.Address != self.Address {
+			conflict = &other
 		}
 	} else {
 		resp, err := p.cli.Grant(ctx, p.ttlSec)
@@ -159,6 +177,12 @@ func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
 	}
 	p.putKey = key
 	p.log.Info("published node record", "key", key, "subnet", self.Subnet, "address", self.Address)
+	if conflict != nil {
+		select {
+		case p.conflicts <- *conflict:
+		default:
+		}
+	}
 	return nil
 }
 
