@@ -1,8 +1,11 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -120,5 +123,52 @@ func TestNodeRecordGoneSessionUp(t *testing.T) {
 	ps, err := f.peers(h1)
 	if err != nil || len(ps) != 1 || ps[0].State != "established" {
 		t.Fatalf("host1's peers after host2's record vanished: %+v %v", ps, err)
+	}
+}
+
+// TestNodeRecordWithoutLeaseIgnored: a node record whose subnet is not leased
+// to that node (here 0.0.0.0/0, which would turn a "from node" rule into
+// "from anywhere") is refused by every host: no peer, no tunnel entry, and a
+// policy rule naming that node matches nothing.
+func TestNodeRecordWithoutLeaseIgnored(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2})
+	hosts := f.startMesh()
+	h1 := hosts[0]
+	cli, err := f.lab.EtcdClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	evil := `{"name":"evil","address":"192.168.100.99","asn":64512,"subnet":"0.0.0.0/0","vtepMAC":"0e:fa:c0:a8:64:63","encaps":["vxlan"],"version":"x","machineID":"m"}`
+	if _, err := cli.Put(t.Context(), "/fabric/v1/nodes/evil", evil); err != nil {
+		t.Fatal(err)
+	}
+	policyFile := filepath.Join(f.lab.LogDir(), "deny-evil.yaml")
+	os.WriteFile(policyFile, []byte("rules:\n  - name: deny-evil\n    action: deny\n    from: [{node: evil}]\n"), 0o644)
+	if out, err := f.fabricctl(h1, "policy", "apply", "-f", policyFile); err != nil {
+		t.Fatalf("policy apply: %v %s", err, out)
+	}
+	f.eventually(10*time.Second, "host1 refuses the record", func() error {
+		log, _ := os.ReadFile(f.agents[h1.Name].proc.LogPath())
+		if !strings.Contains(string(log), "its subnet 0.0.0.0/0 is not leased to it") {
+			return fmt.Errorf("no refusal logged")
+		}
+		return nil
+	})
+	if ps, _ := f.peers(h1); len(ps) != 1 {
+		t.Errorf("host1 peers with %v, want only host2", ps)
+	}
+	ctx := context.Background()
+	if neigh, _ := h1.Run(ctx, "ip", "neigh", "show", "dev", "fabric.vxlan"); strings.Contains(neigh, "0.0.0.0") {
+		t.Errorf("a VXLAN neighbour entry keyed by the /0 record:\n%s", neigh)
+	}
+	// The rule naming the refused node must not become "from anywhere":
+	// containers still reach each other, and no line of it lacks a source.
+	f.containersTalk(hosts)
+	rules, _ := h1.Run(ctx, "iptables", "-S", "FABRIC-POLICY")
+	for _, line := range strings.Split(rules, "\n") {
+		if strings.Contains(line, "deny-evil") && !strings.Contains(line, "-s ") {
+			t.Errorf("a rule for the refused node matches every source: %s", line)
+		}
 	}
 }
