@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"net/netip"
 	"reflect"
@@ -10,8 +11,18 @@ import (
 )
 
 func (a *Agent) host() planner.Host {
-	return planner.Host{Name: a.cfg.NodeName, ASN: a.cfg.ASN, Underlay: netip.PrefixFrom(a.underlay.Addr, a.underlay.Prefix.Bits()),
-		Subnet: a.lease.Subnet, Pool: a.pool.Network}
+	h := planner.Host{Name: a.cfg.NodeName, ASN: a.cfg.ASN, Underlay: netip.PrefixFrom(a.underlay.Addr, a.underlay.Prefix.Bits()),
+		Subnet: a.lease.Subnet, Pool: a.pool.Network, Imports: map[string][]netip.Prefix{}}
+	for _, p := range a.cfg.Peers {
+		if len(p.ImportPrefixes) == 0 {
+			continue
+		}
+		name := cmp.Or(p.Name, p.Address)
+		for _, s := range p.ImportPrefixes {
+			h.Imports[name] = append(h.Imports[name], netip.MustParsePrefix(s)) // validated by config
+		}
+	}
+	return h
 }
 
 // warnRefused logs each refusal the first time it is seen, not on every update.

@@ -40,6 +40,10 @@ type ExternalPeer struct {
 	// the default: DefaultMaxPrefixes for an external peer, no limit for a
 	// route reflector or client (they carry every host's subnet).
 	MaxPrefixes uint32 `json:"maxPrefixes,omitempty"`
+	// ImportPrefixes, if set, are the only routes taken from this peer: a
+	// route must be one of them or lie inside one; 0.0.0.0/0 stands for the
+	// default route alone.
+	ImportPrefixes []string `json:"importPrefixes,omitempty"`
 }
 
 // DefaultMaxPrefixes is an external peer's route limit when none is set: a
@@ -429,6 +433,11 @@ func (c *Config) Validate() error {
 		}
 		if p.ASN == 0 {
 			bad(where+".asn", "missing")
+		}
+		for _, ip := range p.ImportPrefixes {
+			if pr, err := netip.ParsePrefix(ip); err != nil || !pr.Addr().Is4() || pr.Masked() != pr {
+				bad(where+".importPrefixes", "%q is not an IPv4 network like 10.250.0.0/16", ip)
+			}
 		}
 		// Linux keeps TCP MD5 keys of at most TCP_MD5SIG_MAXKEYLEN bytes.
 		if len(p.Password) > 80 {

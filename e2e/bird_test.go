@@ -246,3 +246,34 @@ func TestBIRDGracefulRestartHelper(t *testing.T) {
 	}
 	t.Logf("over 15s of host1's restart, BIRD lacked %s in %d of %d polls", sub, missing, polls)
 }
+
+// TestBIRDImportPrefixes: a top-of-rack router limited to importPrefixes
+// gets only those routes installed; the rest are refused with a warning.
+func TestBIRDImportPrefixes(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 1})
+	tor, _ := startBIRD(t, f, func(addr string) string {
+		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; route 0.0.0.0/0 blackhole; route 172.16.0.0/12 blackhole; }\n" +
+			"template bgp host { local " + addr + " as 65000; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
+	}, func(h *lab.Host) string {
+		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
+	})
+	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n  importPrefixes: [0.0.0.0/0, 10.250.0.0/16]\n", tor.Addr))
+	h := f.lab.Hosts()[0]
+	f.start(h, "--config", peerFile)
+	f.eventually(30*time.Second, "default and 10.250.0.0/16 installed", func() error {
+		owned := f.ownedRoutes(h)
+		for _, p := range []string{"default", "10.250.0.0/16"} {
+			if _, ok := owned[p]; !ok {
+				return fmt.Errorf("no %s; owned: %v", p, owned)
+			}
+		}
+		return nil
+	})
+	if _, ok := f.ownedRoutes(h)["172.16.0.0/12"]; ok {
+		t.Errorf("172.16.0.0/12 installed although tor may only send 0.0.0.0/0 and 10.250.0.0/16")
+	}
+	log, _ := os.ReadFile(f.agents[h.Name].proc.LogPath())
+	if !strings.Contains(string(log), "peer tor may only send routes inside") {
+		t.Errorf("the refused route is not logged")
+	}
+}

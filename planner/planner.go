@@ -27,6 +27,11 @@ type Host struct {
 	Underlay netip.Prefix // underlay address with its connected prefix length
 	Subnet   netip.Prefix // this host's lease
 	Pool     netip.Prefix // the whole fabric
+	// Imports limits what external peers may send, by peer name: a route
+	// from a listed peer must be one of its prefixes or lie inside one;
+	// 0.0.0.0/0 in a list stands for the default route alone. Peers not
+	// listed are limited only by the rules of refuseRoute.
+	Imports map[string][]netip.Prefix
 }
 
 // Refusal is an input the planner will not act on, and why. Key identifies
@@ -267,6 +272,14 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]datapla
 //     would send the tunnel's outer packets into the tunnel.
 //   - No route may take over this host's own underlay segment.
 func refuseRoute(h Host, nodes []registry.Node, r bgp.Route, toNode bool) string {
+	if allowed, ok := h.Imports[r.PeerName]; ok && !slices.ContainsFunc(allowed, func(a netip.Prefix) bool {
+		if a.Bits() == 0 {
+			return r.Prefix.Bits() == 0
+		}
+		return a.Contains(r.Prefix.Addr()) && r.Prefix.Bits() >= a.Bits()
+	}) {
+		return fmt.Sprintf("peer %s may only send routes inside %v", r.PeerName, allowed)
+	}
 	if h.Pool.IsValid() && h.Pool.Contains(r.Prefix.Addr()) && r.Prefix.Bits() >= h.Pool.Bits() {
 		var owner *registry.Node
 		for i := range nodes {

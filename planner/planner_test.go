@@ -38,7 +38,20 @@ func route(prefix, nextHop, peer string) bgp.Route {
 // comparison.
 func describe(t *testing.T, nodes []registry.Node, best []bgp.Route, g Grace) (string, []string) {
 	t.Helper()
-	routes, refused := Routes(self, nodes, best, g)
+	return describeAs(t, self, nodes, best, g)
+}
+
+// withImports is self with the router "filtered" limited to a default route
+// and 10.250.0.0/16 (and anything inside it).
+var withImports = func() Host {
+	h := self
+	h.Imports = map[string][]netip.Prefix{"filtered": {netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("10.250.0.0/16")}}
+	return h
+}()
+
+func describeAs(t *testing.T, h Host, nodes []registry.Node, best []bgp.Route, g Grace) (string, []string) {
+	t.Helper()
+	routes, refused := Routes(h, nodes, best, g)
 	var got []string
 	for _, r := range routes {
 		kind := "plain"
@@ -83,9 +96,14 @@ func TestRoutes(t *testing.T) {
 			"it would take over this host's underlay segment 192.0.2.0/24"},
 		{"our own subnet is skipped silently", []bgp.Route{route("10.244.1.0/24", "198.51.100.3", "h3")}, "", ""},
 		{"our own path is skipped", []bgp.Route{route("10.244.5.0/24", "192.0.2.1", "h1")}, "", ""},
+		{"inside the router's import prefixes", []bgp.Route{route("10.250.0.0/16", "192.0.2.254", "filtered")}, "10.250.0.0/16 via 192.0.2.254 (plain)", ""},
+		{"outside the router's import prefixes", []bgp.Route{route("172.16.0.0/12", "192.0.2.254", "filtered")}, "",
+			"peer filtered may only send routes inside [0.0.0.0/0 10.250.0.0/16]"},
+		{"a longer prefix inside an allowed one", []bgp.Route{route("10.250.7.0/24", "192.0.2.254", "filtered")}, "10.250.7.0/24 via 192.0.2.254 (plain)", ""},
+		{"the default route from a filtered router", []bgp.Route{route("0.0.0.0/0", "192.0.2.254", "filtered")}, "0.0.0.0/0 via 192.0.2.254 (plain)", ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			got, why := describe(t, nodes, c.best, over)
+			got, why := describeAs(t, withImports, nodes, c.best, over)
 			if got != c.want {
 				t.Errorf("routes = %q, want %q", got, c.want)
 			}
