@@ -73,6 +73,23 @@ func TestBIRDTopOfRack(t *testing.T) {
 	}
 	rs, _ := f.fabricctl(f.lab.Hosts()[0], "routes")
 	t.Logf("routes:\n%s", rs)
+	// Every route fabricd owns, with where it came from.
+	rows := map[string]string{}
+	for _, line := range strings.Split(rs, "\n") {
+		if fields := strings.Fields(line); len(fields) > 0 {
+			rows[fields[0]] = line
+		}
+	}
+	for _, want := range []struct{ prefix, from string }{{"0.0.0.0/0", "tor"}, {"10.250.0.0/16", "tor"}} {
+		if r, ok := rows[want.prefix]; !ok || !strings.Contains(r, want.from) || !strings.Contains(r, "external") {
+			t.Errorf("fabricctl routes: %s row %q, want it learned from %s (external)", want.prefix, r, want.from)
+		}
+	}
+	for _, h := range f.lab.Hosts()[1:] {
+		if r := rows[f.subnet(h).String()]; !strings.Contains(r, h.Name) || !strings.Contains(r, "mesh") {
+			t.Errorf("fabricctl routes: %s row %q, want it learned from %s (mesh)", f.subnet(h), r, h.Name)
+		}
+	}
 }
 
 // TestBIRDRouteReflector turns the mesh off: every host peers only with BIRD

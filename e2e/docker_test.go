@@ -281,10 +281,14 @@ func TestDockerFabric(t *testing.T) {
 		t.Logf("published port answered on all 3 hosts within %.2fs of `publish add`", slowest.Seconds())
 		// The target's own container reaches it through another host too (hairpin
 		// across hosts: DNAT on host1, back to host2).
+		// host1 SNATs it to its gateway so the reply comes back through it.
+		st1, _ := f.status(hosts[0])
 		if seen, err := target.dial(netip.AddrPortFrom(hosts[0].Addr, 8080).String()); err != nil {
 			t.Errorf("container on host2 -> host1:8080: %v", err)
+		} else if seen != st1.Gateway {
+			t.Errorf("container on host2 -> host1:8080 -> itself: it saw %s, want host1's gateway %s", seen, st1.Gateway)
 		} else {
-			t.Logf("container %s@host2 -> host1:8080 -> itself: saw %s", target.ip, seen)
+			t.Logf("container %s@host2 -> host1:8080 -> itself: saw host1's gateway %s", target.ip, seen)
 		}
 
 		if out, err := f.fabricctl(hosts[2], "publish", "delete", "8080/tcp"); err != nil {
