@@ -72,15 +72,18 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 	if known && reflect.DeepEqual(prev, set.Nodes) {
 		return
 	}
+	// The prober first: the data plane may apply as soon as the node set is
+	// known, and a peer the prober does not know yet counts as "no IPIP"
+	// (after a restart its saved verdict is only taken up by SetPeers).
+	if a.prober != nil {
+		a.prober.SetPeers(ipipPeers(set.Nodes, a.cfg.NodeName))
+	}
 	a.mu.Lock()
 	a.nodes = set.Nodes
 	a.nodesKnown = true
 	a.mu.Unlock()
 	if err := a.speaker.SetPeers(ctx, a.desiredPeers(set.Nodes)); err != nil {
 		a.log.Error("set BGP peers", "err", err)
-	}
-	if a.prober != nil {
-		a.prober.SetPeers(ipipPeers(set.Nodes, a.cfg.NodeName))
 	}
 	a.kickDataplane()
 	a.kickPolicy()
