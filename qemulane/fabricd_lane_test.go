@@ -68,7 +68,7 @@ func TestFabricdIPIPLane(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	phases := "ipip,auto"
+	phases := "ipip,auto,mixed"
 
 	dir := t.TempDir()
 	start := time.Now()
@@ -101,12 +101,12 @@ func TestFabricdIPIPLane(t *testing.T) {
 
 	// About 60 s on an idle machine; TCG slows down three times when the
 	// two cores are shared with other work.
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
 	defer cancel()
 	// If the guest kernel ever reports a soft lockup (seen once under load
 	// on a shared machine, never reproduced here), every CPU's stack goes
 	// to the console and into this test's log below.
-	opts := RunOptions{MemoryMB: laneMemory, Timeout: 300 * time.Second,
+	opts := RunOptions{MemoryMB: laneMemory, Timeout: 480 * time.Second,
 		Append: strings.TrimSpace("softlockup_all_cpu_backtrace=1 " + os.Getenv("FABRIC_QEMU_APPEND"))}
 	if path := os.Getenv("FABRIC_QEMU_CONSOLE"); path != "" {
 		// The whole serial console, for a run that needs more than the
@@ -123,7 +123,7 @@ func TestFabricdIPIPLane(t *testing.T) {
 	t.Logf("VM ran %s (kernel uptime at /init: %s)", res.Duration.Round(time.Millisecond), res.BootToInit)
 	logEvidence(t, res, "QEMULANE-INIT:", "PHASE", "ETCD ", "FABRICD ", "STATUS ", "HOST ", "BRIDGE ", "MEM ",
 		"CONTAINER ", "PEERS ", "ROUTE ", "PING ", "TCP ", "UNDERLAY ", "FABRICCTL ", "RULE ", "FALLBACK ",
-		"RESTORED ", "RESTART ", "CLEANUP ", "SOURCE ", "NAT ", "FAILED ", "LOG ")
+		"RESTORED ", "RESTART ", "FORGED ", "CLEANUP ", "SOURCE ", "NAT ", "FAILED ", "LOG ")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,6 +160,7 @@ func TestFabricdIPIPLane(t *testing.T) {
 			{"CLEANUP", "fabricd --cleanup removed", 3},
 			{"CLEANUP", "no FABRIC-* chain", 3},
 			{"SOURCE", "container addresses kept", 3},
+			{"FORGED", "0 of 5 forged IPIP packets", 1},
 			{"NAT", "masquerades", 3},
 		} {
 			if got := count(c.kind, "ipip", c.contains); got < c.want {
@@ -188,6 +189,22 @@ func TestFabricdIPIPLane(t *testing.T) {
 		} {
 			if got := count(c.kind, "auto", c.contains); got < c.want {
 				t.Errorf("want %d %s lines containing %q in phase auto, got %d", c.want, c.kind, c.contains, got)
+			}
+		}
+	})
+	t.Run("mixed-vxlan-and-auto", func(t *testing.T) {
+		phasePassed(t, "mixed")
+		for _, c := range []struct {
+			kind, contains string
+			want           int
+		}{
+			{"PEERS", "state=established encapsulation=vxlan", 4}, // every pair with host1
+			{"PEERS", "state=established encapsulation=ipip", 2},  // host2 <-> host3
+			{"PING", "mixed", 6},
+			{"TCP", "mixed", 6},
+		} {
+			if got := count(c.kind, "mixed", c.contains); got < c.want {
+				t.Errorf("want %d %s lines containing %q in phase mixed, got %d", c.want, c.kind, c.contains, got)
 			}
 		}
 	})

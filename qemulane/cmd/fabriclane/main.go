@@ -31,6 +31,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -58,7 +59,7 @@ var (
 	fabricdBin   = flag.String("fabricd", "/bin/fabricd", "fabricd binary")
 	fabricctlBin = flag.String("fabricctl", "/bin/fabricctl", "fabricctl binary")
 	etcdBin      = flag.String("etcd", "/usr/bin/etcd", "etcd binary")
-	phasesFlag   = flag.String("phases", "ipip,auto", "phases to run, comma-separated: ipip, auto")
+	phasesFlag   = flag.String("phases", "ipip,auto,mixed", "phases to run, comma-separated: ipip, auto, mixed (host1 vxlan, the others auto)")
 	holdTime     = flag.String("bgp-hold-time", "3s", "fabricd --bgp-hold-time")
 	keepalive    = flag.String("bgp-keepalive", "1s", "fabricd --bgp-keepalive")
 	settle       = flag.Duration("timeout", 40*time.Second, "how long to wait for each convergence")
@@ -74,7 +75,7 @@ func main() {
 		ph = strings.TrimSpace(ph)
 		p := &phase{name: ph, start: start, prefix: fmt.Sprintf("%s%c-", *prefix, 'a'+i)}
 		switch ph {
-		case "ipip", "auto":
+		case "ipip", "auto", "mixed":
 		default:
 			fmt.Printf("%s unknown phase %q\n", qemulane.FailPrefix, ph)
 			os.Exit(2)
@@ -195,9 +196,18 @@ func (p *phase) body() error {
 	}
 
 	p.step("fabricd")
-	encap := p.name // the phase names are the --encapsulation values
-	for _, h := range topo.Hosts {
-		if err := p.startFabricd(h, encap); err != nil {
+	encap := p.name // the phase names are the --encapsulation values, but mixed
+	for i, h := range topo.Hosts {
+		hostEncap := encap
+		if encap == "mixed" {
+			// host1 runs vxlan only, the others auto: they must not send
+			// host1 IPIP it has no device for.
+			hostEncap = "auto"
+			if i == 0 {
+				hostEncap = "vxlan"
+			}
+		}
+		if err := p.startFabricd(h, hostEncap); err != nil {
 			return err
 		}
 	}
@@ -209,7 +219,7 @@ func (p *phase) body() error {
 		p.hosts = append(p.hosts, hh)
 	}
 	wantMTU := 1480 // 1500 - 20 (ipip)
-	if encap == "auto" {
+	if encap == "auto" || encap == "mixed" {
 		wantMTU = 1450 // 1500 - 50 (vxlan, the largest overhead auto may use)
 	}
 	for _, h := range p.hosts {
@@ -251,20 +261,36 @@ func (p *phase) body() error {
 	}
 
 	p.step("converge")
-	allIPIP := func(a, b *host) string { return "ipip" }
-	if err := p.waitPeers(allIPIP); err != nil {
+	want := func(a, b *host) string { return "ipip" }
+	if encap == "mixed" {
+		want = func(a, b *host) string {
+			if a.Name == "host1" || b.Name == "host1" {
+				return "vxlan"
+			}
+			return "ipip"
+		}
+	}
+	if err := p.waitPeers(want); err != nil {
 		return err
 	}
-	if err := p.waitRoutes(allIPIP); err != nil {
+	if err := p.waitRoutes(want); err != nil {
 		return err
 	}
 
-	if encap == "ipip" {
+	switch encap {
+	case "ipip":
 		p.step("traffic")
 		if err := p.trafficWithEvidence("mesh", []string{"host1", "host3"}, p.checkIPIPOnly); err != nil {
 			return err
 		}
 		p.checkSources()
+		p.step("forged")
+		p.forgedIPIP()
+	case "mixed":
+		p.step("traffic")
+		if err := p.trafficWithEvidence("mixed", []string{"host1", "host3"}, p.checkMixedWire); err != nil {
+			return err
+		}
 	}
 	p.printFabricctl("host1")
 	p.checkNATRules()
@@ -391,6 +417,69 @@ func (p *phase) restartKeepsIPIP() error {
 		p.logf("RESTART", "no encapsulation change logged by %s or its peers across the restart", h.Name)
 	}
 	return nil
+}
+
+// checkMixedWire: host1 runs vxlan only, so nothing reaches or leaves it
+// as IPIP; host3 talks ipip to host2 and vxlan to host1.
+func (p *phase) checkMixedWire(stage, name string, st vmlab.WatchStats) {
+	if st.VXLAN[unix.IPPROTO_ICMP] == 0 || st.VXLAN[unix.IPPROTO_TCP] == 0 {
+		p.failf("UNDERLAY %s %s: expected vxlan frames carrying ICMP and TCP (pairs with host1)", stage, name)
+	}
+	if st.Bare != 0 {
+		p.failf("UNDERLAY %s %s: %d container packets crossed the underlay unencapsulated", stage, name, st.Bare)
+	}
+	switch name {
+	case "host1":
+		if n := st.Inner[unix.IPPROTO_ICMP] + st.Inner[unix.IPPROTO_TCP]; n != 0 {
+			p.failf("UNDERLAY %s host1: %d container packets as ipip to or from a host that runs vxlan only", stage, n)
+		}
+	case "host3":
+		if st.Inner[unix.IPPROTO_TCP] == 0 {
+			p.failf("UNDERLAY %s host3: expected ipip to host2", stage)
+		}
+	}
+}
+
+// forgedIPIP: the router, which is no fabric host, sends host1 IPIP packets
+// whose inner source is an address of host2's subnet. fabricd accepts IP
+// protocol 4 only from fabric hosts: none may reach host1's container.
+func (p *phase) forgedIPIP() {
+	h1, h2 := p.hosts[0], p.hosts[1]
+	forged := nthAddr(h2.PodNet, 77).String()
+	routerAddr := "192.168.100.1" // the router's address on host1's segment
+	run := func(ns string, args ...string) {
+		if out, err := p.lab.Exec(ns, args[0], args[1:]...); err != nil {
+			p.failf("FORGED %s %v: %v: %s", ns, args, err, out)
+		}
+	}
+	run(h1.ContainerNS, "iptables", "-I", "INPUT", "-s", forged, "-p", "icmp", "-j", "ACCEPT")
+	run(vmlab.RouterNS, "ip", "link", "add", "fakeip", "type", "ipip", "remote", h1.Underlay.String(), "local", routerAddr)
+	run(vmlab.RouterNS, "ip", "addr", "add", forged+"/32", "dev", "fakeip")
+	run(vmlab.RouterNS, "ip", "link", "set", "fakeip", "up")
+	run(vmlab.RouterNS, "ip", "route", "add", h1.Container.String()+"/32", "dev", "fakeip")
+	p.lab.Exec(vmlab.RouterNS, "ping", "-c", "5", "-W", "1", h1.Container.String())
+	out, err := p.lab.Exec(h1.ContainerNS, "iptables", "-L", "INPUT", "-v", "-x", "-n")
+	p.lab.Exec(vmlab.RouterNS, "ip", "link", "del", "fakeip")
+	if err != nil {
+		p.failf("FORGED read counter: %v", err)
+		return
+	}
+	reached := -1
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 7 && f[7] == forged {
+			reached, _ = strconv.Atoi(f[0])
+		}
+	}
+	drops, _ := p.lab.Exec(h1.Name, "iptables", "-L", "FABRIC-INPUT", "-v", "-x", "-n")
+	switch {
+	case reached < 0:
+		p.failf("FORGED no counter for %s in host1's container:\n%s", forged, out)
+	case reached > 0:
+		p.failf("FORGED %d IPIP packets from the router (no fabric host) with inner source %s reached host1's container", reached, forged)
+	default:
+		p.logf("FORGED", "0 of 5 forged IPIP packets (inner source %s, sent by the router) reached host1's container; FABRIC-INPUT:\n%s", forged, strings.TrimSpace(string(drops)))
+	}
 }
 
 // ---- processes ----
