@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -293,4 +294,56 @@ func TestBIRDImportPrefixes(t *testing.T) {
 	if !strings.Contains(string(log), "peer tor may only send routes inside") {
 		t.Errorf("the refused route is not logged")
 	}
+}
+
+// TestRogueSpeakerCannotTakeASubnet: a speaker on the underlay (BIRD, peered
+// as a router) announces host2's /24 and a /25 inside it. Longest match
+// would send host2's containers' traffic to it; fabric installs neither on
+// host1 (a pool prefix only from the host that holds it, with that host as
+// next hop), and host1 still reaches host2's container through the tunnel.
+func TestRogueSpeakerCannotTakeASubnet(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2})
+	rogue, err := f.lab.AddOutside(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: rogue\n  address: %s\n  asn: 65000\n", rogue.Addr))
+	hosts := f.startMesh("--config", peerFile)
+	h1, h2 := hosts[0], hosts[1]
+	s2 := f.subnet(h2)
+	half := netip.PrefixFrom(s2.Addr(), 25)
+	startBIRD(t, f, func(addr string) string {
+		return fmt.Sprintf("protocol static { ipv4; route %s blackhole; route %s blackhole; }\n", s2, half) +
+			"template bgp host { local " + addr + " as 65000; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
+	}, func(h *lab.Host) string {
+		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
+	})
+	// The /25 is the best (only) path for itself: it must be refused. The
+	// /24 loses BGP's choice to host2's own (shorter AS path); whichever
+	// path wins, only host2 as next hop may reach the kernel.
+	f.eventually(30*time.Second, "host1 has received the rogue's two routes", func() error {
+		ps, err := f.peers(h1)
+		if err != nil {
+			return err
+		}
+		for _, p := range ps {
+			if p.Name == "rogue" && p.State == "established" && p.Received >= 2 {
+				return nil
+			}
+		}
+		return fmt.Errorf("peers %+v", ps)
+	})
+	time.Sleep(2 * time.Second) // a data-plane apply after the update
+	log, _ := os.ReadFile(f.agents[h1.Name].proc.LogPath())
+	if want := half.String() + " is not the subnet " + s2.String(); !strings.Contains(string(log), want) {
+		t.Errorf("no refusal %q logged", want)
+	}
+	owned := f.ownedRoutes(h1)
+	if r, ok := owned[half.String()]; ok {
+		t.Errorf("host1 installed the rogue's %s: %s", half, r)
+	}
+	if r := owned[s2.String()]; strings.Contains(r, rogue.Addr.String()) || !strings.Contains(r, "fabric.") {
+		t.Errorf("host1's route to %s is %q, want it through the tunnel to %s", s2, r, h2.Name)
+	}
+	f.containersTalk(hosts)
 }

@@ -172,3 +172,43 @@ func TestNodeRecordWithoutLeaseIgnored(t *testing.T) {
 		}
 	}
 }
+
+// TestMalformedPolicyAtBootFailsClosed: a host that boots while a stored
+// policy value is malformed enforces the valid rules with default deny
+// (nothing a malformed deny rule might have closed is open), and the stored
+// policy once the value is fixed.
+func TestMalformedPolicyAtBootFailsClosed(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2})
+	cli, err := f.lab.EtcdClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	if _, err := cli.Put(t.Context(), "/fabric/v1/policy/junk", "{not json"); err != nil {
+		t.Fatal(err)
+	}
+	hosts := f.startMesh()
+	h1, h2 := hosts[0], hosts[1]
+	target := f.container(h1, "target", 2)
+	client := f.container(h2, "client", 2)
+	if _, err := target.Start("serve", filepath.Join(binDir, "tcpprobe"), "serve", target.Addr.String()+":80", "1000"); err != nil {
+		t.Fatal(err)
+	}
+	// The server answers (asked from its own namespace, which policy does
+	// not filter), so a refusal below is policy, not a server not yet up.
+	f.eventually(10*time.Second, "the server listens", func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		_, err := target.Run(ctx, filepath.Join(binDir, "tcpprobe"), "dial", target.Addr.String()+":80")
+		return err
+	})
+	f.eventually(10*time.Second, "default deny in force at boot", func() error { return tcpBlockedFrom(client, target.Addr, 80) })
+	log, _ := os.ReadFile(f.agents[h1.Name].proc.LogPath())
+	if !strings.Contains(string(log), "enforcing the valid rules with default deny") {
+		t.Errorf("fabricd does not say why it denies")
+	}
+	if _, err := cli.Delete(t.Context(), "/fabric/v1/policy/junk"); err != nil {
+		t.Fatal(err)
+	}
+	f.eventually(10*time.Second, "the stored policy (allow) once the value is fixed", func() error { return tcpOKFrom(client, target.Addr, 80) })
+}
