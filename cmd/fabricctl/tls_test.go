@@ -46,9 +46,9 @@ func TestFabricctlOverTLS(t *testing.T) {
 		want string
 	}{
 		{"wrong CA", []string{"--etcd-endpoints", ep, "--etcd-ca-cert", etcdtest.UnrelatedCA(t), "--etcd-cert", f.Cert, "--etcd-key", f.Key},
-			"fabricctl: etcd " + ep + ": tls: failed to verify certificate: x509: certificate signed by unknown authority"},
+			"fabricctl: etcd unreachable: etcd " + ep + ": tls: failed to verify certificate: x509: certificate signed by unknown authority"},
 		{"no client certificate", []string{"--etcd-endpoints", ep, "--etcd-ca-cert", f.CA},
-			"fabricctl: etcd " + ep + ": remote error: tls: certificate required (the server requires a client certificate: set --etcd-cert and --etcd-key)"},
+			"fabricctl: etcd unreachable: etcd " + ep + ": remote error: tls: certificate required (the server requires a client certificate: set --etcd-cert and --etcd-key)"},
 		{"missing key file", []string{"--etcd-endpoints", ep, "--etcd-ca-cert", f.CA, "--etcd-cert", f.Cert, "--etcd-key", "/nonexistent/key.pem"},
 			"fabricctl: etcd client key: open /nonexistent/key.pem: no such file or directory"},
 		{"TLS files with http", []string{"--etcd-endpoints", "http://127.0.0.1:1", "--etcd-ca-cert", f.CA},
