@@ -13,9 +13,6 @@ import (
 // documented exit codes: 0 ok, 2 bad usage, 3 etcd unreachable, 4 fabricd
 // not running.
 func TestExitCodes(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the binary")
-	}
 	bin := filepath.Join(t.TempDir(), "fabricctl")
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
