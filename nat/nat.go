@@ -165,7 +165,15 @@ func (m *Manager) Cleanup(ctx context.Context) error {
 // RepairHairpin turns hairpin on for bridge ports added since the last
 // Apply, while a publish targets this host.
 func (m *Manager) RepairHairpin(ctx context.Context, st State) {
-	if st.Bridge == "" || !hasLocalTarget(st, m.selectPublishes(st)) {
+	// Not selectPublishes: that logs every invalid publish, and this runs
+	// every few seconds; turning hairpin on for one is harmless.
+	var here []PublishedPort
+	for _, p := range st.Publishes {
+		if p.onHost(st.Node) {
+			here = append(here, p)
+		}
+	}
+	if st.Bridge == "" || !hasLocalTarget(st, here) {
 		return
 	}
 	if err := m.ensureHairpin(ctx, st.Bridge); err != nil {
