@@ -132,7 +132,9 @@ func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 	if err != nil {
 		return err
 	}
-	e.ensureBridgeNetfilter(ctx)
+	if want.marker != e.marker {
+		e.ensureBridgeNetfilter(ctx) // on a change, not on every repair tick
+	}
 
 	// 1. Sets first, under names derived from their content, so the old
 	// chain keeps using the old sets until the commit below.
