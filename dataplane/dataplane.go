@@ -254,6 +254,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 
 	// 3. Desired routes.
 	desired := map[netip.Prefix]*netlink.Route{}
+	gateways := map[netip.Addr]nextHop{} // next hops resolved in this Apply: a router sends many routes
 	keep := map[netip.Prefix]bool{} // could not compute: leave the kernel's route alone
 	owners := map[netip.Prefix]string{}
 	for _, r := range routes {
@@ -266,7 +267,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 			fail(fmt.Errorf("route %s (peer %q): duplicate prefix; keeping the first", prefix, r.PeerName))
 			continue
 		}
-		route, owner, err := m.routeFor(r, prefix, peers, ready, underlay)
+		route, owner, err := m.routeFor(r, prefix, peers, ready, underlay, gateways)
 		if err != nil {
 			fail(err)
 			var unavailable errUnavailable
@@ -410,7 +411,32 @@ func (m *Manager) logChoices(peers map[string]*peerPlan) {
 	m.choices = next
 }
 
-func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]*peerPlan, ready map[string]bool, underlay netlink.Link) (*netlink.Route, string, error) {
+// nextHop is how the kernel reaches a BGP next hop: directly (no gateway)
+// or through a gateway on a link.
+type nextHop struct {
+	gw   net.IP
+	link int
+	err  error
+}
+
+// resolve asks the kernel once per next hop and Apply.
+func (m *Manager) resolve(addr netip.Addr, cache map[netip.Addr]nextHop) nextHop {
+	if nh, ok := cache[addr]; ok {
+		return nh
+	}
+	var nh nextHop
+	via, err := m.h.RouteGet(addr.AsSlice())
+	switch {
+	case err != nil || len(via) == 0:
+		nh.err = fmt.Errorf("next hop %s is not reachable through this host's routes: %v", addr, err)
+	case via[0].Gw != nil:
+		nh.gw, nh.link = via[0].Gw, via[0].LinkIndex
+	}
+	cache[addr] = nh
+	return nh
+}
+
+func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]*peerPlan, ready map[string]bool, underlay netlink.Link, gateways map[netip.Addr]nextHop) (*netlink.Route, string, error) {
 	if r.Peer == nil {
 		if !r.NextHop.Is4() {
 			return nil, "", fmt.Errorf("route %s: next hop %v is not an IPv4 address", prefix, r.NextHop)
@@ -420,12 +446,12 @@ func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]
 		// further away (eBGP multihop, a reflected route) is resolved
 		// through the kernel's routes to the gateway that reaches it.
 		route := &netlink.Route{Dst: backend.IPNet(prefix), Gw: r.NextHop.AsSlice()}
-		via, err := m.h.RouteGet(r.NextHop.AsSlice())
-		if err != nil || len(via) == 0 {
-			return nil, "", fmt.Errorf("route %s: next hop %s is not reachable through this host's routes: %v", prefix, r.NextHop, err)
+		nh := m.resolve(r.NextHop, gateways)
+		if nh.err != nil {
+			return nil, "", fmt.Errorf("route %s: %w", prefix, nh.err)
 		}
-		if via[0].Gw != nil {
-			route.Gw, route.LinkIndex = via[0].Gw, via[0].LinkIndex
+		if nh.gw != nil {
+			route.Gw, route.LinkIndex = nh.gw, nh.link
 		}
 		return route, r.PeerName, nil
 	}
