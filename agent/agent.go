@@ -228,7 +228,6 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	for {
 		select {
 		case <-ctx.Done():
-			sdnotify.Send(sdnotify.Stopping)
 			if cfg.GracefulRestartTime > 0 {
 				a.stopForRestart()
 			} else {

@@ -458,6 +458,8 @@ func TestSystemdNotify(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(runDir, "docker.env")); err != nil {
 		t.Errorf("READY=1 sent before the docker options file exists: %v", err)
 	}
+	// Stopped right after READY=1, still starting its BGP speaker: a clean
+	// stop all the same (exit 0), announced with STOPPING=1.
 	if err := p.Stop(); err != nil {
 		t.Fatal(err)
 	}

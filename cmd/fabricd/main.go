@@ -9,10 +9,12 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 
 	"github.com/fabricnet/fabric/agent"
 	"github.com/fabricnet/fabric/config"
+	"github.com/fabricnet/fabric/internal/sdnotify"
 	"github.com/fabricnet/fabric/version"
 )
 
@@ -42,7 +44,24 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	log.Info("fabricd starting", "version", version.String(), "node", cfg.NodeName, "etcd", cfg.EtcdEndpoints, "encapsulation", cfg.Encapsulation)
-	if err := agent.Run(ctx, cfg, log); err != nil {
+	// STOPPING=1 at the signal, whatever fabricd is doing, and surely
+	// before it exits.
+	var stopping sync.Once
+	notifyStopping := func() { stopping.Do(func() { sdnotify.Send(sdnotify.Stopping) }) }
+	go func() {
+		<-ctx.Done()
+		notifyStopping()
+	}()
+	err = agent.Run(ctx, cfg, log)
+	if ctx.Err() != nil {
+		notifyStopping()
+	}
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		// SIGTERM while starting: a stop like any other, not a failure.
+		log.Info("stopped while starting")
+		return
+	}
+	if err != nil {
 		log.Error("fabricd failed", "err", err)
 		fmt.Fprintln(os.Stderr, "fabricd:", err)
 		os.Exit(1)
