@@ -255,7 +255,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 	// 3. Desired routes.
 	desired := map[netip.Prefix]*netlink.Route{}
 	gateways := map[netip.Addr]nextHop{} // next hops resolved in this Apply: a router sends many routes
-	keep := map[netip.Prefix]bool{} // could not compute: leave the kernel's route alone
+	keep := map[netip.Prefix]bool{}      // could not compute: leave the kernel's route alone
 	owners := map[netip.Prefix]string{}
 	for _, r := range routes {
 		prefix := r.Prefix.Masked()
