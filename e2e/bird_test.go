@@ -25,10 +25,8 @@ func TestBIRDTopOfRack(t *testing.T) {
 	ctx := context.Background()
 	tor, sock := startBIRD(t, f, func(addr string) string {
 		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; route 0.0.0.0/0 blackhole; }\n" +
-			"template bgp host { local " + addr + " as 65000; password \"fabric-md5\"; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
-	}, func(h *lab.Host) string {
-		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
-	})
+			torTemplate(addr, `password "fabric-md5";`)
+	}, torNeighbor)
 	// The session is protected with a TCP MD5 password on both sides.
 	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n  password: fabric-md5\n", tor.Addr))
 	for _, h := range f.lab.Hosts() {
@@ -189,11 +187,8 @@ func TestBIRDGracefulRestartHelper(t *testing.T) {
 	ctx := context.Background()
 	tor, sock := startBIRD(t, f, func(addr string) string {
 		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; route 0.0.0.0/0 blackhole; }\n" +
-			"template bgp host { local " + addr + " as 65000; hold time 9; keepalive time 3; connect retry time 2; " +
-			"graceful restart on; graceful restart time 30; ipv4 { import all; export all; }; }\n"
-	}, func(h *lab.Host) string {
-		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
-	})
+			torTemplate(addr, "graceful restart on; graceful restart time 30;")
+	}, torNeighbor)
 	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n", tor.Addr))
 	hosts := f.lab.Hosts()
 	for _, h := range hosts {
@@ -271,10 +266,8 @@ func TestBIRDImportPrefixes(t *testing.T) {
 	f := newFabric(t, lab.Spec{Hosts: 1})
 	tor, _ := startBIRD(t, f, func(addr string) string {
 		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; route 0.0.0.0/0 blackhole; route 172.16.0.0/12 blackhole; }\n" +
-			"template bgp host { local " + addr + " as 65000; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
-	}, func(h *lab.Host) string {
-		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
-	})
+			torTemplate(addr, "")
+	}, torNeighbor)
 	peerFile := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65000\n  importPrefixes: [0.0.0.0/0, 10.250.0.0/16]\n", tor.Addr))
 	h := f.lab.Hosts()[0]
 	f.start(h, "--config", peerFile)
@@ -314,10 +307,8 @@ func TestRogueSpeakerCannotTakeASubnet(t *testing.T) {
 	half := netip.PrefixFrom(s2.Addr(), 25)
 	startBIRD(t, f, func(addr string) string {
 		return fmt.Sprintf("protocol static { ipv4; route %s blackhole; route %s blackhole; }\n", s2, half) +
-			"template bgp host { local " + addr + " as 65000; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
-	}, func(h *lab.Host) string {
-		return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
-	})
+			torTemplate(addr, "")
+	}, torNeighbor)
 	// The /25 is the best (only) path for itself: it must be refused. The
 	// /24 loses BGP's choice to host2's own (shorter AS path); whichever
 	// path wins, only host2 as next hop may reach the kernel.
@@ -346,4 +337,16 @@ func TestRogueSpeakerCannotTakeASubnet(t *testing.T) {
 		t.Errorf("host1's route to %s is %q, want it through the tunnel to %s", s2, r, h2.Name)
 	}
 	f.containersTalk(hosts)
+}
+
+// torTemplate is BIRD's side of every host session when it plays a
+// top-of-rack router (AS 65000, eBGP, short timers), with extra options.
+func torTemplate(addr, extra string) string {
+	return "template bgp host { local " + addr + " as 65000; " + extra + " hold time 9; keepalive time 3; connect retry time 2; " +
+		"ipv4 { import all; export all; }; }\n"
+}
+
+// torNeighbor is one host's session on a torTemplate router.
+func torNeighbor(h *lab.Host) string {
+	return fmt.Sprintf("protocol bgp %s from host { neighbor %s as 64512; }", h.Name, h.Addr)
 }
