@@ -31,7 +31,8 @@ type Backend interface {
 	Device() string
 	// Ensure creates or repairs the tunnel device with the given MTU and returns
 	// its link index. It is idempotent. The MTU is used as given: the caller
-	// subtracts the overhead, exactly once.
+	// subtracts the overhead, exactly once (dataplane gives every device the
+	// fabric MTU).
 	Ensure(ctx context.Context, mtu int) (linkIndex int, err error)
 	// SyncPeers makes the per-peer state (neighbour, FDB) exactly match peers:
 	// entries for peers not in the list are removed. With no peers and no

@@ -34,6 +34,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/fabricnet/fabric/backend"
 	"github.com/fabricnet/fabric/dataplane"
@@ -419,7 +420,7 @@ func programPeers(ctx context.Context, h *lab.Host, n int) ([]timing, error) {
 		return nil, err
 	}
 	defer ns.Close()
-	nh, err := netlink.NewHandleAt(ns)
+	nh, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, err
 	}

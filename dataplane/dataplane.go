@@ -136,8 +136,12 @@ func New(cfg Config) (*Manager, error) {
 		choices:     map[string]Choice{},
 		owners:      map[netip.Prefix]string{},
 	}
-	// The one place an overhead is subtracted from the underlay MTU for
-	// containers: the largest overhead any peer might get in this mode.
+	// The one place an overhead is subtracted from the underlay MTU: the
+	// largest overhead any peer might get in this mode. Containers, the
+	// bridge and every tunnel device get this one MTU, so a sender told the
+	// path MTU by a tunnel learns a size the far side's bridge also takes
+	// (an IPIP device at underlay-20 would say 1480 where the far bridge
+	// takes 1450 in auto mode: a second round of "fragmentation needed").
 	m.mtu = underlayMTU - m.maxOverhead()
 	if m.mtu < 576 {
 		return nil, fmt.Errorf("underlay MTU %d leaves container MTU %d, below the IPv4 minimum 576", underlayMTU, m.mtu)
@@ -241,7 +245,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 		// peer may decide differently about us (its probe of the path runs
 		// separately), and its packets must find a device to land on.
 		if len(users) > 0 || len(m.cfg.Backends) > 1 {
-			if _, err := b.Ensure(ctx, m.underlayMTU-b.Overhead()); err != nil {
+			if _, err := b.Ensure(ctx, m.mtu); err != nil {
 				fail(fmt.Errorf("%s device %s: %w", b.Name(), b.Device(), err))
 				continue
 			}

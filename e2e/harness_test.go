@@ -36,9 +36,10 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 		binDir = dir
-	} else {
-		// Always rebuilt: `make build` does not build it, and a stale copy
-		// lacks newer subcommands.
+	} else if _, err := exec.LookPath("go"); err == nil {
+		// Always rebuilt where Go is: `make build` does not build it, and a
+		// stale copy lacks newer subcommands. (Inside the qemu guest there
+		// is no Go; the lane puts a fresh tcpprobe in FABRIC_BIN.)
 		cmd := exec.Command("go", "build", "-o", binDir+"/", "./tcpprobe")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {

@@ -24,7 +24,7 @@ const (
 // libcrc32c (under nf_conntrack) needs it through a softdep, which
 // ResolveModules does not follow.
 var fabricdModules = append(slices.Clone(laneModules), "crc32c_generic",
-	"iptable_filter", "iptable_nat", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
+	"iptable_filter", "iptable_nat", "iptable_mangle", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
 	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter")
 
 // fabricdHostTools are the programs of this machine fabricd or the lane

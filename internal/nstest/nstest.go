@@ -20,6 +20,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/fabricnet/fabric/internal/testreq"
 )
@@ -124,7 +125,9 @@ func Handle(t testing.TB, name string) *netlink.Handle {
 	if err != nil {
 		t.Fatalf("open namespace %s: %v", name, err)
 	}
-	h, err := netlink.NewHandleAt(ns)
+	// Route netlink only: the default also opens XFRM, which a kernel
+	// without the xfrm module (the qemu guest's) refuses.
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	ns.Close()
 	if err != nil {
 		t.Fatalf("netlink handle for %s: %v", name, err)

@@ -1,0 +1,163 @@
+package qemulane
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/internal/testreq"
+)
+
+// guestSuites are host test packages that touch the kernel's tunnels, run
+// again inside the guest on Debian's stock kernel (which has IPIP, unlike
+// the build machines): the same test binaries must pass on both, so no test
+// may assume which kernel it is on. run selects tests (-test.run); empty
+// runs the whole package.
+var guestSuites = []struct{ pkg, run string }{
+	{"ipip", ""},
+	{"vxlanfallback", ""},
+	{"dataplane", ""},
+	// The e2e tests whose outcome depends on the encapsulation auto mode
+	// picks, its MTU and the tunnel devices fabricd owns.
+	{"e2e", "^(TestMeshLifecycle|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing)$"},
+}
+
+// guestTestTools are what those tests run besides busybox: iputils' ping
+// (-M do, which busybox's lacks), iproute2's bridge and util-linux's
+// nsenter (busybox's runs its own applets before PATH: its "ip" ignores
+// "proto 93").
+var guestTestTools = map[string]string{
+	"/usr/bin/ping":    "/usr/local/bin/ping",
+	"/usr/sbin/bridge": "/usr/local/sbin/bridge",
+	"/usr/bin/nsenter": "/usr/local/bin/nsenter",
+}
+
+// buildGoTestStatic compiles the tests of pkg into out with CGO_ENABLED=0.
+func buildGoTestStatic(pkg, out string) error {
+	cmd := exec.Command("go", "test", "-c", "-trimpath", "-o", out, pkg)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if output, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go test -c %s: %v\n%s", pkg, err, output)
+	}
+	return nil
+}
+
+// guestInit runs every suite, prints each test's verdict line as
+// "GUESTTEST <pkg> <line>", the tail of a failing suite's output as
+// "GUESTLOG <pkg> <line>", and "GUESTSUITE <pkg> ok|FAIL". Missing
+// dependencies fail (FABRIC_REQUIRE_ALL) instead of skipping.
+func guestInit() string {
+	var b strings.Builder
+	b.WriteString("export FABRIC_REQUIRE_ALL=1 FABRIC_BIN=/bin/fabric\nfailed=0\n")
+	for _, s := range guestSuites {
+		run := ""
+		if s.run != "" {
+			run = fmt.Sprintf(" -test.run '%s'", s.run)
+		}
+		fmt.Fprintf(&b, `echo "GUESTSUITE %[1]s start at $(cut -d' ' -f1 /proc/uptime)s"
+/bin/tests/%[1]s.test -test.v -test.count=1 -test.timeout=10m%[2]s > /tmp/%[1]s.log 2>&1
+status=$?
+grep -E '^(--- |ok |FAIL|PASS|panic)' /tmp/%[1]s.log | sed 's/^/GUESTTEST %[1]s /'
+if [ "$status" -eq 0 ]; then
+	echo "GUESTSUITE %[1]s ok at $(cut -d' ' -f1 /proc/uptime)s"
+else
+	grep -E '^ +[a-z_]+_test\.go:[0-9]+: ' /tmp/%[1]s.log | head -n 100 | sed 's/^/GUESTLOG %[1]s /'
+	tail -n 60 /tmp/%[1]s.log | sed 's/^/GUESTLOG %[1]s /'
+	echo "GUESTSUITE %[1]s FAIL (exit $status)"
+	failed=1
+fi
+`, s.pkg, run)
+	}
+	fmt.Fprintf(&b, "[ \"$failed\" -eq 0 ] && echo %q || echo %q\n", PassLine, FailPrefix+" a guest suite failed")
+	return b.String()
+}
+
+// TestHostTestsInGuest runs the host-kernel test packages that touch IPIP
+// and VXLAN, and the e2e tests of encapsulation choice, inside the qemu
+// guest: there auto mode has IPIP, so they prove the other branch of every
+// kernel-dependent check.
+func TestHostTestsInGuest(t *testing.T) {
+	if err := Available(); err != nil {
+		testreq.Missing(t, "guest test lane needs qemu, a stock kernel and busybox-static: %v", err)
+	}
+	if _, err := exec.LookPath("go"); err != nil {
+		testreq.Missing(t, "guest test lane builds test binaries with the go tool: %v", err)
+	}
+	kernel, _, err := FindKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	start := time.Now()
+	bins := map[string]string{}
+	for _, pkg := range []string{"cmd/fabricd", "cmd/fabricctl", "e2e/tcpprobe"} {
+		out := filepath.Join(dir, filepath.Base(pkg))
+		if err := BuildGoStatic("github.com/fabricnet/fabric/"+pkg, out); err != nil {
+			t.Fatal(err)
+		}
+		bins["/bin/fabric/"+filepath.Base(pkg)] = out
+	}
+	for _, s := range guestSuites {
+		out := filepath.Join(dir, s.pkg+".test")
+		if err := buildGoTestStatic("github.com/fabricnet/fabric/"+s.pkg, out); err != nil {
+			t.Fatal(err)
+		}
+		bins["/bin/tests/"+s.pkg+".test"] = out
+	}
+	img := Image{Kernel: kernel, Modules: fabricdModules, Binaries: bins, Init: guestInit()}
+	if err := addFabricdHostTools(&img); err != nil {
+		t.Fatal(err)
+	}
+	for host, image := range guestTestTools {
+		if err := img.AddHostBinary(host, image); err != nil {
+			t.Fatalf("%v (the guest test lane needs iputils-ping and iproute2)", err)
+		}
+	}
+	initrd, err := Build(dir, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("test binaries and image built in %s", time.Since(start).Round(time.Millisecond))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 21*time.Minute)
+	defer cancel()
+	// 2 GiB: the initramfs alone holds some 200 MB of binaries.
+	res, err := Run(ctx, kernel, initrd, RunOptions{MemoryMB: 2048, Timeout: 20 * time.Minute,
+		Append: strings.TrimSpace("softlockup_all_cpu_backtrace=1 " + os.Getenv("FABRIC_QEMU_APPEND"))})
+	logLockups(t, res.Output)
+	t.Logf("VM ran %s", res.Duration.Round(time.Millisecond))
+	for _, l := range res.Lines("GUESTSUITE ") {
+		t.Log(l)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range guestSuites {
+		t.Run(s.pkg, func(t *testing.T) {
+			verdicts := res.Lines("GUESTTEST " + s.pkg + " ")
+			for _, l := range verdicts {
+				if strings.Contains(l, "--- FAIL") || strings.Contains(l, "--- SKIP") {
+					t.Error(l)
+				}
+			}
+			if len(res.Lines("GUESTSUITE "+s.pkg+" ok")) == 0 {
+				t.Errorf("suite %s failed in the guest:\n%s", s.pkg, strings.Join(res.Lines("GUESTLOG "+s.pkg+" "), "\n"))
+			}
+			passed := 0
+			for _, l := range verdicts {
+				if strings.Contains(l, "--- PASS") {
+					passed++
+				}
+			}
+			if passed == 0 {
+				t.Errorf("no test of %s passed in the guest", s.pkg)
+			}
+			t.Logf("%d tests of %s passed in the guest", passed, s.pkg)
+		})
+	}
+}
