@@ -29,6 +29,7 @@ import (
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/iptables"
 	"github.com/fabricnet/fabric/localapi"
+	"github.com/fabricnet/fabric/names"
 	"github.com/fabricnet/fabric/nat"
 	"github.com/fabricnet/fabric/planner"
 	"github.com/fabricnet/fabric/policy"
@@ -216,6 +217,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("ingress", a.ingressLoop)
 	goLoop("probe-hold", a.probeHoldLoop)
 	goLoop("metrics", a.metricsLoop)
+	containerNames := names.NewPublisher(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.NodeTTL, log.With("component", "names"))
+	goLoop("container-names", func(ctx context.Context) error { return a.containerNamesLoop(ctx, containerNames) })
+	if cfg.ContainerDNS {
+		goLoop("dns", a.dnsLoop)
+	}
 
 	nodes := registry.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "registry"))
 	held := ipam.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "ipam"))
@@ -231,20 +237,20 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			if cfg.GracefulRestartTime > 0 {
 				a.stopForRestart()
 			} else {
-				a.leave(heartbeat)
+				a.leave(heartbeat, containerNames)
 			}
 			stop()
 			wg.Wait()
 			return nil
 		case <-a.leaveRequest:
 			a.log.Warn("leaving the fabric on request: withdrawing this host's subnet and node record", "subnet", a.lease.Subnet)
-			a.leave(heartbeat)
+			a.leave(heartbeat, containerNames)
 			stop()
 			wg.Wait()
 			return nil
 		case err := <-leaseLost:
 			log.Error("subnet lease lost; withdrawing and exiting", "subnet", a.lease.Subnet, "err", err)
-			a.leave(heartbeat)
+			a.leave(heartbeat, containerNames)
 			stop()
 			wg.Wait()
 			return fmt.Errorf("subnet %s: %w", a.lease.Subnet, err)
@@ -309,7 +315,7 @@ func (a *Agent) stopForRestart() {
 // leave withdraws this host from the fabric at once: its path (peers drop
 // the route now), its sessions, then its node record. Kernel state stays
 // until `fabricd --cleanup`.
-func (a *Agent) leave(heartbeat *registry.Heartbeat) {
+func (a *Agent) leave(heartbeat *registry.Heartbeat, containerNames *names.Publisher) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	if err := a.speaker.Withdraw(ctx); err != nil {
@@ -322,6 +328,9 @@ func (a *Agent) leave(heartbeat *registry.Heartbeat) {
 	a.speaker.Stop()
 	if err := heartbeat.Withdraw(ctx); err != nil {
 		a.log.Warn("withdraw node record", "err", err)
+	}
+	if err := containerNames.Withdraw(ctx); err != nil {
+		a.log.Warn("withdraw container names", "err", err)
 	}
 	a.log.Info("left the fabric: subnet withdrawn from every peer and node record deleted; the subnet stays leased to this host, kernel routes and links stay until --cleanup",
 		"subnet", a.lease.Subnet)
@@ -533,6 +542,9 @@ func (a *Agent) hostLoop(ctx context.Context) error {
 
 func (a *Agent) writeDockerOpts() error {
 	opts := dockeropts.Options{Pool: a.pool.Network, Subnet: a.lease.Subnet, Gateway: a.lease.Gateway(), MTU: a.dp.MTU(), Bridge: a.cfg.Bridge}
+	if a.cfg.ContainerDNS {
+		opts.DNSDomain = a.cfg.DNSDomain
+	}
 	changed, err := dockeropts.WriteEnv(a.cfg.DockerOptsFile, opts)
 	if err != nil {
 		a.log.Error("write docker options", "file", a.cfg.DockerOptsFile, "err", err)

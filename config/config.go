@@ -106,6 +106,14 @@ type Config struct {
 
 	Bridge         string `json:"bridge"`
 	DockerOptsFile string `json:"dockerOptsFile"`
+	// DockerSocket is the local dockerd's API; fabricd publishes the names
+	// of the containers on the bridge from it.
+	DockerSocket string `json:"dockerSocket"`
+	// ContainerDNS serves <container>.<DNSDomain> on the bridge gateway
+	// (port 53) and forwards every other name to the host's resolvers;
+	// docker-opts then points containers at it.
+	ContainerDNS bool   `json:"containerDNS"`
+	DNSDomain    string `json:"dnsDomain"`
 
 	RunDir    string        `json:"runDir"`
 	Resync    time.Duration `json:"resync"`
@@ -147,6 +155,9 @@ func Defaults() Config {
 		RouteProtocol:       93,
 		Bridge:              "docker0",
 		DockerOptsFile:      "/run/fabric/docker.env",
+		DockerSocket:        "/var/run/docker.sock",
+		ContainerDNS:        true,
+		DNSDomain:           "fabric",
 		RunDir:              "/run/fabric",
 		Resync:              30 * time.Second,
 		LogLevel:            "info",
@@ -277,6 +288,9 @@ func defineFlags(fs *flag.FlagSet, c *Config) {
 	fs.IntVar(&c.RouteProtocol, "route-protocol", c.RouteProtocol, "kernel route protocol number marking fabricd's routes")
 	fs.StringVar(&c.Bridge, "bridge", c.Bridge, "container bridge fabricd creates or adopts")
 	fs.StringVar(&c.DockerOptsFile, "docker-opts-file", c.DockerOptsFile, "environment file with the options dockerd needs")
+	fs.StringVar(&c.DockerSocket, "docker-socket", c.DockerSocket, "the local dockerd's API socket, to publish container names (env FABRIC_DOCKER_SOCKET)")
+	fs.BoolVar(&c.ContainerDNS, "container-dns", c.ContainerDNS, "answer <container>.<dns-domain> for every container of the fabric on the bridge gateway, port 53")
+	fs.StringVar(&c.DNSDomain, "dns-domain", c.DNSDomain, "domain of container names (env FABRIC_DNS_DOMAIN)")
 	fs.StringVar(&c.RunDir, "run-dir", c.RunDir, "directory for the local API sockets")
 	fs.DurationVar(&c.Resync, "resync", c.Resync, "interval of drift repair of kernel state")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
@@ -308,6 +322,8 @@ func applyEnv(c *Config, env map[string]string) error {
 		"FABRIC_POOL":               &c.Pool,
 		"FABRIC_ENCAPSULATION":      &c.Encapsulation,
 		"FABRIC_BRIDGE":             &c.Bridge,
+		"FABRIC_DOCKER_SOCKET":      &c.DockerSocket,
+		"FABRIC_DNS_DOMAIN":         &c.DNSDomain,
 		"FABRIC_RUN_DIR":            &c.RunDir,
 		"FABRIC_LOG_LEVEL":          &c.LogLevel,
 		"FABRIC_LOG_FORMAT":         &c.LogFormat,
@@ -464,6 +480,12 @@ func (c *Config) Validate() error {
 	if c.Bridge == "" || len(c.Bridge) > 15 {
 		bad("bridge", "%q: want an interface name of 1-15 characters", c.Bridge)
 	}
+	if c.DockerSocket == "" {
+		bad("dockerSocket", "empty: want the path of dockerd's API socket")
+	}
+	if err := checkDomain(c.DNSDomain); err != nil {
+		bad("dnsDomain", "%q: %v", c.DNSDomain, err)
+	}
 	if c.Resync < time.Second {
 		bad("resync", "%s is below 1s", c.Resync)
 	}
@@ -558,4 +580,23 @@ func joinIndented(errs []error) error {
 		parts[i] = e.Error()
 	}
 	return errors.New(strings.Join(parts, "\n  "))
+}
+
+// checkDomain accepts a DNS domain of letters, digits and hyphens in labels
+// of 1-63 characters, without the trailing dot.
+func checkDomain(d string) error {
+	if d == "" || len(d) > 200 {
+		return fmt.Errorf("want a domain of 1-200 characters")
+	}
+	for _, label := range strings.Split(d, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return fmt.Errorf("label %q: want 1-63 characters, not starting or ending with '-'", label)
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return fmt.Errorf("label %q holds %q: want letters, digits and '-'", label, r)
+			}
+		}
+	}
+	return nil
 }

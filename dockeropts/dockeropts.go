@@ -19,6 +19,10 @@ type Options struct {
 	Gateway netip.Addr   // first address of Subnet, the bridge address
 	MTU     int
 	Bridge  string
+	// DNSDomain, when set, points containers at fabricd's DNS responder on
+	// the gateway (--dns) with the fabric's domain to search (--dns-search),
+	// so `ping web` finds web.<domain> on any host.
+	DNSDomain string
 }
 
 // BIP is dockerd's --bip value: the gateway with the subnet's length.
@@ -37,7 +41,11 @@ func (o Options) Args() []string {
 	if o.customBridge() {
 		addr = "--bridge=" + o.Bridge
 	}
-	return []string{addr, fmt.Sprintf("--mtu=%d", o.MTU), "--ip-masq=false"}
+	args := []string{addr, fmt.Sprintf("--mtu=%d", o.MTU), "--ip-masq=false"}
+	if o.DNSDomain != "" {
+		args = append(args, "--dns="+o.Gateway.String(), "--dns-search="+o.DNSDomain)
+	}
+	return args
 }
 
 func (o Options) customBridge() bool { return o.Bridge != "" && o.Bridge != "docker0" }
@@ -52,6 +60,9 @@ func (o Options) Env() string {
 	if o.Bridge != "" {
 		fmt.Fprintf(&b, "FABRIC_BRIDGE=%s\n", o.Bridge)
 	}
+	if o.DNSDomain != "" {
+		fmt.Fprintf(&b, "FABRIC_DNS_DOMAIN=%s\n", o.DNSDomain)
+	}
 	fmt.Fprintf(&b, "DOCKER_OPTS=\"%s\"\n", strings.Join(o.Args(), " "))
 	return b.String()
 }
@@ -59,6 +70,10 @@ func (o Options) Env() string {
 // JSON renders a daemon.json fragment.
 func (o Options) JSON() string {
 	v := map[string]any{"bip": o.BIP(), "mtu": o.MTU, "ip-masq": false}
+	if o.DNSDomain != "" {
+		v["dns"] = []string{o.Gateway.String()}
+		v["dns-search"] = []string{o.DNSDomain}
+	}
 	if o.customBridge() {
 		delete(v, "bip")
 		v["bridge"] = o.Bridge
@@ -117,6 +132,7 @@ func ParseEnv(data string) (Options, error) {
 		return o, fmt.Errorf("FABRIC_GATEWAY: %w", err)
 	}
 	o.Bridge = vals["FABRIC_BRIDGE"]
+	o.DNSDomain = vals["FABRIC_DNS_DOMAIN"]
 	if _, err := fmt.Sscan(vals["FABRIC_MTU"], &o.MTU); err != nil {
 		return o, fmt.Errorf("FABRIC_MTU: %w", err)
 	}

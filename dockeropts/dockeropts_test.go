@@ -60,3 +60,20 @@ func TestSystemdDropInDoesNotTieDockerToFabricd(t *testing.T) {
 		t.Fatalf("drop-in does not use the options file:\n%s", unit)
 	}
 }
+
+// With container DNS, containers are pointed at the gateway and search the
+// fabric's domain; the file reads back the same.
+func TestContainerDNSOptions(t *testing.T) {
+	o := opts("docker0")
+	o.DNSDomain = "fabric"
+	env := o.Env()
+	if !strings.Contains(env, `DOCKER_OPTS="--bip=10.244.7.1/24 --mtu=1450 --ip-masq=false --dns=10.244.7.1 --dns-search=fabric"`) {
+		t.Errorf("env file:\n%s", env)
+	}
+	if back, err := ParseEnv(env); err != nil || back != o {
+		t.Errorf("parse back: %+v %v", back, err)
+	}
+	if j := o.JSON(); !strings.Contains(j, `"dns": [`) || !strings.Contains(j, `"10.244.7.1"`) || !strings.Contains(j, `"dns-search": [`) {
+		t.Errorf("daemon.json:\n%s", j)
+	}
+}

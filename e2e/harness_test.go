@@ -80,6 +80,7 @@ func (f *fabric) fabricdArgs(h *lab.Host, runDir string, more ...string) []strin
 		"--pool", "10.244.0.0/16",
 		"--run-dir", runDir,
 		"--docker-opts-file", runDir + "/docker.env",
+		"--docker-socket", h.DockerSocket(),
 		"--underlay-interface", h.Dev,
 		"--resync", "5s",
 		"--log-level", "debug",

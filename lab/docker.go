@@ -128,6 +128,12 @@ echo "supervisor: dockerd exited with $?"
 cleanup
 `
 
+func (h *Host) dockerRoot() string { return filepath.Join(h.lab.runDir, "docker-"+h.Name) }
+
+// DockerSocket is where the API of the host's dockerd (StartDockerd) is, or
+// will be: fabricd can be pointed at it before dockerd starts.
+func (h *Host) DockerSocket() string { return filepath.Join(h.dockerRoot(), "docker.sock") }
+
 // StartDockerd starts dockerd (and, through it, containerd) in h's namespace
 // and waits until its API answers. Lab.Close stops it and removes its
 // containers, directories and cgroups; so does Stop.
@@ -136,14 +142,14 @@ func (h *Host) StartDockerd(ctx context.Context, opts DockerdOptions) (*Dockerd,
 		return nil, errors.New("lab: " + reason)
 	}
 	l := h.lab
-	root := filepath.Join(l.runDir, "docker-"+h.Name)
+	root := h.dockerRoot()
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
 	d := &Dockerd{
 		Host:   h,
 		Root:   root,
-		Socket: filepath.Join(root, "docker.sock"),
+		Socket: h.DockerSocket(),
 		Cgroup: "/" + l.prefix + "-" + h.Name,
 	}
 	args := []string{

@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -13,6 +15,7 @@ import (
 
 	"github.com/fabricnet/fabric/dockeropts"
 	"github.com/fabricnet/fabric/ipam"
+	"github.com/fabricnet/fabric/names"
 	"github.com/fabricnet/fabric/registry"
 )
 
@@ -154,4 +157,56 @@ func dockerOptsCmd(g *globals) *cobra.Command {
 	cmd.Flags().StringVar(&format, "format", "env", "env, json or systemd")
 	cmd.Flags().StringVar(&file, "file", "/run/fabric/docker.env", "the options file fabricd writes")
 	return cmd
+}
+
+func containersCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "containers",
+		Short: "Containers of the fabric by name: address, host, labels; a name on two hosts shows which one DNS answers with",
+		Args:  usageArgs(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				records, problems, err := names.List(ctx, cli, g.etcdPrefix)
+				if err != nil {
+					return err
+				}
+				leases, _, err := ipam.List(ctx, cli, g.etcdPrefix)
+				if err != nil {
+					return err
+				}
+				held := map[string][]netip.Prefix{}
+				for _, l := range leases {
+					held[l.Node] = append(held[l.Node], l.Subnet)
+				}
+				kept, refused := names.Trusted(records, held)
+				entries := names.NewView(kept).Entries()
+				for _, r := range refused {
+					entries = append(entries, names.Entry{Record: r.Record, Refused: r.Reason})
+				}
+				if g.json {
+					return printJSON(entries)
+				}
+				var rows [][]string
+				for _, e := range entries {
+					var labels []string
+					for _, k := range slices.Sorted(maps.Keys(e.Labels)) {
+						labels = append(labels, k+"="+e.Labels[k])
+					}
+					answer := "yes"
+					switch {
+					case e.Refused != "":
+						answer = "no: " + e.Refused
+					case e.ShadowedBy != "":
+						answer = "no: " + e.ShadowedBy + "'s is older"
+					}
+					rows = append(rows, []string{e.Name, e.Address.String(), e.Node, answer, strings.Join(labels, ",")})
+				}
+				table("NAME\tADDRESS\tNODE\tANSWERS\tLABELS", rows)
+				for _, p := range problems {
+					fmt.Fprintf(os.Stderr, "malformed container record %v\n", p)
+				}
+				return nil
+			})
+		},
+	}
 }

@@ -47,7 +47,7 @@ func main() {
 	root.PersistentFlags().StringVar(&g.runDir, "run-dir", envOr("FABRIC_RUN_DIR", "/run/fabric"), "fabricd's run directory (holds its local API socket)")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts")
 
-	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), ipamCmd(g), nodesCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
+	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), ipamCmd(g), nodesCmd(g), containersCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
 		Use: "version", Short: "Print the version",
 		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", version.String()) },
 	})

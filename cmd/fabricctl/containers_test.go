@@ -1,0 +1,91 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"net/netip"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/internal/etcdtest"
+	"github.com/fabricnet/fabric/ipam"
+	"github.com/fabricnet/fabric/names"
+)
+
+// fabricctl containers shows which record DNS answers for each name, and
+// why it refuses the others, against a real etcd.
+func TestContainersShowsAnswersAndRefusals(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "fabricctl")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	c := etcdtest.Start(t)
+	cli := c.Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const prefix = "/fabric/v1"
+	pool := &ipam.Pool{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24}
+	subnets := map[string]netip.Prefix{}
+	for i, node := range []string{"host1", "host2"} {
+		m, err := ipam.New(ipam.Options{Client: cli, Prefix: prefix, Node: node, MachineID: "m-" + node,
+			HostAddr: netip.AddrFrom4([4]byte{192, 0, 2, byte(i + 1)}), Pool: pool})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := m.Acquire(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		subnets[node] = l.Subnet
+	}
+	in := func(node string, n int) netip.Addr {
+		a := subnets[node].Addr()
+		for range n {
+			a = a.Next()
+		}
+		return a
+	}
+	put := func(r names.Record) {
+		b, _ := json.Marshal(r)
+		if _, err := cli.Put(ctx, names.Key(prefix, r), string(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(names.Record{Name: "web", Node: "host1", Address: in("host1", 2), ID: "a", Created: time.Unix(200, 0)})
+	put(names.Record{Name: "web", Node: "host2", Address: in("host2", 2), ID: "b", Created: time.Unix(100, 0)})
+	put(names.Record{Name: "bank", Node: "host2", Address: in("host1", 3), ID: "c", Created: time.Unix(100, 0)})
+
+	out, err := exec.Command(bin, "--etcd-endpoints", c.Endpoint(0), "containers").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	find := func(name, node string) string {
+		for _, l := range lines {
+			f := strings.Fields(l)
+			if len(f) >= 3 && f[0] == name && f[2] == node {
+				return l
+			}
+		}
+		t.Fatalf("no row for %s on %s in:\n%s", name, node, out)
+		return ""
+	}
+	if row := find("web", "host2"); !strings.Contains(row, "yes") {
+		t.Errorf("host2's web (older) should answer: %q", row)
+	}
+	if row := find("web", "host1"); !strings.Contains(row, "no: host2's is older") {
+		t.Errorf("host1's web should be shadowed: %q", row)
+	}
+	if row := find("bank", "host2"); !strings.Contains(row, "no: address "+in("host1", 3).String()+" is not in a subnet leased to host2") {
+		t.Errorf("bank should be refused with the reason: %q", row)
+	}
+
+	out, err = exec.Command(bin, "--etcd-endpoints", c.Endpoint(0), "--json", "containers").Output()
+	var entries []names.Entry
+	if err != nil || json.Unmarshal(out, &entries) != nil || len(entries) != 3 {
+		t.Fatalf("--json containers: %v\n%s", err, out)
+	}
+}

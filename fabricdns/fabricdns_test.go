@@ -1,0 +1,184 @@
+package fabricdns
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/fabricnet/fabric/names"
+)
+
+// freePort returns a port free for both UDP and TCP on 127.0.0.1.
+func freePort(t *testing.T) netip.AddrPort {
+	t.Helper()
+	for range 20 {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ap := netip.MustParseAddrPort(pc.LocalAddr().String())
+		ln, err := net.Listen("tcp", ap.String())
+		pc.Close()
+		if err == nil {
+			ln.Close()
+			return ap
+		}
+	}
+	t.Fatal("no port free for both UDP and TCP")
+	return netip.AddrPort{}
+}
+
+// upstream is a real DNS server standing in for the host's resolver: it
+// knows example.org.
+func upstream(t *testing.T) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(r)
+		if r.Question[0].Name == "example.org." {
+			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: "example.org.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60},
+				A: net.ParseIP("192.0.2.80")})
+		} else {
+			m.SetRcode(r, dns.RcodeNameError)
+		}
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	t.Cleanup(func() { srv.Shutdown() })
+	return pc.LocalAddr().String()
+}
+
+func start(t *testing.T, cfg Config) (*Server, string) {
+	t.Helper()
+	cfg.Listen = freePort(t)
+	if cfg.Domain == "" {
+		cfg.Domain = "fabric"
+	}
+	cfg.Pool = netip.MustParsePrefix("10.244.0.0/16")
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	// Serving once a query is answered.
+	c := &dns.Client{Timeout: 200 * time.Millisecond}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, _, err := c.Exchange(question("probe.fabric.", dns.TypeA), cfg.Listen.String()); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the server never answered")
+		}
+	}
+	return s, cfg.Listen.String()
+}
+
+func question(name string, qtype uint16) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetQuestion(name, qtype)
+	return m
+}
+
+func ask(t *testing.T, network, addr, name string, qtype uint16) *dns.Msg {
+	t.Helper()
+	c := &dns.Client{Net: network, Timeout: 5 * time.Second}
+	resp, _, err := c.Exchange(question(name, qtype), addr)
+	if err != nil {
+		t.Fatalf("%s %s over %s: %v", name, dns.TypeToString[qtype], network, err)
+	}
+	return resp
+}
+
+func TestAnswersContainerNamesAndForwardsTheRest(t *testing.T) {
+	s, addr := start(t, Config{Upstreams: []string{upstream(t)}})
+	web := names.Record{Name: "web", Node: "host2", Address: netip.MustParseAddr("10.244.2.5"), Created: time.Unix(1, 0)}
+	s.SetView(names.NewView([]names.Record{web}))
+
+	for _, network := range []string{"udp", "tcp"} {
+		resp := ask(t, network, addr, "web.fabric.", dns.TypeA)
+		if resp.Rcode != dns.RcodeSuccess || len(resp.Answer) != 1 || resp.Answer[0].(*dns.A).A.String() != "10.244.2.5" || !resp.Authoritative {
+			t.Errorf("web.fabric A over %s: %v", network, resp)
+		}
+	}
+	// Case does not matter; AAAA has no data but the name exists.
+	if resp := ask(t, "udp", addr, "WEB.Fabric.", dns.TypeA); len(resp.Answer) != 1 {
+		t.Errorf("WEB.Fabric: %v", resp)
+	}
+	if resp := ask(t, "udp", addr, "web.fabric.", dns.TypeAAAA); resp.Rcode != dns.RcodeSuccess || len(resp.Answer) != 0 {
+		t.Errorf("web.fabric AAAA: want no data, got %v", resp)
+	}
+	if resp := ask(t, "udp", addr, "nothing.fabric.", dns.TypeA); resp.Rcode != dns.RcodeNameError {
+		t.Errorf("nothing.fabric: want NXDOMAIN, got %v", resp)
+	}
+	// PTR inside the pool is ours; the reverse name points back.
+	resp := ask(t, "udp", addr, "5.2.244.10.in-addr.arpa.", dns.TypePTR)
+	if len(resp.Answer) != 1 || resp.Answer[0].(*dns.PTR).Ptr != "web.fabric." {
+		t.Errorf("PTR 10.244.2.5: %v", resp)
+	}
+	if resp := ask(t, "udp", addr, "9.2.244.10.in-addr.arpa.", dns.TypePTR); resp.Rcode != dns.RcodeNameError {
+		t.Errorf("PTR of an unused pool address: want NXDOMAIN, got %v", resp)
+	}
+	// Everything else goes upstream.
+	if resp := ask(t, "udp", addr, "example.org.", dns.TypeA); len(resp.Answer) != 1 || resp.Answer[0].(*dns.A).A.String() != "192.0.2.80" {
+		t.Errorf("example.org via the upstream: %v", resp)
+	}
+	if resp := ask(t, "udp", addr, "missing.example.org.", dns.TypeA); resp.Rcode != dns.RcodeNameError {
+		t.Errorf("upstream's NXDOMAIN not passed on: %v", resp)
+	}
+
+	// The container goes: the name stops resolving with the next view.
+	s.SetView(names.NewView(nil))
+	if resp := ask(t, "udp", addr, "web.fabric.", dns.TypeA); resp.Rcode != dns.RcodeNameError {
+		t.Errorf("removed web still resolves: %v", resp)
+	}
+}
+
+func TestUpstreamsFromResolvConf(t *testing.T) {
+	up := upstream(t)
+	host, port, _ := net.SplitHostPort(up)
+	rc := filepath.Join(t.TempDir(), "resolv.conf")
+	if err := os.WriteFile(rc, []byte("nameserver "+host+"\noptions timeout:1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(Config{Listen: netip.MustParseAddrPort("127.0.0.2:53"), Domain: "fabric", ResolvConf: rc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(s.upstreams) != 1 || s.upstreams[0] != host+":53" {
+		t.Errorf("upstreams %v, want [%s:53] (port %s of the test server is not in resolv.conf)", s.upstreams, host, port)
+	}
+	// A resolv.conf naming the server itself would loop: left out.
+	if err := os.WriteFile(rc, []byte("nameserver 127.0.0.1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if s, _ := New(Config{Listen: netip.MustParseAddrPort("127.0.0.1:53"), Domain: "fabric", ResolvConf: rc}); len(s.upstreams) != 0 {
+		t.Errorf("the server's own address kept as upstream: %v", s.upstreams)
+	}
+}
+
+func TestNoUpstreamAnswersServfail(t *testing.T) {
+	// A UDP port nobody answers on.
+	dead := freePort(t).String()
+	_, addr := start(t, Config{Upstreams: []string{dead}})
+	if resp := ask(t, "udp", addr, "example.org.", dns.TypeA); resp.Rcode != dns.RcodeServerFailure {
+		t.Errorf("want SERVFAIL with no upstream answering, got %v", resp)
+	}
+}
