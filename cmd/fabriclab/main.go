@@ -81,7 +81,7 @@ func demo(binDir string, nHosts int, encap string, keep bool) error {
 			"--node-name", h.Name, "--machine-id", l.Prefix() + "-" + h.Name,
 			"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","),
 			"--pool", "10.244.0.0/16", "--encapsulation", encap,
-			"--run-dir", d.runDir(h), "--docker-opts-file", d.runDir(h) + "/docker.env",
+			"--run-dir", d.runDir(h), "--docker-opts-file", d.runDir(h) + "/docker.env", "--docker-socket", h.DockerSocket(),
 			"--underlay-interface", h.Dev}
 		if _, err := h.Start("fabricd", args...); err != nil {
 			return err
@@ -245,6 +245,7 @@ func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.S
 	type dockerCtr struct {
 		host *lab.Host
 		d    *lab.Dockerd
+		name string // "app" + the host's number: names are fabric-wide
 		ip   string
 	}
 	var ctrs []dockerCtr
@@ -269,27 +270,27 @@ func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.S
 			return err
 		}
 		fmt.Printf("  %s: dockerd %s (socket %s)\n", h.Name, strings.Join(opts, " "), dd.Socket)
-		ctrs = append(ctrs, dockerCtr{host: h, d: dd})
+		ctrs = append(ctrs, dockerCtr{host: h, d: dd, name: "app" + strings.TrimPrefix(h.Name, "host")})
 	}
 
-	step("docker import of a busybox image, then `docker run -d` one container per host")
+	step("docker import of a busybox image, then `docker run -d --name appN` one container per host")
 	for i := range ctrs {
 		c := &ctrs[i]
 		rctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 		img, err := d.lab.BusyboxImage(rctx, c.d, nil)
 		if err == nil {
-			_, err = c.d.Docker(rctx, "run", "-d", "--name", "demo", img, "sleep", "3600")
+			_, err = c.d.Docker(rctx, "run", "-d", "--name", c.name, img, "sleep", "3600")
 		}
 		if err == nil {
-			c.ip, err = c.d.Docker(rctx, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", "demo")
+			c.ip, err = c.d.Docker(rctx, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", c.name)
 		}
-		mtu, _ := c.d.Docker(rctx, "exec", "demo", "cat", "/sys/class/net/eth0/mtu")
+		mtu, _ := c.d.Docker(rctx, "exec", c.name, "cat", "/sys/class/net/eth0/mtu")
 		cancel()
 		if err != nil {
 			return fmt.Errorf("docker on %s: %w", c.host.Name, err)
 		}
 		s := statuses[c.host.Name]
-		fmt.Printf("  %s: docker container %s in %s (MTU %s, gateway %s on %s)\n", c.host.Name, c.ip, s.Subnet, mtu, s.Gateway, s.Bridge)
+		fmt.Printf("  %s: docker container %s, %s in %s (MTU %s, gateway %s on %s)\n", c.host.Name, c.name, c.ip, s.Subnet, mtu, s.Gateway, s.Bridge)
 	}
 
 	step("docker containers on different hosts reach each other (docker exec ping)")
@@ -302,7 +303,7 @@ func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.S
 			var err error
 			for try := 0; try < 3; try++ {
 				pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-				_, err = a.d.Docker(pctx, "exec", "demo", "ping", "-c", "1", "-W", "2", b.ip)
+				_, err = a.d.Docker(pctx, "exec", a.name, "ping", "-c", "1", "-W", "2", b.ip)
 				cancel()
 				if err == nil {
 					break
@@ -313,14 +314,47 @@ func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.S
 				verdict = "FAILED"
 				failed++
 			}
-			fmt.Printf("  docker exec demo ping %s   (%s@%s -> %s@%s): %s\n", b.ip, a.ip, a.host.Name, b.ip, b.host.Name, verdict)
+			fmt.Printf("  docker exec %s ping %s   (%s@%s -> %s@%s): %s\n", a.name, b.ip, a.ip, a.host.Name, b.ip, b.host.Name, verdict)
+		}
+	}
+
+	// By name, as on Docker's overlay: fabricd answers <name>.fabric on every
+	// gateway, and dockerd's --dns-search makes the short name work.
+	step("containers find each other by name across hosts (fabricd's DNS on the bridge gateway)")
+	for i, a := range ctrs {
+		b := ctrs[(i+1)%len(ctrs)]
+		if a.host == b.host {
+			continue
+		}
+		var out string
+		var err error
+		for try := 0; try < 10; try++ {
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			out, err = a.d.Docker(pctx, "exec", a.name, "ping", "-c", "1", "-W", "2", b.name)
+			cancel()
+			if err == nil {
+				break
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		verdict := "ok"
+		if err != nil || !strings.Contains(out, b.ip) {
+			verdict = fmt.Sprintf("FAILED: %v %s", err, out)
+			failed++
+		}
+		fmt.Printf("  docker exec %s ping %s   (%s@%s -> %s.fabric = %s@%s): %s\n", a.name, b.name, a.name, a.host.Name, b.name, b.ip, b.host.Name, verdict)
+	}
+	if out, err := d.ctl(ctx, hosts[0], "containers"); err == nil {
+		fmt.Printf("  fabricctl containers (on %s):\n", hosts[0].Name)
+		for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+			fmt.Printf("    %s\n", line)
 		}
 	}
 	// One full-size packet: the container MTU fits the VXLAN overhead.
 	if len(ctrs) > 1 {
 		mtu := statuses[ctrs[0].host.Name].MTU
 		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, err := ctrs[0].d.Docker(pctx, "exec", "demo", "ping", "-c", "1", "-W", "2", "-s", strconv.Itoa(mtu-28), ctrs[1].ip)
+		_, err := ctrs[0].d.Docker(pctx, "exec", ctrs[0].name, "ping", "-c", "1", "-W", "2", "-s", strconv.Itoa(mtu-28), ctrs[1].ip)
 		cancel()
 		verdict := "ok"
 		if err != nil {
