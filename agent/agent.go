@@ -22,6 +22,7 @@ import (
 	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/dockeropts"
+	"github.com/fabricnet/fabric/fabricdns"
 	"github.com/fabricnet/fabric/ingress"
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/internal/sdnotify"
@@ -61,10 +62,15 @@ type Agent struct {
 	ownRecordSeen bool          // main loop only: our record was seen with our address
 	held          ipam.Holdings // subnets leased to each node; nil until etcd's first answer
 	nodes         []registry.Node
-	departed      map[string]planner.Departed // main loop only
-	warned        map[string]bool
-	bgpRoutes     []bgp.Route
-	grace         planner.Grace
+	// containers are the fabric's containers whose records passed
+	// names.Trusted, for policy's container and label selectors;
+	// containersKnown turns true once etcd answered for records and leases.
+	containers      []policy.Container
+	containersKnown bool
+	departed        map[string]planner.Departed // main loop only
+	warned          map[string]bool
+	bgpRoutes       []bgp.Route
+	grace           planner.Grace
 	// nodesKnown turns true with the registry's first snapshot; before it
 	// the data plane is not touched, since a route set computed without
 	// node records would sweep every route fabricd installed before a restart.
@@ -182,6 +188,18 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 
+	var dns *fabricdns.Server // container names on the gateway
+	if cfg.ContainerDNS {
+		if dns, err = fabricdns.New(fabricdns.Config{
+			Listen: netip.AddrPortFrom(a.lease.Gateway(), 53),
+			Domain: cfg.DNSDomain,
+			Pool:   a.pool.Network,
+			Logger: log.With("component", "dns"),
+		}); err != nil {
+			return err
+		}
+	}
+
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	var wg sync.WaitGroup
@@ -219,9 +237,10 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("metrics", a.metricsLoop)
 	containerNames := names.NewPublisher(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.NodeTTL, log.With("component", "names"))
 	goLoop("container-names", func(ctx context.Context) error { return a.containerNamesLoop(ctx, containerNames) })
-	if cfg.ContainerDNS {
-		goLoop("dns", a.dnsLoop)
+	if dns != nil {
+		goLoop("dns", func(ctx context.Context) error { return a.dnsLoop(ctx, dns) })
 	}
+	goLoop("names-view", func(ctx context.Context) error { return a.namesViewLoop(ctx, dns) })
 
 	nodes := registry.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "registry"))
 	held := ipam.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "ipam"))

@@ -75,13 +75,19 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 			continue
 		}
 		a.mu.Lock()
-		subnets := map[string]netip.Prefix{}
+		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, Containers: a.containers}
 		for _, n := range a.nodes {
-			subnets[n.Name] = n.Subnet
+			dir.Nodes[n.Name] = n.Subnet
 		}
+		containersKnown := a.containersKnown
 		a.mu.Unlock()
-		subnets[a.cfg.NodeName] = a.lease.Subnet
-		rs, err := policy.Compile(current.Rules, current.DefaultAction, subnets, a.lease.Subnet)
+		dir.Nodes[a.cfg.NodeName] = a.lease.Subnet
+		if !containersKnown && policy.UsesContainers(current.Rules) {
+			// Compiled without the containers, a deny rule by label would
+			// match nothing: keep what is in force until they are known.
+			continue
+		}
+		rs, err := policy.Compile(current.Rules, current.DefaultAction, dir, a.lease.Subnet)
 		if err != nil {
 			policyApplyErrors.Inc()
 			a.log.Error("compile policy; keeping the rules in force", "err", err)

@@ -2,14 +2,13 @@ package agent
 
 import (
 	"context"
-	"log/slog"
-	"net/netip"
 	"time"
 
 	"github.com/fabricnet/fabric/dockerwatch"
 	"github.com/fabricnet/fabric/fabricdns"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/names"
+	"github.com/fabricnet/fabric/policy"
 )
 
 // containerNamesLoop publishes the names of the containers on this host's
@@ -37,28 +36,17 @@ func (a *Agent) containerNamesLoop(ctx context.Context, pub *names.Publisher) er
 }
 
 // dnsLoop answers <container>.<domain> on the bridge gateway from the
-// fabric-wide directory, and forwards other names to the host's resolvers.
-// It keeps trying to listen: the gateway address may not be on the bridge
-// yet, or another server may hold port 53 there for a while.
-func (a *Agent) dnsLoop(ctx context.Context) error {
-	log := a.log.With("component", "dns")
-	srv, err := fabricdns.New(fabricdns.Config{
-		Listen: netip.AddrPortFrom(a.lease.Gateway(), 53),
-		Domain: a.cfg.DNSDomain,
-		Pool:   a.pool.Network,
-		Logger: log,
-	})
-	if err != nil {
-		return err
-	}
-	go a.followNames(ctx, srv, log)
+// trusted view namesViewLoop keeps, and forwards other names to the host's
+// resolvers. It keeps trying to listen: the gateway address may not be on
+// the bridge yet, or another server may hold port 53 there for a while.
+func (a *Agent) dnsLoop(ctx context.Context, srv *fabricdns.Server) error {
 	backoff := time.Second
 	for {
 		err := srv.Run(ctx)
 		if ctx.Err() != nil {
 			return nil
 		}
-		log.Error("cannot answer container names; retrying", "err", err, "in", backoff)
+		a.log.Error("cannot answer container names; retrying", "component", "dns", "err", err, "in", backoff)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -68,25 +56,30 @@ func (a *Agent) dnsLoop(ctx context.Context) error {
 	}
 }
 
-// followNames keeps the responder's view: the directory's records whose
-// address lies in their own node's lease (names.Trusted), each refusal
-// logged once.
-func (a *Agent) followNames(ctx context.Context, srv *fabricdns.Server, log *slog.Logger) {
+// namesViewLoop follows the directory of container names and the leases;
+// the records whose address lies in their own node's lease (names.Trusted)
+// go to the DNS responder (srv, nil without container DNS) and to policy's
+// container and label selectors. Each refusal is logged once.
+func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error {
+	log := a.log.With("component", "names")
 	records := names.Watch(ctx, a.etcd, a.cfg.EtcdPrefix, log)
 	leases := ipam.Watch(ctx, a.etcd, a.cfg.EtcdPrefix, log)
 	var rs []names.Record
 	var held ipam.Holdings // nil until etcd answers: nothing trusted
+	recordsKnown := false
 	logged := map[string]string{}
 	for {
 		select {
+		case <-ctx.Done():
+			return nil
 		case r, ok := <-records:
 			if !ok {
-				return
+				return nil
 			}
-			rs = r
+			rs, recordsKnown = r, true
 		case h, ok := <-leases:
 			if !ok {
-				return
+				return nil
 			}
 			held = h
 		}
@@ -105,6 +98,17 @@ func (a *Agent) followNames(ctx context.Context, srv *fabricdns.Server, log *slo
 				delete(logged, key)
 			}
 		}
-		srv.SetView(names.NewView(kept))
+		if srv != nil {
+			srv.SetView(names.NewView(kept))
+		}
+		containers := make([]policy.Container, 0, len(kept))
+		for _, r := range kept {
+			containers = append(containers, policy.Container{Name: r.Name, Address: r.Address, Labels: r.Labels})
+		}
+		a.mu.Lock()
+		a.containers = containers
+		a.containersKnown = recordsKnown && held != nil
+		a.mu.Unlock()
+		a.kickPolicy()
 	}
 }

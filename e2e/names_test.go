@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -56,10 +57,11 @@ func (f *fabric) startDockerd(h *lab.Host) *dockerHost {
 	return &dockerHost{host: h, d: d, opts: opts, gw: netip.MustParseAddr(st.Gateway)}
 }
 
-// run starts a detached container and returns its address.
-func (dh *dockerHost) run(t *testing.T, name, img string, cmd ...string) netip.Addr {
+// run starts a detached container and returns its address; flags go to
+// docker run (labels, say).
+func (dh *dockerHost) run(t *testing.T, name string, flags []string, img string, cmd ...string) netip.Addr {
 	t.Helper()
-	args := append([]string{"run", "-d", "--name", name, img}, cmd...)
+	args := append(append(append([]string{"run", "-d", "--name", name}, flags...), img), cmd...)
 	if _, err := dh.docker(args...); err != nil {
 		t.Fatalf("docker run %s on %s: %v", name, dh.host.Name, err)
 	}
@@ -110,10 +112,10 @@ func TestContainerNames(t *testing.T) {
 		}
 	}
 
-	webIP := h2.run(t, "web", img, "tcpprobe", "serve", "0.0.0.0:8000", "100000")
-	apiIP := h2.run(t, "api", img, "sleep", "3600")
-	h1.run(t, "client1", img, "sleep", "3600")
-	h3.run(t, "client3", img, "sleep", "3600")
+	webIP := h2.run(t, "web", nil, img, "tcpprobe", "serve", "0.0.0.0:8000", "100000")
+	apiIP := h2.run(t, "api", nil, img, "sleep", "3600")
+	h1.run(t, "client1", nil, img, "sleep", "3600")
+	h3.run(t, "client3", nil, img, "sleep", "3600")
 
 	t.Run("a name on another host resolves and answers", func(t *testing.T) {
 		took := f.sub(t).eventually(nameSettle, "web.fabric from host1", func() error {
@@ -174,6 +176,57 @@ func TestContainerNames(t *testing.T) {
 		table, err := f.fabricctl(hosts[0], "containers")
 		if err != nil || !strings.Contains(table, "NAME") || !strings.Contains(table, webIP.String()) {
 			t.Errorf("fabricctl containers: %v\n%s", err, table)
+		}
+	})
+
+	t.Run("policy selects containers by label", func(t *testing.T) {
+		f := f.sub(t)
+		backend := h2.run(t, "backend", []string{"--label", "role=backend"}, img, "tcpprobe", "serve", "0.0.0.0:8000", "100000")
+		h1.run(t, "frontend1", []string{"--label", "role=frontend"}, img, "sleep", "3600")
+		path := filepath.Join(t.TempDir(), "labels.yaml")
+		if err := os.WriteFile(path, []byte(labelPolicy), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := f.fabricctl(hosts[0], "policy", "apply", "-f", path); err != nil {
+			t.Fatalf("policy apply: %v %s", err, out)
+		}
+		defer func() {
+			for _, rule := range []string{"frontends-to-backends", "backends-closed"} {
+				if out, err := f.fabricctl(hosts[0], "policy", "delete", rule); err != nil {
+					t.Errorf("policy delete %s: %v %s", rule, err, out)
+				}
+			}
+		}()
+		target := netip.AddrPortFrom(backend, 8000).String()
+		dial := func(dh *dockerHost, ctr string) error {
+			out, err := dh.docker("exec", ctr, "tcpprobe", "dial", target)
+			if err != nil {
+				return fmt.Errorf("%s on %s -> backend: %v %s", ctr, dh.host.Name, err, out)
+			}
+			return nil
+		}
+		refused := func(dh *dockerHost, ctr string) error {
+			err := dial(dh, ctr)
+			switch {
+			case err == nil:
+				return fmt.Errorf("%s on %s reached the backend", ctr, dh.host.Name)
+			case !strings.Contains(err.Error(), "refused"):
+				return fmt.Errorf("want refused by the policy (a reset), got %v", err)
+			}
+			return nil
+		}
+		f.eventually(nameSettle, "a container without the label refused", func() error { return refused(h3, "client3") })
+		f.eventually(nameSettle, "the labelled frontend connects", func() error { return dial(h1, "frontend1") })
+		if err := refused(h1, "client1"); err != nil {
+			t.Error(err)
+		}
+		// A frontend started now is let in as soon as its record arrives.
+		h3.run(t, "frontend3", []string{"--label", "role=frontend"}, img, "sleep", "3600")
+		started := time.Now()
+		took := f.eventually(nameSettle, "a new frontend on host3 connects", func() error { return dial(h3, "frontend3") })
+		t.Logf("a new role=frontend container on host3 allowed %.2fs after docker run returned (%.2fs of checks)", time.Since(started).Seconds(), took.Seconds())
+		if err := refused(h3, "client3"); err != nil {
+			t.Error(err)
 		}
 	})
 
@@ -283,7 +336,7 @@ func TestContainerNames(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ip := again.run(t, "client3", img3, "sleep", "3600")
+		ip := again.run(t, "client3", nil, img3, "sleep", "3600")
 		took := f.sub(t).eventually(nameSettle, "client3 back", func() error {
 			got, err := h1.resolve("client1", "client3.fabric")
 			if err == nil && got != ip {
@@ -294,3 +347,20 @@ func TestContainerNames(t *testing.T) {
 		t.Logf("client3 resolvable again %.2fs after docker run on the restarted dockerd", took.Seconds())
 	})
 }
+
+const labelPolicy = `defaultAction: allow
+rules:
+  - name: frontends-to-backends
+    order: 10
+    action: allow
+    from: [{label: role=frontend}]
+    to: [{label: role=backend}]
+    protocol: tcp
+    ports: [8000]
+  - name: backends-closed
+    order: 20
+    action: deny
+    to: [{label: role=backend}]
+    protocol: tcp
+    ports: [8000]
+`

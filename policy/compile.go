@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 )
 
 // Ruleset is the policy as one host enforces it: selectors resolved to
@@ -50,11 +51,36 @@ func SortRules(rules []Rule) {
 	})
 }
 
+// Directory is what selectors are resolved against; callers recompile when
+// it changes, so rules follow leases and containers.
+type Directory struct {
+	Nodes      map[string]netip.Prefix // node name -> its current subnet
+	Containers []Container             // the fabric's containers, every host's
+}
+
+// Container is one container as policy sees it.
+type Container struct {
+	Name    string
+	Address netip.Addr
+	Labels  map[string]string
+}
+
+// UsesContainers reports whether any rule selects containers by name or
+// label: such rules cannot be compiled before the containers are known.
+func UsesContainers(rules []Rule) bool {
+	for _, r := range rules {
+		for _, s := range append(slices.Clone(r.From), r.To...) {
+			if s.selectsContainers() {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Compile resolves rules for the host whose container subnet is local.
-// nodes maps node names to their current subnets; a rule naming a node
-// follows that node's lease, so callers recompile when nodes change.
 // defaultAction "" means allow.
-func Compile(rules []Rule, defaultAction string, nodes map[string]netip.Prefix, local netip.Prefix) (Ruleset, error) {
+func Compile(rules []Rule, defaultAction string, dir Directory, local netip.Prefix) (Ruleset, error) {
 	if defaultAction == "" {
 		defaultAction = ActionAllow
 	}
@@ -80,7 +106,7 @@ func Compile(rules []Rule, defaultAction string, nodes map[string]netip.Prefix, 
 
 		var sources []netip.Prefix
 		if len(r.From) > 0 {
-			sources = rs.resolve(r.Name, "from", r.From, nodes)
+			sources = rs.resolve(r.Name, "from", r.From, dir)
 			if len(sources) == 0 {
 				// Every selector resolved to nothing: the rule matches no
 				// traffic. Dropping it is exact; treating it as "any source"
@@ -91,7 +117,7 @@ func Compile(rules []Rule, defaultAction string, nodes map[string]netip.Prefix, 
 		dests := []netip.Prefix{local}
 		if len(r.To) > 0 {
 			dests = nil
-			for _, p := range rs.resolve(r.Name, "to", r.To, nodes) {
+			for _, p := range rs.resolve(r.Name, "to", r.To, dir) {
 				if p.Bits() <= local.Bits() && p.Contains(local.Addr()) {
 					dests = append(dests, local)
 				} else if local.Bits() <= p.Bits() && local.Contains(p.Addr()) {
@@ -117,7 +143,7 @@ func Compile(rules []Rule, defaultAction string, nodes map[string]netip.Prefix, 
 
 // resolve turns selectors into prefixes, recording selectors that resolve to
 // nothing as warnings.
-func (rs *Ruleset) resolve(rule, side string, sels []Selector, nodes map[string]netip.Prefix) []netip.Prefix {
+func (rs *Ruleset) resolve(rule, side string, sels []Selector, dir Directory) []netip.Prefix {
 	var out []netip.Prefix
 	for _, s := range sels {
 		switch {
@@ -125,8 +151,20 @@ func (rs *Ruleset) resolve(rule, side string, sels []Selector, nodes map[string]
 			out = append(out, netip.MustParsePrefix(s.CIDR)) // validated
 		case s.Address != "":
 			out = append(out, netip.PrefixFrom(netip.MustParseAddr(s.Address), 32))
+		case s.Container != "" || s.Label != "":
+			// No container selected is normal (none started yet): the
+			// selector matches nothing, without a warning.
+			key, value, _ := strings.Cut(s.Label, "=")
+			for _, c := range dir.Containers {
+				if s.Container != "" && c.Name == s.Container {
+					out = append(out, netip.PrefixFrom(c.Address, 32))
+				}
+				if v, ok := c.Labels[key]; s.Label != "" && ok && v == value {
+					out = append(out, netip.PrefixFrom(c.Address, 32))
+				}
+			}
 		case s.Node != "":
-			p, ok := nodes[s.Node]
+			p, ok := dir.Nodes[s.Node]
 			if !ok || !p.IsValid() {
 				rs.Warnings = append(rs.Warnings, fmt.Sprintf("rule %q: %s: node %q has no subnet; matches nothing", rule, side, s.Node))
 				continue

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"fmt"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -20,7 +21,7 @@ func TestCompileResolvesAndDrops(t *testing.T) {
 		{Name: "from-gone", Order: 3, Action: "deny", From: []Selector{{Node: "host-gone"}}},
 		{Name: "to-wide", Order: 4, Action: "allow", To: []Selector{{CIDR: "10.0.0.0/8"}, {Address: "10.244.2.7"}}},
 	}
-	rs, err := Compile(rules, "", nodes, local)
+	rs, err := Compile(rules, "", Directory{Nodes: nodes}, local)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +50,7 @@ func TestCompileResolvesAndDrops(t *testing.T) {
 
 	// The node rule follows a new lease.
 	nodes["host-b"] = netip.MustParsePrefix("10.244.3.0/24")
-	rs2, err := Compile(rules, "", nodes, local)
+	rs2, err := Compile(rules, "", Directory{Nodes: nodes}, local)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,10 +64,10 @@ func TestCompileResolvesAndDrops(t *testing.T) {
 
 func TestCompileRefusesInvalid(t *testing.T) {
 	local := netip.MustParsePrefix("10.244.2.0/24")
-	if _, err := Compile(nil, "block", nil, local); err == nil {
+	if _, err := Compile(nil, "block", Directory{}, local); err == nil {
 		t.Fatal("bad default accepted")
 	}
-	if _, err := Compile([]Rule{{Name: "x", Action: "maybe"}}, "", nil, local); err == nil || !strings.Contains(err.Error(), `rule "x"`) {
+	if _, err := Compile([]Rule{{Name: "x", Action: "maybe"}}, "", Directory{}, local); err == nil || !strings.Contains(err.Error(), `rule "x"`) {
 		t.Fatalf("bad rule: %v", err)
 	}
 }
@@ -79,5 +80,51 @@ func TestProtoMatchesSplitsMultiport(t *testing.T) {
 	got := protoMatches("tcp", ports)
 	if len(got) != 2 || !strings.HasSuffix(got[1], "--dports 16,17,18,19,20") {
 		t.Fatalf("got %q", got)
+	}
+}
+
+// Container and label selectors resolve to the addresses of the matching
+// containers on every host; "to" keeps only this host's.
+func TestCompileContainerSelectors(t *testing.T) {
+	local := netip.MustParsePrefix("10.244.2.0/24")
+	dir := Directory{Containers: []Container{
+		{Name: "fe1", Address: netip.MustParseAddr("10.244.1.5"), Labels: map[string]string{"role": "frontend"}},
+		{Name: "fe2", Address: netip.MustParseAddr("10.244.3.5"), Labels: map[string]string{"role": "frontend", "tier": "a"}},
+		{Name: "be", Address: netip.MustParseAddr("10.244.2.9"), Labels: map[string]string{"role": "backend"}},
+		{Name: "be", Address: netip.MustParseAddr("10.244.4.9"), Labels: map[string]string{"role": "backend"}},
+		{Name: "other", Address: netip.MustParseAddr("10.244.1.6"), Labels: map[string]string{"role": "frontendish"}},
+	}}
+	rules := []Rule{
+		{Name: "fe-to-be", Order: 1, Action: "allow", From: []Selector{{Label: "role=frontend"}}, To: []Selector{{Label: "role=backend"}}, Protocol: "tcp", Ports: []PortRange{{80, 80}}},
+		{Name: "by-name", Order: 2, Action: "deny", From: []Selector{{Container: "be"}}},
+		{Name: "nobody", Order: 3, Action: "allow", From: []Selector{{Label: "role=none"}}},
+		{Name: "to-remote-only", Order: 4, Action: "deny", To: []Selector{{Container: "fe1"}}},
+	}
+	if !UsesContainers(rules) || UsesContainers([]Rule{{Name: "n", Action: "deny", From: []Selector{{Node: "x"}}}}) {
+		t.Fatal("UsesContainers is wrong")
+	}
+	rs, err := Compile(rules, "deny", dir, local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, r := range rs.Rules {
+		got[r.Name] = fmt.Sprint(r.Sources, " -> ", r.Dests)
+	}
+	want := map[string]string{
+		"fe-to-be": "[10.244.1.5/32 10.244.3.5/32] -> [10.244.2.9/32]",
+		"by-name":  "[10.244.2.9/32 10.244.4.9/32] -> [10.244.2.0/24]",
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("compiled %v, want %v (a label selector matching nothing drops the rule, a to-selector of other hosts' containers too)", got, want)
+	}
+	if len(rs.Warnings) != 0 {
+		t.Errorf("warnings for selectors of containers not started: %v", rs.Warnings)
+	}
+	// A new frontend container changes the ruleset.
+	dir.Containers = append(dir.Containers, Container{Name: "fe3", Address: netip.MustParseAddr("10.244.5.5"), Labels: map[string]string{"role": "frontend"}})
+	rs2, _ := Compile(rules, "deny", dir, local)
+	if rs.Hash() == rs2.Hash() || len(rs2.Rules[0].Sources) != 3 {
+		t.Errorf("a new frontend container did not change the rule: %v", rs2.Rules[0].Sources)
 	}
 }

@@ -153,7 +153,7 @@ func (l *lab) expectPing(ns, src, dst string, open bool) {
 
 func (l *lab) apply(e *IptablesEnforcer, rules []Rule, def string, nodes map[string]netip.Prefix) Ruleset {
 	l.t.Helper()
-	rs, err := Compile(rules, def, nodes, localSubnet)
+	rs, err := Compile(rules, def, Directory{Nodes: nodes}, localSubnet)
 	if err != nil {
 		l.t.Fatalf("compile: %v", err)
 	}
@@ -410,7 +410,7 @@ func TestStoredRuleIsEnforced(t *testing.T) {
 	applied := make(chan string, 16)
 	go func() {
 		for p := range WatchPolicy(ctx, cli, "/fabric", slog.New(slog.DiscardHandler)) {
-			rs, err := Compile(p.Rules, p.DefaultAction, nodes, localSubnet)
+			rs, err := Compile(p.Rules, p.DefaultAction, Directory{Nodes: nodes}, localSubnet)
 			if err == nil {
 				err = e.Apply(ctx, rs)
 			}

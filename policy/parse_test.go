@@ -114,7 +114,7 @@ func TestParseErrorsNameLine(t *testing.T) {
   from:
     - cidr: 10.0.0.0/8
       node: host-b
-`, `policy.yaml:5: rule "web": from[0]: selector needs exactly one of cidr, node, address (has 2)`},
+`, `policy.yaml:5: rule "web": from[0]: selector needs exactly one of cidr, node, address, container, label (has 2)`},
 		{"bad port", `
 - name: web
   action: allow
@@ -141,6 +141,12 @@ rule:
   action: allow
   action: deny
 `, `policy.yaml:4: rule "web": field "action" set twice (first at line 3)`},
+		{"label without a value", `
+- name: web
+  action: allow
+  from:
+    - label: role
+`, `policy.yaml:5: rule "web": from[0]: label "role": want key=value, like role=frontend`},
 		{"order not a number", `
 - name: web
   action: allow
@@ -179,5 +185,22 @@ func TestRuleJSONRoundTrip(t *testing.T) {
 	}
 	if !reflect.DeepEqual(r, back) {
 		t.Fatalf("round trip: got %+v want %+v", back, r)
+	}
+}
+
+func TestParseContainerSelectors(t *testing.T) {
+	rules, err := ParseFile("policy.yaml", []byte(`
+- name: frontends-to-backends
+  action: allow
+  from: [{label: role=frontend}, {container: gateway}]
+  to: [{label: role=backend}]
+  protocol: tcp
+  ports: [80]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := rules[0]; got.From[0].Label != "role=frontend" || got.From[1].Container != "gateway" || got.To[0].Label != "role=backend" {
+		t.Fatalf("parsed %+v", got)
 	}
 }

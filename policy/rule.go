@@ -71,7 +71,16 @@ type Selector struct {
 	CIDR    string `json:"cidr,omitempty"`
 	Node    string `json:"node,omitempty"`    // whole node: that node's current subnet
 	Address string `json:"address,omitempty"` // one container address
+	// Container selects the containers of that name on any host (names are
+	// not unique across hosts: each one matches), following them as they
+	// start and stop.
+	Container string `json:"container,omitempty"`
+	// Label selects the containers with that Docker label, "key=value".
+	Label string `json:"label,omitempty"`
 }
+
+// selectsContainers reports whether the selector follows containers.
+func (s Selector) selectsContainers() bool { return s.Container != "" || s.Label != "" }
 
 // PortRange is an inclusive range of destination ports. In files and in etcd
 // it is written as a number (80) or a string range ("8000-8100").
@@ -213,13 +222,13 @@ func ValidateAction(a string) error {
 // Validate checks that exactly one field is set and that it parses.
 func (s Selector) Validate() error {
 	set := 0
-	for _, v := range []string{s.CIDR, s.Node, s.Address} {
+	for _, v := range []string{s.CIDR, s.Node, s.Address, s.Container, s.Label} {
 		if v != "" {
 			set++
 		}
 	}
 	if set != 1 {
-		return fmt.Errorf("selector needs exactly one of cidr, node, address (has %d)", set)
+		return fmt.Errorf("selector needs exactly one of cidr, node, address, container, label (has %d)", set)
 	}
 	switch {
 	case s.CIDR != "":
@@ -234,6 +243,14 @@ func (s Selector) Validate() error {
 		a, err := netip.ParseAddr(s.Address)
 		if err != nil || !a.Is4() {
 			return fmt.Errorf("address %q: want an IPv4 address like 10.244.1.2", s.Address)
+		}
+	case s.Container != "":
+		if strings.ContainsAny(s.Container, "/ \t\n") {
+			return fmt.Errorf("container %q: not a container name", s.Container)
+		}
+	case s.Label != "":
+		if k, _, ok := strings.Cut(s.Label, "="); !ok || k == "" || strings.ContainsAny(s.Label, "\n") {
+			return fmt.Errorf("label %q: want key=value, like role=frontend", s.Label)
 		}
 	case s.Node != "":
 		if strings.ContainsAny(s.Node, "/ \t\n") {
