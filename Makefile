@@ -6,7 +6,7 @@ LDFLAGS := -X github.com/fabricnet/fabric/version.Version=$(VERSION)
 BIN     := bin
 export CGO_ENABLED=0
 
-.PHONY: all build deps-test deps-demo test test-short demo bench deb install clean
+.PHONY: all build deps-test deps-demo deps-bench test test-short demo bench deb install clean
 
 all: build
 
@@ -27,7 +27,10 @@ test: deps-test build
 demo: deps-demo build
 	./$(BIN)/fabriclab demo --bin $(CURDIR)/$(BIN)
 
-bench: deps-demo build
+deps-bench:
+	./scripts/install-deps.sh bench
+
+bench: deps-bench build
 	FABRIC_BIN=$(CURDIR)/$(BIN) $(GO) run ./bench
 
 # A .deb with fabricd, fabricctl, the systemd unit, the docker.service

@@ -21,6 +21,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -50,7 +51,18 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	if err := run(binDir); err != nil {
+	only := flag.String("only", "", `run one part: "names" (container names and DNS); default every part`)
+	flag.Parse()
+	var err error
+	switch *only {
+	case "":
+		err = run(binDir)
+	case "names":
+		err = namesBench(context.Background(), binDir)
+	default:
+		err = fmt.Errorf("-only %q: want names", *only)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -118,7 +130,7 @@ func run(binDir string) error {
 		}
 		fmt.Printf("| %s | %d-%d | %s | %.1f MiB |\n", name, r.fewest, r.sessions, r.took.Round(100*time.Millisecond), r.rss/(1<<20))
 	}
-	return nil
+	return namesBench(ctx, binDir)
 }
 
 // runs is how many samples each throughput figure is the median of.

@@ -136,11 +136,15 @@ func TestContainerNames(t *testing.T) {
 		if err != nil || !strings.Contains(out, "seen-from ") {
 			t.Errorf("tcpprobe dial web.fabric:8000 from host1: %v %s", err, out)
 		}
-		// The reverse name too.
-		out, err = h3.docker("exec", "client3", "nslookup", webIP.String())
-		if err != nil || !strings.Contains(out, "web.fabric") {
-			t.Errorf("reverse lookup of %s on host3: %v\n%s", webIP, err, out)
-		}
+		// The reverse name too, on another host (which may see the record
+		// a moment later).
+		f.sub(t).eventually(nameSettle, "reverse lookup on host3", func() error {
+			out, err := h3.docker("exec", "client3", "nslookup", webIP.String())
+			if err != nil || !strings.Contains(out, "web.fabric") {
+				return fmt.Errorf("reverse lookup of %s on host3: %v\n%s", webIP, err, out)
+			}
+			return nil
+		})
 		// Names outside the fabric are not answered as ours.
 		if _, err := h1.resolve("client1", "nothing.fabric"); err == nil {
 			t.Error("nothing.fabric resolved")
@@ -148,31 +152,35 @@ func TestContainerNames(t *testing.T) {
 	})
 
 	t.Run("fabricctl containers lists every host's containers", func(t *testing.T) {
-		out, err := f.fabricctl(hosts[2], "--json", "containers")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var entries []struct {
-			Name    string     `json:"name"`
-			Address netip.Addr `json:"address"`
-			Node    string     `json:"node"`
-		}
-		if err := json.Unmarshal([]byte(out), &entries); err != nil {
-			t.Fatalf("%v:\n%s", err, out)
-		}
-		got := map[string]string{}
-		for _, e := range entries {
-			got[e.Name] = e.Node + " " + e.Address.String()
-		}
 		want := map[string]string{"web": "host2 " + webIP.String(), "api": "host2 " + apiIP.String()}
-		for name, w := range want {
-			if got[name] != w {
-				t.Errorf("%s: %q, want %q in %s", name, got[name], w, out)
+		// Each host publishes on its own; wait for all four records.
+		f.sub(t).eventually(nameSettle, "every container listed", func() error {
+			out, err := f.fabricctl(hosts[2], "--json", "containers")
+			if err != nil {
+				return err
 			}
-		}
-		if !strings.HasPrefix(got["client1"], "host1 ") || !strings.HasPrefix(got["client3"], "host3 ") {
-			t.Errorf("clients missing: %v", got)
-		}
+			var entries []struct {
+				Name    string     `json:"name"`
+				Address netip.Addr `json:"address"`
+				Node    string     `json:"node"`
+			}
+			if err := json.Unmarshal([]byte(out), &entries); err != nil {
+				return fmt.Errorf("%v:\n%s", err, out)
+			}
+			got := map[string]string{}
+			for _, e := range entries {
+				got[e.Name] = e.Node + " " + e.Address.String()
+			}
+			for name, w := range want {
+				if got[name] != w {
+					return fmt.Errorf("%s: %q, want %q in %s", name, got[name], w, out)
+				}
+			}
+			if !strings.HasPrefix(got["client1"], "host1 ") || !strings.HasPrefix(got["client3"], "host3 ") {
+				return fmt.Errorf("clients missing: %v", got)
+			}
+			return nil
+		})
 		table, err := f.fabricctl(hosts[0], "containers")
 		if err != nil || !strings.Contains(table, "NAME") || !strings.Contains(table, webIP.String()) {
 			t.Errorf("fabricctl containers: %v\n%s", err, table)

@@ -12,11 +12,15 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
 
 	"github.com/fabricnet/fabric/names"
 )
@@ -100,28 +104,70 @@ func (s *Server) SetView(v *names.View) { s.view.Store(v) }
 // listen (the address is not on the host yet, another server has port 53).
 func (s *Server) Run(ctx context.Context) error {
 	addr := s.cfg.Listen.String()
-	pc, err := net.ListenPacket("udp", addr)
-	if err != nil {
-		return fmt.Errorf("fabricdns: listen udp %s: %w", addr, err)
+	// One UDP socket per CPU on the same port (SO_REUSEPORT): the kernel
+	// spreads queries over them, so reading is not one goroutine's job.
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	var servers []*dns.Server
+	closeUnstarted := func() {
+		for _, srv := range servers {
+			srv.PacketConn.Close()
+		}
+	}
+	for range max(1, runtime.NumCPU()) {
+		pc, err := lc.ListenPacket(context.Background(), "udp", addr)
+		if err != nil {
+			closeUnstarted()
+			return fmt.Errorf("fabricdns: listen udp %s: %w", addr, err)
+		}
+		servers = append(servers, &dns.Server{PacketConn: pc, Handler: s})
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		pc.Close()
+		closeUnstarted()
 		return fmt.Errorf("fabricdns: listen tcp %s: %w", addr, err)
 	}
-	udp := &dns.Server{PacketConn: pc, Handler: s}
-	tcp := &dns.Server{Listener: ln, Handler: s}
-	errc := make(chan error, 2)
-	go func() { errc <- udp.ActivateAndServe() }()
-	go func() { errc <- tcp.ActivateAndServe() }()
+	servers = append(servers, &dns.Server{Listener: ln, Handler: s})
+	errc := make(chan error, len(servers))
+	var started sync.WaitGroup
+	for _, srv := range servers {
+		started.Add(1)
+		srv.NotifyStartedFunc = started.Done
+		go func() { errc <- srv.ActivateAndServe() }()
+	}
+	// Shutdown refuses a server that has not started (and leaves its
+	// socket open): wait until every one has, or one failed.
+	allStarted := make(chan struct{})
+	go func() { started.Wait(); close(allStarted) }()
+	select {
+	case <-allStarted:
+	case err := <-errc:
+		for _, srv := range servers { // closing the sockets ends every server
+			if srv.PacketConn != nil {
+				srv.PacketConn.Close()
+			}
+			if srv.Listener != nil {
+				srv.Listener.Close()
+			}
+		}
+		return fmt.Errorf("fabricdns: serve %s: %w", addr, err)
+	}
 	s.log.Info("answering container names", "listen", addr, "domain", strings.TrimSuffix(s.zone, "."), "upstreams", s.upstreams)
 	select {
 	case <-ctx.Done():
 		err = nil
 	case err = <-errc:
 	}
-	udp.Shutdown()
-	tcp.Shutdown()
+	for _, srv := range servers {
+		srv.Shutdown()
+	}
 	return err
 }
 

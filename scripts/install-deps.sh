@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo need, and nothing when
-# they are already there. Usage: scripts/install-deps.sh test|demo
+# they are already there. Usage: scripts/install-deps.sh test|demo|bench
 set -euo pipefail
 want=(iproute2 iputils-ping util-linux iptables ipset etcd-server etcd-client bird2 tcpdump iperf3 procps)
 case "${1:-test}" in
   test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils docker.io) ;;
   demo) want+=(docker.io busybox-static) ;;
+  bench) want+=(docker.io busybox-static dnsmasq-base) ;;
 esac
 if [ "$(id -u)" != 0 ]; then
   echo "fabric's tests and demo build network namespaces: run them as root" >&2
