@@ -67,6 +67,9 @@ type Agent struct {
 	// containersKnown turns true once etcd answered for records and leases.
 	containers      []policy.Container
 	containersKnown bool
+	// containerRecords and containerRefusals count the records of the
+	// last view, for metrics.
+	containerRecords, containerRefusals int
 	departed        map[string]planner.Departed // main loop only
 	warned          map[string]bool
 	bgpRoutes       []bgp.Route

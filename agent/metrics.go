@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"runtime"
 	"slices"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/metrics"
+	"github.com/fabricnet/fabric/version"
 )
 
 // Counters and histograms, observed where the work happens (dataplaneLoop,
@@ -73,6 +75,16 @@ var (
 		"The subnet this host leases from the pool; always 1.", []string{"subnet"}, nil)
 	descEtcd = prometheus.NewDesc("fabric_etcd_reachable",
 		"Whether etcd answered a read within 2s at scrape time (1) or not (0).", nil, nil)
+	descPrefixesReceived = prometheus.NewDesc("fabric_bgp_peer_prefixes_received",
+		"Prefixes the peer sends.", []string{"peer", "type"}, nil)
+	descPrefixesAccepted = prometheus.NewDesc("fabric_bgp_peer_prefixes_accepted",
+		"Prefixes of the peer taken into the routing table (after import limits).", []string{"peer", "type"}, nil)
+	descPoolSubnets = prometheus.NewDesc("fabric_pool_subnets",
+		"Subnets of the pool: all of them (state=total) and those leased to hosts (state=leased), as etcd last told.", []string{"state"}, nil)
+	descContainerRecords = prometheus.NewDesc("fabric_container_records",
+		"Container name records of the whole fabric: answered by DNS and used by policy (state=trusted), or refused because the address is not in the node's lease (state=refused).", []string{"state"}, nil)
+	descBuildInfo = prometheus.NewDesc("fabric_build_info",
+		"The running fabricd's version and Go version; always 1.", []string{"version", "goversion"}, nil)
 )
 
 // agentCollector reads the agent's state at scrape time through the same
@@ -80,7 +92,8 @@ var (
 type agentCollector struct{ a *Agent }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPeerUp, descRoutesOwned, descProbeIPIP, descLease, descEtcd} {
+	for _, d := range []*prometheus.Desc{descPeerUp, descRoutesOwned, descProbeIPIP, descLease, descEtcd,
+		descPrefixesReceived, descPrefixesAccepted, descPoolSubnets, descContainerRecords, descBuildInfo} {
 		ch <- d
 	}
 }
@@ -95,6 +108,8 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	} else {
 		for _, p := range peers {
 			ch <- prometheus.MustNewConstMetric(descPeerUp, prometheus.GaugeValue, boolValue(p.State == "established"), p.Name, p.Type)
+			ch <- prometheus.MustNewConstMetric(descPrefixesReceived, prometheus.GaugeValue, float64(p.Received), p.Name, p.Type)
+			ch <- prometheus.MustNewConstMetric(descPrefixesAccepted, prometheus.GaugeValue, float64(p.Accepted), p.Name, p.Type)
 		}
 	}
 
@@ -126,6 +141,22 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 
 	ch <- prometheus.MustNewConstMetric(descLease, prometheus.GaugeValue, 1, a.lease.Subnet.String())
+	ch <- prometheus.MustNewConstMetric(descBuildInfo, prometheus.GaugeValue, 1, version.String(), runtime.Version())
+
+	a.mu.Lock()
+	held := a.held
+	trusted, refused := a.containerRecords, a.containerRefusals
+	a.mu.Unlock()
+	if held != nil {
+		leased := 0
+		for _, subnets := range held {
+			leased += len(subnets)
+		}
+		ch <- prometheus.MustNewConstMetric(descPoolSubnets, prometheus.GaugeValue, float64(a.pool.Size()), "total")
+		ch <- prometheus.MustNewConstMetric(descPoolSubnets, prometheus.GaugeValue, float64(leased), "leased")
+	}
+	ch <- prometheus.MustNewConstMetric(descContainerRecords, prometheus.GaugeValue, float64(trusted), "trusted")
+	ch <- prometheus.MustNewConstMetric(descContainerRecords, prometheus.GaugeValue, float64(refused), "refused")
 
 	st, err := a.Status(ctx)
 	ch <- prometheus.MustNewConstMetric(descEtcd, prometheus.GaugeValue, boolValue(err == nil && st.EtcdHealthy))

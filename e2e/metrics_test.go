@@ -3,7 +3,9 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -89,10 +91,32 @@ func TestMetrics(t *testing.T) {
 		{"fabric_etcd_reachable", nil, 1},
 		{"fabric_routes_owned", []string{`encapsulation="ipip"`}, 0},
 		{"fabric_dataplane_apply_errors_total", nil, 0},
+		{"fabric_bgp_peer_prefixes_received", []string{`peer="` + h2.Name + `"`}, 1},
+		{"fabric_bgp_peer_prefixes_accepted", []string{`peer="` + h2.Name + `"`}, 1},
+		{"fabric_pool_subnets", []string{`state="total"`}, 256}, // a /16 in /24s
+		{"fabric_pool_subnets", []string{`state="leased"`}, 2},
+		{"fabric_container_records", []string{`state="refused"`}, 0},
 	} {
 		if v, ok := metricValue(body, want.name, want.labels...); !ok || v != want.value {
 			t.Errorf("%s%v = %v (found %v), want %v", want.name, want.labels, v, ok, want.value)
 		}
+	}
+	// Every metric the shipped alert rules use is exported.
+	alerts, err := os.ReadFile("../packaging/fabric-alerts.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	used := regexp.MustCompile(`fabric_[a-z_]+`).FindAllString(string(alerts), -1)
+	if len(used) < 6 {
+		t.Fatalf("alert rules use %d metrics: %v", len(used), used)
+	}
+	for _, name := range used {
+		if _, ok := metricValue(body, name); !ok {
+			t.Errorf("the alert rules use %s, which fabricd does not export", name)
+		}
+	}
+	if !strings.Contains(body, `fabric_build_info{goversion="go`) {
+		t.Error("scrape lacks fabric_build_info with the Go version")
 	}
 	for _, name := range []string{"fabric_dataplane_apply_seconds_count", "fabric_nat_apply_errors_total", "fabric_policy_apply_errors_total", "go_goroutines", "process_resident_memory_bytes"} {
 		if _, ok := metricValue(body, name); !ok {

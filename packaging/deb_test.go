@@ -43,16 +43,17 @@ func TestDebInstallsEveryFile(t *testing.T) {
 		t.Fatalf("dpkg -i %s: %v\n%s", deb, err, out)
 	}
 	want := map[string]os.FileMode{
-		"usr/bin/fabricd":                                 0o755,
-		"usr/bin/fabricctl":                               0o755,
-		"lib/systemd/system/fabricd.service":              0o644,
-		"lib/systemd/system/docker.service.d/fabric.conf": 0o644,
-		"etc/fabric/fabricd.yaml":                         0o644,
-		"usr/share/doc/fabric/README.md":                  0o644,
-		"usr/share/doc/fabric/architecture.md":            0o644,
-		"usr/share/doc/fabric/operations.md":              0o644,
-		"usr/share/doc/fabric/security.md":                0o644,
-		"usr/share/doc/fabric/troubleshooting.md":         0o644,
+		"usr/bin/fabricd":                                  0o755,
+		"usr/bin/fabricctl":                                0o755,
+		"lib/systemd/system/fabricd.service":               0o644,
+		"lib/systemd/system/docker.service.d/fabric.conf":  0o644,
+		"etc/fabric/fabricd.yaml":                          0o644,
+		"usr/share/doc/fabric/README.md":                   0o644,
+		"usr/share/doc/fabric/examples/fabric-alerts.yaml": 0o644,
+		"usr/share/doc/fabric/architecture.md":             0o644,
+		"usr/share/doc/fabric/operations.md":               0o644,
+		"usr/share/doc/fabric/security.md":                 0o644,
+		"usr/share/doc/fabric/troubleshooting.md":          0o644,
 	}
 	for path, mode := range want {
 		fi, err := os.Stat(filepath.Join(root, path))

@@ -23,6 +23,7 @@ chmod 0755 "$root/usr/bin/fabricd" "$root/usr/bin/fabricctl"
 install -m 0644 packaging/fabricd.service "$root/lib/systemd/system/fabricd.service"
 install -m 0644 packaging/docker-fabric.conf "$root/lib/systemd/system/docker.service.d/fabric.conf"
 install -m 0644 packaging/fabricd.yaml "$root/etc/fabric/fabricd.yaml"
+install -D -m 0644 packaging/fabric-alerts.yaml "$root/usr/share/doc/fabric/examples/fabric-alerts.yaml"
 for doc in README.md docs/architecture.md docs/operations.md docs/security.md docs/troubleshooting.md; do
   install -m 0644 "$doc" "$root/usr/share/doc/fabric/$(basename "$doc")"
 done
