@@ -7,9 +7,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"io/fs"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,10 +20,8 @@ import (
 
 	"sigs.k8s.io/yaml"
 
-	"github.com/fabricnet/fabric/internal/etcdclient"
-	"slices"
-
 	"github.com/fabricnet/fabric/backend/encaps"
+	"github.com/fabricnet/fabric/internal/etcdclient"
 )
 
 // ExternalPeer is a BGP peer that is not a fabric host: a top-of-rack router
@@ -204,7 +205,10 @@ func Load(args []string, environ []string) (*Config, error) {
 			return nil, fmt.Errorf("config file %s: %w", configFile, err)
 		}
 	}
-	if err := applyEnv(&cfg, env); err != nil {
+	fsEnv := flag.NewFlagSet("fabricd", flag.ContinueOnError)
+	fsEnv.SetOutput(io.Discard)
+	defineFlags(fsEnv, &cfg)
+	if err := applyEnv(fsEnv, env); err != nil {
 		return nil, err
 	}
 	fs2 := flag.NewFlagSet("fabricd", flag.ContinueOnError)
@@ -309,52 +313,79 @@ func envMap(environ []string) map[string]string {
 	return m
 }
 
-func applyEnv(c *Config, env map[string]string) error {
-	str := map[string]*string{
-		"FABRIC_NODE_NAME":          &c.NodeName,
-		"FABRIC_MACHINE_ID":         &c.MachineID,
-		"FABRIC_ETCD_PREFIX":        &c.EtcdPrefix,
-		"FABRIC_ETCD_CA_CERT":       &c.EtcdCACert,
-		"FABRIC_ETCD_CERT":          &c.EtcdCert,
-		"FABRIC_ETCD_KEY":           &c.EtcdKey,
-		"FABRIC_UNDERLAY_INTERFACE": &c.UnderlayInterface,
-		"FABRIC_UNDERLAY_ADDRESS":   &c.UnderlayAddress,
-		"FABRIC_POOL":               &c.Pool,
-		"FABRIC_ENCAPSULATION":      &c.Encapsulation,
-		"FABRIC_BRIDGE":             &c.Bridge,
-		"FABRIC_DOCKER_SOCKET":      &c.DockerSocket,
-		"FABRIC_DNS_DOMAIN":         &c.DNSDomain,
-		"FABRIC_RUN_DIR":            &c.RunDir,
-		"FABRIC_LOG_LEVEL":          &c.LogLevel,
-		"FABRIC_LOG_FORMAT":         &c.LogFormat,
-		"FABRIC_METRICS_ADDRESS":    &c.MetricsAddress,
-	}
-	for k, p := range str {
-		if v, ok := env[k]; ok {
-			*p = v
+// EnvName is the environment variable of a setting's flag: FABRIC_ and the
+// flag's name in capitals with '_' for '-' (--bgp-hold-time is
+// FABRIC_BGP_HOLD_TIME).
+func EnvName(flagName string) string {
+	return "FABRIC_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// actionFlags are flags that do something rather than set something: never
+// taken from the environment.
+var actionFlags = map[string]bool{"cleanup": true, "config": true}
+
+// applyEnv sets every flag of fs whose environment variable is in env,
+// parsed as the flag parses it, and refuses FABRIC_* variables that are no
+// setting (a typo would otherwise be ignored in silence), naming the nearest.
+func applyEnv(fs *flag.FlagSet, env map[string]string) error {
+	known := map[string]bool{"FABRIC_CONFIG": true}
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if actionFlags[f.Name] {
+			return
 		}
-	}
-	if v, ok := env["FABRIC_ETCD_ENDPOINTS"]; ok {
-		c.EtcdEndpoints = splitList(v)
-	}
-	ints := map[string]*int{"FABRIC_VXLAN_PORT": &c.VXLANPort, "FABRIC_VXLAN_VNI": &c.VXLANVNI, "FABRIC_BGP_PORT": &c.BGPPort}
-	for k, p := range ints {
-		if v, ok := env[k]; ok {
-			n, err := strconv.Atoi(v)
-			if err != nil {
-				return fmt.Errorf("environment %s=%q: not a whole number", k, v)
+		name := EnvName(f.Name)
+		known[name] = true
+		if v, ok := env[name]; ok {
+			if err := fs.Set(f.Name, v); err != nil {
+				errs = append(errs, fmt.Errorf("environment %s=%q: %v", name, v, err))
 			}
-			*p = n
+		}
+	})
+	for _, name := range slices.Sorted(maps.Keys(env)) {
+		if known[name] {
+			continue
+		}
+		msg := fmt.Sprintf("environment %s: not a fabricd setting", name)
+		if near := nearest(name, slices.Collect(maps.Keys(known))); near != "" {
+			msg += fmt.Sprintf(" (did you mean %s?)", near)
+		}
+		errs = append(errs, errors.New(msg))
+	}
+	return errors.Join(errs...)
+}
+
+// nearest returns the candidate closest to name by edit distance, if it is
+// close enough to be a likely typo or a missing word.
+func nearest(name string, candidates []string) string {
+	best, bestDist := "", len(name)/3+2
+	slices.Sort(candidates)
+	for _, c := range candidates {
+		if d := editDistance(name, c); d < bestDist {
+			best, bestDist = c, d
 		}
 	}
-	if v, ok := env["FABRIC_ASN"]; ok {
-		n, err := strconv.ParseUint(v, 10, 32)
-		if err != nil {
-			return fmt.Errorf("environment FABRIC_ASN=%q: not an AS number (1-4294967295)", v)
-		}
-		c.ASN = uint32(n)
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
 	}
-	return nil
+	for i := 1; i <= len(a); i++ {
+		cur := make([]int, len(b)+1)
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev = cur
+	}
+	return prev[len(b)]
 }
 
 func splitList(s string) []string {

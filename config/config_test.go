@@ -1,6 +1,7 @@
 package config
 
 import (
+	"flag"
 	"os"
 	"path/filepath"
 	"strings"
@@ -191,5 +192,62 @@ func TestMD5PasswordLongerThanLinuxTakes(t *testing.T) {
 	_, err := Load([]string{"--machine-id", "m", "--config", file}, nil)
 	if err == nil || !strings.Contains(err.Error(), "peers[0] (tor).password: 95 bytes: Linux takes TCP MD5 keys of at most 80 bytes") {
 		t.Errorf("95-byte MD5 password: %v", err)
+	}
+}
+
+// Every setting has an environment variable, parsed as its flag is; the
+// two that were silently ignored before are among them.
+func TestEveryFlagHasAnEnvironmentVariable(t *testing.T) {
+	cfg, err := Load([]string{"--machine-id", "m"}, []string{
+		"FABRIC_MESH=false", "FABRIC_BGP_HOLD_TIME=6s", "FABRIC_BGP_KEEPALIVE=2s", "FABRIC_CROSS_SUBNET=true",
+		"FABRIC_GRACEFUL_RESTART_TIME=30s", "FABRIC_CONTAINER_DNS=false", "FABRIC_ETCD_ENDPOINTS=http://10.0.0.5:2379,http://10.0.0.6:2379",
+		"FABRIC_ASN=65001", "FABRIC_SUBNET_LEN=26",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Mesh || cfg.HoldTime != 6*time.Second || cfg.KeepaliveInterval != 2*time.Second || !cfg.CrossSubnet ||
+		cfg.GracefulRestartTime != 30*time.Second || cfg.ContainerDNS || len(cfg.EtcdEndpoints) != 2 || cfg.ASN != 65001 || cfg.SubnetLen != 26 {
+		t.Errorf("environment not applied: %+v", cfg)
+	}
+	// Flags still win.
+	cfg, err = Load([]string{"--machine-id", "m", "--mesh=true"}, []string{"FABRIC_MESH=false"})
+	if err != nil || !cfg.Mesh {
+		t.Errorf("--mesh=true under FABRIC_MESH=false: mesh=%v err=%v", cfg.Mesh, err)
+	}
+	// Every settings flag (not the --cleanup action) has one.
+	fs := flag.NewFlagSet("x", flag.ContinueOnError)
+	c := Defaults()
+	defineFlags(fs, &c)
+	n := 0
+	fs.VisitAll(func(f *flag.Flag) {
+		if !actionFlags[f.Name] {
+			n++
+			if _, err := Load([]string{"--machine-id", "m"}, []string{EnvName(f.Name) + "=@@"}); err != nil && strings.Contains(err.Error(), "not a fabricd setting") {
+				t.Errorf("%s: %v", EnvName(f.Name), err)
+			}
+		}
+	})
+	if n < 35 {
+		t.Errorf("only %d settings flags", n)
+	}
+}
+
+func TestUnknownEnvironmentRefused(t *testing.T) {
+	_, err := Load([]string{"--machine-id", "m"}, []string{"FABRIC_HOLD_TIME=1s", "FABRIC_MESH=maybe", "FABRIC_CLEANUP=1", "HOME=/root"})
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	for _, want := range []string{
+		"environment FABRIC_HOLD_TIME: not a fabricd setting (did you mean FABRIC_BGP_HOLD_TIME?)",
+		`environment FABRIC_MESH="maybe": parse error`,
+		"environment FABRIC_CLEANUP: not a fabricd setting",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+	if strings.Contains(err.Error(), "HOME") {
+		t.Errorf("a variable outside FABRIC_ named: %v", err)
 	}
 }
