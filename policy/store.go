@@ -102,8 +102,8 @@ func Delete(ctx context.Context, cli *clientv3.Client, prefix, name string) erro
 
 // Policy is the whole stored policy.
 type Policy struct {
-	Rules         []Rule // in evaluation order
-	DefaultAction string // allow or deny
+	DefaultAction string `json:"defaultAction"` // allow or deny
+	Rules         []Rule `json:"rules"`         // in evaluation order
 }
 
 // List returns all stored rules in evaluation order. A malformed stored

@@ -64,8 +64,8 @@ func ipamCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if g.json {
-					return printJSON(map[string]any{"pool": pool, "leases": leases, "malformed": bad})
+				if g.structured() {
+					return g.print(map[string]any{"pool": pool, "leases": leases, "malformed": bad})
 				}
 				fmt.Printf("pool %s, /%d per host, %d leased\n", pool.Network, pool.SubnetLen, len(leases))
 				var rows [][]string
@@ -109,8 +109,8 @@ func nodesCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if g.json {
-					return printJSON(nodes)
+				if g.structured() {
+					return g.print(nodes)
 				}
 				var rows [][]string
 				for _, n := range nodes {
@@ -183,8 +183,8 @@ func containersCmd(g *globals) *cobra.Command {
 				for _, r := range refused {
 					entries = append(entries, names.Entry{Record: r.Record, Refused: r.Reason})
 				}
-				if g.json {
-					return printJSON(entries)
+				if g.structured() {
+					return g.print(entries)
 				}
 				var rows [][]string
 				for _, e := range entries {
@@ -199,9 +199,17 @@ func containersCmd(g *globals) *cobra.Command {
 					case e.ShadowedBy != "":
 						answer = "no: " + e.ShadowedBy + "'s is older"
 					}
-					rows = append(rows, []string{e.Name, e.Address.String(), e.Node, answer, strings.Join(labels, ",")})
+					row := []string{e.Name, e.Address.String(), e.Node, answer, strings.Join(labels, ",")}
+					if g.wide() {
+						row = append(row, e.ID, e.Created.Format(time.RFC3339))
+					}
+					rows = append(rows, row)
 				}
-				table("NAME\tADDRESS\tNODE\tANSWERS\tLABELS", rows)
+				header := "NAME\tADDRESS\tNODE\tANSWERS\tLABELS"
+				if g.wide() {
+					header += "\tID\tCREATED"
+				}
+				table(header, rows)
 				for _, p := range problems {
 					fmt.Fprintf(os.Stderr, "malformed container record %v\n", p)
 				}

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"sigs.k8s.io/yaml"
 
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/localapi"
@@ -28,7 +29,29 @@ type globals struct {
 	etcdPrefix    string
 	etcdTLS       etcdclient.TLSFiles
 	runDir        string
-	json          bool
+	json          bool   // --json, the same as -o json
+	output        string // -o: table, wide, json or yaml
+}
+
+// structured reports whether listings print data (JSON or YAML) instead of
+// a table.
+func (g *globals) structured() bool { return g.json || g.output == "json" || g.output == "yaml" }
+
+// wide reports whether tables show their extra columns.
+func (g *globals) wide() bool { return g.output == "wide" }
+
+// print writes v as JSON or YAML, as -o asks; the YAML of `policy list`
+// is what `policy apply -f` takes back.
+func (g *globals) print(v any) error {
+	if g.output == "yaml" && !g.json {
+		b, err := yaml.Marshal(v)
+		if err != nil {
+			return err
+		}
+		_, err = os.Stdout.Write(b)
+		return err
+	}
+	return printJSON(v)
 }
 
 func main() {
@@ -45,7 +68,15 @@ func main() {
 	root.PersistentFlags().StringVar(&g.etcdTLS.Key, "etcd-key", os.Getenv("FABRIC_ETCD_KEY"), "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
 	root.PersistentFlags().StringVar(&g.etcdPrefix, "etcd-prefix", envOr("FABRIC_ETCD_PREFIX", "/fabric/v1"), "etcd key prefix")
 	root.PersistentFlags().StringVar(&g.runDir, "run-dir", envOr("FABRIC_RUN_DIR", "/run/fabric"), "fabricd's run directory (holds its local API socket)")
-	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts")
+	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts (the same as -o json)")
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns), json or yaml")
+	root.PersistentPreRunE = func(*cobra.Command, []string) error {
+		switch g.output {
+		case "table", "wide", "json", "yaml":
+			return nil
+		}
+		return usageError{fmt.Errorf("-o %q: want table, wide, json or yaml", g.output)}
+	}
 
 	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), ipamCmd(g), nodesCmd(g), containersCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
 		Use: "version", Short: "Print the version",
@@ -120,8 +151,8 @@ func leaveCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if g.json {
-				return printJSON(res)
+			if g.structured() {
+				return g.print(res)
 			}
 			fmt.Printf("node %s, subnet %s: %s\n", res.Node, res.Subnet, res.Done)
 			return nil
@@ -226,8 +257,8 @@ func peersCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if g.json {
-				return printJSON(ps)
+			if g.structured() {
+				return g.print(ps)
 			}
 			var rows [][]string
 			for _, p := range ps {
@@ -252,8 +283,8 @@ func routesCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if g.json {
-				return printJSON(rs)
+			if g.structured() {
+				return g.print(rs)
 			}
 			var rows [][]string
 			for _, r := range rs {
@@ -277,8 +308,8 @@ func statusCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if g.json {
-				return printJSON(s)
+			if g.structured() {
+				return g.print(s)
 			}
 			w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 			fmt.Fprintf(w, "node\t%s\nversion\t%s\nsubnet\t%s (gateway %s)\nunderlay\t%s on %s\nasn\t%d\nencapsulation\t%s\nmtu\t%d\nbridge\t%s\nup\t%s\netcd\t%v\n",

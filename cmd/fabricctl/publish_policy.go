@@ -61,8 +61,8 @@ func publishCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if g.json {
-					return printJSON(pubs)
+				if g.structured() {
+					return g.print(pubs)
 				}
 				var rows [][]string
 				for _, p := range pubs {
@@ -157,8 +157,8 @@ func policyCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if g.json {
-					return printJSON(p)
+				if g.structured() {
+					return g.print(p)
 				}
 				fmt.Printf("default action: %s\n", p.DefaultAction)
 				var rows [][]string
