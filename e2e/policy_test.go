@@ -36,6 +36,7 @@ func TestPolicy(t *testing.T) {
 	t.Run("DefaultDenyWithAllows", e.testDefaultDeny)
 	t.Run("InvalidFileChangesNothing", e.testInvalidFile)
 	t.Run("ApplyToEnforcedLatency", e.testLatency)
+	t.Run("SameHostDenied", e.testSameHost)
 	t.Run("RuleFollowsNode", e.testRuleFollowsNode) // last: adds host4
 }
 
@@ -322,6 +323,40 @@ rules:
     protocol: tcp
     ports: [80]
 `
+
+// testSameHost: a rule between two containers on one host's bridge holds
+// even where the host had bridged traffic skip iptables
+// (net.bridge.bridge-nf-call-iptables=0, or br_netfilter not loaded):
+// fabricd turns it on, as dockerd does.
+func (e *policyEnv) testSameHost(t *testing.T) {
+	f := e.sub(t)
+	defer e.reset(t)
+	h1 := e.hosts[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if out, err := h1.Run(ctx, "sh", "-c", "echo 0 > /proc/sys/net/bridge/bridge-nf-call-iptables"); err != nil {
+		t.Fatalf("turn bridge netfilter off on host1: %v %s", err, out)
+	}
+	c1 := e.ctr["host1"]
+	c2 := f.container(h1, "c2", 3)
+	f.eventually(10*time.Second, "c2 -> c1 TCP 80 on host1's bridge before the rule", func() error { return tcpOKFrom(c2, c1.Addr, 80) })
+	e.apply(t, f, "same-host.yaml", fmt.Sprintf(`rules:
+  - name: same-host-deny
+    action: deny
+    from: [{address: %s}]
+    to: [{address: %s}]
+    protocol: tcp
+    ports: [80]
+`, c2.Addr, c1.Addr))
+	f.eventually(15*time.Second, "c2 -> c1 TCP 80 refused on one bridge", func() error { return tcpBlockedFrom(c2, c1.Addr, 80) })
+	if err := tcpOKFrom(c2, c1.Addr, 81); err != nil {
+		t.Errorf("port 81 between the two containers: %v", err)
+	}
+	out, err := h1.Run(ctx, "cat", "/proc/sys/net/bridge/bridge-nf-call-iptables")
+	if err != nil || strings.TrimSpace(out) != "1" {
+		t.Errorf("bridge-nf-call-iptables on host1: %q %v, want 1", out, err)
+	}
+}
 
 func (e *policyEnv) testDenyPortByNode(t *testing.T) {
 	f := e.sub(t)

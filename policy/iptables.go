@@ -218,8 +218,16 @@ func (e *IptablesEnforcer) ensureBridgeNetfilter(ctx context.Context) {
 	if e.cfg.Bridge == "" {
 		return
 	}
-	if v, err := e.run(ctx, "", "sysctl", "-n", bridgeNetfilterSysctl); err == nil && strings.TrimSpace(v) == "1" {
+	v, err := e.run(ctx, "", "sysctl", "-n", bridgeNetfilterSysctl)
+	if err == nil && strings.TrimSpace(v) == "1" {
 		return
+	}
+	if err != nil {
+		// No such key: br_netfilter is not loaded (dockerd loads it when it
+		// starts; fabricd may be first).
+		if _, merr := e.run(ctx, "", "modprobe", "br_netfilter"); merr != nil {
+			e.log.Warn("cannot load br_netfilter", "err", merr)
+		}
 	}
 	if _, err := e.run(ctx, "", "sysctl", "-qw", bridgeNetfilterSysctl+"=1"); err != nil {
 		e.log.Error("cannot enable bridge netfilter: policy is NOT enforced between containers on the same bridge",
