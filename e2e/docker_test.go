@@ -320,6 +320,52 @@ func TestDockerFabric(t *testing.T) {
 			}
 		}
 	})
+	t.Run("a published UDP port reaches its container from every host", func(t *testing.T) {
+		f := f.sub(t)
+		target := dhs[1]
+		if _, err := target.docker("exec", "-d", target.ctr, "tcpprobe", "serve-udp", "0.0.0.0:5353"); err != nil {
+			t.Fatal(err)
+		}
+		pubTarget := netip.AddrPortFrom(target.ip, 5353).String()
+		if out, err := f.fabricctl(hosts[0], "publish", "add", "5353/udp", pubTarget); err != nil {
+			t.Fatalf("publish add 5353/udp: %v\n%s", err, out)
+		}
+		for _, dh := range dhs {
+			addr := netip.AddrPortFrom(dh.host.Addr, 5353).String()
+			var seen string
+			f.eventually(15*time.Second, "published UDP port via "+dh.host.Name, func() error {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				out, err := o.Run(ctx, filepath.Join(binDir, "tcpprobe"), "dial-udp", addr)
+				if err != nil {
+					return fmt.Errorf("%v %s", err, out)
+				}
+				var ok bool
+				if seen, ok = strings.CutPrefix(strings.TrimSpace(out), "seen-from "); !ok {
+					return fmt.Errorf("answer %q", out)
+				}
+				return nil
+			})
+			want := o.Addr.String()
+			if dh != target {
+				want = dh.gw.String()
+			}
+			if seen != want {
+				t.Errorf("published UDP port via %s: container saw %s, want %s", dh.host.Name, seen, want)
+			}
+		}
+		if out, err := f.fabricctl(hosts[2], "publish", "delete", "5353/udp"); err != nil {
+			t.Fatalf("publish delete: %v\n%s", err, out)
+		}
+		f.eventually(15*time.Second, "published UDP port closed", func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if out, err := o.Run(ctx, filepath.Join(binDir, "tcpprobe"), "dial-udp", netip.AddrPortFrom(hosts[0].Addr, 5353).String()); err == nil {
+				return fmt.Errorf("still answered: %s", out)
+			}
+			return nil
+		})
+	})
 	t.Run("deleted rules come back", func(t *testing.T) {
 		f := f.sub(t)
 		// Deleted rules come back: flush fabric's POSTROUTING chain on host1.

@@ -3,7 +3,8 @@
 // the answer. It lets a test check that a connection works and which source
 // address the receiver saw. `tcpprobe get URL` prints the body of an HTTP GET
 // (and fails unless the status is 200), for scraping fabricd's metrics from
-// inside a lab namespace.
+// inside a lab namespace. `serve-udp ADDR:PORT` and `dial-udp ADDR:PORT` do
+// the same over UDP: each datagram is answered with the address it came from.
 package main
 
 import (
@@ -19,7 +20,7 @@ import (
 
 func main() {
 	if len(os.Args) < 3 {
-		fmt.Fprintln(os.Stderr, "usage: tcpprobe serve ADDR:PORT [N] | dial ADDR:PORT | get URL")
+		fmt.Fprintln(os.Stderr, "usage: tcpprobe serve ADDR:PORT [N] | dial ADDR:PORT | serve-udp ADDR:PORT | dial-udp ADDR:PORT | get URL")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -56,6 +57,40 @@ func main() {
 			os.Exit(1)
 		}
 		fmt.Print(line)
+	case "serve-udp":
+		pc, err := net.ListenPacket("udp", os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		fmt.Println("listening")
+		buf := make([]byte, 1500)
+		for {
+			_, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				os.Exit(1)
+			}
+			host, _, _ := net.SplitHostPort(from.String())
+			pc.WriteTo([]byte("seen-from "+host+"\n"), from)
+		}
+	case "dial-udp":
+		c, err := net.Dial("udp", os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		// Datagrams may be lost: ask a few times.
+		buf := make([]byte, 1500)
+		for try := 0; try < 3; try++ {
+			c.Write([]byte("hello\n"))
+			c.SetReadDeadline(time.Now().Add(time.Second))
+			if n, err := c.Read(buf); err == nil {
+				fmt.Print(string(buf[:n]))
+				return
+			}
+		}
+		fmt.Fprintln(os.Stderr, "no UDP answer from", os.Args[2])
+		os.Exit(1)
 	case "get":
 		resp, err := (&http.Client{Timeout: 5 * time.Second}).Get(os.Args[2])
 		if err != nil {
