@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -70,10 +71,10 @@ type Agent struct {
 	// containerRecords and containerRefusals count the records of the
 	// last view, for metrics.
 	containerRecords, containerRefusals int
-	departed        map[string]planner.Departed // main loop only
-	warned          map[string]bool
-	bgpRoutes       []bgp.Route
-	grace           planner.Grace
+	departed                            map[string]planner.Departed // main loop only
+	warned                              map[string]bool
+	bgpRoutes                           []bgp.Route
+	grace                               planner.Grace
 	// nodesKnown turns true with the registry's first snapshot; before it
 	// the data plane is not touched, since a route set computed without
 	// node records would sweep every route fabricd installed before a restart.
@@ -298,6 +299,16 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			if !ok {
 				held = nil
 				continue
+			}
+			if other := holderOf(h, a.lease.Subnet); other != "" && other != cfg.NodeName {
+				// Another host holds our subnet: do not wait for the next
+				// renewal to notice; two hosts advertising it split traffic.
+				err := fmt.Errorf("%w: etcd leases %s to %s", ipam.ErrSubnetLost, a.lease.Subnet, other)
+				log.Error("subnet lease lost; withdrawing and exiting", "subnet", a.lease.Subnet, "err", err)
+				a.leave(heartbeat, containerNames)
+				stop()
+				wg.Wait()
+				return fmt.Errorf("subnet %s: %w", a.lease.Subnet, err)
 			}
 			a.mu.Lock()
 			a.held = h
@@ -613,4 +624,14 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 	}
 	log.Info("removed everything fabricd owns", "routeProtocol", cfg.RouteProtocol, "devices", append(encaps.Devices(), cfg.Bridge))
 	return nil
+}
+
+// holderOf returns the node etcd leases subnet to, or "".
+func holderOf(h ipam.Holdings, subnet netip.Prefix) string {
+	for node, subnets := range h {
+		if slices.Contains(subnets, subnet) {
+			return node
+		}
+	}
+	return ""
 }

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/fabricnet/fabric/lab"
 )
 
@@ -494,5 +496,71 @@ func TestClonedMachinesRefused(t *testing.T) {
 		if !strings.Contains(string(log), "cloned machines") || !strings.Contains(string(log), other) {
 			t.Errorf("%s: log does not name the clone at %s:\n%s", f.lab.Hosts()[i].Name, other, tail(p.LogPath()))
 		}
+	}
+}
+
+// TestSubnetTakenStopsTheAgent: when etcd leases a host's subnet to another
+// host (its lease ran out while it was cut off, or an operator released it
+// and another host took it), fabricd withdraws the subnet from every peer and
+// exits with the reason, instead of two hosts advertising one subnet; the
+// kernel state it made stays until `fabricd --cleanup`.
+func TestSubnetTakenStopsTheAgent(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2})
+	hosts := f.startMesh()
+	h1, h2 := hosts[0], hosts[1]
+	sub := f.subnet(h1)
+	f.eventually(20*time.Second, "host2 has host1's route", func() error { return f.routesTo(h2, []netip.Prefix{sub}) })
+
+	cli, err := f.lab.EtcdClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	key := fmt.Sprintf("/fabric/v1/subnets/%s-%d", sub.Addr(), sub.Bits())
+	resp, err := cli.Get(ctx, key)
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("host1's subnet key %s: %v", key, err)
+	}
+	// The lease goes (as after a long outage), and another host takes the
+	// subnet under a lease of its own.
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
+		t.Fatal(err)
+	}
+	grant, err := cli.Grant(ctx, 600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Put(ctx, key, fmt.Sprintf(`{"node":"newhost","machineID":"m-new","hostAddr":"192.168.100.99","leaseID":%d}`, grant.ID), clientv3.WithLease(grant.ID)); err != nil {
+		t.Fatal(err)
+	}
+	taken := time.Now()
+
+	p := f.agents[h1.Name].proc
+	select {
+	case <-p.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("fabricd on host1 still runs 30s after another host took its subnet")
+	}
+	t.Logf("fabricd on host1 exited %.1fs after its subnet went to another host", time.Since(taken).Seconds())
+	if err := p.Wait(context.Background()); err == nil {
+		t.Error("fabricd exited 0; want a failure a supervisor restarts")
+	}
+	if log := tail(p.LogPath()); !strings.Contains(log, "subnet lease lost") || !strings.Contains(log, "newhost") {
+		t.Errorf("fabricd's log does not say why it stopped:\n%s", log)
+	}
+	// Withdrawn at once, not after the graceful-restart time.
+	f.eventually(10*time.Second, "host2 dropped host1's route", func() error {
+		if _, ok := f.ownedRoutes(h2)[sub.String()]; ok {
+			return fmt.Errorf("host2 still routes %s", sub)
+		}
+		return nil
+	})
+	// What fabricd made on host1 stays until --cleanup: the bridge with its
+	// address, so containers keep their addresses for a restart.
+	out, err := h1.Run(ctx, "ip", "-4", "-o", "addr", "show", "dev", "docker0")
+	if err != nil || !strings.Contains(out, sub.Addr().Next().String()) {
+		t.Errorf("host1's bridge after the exit: %v %q", err, out)
 	}
 }
