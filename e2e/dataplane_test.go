@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -161,5 +162,43 @@ func TestPathMTUDiscovery(t *testing.T) {
 			t.Errorf("%s: a %d-byte DF packet did not get through: %v\n%s", sender.name, want, err, out)
 		}
 		t.Logf("%s: told mtu %s for a 1500-byte packet over %s; %d-byte packets pass", sender.name, m[1], encap, want)
+	}
+}
+
+// TestMasqueradeLeavingThePool: a container's connection to a server outside
+// the pool leaves with its host's address (MASQUERADE), while traffic
+// between containers keeps the container's own (checked on the wire: what
+// the receiving server saw). The qemu guest lane runs it on a kernel with
+// IPIP too.
+func TestMasqueradeLeavingThePool(t *testing.T) {
+	f := newFabric(t, lab.Spec{Hosts: 2})
+	hosts := f.startMesh()
+	ctrs := f.containersTalk(hosts) // between containers: own addresses
+	ctx := context.Background()
+	outside, err := f.lab.AddOutside(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := outside.Start("tcpprobe", filepath.Join(binDir, "tcpprobe"), "serve", outside.Addr.String()+":9000", "100")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Stop()
+	for _, h := range hosts {
+		c := ctrs[h.Name]
+		var seen string
+		f.eventually(10*time.Second, h.Name+"'s container reaches the outside", func() error {
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			out, err := c.Run(cctx, filepath.Join(binDir, "tcpprobe"), "dial", outside.Addr.String()+":9000")
+			if err != nil {
+				return fmt.Errorf("%v %s", err, out)
+			}
+			seen = strings.TrimPrefix(strings.TrimSpace(out), "seen-from ")
+			return nil
+		})
+		if seen != h.Addr.String() {
+			t.Errorf("outside saw %s from %s's container %s, want the host address %s", seen, h.Name, c.Addr, h.Addr)
+		}
 	}
 }

@@ -23,8 +23,9 @@ var guestSuites = []struct{ pkg, run string }{
 	{"vxlanfallback", ""},
 	{"dataplane", ""},
 	// The e2e tests whose outcome depends on the encapsulation auto mode
-	// picks, its MTU and the tunnel devices fabricd owns.
-	{"e2e", "^(TestMeshLifecycle|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing)$"},
+	// picks, its MTU and the tunnel devices fabricd owns, and the NAT wire
+	// check (what a server outside the pool sees).
+	{"e2e", "^(TestMeshLifecycle|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool)$"},
 }
 
 // guestTestTools are what those tests run besides busybox: iputils' ping
