@@ -201,6 +201,9 @@ func Load(args []string, environ []string) (*Config, error) {
 		if err != nil {
 			return nil, fmt.Errorf("config file: %w", err)
 		}
+		if err := checkFile(configFile, data); err != nil {
+			return nil, err
+		}
 		if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
 			return nil, fmt.Errorf("config file %s: %w", configFile, err)
 		}

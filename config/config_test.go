@@ -251,3 +251,33 @@ func TestUnknownEnvironmentRefused(t *testing.T) {
 		t.Errorf("a variable outside FABRIC_ named: %v", err)
 	}
 }
+
+// A file's problems are named with their lines, all at once.
+func TestFileErrorsHaveLineNumbers(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "fabricd.yaml")
+	os.WriteFile(file, []byte(`etcdEndpoints: [http://10.0.0.5:2379]
+asn: "65000"
+holdtime: 9s
+mesh: maybe
+holdTime: 9
+encapsulation: vxlan
+encapsulation: ipip
+peers:
+  - name: tor1
+`), 0o644)
+	_, err := Load([]string{"--config", file, "--machine-id", "m"}, nil)
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	for _, want := range []string{
+		file + `:2: asn: want a whole number, without quotes, not string "65000"`,
+		file + `:3: unknown setting "holdtime" (did you mean holdTime?)`,
+		file + `:4: mesh: want true or false, not string "maybe"`,
+		file + `:5: holdTime: want a duration with a unit, like "9s" or "24h", not 9`,
+		file + `:7: encapsulation set twice (first at line 6)`,
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+}

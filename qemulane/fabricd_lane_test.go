@@ -155,7 +155,7 @@ func TestFabricdIPIPLane(t *testing.T) {
 			{"ROUTE", "dev fabric.ipip proto 93 onlink", 6},
 			{"PING", "mesh", 6},
 			{"TCP", "mesh", 6},
-			{"UNDERLAY", "mesh", 2},
+			{"UNDERLAY", "mesh", 3},
 			{"FABRICCTL", "host1 peers status |", 3},
 			{"FABRICCTL", "host1 routes |", 3},
 			{"CLEANUP", "fabricd --cleanup removed", 3},
@@ -175,6 +175,8 @@ func TestFabricdIPIPLane(t *testing.T) {
 			kind, contains string
 			want           int
 		}{
+			{"UNDERLAY", "auto host", 3}, // before the block: IPIP only, on every host's underlay
+			{"PING", "auto host", 6},
 			{"PEERS", "state=established encapsulation=vxlan", 4}, // the routed pairs while blocked
 			{"FALLBACK", "on vxlan", 1},
 			{"ROUTE", "dev fabric.vxlan", 4},

@@ -280,7 +280,7 @@ func (p *phase) body() error {
 	switch encap {
 	case "ipip":
 		p.step("traffic")
-		if err := p.trafficWithEvidence("mesh", []string{"host1", "host3"}, p.checkIPIPOnly); err != nil {
+		if err := p.trafficWithEvidence("mesh", allHosts, p.checkIPIPOnly); err != nil {
 			return err
 		}
 		p.checkSources()
@@ -296,7 +296,11 @@ func (p *phase) body() error {
 	p.checkNATRules()
 
 	if encap == "auto" {
-		// The ipip phase already sent traffic over this state.
+		// On the wire before the block: auto mode chose IPIP for every pair.
+		p.step("traffic")
+		if err := p.trafficWithEvidence("auto", allHosts, p.checkIPIPOnly); err != nil {
+			return err
+		}
 		if err := p.blockAndRestore(); err != nil {
 			return err
 		}
@@ -312,6 +316,10 @@ func (p *phase) body() error {
 	p.step("done")
 	return nil
 }
+
+// allHosts are the hosts whose underlay is watched where every pair runs
+// IPIP: each one's traffic must be IPIP only.
+var allHosts = []string{"host1", "host2", "host3"}
 
 // blockAndRestore is the auto-mode fallback: a router that drops IP
 // protocol 4 must move the routed pairs to vxlan and only them.
@@ -358,7 +366,7 @@ func (p *phase) blockAndRestore() error {
 	if err := p.waitRoutes(allIPIP); err != nil {
 		return fmt.Errorf("RESTORED: %w", err)
 	}
-	return p.trafficWithEvidence("restored", []string{"host1", "host3"}, p.checkIPIPOnly)
+	return p.trafficWithEvidence("restored", allHosts, p.checkIPIPOnly)
 }
 
 // restartKeepsIPIP restarts host2's fabricd (SIGTERM, start again): it
@@ -388,7 +396,7 @@ func (p *phase) restartKeepsIPIP() error {
 		return fmt.Errorf("RESTART: %w", err)
 	}
 	p.logf("RESTART", "%s restarted; every pair established on ipip %.1fs after the start", h.Name, time.Since(restarted).Seconds())
-	if err := p.trafficWithEvidence("restarted", []string{"host1", "host3"}, p.checkIPIPOnly); err != nil {
+	if err := p.trafficWithEvidence("restarted", allHosts, p.checkIPIPOnly); err != nil {
 		return err
 	}
 	changed := 0
