@@ -65,7 +65,19 @@ func TestBIRDTopOfRack(t *testing.T) {
 			return nil
 		})
 	}
-	st, _ := f.fabricctl(f.lab.Hosts()[0], "peers", "status")
+	// And the mesh's routes: BIRD having every subnet says nothing about
+	// host1's own sessions (seen: host1-host2 still connecting).
+	h1 := f.lab.Hosts()[0]
+	f.eventually(30*time.Second, "host1 routes to the other hosts", func() error {
+		owned := f.ownedRoutes(h1)
+		for _, p := range f.otherSubnets(h1, f.lab.Hosts()) {
+			if _, ok := owned[p.String()]; !ok {
+				return fmt.Errorf("no route to %s; owned routes: %v", p, owned)
+			}
+		}
+		return nil
+	})
+	st, _ := f.fabricctl(h1, "peers", "status")
 	t.Logf("peers status:\n%s", st)
 	if !strings.Contains(st, "tor") || !strings.Contains(st, "external") {
 		t.Errorf("peers status lacks the external peer tor:\n%s", st)
