@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -145,5 +146,43 @@ rules:
 	out, err := cmd.CombinedOutput()
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "want table, wide, json or yaml") {
 		t.Errorf("-o xml: %v %s", err, out)
+	}
+}
+
+// On a fabric host fabricctl finds etcd in fabricd's settings file; the
+// environment and flags still win.
+func TestEtcdFromFabricdSettingsFile(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "fabricctl")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	ep := etcdtest.Start(t).Endpoint(0)
+	dir := t.TempDir()
+	settings := filepath.Join(dir, "fabricd.yaml")
+	os.WriteFile(settings, []byte("etcdEndpoints: ["+ep+"]\netcdPrefix: /site-a\nencapsulation: auto\n"), 0o644)
+	run := func(env []string, args ...string) (string, error) {
+		cmd := exec.Command(bin, args...)
+		cmd.Env = append(os.Environ(), env...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	out, err := run([]string{"FABRIC_CONFIG=" + settings}, "ipam", "init", "--pool", "10.244.0.0/16")
+	if err != nil || !strings.Contains(out, "pool 10.244.0.0/16") {
+		t.Fatalf("ipam init with etcd from the settings file: %v\n%s", err, out)
+	}
+	// The prefix came from the file too: the pool is under /site-a.
+	if out, err := run(nil, "--etcd-endpoints", ep, "--etcd-prefix", "/site-a", "ipam", "show"); err != nil || !strings.Contains(out, "pool 10.244.0.0/16") {
+		t.Errorf("pool not under the file's prefix: %v\n%s", err, out)
+	}
+	// A flag wins over the file.
+	if out, err := run([]string{"FABRIC_CONFIG=" + settings}, "--etcd-endpoints", "http://127.0.0.1:1", "ipam", "show"); err == nil {
+		t.Errorf("--etcd-endpoints did not win over the file:\n%s", out)
+	}
+	// A settings file that does not parse is a usage error naming it.
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("etcdEndpoints: [\n"), 0o644)
+	out, err = run([]string{"FABRIC_CONFIG=" + bad}, "ipam", "show")
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 || !strings.Contains(out, bad) {
+		t.Errorf("bad settings file: %v %s", err, out)
 	}
 }

@@ -62,15 +62,21 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.PersistentFlags().StringVar(&g.etcdEndpoints, "etcd-endpoints", envOr("FABRIC_ETCD_ENDPOINTS", "http://127.0.0.1:2379"), "comma-separated etcd URLs (env FABRIC_ETCD_ENDPOINTS)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.CA, "etcd-ca-cert", os.Getenv("FABRIC_ETCD_CA_CERT"), "PEM file of the CA that signed etcd's certificate; default: the system roots (env FABRIC_ETCD_CA_CERT)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.Cert, "etcd-cert", os.Getenv("FABRIC_ETCD_CERT"), "PEM file of the client certificate for etcd (env FABRIC_ETCD_CERT)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.Key, "etcd-key", os.Getenv("FABRIC_ETCD_KEY"), "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
-	root.PersistentFlags().StringVar(&g.etcdPrefix, "etcd-prefix", envOr("FABRIC_ETCD_PREFIX", "/fabric/v1"), "etcd key prefix")
-	root.PersistentFlags().StringVar(&g.runDir, "run-dir", envOr("FABRIC_RUN_DIR", "/run/fabric"), "fabricd's run directory (holds its local API socket)")
+	// Defaults < fabricd's settings file (FABRIC_CONFIG, else
+	// /etc/fabric/fabricd.yaml) < FABRIC_* environment < flags.
+	host, hostErr := readHostSettings()
+	root.PersistentFlags().StringVar(&g.etcdEndpoints, "etcd-endpoints", or3(os.Getenv("FABRIC_ETCD_ENDPOINTS"), joinList(host.EtcdEndpoints), "http://127.0.0.1:2379"), "comma-separated etcd URLs (env FABRIC_ETCD_ENDPOINTS; default from fabricd's settings file)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.CA, "etcd-ca-cert", or3(os.Getenv("FABRIC_ETCD_CA_CERT"), host.EtcdCACert), "PEM file of the CA that signed etcd's certificate; default: the system roots (env FABRIC_ETCD_CA_CERT)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.Cert, "etcd-cert", or3(os.Getenv("FABRIC_ETCD_CERT"), host.EtcdCert), "PEM file of the client certificate for etcd (env FABRIC_ETCD_CERT)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.Key, "etcd-key", or3(os.Getenv("FABRIC_ETCD_KEY"), host.EtcdKey), "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
+	root.PersistentFlags().StringVar(&g.etcdPrefix, "etcd-prefix", or3(os.Getenv("FABRIC_ETCD_PREFIX"), host.EtcdPrefix, "/fabric/v1"), "etcd key prefix")
+	root.PersistentFlags().StringVar(&g.runDir, "run-dir", or3(os.Getenv("FABRIC_RUN_DIR"), host.RunDir, "/run/fabric"), "fabricd's run directory (holds its local API socket)")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts (the same as -o json)")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns), json or yaml")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error {
+		if hostErr != nil {
+			return usageError{hostErr}
+		}
 		switch g.output {
 		case "table", "wide", "json", "yaml":
 			return nil
@@ -158,13 +164,6 @@ func leaveCmd(g *globals) *cobra.Command {
 			return nil
 		},
 	}
-}
-
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
 }
 
 func (g *globals) api() *localapi.Client { return localapi.NewClient(g.runDir + "/fabricd.sock") }
