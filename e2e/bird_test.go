@@ -147,7 +147,7 @@ func TestBIRDRouteReflector(t *testing.T) {
 	for _, h := range hosts {
 		ctrs[h.Name] = f.container(h, "c1", 2)
 	}
-	f.eventually(5*time.Second, "host1 container reaches host3 container via reflected route", func() error {
+	f.eventually(15*time.Second, "host1 container reaches host3 container via reflected route", func() error {
 		return ping(ctrs["host1"], ctrs["host3"].Addr)
 	})
 }

@@ -76,7 +76,7 @@ func TestMTUNoBlackHole(t *testing.T) {
 	f.eventually(20*time.Second, "routes", func() error { return f.routesTo(hosts[0], f.otherSubnets(hosts[0], hosts)) })
 	c1, c2 := f.container(hosts[0], "c1", 2), f.container(hosts[1], "c1", 2)
 	// 1450 - 20 (IP) - 8 (ICMP) = 1422 bytes of payload.
-	f.eventually(5*time.Second, "largest DF ping", func() error { return ping(c1, c2.Addr, "-M", "do", "-s", "1422") })
+	f.eventually(15*time.Second, "largest DF ping", func() error { return ping(c1, c2.Addr, "-M", "do", "-s", "1422") })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	out, err := c1.Run(ctx, "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1423", c2.Addr.String())
