@@ -296,7 +296,7 @@ func defineFlags(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.Bridge, "bridge", c.Bridge, "container bridge fabricd creates or adopts")
 	fs.StringVar(&c.DockerOptsFile, "docker-opts-file", c.DockerOptsFile, "environment file with the options dockerd needs")
 	fs.StringVar(&c.DockerSocket, "docker-socket", c.DockerSocket, "the local dockerd's API socket, to publish container names (env FABRIC_DOCKER_SOCKET)")
-	fs.BoolVar(&c.ContainerDNS, "container-dns", c.ContainerDNS, "answer <container>.<dns-domain> for every container of the fabric on the bridge gateway, port 53")
+	fs.BoolVar(&c.ContainerDNS, "container-dns", c.ContainerDNS, "answer CONTAINER.DNS-DOMAIN for every container of the fabric on the bridge gateway, port 53")
 	fs.StringVar(&c.DNSDomain, "dns-domain", c.DNSDomain, "domain of container names (env FABRIC_DNS_DOMAIN)")
 	fs.StringVar(&c.RunDir, "run-dir", c.RunDir, "directory for the local API sockets")
 	fs.DurationVar(&c.Resync, "resync", c.Resync, "interval of drift repair of kernel state")

@@ -281,3 +281,18 @@ peers:
 		}
 	}
 }
+
+// docs/operations.md carries the settings table generated from the code.
+func TestSettingsTableInDocs(t *testing.T) {
+	table := SettingsTable()
+	if strings.Count(table, "\n") < 37 || strings.Contains(table, "| `` |") {
+		t.Fatalf("table incomplete (a flag without its file key?):\n%s", table)
+	}
+	doc, err := os.ReadFile("../docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(doc), table) {
+		t.Errorf("docs/operations.md lacks the current settings table; regenerate it with `fabricd --settings-table`:\n%s", table)
+	}
+}

@@ -24,6 +24,10 @@ func main() {
 			fmt.Println("fabricd", version.String())
 			return
 		}
+		if a == "--settings-table" { // the table in docs/operations.md
+			fmt.Print(config.SettingsTable())
+			return
+		}
 	}
 	cfg, err := config.Load(os.Args[1:], os.Environ())
 	if errors.Is(err, flag.ErrHelp) {
