@@ -51,16 +51,23 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "names" (container names and DNS); default every part`)
+	only := flag.String("only", "", `run one part: "names" (container names and DNS) or "routes" (routes from a BIRD peer); default every part`)
+	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	flag.Parse()
-	var err error
+	counts, err := parseCounts(*routeCounts)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(2)
+	}
 	switch *only {
 	case "":
-		err = run(binDir)
+		err = run(binDir, counts)
 	case "names":
 		err = namesBench(context.Background(), binDir)
+	case "routes":
+		err = routesBench(context.Background(), binDir, counts)
 	default:
-		err = fmt.Errorf("-only %q: want names", *only)
+		err = fmt.Errorf("-only %q: want names or routes", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -68,7 +75,7 @@ func main() {
 	}
 }
 
-func run(binDir string) error {
+func run(binDir string, routeCounts []int) error {
 	ctx := context.Background()
 	l, err := lab.New(ctx, lab.Spec{Hosts: 5, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	if err != nil {
@@ -129,6 +136,9 @@ func run(binDir string) error {
 			name = fmt.Sprintf("%d reflectors", reflectors)
 		}
 		fmt.Printf("| %s | %d-%d | %s | %.1f MiB |\n", name, r.fewest, r.sessions, r.took.Round(100*time.Millisecond), r.rss/(1<<20))
+	}
+	if err := routesBench(ctx, binDir, routeCounts); err != nil {
+		return err
 	}
 	return namesBench(ctx, binDir)
 }
