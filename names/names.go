@@ -197,24 +197,9 @@ func Watch(ctx context.Context, cli *clientv3.Client, prefix string, logger *slo
 	prefix = normPrefix(prefix)
 	logged := map[string]string{}
 	return etcdwatch.Watch(ctx, cli, containersPrefix(prefix), logger, func(kvs etcdwatch.KVs) ([]Record, bool) {
-		rs := make([]Record, 0, len(kvs))
-		for key, value := range kvs {
-			r, err := decode(prefix, key, value)
-			if err != nil {
-				if logged[key] != err.Error() {
-					logged[key] = err.Error()
-					logger.Warn("skipping invalid container record", "key", key, "problem", err.Error())
-				}
-				continue
-			}
-			delete(logged, key)
-			rs = append(rs, r)
-		}
-		for key := range logged {
-			if _, ok := kvs[key]; !ok {
-				delete(logged, key)
-			}
-		}
+		rs := etcdwatch.EachValid(kvs, logged, logger, "container record", func(key string, value []byte) (Record, error) {
+			return decode(prefix, key, value)
+		})
 		Sort(rs)
 		return rs, true
 	})

@@ -19,24 +19,9 @@ func Watch(ctx context.Context, cli *clientv3.Client, prefix string, logger *slo
 	prefix = normPrefix(prefix)
 	logged := map[string]string{} // key -> problem already logged
 	return etcdwatch.Watch(ctx, cli, nodesPrefix(prefix), logger, func(kvs etcdwatch.KVs) ([]Node, bool) {
-		nodes := make([]Node, 0, len(kvs))
-		for key, value := range kvs {
-			n, err := decodeNode(prefix, key, value)
-			if err != nil {
-				if logged[key] != err.Error() {
-					logged[key] = err.Error()
-					logger.Warn("skipping invalid node record", "key", key, "problem", err.Error())
-				}
-				continue
-			}
-			delete(logged, key)
-			nodes = append(nodes, n)
-		}
-		for key := range logged {
-			if _, ok := kvs[key]; !ok {
-				delete(logged, key)
-			}
-		}
+		nodes := etcdwatch.EachValid(kvs, logged, logger, "node record", func(key string, value []byte) (Node, error) {
+			return decodeNode(prefix, key, value)
+		})
 		sortNodes(nodes)
 		return nodes, true
 	})

@@ -129,3 +129,30 @@ func (w *watcher[T]) send(ctx context.Context, kvs KVs) {
 	case <-ctx.Done():
 	}
 }
+
+// EachValid decodes every value of a snapshot with decode and returns those
+// that decode, in no particular order. A key that does not is skipped and
+// logged once per key and problem (as "skipping invalid <what>"), so a
+// stored typo neither hides the valid records nor floods the log; logged
+// remembers what was said and must be kept by the caller between calls.
+func EachValid[T any](kvs KVs, logged map[string]string, log *slog.Logger, what string, decode func(key string, value []byte) (T, error)) []T {
+	out := make([]T, 0, len(kvs))
+	for key, value := range kvs {
+		v, err := decode(key, value)
+		if err != nil {
+			if logged[key] != err.Error() {
+				logged[key] = err.Error()
+				log.Warn("skipping invalid "+what, "key", key, "problem", err.Error())
+			}
+			continue
+		}
+		delete(logged, key)
+		out = append(out, v)
+	}
+	for key := range logged {
+		if _, ok := kvs[key]; !ok {
+			delete(logged, key)
+		}
+	}
+	return out
+}
