@@ -87,6 +87,7 @@ type Agent struct {
 
 	kick         chan struct{}
 	policyKick   chan struct{}
+	namesKick    chan struct{} // the leases changed: recheck container records
 	ingressKick  chan struct{}
 	leaveRequest chan struct{}
 	prober       *probe.Prober // nil without ipip support
@@ -102,7 +103,7 @@ type Agent struct {
 // graceful restart off, and on leave or a lost lease, the subnet and node
 // record are withdrawn at once (see leave). Kernel state stays either way.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
-	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1), leaveRequest: make(chan struct{}, 1), ingressKick: make(chan struct{}, 1),
+	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1), leaveRequest: make(chan struct{}, 1), ingressKick: make(chan struct{}, 1), namesKick: make(chan struct{}, 1),
 		departed: map[string]planner.Departed{}, warned: map[string]bool{}}
 	cli, err := etcdclient.New(cfg.EtcdEndpoints, cfg.EtcdTLSFiles(), cfg.EtcdTimeout, quietZap())
 	if err != nil {
@@ -305,17 +306,18 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			if other := holderOf(h, a.lease.Subnet); other != "" && other != cfg.NodeName {
 				// Another host holds our subnet: do not wait for the next
 				// renewal to notice; two hosts advertising it split traffic.
-				err := fmt.Errorf("%w: etcd leases %s to %s", ipam.ErrSubnetLost, a.lease.Subnet, other)
-				log.Error("subnet lease lost; withdrawing and exiting", "subnet", a.lease.Subnet, "err", err)
-				a.leave(heartbeat, containerNames)
-				stop()
-				wg.Wait()
-				return fmt.Errorf("subnet %s: %w", a.lease.Subnet, err)
+				// The lease-lost case above does the exit.
+				select {
+				case leaseLost <- fmt.Errorf("%w: etcd leases %s to %s", ipam.ErrSubnetLost, a.lease.Subnet, other):
+				default: // the renewal reported it already
+				}
+				continue
 			}
 			a.mu.Lock()
 			a.held = h
 			a.mu.Unlock()
 			a.refreshNodes(runCtx)
+			kick(a.namesKick)
 		case <-departedCheck.C:
 			a.refreshNodes(runCtx)
 		case rs := <-routes:

@@ -104,12 +104,8 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 }
 
 func (a *Agent) kickPolicy() {
-	for _, kick := range []chan struct{}{a.policyKick, a.ingressKick} {
-		select {
-		case kick <- struct{}{}:
-		default:
-		}
-	}
+	kick(a.policyKick)
+	kick(a.ingressKick)
 }
 
 // ingressLoop keeps the set of fabric hosts allowed to send tunnel packets

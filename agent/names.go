@@ -6,7 +6,6 @@ import (
 
 	"github.com/fabricnet/fabric/dockerwatch"
 	"github.com/fabricnet/fabric/fabricdns"
-	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/names"
 	"github.com/fabricnet/fabric/policy"
 )
@@ -56,16 +55,15 @@ func (a *Agent) dnsLoop(ctx context.Context, srv *fabricdns.Server) error {
 	}
 }
 
-// namesViewLoop follows the directory of container names and the leases;
+// namesViewLoop follows the directory of container names; with the leases
+// the main loop keeps (a.held, nil until etcd answered: nothing trusted),
 // the records whose address lies in their own node's lease (names.Trusted)
 // go to the DNS responder (srv, nil without container DNS) and to policy's
 // container and label selectors. Each refusal is logged once.
 func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error {
 	log := a.log.With("component", "names")
 	records := names.Watch(ctx, a.etcd, a.cfg.EtcdPrefix, log)
-	leases := ipam.Watch(ctx, a.etcd, a.cfg.EtcdPrefix, log)
 	var rs []names.Record
-	var held ipam.Holdings // nil until etcd answers: nothing trusted
 	recordsKnown := false
 	logged := map[string]string{}
 	for {
@@ -77,12 +75,11 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 				return nil
 			}
 			rs, recordsKnown = r, true
-		case h, ok := <-leases:
-			if !ok {
-				return nil
-			}
-			held = h
+		case <-a.namesKick:
 		}
+		a.mu.Lock()
+		held := a.held
+		a.mu.Unlock()
 		kept, refused := names.Trusted(rs, held)
 		seen := map[string]bool{}
 		for _, r := range refused {

@@ -17,9 +17,13 @@ import (
 	"github.com/fabricnet/fabric/registry"
 )
 
-func (a *Agent) kickDataplane() {
+func (a *Agent) kickDataplane() { kick(a.kick) }
+
+// kick wakes the loop that reads ch; a wake-up already pending covers this
+// one too.
+func kick(ch chan struct{}) {
 	select {
-	case a.kick <- struct{}{}:
+	case ch <- struct{}{}:
 	default:
 	}
 }
