@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -17,8 +16,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
-	"github.com/vishvananda/netns"
 
+	"github.com/fabricnet/fabric/internal/nsthread"
 	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/localapi"
 	"github.com/fabricnet/fabric/names"
@@ -214,31 +213,15 @@ func publishAndResolve(ctx context.Context, l *lab.Lab, status map[string]locala
 // dialIn opens a UDP socket inside namespace ns connected to server; the
 // socket stays in ns whichever thread uses it later.
 func dialIn(ns, server string) (*dns.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
+	var c net.Conn
+	err := nsthread.Do(ns, func() (err error) {
+		c, err = net.Dial("udp", server)
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread ends with this goroutine
-		target, err := netns.GetFromName(ns)
-		if err != nil {
-			ch <- result{err: err}
-			return
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			ch <- result{err: err}
-			return
-		}
-		c, err := net.Dial("udp", server)
-		ch <- result{c, err}
-	}()
-	r := <-ch
-	if r.err != nil {
-		return nil, r.err
-	}
-	return &dns.Conn{Conn: r.c}, nil
+	return &dns.Conn{Conn: c}, nil
 }
 
 func exchange(c *dns.Conn, name string) (*dns.Msg, error) {

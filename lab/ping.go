@@ -9,11 +9,11 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/fabricnet/fabric/internal/nsthread"
 )
 
 // Ping sends ICMP echo requests from the host's namespace to dst, one every
@@ -165,35 +165,16 @@ func icmpChecksum(b []byte) uint16 {
 	return ^uint16(sum)
 }
 
-// socketInNamespace opens a socket inside named namespace ns. A socket stays
-// in the namespace it was created in, so only the creation needs the switch.
+// socketInNamespace opens a socket inside named namespace ns.
 func socketInNamespace(ns string, domain, typ, proto int) (int, error) {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return -1, err
+	fd := -1
+	err := nsthread.Do(ns, func() (err error) {
+		fd, err = unix.Socket(domain, typ|unix.SOCK_CLOEXEC, proto)
+		return err
+	})
+	if err != nil && fd >= 0 {
+		unix.Close(fd)
+		fd = -1
 	}
-	defer orig.Close()
-	target, err := netns.GetFromName(ns)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return -1, fmt.Errorf("namespace %s: %w", ns, err)
-	}
-	defer target.Close()
-	if err := netns.Set(target); err != nil {
-		runtime.UnlockOSThread()
-		return -1, err
-	}
-	fd, sockErr := unix.Socket(domain, typ|unix.SOCK_CLOEXEC, proto)
-	if err := netns.Set(orig); err != nil {
-		// Leave the thread locked: Go discards it when this goroutine ends,
-		// rather than reuse a thread stuck in the wrong namespace.
-		if sockErr == nil {
-			unix.Close(fd)
-		}
-		return -1, errors.Join(errors.New("cannot switch back to the original namespace"), err)
-	}
-	runtime.UnlockOSThread()
-	return fd, sockErr
+	return fd, err
 }

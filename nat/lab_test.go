@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/internal/nsthread"
 )
 
 // testLab is two fabric hosts, their containers and an outside machine, each
@@ -174,7 +175,7 @@ func (l *testLab) expectClosed(ns, addr string) {
 func (l *testLab) serveUDPSource(ns, addr string) {
 	l.t.Helper()
 	var pc net.PacketConn
-	err := nstest.InNS(l.ns(ns), func() (err error) {
+	err := nsthread.Do(l.ns(ns), func() (err error) {
 		pc, err = net.ListenPacket("udp4", addr)
 		return err
 	})
@@ -199,7 +200,7 @@ func (l *testLab) serveUDPSource(ns, addr string) {
 // the server reports.
 func (l *testLab) dialUDP(ns, addr string) (string, error) {
 	var conn net.Conn
-	err := nstest.InNS(l.ns(ns), func() (err error) {
+	err := nsthread.Do(l.ns(ns), func() (err error) {
 		conn, err = net.Dial("udp4", addr)
 		return err
 	})

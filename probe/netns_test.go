@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/internal/nsthread"
 )
 
 // Helpers for tests on real network namespaces (see internal/nstest). Every
@@ -37,7 +38,7 @@ func startIn(t *testing.T, name string, cfg Config) *Prober {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	var p *Prober
-	err := nstest.InNS(name, func() (err error) {
+	err := nsthread.Do(name, func() (err error) {
 		p, err = Start(ctx, cfg)
 		return err
 	})

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/internal/nsthread"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -190,7 +191,7 @@ func TestHostileInput(t *testing.T) {
 	px := startIn(t, nsX, Config{Local: addrX, Interval: testInterval, MaxRepliesPerSecond: limit, Logger: testLogger(t, "X")})
 
 	var conn *net.IPConn
-	err := nstest.InNS(nsY, func() (err error) {
+	err := nsthread.Do(nsY, func() (err error) {
 		conn, err = net.ListenIP("ip4:4", &net.IPAddr{IP: addrY.AsSlice()})
 		return err
 	})
@@ -303,7 +304,7 @@ func TestStartErrors(t *testing.T) {
 	ns := l.ns("E")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	err := nstest.InNS(ns, func() error {
+	err := nsthread.Do(ns, func() error {
 		_, err := Start(ctx, Config{Local: netip.MustParseAddr("10.99.4.1")})
 		return err
 	})
@@ -365,7 +366,7 @@ func TestRestartKeepsVerdicts(t *testing.T) {
 	pa := startIn(t, nsA, cfgA)
 	ctxB, stopB := context.WithCancel(context.Background())
 	var pb *Prober
-	if err := nstest.InNS(nsB, func() (err error) {
+	if err := nsthread.Do(nsB, func() (err error) {
 		pb, err = Start(ctxB, Config{Local: addrB, Interval: testInterval, Logger: testLogger(t, "B")})
 		return err
 	}); err != nil {

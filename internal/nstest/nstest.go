@@ -9,12 +9,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
-	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 
@@ -134,42 +131,6 @@ func Handle(t testing.TB, name string) *netlink.Handle {
 	}
 	t.Cleanup(h.Close)
 	return h
-}
-
-// InNS runs fn on a locked OS thread switched into namespace ns and returns
-// its error. Sockets fn opens belong to ns and stay there. It uses a fresh
-// goroutine so the caller's thread never changes namespace.
-func InNS(ns string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := netns.GetFromName(ns)
-		if err != nil {
-			errc <- fmt.Errorf("open netns %s: %w", ns, err)
-			return
-		}
-		defer target.Close()
-		if err := netns.Set(target); err != nil {
-			errc <- fmt.Errorf("enter netns %s: %w", ns, err)
-			return
-		}
-		fnErr := fn()
-		if err := netns.Set(orig); err != nil {
-			// The thread stays locked, so it dies with this goroutine
-			// instead of running others in the wrong namespace.
-			errc <- errors.Join(fnErr, fmt.Errorf("return from netns %s: %w", ns, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- fnErr
-	}()
-	return <-errc
 }
 
 // Logger returns a debug-level text logger that writes to t.Log, so the

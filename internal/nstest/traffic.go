@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/nsthread"
 	"github.com/fabricnet/fabric/lab"
 )
 
@@ -16,7 +17,7 @@ import (
 // at), then an echo of everything it sends. The caller closes the listener.
 func ServeTCP(ns, addr string) (net.Listener, error) {
 	var ln net.Listener
-	err := InNS(ns, func() (err error) {
+	err := nsthread.Do(ns, func() (err error) {
 		ln, err = net.Listen("tcp4", addr)
 		return err
 	})
@@ -53,7 +54,7 @@ func DialTCP(ns, src, addr string, timeout time.Duration) (net.Conn, string, err
 		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(src)}
 	}
 	var conn net.Conn
-	err := InNS(ns, func() (err error) {
+	err := nsthread.Do(ns, func() (err error) {
 		conn, err = d.Dial("tcp4", addr)
 		return err
 	})

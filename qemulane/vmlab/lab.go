@@ -21,6 +21,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/fabricnet/fabric/internal/nsthread"
 )
 
 // NetnsDir is where named namespaces are bind-mounted (as iproute2 does).
@@ -157,26 +159,7 @@ func onLockedThread(fn func() error) error {
 // Do runs fn on a thread inside ns. Sockets fn creates stay in ns after it
 // returns; processes it starts inherit ns.
 func (l *Lab) Do(ns string, fn func() error) error {
-	target, err := netns.GetFromPath(l.Path(ns))
-	if err != nil {
-		return fmt.Errorf("open namespace %s: %w", l.FullName(ns), err)
-	}
-	defer target.Close()
-	return onLockedThread(func() error {
-		orig, err := netns.Get()
-		if err != nil {
-			return err
-		}
-		defer orig.Close()
-		if err := netns.Set(target); err != nil {
-			return fmt.Errorf("enter namespace %s: %w", l.FullName(ns), err)
-		}
-		fnErr := fn()
-		if err := netns.Set(orig); err != nil {
-			return errThreadTainted{err}
-		}
-		return fnErr
-	})
+	return nsthread.Do(l.FullName(ns), fn)
 }
 
 // Exec runs a command inside ns and returns its combined output.
