@@ -28,7 +28,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -162,8 +161,7 @@ func samples(measure func() (float64, error)) (stats, error) {
 		}
 		vs = append(vs, v)
 	}
-	slices.Sort(vs)
-	return stats{median: vs[len(vs)/2], min: vs[0], max: vs[len(vs)-1]}, nil
+	return summarize(vs), nil
 }
 
 type convergence struct {
