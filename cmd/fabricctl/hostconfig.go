@@ -49,14 +49,4 @@ func readHostSettings() (hostSettings, error) {
 	return s, nil
 }
 
-// or3 returns the first non-empty value.
-func or3(values ...string) string {
-	for _, v := range values {
-		if v != "" {
-			return v
-		}
-	}
-	return ""
-}
-
 func joinList(l []string) string { return strings.Join(l, ",") }

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -65,12 +66,12 @@ func main() {
 	// Defaults < fabricd's settings file (FABRIC_CONFIG, else
 	// /etc/fabric/fabricd.yaml) < FABRIC_* environment < flags.
 	host, hostErr := readHostSettings()
-	root.PersistentFlags().StringVar(&g.etcdEndpoints, "etcd-endpoints", or3(os.Getenv("FABRIC_ETCD_ENDPOINTS"), joinList(host.EtcdEndpoints), "http://127.0.0.1:2379"), "comma-separated etcd URLs (env FABRIC_ETCD_ENDPOINTS; default from fabricd's settings file)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.CA, "etcd-ca-cert", or3(os.Getenv("FABRIC_ETCD_CA_CERT"), host.EtcdCACert), "PEM file of the CA that signed etcd's certificate; default: the system roots (env FABRIC_ETCD_CA_CERT)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.Cert, "etcd-cert", or3(os.Getenv("FABRIC_ETCD_CERT"), host.EtcdCert), "PEM file of the client certificate for etcd (env FABRIC_ETCD_CERT)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.Key, "etcd-key", or3(os.Getenv("FABRIC_ETCD_KEY"), host.EtcdKey), "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
-	root.PersistentFlags().StringVar(&g.etcdPrefix, "etcd-prefix", or3(os.Getenv("FABRIC_ETCD_PREFIX"), host.EtcdPrefix, "/fabric/v1"), "etcd key prefix")
-	root.PersistentFlags().StringVar(&g.runDir, "run-dir", or3(os.Getenv("FABRIC_RUN_DIR"), host.RunDir, "/run/fabric"), "fabricd's run directory (holds its local API socket)")
+	root.PersistentFlags().StringVar(&g.etcdEndpoints, "etcd-endpoints", cmp.Or(os.Getenv("FABRIC_ETCD_ENDPOINTS"), joinList(host.EtcdEndpoints), "http://127.0.0.1:2379"), "comma-separated etcd URLs (env FABRIC_ETCD_ENDPOINTS; default from fabricd's settings file)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.CA, "etcd-ca-cert", cmp.Or(os.Getenv("FABRIC_ETCD_CA_CERT"), host.EtcdCACert), "PEM file of the CA that signed etcd's certificate; default: the system roots (env FABRIC_ETCD_CA_CERT)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.Cert, "etcd-cert", cmp.Or(os.Getenv("FABRIC_ETCD_CERT"), host.EtcdCert), "PEM file of the client certificate for etcd (env FABRIC_ETCD_CERT)")
+	root.PersistentFlags().StringVar(&g.etcdTLS.Key, "etcd-key", cmp.Or(os.Getenv("FABRIC_ETCD_KEY"), host.EtcdKey), "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
+	root.PersistentFlags().StringVar(&g.etcdPrefix, "etcd-prefix", cmp.Or(os.Getenv("FABRIC_ETCD_PREFIX"), host.EtcdPrefix, "/fabric/v1"), "etcd key prefix")
+	root.PersistentFlags().StringVar(&g.runDir, "run-dir", cmp.Or(os.Getenv("FABRIC_RUN_DIR"), host.RunDir, "/run/fabric"), "fabricd's run directory (holds its local API socket)")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts (the same as -o json)")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns), json or yaml")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -167,7 +168,7 @@ func policyCmd(g *globals) *cobra.Command {
 					for i, pr := range r.Ports {
 						ports[i] = pr.String()
 					}
-					rows = append(rows, []string{fmt.Sprint(r.Order), r.Name, r.Action, selectors(r.From), selectors(r.To), or(r.Protocol, "any"), or(strings.Join(ports, ","), "any")})
+					rows = append(rows, []string{fmt.Sprint(r.Order), r.Name, r.Action, selectors(r.From), selectors(r.To), cmp.Or(r.Protocol, "any"), cmp.Or(strings.Join(ports, ","), "any")})
 				}
 				table("ORDER\tNAME\tACTION\tFROM\tTO\tPROTOCOL\tPORTS", rows)
 				return nil
@@ -201,11 +202,4 @@ func selectors(s []policy.Selector) string {
 		out[i] = x.String()
 	}
 	return strings.Join(out, ",")
-}
-
-func or(s, def string) string {
-	if s == "" {
-		return def
-	}
-	return s
 }
