@@ -19,7 +19,7 @@ func SettingsTable() string {
 	c.NodeName = "" // the build machine's hostname is no default to document
 	fs := flag.NewFlagSet("fabricd", flag.ContinueOnError)
 	defineFlags(fs, &c)
-	keys := fieldKeys(&c)
+	keys := fieldKeys(&c, fs)
 	var b strings.Builder
 	b.WriteString("| file key | flag | environment | default | meaning |\n|---|---|---|---|---|\n")
 	fs.VisitAll(func(f *flag.Flag) {
@@ -44,9 +44,9 @@ func SettingsTable() string {
 	return b.String()
 }
 
-// fieldKeys maps each flag to the file key of the Config field it sets,
-// found by the field's address.
-func fieldKeys(c *Config) map[string]string {
+// fieldKeys maps each flag of fs (defined on c) to the file key of the
+// Config field it sets, found by the field's address.
+func fieldKeys(c *Config, fs *flag.FlagSet) map[string]string {
 	byAddr := map[uintptr]string{}
 	v := reflect.ValueOf(c).Elem()
 	for i := range v.NumField() {
@@ -55,8 +55,6 @@ func fieldKeys(c *Config) map[string]string {
 			byAddr[v.Field(i).Addr().Pointer()] = name
 		}
 	}
-	fs := flag.NewFlagSet("keys", flag.ContinueOnError)
-	defineFlags(fs, c)
 	out := map[string]string{"asn": "asn"} // a flag.Func: no pointer to follow
 	fs.VisitAll(func(f *flag.Flag) {
 		var p uintptr
