@@ -19,10 +19,7 @@ import (
 // fabricctl containers shows which record DNS answers for each name, and
 // why it refuses the others, against a real etcd.
 func TestContainersShowsAnswersAndRefusals(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "fabricctl")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := fabricctlPath
 	c := etcdtest.Start(t)
 	cli := c.Client(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -94,10 +91,7 @@ func TestContainersShowsAnswersAndRefusals(t *testing.T) {
 // What `policy list -o yaml` prints, `policy apply -f -` takes back: the
 // same rules and default action, through a real etcd.
 func TestPolicyListYAMLRoundTrips(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "fabricctl")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := fabricctlPath
 	ep := etcdtest.Start(t).Endpoint(0)
 	run := func(stdin string, args ...string) string {
 		t.Helper()
@@ -152,10 +146,7 @@ rules:
 // On a fabric host fabricctl finds etcd in fabricd's settings file; the
 // environment and flags still win.
 func TestEtcdFromFabricdSettingsFile(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "fabricctl")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := fabricctlPath
 	ep := etcdtest.Start(t).Endpoint(0)
 	dir := t.TempDir()
 	settings := filepath.Join(dir, "fabricd.yaml")

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -13,10 +12,7 @@ import (
 // documented exit codes: 0 ok, 2 bad usage, 3 etcd unreachable, 4 fabricd
 // not running.
 func TestExitCodes(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "fabricctl")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := fabricctlPath
 	// A port nothing listens on: etcd is unreachable there.
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

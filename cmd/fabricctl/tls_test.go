@@ -3,7 +3,6 @@ package main
 import (
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -13,13 +12,7 @@ import (
 // TestFabricctlOverTLS runs the built fabricctl binary against a real etcd
 // that serves TLS and requires client certificates.
 func TestFabricctlOverTLS(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the binary")
-	}
-	bin := filepath.Join(t.TempDir(), "fabricctl")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := fabricctlPath
 	c, f := etcdtest.StartTLS(t)
 	ep := c.Endpoint(0)
 	run := func(env []string, args ...string) (string, error) {
