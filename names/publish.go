@@ -3,14 +3,14 @@ package names
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 	"time"
 
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/fabricnet/fabric/internal/etcdlease"
 )
 
 // Publisher keeps one host's container records in etcd equal to the
@@ -98,21 +98,14 @@ func (p *Publisher) sync(ctx context.Context, timeout time.Duration) error {
 	if p.withdrawn {
 		return nil
 	}
-	if p.leaseID != 0 {
-		if _, err := p.cli.KeepAliveOnce(ctx, p.leaseID); errors.Is(err, rpctypes.ErrLeaseNotFound) {
-			p.log.Warn("container records' lease expired; publishing again", "node", p.node)
-			p.leaseID = 0
-		} else if err != nil {
-			return fmt.Errorf("renew lease of container records: %w", err)
-		}
+	lease, renewed, err := etcdlease.Keep(ctx, p.cli, p.leaseID, p.ttlSec)
+	if err != nil {
+		return fmt.Errorf("container records: %w", err)
 	}
-	if p.leaseID == 0 {
-		resp, err := p.cli.Grant(ctx, p.ttlSec)
-		if err != nil {
-			return fmt.Errorf("grant lease for container records: %w", err)
-		}
-		p.leaseID = resp.ID
+	if p.leaseID != 0 && !renewed {
+		p.log.Warn("container records' lease expired; publishing again", "node", p.node)
 	}
+	p.leaseID = lease
 	resp, err := p.cli.Get(ctx, nodePrefix(p.prefix, p.node), clientv3.WithPrefix())
 	if err != nil {
 		return fmt.Errorf("read container records: %w", err)

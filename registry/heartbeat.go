@@ -11,6 +11,8 @@ import (
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/fabricnet/fabric/internal/etcdlease"
 )
 
 // DefaultTTL is the liveness lease of a node record: a host that stops
@@ -132,15 +134,15 @@ func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
 		return nil
 	}
 	var conflict *Node
-	if p.leaseID != 0 {
-		if _, err := p.cli.KeepAliveOnce(ctx, p.leaseID); errors.Is(err, rpctypes.ErrLeaseNotFound) {
-			p.log.Warn("node record lease expired; publishing again", "key", key)
-			p.leaseID = 0
-		} else if err != nil {
-			return fmt.Errorf("renew lease of %s: %w", key, err)
-		}
+	lease, renewed, err := etcdlease.Keep(ctx, p.cli, p.leaseID, p.ttlSec)
+	if err != nil {
+		return fmt.Errorf("node record %s: %w", key, err)
 	}
-	if p.leaseID != 0 {
+	if p.leaseID != 0 && !renewed {
+		p.log.Warn("node record lease expired; publishing again", "key", key)
+	}
+	p.leaseID = lease
+	if renewed {
 		resp, err := p.cli.Get(ctx, key)
 		if err != nil {
 			return fmt.Errorf("check %s: %w", key, err)
@@ -157,12 +159,6 @@ func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
 			json.Unmarshal(resp.Kvs[0].Value, &other) == nil && other.Address != self.Address {
 			conflict = &other
 		}
-	} else {
-		resp, err := p.cli.Grant(ctx, p.ttlSec)
-		if err != nil {
-			return fmt.Errorf("grant lease for %s: %w", key, err)
-		}
-		p.leaseID = resp.ID
 	}
 	if p.putKey != "" && p.putKey != key {
 		// Renamed: remove the old record if it is still ours.
