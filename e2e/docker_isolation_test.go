@@ -24,17 +24,11 @@ func TestDockerIsolationKept(t *testing.T) {
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.startMesh()
 	h1 := hosts[0]
-	opts, err := f.dockerOpts(h1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dh := f.startDockerd(h1)
+	dh.ctr = "client"
+	d := dh.d
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	d, err := h1.StartDockerd(ctx, lab.DockerdOptions{ExtraArgs: opts})
-	if err != nil {
-		t.Fatal(err)
-	}
-	dh := &dockerHost{host: h1, d: d, opts: opts, ctr: "client"}
 	img, err := f.lab.BusyboxImage(ctx, d, map[string]string{"/bin/tcpprobe": filepath.Join(binDir, "tcpprobe")})
 	if err != nil {
 		t.Fatal(err)

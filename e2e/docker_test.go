@@ -105,30 +105,22 @@ func TestDockerFabric(t *testing.T) {
 	dhs := make([]*dockerHost, len(hosts))
 	started := time.Now()
 	for i, h := range hosts {
+		dh := f.startDockerd(h)
+		dh.ctr = "web"
 		st, err := f.status(h)
 		if err != nil {
 			t.Fatal(err)
 		}
-		opts, err := f.dockerOpts(h)
-		if err != nil {
-			t.Fatalf("docker-opts on %s: %v", h.Name, err)
-		}
+		opts := strings.Join(dh.opts, " ")
 		wantBip := fmt.Sprintf("--bip=%s/%d", st.Gateway, netip.MustParsePrefix(st.Subnet).Bits())
-		if !strings.Contains(strings.Join(opts, " "), wantBip) || !strings.Contains(strings.Join(opts, " "), fmt.Sprintf("--mtu=%d", st.MTU)) ||
-			!strings.Contains(strings.Join(opts, " "), "--ip-masq=false") {
+		if !strings.Contains(opts, wantBip) || !strings.Contains(opts, fmt.Sprintf("--mtu=%d", st.MTU)) || !strings.Contains(opts, "--ip-masq=false") {
 			t.Fatalf("%s: DOCKER_OPTS %q do not match the status (%s, mtu %d)", h.Name, opts, wantBip, st.MTU)
 		}
 		if st.Bridge != "docker0" {
 			t.Fatalf("%s: fabric bridge is %q, want docker0 (dockerd's default bridge)", h.Name, st.Bridge)
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
-		d, err := h.StartDockerd(ctx, lab.DockerdOptions{ExtraArgs: opts})
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
-		dhs[i] = &dockerHost{host: h, d: d, opts: opts, ctr: "web", gw: netip.MustParseAddr(st.Gateway)}
-		t.Logf("%s: dockerd %s", h.Name, strings.Join(opts, " "))
+		dhs[i] = dh
+		t.Logf("%s: dockerd %s", h.Name, opts)
 	}
 	t.Logf("3 dockerds answering %.1fs after the first start", time.Since(started).Seconds())
 

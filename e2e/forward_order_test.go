@@ -31,19 +31,7 @@ func TestDenyHoldsWhileForwardIsRewritten(t *testing.T) {
 	client, server := hosts[0], hosts[1]
 
 	// A real dockerd on the server host, adopting fabricd's docker0.
-	opts, err := f.dockerOpts(server)
-	if err != nil {
-		t.Fatal(err)
-	}
-	startDockerd := func() *lab.Dockerd {
-		ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
-		defer cancel()
-		d, err := server.StartDockerd(ctx, lab.DockerdOptions{ExtraArgs: opts})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return d
-	}
+	startDockerd := func() *lab.Dockerd { return f.startDockerd(server).d }
 	dockerd := startDockerd()
 
 	srv := f.container(server, "srv", 2)

@@ -38,6 +38,8 @@ func (f *fabric) startDockerds(hosts []*lab.Host) ([]*dockerHost, string) {
 	return dhs, img
 }
 
+// startDockerd runs a real dockerd on h with exactly the options fabricd
+// wrote (read back through fabricctl docker-opts).
 func (f *fabric) startDockerd(h *lab.Host) *dockerHost {
 	f.t.Helper()
 	st, err := f.status(h)
