@@ -28,6 +28,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -162,6 +163,13 @@ func samples(measure func() (float64, error)) (stats, error) {
 		vs = append(vs, v)
 	}
 	return summarize(vs), nil
+}
+
+// summarize gives the median, min and max of measured values.
+func summarize(vs []float64) stats {
+	vs = slices.Clone(vs)
+	slices.Sort(vs)
+	return stats{median: vs[len(vs)/2], min: vs[0], max: vs[len(vs)-1]}
 }
 
 type convergence struct {

@@ -136,12 +136,6 @@ func namesBench(ctx context.Context, binDir string) error {
 	return nil
 }
 
-func summarize(vs []float64) stats {
-	vs = slices.Clone(vs)
-	slices.Sort(vs)
-	return stats{median: vs[len(vs)/2], min: vs[0], max: vs[len(vs)-1]}
-}
-
 // publishAndResolve writes namesPerHost records for every host (names
 // starting with tag) through names.Publisher, as fabricd does for its
 // dockerd's containers, and waits until every host's DNS answers all of
