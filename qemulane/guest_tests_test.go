@@ -38,16 +38,6 @@ var guestTestTools = map[string]string{
 	"/usr/bin/nsenter": "/usr/local/bin/nsenter",
 }
 
-// buildGoTestStatic compiles the tests of pkg into out with CGO_ENABLED=0.
-func buildGoTestStatic(pkg, out string) error {
-	cmd := exec.Command("go", "test", "-c", "-trimpath", "-o", out, pkg)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if output, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go test -c %s: %v\n%s", pkg, err, output)
-	}
-	return nil
-}
-
 // guestInit runs every suite, prints each test's verdict line as
 // "GUESTTEST <pkg> <line>", the tail of a failing suite's output as
 // "GUESTLOG <pkg> <line>", and "GUESTSUITE <pkg> ok|FAIL". Missing
@@ -105,7 +95,7 @@ func TestHostTestsInGuest(t *testing.T) {
 	}
 	for _, s := range guestSuites {
 		out := filepath.Join(dir, s.pkg+".test")
-		if err := buildGoTestStatic("github.com/fabricnet/fabric/"+s.pkg, out); err != nil {
+		if err := BuildGoTestStatic("github.com/fabricnet/fabric/"+s.pkg, out); err != nil {
 			t.Fatal(err)
 		}
 		bins["/bin/tests/"+s.pkg+".test"] = out

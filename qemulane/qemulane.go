@@ -519,15 +519,25 @@ func readModule(path string) ([]byte, error) {
 // to the current directory) into out with CGO_ENABLED=0, so it runs in the
 // image without a C library.
 func BuildGoStatic(pkg, out string) error {
+	return goStatic("build", "-trimpath", "-ldflags=-s -w", "-o", out, pkg)
+}
+
+// BuildGoTestStatic compiles the tests of pkg into out the same way, for
+// running a package's tests inside the image.
+func BuildGoTestStatic(pkg, out string) error {
+	return goStatic("test", "-c", "-trimpath", "-o", out, pkg)
+}
+
+// goStatic runs the go tool with CGO_ENABLED=0.
+func goStatic(args ...string) error {
 	goTool, err := exec.LookPath("go")
 	if err != nil {
 		return errors.New("go tool not found on PATH")
 	}
-	cmd := exec.Command(goTool, "build", "-trimpath", "-ldflags=-s -w", "-o", out, pkg)
+	cmd := exec.Command(goTool, args...)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	output, err := cmd.CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("go build %s: %v\n%s", pkg, err, output)
+	if output, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, output)
 	}
 	return nil
 }
