@@ -6,6 +6,7 @@ import (
 
 	"github.com/fabricnet/fabric/dockerwatch"
 	"github.com/fabricnet/fabric/fabricdns"
+	"github.com/fabricnet/fabric/internal/latest"
 	"github.com/fabricnet/fabric/names"
 	"github.com/fabricnet/fabric/policy"
 )
@@ -23,11 +24,7 @@ func (a *Agent) containerNamesLoop(ctx context.Context, pub *names.Publisher) er
 			for _, c := range cs {
 				rs = append(rs, names.Record{Name: c.Name, Address: c.Addr, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created})
 			}
-			select { // newest wins
-			case <-lists:
-			default:
-			}
-			lists <- rs
+			latest.Put(lists, rs)
 			log.Debug("containers on the bridge", "count", len(rs))
 		}
 	}()

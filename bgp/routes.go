@@ -7,6 +7,8 @@ import (
 	"time"
 
 	api "github.com/osrg/gobgp/v3/api"
+
+	"github.com/fabricnet/fabric/internal/latest"
 )
 
 // onEvent runs on GoBGP's watcher goroutine; it must stay fast.
@@ -59,18 +61,7 @@ func (s *Speaker) publishRoutes(ctx context.Context) {
 		first = false
 		last = routes
 		s.log.Debug("bgp routes changed", "count", len(routes))
-		for {
-			select {
-			case s.routes <- slices.Clone(routes):
-			default:
-				select {
-				case <-s.routes: // drop the stale set
-				default:
-				}
-				continue
-			}
-			break
-		}
+		latest.Put(s.routes, slices.Clone(routes)) // only this goroutine sends
 	}
 }
 

@@ -24,6 +24,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/fabricnet/fabric/internal/latest"
 )
 
 // Container is one running container on the fabric bridge.
@@ -189,11 +191,7 @@ func Watch(ctx context.Context, socket string, subnet netip.Prefix, logger *slog
 					return
 				}
 				last, sent = list, true
-				select { // newest wins
-				case <-out:
-				default:
-				}
-				out <- list
+				latest.Put(out, list)
 			})
 			if ctx.Err() != nil {
 				return

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/fabricnet/fabric/internal/latest"
 )
 
 // KVs is the content of the watched prefix: key -> value.
@@ -87,7 +89,7 @@ func (w *watcher[T]) follow(ctx context.Context) (listed bool, err error) {
 	for _, kv := range resp.Kvs {
 		kvs[string(kv.Key)] = kv.Value
 	}
-	w.send(ctx, kvs)
+	w.send(kvs)
 	wctx, cancelWatch := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancelWatch()
 	events := w.cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
@@ -103,13 +105,13 @@ func (w *watcher[T]) follow(ctx context.Context) (listed bool, err error) {
 			}
 		}
 		if len(wr.Events) > 0 {
-			w.send(ctx, kvs)
+			w.send(kvs)
 		}
 	}
 	return true, fmt.Errorf("watch %s closed", w.prefix)
 }
 
-func (w *watcher[T]) send(ctx context.Context, kvs KVs) {
+func (w *watcher[T]) send(kvs KVs) {
 	v, ok := w.decode(maps.Clone(kvs))
 	if !ok {
 		return
@@ -120,14 +122,7 @@ func (w *watcher[T]) send(ctx context.Context, kvs KVs) {
 		}
 		w.sent = fp
 	}
-	select { // drop an unread older snapshot; only this goroutine sends
-	case <-w.out:
-	default:
-	}
-	select {
-	case w.out <- v:
-	case <-ctx.Done():
-	}
+	latest.Put(w.out, v) // only this goroutine sends
 }
 
 // EachValid decodes every value of a snapshot with decode and returns those
