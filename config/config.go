@@ -5,7 +5,6 @@ package config
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"io/fs"
@@ -18,6 +17,7 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/spf13/pflag"
 	"sigs.k8s.io/yaml"
 
 	"github.com/fabricnet/fabric/backend/encaps"
@@ -182,11 +182,16 @@ func Load(args []string, environ []string) (*Config, error) {
 	cfg := Defaults()
 	env := envMap(environ)
 
-	fs := flag.NewFlagSet("fabricd", flag.ContinueOnError)
-	fs.SetOutput(os.Stderr)
-	var configFile string
-	fs.StringVar(&configFile, "config", env["FABRIC_CONFIG"], "YAML config file (env FABRIC_CONFIG)")
-	defineFlags(fs, &cfg)
+	configFile := env["FABRIC_CONFIG"]
+	fs := newFlagSet(&cfg, &configFile)
+	for _, a := range args {
+		if a == "--" {
+			break
+		}
+		if len(a) > 2 && a[0] == '-' && a[1] != '-' {
+			return nil, fmt.Errorf("%s: fabricd's flags take two dashes (-%s)", a, a)
+		}
+	}
 	// First pass only to find --config; flags are applied again after the
 	// file and the environment so that they win.
 	if err := fs.Parse(args); err != nil {
@@ -197,28 +202,14 @@ func Load(args []string, environ []string) (*Config, error) {
 	}
 	cfg = Defaults()
 	if configFile != "" {
-		data, err := os.ReadFile(configFile)
-		if err != nil {
-			return nil, fmt.Errorf("config file: %w", err)
-		}
-		if err := checkFile(configFile, data); err != nil {
+		if err := ReadFile(configFile, &cfg); err != nil {
 			return nil, err
 		}
-		if err := yaml.UnmarshalStrict(data, &cfg); err != nil {
-			return nil, fmt.Errorf("config file %s: %w", configFile, err)
-		}
 	}
-	fsEnv := flag.NewFlagSet("fabricd", flag.ContinueOnError)
-	fsEnv.SetOutput(io.Discard)
-	defineFlags(fsEnv, &cfg)
-	if err := applyEnv(fsEnv, env); err != nil {
+	if err := applyEnv(newFlagSet(&cfg, new(string)), env); err != nil {
 		return nil, err
 	}
-	fs2 := flag.NewFlagSet("fabricd", flag.ContinueOnError)
-	fs2.SetOutput(os.Stderr)
-	fs2.String("config", "", "")
-	defineFlags(fs2, &cfg)
-	if err := fs2.Parse(args); err != nil {
+	if err := newFlagSet(&cfg, new(string)).Parse(args); err != nil {
 		return nil, err
 	}
 	cfg.ConfigFile = configFile
@@ -235,16 +226,62 @@ func Load(args []string, environ []string) (*Config, error) {
 	return &cfg, nil
 }
 
-// Usage prints the flag list, for --help.
+// ReadFile sets c from the YAML config file at path; problems are named
+// with their lines.
+func ReadFile(path string, c *Config) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config file: %w", err)
+	}
+	if err := checkFile(path, data); err != nil {
+		return err
+	}
+	if err := yaml.UnmarshalStrict(data, c); err != nil {
+		return fmt.Errorf("config file %s: %w", path, err)
+	}
+	return nil
+}
+
+// clientSettings are the flags fabricctl shares with fabricd: where etcd
+// is, how to reach it, and fabricd's run directory (its local API).
+var clientSettings = []string{"etcd-endpoints", "etcd-prefix", "etcd-ca-cert", "etcd-cert", "etcd-key", "run-dir"}
+
+// DefineClientFlags defines fabricd's client settings on fs, bound to c,
+// with fabricd's names, help and environment variables, and sets each from
+// its FABRIC_* variable in environ (flags parsed later win). Other FABRIC_*
+// variables are fabricd's and are left alone.
+func DefineClientFlags(fs *pflag.FlagSet, c *Config, environ []string) error {
+	all := newFlagSet(c, new(string))
+	env := envMap(environ)
+	var errs []error
+	for _, name := range clientSettings {
+		f := all.Lookup(name)
+		fs.AddFlag(f)
+		if v, ok := env[EnvName(name)]; ok {
+			if err := fs.Set(name, v); err != nil {
+				errs = append(errs, fmt.Errorf("environment %s=%q: %v", EnvName(name), v, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Usage is the text of --help: every flag, its default and meaning.
 func Usage() string {
 	cfg := Defaults()
-	fs := flag.NewFlagSet("fabricd", flag.ContinueOnError)
-	fs.String("config", "", "YAML config file (env FABRIC_CONFIG)")
-	defineFlags(fs, &cfg)
-	var b strings.Builder
-	fs.SetOutput(&b)
-	fs.PrintDefaults()
-	return b.String()
+	return "Usage: fabricd [flags]\n\nEvery flag is also a FABRIC_* environment variable and a key of the\nconfig file (fabricd --settings-table).\n\n" + newFlagSet(&cfg, new(string)).FlagUsages()
+}
+
+// newFlagSet defines every flag on c (and --config on configFile), in the
+// order of definition, printing nothing: the caller reports errors.
+func newFlagSet(c *Config, configFile *string) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("fabricd", pflag.ContinueOnError)
+	fs.SortFlags = false
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	fs.StringVar(configFile, "config", *configFile, "YAML config file (env FABRIC_CONFIG)")
+	defineFlags(fs, c)
+	return fs
 }
 
 type listFlag struct{ dst *[]string }
@@ -256,8 +293,9 @@ func (l listFlag) String() string {
 	return strings.Join(*l.dst, ",")
 }
 func (l listFlag) Set(s string) error { *l.dst = splitList(s); return nil }
+func (l listFlag) Type() string       { return "list" }
 
-func defineFlags(fs *flag.FlagSet, c *Config) {
+func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "this host's name in the fabric (env FABRIC_NODE_NAME)")
 	fs.StringVar(&c.MachineID, "machine-id", c.MachineID, "stable machine identity; default: contents of --machine-id-file")
 	fs.StringVar(&c.MachineIDFile, "machine-id-file", c.MachineIDFile, "file holding the machine identity")
@@ -330,10 +368,10 @@ var actionFlags = map[string]bool{"cleanup": true, "config": true}
 // applyEnv sets every flag of fs whose environment variable is in env,
 // parsed as the flag parses it, and refuses FABRIC_* variables that are no
 // setting (a typo would otherwise be ignored in silence), naming the nearest.
-func applyEnv(fs *flag.FlagSet, env map[string]string) error {
+func applyEnv(fs *pflag.FlagSet, env map[string]string) error {
 	known := map[string]bool{"FABRIC_CONFIG": true}
 	var errs []error
-	fs.VisitAll(func(f *flag.Flag) {
+	fs.VisitAll(func(f *pflag.Flag) {
 		if actionFlags[f.Name] {
 			return
 		}

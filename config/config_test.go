@@ -1,12 +1,13 @@
 package config
 
 import (
-	"flag"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/spf13/pflag"
 
 	"github.com/fabricnet/fabric/internal/etcdtest"
 )
@@ -216,11 +217,10 @@ func TestEveryFlagHasAnEnvironmentVariable(t *testing.T) {
 		t.Errorf("--mesh=true under FABRIC_MESH=false: mesh=%v err=%v", cfg.Mesh, err)
 	}
 	// Every settings flag (not the --cleanup action) has one.
-	fs := flag.NewFlagSet("x", flag.ContinueOnError)
 	c := Defaults()
-	defineFlags(fs, &c)
+	fs := newFlagSet(&c, new(string))
 	n := 0
-	fs.VisitAll(func(f *flag.Flag) {
+	fs.VisitAll(func(f *pflag.Flag) {
 		if !actionFlags[f.Name] {
 			n++
 			if _, err := Load([]string{"--machine-id", "m"}, []string{EnvName(f.Name) + "=@@"}); err != nil && strings.Contains(err.Error(), "not a fabricd setting") {
@@ -240,7 +240,7 @@ func TestUnknownEnvironmentRefused(t *testing.T) {
 	}
 	for _, want := range []string{
 		"environment FABRIC_HOLD_TIME: not a fabricd setting (did you mean FABRIC_BGP_HOLD_TIME?)",
-		`environment FABRIC_MESH="maybe": parse error`,
+		`environment FABRIC_MESH="maybe": invalid argument "maybe" for "--mesh" flag: must be true or false`,
 		"environment FABRIC_CLEANUP: not a fabricd setting",
 	} {
 		if !strings.Contains(err.Error(), want) {

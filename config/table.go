@@ -1,11 +1,12 @@
 package config
 
 import (
-	"flag"
 	"fmt"
 	"reflect"
 	"regexp"
 	"strings"
+
+	"github.com/spf13/pflag"
 )
 
 var envNote = regexp.MustCompile(` ?\(env FABRIC_[A-Z_]+(; [^)]*)?\)`)
@@ -17,12 +18,11 @@ var envNote = regexp.MustCompile(` ?\(env FABRIC_[A-Z_]+(; [^)]*)?\)`)
 func SettingsTable() string {
 	c := Defaults()
 	c.NodeName = "" // the build machine's hostname is no default to document
-	fs := flag.NewFlagSet("fabricd", flag.ContinueOnError)
-	defineFlags(fs, &c)
+	fs := newFlagSet(&c, new(string))
 	keys := fieldKeys(&c, fs)
 	var b strings.Builder
 	b.WriteString("| file key | flag | environment | default | meaning |\n|---|---|---|---|---|\n")
-	fs.VisitAll(func(f *flag.Flag) {
+	fs.VisitAll(func(f *pflag.Flag) {
 		if actionFlags[f.Name] {
 			return
 		}
@@ -46,7 +46,7 @@ func SettingsTable() string {
 
 // fieldKeys maps each flag of fs (defined on c) to the file key of the
 // Config field it sets, found by the field's address.
-func fieldKeys(c *Config, fs *flag.FlagSet) map[string]string {
+func fieldKeys(c *Config, fs *pflag.FlagSet) map[string]string {
 	byAddr := map[uintptr]string{}
 	v := reflect.ValueOf(c).Elem()
 	for i := range v.NumField() {
@@ -56,7 +56,7 @@ func fieldKeys(c *Config, fs *flag.FlagSet) map[string]string {
 		}
 	}
 	out := map[string]string{"asn": "asn"} // a flag.Func: no pointer to follow
-	fs.VisitAll(func(f *flag.Flag) {
+	fs.VisitAll(func(f *pflag.Flag) {
 		var p uintptr
 		switch val := f.Value.(type) {
 		case listFlag:

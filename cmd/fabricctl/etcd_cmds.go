@@ -37,7 +37,7 @@ func ipamCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				got, err := ipam.EnsurePool(ctx, cli, g.etcdPrefix, want)
+				got, err := ipam.EnsurePool(ctx, cli, g.host.EtcdPrefix, want)
 				if err != nil {
 					return err
 				}
@@ -56,11 +56,11 @@ func ipamCmd(g *globals) *cobra.Command {
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
+				pool, err := ipam.GetPool(ctx, cli, g.host.EtcdPrefix)
 				if err != nil {
 					return err
 				}
-				leases, bad, err := ipam.List(ctx, cli, g.etcdPrefix)
+				leases, bad, err := ipam.List(ctx, cli, g.host.EtcdPrefix)
 				if err != nil {
 					return err
 				}
@@ -86,7 +86,7 @@ func ipamCmd(g *globals) *cobra.Command {
 		Args:  usageArgs(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				if err := ipam.ReleaseNode(ctx, cli, g.etcdPrefix, args[0]); err != nil {
+				if err := ipam.ReleaseNode(ctx, cli, g.host.EtcdPrefix, args[0]); err != nil {
 					return err
 				}
 				fmt.Printf("released the subnet of %s\n", args[0])
@@ -105,7 +105,7 @@ func nodesCmd(g *globals) *cobra.Command {
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				nodes, bad, err := registry.List(ctx, cli, g.etcdPrefix)
+				nodes, bad, err := registry.List(ctx, cli, g.host.EtcdPrefix)
 				if err != nil {
 					return err
 				}
@@ -166,11 +166,11 @@ func containersCmd(g *globals) *cobra.Command {
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				records, problems, err := names.List(ctx, cli, g.etcdPrefix)
+				records, problems, err := names.List(ctx, cli, g.host.EtcdPrefix)
 				if err != nil {
 					return err
 				}
-				leases, _, err := ipam.List(ctx, cli, g.etcdPrefix)
+				leases, _, err := ipam.List(ctx, cli, g.host.EtcdPrefix)
 				if err != nil {
 					return err
 				}

@@ -3,7 +3,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -20,18 +19,18 @@ import (
 	"google.golang.org/grpc/status"
 	"sigs.k8s.io/yaml"
 
+	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/localapi"
 	"github.com/fabricnet/fabric/version"
 )
 
 type globals struct {
-	etcdEndpoints string
-	etcdPrefix    string
-	etcdTLS       etcdclient.TLSFiles
-	runDir        string
-	json          bool   // --json, the same as -o json
-	output        string // -o: table, wide, json or yaml
+	// host holds fabricd's settings that fabricctl shares: etcd and the
+	// run directory (config.DefineClientFlags).
+	host   config.Config
+	json   bool   // --json, the same as -o json
+	output string // -o: table, wide, json or yaml
 }
 
 // structured reports whether listings print data (JSON or YAML) instead of
@@ -65,13 +64,8 @@ func main() {
 	}
 	// Defaults < fabricd's settings file (FABRIC_CONFIG, else
 	// /etc/fabric/fabricd.yaml) < FABRIC_* environment < flags.
-	host, hostErr := readHostSettings()
-	root.PersistentFlags().StringVar(&g.etcdEndpoints, "etcd-endpoints", cmp.Or(os.Getenv("FABRIC_ETCD_ENDPOINTS"), joinList(host.EtcdEndpoints), "http://127.0.0.1:2379"), "comma-separated etcd URLs (env FABRIC_ETCD_ENDPOINTS; default from fabricd's settings file)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.CA, "etcd-ca-cert", cmp.Or(os.Getenv("FABRIC_ETCD_CA_CERT"), host.EtcdCACert), "PEM file of the CA that signed etcd's certificate; default: the system roots (env FABRIC_ETCD_CA_CERT)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.Cert, "etcd-cert", cmp.Or(os.Getenv("FABRIC_ETCD_CERT"), host.EtcdCert), "PEM file of the client certificate for etcd (env FABRIC_ETCD_CERT)")
-	root.PersistentFlags().StringVar(&g.etcdTLS.Key, "etcd-key", cmp.Or(os.Getenv("FABRIC_ETCD_KEY"), host.EtcdKey), "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
-	root.PersistentFlags().StringVar(&g.etcdPrefix, "etcd-prefix", cmp.Or(os.Getenv("FABRIC_ETCD_PREFIX"), host.EtcdPrefix, "/fabric/v1"), "etcd key prefix")
-	root.PersistentFlags().StringVar(&g.runDir, "run-dir", cmp.Or(os.Getenv("FABRIC_RUN_DIR"), host.RunDir, "/run/fabric"), "fabricd's run directory (holds its local API socket)")
+	g.host = config.Defaults()
+	hostErr := errors.Join(readHostSettings(&g.host), config.DefineClientFlags(root.PersistentFlags(), &g.host, os.Environ()))
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts (the same as -o json)")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns), json or yaml")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error {
@@ -167,20 +161,16 @@ func leaveCmd(g *globals) *cobra.Command {
 	}
 }
 
-func (g *globals) api() *localapi.Client { return localapi.NewClient(g.runDir + "/fabricd.sock") }
+func (g *globals) api() *localapi.Client { return localapi.NewClient(g.host.SocketPath()) }
 
-func (g *globals) endpoints() []string {
-	var eps []string
-	for _, e := range strings.Split(g.etcdEndpoints, ",") {
-		if e = strings.TrimSpace(e); e != "" {
-			eps = append(eps, e)
-		}
-	}
-	return eps
+func (g *globals) endpoints() []string { return g.host.EtcdEndpoints }
+
+func (g *globals) etcdTLS() etcdclient.TLSFiles {
+	return etcdclient.TLSFiles{CA: g.host.EtcdCACert, Cert: g.host.EtcdCert, Key: g.host.EtcdKey}
 }
 
 func (g *globals) etcd() (*clientv3.Client, error) {
-	return etcdclient.New(g.endpoints(), g.etcdTLS, 5*time.Second, zap.NewNop())
+	return etcdclient.New(g.endpoints(), g.etcdTLS(), 5*time.Second, zap.NewNop())
 }
 
 // withEtcd runs f with an etcd client and a 5 s deadline. When f fails
@@ -199,7 +189,7 @@ func (g *globals) withEtcd(f func(ctx context.Context, cli *clientv3.Client) err
 	if err != nil && unreachable(ctx, err) {
 		dctx, dcancel := ctx5()
 		defer dcancel()
-		if derr := etcdclient.Diagnose(dctx, g.endpoints(), g.etcdTLS); derr != nil {
+		if derr := etcdclient.Diagnose(dctx, g.endpoints(), g.etcdTLS()); derr != nil {
 			return fmt.Errorf("%w: %w", errEtcdUnreachable, derr)
 		}
 	}

@@ -39,11 +39,11 @@ func publishCmd(g *globals) *cobra.Command {
 				p.Hosts = strings.Split(hosts, ",")
 			}
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				pool, err := ipam.GetPool(ctx, cli, g.etcdPrefix)
+				pool, err := ipam.GetPool(ctx, cli, g.host.EtcdPrefix)
 				if err != nil {
 					return err
 				}
-				if err := publish.Add(ctx, cli, g.etcdPrefix, pool.Network, p); err != nil {
+				if err := publish.Add(ctx, cli, g.host.EtcdPrefix, pool.Network, p); err != nil {
 					return err
 				}
 				fmt.Printf("published %s\n", p)
@@ -58,7 +58,7 @@ func publishCmd(g *globals) *cobra.Command {
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				pubs, bad, err := publish.List(ctx, cli, g.etcdPrefix)
+				pubs, bad, err := publish.List(ctx, cli, g.host.EtcdPrefix)
 				if err != nil {
 					return err
 				}
@@ -91,7 +91,7 @@ func publishCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				if err := publish.Delete(ctx, cli, g.etcdPrefix, proto, port); err != nil {
+				if err := publish.Delete(ctx, cli, g.host.EtcdPrefix, proto, port); err != nil {
 					return err
 				}
 				fmt.Printf("deleted %d/%s\n", port, proto)
@@ -126,7 +126,7 @@ func policyCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				if err := policy.PutDocument(ctx, cli, g.etcdPrefix, doc); err != nil {
+				if err := policy.PutDocument(ctx, cli, g.host.EtcdPrefix, doc); err != nil {
 					return err
 				}
 				names := make([]string, len(doc.Rules))
@@ -154,7 +154,7 @@ func policyCmd(g *globals) *cobra.Command {
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				p, err := policy.Get(ctx, cli, g.etcdPrefix)
+				p, err := policy.Get(ctx, cli, g.host.EtcdPrefix)
 				if err != nil {
 					return err
 				}
@@ -181,7 +181,7 @@ func policyCmd(g *globals) *cobra.Command {
 		Args:  usageArgs(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				if err := policy.Delete(ctx, cli, g.etcdPrefix, args[0]); err != nil {
+				if err := policy.Delete(ctx, cli, g.host.EtcdPrefix, args[0]); err != nil {
 					return err
 				}
 				fmt.Printf("deleted rule %s\n", args[0])

@@ -4,13 +4,14 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
 	"sync"
 	"syscall"
+
+	"github.com/spf13/pflag"
 
 	"github.com/fabricnet/fabric/agent"
 	"github.com/fabricnet/fabric/config"
@@ -30,11 +31,13 @@ func main() {
 		}
 	}
 	cfg, err := config.Load(os.Args[1:], os.Environ())
-	if errors.Is(err, flag.ErrHelp) {
+	if errors.Is(err, pflag.ErrHelp) {
+		fmt.Print(config.Usage())
 		return
 	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "fabricd:", err)
+		// One line per problem, not the whole flag list: --help has that.
+		fmt.Fprintf(os.Stderr, "fabricd: %v\n(fabricd --help lists every setting)\n", err)
 		os.Exit(2)
 	}
 	log := newLogger(cfg)
