@@ -251,9 +251,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 
 	nodes := registry.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "registry"))
 	held := ipam.Watch(runCtx, cli, cfg.EtcdPrefix, log.With("component", "ipam"))
-	routes := a.speaker.Routes()
-	convergeCheck := time.NewTicker(time.Second)
-	defer convergeCheck.Stop()
+	// BGP routes and the start-up grace have loops of their own: a call to
+	// GoBGP waits while it works through a router's full table, and no such
+	// wait may hold the next route set back.
+	goLoop("bgp-routes", a.bgpRoutesLoop)
+	goLoop("start-up-grace", a.graceLoop)
 	// Departed hosts are dropped once their sessions are down.
 	departedCheck := time.NewTicker(2 * time.Second)
 	defer departedCheck.Stop()
@@ -320,18 +322,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			kick(a.namesKick)
 		case <-departedCheck.C:
 			a.refreshNodes(runCtx)
-		case rs := <-routes:
-			a.mu.Lock()
-			a.bgpRoutes = rs
-			a.mu.Unlock()
-			a.kickDataplane()
 		case <-a.proberChanges():
-			a.kickDataplane()
-		case <-convergeCheck.C:
-			// During the grace the kept set shrinks as sessions come up.
-			if a.checkConverged(runCtx) {
-				convergeCheck.Stop()
-			}
 			a.kickDataplane()
 		}
 	}

@@ -28,6 +28,25 @@ func kick(ch chan struct{}) {
 	}
 }
 
+// bgpRoutesLoop hands each new set of BGP best paths to the data plane.
+func (a *Agent) bgpRoutesLoop(ctx context.Context) error {
+	routes := a.speaker.Routes()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case rs, ok := <-routes:
+			if !ok {
+				return nil
+			}
+			a.mu.Lock()
+			a.bgpRoutes = rs
+			a.mu.Unlock()
+			a.kickDataplane()
+		}
+	}
+}
+
 // desiredRoutes asks the planner which routes the kernel should hold now.
 func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 	a.mu.Lock()
@@ -38,8 +57,9 @@ func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
 	return out
 }
 
-// dataplaneLoop applies the desired routes on every change and on the resync
-// timer (drift repair). Apply is idempotent and cheap when nothing changed.
+// dataplaneLoop applies the desired routes on every change, against the data
+// plane's view of the kernel, and on the resync timer against the kernel
+// itself (drift repair). Apply is idempotent and cheap when nothing changed.
 func (a *Agent) dataplaneLoop(ctx context.Context) error {
 	t := time.NewTicker(a.cfg.Resync)
 	defer t.Stop()
@@ -50,6 +70,7 @@ func (a *Agent) dataplaneLoop(ctx context.Context) error {
 			return nil
 		case <-a.kick:
 		case <-t.C:
+			a.dp.Reread() // drift repair: compare with the kernel itself, not the view
 		}
 		a.mu.Lock()
 		ready := a.nodesKnown

@@ -8,8 +8,14 @@
 //     dataplane package, against `ip -batch` and `bridge -batch` doing the
 //     same, plus the cost of a no-change re-apply (drift repair);
 //   - fabricd's memory (RSS) with a full mesh;
-//   - a fabric of many hosts as a full mesh against the same hosts with two
-//     fabricd route reflectors: sessions per host, time to converge, memory.
+//   - a fabric of many hosts (50 as a full mesh and with two fabricd route
+//     reflectors, 200 with two reflectors; -only hosts, -hosts 50x0,...):
+//     sessions per host, time to converge, steady CPU and memory per host;
+//   - routes from a BIRD peer (-only routes, -routes 10000,100000) against
+//     `ip -batch` of the same routes: the kernel step alone, session up to
+//     every route in the kernel, withdrawal, fabricd's RSS;
+//   - container names (-only names): records to resolvable on four hosts,
+//     DNS queries per second against dnsmasq.
 //
 // Throughput is the median of several runs, with min and max: these machines
 // are shared and noisy, one sample proves nothing.
@@ -51,23 +57,33 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "names" (container names and DNS) or "routes" (routes from a BIRD peer); default every part`)
+	only := flag.String("only", "", `run one part: "names" (container names and DNS), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
+	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
 	counts, err := parseCounts(*routeCounts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(2)
 	}
+	setups := defaultScaleSetups
+	if *scale != "" {
+		if setups, err = parseSetups(*scale); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(2)
+		}
+	}
 	switch *only {
 	case "":
-		err = run(binDir, counts)
+		err = run(binDir, counts, setups)
 	case "names":
 		err = namesBench(context.Background(), binDir)
 	case "routes":
 		err = routesBench(context.Background(), binDir, counts)
+	case "hosts":
+		err = hostsBench(context.Background(), binDir, setups)
 	default:
-		err = fmt.Errorf("-only %q: want names or routes", *only)
+		err = fmt.Errorf("-only %q: want names, routes or hosts", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -75,7 +91,7 @@ func main() {
 	}
 }
 
-func run(binDir string, routeCounts []int) error {
+func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 	ctx := context.Background()
 	l, err := lab.New(ctx, lab.Spec{Hosts: 5, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	if err != nil {
@@ -124,18 +140,8 @@ func run(binDir string, routeCounts []int) error {
 	fmt.Printf("| process | RSS |\n|---|---|\n| fabricd with one mesh peer, after the throughput run | %.1f MiB |\n", float64(fabricdRSS)/(1<<20))
 	l.Close()
 
-	fmt.Printf("\n## %d hosts: full mesh against two fabricd route reflectors\n", manyHosts)
-	fmt.Printf("| setup | BGP sessions per host (fewest-most) | start to every route everywhere | fabricd RSS, mean |\n|---|---|---|---|\n")
-	for _, reflectors := range []int{0, 2} {
-		r, err := converge(ctx, binDir, manyHosts, reflectors)
-		if err != nil {
-			return fmt.Errorf("%d hosts, %d reflectors: %w", manyHosts, reflectors, err)
-		}
-		name := "full mesh"
-		if reflectors > 0 {
-			name = fmt.Sprintf("%d reflectors", reflectors)
-		}
-		fmt.Printf("| %s | %d-%d | %s | %.1f MiB |\n", name, r.fewest, r.sessions, r.took.Round(100*time.Millisecond), r.rss/(1<<20))
+	if err := hostsBench(ctx, binDir, setups); err != nil {
+		return err
 	}
 	if err := routesBench(ctx, binDir, routeCounts); err != nil {
 		return err
@@ -145,10 +151,6 @@ func run(binDir string, routeCounts []int) error {
 
 // runs is how many samples each throughput figure is the median of.
 const runs = 3
-
-// manyHosts is the size of the mesh-against-reflectors comparison: past the
-// 20 hosts at which the lab raises the shared neighbour table.
-const manyHosts = 24
 
 type stats struct{ median, min, max float64 }
 
@@ -170,79 +172,6 @@ func summarize(vs []float64) stats {
 	vs = slices.Clone(vs)
 	slices.Sort(vs)
 	return stats{median: vs[len(vs)/2], min: vs[0], max: vs[len(vs)-1]}
-}
-
-type convergence struct {
-	fewest   int // sessions of the host with the fewest
-	sessions int // and of the one with the most
-	took     time.Duration
-	rss      float64
-}
-
-// converge starts fabricd on n hosts of a new lab (the first reflectors of
-// them with --route-reflector) and measures until every host has a route to
-// every other host's subnet.
-func converge(ctx context.Context, binDir string, n, reflectors int) (convergence, error) {
-	l, err := lab.New(ctx, lab.Spec{Hosts: n, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
-	if err != nil {
-		return convergence{}, err
-	}
-	defer l.Close()
-	hosts := l.Hosts()
-	start := time.Now()
-	var procs []*lab.Process
-	for i, h := range hosts {
-		args := fabricdArgs(l, binDir, h)
-		if i < reflectors {
-			args = append(args, "--route-reflector")
-		}
-		p, err := h.Start("fabricd", args...)
-		if err != nil {
-			return convergence{}, err
-		}
-		procs = append(procs, p)
-	}
-	clients := map[string]*localapi.Client{}
-	for _, h := range hosts {
-		clients[h.Name] = localapi.NewClient(filepath.Join(l.LogDir(), h.Name+"-run", "fabricd.sock"))
-	}
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
-		done := true
-		for _, h := range hosts {
-			routes, err := clients[h.Name].Routes(ctx)
-			if err != nil || len(routes) < n-1 {
-				done = false
-				break
-			}
-		}
-		if done {
-			break
-		}
-		if time.Now().After(deadline) {
-			return convergence{}, fmt.Errorf("not every host has every route after 3 minutes")
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	r := convergence{took: time.Since(start), fewest: n}
-	for _, h := range hosts {
-		peers, err := clients[h.Name].Peers(ctx)
-		if err != nil {
-			return r, err
-		}
-		r.sessions = max(r.sessions, len(peers))
-		r.fewest = min(r.fewest, len(peers))
-	}
-	var total float64
-	for _, p := range procs {
-		v, err := rss(p)
-		if err != nil {
-			return r, err
-		}
-		total += float64(v)
-	}
-	r.rss = total / float64(len(procs))
-	return r, nil
 }
 
 func fabricdArgs(l *lab.Lab, binDir string, h *lab.Host) []string {
@@ -402,6 +331,35 @@ func handBuiltThroughput(ctx context.Context, l *lab.Lab, a, b *lab.Host) (stats
 	return samples(func() (float64, error) { return iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr) })
 }
 
+// benchDataplane is fabricd's data plane (VXLAN, quiet) in h's namespace,
+// and a func that removes what it installed.
+func benchDataplane(h *lab.Host) (*dataplane.Manager, func(), error) {
+	ns, err := netns.GetFromName(h.Netns)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ns.Close()
+	nh, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, nil, err
+	}
+	quiet := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+	vx, err := vxlanfallback.New(vxlanfallback.Config{Handle: nh, UnderlayAddr: h.Addr, UnderlayDev: h.Dev, Subnet: netip.MustParsePrefix("10.99.0.0/24"), Logger: quiet})
+	if err != nil {
+		nh.Close()
+		return nil, nil, err
+	}
+	dp, err := dataplane.New(dataplane.Config{Handle: nh, Backends: []backend.Backend{vx}, UnderlayDev: h.Dev, UnderlayAddr: h.Addr, Logger: quiet})
+	if err != nil {
+		nh.Close()
+		return nil, nil, err
+	}
+	return dp, func() {
+		dataplane.Cleanup(nh, dataplane.DefaultProtocol, vx.Device())
+		nh.Close()
+	}, nil
+}
+
 type timing struct {
 	name string
 	d    time.Duration
@@ -443,26 +401,11 @@ func programPeers(ctx context.Context, h *lab.Host, n int) ([]timing, error) {
 	batch := time.Since(start)
 	h.Run(ctx, "ip", "link", "del", "bvx")
 
-	ns, err := netns.GetFromName(h.Netns)
+	dp, closeDP, err := benchDataplane(h)
 	if err != nil {
 		return nil, err
 	}
-	defer ns.Close()
-	nh, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, err
-	}
-	defer nh.Close()
-	quiet := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
-	vx, err := vxlanfallback.New(vxlanfallback.Config{Handle: nh, UnderlayAddr: h.Addr, UnderlayDev: h.Dev, Subnet: netip.MustParsePrefix("10.99.0.0/24"), Logger: quiet})
-	if err != nil {
-		return nil, err
-	}
-	dp, err := dataplane.New(dataplane.Config{Handle: nh, Backends: []backend.Backend{vx}, UnderlayDev: h.Dev, UnderlayAddr: h.Addr, Logger: quiet})
-	if err != nil {
-		return nil, err
-	}
-	defer dataplane.Cleanup(nh, dataplane.DefaultProtocol, vx.Device())
+	defer closeDP()
 	start = time.Now()
 	if err := dp.Apply(ctx, peers); err != nil {
 		return nil, err

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/localapi"
 )
@@ -19,12 +20,14 @@ import (
 // announced to one host, from the session coming up to every route in the
 // kernel, and from BIRD withdrawing them to none left; against `ip -batch`
 // adding the same routes in another host of the same lab (the kernel's own
-// cost) in the same run. fabricd's RSS with the routes installed.
+// cost) in the same run; the kernel step alone: fabricd's data plane
+// (dataplane.Apply) adding the same routes there. fabricd's RSS with the
+// routes installed.
 func routesBench(ctx context.Context, binDir string, counts []int) error {
 	fmt.Printf("\n## Routes from a BIRD peer to the kernel (median of %d runs, min-max)\n", runs)
-	fmt.Printf("| routes | `ip -batch` (baseline) | session up → all in kernel | vs ip -batch | BIRD withdraws → none left | fabricd RSS |\n|---|---|---|---|---|---|\n")
+	fmt.Printf("| routes | `ip -batch` (baseline) | kernel step (dataplane.Apply) | vs ip -batch | session up → all in kernel | vs ip -batch | BIRD withdraws → none left | fabricd RSS |\n|---|---|---|---|---|---|---|---|\n")
 	for _, n := range counts {
-		var batch, up, down []float64
+		var batch, apply, up, down []float64
 		var rssMiB float64
 		for range runs {
 			r, err := routesRun(ctx, binDir, n)
@@ -32,20 +35,21 @@ func routesBench(ctx context.Context, binDir string, counts []int) error {
 				return fmt.Errorf("%d routes: %w", n, err)
 			}
 			batch = append(batch, r.batch.Seconds())
+			apply = append(apply, r.apply.Seconds())
 			up = append(up, r.up.Seconds())
 			down = append(down, r.down.Seconds())
 			rssMiB = max(rssMiB, r.rssMiB)
 		}
-		b, u, d := summarize(batch), summarize(up), summarize(down)
-		fmt.Printf("| %d | %.3f s (%.3f-%.3f) | %.2f s (%.2f-%.2f) | %.1f | %.2f s (%.2f-%.2f) | %.1f MiB (most) |\n",
-			n, b.median, b.min, b.max, u.median, u.min, u.max, u.median/b.median, d.median, d.min, d.max, rssMiB)
+		b, a, u, d := summarize(batch), summarize(apply), summarize(up), summarize(down)
+		fmt.Printf("| %d | %.3f s (%.3f-%.3f) | %.3f s (%.3f-%.3f) | %.2f | %.2f s (%.2f-%.2f) | %.1f | %.2f s (%.2f-%.2f) | %.1f MiB (most) |\n",
+			n, b.median, b.min, b.max, a.median, a.min, a.max, a.median/b.median, u.median, u.min, u.max, u.median/b.median, d.median, d.min, d.max, rssMiB)
 	}
 	return nil
 }
 
 type routesResult struct {
-	batch, up, down time.Duration
-	rssMiB          float64
+	batch, apply, up, down time.Duration
+	rssMiB                 float64
 }
 
 // benchRoute is the i-th /32 BIRD announces: 10.60.0.0/14 holds 262144.
@@ -80,6 +84,27 @@ func routesRun(ctx context.Context, binDir string, n int) (routesResult, error) 
 		return res, fmt.Errorf("ip -batch: %v %s", err, out)
 	}
 	res.batch = time.Since(start)
+	if out, err := h2.Run(ctx, "ip", "route", "flush", "proto", "94"); err != nil {
+		return res, fmt.Errorf("ip route flush: %v %s", err, out)
+	}
+
+	// The kernel step alone: fabricd's data plane adding the same routes
+	// (via the router, as it would from BIRD) on host2.
+	dp, closeDP, err := benchDataplane(h2)
+	if err != nil {
+		return res, err
+	}
+	routes := make([]dataplane.RemoteRoute, n)
+	for i := range n {
+		routes[i] = dataplane.RemoteRoute{Prefix: benchRoute(i), NextHop: bird.Addr, PeerName: "tor"}
+	}
+	start = time.Now()
+	err = dp.Apply(ctx, routes)
+	res.apply = time.Since(start)
+	closeDP()
+	if err != nil {
+		return res, fmt.Errorf("dataplane.Apply of %d routes: %w", n, err)
+	}
 
 	// BIRD with n static routes, exported to host1 with itself as next hop.
 	dir := filepath.Join(l.LogDir(), "bird")

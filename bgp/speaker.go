@@ -150,7 +150,11 @@ type Speaker struct {
 	stateSince map[netip.Addr]time.Time
 
 	ribChanged chan struct{} // cap 1: "something changed, rebuild"
-	routes     chan []Route  // cap 1: latest full route set
+	// changesMu guards the best-path changes the watcher queued and the
+	// publisher has not applied yet.
+	changesMu       sync.Mutex
+	bestPathChanges []*api.Path
+	routes          chan []Route // cap 1: latest full route set
 
 	cancel        context.CancelFunc
 	publisherDone chan struct{}

@@ -403,3 +403,36 @@ func TestMaxPrefixes(t *testing.T) {
 		t.Errorf("session with a router over its prefix limit still established")
 	}
 }
+
+// TestBestPathFollowsWithdrawals: two routers announce one prefix; when the
+// one whose path is best withdraws, the host's route moves to the other
+// router instead of disappearing (the route set is kept from best-path
+// changes, not from listings), and it goes when both have withdrawn.
+func TestBestPathFollowsWithdrawals(t *testing.T) {
+	t.Parallel()
+	const block = 11
+	host := startSpeaker(t, "host", fastConfig(testAddr(block, 1)))
+	r1 := startSpeaker(t, "r1", fastConfig(testAddr(block, 2)))
+	r2 := startSpeaker(t, "r2", fastConfig(testAddr(block, 3)))
+	mustSetPeers(t, host, r1.peer(PeerMesh), r2.peer(PeerMesh))
+	mustSetPeers(t, r1, host.peer(PeerMesh))
+	mustSetPeers(t, r2, host.peer(PeerMesh))
+	p := mustAdvertise(t, r1, "10.251.0.0/24")
+	mustAdvertise(t, r2, "10.251.0.0/24")
+	via := func(nh netip.Addr) func([]Route) bool {
+		return func(rs []Route) bool { r, ok := findRoute(rs, p); return ok && r.NextHop == nh }
+	}
+	// Equal paths: the lower router ID wins (r1).
+	host.waitRoutes(t, 15*time.Second, "the route via r1", via(r1.addr))
+	if err := r1.Withdraw(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rs := host.waitRoutes(t, 10*time.Second, "the route via r2 after r1 withdrew", via(r2.addr))
+	if r, _ := findRoute(rs, p); r.PeerName != r2.name {
+		t.Errorf("route via r2 names peer %q, want %q", r.PeerName, r2.name)
+	}
+	if err := r2.Withdraw(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	host.waitRoutes(t, 10*time.Second, "no route after both withdrew", lacksRoute(p))
+}

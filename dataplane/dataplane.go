@@ -20,6 +20,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/fabricnet/fabric/backend"
 	"github.com/vishvananda/netlink"
@@ -99,6 +100,9 @@ type Manager struct {
 	mu      sync.Mutex
 	choices map[string]Choice       // peer name -> current encapsulation; for logging changes and status
 	owners  map[netip.Prefix]string // prefix -> peer name of the last Apply; display only, never re-applied
+	// view is the kernel's routes with our protocol as this Manager last
+	// read or wrote them; nil: read the kernel at the next Apply.
+	view map[netip.Prefix]*netlink.Route
 }
 
 // New checks cfg against the kernel (underlay device, MTU) and computes the
@@ -287,55 +291,135 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 	}
 	m.owners = owners
 
-	// 4. Diff against the kernel, touching only routes with our protocol.
-	have, err := m.ownedKernelRoutes()
+	// 4. Diff against the kernel's routes with our protocol: the view of
+	// them this Manager keeps, or a fresh read of the kernel when it has
+	// none (the first Apply, after Reread, after a failed write).
+	have, err := m.kernelView()
 	if err != nil {
 		fail(err)
 		return errors.Join(errs...)
 	}
+	var adds, replaces, dels []*netlink.Route
 	done := map[netip.Prefix]bool{}
-	for _, kr := range have {
+	for i := range have {
+		kr := &have[i]
 		prefix := prefixOf(kr.Dst)
 		want, ok := desired[prefix]
 		switch {
-		case ok && !done[prefix] && sameRoute(&kr, want):
-			done[prefix] = true
+		case ok && !done[prefix] && sameRoute(kr, want):
 		case ok && !done[prefix]:
-			if err := m.h.RouteReplace(want); err != nil {
-				fail(fmt.Errorf("replace route %s: %w", describe(want), err))
-			} else {
-				m.log.Info("replaced route", "prefix", prefix, "old", describe(&kr), "new", describe(want))
-			}
-			done[prefix] = true
+			replaces = append(replaces, want)
 		case keep[prefix] && !done[prefix]:
-			done[prefix] = true
 		default: // withdrawn, left over from an earlier run, or a duplicate
-			kr := kr
-			if err := m.h.RouteDel(&kr); err != nil && !errors.Is(err, unix.ESRCH) {
-				fail(fmt.Errorf("delete route %s: %w", describe(&kr), err))
-			} else {
-				m.log.Info("deleted route", "route", describe(&kr))
-			}
-		}
-	}
-	for _, prefix := range sortedPrefixes(desired) {
-		if done[prefix] {
+			dels = append(dels, kr)
 			continue
 		}
-		want := desired[prefix]
+		done[prefix] = true
+	}
+	for _, prefix := range sortedPrefixes(desired) {
+		if !done[prefix] {
+			adds = append(adds, desired[prefix])
+		}
+	}
+
+	// 5. Write the difference. Route by route at info level when a few
+	// change, else one summary: a router's full table is not 100,000 lines.
+	level := slog.LevelInfo
+	if len(adds)+len(replaces)+len(dels) > routesLoggedOneByOne {
+		level = slog.LevelDebug
+	}
+	logRoutes := m.log.Enabled(ctx, level) // describing 100,000 routes nobody reads costs
+	start, failed := time.Now(), 0
+	for _, kr := range dels {
+		if err := m.h.RouteDel(kr); err != nil && !errors.Is(err, unix.ESRCH) {
+			fail(fmt.Errorf("delete route %s: %w", describe(kr), err))
+			failed++
+			continue
+		}
+		if prefix := prefixOf(kr.Dst); !done[prefix] { // not a duplicate of a route that stays
+			delete(m.view, prefix)
+		}
+		if logRoutes {
+			m.log.Log(ctx, level, "deleted route", "route", describe(kr))
+		}
+	}
+	for _, want := range replaces {
+		prefix := prefixOf(want.Dst)
+		if err := m.h.RouteReplace(want); err != nil {
+			fail(fmt.Errorf("replace route %s: %w", describe(want), err))
+			failed++
+			continue
+		}
+		if logRoutes {
+			m.log.Log(ctx, level, "replaced route", "prefix", prefix, "old", describe(m.view[prefix]), "new", describe(want))
+		}
+		m.view[prefix] = want
+	}
+	for _, want := range adds {
+		prefix := prefixOf(want.Dst)
 		// Add, not replace: replace would overwrite another protocol's route for
 		// the same prefix, and those are never ours to change.
 		err := m.h.RouteAdd(want)
 		switch {
 		case errors.Is(err, unix.EEXIST):
 			fail(fmt.Errorf("add route %s: a route for %s that fabric does not own exists; leaving it", describe(want), prefix))
+			failed++
 		case err != nil:
 			fail(fmt.Errorf("add route %s: %w", describe(want), err))
+			failed++
 		default:
-			m.log.Info("added route", "route", describe(want), "peer", owners[prefix])
+			m.view[prefix] = want
+			if logRoutes {
+				m.log.Log(ctx, level, "added route", "route", describe(want), "peer", owners[prefix])
+			}
 		}
 	}
+	if len(adds)+len(replaces)+len(dels) > routesLoggedOneByOne {
+		m.log.Info("routes changed", "added", len(adds), "replaced", len(replaces), "deleted", len(dels),
+			"failed", failed, "owned", len(m.view), "took", time.Since(start).Round(time.Millisecond))
+	}
+	if failed > 0 {
+		m.view = nil // the kernel may differ from what was asked: read it next time
+	}
 	return errors.Join(errs...)
+}
+
+// routesLoggedOneByOne is how many route changes one Apply logs one by one
+// at info level; more are logged at debug level and summed up.
+const routesLoggedOneByOne = 20
+
+// Reread makes the next Apply read the kernel's routes instead of trusting
+// the Manager's view of them: the resync timer's drift repair (a route
+// deleted or changed by hand is put back).
+func (m *Manager) Reread() {
+	m.mu.Lock()
+	m.view = nil
+	m.mu.Unlock()
+}
+
+// kernelView returns the routes with our protocol as this Manager last
+// wrote or read them, reading the kernel when it has no view. A duplicate
+// of a prefix (left by an earlier run) only shows in a read.
+func (m *Manager) kernelView() ([]netlink.Route, error) {
+	if m.view != nil {
+		have := make([]netlink.Route, 0, len(m.view))
+		for _, r := range m.view {
+			have = append(have, *r)
+		}
+		return have, nil
+	}
+	have, err := m.ownedKernelRoutes()
+	if err != nil {
+		return nil, err
+	}
+	m.view = make(map[netip.Prefix]*netlink.Route, len(have))
+	for i := range have {
+		prefix := prefixOf(have[i].Dst)
+		if _, dup := m.view[prefix]; !dup {
+			m.view[prefix] = &have[i]
+		}
+	}
+	return have, nil
 }
 
 // underlay returns the underlay link and its connected IPv4 prefixes.

@@ -111,6 +111,41 @@ func linkName(t *testing.T, h *netlink.Handle, index int) string {
 	return l.Attrs().Name
 }
 
+// Apply works from its view of the kernel; a route removed behind its back
+// comes back at the next Reread (the agent's resync timer), and a route
+// withdrawn from the input leaves the kernel without one.
+func TestDriftRepairAndWithdrawalWithTheView(t *testing.T) {
+	l := newLab(t, 3)
+	ctx := context.Background()
+	h := l.hosts[0]
+	m := l.manager(h, testOpts{mode: modeVXLAN})
+	routes := l.routesFor(h)
+	if err := m.Apply(ctx, routes); err != nil {
+		t.Fatal(err)
+	}
+	gone := routes[0].Prefix
+	r := ownedRoutes(t, h.handle, DefaultProtocol)[gone]
+	if err := h.handle.RouteDel(&r); err != nil {
+		t.Fatal(err)
+	}
+	m.Reread()
+	if err := m.Apply(ctx, routes); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := ownedRoutes(t, h.handle, DefaultProtocol)[gone]; !ok {
+		t.Fatalf("route %s deleted by hand is still missing after Reread and Apply", gone)
+	}
+	// Withdrawn from the input: gone from the kernel at once.
+	if err := m.Apply(ctx, routes[1:]); err != nil {
+		t.Fatal(err)
+	}
+	if got := ownedRoutes(t, h.handle, DefaultProtocol); len(got) != len(routes)-1 {
+		t.Fatalf("after withdrawing %s the kernel holds %d routes, want %d", gone, len(got), len(routes)-1)
+	} else if _, ok := got[gone]; ok {
+		t.Fatalf("withdrawn route %s still in the kernel", gone)
+	}
+}
+
 func TestVXLANMeshPingAndTCP(t *testing.T) {
 	l := newLab(t, 3)
 	ctx := context.Background()
