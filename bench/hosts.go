@@ -37,79 +37,107 @@ func parseSetups(s string) ([]scaleSetup, error) {
 	return out, nil
 }
 
-// hostsBench starts fabricd on many hosts at once and reports, per setup:
-// BGP sessions per host, the time from the first start to every host
-// holding a route to every other host's subnet, then the steady state: CPU
-// per host (mean over 10 s, in % of one core) and RSS per host.
+// hostsBench builds a fabric of many hosts and reports, per setup: BGP
+// sessions per host; the time from the first start to every host holding a
+// route to every other host's subnet, with fabricd started in waves of
+// startWave hosts (all at once, a few hundred agents and etcd starve on this
+// machine's two cores, which real hosts do not share); then, converged, one
+// more host joining until every host routes to it, and leaving
+// (`fabricctl leave`) until no host does; the steady state: CPU per host
+// (mean over 10 s, % of one core) and RSS per host.
 func hostsBench(ctx context.Context, binDir string, setups []scaleSetup) error {
 	fmt.Printf("\n## Many hosts: full mesh against fabricd route reflectors (one run each)\n")
-	fmt.Printf("| hosts | reflectors | BGP sessions per host (fewest-most) | start to every route everywhere | steady CPU per host | fabricd RSS per host, mean |\n|---|---|---|---|---|---|\n")
+	fmt.Printf("| hosts | reflectors | BGP sessions per host (fewest-most) | start (waves of %d) to every route everywhere | a host joins → routed everywhere | it leaves → gone everywhere | steady CPU per host | fabricd RSS per host, mean |\n|---|---|---|---|---|---|---|---|\n", startWave)
 	for _, s := range setups {
 		r, err := converge(ctx, binDir, s.hosts, s.reflectors)
 		if err != nil {
 			return fmt.Errorf("%d hosts, %d reflectors: %w", s.hosts, s.reflectors, err)
 		}
-		fmt.Printf("| %d | %d | %d-%d | %s | %.1f %% | %.1f MiB |\n", s.hosts, s.reflectors, r.fewest, r.sessions,
-			r.took.Round(100*time.Millisecond), r.cpuPct, r.rss/(1<<20))
+		fmt.Printf("| %d | %d | %d-%d | %s | %s | %s | %.1f %% | %.1f MiB |\n", s.hosts, s.reflectors, r.fewest, r.sessions,
+			r.took.Round(100*time.Millisecond), r.join.Round(10*time.Millisecond), r.leave.Round(10*time.Millisecond), r.cpuPct, r.rss/(1<<20))
 	}
 	return nil
 }
 
+// startWave is how many fabricd the hosts part starts before waiting for
+// them to answer on their local API.
+const startWave = 10
+
 type convergence struct {
-	fewest   int // sessions of the host with the fewest
-	sessions int // and of the one with the most
-	took     time.Duration
-	cpuPct   float64 // steady CPU per host, % of one core
-	rss      float64
+	fewest      int // sessions of the host with the fewest
+	sessions    int // and of the one with the most
+	took        time.Duration
+	join, leave time.Duration
+	cpuPct      float64 // steady CPU per host, % of one core
+	rss         float64
 }
 
-// converge starts fabricd on n hosts of a new lab (the first reflectors of
-// them with --route-reflector) and measures until every host has a route to
-// every other host's subnet, then the steady state.
+// converge builds n+1 hosts of a new lab, starts fabricd on n of them (the
+// first reflectors with --route-reflector), measures until every host has a
+// route to every other host's subnet and the steady state, then starts the
+// last host and times its route reaching every other host, and its leaving.
 func converge(ctx context.Context, binDir string, n, reflectors int) (convergence, error) {
-	l, err := lab.New(ctx, lab.Spec{Hosts: n, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	// An underlay subnet holds up to 189 hosts; more go on routed subnets,
+	// as racks would.
+	l, err := lab.New(ctx, lab.Spec{Hosts: n + 1, Subnets: (n + 180) / 180, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	if err != nil {
 		return convergence{}, err
 	}
 	defer l.Close()
 	hosts := l.Hosts()
-	start := time.Now()
-	var procs []*lab.Process
-	for i, h := range hosts {
-		args := fabricdArgs(l, binDir, h)
-		if i < reflectors {
-			args = append(args, "--route-reflector")
-		}
-		p, err := h.Start("fabricd", args...)
-		if err != nil {
-			return convergence{}, err
-		}
-		procs = append(procs, p)
-	}
 	clients := map[string]*localapi.Client{}
 	for _, h := range hosts {
 		clients[h.Name] = localapi.NewClient(filepath.Join(l.LogDir(), h.Name+"-run", "fabricd.sock"))
 	}
-	deadline := time.Now().Add(5 * time.Minute)
-	for {
-		done := true
-		for _, h := range hosts {
-			routes, err := clients[h.Name].Routes(ctx)
-			if err != nil || len(routes) < n-1 {
-				done = false
-				break
+	startOne := func(i int) (*lab.Process, error) {
+		args := fabricdArgs(l, binDir, hosts[i])
+		if i < reflectors {
+			args = append(args, "--route-reflector")
+		}
+		return hosts[i].Start("fabricd", args...)
+	}
+	// every waits until cond holds for every host of hs.
+	every := func(hs []*lab.Host, limit time.Duration, what string, cond func(*lab.Host) bool) error {
+		deadline := time.Now().Add(limit)
+		for _, h := range hs {
+			for !cond(h) {
+				if time.Now().After(deadline) {
+					return fmt.Errorf("%s: not on %s after %s", what, h.Name, limit)
+				}
+				time.Sleep(50 * time.Millisecond)
 			}
 		}
-		if done {
-			break
+		return nil
+	}
+	answers := func(h *lab.Host) bool { _, err := clients[h.Name].Status(ctx); return err == nil }
+	routesTo := func(want int) func(*lab.Host) bool {
+		return func(h *lab.Host) bool {
+			routes, err := clients[h.Name].Routes(ctx)
+			return err == nil && len(routes) >= want
 		}
-		if time.Now().After(deadline) {
-			return convergence{}, fmt.Errorf("not every host has every route after 5 minutes")
+	}
+
+	start := time.Now()
+	fabric, joiner := hosts[:n], hosts[n]
+	var procs []*lab.Process
+	for wave := 0; wave < len(fabric); wave += startWave {
+		end := min(wave+startWave, len(fabric))
+		for i := wave; i < end; i++ {
+			p, err := startOne(i)
+			if err != nil {
+				return convergence{}, err
+			}
+			procs = append(procs, p)
 		}
-		time.Sleep(200 * time.Millisecond)
+		if err := every(fabric[wave:end], time.Minute, "fabricd answers", answers); err != nil {
+			return convergence{}, err
+		}
+	}
+	if err := every(fabric, 5*time.Minute, "a route to every other host", routesTo(len(fabric)-1)); err != nil {
+		return convergence{}, err
 	}
 	r := convergence{took: time.Since(start), fewest: n}
-	for _, h := range hosts {
+	for _, h := range fabric {
 		peers, err := clients[h.Name].Peers(ctx)
 		if err != nil {
 			return r, err
@@ -138,6 +166,27 @@ func converge(ctx context.Context, binDir string, n, reflectors int) (convergenc
 		total += float64(v)
 	}
 	r.rss = total / float64(len(procs))
+
+	// One more host joins, then leaves.
+	start = time.Now()
+	if _, err := startOne(n); err != nil {
+		return r, err
+	}
+	if err := every(fabric, 2*time.Minute, "a route to the joining host", routesTo(n)); err != nil {
+		return r, err
+	}
+	r.join = time.Since(start)
+	start = time.Now()
+	if _, err := clients[joiner.Name].Leave(ctx); err != nil {
+		return r, fmt.Errorf("leave %s: %w", joiner.Name, err)
+	}
+	if err := every(fabric, 2*time.Minute, "the left host's route gone", func(h *lab.Host) bool {
+		routes, err := clients[h.Name].Routes(ctx)
+		return err == nil && len(routes) == n-1
+	}); err != nil {
+		return r, err
+	}
+	r.leave = time.Since(start)
 	return r, nil
 }
 

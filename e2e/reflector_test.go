@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"regexp"
 	"strconv"
 	"strings"
@@ -14,9 +15,10 @@ import (
 // TestFabricRouteReflectors: two hosts started with --route-reflector reflect
 // for the fabric; the other hosts see them in the node records and peer only
 // with them (2 sessions instead of n-1), every container still reaches every
-// other, and one reflector leaving loses no packet between two clients.
+// other, and one reflector killed (and kept down past its graceful restart)
+// or leaving loses no packet between two clients.
 func TestFabricRouteReflectors(t *testing.T) {
-	f := newFabric(t, lab.Spec{Hosts: 4}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s")
+	f := newFabric(t, lab.Spec{Hosts: 4}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--graceful-restart-time", "5s")
 	hosts := f.lab.Hosts()
 	rr1, rr2, c3, c4 := hosts[0], hosts[1], hosts[2], hosts[3]
 	f.start(rr1, "--route-reflector")
@@ -48,34 +50,76 @@ func TestFabricRouteReflectors(t *testing.T) {
 	}
 	ctrs := f.containersTalk(hosts)
 
-	// One reflector leaves while a client pings another client.
-	var out string
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		out, _ = ctrs[c3.Name].Run(ctx, "ping", "-q", "-i", "0.01", "-w", "8", ctrs[c4.Name].Addr.String())
-	}()
-	time.Sleep(2 * time.Second)
-	if o, err := f.fabricctl(rr1, "leave"); err != nil {
-		t.Fatalf("fabricctl leave on %s: %v %s", rr1.Name, err, o)
+	// pingWhile pings client c4 from client c3 every 10 ms for 8 s while
+	// event happens, and fails the test on any loss.
+	pingWhile := func(what string, event func()) {
+		t.Helper()
+		var out string
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			out, _ = ctrs[c3.Name].Run(ctx, "ping", "-q", "-i", "0.01", "-w", "8", ctrs[c4.Name].Addr.String())
+		}()
+		time.Sleep(2 * time.Second)
+		event()
+		<-done
+		m := regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("no ping summary: %s", out)
+		}
+		sent, _ := strconv.Atoi(m[1])
+		got, _ := strconv.Atoi(m[2])
+		t.Logf("client %s -> client %s while %s: %d sent, %d received", c3.Name, c4.Name, what, sent, got)
+		if got != sent || sent < 200 {
+			t.Errorf("%d of %d packets lost while %s", sent-got, sent, what)
+		}
 	}
-	<-done
-	m := regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`).FindStringSubmatch(out)
-	if m == nil {
-		t.Fatalf("no ping summary: %s", out)
+	clientsRouted := func(when string) {
+		t.Helper()
+		if _, ok := f.ownedRoutes(c3)[f.subnet(c4).String()]; !ok {
+			t.Errorf("%s lost its route to %s %s", c3.Name, c4.Name, when)
+		}
 	}
-	sent, _ := strconv.Atoi(m[1])
-	got, _ := strconv.Atoi(m[2])
-	t.Logf("client %s -> client %s while reflector %s left: %d sent, %d received", c3.Name, c4.Name, rr1.Name, sent, got)
-	if got != sent || sent < 200 {
-		t.Errorf("%d of %d packets lost while one of two reflectors left", sent-got, sent)
-	}
-	if _, ok := f.ownedRoutes(c3)[f.subnet(c4).String()]; !ok {
-		t.Errorf("%s lost its route to %s with one reflector left", c3.Name, c4.Name)
-	}
-	if st, _ := f.fabricctl(c3, "peers", "status"); !strings.Contains(st, rr2.Name) {
-		t.Errorf("peers status on %s lacks %s:\n%s", c3.Name, rr2.Name, st)
+
+	// One reflector dies (SIGKILL) and stays down: its clients keep its
+	// reflected routes through the graceful-restart time, then hold the
+	// same routes from the other reflector.
+	pingWhile("reflector "+rr1.Name+" was killed", func() {
+		if err := f.agents[rr1.Name].proc.Kill(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	time.Sleep(6 * time.Second) // past the 5 s graceful-restart time
+	clientsRouted("after the killed reflector's graceful restart ran out")
+	pingWhile("reflector "+rr1.Name+" stayed dead past its graceful restart", func() {})
+
+	// It comes back; then the other one leaves for good.
+	f.start(rr1, "--route-reflector")
+	f.eventually(30*time.Second, c3.Name+" in session with both reflectors again", func() error {
+		ps, err := f.peers(c3)
+		if err != nil {
+			return err
+		}
+		up := 0
+		for _, p := range ps {
+			if p.State == "established" {
+				up++
+			}
+		}
+		if up != 2 {
+			return fmt.Errorf("%d of 2 reflector sessions established: %+v", up, ps)
+		}
+		return nil
+	})
+	pingWhile("reflector "+rr2.Name+" left", func() {
+		if o, err := f.fabricctl(rr2, "leave"); err != nil {
+			t.Fatalf("fabricctl leave on %s: %v %s", rr2.Name, err, o)
+		}
+	})
+	clientsRouted("with one reflector left")
+	if st, _ := f.fabricctl(c3, "peers", "status"); !strings.Contains(st, rr1.Name) {
+		t.Errorf("peers status on %s lacks %s:\n%s", c3.Name, rr1.Name, st)
 	}
 }
