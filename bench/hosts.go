@@ -44,7 +44,8 @@ func parseSetups(s string) ([]scaleSetup, error) {
 // machine's two cores, which real hosts do not share); then, converged, one
 // more host joining until every host routes to it, and leaving
 // (`fabricctl leave`) until no host does; the steady state: CPU per host
-// (mean over 10 s, % of one core) and RSS per host.
+// with the commands it runs (mean over 10 s, % of one core) and RSS per
+// host.
 func hostsBench(ctx context.Context, binDir string, setups []scaleSetup) error {
 	fmt.Printf("\n## Many hosts: full mesh against fabricd route reflectors (one run each)\n")
 	fmt.Printf("| hosts | reflectors | BGP sessions per host (fewest-most) | start (waves of %d) to every route everywhere | a host joins → routed everywhere | it leaves → gone everywhere | steady CPU per host | fabricd RSS per host, mean |\n|---|---|---|---|---|---|---|---|\n", startWave)
@@ -193,7 +194,8 @@ func converge(ctx context.Context, binDir string, n, reflectors int) (convergenc
 // clockTicks is the kernel's USER_HZ, the unit of /proc/PID/stat's times.
 const clockTicks = 100
 
-// cpuTicks sums user and system time of the processes.
+// cpuTicks sums user and system time of the processes and of their
+// children that have ended (iptables-save, iptables-restore, ipset).
 func cpuTicks(procs []*lab.Process) (int64, error) {
 	var total int64
 	for _, p := range procs {
@@ -203,9 +205,10 @@ func cpuTicks(procs []*lab.Process) (int64, error) {
 		}
 		// The command may hold spaces: fields count from after its ')'.
 		f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
-		utime, _ := strconv.ParseInt(f[11], 10, 64)
-		stime, _ := strconv.ParseInt(f[12], 10, 64)
-		total += utime + stime
+		for _, field := range f[11:15] { // utime, stime, cutime, cstime
+			v, _ := strconv.ParseInt(field, 10, 64)
+			total += v
+		}
 	}
 	return total, nil
 }
