@@ -37,8 +37,6 @@ func (a *Agent) rememberStartRoutes() {
 	}
 }
 
-// checkConverged feeds the peers' session states to the grace and reports
-// whether it is over; then the speaker stops telling new peers it restarts.
 // graceLoop checks every second whether the start-up grace is over; during
 // it the kept set shrinks as sessions come up, so the data plane re-applies.
 func (a *Agent) graceLoop(ctx context.Context) error {
@@ -58,6 +56,8 @@ func (a *Agent) graceLoop(ctx context.Context) error {
 	}
 }
 
+// checkConverged feeds the peers' session states to the grace and reports
+// whether it is over; then the speaker stops telling new peers it restarts.
 func (a *Agent) checkConverged(ctx context.Context) bool {
 	peers, err := a.speaker.Peers(ctx)
 	if err != nil {

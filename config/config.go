@@ -188,7 +188,7 @@ func Load(args []string, environ []string) (*Config, error) {
 		if a == "--" {
 			break
 		}
-		if len(a) > 2 && a[0] == '-' && a[1] != '-' {
+		if len(a) > 2 && a[0] == '-' && a[1] >= 'a' && a[1] <= 'z' { // -config, not -1
 			return nil, fmt.Errorf("%s: fabricd's flags take two dashes (-%s)", a, a)
 		}
 	}
