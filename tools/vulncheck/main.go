@@ -69,12 +69,22 @@ func run(govulncheckVersion, vulndbVersion string, pkgs []string) error {
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("govulncheck: %w", err)
 	}
-	reached, summaries, err := parse(&out)
+	reached, unreached, summaries, err := parse(&out)
 	if err != nil {
 		return err
 	}
 	goVersion, _ := exec.Command("go", "env", "GOVERSION").Output()
 	fmt.Printf("govulncheck %s, database golang.org/x/vulndb@%s, %s\n", govulncheckVersion, vulndbVersion, strings.TrimSpace(string(goVersion)))
+	// Not reached, so no failure; but an upgrade that fixes it is worth
+	// taking while it is easy.
+	for _, id := range slices.Sorted(maps.Keys(unreached)) {
+		if _, ok := reached[id]; ok {
+			continue
+		}
+		if f := unreached[id]; f.FixedVersion != "" {
+			fmt.Printf("not reached, fixed in %s: %s in %s@%s: %s\n", f.FixedVersion, id, f.module(), f.version(), summaries[id])
+		}
+	}
 	var failed []string
 	for _, id := range slices.Sorted(maps.Keys(reached)) {
 		f := reached[id]
@@ -143,11 +153,11 @@ func (f finding) caller() string {
 }
 
 // parse reads govulncheck's JSON stream and returns the findings at symbol
-// level (the code calls the vulnerable function; module- and package-level
-// findings are not reached) and the summaries of the entries.
-func parse(r io.Reader) (map[string]finding, map[string]string, error) {
-	reached := map[string]finding{}
-	summaries := map[string]string{}
+// level (the code calls the vulnerable function), the others (a vulnerable
+// module or package the code does not call into) and the summaries of the
+// entries.
+func parse(r io.Reader) (reached, unreached map[string]finding, summaries map[string]string, err error) {
+	reached, unreached, summaries = map[string]finding{}, map[string]finding{}, map[string]string{}
 	dec := json.NewDecoder(r)
 	for {
 		var msg struct {
@@ -158,17 +168,21 @@ func parse(r io.Reader) (map[string]finding, map[string]string, error) {
 			Finding *finding `json:"finding"`
 		}
 		if err := dec.Decode(&msg); err == io.EOF {
-			return reached, summaries, nil
+			return reached, unreached, summaries, nil
 		} else if err != nil {
-			return nil, nil, fmt.Errorf("reading govulncheck's output: %w", err)
+			return nil, nil, nil, fmt.Errorf("reading govulncheck's output: %w", err)
 		}
 		if msg.OSV != nil {
 			summaries[msg.OSV.ID] = msg.OSV.Summary
 		}
-		if f := msg.Finding; f != nil && len(f.Trace) > 0 && f.Trace[0].Function != "" {
+		switch f := msg.Finding; {
+		case f == nil || len(f.Trace) == 0:
+		case f.Trace[0].Function != "":
 			if _, seen := reached[f.OSV]; !seen {
 				reached[f.OSV] = *f
 			}
+		default:
+			unreached[f.OSV] = *f
 		}
 	}
 }
