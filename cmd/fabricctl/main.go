@@ -163,14 +163,8 @@ func leaveCmd(g *globals) *cobra.Command {
 
 func (g *globals) api() *localapi.Client { return localapi.NewClient(g.host.SocketPath()) }
 
-func (g *globals) endpoints() []string { return g.host.EtcdEndpoints }
-
-func (g *globals) etcdTLS() etcdclient.TLSFiles {
-	return etcdclient.TLSFiles{CA: g.host.EtcdCACert, Cert: g.host.EtcdCert, Key: g.host.EtcdKey}
-}
-
 func (g *globals) etcd() (*clientv3.Client, error) {
-	return etcdclient.New(g.endpoints(), g.etcdTLS(), 5*time.Second, zap.NewNop())
+	return etcdclient.New(g.host.EtcdEndpoints, g.host.EtcdTLSFiles(), 5*time.Second, zap.NewNop())
 }
 
 // withEtcd runs f with an etcd client and a 5 s deadline. When f fails
@@ -189,7 +183,7 @@ func (g *globals) withEtcd(f func(ctx context.Context, cli *clientv3.Client) err
 	if err != nil && unreachable(ctx, err) {
 		dctx, dcancel := ctx5()
 		defer dcancel()
-		if derr := etcdclient.Diagnose(dctx, g.endpoints(), g.etcdTLS()); derr != nil {
+		if derr := etcdclient.Diagnose(dctx, g.host.EtcdEndpoints, g.host.EtcdTLSFiles()); derr != nil {
 			return fmt.Errorf("%w: %w", errEtcdUnreachable, derr)
 		}
 	}
