@@ -255,13 +255,8 @@ func DefineClientFlags(fs *pflag.FlagSet, c *Config, environ []string) error {
 	env := envMap(environ)
 	var errs []error
 	for _, name := range clientSettings {
-		f := all.Lookup(name)
-		fs.AddFlag(f)
-		if v, ok := env[EnvName(name)]; ok {
-			if err := fs.Set(name, v); err != nil {
-				errs = append(errs, fmt.Errorf("environment %s=%q: %v", EnvName(name), v, err))
-			}
-		}
+		fs.AddFlag(all.Lookup(name))
+		errs = append(errs, setFromEnv(fs, name, env))
 	}
 	return errors.Join(errs...)
 }
@@ -375,13 +370,8 @@ func applyEnv(fs *pflag.FlagSet, env map[string]string) error {
 		if actionFlags[f.Name] {
 			return
 		}
-		name := EnvName(f.Name)
-		known[name] = true
-		if v, ok := env[name]; ok {
-			if err := fs.Set(f.Name, v); err != nil {
-				errs = append(errs, fmt.Errorf("environment %s=%q: %v", name, v, err))
-			}
-		}
+		known[EnvName(f.Name)] = true
+		errs = append(errs, setFromEnv(fs, f.Name, env))
 	})
 	for _, name := range slices.Sorted(maps.Keys(env)) {
 		if known[name] {
@@ -394,6 +384,19 @@ func applyEnv(fs *pflag.FlagSet, env map[string]string) error {
 		errs = append(errs, errors.New(msg))
 	}
 	return errors.Join(errs...)
+}
+
+// setFromEnv sets flag name of fs from its FABRIC_* variable in env, if
+// there is one, parsed as the flag parses it.
+func setFromEnv(fs *pflag.FlagSet, name string, env map[string]string) error {
+	v, ok := env[EnvName(name)]
+	if !ok {
+		return nil
+	}
+	if err := fs.Set(name, v); err != nil {
+		return fmt.Errorf("environment %s=%q: %v", EnvName(name), v, err)
+	}
+	return nil
 }
 
 // nearest returns the candidate closest to name by edit distance, if it is
