@@ -70,13 +70,13 @@ type Agent struct {
 	// containersKnown turns true once etcd answered for records and leases.
 	containers      []policy.Container
 	containersKnown bool
-	// containerRecords and containerRefusals count the records of the
-	// last view, for metrics.
-	containerRecords, containerRefusals int
-	departed                            map[string]planner.Departed // main loop only
-	warned                              map[string]bool
-	bgpRoutes                           []bgp.Route
-	grace                               planner.Grace
+	// containerRefusals counts the refused records of the last view, for
+	// metrics (the trusted ones are a.containers).
+	containerRefusals int
+	departed          map[string]planner.Departed // main loop only
+	warned            map[string]bool
+	bgpRoutes         []bgp.Route
+	grace             planner.Grace
 	// nodesKnown turns true with the registry's first snapshot; before it
 	// the data plane is not touched, since a route set computed without
 	// node records would sweep every route fabricd installed before a restart.

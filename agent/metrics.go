@@ -145,7 +145,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 
 	a.mu.Lock()
 	held := a.held
-	trusted, refused := a.containerRecords, a.containerRefusals
+	trusted, refused := len(a.containers), a.containerRefusals
 	a.mu.Unlock()
 	if held != nil {
 		leased := 0

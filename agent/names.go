@@ -102,7 +102,7 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 		a.mu.Lock()
 		a.containers = containers
 		a.containersKnown = recordsKnown && held != nil
-		a.containerRecords, a.containerRefusals = len(kept), len(refused)
+		a.containerRefusals = len(refused)
 		a.mu.Unlock()
 		a.kickPolicy()
 	}
