@@ -301,8 +301,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 	}
 	var adds, replaces, dels []*netlink.Route
 	done := map[netip.Prefix]bool{}
-	for i := range have {
-		kr := &have[i]
+	for _, kr := range have {
 		prefix := prefixOf(kr.Dst)
 		want, ok := desired[prefix]
 		switch {
@@ -400,23 +399,21 @@ func (m *Manager) Reread() {
 // kernelView returns the routes with our protocol as this Manager last
 // wrote or read them, reading the kernel when it has no view. A duplicate
 // of a prefix (left by an earlier run) only shows in a read.
-func (m *Manager) kernelView() ([]netlink.Route, error) {
+func (m *Manager) kernelView() ([]*netlink.Route, error) {
 	if m.view != nil {
-		have := make([]netlink.Route, 0, len(m.view))
-		for _, r := range m.view {
-			have = append(have, *r)
-		}
-		return have, nil
+		return slices.Collect(maps.Values(m.view)), nil
 	}
-	have, err := m.ownedKernelRoutes()
+	read, err := m.ownedKernelRoutes()
 	if err != nil {
 		return nil, err
 	}
-	m.view = make(map[netip.Prefix]*netlink.Route, len(have))
-	for i := range have {
-		prefix := prefixOf(have[i].Dst)
+	have := make([]*netlink.Route, len(read))
+	m.view = make(map[netip.Prefix]*netlink.Route, len(read))
+	for i := range read {
+		have[i] = &read[i]
+		prefix := prefixOf(read[i].Dst)
 		if _, dup := m.view[prefix]; !dup {
-			m.view[prefix] = &have[i]
+			m.view[prefix] = have[i]
 		}
 	}
 	return have, nil
