@@ -29,15 +29,16 @@ func nsCommand(ctx context.Context, ns, name string, args ...string) *exec.Cmd {
 	}
 	// A child that keeps the output pipe open must not hang Run forever.
 	cmd.WaitDelay = 2 * time.Second
-	cmd.Env = hostEnviron()
+	cmd.Env = HostEnviron()
 	return cmd
 }
 
-// hostEnviron is the environment of programs on lab hosts: the test's own,
-// without FABRIC_* variables (FABRIC_BIN, FABRIC_REQUIRE_ALL are the test
-// run's, and fabricd refuses FABRIC_* variables that are no setting), as a
-// service manager would start fabricd with only what its unit sets.
-func hostEnviron() []string {
+// HostEnviron is the environment of programs on lab hosts, and of fabricd
+// wherever a test starts it: the test's own, without FABRIC_* variables
+// (FABRIC_BIN, FABRIC_REQUIRE_ALL are the test run's, and fabricd refuses
+// FABRIC_* variables that are no setting), as a service manager would start
+// fabricd with only what its unit sets.
+func HostEnviron() []string {
 	var env []string
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "FABRIC_") {
@@ -145,7 +146,7 @@ func (l *Lab) start(ns, label, dir string, env []string, args []string) (*Proces
 	cmd := nsCommand(nil, ns, args[0], args[1:]...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.Dir = dir
-	cmd.Env = append(hostEnviron(), env...)
+	cmd.Env = append(HostEnviron(), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true,
 		// If the test binary dies without cleanup (e.g. -timeout panic), the

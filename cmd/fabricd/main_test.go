@@ -3,12 +3,12 @@ package main
 import (
 	"bytes"
 	"errors"
-	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
+
+	"github.com/fabricnet/fabric/lab"
 )
 
 // What an operator sees when fabricd is started wrong: one line saying
@@ -30,9 +30,7 @@ func TestBadStartsSayWhatIsWrong(t *testing.T) {
 		{[]string{"--machine-id", "m"}, []string{"FABRIC_HOLD_TIME=1s"}, "FABRIC_HOLD_TIME: not a fabricd setting (did you mean FABRIC_BGP_HOLD_TIME?)"},
 	} {
 		cmd := exec.Command(bin, c.args...)
-		// As a service manager starts it: not with the test run's
-		// FABRIC_BIN or FABRIC_REQUIRE_ALL, which fabricd would refuse.
-		cmd.Env = append(slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "FABRIC_") }), c.env...)
+		cmd.Env = append(lab.HostEnviron(), c.env...)
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr
 		err := cmd.Run()
