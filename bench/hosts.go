@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -83,7 +82,7 @@ type convergence struct {
 func converge(ctx context.Context, binDir string, n, reflectors int) (convergence, error) {
 	// An underlay subnet holds up to 189 hosts; more go on routed subnets,
 	// as racks would.
-	l, err := lab.New(ctx, lab.Spec{Hosts: n + 1, Subnets: (n + 180) / 180, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	l, err := lab.New(ctx, lab.Spec{Hosts: n + 1, Subnets: (n + 180) / 180, Logger: warnLog})
 	if err != nil {
 		return convergence{}, err
 	}

@@ -93,7 +93,7 @@ func main() {
 
 func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 	ctx := context.Background()
-	l, err := lab.New(ctx, lab.Spec{Hosts: 5, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	l, err := lab.New(ctx, lab.Spec{Hosts: 5, Logger: warnLog})
 	if err != nil {
 		return err
 	}
@@ -148,6 +148,10 @@ func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 	}
 	return namesBench(ctx, binDir)
 }
+
+// warnLog is the log of the labs and helpers a benchmark builds: warnings
+// only, so that the tables stay readable.
+var warnLog = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 
 // runs is how many samples each throughput figure is the median of.
 const runs = 3

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"maps"
 	"net"
 	"net/netip"
@@ -36,7 +35,7 @@ const (
 // the queries per second of fabricd's responder against dnsmasq serving the
 // same names from a hosts file, in the same namespace with the same load.
 func namesBench(ctx context.Context, binDir string) error {
-	l, err := lab.New(ctx, lab.Spec{Hosts: namesHosts, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	l, err := lab.New(ctx, lab.Spec{Hosts: namesHosts, Logger: warnLog})
 	if err != nil {
 		return err
 	}
@@ -160,7 +159,7 @@ func publishAndResolve(ctx context.Context, l *lab.Lab, status map[string]locala
 			rs = append(rs, names.Record{Name: name, Address: a, ID: name, Created: start})
 			want[name] = a
 		}
-		p := names.NewPublisher(etcd, "/fabric/v1", h.Name, 30*time.Second, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+		p := names.NewPublisher(etcd, "/fabric/v1", h.Name, 30*time.Second, warnLog)
 		pubs = append(pubs, p)
 		lists := make(chan []names.Record, 1)
 		lists <- rs

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -59,7 +58,7 @@ func benchRoute(i int) netip.Prefix {
 
 func routesRun(ctx context.Context, binDir string, n int) (routesResult, error) {
 	var res routesResult
-	l, err := lab.New(ctx, lab.Spec{Hosts: 2, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	l, err := lab.New(ctx, lab.Spec{Hosts: 2, Logger: warnLog})
 	if err != nil {
 		return res, err
 	}
