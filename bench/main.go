@@ -3,7 +3,8 @@
 //
 //   - throughput container to container across two hosts over fabricd's
 //     VXLAN, against a hand-built kernel VXLAN (the same recipe, set up with
-//     ip and bridge commands) and the underlay itself;
+//     ip and bridge commands) running side by side on the same CPU, then
+//     fabricd's pair taken apart piece by piece (-only throughput);
 //   - programming 1000 peers (route + neighbour + FDB entry each) with the
 //     dataplane package, against `ip -batch` and `bridge -batch` doing the
 //     same, plus the cost of a no-change re-apply (drift repair);
@@ -17,8 +18,8 @@
 //   - container names (-only names): records to resolvable on four hosts,
 //     DNS queries per second against dnsmasq.
 //
-// Throughput is the median of several runs, with min and max: these machines
-// are shared and noisy, one sample proves nothing.
+// Every figure is the median of several runs, with min and max: these
+// machines are shared and noisy, one sample proves nothing.
 //
 // Run it with `make bench` (root). Results are tables with ratios; nothing
 // here asserts a timing.
@@ -26,7 +27,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -46,7 +46,6 @@ import (
 	"github.com/fabricnet/fabric/backend"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/lab"
-	"github.com/fabricnet/fabric/localapi"
 	"github.com/fabricnet/fabric/vxlanfallback"
 )
 
@@ -57,7 +56,7 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "names" (container names and DNS), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "names" (container names and DNS), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
@@ -76,6 +75,8 @@ func main() {
 	switch *only {
 	case "":
 		err = run(binDir, counts, setups)
+	case "throughput":
+		err = throughputOnly(context.Background(), binDir)
 	case "names":
 		err = namesBench(context.Background(), binDir)
 	case "routes":
@@ -83,12 +84,24 @@ func main() {
 	case "hosts":
 		err = hostsBench(context.Background(), binDir, setups)
 	default:
-		err = fmt.Errorf("-only %q: want names, routes or hosts", *only)
+		err = fmt.Errorf("-only %q: want throughput, names, routes or hosts", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+}
+
+// throughputOnly is the throughput part on a lab of its own.
+func throughputOnly(ctx context.Context, binDir string) error {
+	l, err := lab.New(ctx, lab.Spec{Hosts: 4, Logger: warnLog})
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	h := l.Hosts()
+	_, err = throughputBench(ctx, l, binDir, h[0], h[1], h[2], h[3])
+	return err
 }
 
 func run(binDir string, routeCounts []int, setups []scaleSetup) error {
@@ -100,29 +113,9 @@ func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 	defer l.Close()
 	hosts := l.Hosts()
 
-	fmt.Printf("## Throughput, container to container across two hosts (iperf3, 4 s, one stream; median of %d runs, min-max)\n", runs)
-	fabric, fabricdRSS, err := fabricThroughput(ctx, l, binDir, hosts[0], hosts[1])
+	fabricdRSS, err := throughputBench(ctx, l, binDir, hosts[0], hosts[1], hosts[2], hosts[3])
 	if err != nil {
-		return fmt.Errorf("fabric throughput: %w", err)
-	}
-	hand, err := handBuiltThroughput(ctx, l, hosts[2], hosts[3])
-	if err != nil {
-		return fmt.Errorf("hand-built vxlan: %w", err)
-	}
-	under, err := samples(func() (float64, error) { return iperf(ctx, hosts[3], hosts[2], hosts[3].Addr) })
-	if err != nil {
-		return fmt.Errorf("underlay: %w", err)
-	}
-	fmt.Printf("| path | Gbit/s median (min-max) | median vs hand-built VXLAN |\n|---|---|---|\n")
-	for _, r := range []struct {
-		name string
-		bps  stats
-	}{
-		{"underlay, host to host", under},
-		{"hand-built kernel VXLAN (baseline)", hand},
-		{"fabricd (auto mode: " + fabric.encap + ")", fabric.bps},
-	} {
-		fmt.Printf("| %s | %.2f (%.2f-%.2f) | %.2f |\n", r.name, r.bps.median/1e9, r.bps.min/1e9, r.bps.max/1e9, r.bps.median/hand.median)
+		return fmt.Errorf("throughput: %w", err)
 	}
 
 	fmt.Println("\n## Programming 1000 peers (route + neighbour + FDB each) in a host namespace")
@@ -153,7 +146,8 @@ func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 // only, so that the tables stay readable.
 var warnLog = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 
-// runs is how many samples each throughput figure is the median of.
+// runs is how many samples a figure of the names and routes parts is the
+// median of.
 const runs = 3
 
 type stats struct{ median, min, max float64 }
@@ -185,101 +179,6 @@ func fabricdArgs(l *lab.Lab, binDir string, h *lab.Host) []string {
 		"--docker-opts-file", run + "/docker.env", "--underlay-interface", h.Dev, "--log-level", "warn"}
 }
 
-// endpoint is where iperf3 runs: a host or a container namespace.
-type endpoint interface {
-	Start(label string, args ...string) (*lab.Process, error)
-	Run(ctx context.Context, name string, args ...string) (string, error)
-}
-
-func iperf(ctx context.Context, server, client endpoint, addr netip.Addr) (float64, error) {
-	p, err := server.Start("iperf3", "iperf3", "-s", "-1", "-B", addr.String())
-	if err != nil {
-		return 0, err
-	}
-	defer p.Stop()
-	var out string
-	for i := 0; i < 50; i++ {
-		time.Sleep(100 * time.Millisecond)
-		c, cancel := context.WithTimeout(ctx, 20*time.Second)
-		out, err = client.Run(c, "iperf3", "-c", addr.String(), "-t", "4", "-J")
-		cancel()
-		if err == nil {
-			break
-		}
-	}
-	if err != nil {
-		return 0, fmt.Errorf("iperf3 -c %s: %w", addr, err)
-	}
-	var res struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-	}
-	if err := json.Unmarshal([]byte(out), &res); err != nil {
-		return 0, fmt.Errorf("iperf3 output: %w", err)
-	}
-	if res.End.SumReceived.BitsPerSecond == 0 {
-		return 0, fmt.Errorf("iperf3 to %s measured nothing: %s", addr, out)
-	}
-	return res.End.SumReceived.BitsPerSecond, nil
-}
-
-// fabricRun is fabricd's throughput and the encapsulation auto mode chose.
-type fabricRun struct {
-	bps   stats
-	encap string
-}
-
-func fabricThroughput(ctx context.Context, l *lab.Lab, binDir string, a, b *lab.Host) (fabricRun, int64, error) {
-	var procs []*lab.Process
-	for _, h := range []*lab.Host{a, b} {
-		p, err := h.Start("fabricd", fabricdArgs(l, binDir, h)...)
-		if err != nil {
-			return fabricRun{}, 0, err
-		}
-		procs = append(procs, p)
-	}
-	var ctrs []*lab.Container
-	for _, h := range []*lab.Host{a, b} {
-		cli := localapi.NewClient(filepath.Join(l.LogDir(), h.Name+"-run", "fabricd.sock"))
-		var st localapi.Status
-		var err error
-		for i := 0; i < 100; i++ {
-			if st, err = cli.Status(ctx); err == nil {
-				break
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
-		if err != nil {
-			return fabricRun{}, 0, err
-		}
-		sub := netip.MustParsePrefix(st.Subnet)
-		c, err := l.AddContainer(ctx, h, "ip", netip.PrefixFrom(sub.Addr().Next().Next(), sub.Bits()), netip.MustParseAddr(st.Gateway), st.Bridge, st.MTU)
-		if err != nil {
-			return fabricRun{}, 0, err
-		}
-		ctrs = append(ctrs, c)
-	}
-	for i := 0; i < 100; i++ {
-		if err := ctrs[0].Ping(ctx, ctrs[1].Addr, time.Second); err == nil {
-			break
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	bps, err := samples(func() (float64, error) { return iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr) })
-	if err != nil {
-		return fabricRun{}, 0, err
-	}
-	run := fabricRun{bps: bps, encap: "?"}
-	if peers, err := localapi.NewClient(filepath.Join(l.LogDir(), a.Name+"-run", "fabricd.sock")).Peers(ctx); err == nil && len(peers) > 0 {
-		run.encap = peers[0].Encap
-	}
-	mem, err := rss(procs[0])
-	return run, mem, err
-}
-
 // rss is p's resident memory; a process that has exited is an error, not 0.
 func rss(p *lab.Process) (int64, error) {
 	if p.Exited() {
@@ -296,43 +195,6 @@ func rss(p *lab.Process) (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no VmRSS for %s", p.Label)
-}
-
-// handBuiltThroughput sets up flannel's and Calico's VXLAN recipe by hand
-// between a and b: the reference for what the kernel can do.
-func handBuiltThroughput(ctx context.Context, l *lab.Lab, a, b *lab.Host) (stats, error) {
-	type side struct {
-		h      *lab.Host
-		subnet netip.Prefix
-		mac    string
-	}
-	sides := []side{{a, netip.MustParsePrefix("10.250.1.0/24"), "0e:00:00:00:01:01"}, {b, netip.MustParsePrefix("10.250.2.0/24"), "0e:00:00:00:02:02"}}
-	var ctrs []*lab.Container
-	for i, s := range sides {
-		o := sides[1-i]
-		gw := s.subnet.Addr().Next()
-		if err := s.h.EnsureBridge(ctx, "br0", netip.PrefixFrom(gw, 24), 1450); err != nil {
-			return stats{}, err
-		}
-		for _, args := range [][]string{
-			{"ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "local", s.h.Addr.String(), "dev", s.h.Dev, "dstport", "4789", "nolearning"},
-			{"ip", "link", "set", "vx0", "mtu", "1450", "address", s.mac, "up"},
-			{"ip", "addr", "add", s.subnet.Addr().String() + "/32", "dev", "vx0"},
-			{"ip", "neigh", "add", o.subnet.Addr().String(), "lladdr", o.mac, "dev", "vx0", "nud", "permanent"},
-			{"bridge", "fdb", "add", o.mac, "dev", "vx0", "dst", o.h.Addr.String()},
-			{"ip", "route", "add", o.subnet.String(), "via", o.subnet.Addr().String(), "dev", "vx0", "onlink"},
-		} {
-			if out, err := s.h.Run(ctx, args[0], args[1:]...); err != nil {
-				return stats{}, fmt.Errorf("%v: %w %s", args, err, out)
-			}
-		}
-		c, err := l.AddContainer(ctx, s.h, "hb", netip.PrefixFrom(gw.Next(), 24), gw, "br0", 1450)
-		if err != nil {
-			return stats{}, err
-		}
-		ctrs = append(ctrs, c)
-	}
-	return samples(func() (float64, error) { return iperf(ctx, ctrs[1], ctrs[0], ctrs[1].Addr) })
 }
 
 // benchDataplane is fabricd's data plane (VXLAN, quiet) in h's namespace,

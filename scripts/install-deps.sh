@@ -6,7 +6,7 @@ want=(iproute2 iputils-ping util-linux iptables ipset etcd-server etcd-client bi
 case "${1:-test}" in
   test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils docker.io) ;;
   demo) want+=(docker.io busybox-static) ;;
-  bench) want+=(docker.io busybox-static dnsmasq-base) ;;
+  bench) want+=(docker.io busybox-static dnsmasq-base nftables) ;;
 esac
 if [ "$(id -u)" != 0 ]; then
   echo "fabric's tests and demo build network namespaces: run them as root" >&2
