@@ -28,6 +28,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	goipt "github.com/coreos/go-iptables/iptables"
@@ -40,7 +41,13 @@ type Config struct {
 	Exec func(ctx context.Context, name string, args ...string) *exec.Cmd
 	// Sections names every section that will be Set; see the package doc.
 	Sections []string
-	Logger   *slog.Logger
+	// NetnsPath is the network namespace the rules live in, for the ruleset
+	// generation check of the nf_tables backend. Empty is this process's
+	// namespace when Exec is nil; with Exec set and no NetnsPath the check
+	// is off (the commands may run anywhere) and every repair tick reads the
+	// rules.
+	NetnsPath string
+	Logger    *slog.Logger
 }
 
 // Manager owns every FABRIC-* chain and every jump into one.
@@ -52,16 +59,28 @@ type Manager struct {
 	backend     string // "nf_tables" or "legacy"
 	randomFully bool
 
+	// genCheck is on when the kernel's ruleset generation tells whether
+	// anything changed (nf_tables backend, namespace known).
+	genCheck bool
+	nsPath   string
+
 	mu       sync.Mutex
 	declared []string
 	sections map[string]Section
 	writes   uint64
+	reads    atomic.Uint64 // Rules reads without mu
+	// matched is set when the last apply found the kernel as wanted, at
+	// ruleset generation matchedGen: until the generation moves, there is
+	// nothing to repair.
+	matched    bool
+	matchedGen uint32
 }
 
 // New detects the iptables backend that plain `iptables` uses (the one
 // dockerd uses too) and returns a Manager for it. It writes nothing.
 func New(cfg Config) (*Manager, error) {
-	m := &Manager{exec: cfg.Exec, log: cfg.Logger, declared: slices.Clone(cfg.Sections), sections: map[string]Section{}}
+	m := &Manager{exec: cfg.Exec, log: cfg.Logger, declared: slices.Clone(cfg.Sections), sections: map[string]Section{},
+		nsPath: cfg.NetnsPath, genCheck: cfg.Exec == nil || cfg.NetnsPath != ""}
 	if m.exec == nil {
 		m.exec = exec.CommandContext
 	}
@@ -89,6 +108,15 @@ func New(cfg Config) (*Manager, error) {
 		// the plain names.
 		m.backend = "legacy"
 		m.save, m.restore = "iptables-save", "iptables-restore"
+	}
+	if m.backend != "nf_tables" {
+		m.genCheck = false // legacy tables have no generation
+	}
+	if m.genCheck {
+		if _, err := rulesetGeneration(m.nsPath); err != nil {
+			m.log.Info("nf_tables ruleset generation unavailable: every repair tick reads the rules", "err", err)
+			m.genCheck = false
+		}
 	}
 	for _, bin := range []string{m.save, m.restore} {
 		if _, err := exec.LookPath(bin); err != nil {
@@ -129,6 +157,10 @@ func (m *Manager) Writes() uint64 {
 	return m.writes
 }
 
+// Reads counts the iptables-save runs so far; a repair tick that finds the
+// ruleset generation unchanged does not add to it.
+func (m *Manager) Reads() uint64 { return m.reads.Load() }
+
 // Set replaces what section wants and, once every declared section is
 // known, brings the kernel in line with all of them before it returns.
 func (m *Manager) Set(ctx context.Context, section string, s Section) error {
@@ -137,12 +169,21 @@ func (m *Manager) Set(ctx context.Context, section string, s Section) error {
 	if !slices.Contains(m.declared, section) {
 		m.declared = append(m.declared, section)
 	}
+	if old, ok := m.sections[section]; ok && equalSections(old, s) && m.unchanged() {
+		return nil // the repair ticks of policy and ingress, on an idle host
+	}
 	m.sections[section] = s
 	if missing := m.pending(); len(missing) > 0 {
 		m.log.Info("keeping the kernel's rules until every section is known", "set", section, "waitingFor", missing)
 		return nil
 	}
 	return m.apply(ctx)
+}
+
+func equalSections(a, b Section) bool {
+	return slices.Equal(a.Jumps, b.Jumps) && slices.EqualFunc(a.Chains, b.Chains, func(x, y Chain) bool {
+		return x.Table == y.Table && x.Name == y.Name && slices.Equal(x.Rules, y.Rules)
+	})
 }
 
 // pending lists declared sections not set yet.
@@ -157,15 +198,47 @@ func (m *Manager) pending() []string {
 }
 
 func (m *Manager) apply(ctx context.Context) error {
+	m.matched = false
 	want, err := merge(m.sections)
 	if err != nil {
 		return err
 	}
+	// The generation before the read: a change made while reading moves it
+	// past this number, so the next tick reads again.
+	gen, genOK := m.generation()
 	have, err := m.read(ctx)
 	if err != nil {
 		return err
 	}
-	return m.write(ctx, plan(want, have))
+	payloads := plan(want, have)
+	if len(payloads) == 0 && genOK {
+		m.matched, m.matchedGen = true, gen
+	}
+	return m.write(ctx, payloads)
+}
+
+// generation is the kernel's ruleset generation, when the check is on and
+// the kernel answers.
+func (m *Manager) generation() (uint32, bool) {
+	if !m.genCheck {
+		return 0, false
+	}
+	gen, err := rulesetGeneration(m.nsPath)
+	if err != nil {
+		m.log.Debug("reading the rules: no ruleset generation", "err", err)
+		return 0, false
+	}
+	return gen, true
+}
+
+// unchanged reports whether the kernel's rules are provably as the last
+// apply found and wanted them: nothing to repair, nothing to read.
+func (m *Manager) unchanged() bool {
+	if !m.matched {
+		return false
+	}
+	gen, ok := m.generation()
+	return ok && gen == m.matchedGen
 }
 
 func (m *Manager) write(ctx context.Context, payloads map[string]string) error {
@@ -183,7 +256,9 @@ func (m *Manager) write(ctx context.Context, payloads map[string]string) error {
 // Maintain re-applies every section each interval until ctx ends, so chains
 // or jumps deleted or displaced by hand or by another program (a dockerd
 // restart inserts DOCKER-USER at the top of FORWARD) are repaired within one
-// interval. It returns ctx's error.
+// interval. On nf_tables a tick first asks the kernel for its ruleset
+// generation and reads the rules only when it moved since they were last
+// found right: an idle host runs no iptables-save. It returns ctx's error.
 func (m *Manager) Maintain(ctx context.Context, interval time.Duration) error {
 	if interval <= 0 {
 		interval = 2 * time.Second
@@ -197,7 +272,7 @@ func (m *Manager) Maintain(ctx context.Context, interval time.Duration) error {
 		case <-ticker.C:
 		}
 		m.mu.Lock()
-		if len(m.pending()) == 0 {
+		if len(m.pending()) == 0 && !m.unchanged() {
 			if err := m.apply(ctx); err != nil && ctx.Err() == nil {
 				m.log.Warn("repairing rules failed; retrying", "err", err, "in", interval)
 			}
@@ -213,6 +288,7 @@ func (m *Manager) Cleanup(ctx context.Context) error {
 	defer m.mu.Unlock()
 	m.sections = map[string]Section{}
 	m.declared = nil
+	m.matched = false
 	have, err := m.read(ctx)
 	if err != nil {
 		return err
@@ -233,6 +309,7 @@ func (m *Manager) Rules(ctx context.Context) ([]string, error) {
 // read dumps every table at once: in a fresh network namespace a table may
 // not exist yet, which `-t TABLE` reports as an error.
 func (m *Manager) read(ctx context.Context) (map[string]savedTable, error) {
+	m.reads.Add(1)
 	cmd := m.exec(ctx, m.save)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

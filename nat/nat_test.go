@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/iptables"
 
 	"github.com/fabricnet/fabric/internal/testreq"
 )
@@ -259,6 +260,69 @@ func TestMaintainRestoresWithinSeconds(t *testing.T) {
 			t.Fatalf("masquerade not restored within 5s (last: %q, %v)", got, err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestMaintainReadsOnlyWhenRulesChange runs the repair loop with the
+// nf_tables generation check, as fabricd does: an idle host runs no
+// iptables-save, and a rule flushed by hand still comes back.
+func TestMaintainReadsOnlyWhenRulesChange(t *testing.T) {
+	l := newTestLab(t)
+	ctx := testContext(t)
+	l.serveSource("out", outAddr+":9000")
+	tables, err := iptables.New(iptables.Config{Exec: l.exec("h1"), NetnsPath: "/var/run/netns/" + l.ns("h1"),
+		Sections: []string{Section}, Logger: nstest.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tables.Backend() != "nf_tables" {
+		testreq.Missing(t, "the nf_tables iptables backend (this test is about its ruleset generation)")
+	}
+	m, err := New(Config{Exec: l.exec("h1"), Tables: tables, Logger: nstest.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Apply(ctx, hostState("h1", h1Subnet)); err != nil {
+		t.Fatal(err)
+	}
+	mctx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { tables.Maintain(mctx, 100*time.Millisecond); close(done) }()
+	t.Cleanup(func() { stop(); <-done })
+
+	// The first tick reads once to confirm what Apply wrote; then nothing.
+	time.Sleep(300 * time.Millisecond)
+	reads := tables.Reads()
+	time.Sleep(time.Second)
+	if n := tables.Reads() - reads; n != 0 {
+		t.Errorf("%d iptables-save runs in 1 s of repair ticks with nothing changed, want 0", n)
+	}
+
+	// Another owner's change is read once and leaves fabric's rules alone.
+	writes := tables.Writes()
+	l.in("h1", "iptables", "-A", "FORWARD", "-o", "eu", "-j", "ACCEPT")
+	waitFor(t, 5*time.Second, "a read after another owner's change", func() bool { return tables.Reads() > reads })
+	time.Sleep(500 * time.Millisecond)
+	if tables.Writes() != writes {
+		t.Errorf("another owner's rule made fabric write its rules (%d writes)", tables.Writes()-writes)
+	}
+
+	l.in("h1", "iptables", "-t", "nat", "-F", PostroutingChain)
+	waitFor(t, 5*time.Second, "masquerade restored after a flush by hand", func() bool {
+		got, err := l.dial("c1", outAddr+":9000")
+		return err == nil && got == h1Underlay
+	})
+}
+
+// waitFor polls cond every 50 ms until it holds or d has passed.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s within %s", what, d)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
