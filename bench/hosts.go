@@ -92,20 +92,33 @@ func converge(ctx context.Context, binDir string, n, reflectors int) (convergenc
 	for _, h := range hosts {
 		clients[h.Name] = localapi.NewClient(filepath.Join(l.LogDir(), h.Name+"-run", "fabricd.sock"))
 	}
+	started := map[string]*lab.Process{}
 	startOne := func(i int) (*lab.Process, error) {
 		args := fabricdArgs(l, binDir, hosts[i])
 		if i < reflectors {
 			args = append(args, "--route-reflector")
 		}
-		return hosts[i].Start("fabricd", args...)
+		p, err := hosts[i].Start("fabricd", args...)
+		if err == nil {
+			started[hosts[i].Name] = p
+		}
+		return p, err
 	}
-	// every waits until cond holds for every host of hs.
+	// every waits until cond holds for every host of hs; when it does not,
+	// the error ends with that host's last fabricd log lines.
 	every := func(hs []*lab.Host, limit time.Duration, what string, cond func(*lab.Host) bool) error {
 		deadline := time.Now().Add(limit)
 		for _, h := range hs {
 			for !cond(h) {
 				if time.Now().After(deadline) {
-					return fmt.Errorf("%s: not on %s after %s", what, h.Name, limit)
+					err := fmt.Errorf("%s: not on %s after %s", what, h.Name, limit)
+					if p := started[h.Name]; p != nil {
+						if b, rerr := os.ReadFile(p.LogPath()); rerr == nil {
+							lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+							err = fmt.Errorf("%w; its fabricd's last log lines:\n%s", err, strings.Join(lines[max(0, len(lines)-8):], "\n"))
+						}
+					}
+					return err
 				}
 				time.Sleep(50 * time.Millisecond)
 			}

@@ -18,7 +18,7 @@ import (
 
 // throughputRounds is how many rounds each throughput figure is the median
 // of.
-const throughputRounds = 7
+const throughputRounds = 9
 
 // throughputStreams are the iperf3 stream counts of the headline table.
 var throughputStreams = []int{1, 4}

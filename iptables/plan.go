@@ -22,10 +22,15 @@ const ChainPrefix = "FABRIC-"
 type Rank int
 
 const (
-	RankIngress Rank = 5  // FABRIC-INPUT: tunnel packets only from fabric hosts
-	RankPolicy  Rank = 10 // FABRIC-POLICY: rejects what policy denies
-	RankAccept  Rank = 20 // FABRIC-FORWARD: accepts fabric traffic
-	RankNAT     Rank = 30 // the nat table's chains
+	// RankEstablished: FABRIC-ESTABLISHED accepts the later packets of
+	// connections between containers, whose first packet passed policy. It
+	// is most of the traffic, and every rule such a packet passes costs
+	// throughput (make bench, the breakdown).
+	RankEstablished Rank = 1
+	RankIngress     Rank = 5  // FABRIC-INPUT: tunnel packets only from fabric hosts
+	RankPolicy      Rank = 10 // FABRIC-POLICY: rejects what policy denies
+	RankAccept      Rank = 20 // FABRIC-FORWARD: accepts fabric traffic
+	RankNAT         Rank = 30 // the nat table's chains
 )
 
 // Chain is the desired content of one fabric chain, each rule written
@@ -38,17 +43,25 @@ type Chain struct {
 }
 
 // Jump is the one rule in a built-in chain (From) that enters a fabric chain
-// (To). Why becomes its comment.
+// (To). Why becomes its comment. Match, when set, limits the jump to the
+// packets it matches, written as iptables-save prints it.
 type Jump struct {
 	Table string
 	From  string
 	To    string
 	Why   string
 	Rank  Rank
+	Match string
 }
 
 // Rule is the jump as iptables-save prints it.
-func (j Jump) Rule() string { return Comment("fabric: "+j.Why) + " -j " + j.To }
+func (j Jump) Rule() string {
+	rule := Comment("fabric: "+j.Why) + " -j " + j.To
+	if j.Match != "" {
+		rule = j.Match + " " + rule
+	}
+	return rule
+}
 
 // Section is what one renderer (nat, policy) wants in the kernel.
 type Section struct {

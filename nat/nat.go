@@ -51,8 +51,10 @@ import (
 )
 
 // Chain names. ForwardChain is shared with the policy package, which jumps to
-// its own chain from FORWARD before this one.
+// its own chain from FORWARD before this one. EstablishedChain's jump comes
+// before both and only takes established connections between containers.
 const (
+	EstablishedChain = "FABRIC-ESTABLISHED"
 	ForwardChain     = "FABRIC-FORWARD"
 	PreroutingChain  = "FABRIC-PREROUTING"
 	OutputChain      = "FABRIC-OUTPUT"

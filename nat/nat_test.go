@@ -83,7 +83,7 @@ func TestMasqueradeOnlyTrafficLeavingTheFabric(t *testing.T) {
 		{"nat", "POSTROUTING", PostroutingChain},
 		{"nat", "PREROUTING", PreroutingChain},
 		{"nat", "OUTPUT", OutputChain},
-		{"filter", "FORWARD", ForwardChain},
+		{"filter", "FORWARD", EstablishedChain},
 	} {
 		if got := firstRule(l, "h1", want.table, want.chain); !strings.HasSuffix(got, "-j "+want.jump) {
 			t.Errorf("first rule of %s %s is %q, want the jump to %s", want.table, want.chain, got, want.jump)
@@ -204,8 +204,8 @@ func TestApplyIsIdempotentAndRestoresDeletedRules(t *testing.T) {
 		}
 		got := l.save("h1")
 		if b.name == "insert a foreign rule before our FORWARD jump" {
-			// The foreign rule stays, after our jump.
-			if first := firstRule(l, "h1", "filter", "FORWARD"); !strings.HasSuffix(first, "-j "+ForwardChain) {
+			// The foreign rule stays, after our jumps.
+			if first := firstRule(l, "h1", "filter", "FORWARD"); !strings.HasSuffix(first, "-j "+EstablishedChain) {
 				t.Errorf("%s: first FORWARD rule is %q", b.name, first)
 			}
 			l.in("h1", "iptables", "-D", "FORWARD", "-j", "DOCKER") // back to the reference state
@@ -227,7 +227,7 @@ func TestApplyIsIdempotentAndRestoresDeletedRules(t *testing.T) {
 	if got := l.save("h1"); strings.Contains(got, "FABRIC-OLD") {
 		t.Errorf("leftover chain FABRIC-OLD survived Apply:\n%s", got)
 	}
-	if first := firstRule(l, "h1", "filter", "FORWARD"); !strings.HasSuffix(first, "-j "+ForwardChain) {
+	if first := firstRule(l, "h1", "filter", "FORWARD"); !strings.HasSuffix(first, "-j "+EstablishedChain) {
 		t.Errorf("first FORWARD rule is %q, want our jump", first)
 	}
 }

@@ -86,12 +86,18 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 
 	return iptables.Section{
 		Chains: []iptables.Chain{
+			{Table: "filter", Name: EstablishedChain, Rules: []string{"-j ACCEPT"}},
 			{Table: "nat", Name: PreroutingChain, Rules: prerouting},
 			{Table: "nat", Name: OutputChain, Rules: output},
 			{Table: "nat", Name: PostroutingChain, Rules: postrouting},
 			{Table: "filter", Name: ForwardChain, Rules: forward},
 		},
 		Jumps: []iptables.Jump{
+			// Only container to container, only established: a connection's
+			// first packet always meets policy, and other traffic (to the
+			// world, to Docker's networks) stays Docker's to judge.
+			{Table: "filter", From: "FORWARD", To: EstablishedChain, Why: "connections between containers, after their first packet",
+				Match: fmt.Sprintf("-s %s -d %s -m conntrack --ctstate ESTABLISHED", pool, pool), Rank: iptables.RankEstablished},
 			{Table: "nat", From: "PREROUTING", To: PreroutingChain, Why: "published ports", Rank: iptables.RankNAT},
 			{Table: "nat", From: "OUTPUT", To: OutputChain, Why: "published ports from this host", Rank: iptables.RankNAT},
 			{Table: "nat", From: "POSTROUTING", To: PostroutingChain, Why: "masquerade and published replies", Rank: iptables.RankNAT},
