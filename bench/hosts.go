@@ -39,15 +39,16 @@ func parseSetups(s string) ([]scaleSetup, error) {
 // hostsBench builds a fabric of many hosts and reports, per setup: BGP
 // sessions per host; the time from the first start to every host holding a
 // route to every other host's subnet, with fabricd started in waves of
-// startWave hosts (all at once, a few hundred agents and etcd starve on this
-// machine's two cores, which real hosts do not share); then, converged, one
+// startWave hosts, each wave routed everywhere before the next starts (all at
+// once, a few hundred agents and etcd starve on this machine's two cores,
+// which real hosts do not share); then, converged, one
 // more host joining until every host routes to it, and leaving
 // (`fabricctl leave`) until no host does; the steady state: CPU per host
 // with the commands it runs (mean over 10 s, % of one core) and RSS per
 // host.
 func hostsBench(ctx context.Context, binDir string, setups []scaleSetup) error {
 	fmt.Printf("\n## Many hosts: full mesh against fabricd route reflectors (one run each)\n")
-	fmt.Printf("| hosts | reflectors | BGP sessions per host (fewest-most) | start (waves of %d) to every route everywhere | a host joins → routed everywhere | it leaves → gone everywhere | steady CPU per host | fabricd RSS per host, mean |\n|---|---|---|---|---|---|---|---|\n", startWave)
+	fmt.Printf("| hosts | reflectors | BGP sessions per host (fewest-most) | start (waves of %d, each routed everywhere before the next) to every route everywhere | a host joins → routed everywhere | it leaves → gone everywhere | steady CPU per host | fabricd RSS per host, mean |\n|---|---|---|---|---|---|---|---|\n", startWave)
 	for _, s := range setups {
 		r, err := converge(ctx, binDir, s.hosts, s.reflectors)
 		if err != nil {
@@ -94,7 +95,10 @@ func converge(ctx context.Context, binDir string, n, reflectors int) (convergenc
 	}
 	started := map[string]*lab.Process{}
 	startOne := func(i int) (*lab.Process, error) {
-		args := fabricdArgs(l, binDir, hosts[i])
+		// etcd shares this machine's two cores with every agent: its
+		// answers take longer than fabricd's default 5 s wait while a wave
+		// of a few hundred hosts starts, which real etcd servers do not.
+		args := append(fabricdArgs(l, binDir, hosts[i]), "--etcd-timeout", "30s")
 		if i < reflectors {
 			args = append(args, "--route-reflector")
 		}
@@ -146,6 +150,13 @@ func converge(ctx context.Context, binDir string, n, reflectors int) (convergenc
 			procs = append(procs, p)
 		}
 		if err := every(fabric[wave:end], time.Minute, "fabricd answers", answers); err != nil {
+			return convergence{}, err
+		}
+		// The next wave starts once this one is routed everywhere: every
+		// host reacts to each new host, and a machine simulating hundreds
+		// of hosts on two cores falls behind (etcd then answers too late for
+		// the newest fabricd to start) unless each wave's work is done.
+		if err := every(fabric[:end], 3*time.Minute, "a route to every started host", routesTo(end-1)); err != nil {
 			return convergence{}, err
 		}
 	}
