@@ -408,7 +408,8 @@ func (a *Agent) acquireLease(ctx context.Context) error {
 		if !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
 			return err
 		}
-		a.log.Warn("etcd unreachable, retrying", "endpoints", a.cfg.EtcdEndpoints, "in", backoff)
+		// A deadline, not a refusal: etcd may be down or only too slow.
+		a.log.Warn("etcd unreachable, retrying: no answer to taking the subnet lease within etcdTimeout", "endpoints", a.cfg.EtcdEndpoints, "etcdTimeout", a.cfg.EtcdTimeout, "in", backoff)
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
