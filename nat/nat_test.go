@@ -2,6 +2,7 @@ package nat
 
 import (
 	"context"
+	"net"
 	"net/netip"
 	"os/exec"
 	"strings"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/internal/nsthread"
 	"github.com/fabricnet/fabric/iptables"
 
 	"github.com/fabricnet/fabric/internal/testreq"
@@ -312,6 +314,46 @@ func TestMaintainReadsOnlyWhenRulesChange(t *testing.T) {
 		got, err := l.dial("c1", outAddr+":9000")
 		return err == nil && got == h1Underlay
 	})
+}
+
+// TestOperatorRulesStillCutConnectionsToTheWorld: the established fast path
+// (FABRIC-ESTABLISHED, first in FORWARD) takes only connections between
+// containers. A container's open connection to the world still meets the
+// rules after fabric's, as DOCKER-USER's: an operator's DROP cuts it.
+func TestOperatorRulesStillCutConnectionsToTheWorld(t *testing.T) {
+	l := newTestLab(t)
+	ctx := testContext(t)
+	l.serveUDPSource("out", outAddr+":9001")
+	m := l.manager("h1")
+	if err := m.Apply(ctx, hostState("h1", h1Subnet)); err != nil {
+		t.Fatal(err)
+	}
+	var conn net.Conn
+	if err := nsthread.Do(l.ns("c1"), func() (err error) {
+		conn, err = net.Dial("udp4", outAddr+":9001")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	exchange := func() error {
+		conn.SetDeadline(time.Now().Add(time.Second))
+		if _, err := conn.Write([]byte("hello")); err != nil {
+			return err
+		}
+		_, err := conn.Read(make([]byte, 64))
+		return err
+	}
+	// Two exchanges: conntrack has seen the reply, the flow is ESTABLISHED.
+	for range 2 {
+		if err := exchange(); err != nil {
+			t.Fatalf("c1 -> %s before the operator's rule: %v", outAddr, err)
+		}
+	}
+	l.in("h1", "iptables", "-A", "FORWARD", "-i", labBridge, "-o", "eu", "-j", "DROP")
+	if err := exchange(); err == nil {
+		t.Errorf("c1's open connection to %s went on past the operator's DROP in FORWARD", outAddr)
+	}
 }
 
 // waitFor polls cond every 50 ms until it holds or d has passed.
