@@ -18,8 +18,10 @@
 //   - container names (-only names): records to resolvable on four hosts,
 //     DNS queries per second against dnsmasq.
 //
-// Every figure is the median of several runs, with min and max: these
-// machines are shared and noisy, one sample proves nothing.
+// Figures are medians of several runs, with min and max: these machines are
+// shared and noisy, one sample proves nothing. The hosts part is the
+// exception, one run per setup (a lab of a hundred hosts takes minutes), and
+// says so.
 //
 // Run it with `make bench` (root). Results are tables with ratios; nothing
 // here asserts a timing.
