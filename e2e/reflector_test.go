@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"regexp"
 	"strconv"
 	"strings"
@@ -98,20 +97,7 @@ func TestFabricRouteReflectors(t *testing.T) {
 	// It comes back; then the other one leaves for good.
 	f.start(rr1, "--route-reflector")
 	f.eventually(30*time.Second, c3.Name+" in session with both reflectors again", func() error {
-		ps, err := f.peers(c3)
-		if err != nil {
-			return err
-		}
-		up := 0
-		for _, p := range ps {
-			if p.State == "established" {
-				up++
-			}
-		}
-		if up != 2 {
-			return fmt.Errorf("%d of 2 reflector sessions established: %+v", up, ps)
-		}
-		return nil
+		return f.allEstablished(c3, 2)
 	})
 	pingWhile("reflector "+rr2.Name+" left", func() {
 		if o, err := f.fabricctl(rr2, "leave"); err != nil {
