@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/etcdtest"
+	"github.com/fabricnet/fabric/internal/testwait"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -216,7 +217,7 @@ func TestKeepAliveTakesSameSubnetAfterLeaseLoss(t *testing.T) {
 	if _, err := cli.Revoke(ctx, held.LeaseID); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "subnet taken again on a new lease", func() bool {
+	testwait.Until(t, 5*time.Second, "subnet taken again on a new lease", func() bool {
 		leases, _, _ := List(ctx, cli, prefix)
 		return len(leases) == 1 && leases[0].Subnet == held.Subnet && leases[0].Node == "h1" && leases[0].LeaseID != held.LeaseID
 	})
@@ -493,17 +494,6 @@ func TestPoolValidate(t *testing.T) {
 	p := pool("10.99.0.0/18", 24)
 	if p.Size() != 64 || p.Subnet(63) != netip.MustParsePrefix("10.99.63.0/24") {
 		t.Errorf("pool arithmetic: size %d, last %s", p.Size(), p.Subnet(63))
-	}
-}
-
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for: %s", timeout, what)
-		}
-		time.Sleep(100 * time.Millisecond)
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"github.com/fabricnet/fabric/iptables"
 
 	"github.com/fabricnet/fabric/internal/testreq"
+	"github.com/fabricnet/fabric/internal/testwait"
 )
 
 func testContext(t *testing.T) context.Context {
@@ -303,14 +304,14 @@ func TestMaintainReadsOnlyWhenRulesChange(t *testing.T) {
 	// Another owner's change is read once and leaves fabric's rules alone.
 	writes := tables.Writes()
 	l.in("h1", "iptables", "-A", "FORWARD", "-o", "eu", "-j", "ACCEPT")
-	waitFor(t, 5*time.Second, "a read after another owner's change", func() bool { return tables.Reads() > reads })
+	testwait.Until(t, 5*time.Second, "a read after another owner's change", func() bool { return tables.Reads() > reads })
 	time.Sleep(500 * time.Millisecond)
 	if tables.Writes() != writes {
 		t.Errorf("another owner's rule made fabric write its rules (%d writes)", tables.Writes()-writes)
 	}
 
 	l.in("h1", "iptables", "-t", "nat", "-F", PostroutingChain)
-	waitFor(t, 5*time.Second, "masquerade restored after a flush by hand", func() bool {
+	testwait.Until(t, 5*time.Second, "masquerade restored after a flush by hand", func() bool {
 		got, err := l.dial("c1", outAddr+":9000")
 		return err == nil && got == h1Underlay
 	})
@@ -353,18 +354,6 @@ func TestOperatorRulesStillCutConnectionsToTheWorld(t *testing.T) {
 	l.in("h1", "iptables", "-A", "FORWARD", "-i", labBridge, "-o", "eu", "-j", "DROP")
 	if err := exchange(); err == nil {
 		t.Errorf("c1's open connection to %s went on past the operator's DROP in FORWARD", outAddr)
-	}
-}
-
-// waitFor polls cond every 50 ms until it holds or d has passed.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("no %s within %s", what, d)
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
 
