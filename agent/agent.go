@@ -611,7 +611,7 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 		if err := policy.DestroySets(ctx, nil, log); err != nil {
 			errs = append(errs, err)
 		}
-		if err := ingress.DestroySet(ctx, nil); err != nil {
+		if err := ingress.DestroySet(""); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -8,16 +8,19 @@
 package ingress
 
 import (
-	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os/exec"
-	"slices"
-	"strings"
 	"sync"
 
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/fabricnet/fabric/internal/ipsets"
 	"github.com/fabricnet/fabric/iptables"
 )
 
@@ -26,7 +29,10 @@ const (
 	Section = "ingress"
 	Chain   = "FABRIC-INPUT"
 	SetName = "fabric-nodes"
+	// tmpSet is the name earlier versions filled before swapping it in;
+	// --cleanup still removes one a killed run left.
 	tmpSet  = "fabric-nodes-new"
+	setType = "hash:ip"
 )
 
 // Config configures a Limiter.
@@ -35,24 +41,23 @@ type Config struct {
 	// Matches select the encapsulated packets of every tunnel this host
 	// runs (backend.Backend.Ingress), e.g. "-p udp -m udp --dport 4789".
 	Matches []string
-	// Exec builds the ipset commands; nil means exec.CommandContext.
-	Exec   func(ctx context.Context, name string, args ...string) *exec.Cmd
-	Logger *slog.Logger
+	// NetnsPath is the network namespace of the set ("" is this
+	// process's); tests point it at theirs.
+	NetnsPath string
+	Logger    *slog.Logger
 }
 
 // Limiter keeps the node set and the INPUT chain.
 type Limiter struct {
-	cfg  Config
-	log  *slog.Logger
-	mu   sync.Mutex
-	last []netip.Addr
+	cfg    Config
+	log    *slog.Logger
+	mu     sync.Mutex
+	last   int // hosts in the set, for the log line on a change
+	writes int
 }
 
 // New returns a Limiter. It touches nothing until Apply.
 func New(cfg Config) *Limiter {
-	if cfg.Exec == nil {
-		cfg.Exec = exec.CommandContext
-	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -73,74 +78,132 @@ func (l *Limiter) Section() iptables.Section {
 	}
 }
 
-// Apply makes the node set exactly nodes (swapped in whole, so there is no
-// moment with a partial set) and has the iptables owner keep the chain.
+// Apply makes the node set exactly nodes and has the iptables owner keep the
+// chain. It reads the set over netlink and writes only the difference (new
+// hosts added before departed ones are removed), so a repair tick or a node
+// change that leaves the set as it is runs no command: every host reacts to
+// every host joining, and an ipset process per reaction is most of that work
+// in a large fabric.
 func (l *Limiter) Apply(ctx context.Context, nodes []netip.Addr) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	nodes = slices.Clone(nodes)
-	slices.SortFunc(nodes, func(a, b netip.Addr) int { return a.Compare(b) })
-	nodes = slices.Compact(nodes)
-	var b strings.Builder
-	fmt.Fprintf(&b, "create %s hash:ip family inet\n", SetName)
-	fmt.Fprintf(&b, "create %s hash:ip family inet\n", tmpSet)
-	fmt.Fprintf(&b, "flush %s\n", tmpSet)
+	want := map[netip.Addr]bool{}
 	for _, a := range nodes {
 		if a.Is4() {
-			fmt.Fprintf(&b, "add %s %s\n", tmpSet, a)
+			want[a] = true
 		}
 	}
-	fmt.Fprintf(&b, "swap %s %s\n", tmpSet, SetName)
-	fmt.Fprintf(&b, "destroy %s\n", tmpSet)
-	if err := l.run(ctx, b.String(), "ipset", "-exist", "restore"); err != nil {
+	have, err := l.members()
+	if err != nil {
 		return fmt.Errorf("ingress: node set %s: %w", SetName, err)
+	}
+	var add, del []netip.Addr
+	for a := range want {
+		if !have[a] {
+			add = append(add, a)
+		}
+	}
+	for a := range have {
+		if !want[a] {
+			del = append(del, a)
+		}
+	}
+	if have == nil || len(add) > 0 || len(del) > 0 {
+		if err := l.write(have == nil, add, del); err != nil {
+			return fmt.Errorf("ingress: node set %s: %w", SetName, err)
+		}
 	}
 	if err := l.cfg.Tables.Set(ctx, Section, l.Section()); err != nil {
 		return fmt.Errorf("ingress: %w", err)
 	}
-	if !slices.Equal(nodes, l.last) {
-		l.log.Info("tunnel packets accepted only from fabric hosts", "hosts", len(nodes), "set", SetName)
-		l.last = nodes
+	if len(want) != l.last {
+		l.log.Info("tunnel packets accepted only from fabric hosts", "hosts", len(want), "set", SetName)
+		l.last = len(want)
 	}
 	return nil
 }
 
-// DestroySet removes the node set; the chain using it must be gone.
-// --cleanup uses it after the iptables owner's Cleanup.
-func DestroySet(ctx context.Context, run func(ctx context.Context, name string, args ...string) *exec.Cmd) error {
-	l := New(Config{Exec: run})
-	out, err := l.output(ctx, "ipset", "list", "-n")
+// write creates the set if asked to, then adds before it removes. A new set
+// is filled before the chain that uses it is written (after write), so it is
+// never in use while half filled.
+func (l *Limiter) write(create bool, add, del []netip.Addr) error {
+	h, err := l.handle()
 	if err != nil {
-		return fmt.Errorf("ingress: list ipsets: %w", err)
+		return err
 	}
+	defer h.Close()
+	if create {
+		if err := h.IpsetCreate(SetName, setType, netlink.IpsetCreateOptions{Family: unix.AF_INET}); err != nil {
+			return fmt.Errorf("create: %w", err)
+		}
+	}
+	exists := nl.IPSetError(nl.IPSET_ERR_EXIST) // already added, already removed
+	for _, a := range add {
+		if err := h.IpsetAdd(SetName, &netlink.IPSetEntry{IP: a.AsSlice()}); err != nil && !errors.Is(err, exists) {
+			return fmt.Errorf("add %s: %w", a, err)
+		}
+		l.writes++
+	}
+	for _, a := range del {
+		if err := h.IpsetDel(SetName, &netlink.IPSetEntry{IP: a.AsSlice()}); err != nil && !errors.Is(err, exists) {
+			return fmt.Errorf("remove %s: %w", a, err)
+		}
+		l.writes++
+	}
+	return nil
+}
+
+// Writes counts the entries Apply added or removed since New.
+func (l *Limiter) Writes() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.writes
+}
+
+// handle opens a netfilter netlink socket in the configured namespace.
+func (l *Limiter) handle() (*netlink.Handle, error) {
+	if l.cfg.NetnsPath == "" {
+		return netlink.NewHandle(unix.NETLINK_NETFILTER)
+	}
+	ns, err := netns.GetFromPath(l.cfg.NetnsPath)
+	if err != nil {
+		return nil, fmt.Errorf("network namespace %s: %w", l.cfg.NetnsPath, err)
+	}
+	defer ns.Close()
+	return netlink.NewHandleAt(ns, unix.NETLINK_NETFILTER)
+}
+
+// members returns the addresses in the node set, or nil when there is no
+// such set. A set of that name of another type is an error: fabric did not
+// make it and will not guess whose it is.
+func (l *Limiter) members() (map[netip.Addr]bool, error) {
+	set, err := ipsets.Read(l.cfg.NetnsPath, SetName)
+	if err != nil || set == nil {
+		return nil, err
+	}
+	if set.Type != setType || set.Family != unix.AF_INET {
+		return nil, fmt.Errorf("exists as %s (family %d), not %s inet: remove it (ipset destroy %s) or free the name", set.Type, set.Family, setType, SetName)
+	}
+	out := map[netip.Addr]bool{}
+	for _, a := range set.Addrs {
+		out[a.Unmap()] = true
+	}
+	return out, nil
+}
+
+// DestroySet removes the node set (and a leftover of an earlier version's
+// swap) in the namespace at netnsPath ("" is this process's); the chain using
+// it must be gone. --cleanup uses it after the iptables owner's Cleanup.
+func DestroySet(netnsPath string) error {
+	h, err := New(Config{NetnsPath: netnsPath}).handle()
+	if err != nil {
+		return fmt.Errorf("ingress: %w", err)
+	}
+	defer h.Close()
 	for _, name := range []string{SetName, tmpSet} {
-		if slices.Contains(strings.Fields(out), name) {
-			if err := l.run(ctx, "", "ipset", "destroy", name); err != nil {
-				return fmt.Errorf("ingress: %w", err)
-			}
+		if err := h.IpsetDestroy(name); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("ingress: destroy ipset %s: %w", name, err)
 		}
 	}
 	return nil
-}
-
-func (l *Limiter) run(ctx context.Context, stdin, name string, args ...string) error {
-	cmd := l.cfg.Exec(ctx, name, args...)
-	if stdin != "" {
-		cmd.Stdin = strings.NewReader(stdin)
-	}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
-
-func (l *Limiter) output(ctx context.Context, name string, args ...string) (string, error) {
-	cmd := l.cfg.Exec(ctx, name, args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("%s: %v: %s", name, err, strings.TrimSpace(stderr.String()))
-	}
-	return string(out), nil
 }

@@ -299,6 +299,38 @@ func TestIptablesEnforcement(t *testing.T) {
 		}
 	})
 
+	t.Run("a repair tick runs no ipset; a chain and set removed by hand come back", func(t *testing.T) {
+		l.t = t
+		var from []Selector
+		for i := 0; i < 20; i++ {
+			from = append(from, Selector{CIDR: fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256)})
+		}
+		from = append(from, Selector{CIDR: "10.244.1.0/24"})
+		deny := []Rule{{Name: "deny-some", Action: "deny", Protocol: "tcp", Ports: []PortRange{{80, 80}}, From: from}}
+		l.apply(e, deny, "", nodes)
+		l.expectTCP(l.remote, remoteAddr, c1web, false)
+		rec.take()
+		l.apply(e, deny, "", nodes) // what the 5-s tick does
+		for _, c := range rec.take() {
+			if strings.HasPrefix(c, "ipset") {
+				t.Errorf("an unchanged policy ran %q", c)
+			}
+		}
+
+		sets := strings.Fields(l.inHost("ipset", "list", "-n"))
+		if len(sets) != 1 {
+			t.Fatalf("ipsets %v, want one", sets)
+		}
+		l.inHost("iptables", "-F", "FORWARD")
+		l.inHost("iptables", "-F", ChainName)
+		l.inHost("iptables", "-X", ChainName)
+		l.inHost("ipset", "destroy", sets[0])
+		l.expectTCP(l.remote, remoteAddr, c1web, true) // the deny is gone
+		l.apply(e, deny, "", nodes)                    // the next tick
+		l.expectTCP(l.remote, remoteAddr, c1web, false)
+		l.expectTCP(l.remote, remoteAddr2, c1web, true)
+	})
+
 	t.Run("same-bridge traffic is enforced", func(t *testing.T) {
 		l.t = t
 		if !l.bridgeNetfilterOff() {

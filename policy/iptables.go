@@ -128,13 +128,25 @@ func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 	if err != nil {
 		return err
 	}
+	if want.marker == e.marker {
+		// In force already (a repair tick, or a node set change that
+		// changes no rule): the sets are there, since the kernel refuses
+		// to destroy a set a rule uses, and the iptables owner repairs the
+		// chain, without running a command when nothing changed. Only if
+		// the chain and a set were both removed does that repair fail:
+		// then the sets are made again below.
+		err := e.tables.Set(ctx, Section, want.section())
+		if err == nil {
+			return nil
+		}
+		e.log.Warn("policy chain could not be restored as it was; making its ipsets again", "err", err)
+		e.marker = ""
+	}
 	have, err := e.listSets(ctx)
 	if err != nil {
 		return err
 	}
-	if want.marker != e.marker {
-		e.ensureBridgeNetfilter(ctx) // on a change, not on every repair tick
-	}
+	e.ensureBridgeNetfilter(ctx) // on a change, not on every repair tick
 
 	// 1. Sets first, under names derived from their content, so the old
 	// chain keeps using the old sets until the commit below.
@@ -163,12 +175,10 @@ func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 
 	// 3. Sets the new chain no longer uses.
 	e.destroySets(ctx, have, want.sets)
-	if want.marker != e.marker {
-		e.marker = want.marker
-		e.log.Info("policy applied", "ruleset", want.marker, "rules", len(rs.Rules),
-			"iptables_rules", len(want.rules), "ipsets", len(want.sets), "default", rs.DefaultAction,
-			"local", rs.Local, "took", time.Since(start))
-	}
+	e.marker = want.marker
+	e.log.Info("policy applied", "ruleset", want.marker, "rules", len(rs.Rules),
+		"iptables_rules", len(want.rules), "ipsets", len(want.sets), "default", rs.DefaultAction,
+		"local", rs.Local, "took", time.Since(start))
 	return nil
 }
 
