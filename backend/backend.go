@@ -57,6 +57,13 @@ type Backend interface {
 	Cleanup() error
 }
 
+// Rereader is a Backend that keeps a view of its per-peer kernel state and
+// diffs SyncPeers against it; Reread makes the next SyncPeers read the
+// kernel instead (the data plane's resync timer, which repairs drift).
+type Rereader interface {
+	Reread()
+}
+
 // MACAdvertiser is a Backend whose peers need this host's device MAC, which
 // travels in the node record (VXLAN's VTEP MAC).
 type MACAdvertiser interface {

@@ -387,13 +387,19 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 // at info level; more are logged at debug level and summed up.
 const routesLoggedOneByOne = 20
 
-// Reread makes the next Apply read the kernel's routes instead of trusting
-// the Manager's view of them: the resync timer's drift repair (a route
-// deleted or changed by hand is put back).
+// Reread makes the next Apply read the kernel's routes, and each backend's
+// per-peer entries, instead of trusting the views of them: the resync
+// timer's drift repair (a route or entry deleted or changed by hand is put
+// back).
 func (m *Manager) Reread() {
 	m.mu.Lock()
 	m.view = nil
 	m.mu.Unlock()
+	for _, b := range m.cfg.Backends {
+		if r, ok := b.(backend.Rereader); ok {
+			r.Reread()
+		}
+	}
 }
 
 // kernelView returns the routes with our protocol as this Manager last

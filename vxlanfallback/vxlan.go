@@ -51,9 +51,25 @@ type Backend struct {
 
 	mu        sync.Mutex
 	linkIndex int
+	// view is the neighbour and FDB entries as last written or read; nil
+	// means read the kernel at the next SyncPeers (the first, after
+	// Reread, after a failed write). A dump of the neighbour table walks
+	// every entry of every namespace, so on each peer change it would cost
+	// in proportion to the whole machine, not to this host.
+	view *peerView
 }
 
-var _ backend.Backend = (*Backend)(nil)
+// peerView is the per-peer state on the device.
+type peerView struct {
+	link  int
+	neigh map[netip.Addr]string   // peer gateway address -> VTEP MAC
+	fdb   map[string][]netip.Addr // VTEP MAC -> peer underlay address (more than one only if appended by hand)
+}
+
+var (
+	_ backend.Backend  = (*Backend)(nil)
+	_ backend.Rereader = (*Backend)(nil)
+)
 
 // New validates cfg and fills defaults. It does not touch the kernel: the
 // device is made by Ensure, only when some peer needs it.
@@ -187,7 +203,8 @@ func mismatch(have netlink.Link, want *netlink.Vxlan) string {
 }
 
 // SyncPeers makes the neighbour and FDB entries on the device exactly those
-// of peers. One bad peer does not stop the others.
+// of peers, against the view of them, or the kernel's entries when there is
+// no view. One bad peer does not stop the others.
 func (b *Backend) SyncPeers(peers []backend.Peer) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -202,81 +219,114 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 	idx := link.Attrs().Index
 
 	var errs []error
-	wantNeigh := map[netip.Addr]net.HardwareAddr{} // peer gateway address -> VTEP MAC
-	wantFDB := map[string]netip.Addr{}             // VTEP MAC -> peer underlay address
+	want := &peerView{link: idx, neigh: map[netip.Addr]string{}, fdb: map[string][]netip.Addr{}}
 	for _, p := range peers {
 		if len(p.VTEPMAC) != 6 || !p.Address.Is4() || !p.Subnet.IsValid() {
 			errs = append(errs, fmt.Errorf("vxlan: peer %s: needs a VTEP MAC, an IPv4 underlay address and a subnet (mac %q, address %v, subnet %v)",
 				p.Name, p.VTEPMAC, p.Address, p.Subnet))
 			continue
 		}
-		wantNeigh[p.Subnet.Masked().Addr()] = p.VTEPMAC
-		wantFDB[p.VTEPMAC.String()] = p.Address
+		want.neigh[p.Subnet.Masked().Addr()] = p.VTEPMAC.String()
+		want.fdb[p.VTEPMAC.String()] = []netip.Addr{p.Address}
 	}
-
-	neighs, err := h.NeighList(idx, unix.AF_INET)
-	if err != nil {
-		return fmt.Errorf("vxlan: list neighbours on %s: %w", b.cfg.Device, err)
+	have := b.view
+	if have == nil || have.link != idx { // a recreated device starts empty
+		if have, err = b.readPeers(idx); err != nil {
+			return errors.Join(append(errs, err)...)
+		}
 	}
-	haveNeigh := map[netip.Addr]bool{}
-	for _, n := range neighs {
-		ip, _ := netip.AddrFromSlice(n.IP)
-		ip = ip.Unmap()
-		if mac, ok := wantNeigh[ip]; ok && bytes.Equal(mac, n.HardwareAddr) && n.State&netlink.NUD_PERMANENT != 0 {
-			haveNeigh[ip] = true
+	b.view = nil // until every write below succeeded
+	var writeErrs []error
+	for ip, mac := range have.neigh {
+		if want.neigh[ip] == mac {
 			continue
 		}
-		n := n
-		if err := h.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("vxlan: delete neighbour %s on %s: %w", ip, b.cfg.Device, err))
+		hw, _ := net.ParseMAC(mac)
+		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, IP: ip.AsSlice(), HardwareAddr: hw}
+		if err := h.NeighDel(n); err != nil && !errors.Is(err, unix.ENOENT) {
+			writeErrs = append(writeErrs, fmt.Errorf("vxlan: delete neighbour %s on %s: %w", ip, b.cfg.Device, err))
 		} else {
-			b.log.Debug("removed neighbour entry", "ip", ip, "mac", n.HardwareAddr)
+			b.log.Debug("removed neighbour entry", "ip", ip, "mac", mac)
 		}
 	}
-	for ip, mac := range wantNeigh {
-		if haveNeigh[ip] {
+	for ip, mac := range want.neigh {
+		if have.neigh[ip] == mac {
 			continue
 		}
+		hw, _ := net.ParseMAC(mac)
 		err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,
-			IP: ip.AsSlice(), HardwareAddr: mac})
+			IP: ip.AsSlice(), HardwareAddr: hw})
 		if err != nil {
-			errs = append(errs, fmt.Errorf("vxlan: set neighbour %s -> %s on %s: %w", ip, mac, b.cfg.Device, err))
+			writeErrs = append(writeErrs, fmt.Errorf("vxlan: set neighbour %s -> %s on %s: %w", ip, mac, b.cfg.Device, err))
 		}
 	}
-
-	fdb, err := h.NeighList(idx, unix.AF_BRIDGE)
-	if err != nil {
-		return errors.Join(append(errs, fmt.Errorf("vxlan: list FDB on %s: %w", b.cfg.Device, err))...)
-	}
-	haveFDB := map[string]bool{}
-	for _, n := range fdb {
-		ip, _ := netip.AddrFromSlice(n.IP)
-		ip = ip.Unmap()
-		mac := n.HardwareAddr.String()
-		if want, ok := wantFDB[mac]; ok && want == ip {
-			haveFDB[mac] = true
-			continue
-		}
-		del := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-			State: n.State, IP: n.IP, HardwareAddr: n.HardwareAddr}
-		if err := h.NeighDel(del); err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("vxlan: delete FDB entry %s -> %s on %s: %w", mac, ip, b.cfg.Device, err))
-		} else {
-			b.log.Debug("removed FDB entry", "mac", mac, "dst", ip)
+	for mac, ips := range have.fdb {
+		for _, ip := range ips {
+			if slices.Contains(want.fdb[mac], ip) {
+				continue
+			}
+			hw, _ := net.ParseMAC(mac)
+			del := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
+				State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: hw}
+			if err := h.NeighDel(del); err != nil && !errors.Is(err, unix.ENOENT) {
+				writeErrs = append(writeErrs, fmt.Errorf("vxlan: delete FDB entry %s -> %s on %s: %w", mac, ip, b.cfg.Device, err))
+			} else {
+				b.log.Debug("removed FDB entry", "mac", mac, "dst", ip)
+			}
 		}
 	}
-	for mac, ip := range wantFDB {
-		if haveFDB[mac] {
+	for mac, ips := range want.fdb {
+		if slices.Contains(have.fdb[mac], ips[0]) {
 			continue
 		}
 		hw, _ := net.ParseMAC(mac)
 		err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_BRIDGE, Flags: netlink.NTF_SELF,
-			State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: hw})
+			State: netlink.NUD_PERMANENT, IP: ips[0].AsSlice(), HardwareAddr: hw})
 		if err != nil {
-			errs = append(errs, fmt.Errorf("vxlan: set FDB entry %s -> %s on %s: %w", mac, ip, b.cfg.Device, err))
+			writeErrs = append(writeErrs, fmt.Errorf("vxlan: set FDB entry %s -> %s on %s: %w", mac, ips[0], b.cfg.Device, err))
 		}
 	}
-	return errors.Join(errs...)
+	if len(writeErrs) == 0 {
+		b.view = want
+	}
+	return errors.Join(append(errs, writeErrs...)...)
+}
+
+// Reread makes the next SyncPeers read the device's entries from the kernel
+// instead of trusting the view: the resync timer's drift repair (an entry
+// deleted or added by hand is put right).
+func (b *Backend) Reread() {
+	b.mu.Lock()
+	b.view = nil
+	b.mu.Unlock()
+}
+
+// readPeers reads the device's neighbour and FDB entries. Only a permanent
+// neighbour entry counts as present: any other is replaced.
+func (b *Backend) readPeers(idx int) (*peerView, error) {
+	v := &peerView{link: idx, neigh: map[netip.Addr]string{}, fdb: map[string][]netip.Addr{}}
+	neighs, err := b.handle.NeighList(idx, unix.AF_INET)
+	if err != nil {
+		return nil, fmt.Errorf("vxlan: list neighbours on %s: %w", b.cfg.Device, err)
+	}
+	for _, n := range neighs {
+		ip, _ := netip.AddrFromSlice(n.IP)
+		mac := n.HardwareAddr.String()
+		if n.State&netlink.NUD_PERMANENT == 0 {
+			mac = "not permanent: " + mac // never equal to a wanted MAC
+		}
+		v.neigh[ip.Unmap()] = mac
+	}
+	fdb, err := b.handle.NeighList(idx, unix.AF_BRIDGE)
+	if err != nil {
+		return nil, fmt.Errorf("vxlan: list FDB on %s: %w", b.cfg.Device, err)
+	}
+	for _, n := range fdb {
+		ip, _ := netip.AddrFromSlice(n.IP)
+		mac := n.HardwareAddr.String()
+		v.fdb[mac] = append(v.fdb[mac], ip.Unmap())
+	}
+	return v, nil
 }
 
 // RouteFor is "<dst> via <peer gateway address> dev <device> onlink": the

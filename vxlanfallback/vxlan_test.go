@@ -100,9 +100,27 @@ func TestSyncPeersExactState(t *testing.T) {
 	if err := b.SyncPeers([]backend.Peer{peer(2), peer(3)}); err != nil {
 		t.Fatal(err)
 	}
-	// Foreign leftovers on our device.
+	// Against the view: peer 3 leaves and comes back.
+	if err := b.SyncPeers([]backend.Peer{peer(2)}); err != nil {
+		t.Fatal(err)
+	}
+	if all := nstest.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice) +
+		nstest.Run(t, "bridge", "-n", ns, "fdb", "show", "dev", DefaultDevice); strings.Contains(all, "10.244.3.0") || strings.Contains(all, "0e:fa:c0:a8:64:0d") {
+		t.Errorf("peer 3 left, its entries stay:\n%s", all)
+	}
+	if err := b.SyncPeers([]backend.Peer{peer(2), peer(3)}); err != nil {
+		t.Fatal(err)
+	}
+	if neigh := nstest.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice); !strings.Contains(neigh, "10.244.3.0 lladdr 0e:fa:c0:a8:64:0d PERMANENT") {
+		t.Errorf("peer 3 came back, its neighbour entry did not:\n%s", neigh)
+	}
+	// Foreign leftovers on our device, and peer 2's neighbour entry
+	// deleted by hand: the resync timer's Reread makes the next sync read
+	// the kernel and put them right.
 	nstest.Run(t, "ip", "-n", ns, "neigh", "add", "10.244.9.0", "lladdr", "0e:fa:01:02:03:04", "dev", DefaultDevice, "nud", "permanent")
 	nstest.Run(t, "bridge", "-n", ns, "fdb", "append", "0e:fa:01:02:03:04", "dev", DefaultDevice, "dst", "192.168.100.99")
+	nstest.Run(t, "ip", "-n", ns, "neigh", "del", "10.244.2.0", "dev", DefaultDevice)
+	b.Reread()
 	// Peer 3 leaves.
 	if err := b.SyncPeers([]backend.Peer{peer(2)}); err != nil {
 		t.Fatal(err)
