@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -58,11 +59,15 @@ func (l *Lab) etcdArgs(m *etcdMember) []string {
 		cluster = append(cluster, fmt.Sprintf("%s=http://%s:%d", o.name, o.host.Addr, etcdPeerPort))
 	}
 	client := fmt.Sprintf("http://%s:%d", m.host.Addr, etcdClientPort)
-	return []string{
+	var nice []string
+	if l.spec.EtcdNice != 0 {
+		nice = []string{"nice", "-n", strconv.Itoa(l.spec.EtcdNice)}
+	}
+	return append(nice,
 		"etcd",
 		"--name", m.name,
 		"--data-dir", filepath.Join(m.dir, "data"),
-		"--listen-client-urls", client + ",unix://" + etcdSocketFile,
+		"--listen-client-urls", client+",unix://"+etcdSocketFile,
 		"--advertise-client-urls", client,
 		"--listen-peer-urls", fmt.Sprintf("http://%s:%d", m.host.Addr, etcdPeerPort),
 		"--initial-advertise-peer-urls", fmt.Sprintf("http://%s:%d", m.host.Addr, etcdPeerPort),
@@ -71,7 +76,7 @@ func (l *Lab) etcdArgs(m *etcdMember) []string {
 		// Ignored once the data dir exists, so restarts just rejoin.
 		"--initial-cluster-state", "new",
 		"--logger", "zap", "--log-outputs", "stderr",
-	}
+	)
 }
 
 func (l *Lab) startEtcdMember(m *etcdMember) error {

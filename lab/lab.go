@@ -59,6 +59,12 @@ type Spec struct {
 	MTU int
 	// Logger for the lab's own progress messages; default slog.Default().
 	Logger *slog.Logger
+	// EtcdNice runs etcd at this niceness (e.g. -10) instead of the
+	// default 0. The scheduler gives every runnable thread an equal share:
+	// with a few hundred agents on two cores, one etcd serving all of them
+	// would get one agent's share, where a real fabric runs etcd on
+	// machines of its own.
+	EtcdNice int
 }
 
 // Host is one network namespace attached to the underlay: a fabric host, the
