@@ -207,9 +207,13 @@ func (g Grace) keepsNode(n registry.Node) bool {
 // adds the routes kept from before the restart.
 func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]dataplane.RemoteRoute, []Refusal) {
 	byAddr := map[netip.Addr]registry.Node{}
-	for _, n := range nodes {
+	bySubnet := map[netip.Prefix]*registry.Node{} // most routes are a host's whole subnet
+	for i, n := range nodes {
 		if n.Name != h.Name {
 			byAddr[n.Address] = n
+		}
+		if _, dup := bySubnet[n.Subnet]; !dup {
+			bySubnet[n.Subnet] = &nodes[i]
 		}
 	}
 	var out []dataplane.RemoteRoute
@@ -223,7 +227,7 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]datapla
 			continue
 		}
 		n, toNode := byAddr[r.NextHop]
-		if why := refuseRoute(h, nodes, r, toNode); why != "" {
+		if why := refuseRoute(h, nodes, bySubnet, r, toNode); why != "" {
 			refused = append(refused, Refusal{Key: "route/" + r.Prefix.String() + "/" + r.NextHop.String(), What: "route",
 				Name: fmt.Sprintf("%s via %s from %s", r.Prefix, r.NextHop, r.PeerName), Why: why})
 			continue
@@ -271,7 +275,7 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]datapla
 //     into the pool: anything else (the underlay, a peer's own address)
 //     would send the tunnel's outer packets into the tunnel.
 //   - No route may take over this host's own underlay segment.
-func refuseRoute(h Host, nodes []registry.Node, r bgp.Route, toNode bool) string {
+func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*registry.Node, r bgp.Route, toNode bool) string {
 	if allowed, ok := h.Imports[r.PeerName]; ok && !slices.ContainsFunc(allowed, func(a netip.Prefix) bool {
 		if a.Bits() == 0 {
 			return r.Prefix.Bits() == 0
@@ -281,11 +285,10 @@ func refuseRoute(h Host, nodes []registry.Node, r bgp.Route, toNode bool) string
 		return fmt.Sprintf("peer %s may only send routes inside %v", r.PeerName, allowed)
 	}
 	if h.Pool.IsValid() && h.Pool.Contains(r.Prefix.Addr()) && r.Prefix.Bits() >= h.Pool.Bits() {
-		var owner *registry.Node
-		for i := range nodes {
+		owner := bySubnet[r.Prefix]
+		for i := 0; owner == nil && i < len(nodes); i++ {
 			if nodes[i].Subnet.IsValid() && nodes[i].Subnet.Overlaps(r.Prefix) {
 				owner = &nodes[i]
-				break
 			}
 		}
 		switch {
