@@ -54,11 +54,63 @@ func throughputBench(ctx context.Context, l *lab.Lab, binDir string, a, b, c, d 
 		}
 		fmt.Printf("| %d | %s | %s | %s |\n", n, gbits(summarize(f)), gbits(summarize(h)), ratioStats(f, h))
 	}
+	if err := againstFlannelRecipe(ctx, fab, hand); err != nil {
+		return 0, err
+	}
 	mem, err := rss(fab.procs[0])
 	if err != nil {
 		return 0, err
 	}
 	return mem, throughputBreakdown(ctx, fab, hand)
+}
+
+// flannelMasquerade is the nat table flannel writes on every node (pool
+// 10.250.0.0/16, this node's subnet %s): traffic inside the pool untouched,
+// traffic leaving it masqueraded. With it the kernel tracks connections, as
+// on any host whose containers reach the outside (dockerd's own MASQUERADE
+// does the same).
+const flannelMasquerade = `*nat
+-A POSTROUTING -s 10.250.0.0/16 -d 10.250.0.0/16 -j RETURN
+-A POSTROUTING -s 10.250.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE --random-fully
+-A POSTROUTING ! -s 10.250.0.0/16 -d %s -j RETURN
+-A POSTROUTING ! -s 10.250.0.0/16 -d 10.250.0.0/16 -j MASQUERADE --random-fully
+COMMIT
+*filter
+-A FORWARD -s 10.250.0.0/16 -j ACCEPT
+-A FORWARD -d 10.250.0.0/16 -j ACCEPT
+COMMIT
+`
+
+// againstFlannelRecipe measures fabricd's pair against the hand-built pair
+// with flannel's masquerade rules, one stream, then removes them again (the
+// breakdown compares with the bare pair). The bare pair is what the kernel
+// can do; this one is what a VXLAN fabric whose containers reach the
+// outside costs, which is the part of the gap that is fabric's own.
+func againstFlannelRecipe(ctx context.Context, fab *fabricPair, hand *containerPair) error {
+	for i, h := range hand.hosts {
+		if out, err := h.Run(ctx, "nft", "list", "ruleset"); err != nil || strings.TrimSpace(out) != "" {
+			return fmt.Errorf("hand-built host %s: want no rules before adding flannel's: %v %s", h.Name, err, out)
+		}
+		rules := fmt.Sprintf(flannelMasquerade, fmt.Sprintf("10.250.%d.0/24", i+1))
+		cmd := h.Command(ctx, "iptables-restore", "--noflush")
+		cmd.Stdin = strings.NewReader(rules)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("flannel's rules on %s: %w: %s", h.Name, err, out)
+		}
+	}
+	f, h, err := sideBySideRounds(ctx, &fab.containerPair, hand, 1)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\n## Throughput against the hand-built pair with flannel's masquerade rules (conntrack and NAT on both sides), one stream\n\n")
+	fmt.Printf("| streams | fabricd Gbit/s | hand-built + flannel's NAT Gbit/s | fabricd / hand-built + flannel's NAT |\n|---|---|---|---|\n")
+	fmt.Printf("| 1 | %s | %s | %s |\n", gbits(summarize(f)), gbits(summarize(h)), ratioStats(f, h))
+	for _, h := range hand.hosts {
+		if out, err := h.Run(ctx, "nft", "flush", "ruleset"); err != nil {
+			return fmt.Errorf("removing flannel's rules on %s: %w: %s", h.Name, err, out)
+		}
+	}
+	return nil
 }
 
 // sideBySideRounds measures both pairs side by side, throughputRounds times.
