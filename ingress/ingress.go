@@ -52,7 +52,6 @@ type Limiter struct {
 	cfg    Config
 	log    *slog.Logger
 	mu     sync.Mutex
-	last   int // hosts in the set, for the log line on a change
 	writes int
 }
 
@@ -80,10 +79,8 @@ func (l *Limiter) Section() iptables.Section {
 
 // Apply makes the node set exactly nodes and has the iptables owner keep the
 // chain. It reads the set over netlink and writes only the difference (new
-// hosts added before departed ones are removed), so a repair tick or a node
-// change that leaves the set as it is runs no command: every host reacts to
-// every host joining, and an ipset process per reaction is most of that work
-// in a large fabric.
+// hosts added before departed ones are removed), so neither the repair tick
+// nor a joining host, to which every host reacts, runs a command.
 func (l *Limiter) Apply(ctx context.Context, nodes []netip.Addr) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -116,9 +113,8 @@ func (l *Limiter) Apply(ctx context.Context, nodes []netip.Addr) error {
 	if err := l.cfg.Tables.Set(ctx, Section, l.Section()); err != nil {
 		return fmt.Errorf("ingress: %w", err)
 	}
-	if len(want) != l.last {
-		l.log.Info("tunnel packets accepted only from fabric hosts", "hosts", len(want), "set", SetName)
-		l.last = len(want)
+	if len(add) > 0 || len(del) > 0 {
+		l.log.Info("tunnel packets accepted only from fabric hosts", "hosts", len(want), "added", len(add), "removed", len(del), "set", SetName)
 	}
 	return nil
 }
