@@ -165,6 +165,15 @@ func (l *lab) apply(e *IptablesEnforcer, rules []Rule, def string, nodes map[str
 	return rs
 }
 
+// otherCIDRs returns n /24s in 172.16.0.0/12, where no host of the lab is.
+func otherCIDRs(n int) []Selector {
+	var out []Selector
+	for i := range n {
+		out = append(out, Selector{CIDR: fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256)})
+	}
+	return out
+}
+
 func TestIptablesEnforcement(t *testing.T) {
 	l := newLab(t)
 	l.listen(l.c1, c1Addr+":80")
@@ -265,11 +274,7 @@ func TestIptablesEnforcement(t *testing.T) {
 
 	t.Run("200 CIDRs go into an ipset", func(t *testing.T) {
 		l.t = t
-		var from []Selector
-		for i := 0; i < 199; i++ {
-			from = append(from, Selector{CIDR: fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256)})
-		}
-		from = append(from, Selector{CIDR: "10.244.1.0/24"})
+		from := append(otherCIDRs(199), Selector{CIDR: "10.244.1.0/24"})
 		big := Rule{Name: "deny-many", Action: "deny", Protocol: "tcp", Ports: []PortRange{{80, 80}}, From: from}
 		l.apply(e, []Rule{big}, "", nodes)
 		l.expectTCP(l.remote, remoteAddr, c1web, false)
@@ -301,11 +306,7 @@ func TestIptablesEnforcement(t *testing.T) {
 
 	t.Run("a repair tick runs no ipset; a chain and set removed by hand come back", func(t *testing.T) {
 		l.t = t
-		var from []Selector
-		for i := 0; i < 20; i++ {
-			from = append(from, Selector{CIDR: fmt.Sprintf("172.%d.%d.0/24", 16+i/256, i%256)})
-		}
-		from = append(from, Selector{CIDR: "10.244.1.0/24"})
+		from := append(otherCIDRs(20), Selector{CIDR: "10.244.1.0/24"})
 		deny := []Rule{{Name: "deny-some", Action: "deny", Protocol: "tcp", Ports: []PortRange{{80, 80}}, From: from}}
 		l.apply(e, deny, "", nodes)
 		l.expectTCP(l.remote, remoteAddr, c1web, false)
