@@ -1,9 +1,8 @@
-// Package ipsets reads ipsets over netlink, so the loops that keep fabric's
-// sets (the node set, policy's sets) check them on every tick without
-// running the ipset command. It parses only what fabric needs: the
-// vishvananda/netlink reader logs every attribute it does not know, and
-// sets made by the ipset command carry some (bucket size, initval).
-// Writes go through vishvananda/netlink.
+// Package ipsets reads an ipset over netlink, so the loop that keeps
+// fabric's node set checks it on every tick without running the ipset
+// command. It parses only what fabric needs: the vishvananda/netlink reader
+// logs every attribute it does not know, and sets made by the ipset command
+// carry some (bucket size, initval). Writes go through vishvananda/netlink.
 package ipsets
 
 import (
@@ -46,24 +45,6 @@ func Read(nsPath, name string) (*Set, error) {
 		return nil, fmt.Errorf("ipset %s: %w", name, err)
 	}
 	return set, nil
-}
-
-// Names lists the sets in the network namespace at nsPath, without their
-// entries.
-func Names(nsPath string) ([]string, error) {
-	var names []string
-	err := dump(nsPath, "", func(attrs []syscall.NetlinkRouteAttr) error {
-		for _, a := range attrs {
-			if a.Attr.Type&nl.NLA_TYPE_MASK == nl.IPSET_ATTR_SETNAME {
-				names = append(names, cString(a.Value))
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("list ipsets: %w", err)
-	}
-	return names, nil
 }
 
 // merge takes one message of a set's dump: the first carries its header,
@@ -124,8 +105,8 @@ func entryAddr(data []byte) (netip.Addr, error) {
 	return netip.Addr{}, nil
 }
 
-// dump runs IPSET_CMD_LIST for name ("" is every set, headers only) and
-// hands each reply's attributes to fn.
+// dump runs IPSET_CMD_LIST for the set called name and hands each reply's
+// attributes to fn.
 func dump(nsPath, name string, fn func([]syscall.NetlinkRouteAttr) error) error {
 	ns := netns.None()
 	if nsPath != "" {
@@ -147,11 +128,7 @@ func dump(nsPath, name string, fn func([]syscall.NetlinkRouteAttr) error) error 
 	req := nl.NewNetlinkRequest(nl.IPSET_CMD_LIST|unix.NFNL_SUBSYS_IPSET<<8, unix.NLM_F_DUMP)
 	req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_INET, Version: nl.NFNETLINK_V0})
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))
-	if name != "" {
-		req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_SETNAME, nl.ZeroTerminated(name)))
-	} else {
-		req.AddData(&nl.Uint32Attribute{Type: nl.IPSET_ATTR_FLAGS | nl.NLA_F_NET_BYTEORDER, Value: listSetName})
-	}
+	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_SETNAME, nl.ZeroTerminated(name)))
 	if err := s.Send(req); err != nil {
 		return fmt.Errorf("asking for ipsets: %w", err)
 	}
@@ -191,9 +168,6 @@ func dump(nsPath, name string, fn func([]syscall.NetlinkRouteAttr) error) error 
 	}
 	return fmt.Errorf("ipset dump did not end within 5s")
 }
-
-// listSetName is IPSET_FLAG_LIST_SETNAME: list the sets' names only.
-const listSetName = 1 << 1
 
 func cString(b []byte) string {
 	for i, c := range b {
