@@ -17,10 +17,10 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/fabricnet/fabric/internal/ipsets"
+	"github.com/fabricnet/fabric/internal/nfnetlink"
 	"github.com/fabricnet/fabric/iptables"
 )
 
@@ -123,7 +123,7 @@ func (l *Limiter) Apply(ctx context.Context, nodes []netip.Addr) error {
 // is filled before the chain that uses it is written (after write), so it is
 // never in use while half filled.
 func (l *Limiter) write(create bool, add, del []netip.Addr) error {
-	h, err := l.handle()
+	h, err := nfnetlink.Handle(l.cfg.NetnsPath)
 	if err != nil {
 		return err
 	}
@@ -156,19 +156,6 @@ func (l *Limiter) Writes() int {
 	return l.writes
 }
 
-// handle opens a netfilter netlink socket in the configured namespace.
-func (l *Limiter) handle() (*netlink.Handle, error) {
-	if l.cfg.NetnsPath == "" {
-		return netlink.NewHandle(unix.NETLINK_NETFILTER)
-	}
-	ns, err := netns.GetFromPath(l.cfg.NetnsPath)
-	if err != nil {
-		return nil, fmt.Errorf("network namespace %s: %w", l.cfg.NetnsPath, err)
-	}
-	defer ns.Close()
-	return netlink.NewHandleAt(ns, unix.NETLINK_NETFILTER)
-}
-
 // members returns the addresses in the node set, or nil when there is no
 // such set. A set of that name of another type is an error: fabric did not
 // make it and will not guess whose it is.
@@ -191,7 +178,7 @@ func (l *Limiter) members() (map[netip.Addr]bool, error) {
 // swap) in the namespace at netnsPath ("" is this process's); the chain using
 // it must be gone. --cleanup uses it after the iptables owner's Cleanup.
 func DestroySet(netnsPath string) error {
-	h, err := New(Config{NetnsPath: netnsPath}).handle()
+	h, err := nfnetlink.Handle(netnsPath)
 	if err != nil {
 		return fmt.Errorf("ingress: %w", err)
 	}

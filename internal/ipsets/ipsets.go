@@ -6,7 +6,6 @@
 package ipsets
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -14,8 +13,9 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/fabricnet/fabric/internal/nfnetlink"
 )
 
 // Set is what Read returns of one set.
@@ -108,65 +108,13 @@ func entryAddr(data []byte) (netip.Addr, error) {
 // dump runs IPSET_CMD_LIST for the set called name and hands each reply's
 // attributes to fn.
 func dump(nsPath, name string, fn func([]syscall.NetlinkRouteAttr) error) error {
-	ns := netns.None()
-	if nsPath != "" {
-		h, err := netns.GetFromPath(nsPath)
-		if err != nil {
-			return fmt.Errorf("network namespace %s: %w", nsPath, err)
-		}
-		defer h.Close()
-		ns = h
-	}
-	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_NETFILTER)
-	if err != nil {
-		return fmt.Errorf("netfilter netlink socket: %w", err)
-	}
-	defer s.Close()
-	if err := s.SetReceiveTimeout(&unix.Timeval{Sec: 2}); err != nil {
-		return err
-	}
 	req := nl.NewNetlinkRequest(nl.IPSET_CMD_LIST|unix.NFNL_SUBSYS_IPSET<<8, unix.NLM_F_DUMP)
 	req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_INET, Version: nl.NFNETLINK_V0})
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_SETNAME, nl.ZeroTerminated(name)))
-	if err := s.Send(req); err != nil {
-		return fmt.Errorf("asking for ipsets: %w", err)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		msgs, _, err := s.Receive()
-		if err != nil {
-			return fmt.Errorf("reading ipsets: %w", err)
-		}
-		for _, m := range msgs {
-			if m.Header.Seq != req.Seq {
-				continue
-			}
-			switch m.Header.Type {
-			case unix.NLMSG_DONE:
-				return nil
-			case unix.NLMSG_ERROR:
-				if len(m.Data) >= 4 {
-					if errno := int32(binary.NativeEndian.Uint32(m.Data)); errno != 0 {
-						return unix.Errno(-errno)
-					}
-				}
-				return nil
-			default:
-				if len(m.Data) < nl.SizeofNfgenmsg {
-					return fmt.Errorf("short ipset reply")
-				}
-				attrs, err := nl.ParseRouteAttr(m.Data[nl.SizeofNfgenmsg:])
-				if err != nil {
-					return fmt.Errorf("ipset reply: %w", err)
-				}
-				if err := fn(attrs); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	return fmt.Errorf("ipset dump did not end within 5s")
+	return nfnetlink.Exchange(nsPath, req, 5*time.Second, func(_ uint16, attrs []syscall.NetlinkRouteAttr) (bool, error) {
+		return false, fn(attrs)
+	})
 }
 
 func cString(b []byte) string {
