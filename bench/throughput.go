@@ -65,7 +65,7 @@ func throughputBench(ctx context.Context, l *lab.Lab, binDir string, a, b, c, d 
 }
 
 // flannelMasquerade is the nat table flannel writes on every node (pool
-// 10.250.0.0/16, this node's subnet %s): traffic inside the pool untouched,
+// 10.250.0.0/16, this node's subnet %s, as handBuiltPair gives them): traffic inside the pool untouched,
 // traffic leaving it masqueraded. With it the kernel tracks connections, as
 // on any host whose containers reach the outside (dockerd's own MASQUERADE
 // does the same).
@@ -91,7 +91,7 @@ func againstFlannelRecipe(ctx context.Context, fab *fabricPair, hand *containerP
 		if out, err := h.Run(ctx, "nft", "list", "ruleset"); err != nil || strings.TrimSpace(out) != "" {
 			return fmt.Errorf("hand-built host %s: want no rules before adding flannel's: %v %s", h.Name, err, out)
 		}
-		rules := fmt.Sprintf(flannelMasquerade, fmt.Sprintf("10.250.%d.0/24", i+1))
+		rules := fmt.Sprintf(flannelMasquerade, netip.PrefixFrom(hand.ctrs[i].Addr, 24).Masked())
 		cmd := h.Command(ctx, "iptables-restore", "--noflush")
 		cmd.Stdin = strings.NewReader(rules)
 		if out, err := cmd.CombinedOutput(); err != nil {
@@ -105,9 +105,15 @@ func againstFlannelRecipe(ctx context.Context, fab *fabricPair, hand *containerP
 	fmt.Printf("\n## Throughput against the hand-built pair with flannel's masquerade rules (conntrack and NAT on both sides), one stream\n\n")
 	fmt.Printf("| streams | fabricd Gbit/s | hand-built + flannel's NAT Gbit/s | fabricd / hand-built + flannel's NAT |\n|---|---|---|---|\n")
 	fmt.Printf("| 1 | %s | %s | %s |\n", gbits(summarize(f)), gbits(summarize(h)), ratioStats(f, h))
-	for _, h := range hand.hosts {
-		if out, err := h.Run(ctx, "nft", "flush", "ruleset"); err != nil {
-			return fmt.Errorf("removing flannel's rules on %s: %w: %s", h.Name, err, out)
+	return runOnHosts(ctx, hand.hosts, "nft", "flush", "ruleset")
+}
+
+// runOnHosts runs one command on each of hosts, stopping at the first that
+// fails.
+func runOnHosts(ctx context.Context, hosts []*lab.Host, args ...string) error {
+	for _, h := range hosts {
+		if out, err := h.Run(ctx, args[0], args[1:]...); err != nil {
+			return fmt.Errorf("%s on %s: %w: %s", strings.Join(args, " "), h.Name, err, out)
 		}
 	}
 	return nil
@@ -204,14 +210,7 @@ type breakdownStage struct {
 // method.
 func throughputBreakdown(ctx context.Context, fab *fabricPair, hand *containerPair) error {
 	onHosts := func(args ...string) func(context.Context, *fabricPair) error {
-		return func(ctx context.Context, fab *fabricPair) error {
-			for _, h := range fab.hosts {
-				if out, err := h.Run(ctx, args[0], args[1:]...); err != nil {
-					return fmt.Errorf("%s on %s: %w: %s", strings.Join(args, " "), h.Name, err, out)
-				}
-			}
-			return nil
-		}
+		return func(ctx context.Context, fab *fabricPair) error { return runOnHosts(ctx, fab.hosts, args...) }
 	}
 	stages := []breakdownStage{
 		{"fabricd running", nil},
