@@ -71,14 +71,19 @@ func removeStaleSocket(path string) error {
 	return nil
 }
 
-// publish waits for GoBGP's gRPC server to create the socket, then moves it
-// into place with mode 0600.
+// publish waits for GoBGP's gRPC server to listen on the socket, then moves
+// it into place with mode 0600. The file appears at bind(), before listen():
+// a client that found it then was refused (seen in CI), so publish waits
+// for a connection to succeed.
 func (a *apiSocket) publish(ctx context.Context) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		info, err := os.Lstat(a.tempPath)
 		if err == nil && info.Mode().Type() == fs.ModeSocket {
-			break
+			if conn, err := net.Dial("unix", a.tempPath); err == nil {
+				conn.Close()
+				break
+			}
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("bgp: gRPC API did not come up on %s (see gobgp logs)", a.path)

@@ -12,8 +12,8 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/fabricnet/fabric/ipip"
+	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/vxlanfallback"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -54,9 +54,9 @@ type testOpts struct {
 }
 
 // manager builds the vxlan backend and a Manager for host h, as fabricd would.
-func (l *lab) manager(h *labHost, o testOpts) *Manager {
+func (l *nsLab) manager(h *labHost, o testOpts) *Manager {
 	l.t.Helper()
-	logger := nstest.Logger(l.t)
+	logger := lab.Logger(l.t)
 	if o.logs != nil {
 		logger = slog.New(slog.NewTextHandler(o.logs, nil))
 	}
@@ -187,7 +187,7 @@ func TestVXLANMeshPingAndTCP(t *testing.T) {
 			if a == b {
 				continue
 			}
-			if err := nstest.Ping(a.ctr, b.ctrAddr, 56, false); err != nil {
+			if err := lab.Ping(a.ctr, b.ctrAddr, 56, false); err != nil {
 				t.Errorf("ping %s -> %s: %v", a.ctr, b.ctrAddr, err)
 			}
 			if err := tcpExchange(a.ctr, b.ctr, b.ctrAddr); err != nil {
@@ -199,14 +199,14 @@ func TestVXLANMeshPingAndTCP(t *testing.T) {
 	// MTU: the largest unfragmented ping fits the tunnel; one byte more fails
 	// at the sender with EMSGSIZE instead of vanishing on the way.
 	a, b := l.hosts[0], l.hosts[1]
-	if err := nstest.Ping(a.ctr, b.ctrAddr, 1450-28, true); err != nil {
+	if err := lab.Ping(a.ctr, b.ctrAddr, 1450-28, true); err != nil {
 		t.Errorf("DF ping with 1422 bytes: %v", err)
 	}
-	if err := nstest.Ping(a.ctr, b.ctrAddr, 1450-28+1, true); !errors.Is(err, unix.EMSGSIZE) {
+	if err := lab.Ping(a.ctr, b.ctrAddr, 1450-28+1, true); !errors.Is(err, unix.EMSGSIZE) {
 		t.Errorf("DF ping with 1423 bytes: got %v, want message too long", err)
 	}
 	// Host-originated traffic to a remote container takes the tunnel address as source.
-	if err := nstest.Ping(a.ns, b.ctrAddr, 56, false); err != nil {
+	if err := lab.Ping(a.ns, b.ctrAddr, 56, false); err != nil {
 		t.Errorf("ping from host %s to remote container: %v", a.ns, err)
 	}
 }
@@ -215,10 +215,10 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 	l := newLab(t, 2)
 	h1 := l.hosts[0]
 	// Leftovers of an earlier run (ours) and routes of others, planted before the first Apply.
-	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.9.0/24", "via", "192.168.100.12", "proto", "93")
-	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
-	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.7.0/24", "via", "192.168.100.12", "proto", "12")
-	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/16", "via", "192.168.100.12", "proto", "static")
+	lab.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.9.0/24", "via", "192.168.100.12", "proto", "93")
+	lab.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
+	lab.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.7.0/24", "via", "192.168.100.12", "proto", "12")
+	lab.Run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/16", "via", "192.168.100.12", "proto", "static")
 	m := l.manager(h1, testOpts{mode: modeVXLAN})
 
 	routes := l.routesFor(h1)
@@ -229,7 +229,7 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 		t.Errorf("apply: got %v, want an error naming 10.251.0.0/16", err)
 	}
 
-	out := nstest.Run(t, "ip", "-n", h1.ns, "route", "show")
+	out := lab.Run(t, "ip", "-n", h1.ns, "route", "show")
 	if strings.Contains(out, "10.244.9.0/24") {
 		t.Errorf("stale proto 93 route survived:\n%s", out)
 	}
@@ -247,7 +247,7 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 	}
 	// The one failed route did not stop the good one from working.
 	l.manager(l.hosts[1], testOpts{mode: modeVXLAN}).Apply(context.Background(), l.routesFor(l.hosts[1]))
-	if err := nstest.Ping(h1.ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
+	if err := lab.Ping(h1.ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 }
@@ -266,12 +266,12 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 		}
 	}
 	h1, h2, h3 := l.hosts[0], l.hosts[1], l.hosts[2]
-	if err := nstest.Ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
+	if err := lab.Ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
 		t.Fatal(err)
 	}
 	state := func() (neigh, fdb string) {
-		neigh = nstest.Run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice)
-		fdb = nstest.Run(t, "bridge", "-n", h1.ns, "fdb", "show", "dev", vxlanfallback.DefaultDevice)
+		neigh = lab.Run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice)
+		fdb = lab.Run(t, "bridge", "-n", h1.ns, "fdb", "show", "dev", vxlanfallback.DefaultDevice)
 		return
 	}
 	mac3 := vxlanfallback.MACFor(h3.addr).String()
@@ -301,15 +301,15 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 	if _, ok := h1Manager.Choices()[h3.ns]; ok {
 		t.Error("Encapsulations still lists departed peer")
 	}
-	if err := nstest.Ping(h1.ctr, h3.ctrAddr, 56, false); err == nil {
+	if err := lab.Ping(h1.ctr, h3.ctrAddr, 56, false); err == nil {
 		t.Error("departed peer's containers still reachable")
 	}
-	if err := nstest.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+	if err := lab.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
 		t.Errorf("remaining peer h2 unreachable after h3 left: %v", err)
 	}
 
 	// fabricd --cleanup
-	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
+	lab.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
 	if err := Cleanup(h1.handle, DefaultProtocol, vxlanfallback.DefaultDevice); err != nil {
 		t.Fatal(err)
 	}
@@ -319,7 +319,7 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 	if _, err := h1.handle.LinkByName(vxlanfallback.DefaultDevice); err == nil {
 		t.Error("vxlan device still exists after Cleanup")
 	}
-	if !strings.Contains(nstest.Run(t, "ip", "-n", h1.ns, "route", "show"), "10.244.8.0/24 via 192.168.100.12") {
+	if !strings.Contains(lab.Run(t, "ip", "-n", h1.ns, "route", "show"), "10.244.8.0/24 via 192.168.100.12") {
 		t.Error("Cleanup removed a static route")
 	}
 }
@@ -348,7 +348,7 @@ func TestCrossSubnetDirectRoute(t *testing.T) {
 			t.Errorf("Owned() = %+v", owned)
 		}
 	}
-	if err := nstest.Ping(l.hosts[0].ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
+	if err := lab.Ping(l.hosts[0].ctr, l.hosts[1].ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 	if err := tcpExchange(l.hosts[1].ctr, l.hosts[0].ctr, l.hosts[0].ctrAddr); err != nil {
@@ -360,7 +360,7 @@ func TestTopOfRackRouteIsPlain(t *testing.T) {
 	l := newLab(t, 2)
 	h1, router := l.hosts[0], l.hosts[1]
 	// h2 plays a top-of-rack router that owns 10.250.0.0/16.
-	nstest.Run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
+	lab.Run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
 	m := l.manager(h1, testOpts{mode: modeVXLAN})
 	tor := netip.MustParsePrefix("10.250.0.0/16")
 	if err := m.Apply(context.Background(), []RemoteRoute{{Prefix: tor, NextHop: router.addr, PeerName: "tor"}}); err != nil {
@@ -376,7 +376,7 @@ func TestTopOfRackRouteIsPlain(t *testing.T) {
 	if owned, _ := m.Owned(); len(owned) != 1 || owned[0].Encap != EncapNone {
 		t.Errorf("Owned() = %+v", owned)
 	}
-	if err := nstest.Ping(h1.ns, netip.MustParseAddr("10.250.0.1"), 56, false); err != nil {
+	if err := lab.Ping(h1.ns, netip.MustParseAddr("10.250.0.1"), 56, false); err != nil {
 		t.Error(err)
 	}
 }
@@ -424,7 +424,7 @@ func TestAutoModeFollowsTheKernel(t *testing.T) {
 	if n := strings.Count(text, `msg="peer encapsulation"`); n != 1 || !strings.Contains(text, fmt.Sprintf(`encap=%s reason="%s"`, want, why)) {
 		t.Errorf("want one log line naming %s and why, got %d in:\n%s", want, n, text)
 	}
-	if err := nstest.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+	if err := lab.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 	t.Logf("kernel has ipip: %v; auto mode chose %s", supported, want)
@@ -456,10 +456,10 @@ func TestRestartWithChangedConfig(t *testing.T) {
 	if len(owned) != 1 || linkName(t, h1.handle, after.LinkIndex) != h1.underlayDev || !after.Gw.Equal(h2.addr.AsSlice()) {
 		t.Fatalf("after restart: %v, want one direct route via %s", owned, h2.addr)
 	}
-	if out := nstest.Run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice); strings.Contains(out, "10.244.2.0") {
+	if out := lab.Run(t, "ip", "-n", h1.ns, "neigh", "show", "dev", vxlanfallback.DefaultDevice); strings.Contains(out, "10.244.2.0") {
 		t.Errorf("vxlan neighbour entry of a peer now reached directly:\n%s", out)
 	}
-	if err := nstest.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
+	if err := lab.Ping(h1.ctr, h2.ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 }
@@ -488,7 +488,7 @@ func TestBadPeerDoesNotStopOthers(t *testing.T) {
 	if _, ok := owned[h3.subnet]; !ok {
 		t.Fatal("route to the good peer missing")
 	}
-	if err := nstest.Ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
+	if err := lab.Ping(h1.ctr, h3.ctrAddr, 56, false); err != nil {
 		t.Error(err)
 	}
 }
@@ -501,9 +501,9 @@ func TestMultihopNextHopResolved(t *testing.T) {
 	h1, router := l.hosts[0], l.hosts[1]
 	// The multihop peer's address and the prefix it announces live behind
 	// h2; h1 reaches the peer through a static route.
-	nstest.Run(t, "ip", "-n", router.ns, "addr", "add", "10.251.0.1/32", "dev", "lo")
-	nstest.Run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
-	nstest.Run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/24", "via", router.addr.String())
+	lab.Run(t, "ip", "-n", router.ns, "addr", "add", "10.251.0.1/32", "dev", "lo")
+	lab.Run(t, "ip", "-n", router.ns, "addr", "add", "10.250.0.1/32", "dev", "lo")
+	lab.Run(t, "ip", "-n", h1.ns, "route", "add", "10.251.0.0/24", "via", router.addr.String())
 	m := l.manager(h1, testOpts{mode: modeVXLAN})
 	far := netip.MustParsePrefix("10.250.0.0/16")
 	routes := []RemoteRoute{{Prefix: far, NextHop: netip.MustParseAddr("10.251.0.1"), PeerName: "multihop"}}
@@ -514,7 +514,7 @@ func TestMultihopNextHopResolved(t *testing.T) {
 	if !ok || !r.Gw.Equal(router.addr.AsSlice()) {
 		t.Fatalf("multihop route = %+v, want %s via the resolved gateway %s", r, far, router.addr)
 	}
-	if err := nstest.Ping(h1.ns, netip.MustParseAddr("10.250.0.1"), 56, false); err != nil {
+	if err := lab.Ping(h1.ns, netip.MustParseAddr("10.250.0.1"), 56, false); err != nil {
 		t.Error(err)
 	}
 	// Applying again changes nothing (the resolved route is the desired one).

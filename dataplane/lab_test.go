@@ -9,16 +9,16 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/vxlanfallback"
 	"github.com/vishvananda/netlink"
 )
 
-// lab is a set of host namespaces on one shared L2 underlay (a bridge in its
+// nsLab is a set of host namespaces on one shared L2 underlay (a bridge in its
 // own namespace), each host with a bridge and one container namespace:
 //
 //	container cN (10.244.N.2) -- bridge (10.244.N.1/24) host hN (192.168.100.1N/24) -- underlay bridge
-type lab struct {
+type nsLab struct {
 	t       *testing.T
 	prefix  string
 	underNS string
@@ -37,18 +37,18 @@ type labHost struct {
 	handle      *netlink.Handle
 }
 
-func newLab(t *testing.T, hosts int) *lab {
+func newLab(t *testing.T, hosts int) *nsLab {
 	t.Helper()
-	nstest.RequireRoot(t)
-	l := &lab{t: t, prefix: nstest.Prefix("dp")}
-	l.underNS = nstest.AddNS(t, l.prefix+"u")
+	lab.RequireRoot(t)
+	l := &nsLab{t: t, prefix: lab.Prefix("dp")}
+	l.underNS = lab.AddNS(t, l.prefix+"u")
 	br := l.prefix + "br"
-	nstest.Bridge(t, l.underNS, br)
+	lab.Bridge(t, l.underNS, br)
 	for n := 1; n <= hosts; n++ {
 		h := &labHost{
 			n:           n,
-			ns:          nstest.AddNS(t, fmt.Sprintf("%sh%d", l.prefix, n)),
-			ctr:         nstest.AddNS(t, fmt.Sprintf("%sc%d", l.prefix, n)),
+			ns:          lab.AddNS(t, fmt.Sprintf("%sh%d", l.prefix, n)),
+			ctr:         lab.AddNS(t, fmt.Sprintf("%sc%d", l.prefix, n)),
 			underlayDev: fmt.Sprintf("%se%d", l.prefix, n),
 			bridge:      fmt.Sprintf("%sb%d", l.prefix, n),
 			addr:        netip.MustParseAddr(fmt.Sprintf("192.168.100.%d", 10+n)),
@@ -56,29 +56,29 @@ func newLab(t *testing.T, hosts int) *lab {
 			ctrAddr:     netip.MustParseAddr(fmt.Sprintf("10.244.%d.2", n)),
 		}
 		uport := fmt.Sprintf("%su%d", l.prefix, n)
-		nstest.Veth(t, h.ns, h.underlayDev, l.underNS, uport)
-		nstest.AddToBridge(t, l.underNS, br, uport)
-		nstest.Addr(t, h.ns, h.underlayDev, h.addr.String()+"/24")
-		nstest.Bridge(t, h.ns, h.bridge)
-		nstest.Addr(t, h.ns, h.bridge, fmt.Sprintf("10.244.%d.1/24", n))
+		lab.Veth(t, h.ns, h.underlayDev, l.underNS, uport)
+		lab.AddToBridge(t, l.underNS, br, uport)
+		lab.Addr(t, h.ns, h.underlayDev, h.addr.String()+"/24")
+		lab.Bridge(t, h.ns, h.bridge)
+		lab.Addr(t, h.ns, h.bridge, fmt.Sprintf("10.244.%d.1/24", n))
 		cdev, hport := fmt.Sprintf("%sv%d", l.prefix, n), fmt.Sprintf("%sp%d", l.prefix, n)
-		nstest.Veth(t, h.ctr, cdev, h.ns, hport)
-		nstest.AddToBridge(t, h.ns, h.bridge, hport)
-		nstest.Addr(t, h.ctr, cdev, h.ctrAddr.String()+"/24")
-		nstest.Run(t, "ip", "-n", h.ctr, "route", "add", "default", "via", fmt.Sprintf("10.244.%d.1", n))
-		nstest.Exec(t, h.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-		h.handle = nstest.Handle(t, h.ns)
+		lab.Veth(t, h.ctr, cdev, h.ns, hport)
+		lab.AddToBridge(t, h.ns, h.bridge, hport)
+		lab.Addr(t, h.ctr, cdev, h.ctrAddr.String()+"/24")
+		lab.Run(t, "ip", "-n", h.ctr, "route", "add", "default", "via", fmt.Sprintf("10.244.%d.1", n))
+		lab.Exec(t, h.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+		h.handle = lab.Handle(t, h.ns)
 		l.hosts = append(l.hosts, h)
 	}
 	return l
 }
 
 // setMTU sets the container-side MTU the way the agent would (bridge and veths).
-func (l *lab) setContainerMTU(h *labHost, mtu int) {
+func (l *nsLab) setContainerMTU(h *labHost, mtu int) {
 	m := fmt.Sprint(mtu)
-	nstest.Run(l.t, "ip", "-n", h.ns, "link", "set", h.bridge, "mtu", m)
-	nstest.Run(l.t, "ip", "-n", h.ns, "link", "set", fmt.Sprintf("%sp%d", l.prefix, h.n), "mtu", m)
-	nstest.Run(l.t, "ip", "-n", h.ctr, "link", "set", fmt.Sprintf("%sv%d", l.prefix, h.n), "mtu", m)
+	lab.Run(l.t, "ip", "-n", h.ns, "link", "set", h.bridge, "mtu", m)
+	lab.Run(l.t, "ip", "-n", h.ns, "link", "set", fmt.Sprintf("%sp%d", l.prefix, h.n), "mtu", m)
+	lab.Run(l.t, "ip", "-n", h.ctr, "link", "set", fmt.Sprintf("%sv%d", l.prefix, h.n), "mtu", m)
 }
 
 func (h *labHost) peerInfo(encaps ...string) *PeerInfo {
@@ -92,7 +92,7 @@ func (h *labHost) peerInfo(encaps ...string) *PeerInfo {
 }
 
 // routesFor returns what BGP would give host self: every other host's subnet.
-func (l *lab) routesFor(self *labHost, skip ...*labHost) []RemoteRoute {
+func (l *nsLab) routesFor(self *labHost, skip ...*labHost) []RemoteRoute {
 	var out []RemoteRoute
 next:
 	for _, h := range l.hosts {
@@ -112,12 +112,12 @@ next:
 // tcpExchange opens a TCP connection from namespace fromNS to a server in
 // toNS at addr and checks a message makes the round trip.
 func tcpExchange(fromNS, toNS string, addr netip.Addr) error {
-	ln, err := nstest.ServeTCP(toNS, netip.AddrPortFrom(addr, 0).String())
+	ln, err := lab.ServeTCP(toNS, netip.AddrPortFrom(addr, 0).String())
 	if err != nil {
 		return fmt.Errorf("listen in %s: %w", toNS, err)
 	}
 	defer ln.Close()
-	conn, _, err := nstest.DialTCP(fromNS, "", ln.Addr().String(), 3*time.Second)
+	conn, _, err := lab.DialTCP(fromNS, "", ln.Addr().String(), 3*time.Second)
 	if err != nil {
 		return fmt.Errorf("connect from %s to %s: %w", fromNS, ln.Addr(), err)
 	}

@@ -21,6 +21,7 @@ import (
 // next hop, and the aggregate and default route BIRD originates are installed
 // on the hosts.
 func TestBIRDTopOfRack(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 3})
 	ctx := context.Background()
 	tor, sock := startBIRD(t, f, func(addr string) string {
@@ -107,6 +108,7 @@ func TestBIRDTopOfRack(t *testing.T) {
 // acting as an iBGP route reflector, and still learns every other host's
 // subnet with the originating host as next hop.
 func TestBIRDRouteReflector(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 3})
 	rr, _ := startBIRD(t, f, func(addr string) string {
 		return "template bgp rrc { local " + addr + " as 64512; rr client; rr cluster id 1.1.1.1; hold time 9; keepalive time 3; connect retry time 2; ipv4 { import all; export all; }; }\n"
@@ -195,6 +197,7 @@ func peersFile(t *testing.T, f *fabric, content string) string {
 // BIRD keeps host1's subnet and host1 keeps BIRD's default route and
 // aggregate: polled every 100 ms on BIRD, `ip monitor route` on host1.
 func TestBIRDGracefulRestartHelper(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2}, "--graceful-restart-time", "30s")
 	ctx := context.Background()
 	tor, sock := startBIRD(t, f, func(addr string) string {
@@ -275,6 +278,7 @@ func TestBIRDGracefulRestartHelper(t *testing.T) {
 // TestBIRDImportPrefixes: a top-of-rack router limited to importPrefixes
 // gets only those routes installed; the rest are refused with a warning.
 func TestBIRDImportPrefixes(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 1})
 	tor, _ := startBIRD(t, f, func(addr string) string {
 		return "protocol static { ipv4; route 10.250.0.0/16 blackhole; route 0.0.0.0/0 blackhole; route 172.16.0.0/12 blackhole; }\n" +
@@ -307,6 +311,7 @@ func TestBIRDImportPrefixes(t *testing.T) {
 // host1 (a pool prefix only from the host that holds it, with that host as
 // next hop), and host1 still reaches host2's container through the tunnel.
 func TestRogueSpeakerCannotTakeASubnet(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	rogue, err := f.lab.AddOutside(context.Background())
 	if err != nil {

@@ -19,6 +19,7 @@ import (
 // unencapsulated and peers behind the router over VXLAN; containers reach
 // each other on every pair, and the choice shows in `fabricctl peers status`.
 func TestCrossSubnetDirectAndVXLAN(t *testing.T) {
+	t.Parallel()
 	// Hosts go round-robin: host1, host3 on subnet 0; host2 on subnet 1.
 	f := newFabric(t, lab.Spec{Hosts: 3, Subnets: 2}, "--cross-subnet", "--vxlan-port", "8472")
 	hosts := f.lab.Hosts()
@@ -32,20 +33,25 @@ func TestCrossSubnetDirectAndVXLAN(t *testing.T) {
 	for _, h := range hosts {
 		byName[h.Name] = h
 	}
-	ps, err := f.peers(byName["host1"])
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Auto mode starts a routed peer on VXLAN until the probe has seen IP
+	// protocol 4 pass: wait for the choice before judging it.
 	routed := f.autoEncap(byName["host1"])
-	for _, p := range ps {
-		want := routed
-		if byName[p.Name].SubnetIndex == byName["host1"].SubnetIndex {
-			want = "direct"
+	f.eventually(20*time.Second, "host1's encapsulation for each peer", func() error {
+		ps, err := f.peers(byName["host1"])
+		if err != nil {
+			return err
 		}
-		if p.Encap != want {
-			t.Errorf("host1 -> %s: encapsulation %q, want %q (%s)", p.Name, p.Encap, want, p.EncapReason)
+		for _, p := range ps {
+			want := routed
+			if byName[p.Name].SubnetIndex == byName["host1"].SubnetIndex {
+				want = "direct"
+			}
+			if p.Encap != want {
+				return fmt.Errorf("host1 -> %s: encapsulation %q, want %q (%s)", p.Name, p.Encap, want, p.EncapReason)
+			}
 		}
-	}
+		return nil
+	})
 	out, _ := f.fabricctl(byName["host1"], "peers", "status")
 	t.Logf("peers status on host1:\n%s", out)
 	r := f.ownedRoutes(byName["host1"])[f.subnet(byName["host3"]).String()]
@@ -59,6 +65,7 @@ func TestCrossSubnetDirectAndVXLAN(t *testing.T) {
 // bytes; the largest packet that fits crosses hosts with DF set, and one byte
 // more is refused at the sender instead of vanishing.
 func TestMTUNoBlackHole(t *testing.T) {
+	t.Parallel()
 	// Mode vxlan explicitly: the other tests run auto, which falls back to
 	// VXLAN on this kernel; both modes must carry traffic.
 	f := newFabric(t, lab.Spec{Hosts: 2, MTU: 1500}, "--encapsulation", "vxlan")
@@ -96,6 +103,7 @@ func TestMTUNoBlackHole(t *testing.T) {
 // with the tunnel's MTU, and the senders then get through at that size. The
 // route to host2 must really be the tunnel device.
 func TestPathMTUDiscovery(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2, MTU: 1500})
 	hosts := f.startMesh()
 	h1, h2 := hosts[0], hosts[1]
@@ -109,10 +117,15 @@ func TestPathMTUDiscovery(t *testing.T) {
 	// 1450 too, not its own 1500 - 20, or senders would learn 1480 and then
 	// be refused again by the far bridge.
 	want := 1500 - 50
-	route := f.ownedRoutes(h1)[f.subnet(h2).String()]
-	if !strings.Contains(route, "dev "+tunnel) {
-		t.Fatalf("host1's route to host2 is %q, want it on %s", route, tunnel)
-	}
+	// In auto mode a peer starts on VXLAN until the probe has seen IP
+	// protocol 4 pass: wait for the route to reach the tunnel under test.
+	s2 := f.subnet(h2).String()
+	f.eventually(20*time.Second, "host1's route to host2 on "+tunnel, func() error {
+		if route := f.ownedRoutes(h1)[s2]; !strings.Contains(route, "dev "+tunnel) {
+			return fmt.Errorf("route is %q", route)
+		}
+		return nil
+	})
 	if out, err := h1.Run(context.Background(), "ip", "link", "show", "dev", tunnel); err != nil || !strings.Contains(out, fmt.Sprintf(" mtu %d ", want)) {
 		t.Fatalf("%s on host1: want mtu %d: %v\n%s", tunnel, want, err, out)
 	}
@@ -171,6 +184,7 @@ func TestPathMTUDiscovery(t *testing.T) {
 // the receiving server saw). The qemu guest lane runs it on a kernel with
 // IPIP too.
 func TestMasqueradeLeavingThePool(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.startMesh()
 	ctrs := f.containersTalk(hosts) // between containers: own addresses

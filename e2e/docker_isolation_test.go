@@ -18,6 +18,7 @@ import (
 // containers' traffic, exactly as on a host without fabric; containers of
 // the fabric still reach each other across hosts.
 func TestDockerIsolationKept(t *testing.T) {
+	t.Parallel()
 	if reason := lab.DockerMissing(); reason != "" {
 		testreq.Missing(t, "%s", reason)
 	}

@@ -88,6 +88,7 @@ func outsideDial(o *lab.Host, addr string) (string, error) {
 // published port answers on every host and goes away everywhere; a flushed
 // NAT chain is repaired; --cleanup leaves nothing of fabric behind.
 func TestDockerFabric(t *testing.T) {
+	t.Parallel()
 	if reason := lab.DockerMissing(); reason != "" {
 		testreq.Missing(t, "%s", reason)
 	}

@@ -16,6 +16,7 @@ import (
 // TestThreeMemberEtcdOneDown: with one of three etcd members stopped, agents
 // still start, lease distinct subnets and route to each other.
 func TestThreeMemberEtcdOneDown(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2, EtcdMembers: 3})
 	if err := f.lab.StopEtcdMember(0); err != nil {
 		t.Fatal(err)
@@ -40,6 +41,7 @@ func TestThreeMemberEtcdOneDown(t *testing.T) {
 // TestEtcdAwayKeepsDataPlane: when etcd goes away entirely, agents keep their
 // routes and containers keep talking; when it returns, a new host is seen.
 func TestEtcdAwayKeepsDataPlane(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2}, "--resync", "1s")
 	hosts := f.lab.Hosts()
 	for _, h := range hosts {
@@ -95,6 +97,7 @@ func TestEtcdAwayKeepsDataPlane(t *testing.T) {
 // liveness lease expired while it was cut off from etcd, say) while its BGP
 // session and data plane work: the other hosts keep routing to it.
 func TestNodeRecordGoneSessionUp(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.lab.Hosts()
 	for _, h := range hosts {
@@ -131,6 +134,7 @@ func TestNodeRecordGoneSessionUp(t *testing.T) {
 // "from anywhere") is refused by every host: no peer, no tunnel entry, and a
 // policy rule naming that node matches nothing.
 func TestNodeRecordWithoutLeaseIgnored(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.startMesh()
 	h1 := hosts[0]
@@ -178,6 +182,7 @@ func TestNodeRecordWithoutLeaseIgnored(t *testing.T) {
 // (nothing a malformed deny rule might have closed is open), and the stored
 // policy once the value is fixed.
 func TestMalformedPolicyAtBootFailsClosed(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	cli, err := f.lab.EtcdClient()
 	if err != nil {

@@ -65,6 +65,7 @@ func (f *fabric) allEstablished(h *lab.Host, n int) error {
 // hold time, a stopped host's route goes at once, and a restarted agent keeps
 // its lease and its routes.
 func TestMeshLifecycle(t *testing.T) {
+	t.Parallel()
 	// A short graceful-restart time, so a host that stays down is seen to go.
 	const restartTime = 5 * time.Second
 	f := newFabric(t, lab.Spec{Hosts: 3}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--vxlan-port", "8472",
@@ -101,6 +102,19 @@ func TestMeshLifecycle(t *testing.T) {
 		f.eventually(20*time.Second, h.Name+" sessions established", func() error { return f.allEstablished(h, 2) })
 		f.eventually(10*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
 	}
+	// Auto mode moves a peer to IPIP once the probe has seen it pass.
+	f.eventually(20*time.Second, "host1's peers on "+encap, func() error {
+		ps, err := f.peers(hosts[0])
+		if err != nil {
+			return err
+		}
+		for _, p := range ps {
+			if p.Encap != encap {
+				return fmt.Errorf("peer %s on %q (%s)", p.Name, p.Encap, p.EncapReason)
+			}
+		}
+		return nil
+	})
 	out, _ = f.fabricctl(hosts[0], "peers", "status")
 	t.Logf("fabricctl peers status on host1:\n%s", out)
 	for _, h := range hosts[1:] {
@@ -236,6 +250,7 @@ func (f *fabric) subnetOrZero(h *lab.Host) netip.Prefix {
 // TestStaleRoutesSweptOthersKept plants a route with fabricd's protocol and
 // one of another protocol before the agent starts.
 func TestStaleRoutesSweptOthersKept(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 1})
 	h := f.lab.Hosts()[0]
 	ctx := context.Background()
@@ -266,6 +281,7 @@ func TestStaleRoutesSweptOthersKept(t *testing.T) {
 // TestCleanupLeavesNothing: --cleanup removes every route, link and file
 // fabricd created.
 func TestCleanupLeavesNothing(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.lab.Hosts()
 	for _, h := range hosts {
@@ -345,6 +361,7 @@ func TestCleanupLeavesNothing(t *testing.T) {
 // TestBadConfigClearError: a malformed setting stops fabricd at once with an
 // error naming it.
 func TestBadConfigClearError(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 1})
 	h := f.lab.Hosts()[0]
 	runDir := f.lab.LogDir() + "/bad-run"
@@ -387,6 +404,7 @@ func TestBadConfigClearError(t *testing.T) {
 // TestFabricctlWithoutAgent: fabricctl says clearly that fabricd is not
 // running, and exits non-zero, instead of printing an empty table.
 func TestFabricctlWithoutAgent(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 1})
 	h := f.lab.Hosts()[0]
 	for _, args := range [][]string{{"peers", "status"}, {"routes"}, {"status"}} {
@@ -401,6 +419,7 @@ func TestFabricctlWithoutAgent(t *testing.T) {
 // once (its node record has not even expired) gets its subnet back, and the
 // other host learns its route again.
 func TestKilledAgentComesBack(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s")
 	hosts := f.lab.Hosts()
 	for _, h := range hosts {
@@ -434,6 +453,7 @@ func TestKilledAgentComesBack(t *testing.T) {
 // says READY=1 only once the docker options file exists (dockerd, ordered
 // after it, reads that file), and STOPPING=1 when it stops.
 func TestSystemdNotify(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 1})
 	h := f.lab.Hosts()[0]
 	sock := filepath.Join(t.TempDir(), "notify.sock")
@@ -475,6 +495,7 @@ func TestSystemdNotify(t *testing.T) {
 // machine id (a cloned VM) would take the same subnet and overwrite each
 // other's node record. Both notice and stop, each naming the other.
 func TestClonedMachinesRefused(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	var procs []*lab.Process
 	for _, h := range f.lab.Hosts() {
@@ -505,6 +526,7 @@ func TestClonedMachinesRefused(t *testing.T) {
 // exits with the reason, instead of two hosts advertising one subnet; the
 // kernel state it made stays until `fabricd --cleanup`.
 func TestSubnetTakenStopsTheAgent(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.startMesh()
 	h1, h2 := hosts[0], hosts[1]

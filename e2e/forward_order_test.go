@@ -23,6 +23,7 @@ import (
 // owner, nat and policy each moved their own jump to the top on their own
 // timers, and for a moment FABRIC-FORWARD's accept ran before FABRIC-POLICY.
 func TestDenyHoldsWhileForwardIsRewritten(t *testing.T) {
+	t.Parallel()
 	if reason := lab.DockerMissing(); reason != "" {
 		testreq.Missing(t, "%s", reason)
 	}

@@ -16,6 +16,7 @@ import (
 // address of host2, as if host2 had sent them. Not one may reach host1's
 // container; host2's real traffic still does.
 func TestForgedTunnelPacketsDropped(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})
 	hosts := f.startMesh()
 	h1, h2 := hosts[0], hosts[1]

@@ -47,6 +47,7 @@ func metricValue(body, name string, labels ...string) (float64, bool) {
 // session with the other host is up and the one route to it goes over VXLAN
 // (this kernel has no IPIP).
 func TestMetrics(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s")
 	hosts := f.lab.Hosts()
 	for _, h := range hosts {

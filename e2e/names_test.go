@@ -101,6 +101,7 @@ func (dh *dockerHost) resolve(ctr, name string) (netip.Addr, error) {
 // resolving on every host; a dead host's names go with its node TTL; names
 // come back after a dockerd restart.
 func TestContainerNames(t *testing.T) {
+	t.Parallel()
 	if reason := lab.DockerMissing(); reason != "" {
 		testreq.Missing(t, "%s", reason)
 	}

@@ -31,6 +31,7 @@ import (
 // The subtests share one lab (it takes most of the time); each subtest
 // leaves the policy empty with default allow, also when it fails.
 func TestPolicy(t *testing.T) {
+	t.Parallel()
 	e := newPolicyEnv(t)
 	t.Run("DenyPortByNode", e.testDenyPortByNode)
 	t.Run("DefaultDenyWithAllows", e.testDefaultDeny)

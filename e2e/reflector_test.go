@@ -17,6 +17,7 @@ import (
 // other, and one reflector killed (and kept down past its graceful restart)
 // or leaving loses no packet between two clients.
 func TestFabricRouteReflectors(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 4}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--graceful-restart-time", "5s")
 	hosts := f.lab.Hosts()
 	rr1, rr2, c3, c4 := hosts[0], hosts[1], hosts[2], hosts[3]

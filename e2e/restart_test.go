@@ -21,6 +21,7 @@ import (
 // two others; not one packet may be lost, and `ip monitor route` on every
 // host shows no route of the fabric deleted.
 func TestHitlessRestart(t *testing.T) {
+	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 3}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--graceful-restart-time", "30s")
 	hosts := f.startMesh()
 	ctrs := f.containersTalk(hosts)

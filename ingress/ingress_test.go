@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/fabricnet/fabric/iptables"
+	"github.com/fabricnet/fabric/lab"
 )
 
 // limiterLab is a host namespace running a Limiter and a sender namespace
@@ -34,24 +34,24 @@ var (
 )
 
 func newLimiterLab(t *testing.T) *limiterLab {
-	nstest.RequireRoot(t, "iptables", "ipset")
-	p := nstest.Prefix("ing")
-	l := &limiterLab{host: nstest.AddNS(t, p+"h"), sender: nstest.AddNS(t, p+"s")}
-	nstest.Veth(t, l.host, "eth0", l.sender, "eth0")
-	nstest.Addr(t, l.host, "eth0", hostAddr+"/24")
-	nstest.Addr(t, l.sender, "eth0", senderA.String()+"/24")
-	nstest.Addr(t, l.sender, "eth0", senderB.String()+"/24")
+	lab.RequireRoot(t, "iptables", "ipset")
+	p := lab.Prefix("ing")
+	l := &limiterLab{host: lab.AddNS(t, p+"h"), sender: lab.AddNS(t, p+"s")}
+	lab.Veth(t, l.host, "eth0", l.sender, "eth0")
+	lab.Addr(t, l.host, "eth0", hostAddr+"/24")
+	lab.Addr(t, l.sender, "eth0", senderA.String()+"/24")
+	lab.Addr(t, l.sender, "eth0", senderB.String()+"/24")
 	run := func(ctx context.Context, name string, args ...string) *exec.Cmd {
-		return nstest.Command(ctx, l.host, name, args...)
+		return lab.Command(ctx, l.host, name, args...)
 	}
-	tables, err := iptables.New(iptables.Config{Exec: run, NetnsPath: nstest.Path(l.host),
-		Sections: []string{Section}, Logger: nstest.Logger(t)})
+	tables, err := iptables.New(iptables.Config{Exec: run, NetnsPath: lab.Path(l.host),
+		Sections: []string{Section}, Logger: lab.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	l.tables = tables
-	l.lim = New(Config{Tables: tables, Matches: []string{tunnelMatch}, NetnsPath: nstest.Path(l.host), Logger: nstest.Logger(t)})
-	ln, err := nstest.ServeTCP(l.host, tunnelAddr)
+	l.lim = New(Config{Tables: tables, Matches: []string{tunnelMatch}, NetnsPath: lab.Path(l.host), Logger: lab.Logger(t)})
+	ln, err := lab.ServeTCP(l.host, tunnelAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +62,7 @@ func newLimiterLab(t *testing.T) *limiterLab {
 // arrives reports whether a connection from src reaches the host's port.
 func (l *limiterLab) arrives(t *testing.T, src netip.Addr) bool {
 	t.Helper()
-	c, _, err := nstest.DialTCP(l.sender, src.String(), tunnelAddr, 700*time.Millisecond)
+	c, _, err := lab.DialTCP(l.sender, src.String(), tunnelAddr, 700*time.Millisecond)
 	if err != nil {
 		return false
 	}
@@ -112,7 +112,7 @@ func TestOnlyFabricHostsReachTheTunnel(t *testing.T) {
 	}
 
 	// Emptied by hand (or by another tool): the next tick puts it back.
-	nstest.Exec(t, l.host, "ipset", "flush", SetName)
+	lab.Exec(t, l.host, "ipset", "flush", SetName)
 	if l.arrives(t, senderB) {
 		t.Fatal("an empty node set still lets a host through: the test proves nothing")
 	}
@@ -124,10 +124,10 @@ func TestOnlyFabricHostsReachTheTunnel(t *testing.T) {
 	if err := l.tables.Cleanup(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if err := DestroySet(nstest.Path(l.host)); err != nil {
+	if err := DestroySet(lab.Path(l.host)); err != nil {
 		t.Fatal(err)
 	}
-	if out := nstest.Exec(t, l.host, "ipset", "list", "-n"); strings.TrimSpace(out) != "" {
+	if out := lab.Exec(t, l.host, "ipset", "list", "-n"); strings.TrimSpace(out) != "" {
 		t.Errorf("after cleanup ipsets are left: %s", out)
 	}
 }
@@ -136,7 +136,7 @@ func TestOnlyFabricHostsReachTheTunnel(t *testing.T) {
 // fabric did not make, and says which.
 func TestForeignSetOfThatName(t *testing.T) {
 	l := newLimiterLab(t)
-	nstest.Exec(t, l.host, "ipset", "create", SetName, "hash:net")
+	lab.Exec(t, l.host, "ipset", "create", SetName, "hash:net")
 	err := l.lim.Apply(context.Background(), []netip.Addr{senderA})
 	if err == nil || !strings.Contains(err.Error(), SetName) || !strings.Contains(err.Error(), "hash:net") {
 		t.Fatalf("Apply over a hash:net set named %s: got %v, want an error naming the set and its type", SetName, err)

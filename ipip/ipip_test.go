@@ -7,7 +7,7 @@ import (
 	"testing"
 
 	"github.com/fabricnet/fabric/backend"
-	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/lab"
 	"github.com/vishvananda/netlink"
 )
 
@@ -56,9 +56,9 @@ func TestNewValidates(t *testing.T) {
 // Supported agrees with the kernel, whichever it is
 // and leaves no probe device behind.
 func TestSupportedMatchesKernel(t *testing.T) {
-	nstest.RequireRoot(t)
-	name := nstest.AddNS(t, nstest.Prefix("ip"))
-	h := nstest.Handle(t, name)
+	lab.RequireRoot(t)
+	name := lab.AddNS(t, lab.Prefix("ip"))
+	h := lab.Handle(t, name)
 
 	got, err := Supported(h)
 	if err != nil {

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"net/netip"
 	"os"
@@ -543,4 +544,13 @@ func TestNewFailureLeavesNothing(t *testing.T) {
 			t.Errorf("etcd of failed lab still running: pid %s", p.Name())
 		}
 	}
+}
+
+func TestMain(m *testing.M) {
+	flag.Parse()
+	if testing.Short() {
+		fmt.Println("short mode: the lab's tests need root and network namespaces, in make test")
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
 }

@@ -13,6 +13,7 @@ import (
 // neighbour-table thresholds, and the last one to close puts the machine's
 // values back.
 func TestNeighbourTableRaisedAndPutBack(t *testing.T) {
+	testreq.Lab(t, "changing the neighbour table")
 	if os.Geteuid() != 0 {
 		testreq.Missing(t, "needs root to change net.ipv4.neigh.default.gc_thresh*")
 	}

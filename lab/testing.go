@@ -18,6 +18,7 @@ import (
 // Leftovers of earlier crashed runs are swept first.
 func ForTest(t testing.TB, spec Spec) *Lab {
 	t.Helper()
+	testreq.Lab(t, "a lab test")
 	if reason := cannotRun(); reason != "" {
 		testreq.Missing(t, "lab: skipping, %s", reason)
 	}

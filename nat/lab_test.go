@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/fabricnet/fabric/internal/nsthread"
+	"github.com/fabricnet/fabric/lab"
 )
 
 // testLab is two fabric hosts, their containers and an outside machine, each
@@ -39,24 +39,24 @@ const (
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	nstest.RequireRoot(t, "iptables", "iptables-save", "iptables-restore")
+	lab.RequireRoot(t, "iptables", "iptables-save", "iptables-restore")
 }
 
 func newTestLab(t *testing.T) *testLab {
 	t.Helper()
 	needRoot(t)
-	l := &testLab{t: t, prefix: nstest.Prefix("nt")}
+	l := &testLab{t: t, prefix: lab.Prefix("nt")}
 	for _, ns := range []string{"h1", "c1", "c1b", "h2", "c2", "out"} {
-		nstest.AddNS(t, l.ns(ns))
+		lab.AddNS(t, l.ns(ns))
 	}
 	// Routers forward, and bridged frames pass iptables as dockerd sets it.
 	for _, h := range []string{"h1", "h2"} {
 		l.in(h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-		nstest.Bridge(t, l.ns(h), labBridge)
+		lab.Bridge(t, l.ns(h), labBridge)
 	}
 	l.in("h1", "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1")
-	nstest.Addr(t, l.ns("h1"), labBridge, "10.244.1.1/24")
-	nstest.Addr(t, l.ns("h2"), labBridge, "10.244.2.1/24")
+	lab.Addr(t, l.ns("h1"), labBridge, "10.244.1.1/24")
+	lab.Addr(t, l.ns("h2"), labBridge, "10.244.2.1/24")
 	l.container("c1", "h1", "10.244.1.2/24", "10.244.1.1")
 	l.container("c1b", "h1", "10.244.1.3/24", "10.244.1.1")
 	l.container("c2", "h2", "10.244.2.2/24", "10.244.2.1")
@@ -73,35 +73,35 @@ func (l *testLab) ns(short string) string { return l.prefix + "-" + short }
 // container puts namespace c on host's bridge with addr and a default route.
 func (l *testLab) container(c, host, addr, gw string) {
 	port := l.prefix + c // host side of the veth, unique per run
-	nstest.Veth(l.t, l.ns(host), port, l.ns(c), "eth0")
-	nstest.AddToBridge(l.t, l.ns(host), labBridge, port)
-	nstest.Addr(l.t, l.ns(c), "eth0", addr)
+	lab.Veth(l.t, l.ns(host), port, l.ns(c), "eth0")
+	lab.AddToBridge(l.t, l.ns(host), labBridge, port)
+	lab.Addr(l.t, l.ns(c), "eth0", addr)
 	l.in(c, "ip", "route", "add", "default", "via", gw)
 }
 
 // link joins namespaces a and b with a veth pair and gives each end its
 // address.
 func (l *testLab) link(a, devA, addrA, b, devB, addrB string) {
-	nstest.Veth(l.t, l.ns(a), devA, l.ns(b), devB)
-	nstest.Addr(l.t, l.ns(a), devA, addrA)
-	nstest.Addr(l.t, l.ns(b), devB, addrB)
+	lab.Veth(l.t, l.ns(a), devA, l.ns(b), devB)
+	lab.Addr(l.t, l.ns(a), devA, addrA)
+	lab.Addr(l.t, l.ns(b), devB, addrB)
 }
 
 // in runs a command in namespace ns and fails the test if it fails.
 func (l *testLab) in(ns string, name string, args ...string) string {
 	l.t.Helper()
-	return nstest.Exec(l.t, l.ns(ns), append([]string{name}, args...)...)
+	return lab.Exec(l.t, l.ns(ns), append([]string{name}, args...)...)
 }
 
 func (l *testLab) exec(ns string) func(ctx context.Context, name string, args ...string) *exec.Cmd {
 	return func(ctx context.Context, name string, args ...string) *exec.Cmd {
-		return nstest.Command(ctx, l.ns(ns), name, args...)
+		return lab.Command(ctx, l.ns(ns), name, args...)
 	}
 }
 
 func (l *testLab) manager(ns string) *Manager {
 	l.t.Helper()
-	m, err := New(Config{Exec: l.exec(ns), Logger: nstest.Logger(l.t).With("ns", ns)})
+	m, err := New(Config{Exec: l.exec(ns), Logger: lab.Logger(l.t).With("ns", ns)})
 	if err != nil {
 		l.t.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func (l *testLab) save(ns string) string {
 // address it sees.
 func (l *testLab) serveSource(ns, addr string) {
 	l.t.Helper()
-	ln, err := nstest.ServeTCP(l.ns(ns), addr)
+	ln, err := lab.ServeTCP(l.ns(ns), addr)
 	if err != nil {
 		l.t.Fatalf("listening on %s in %s: %v", addr, ns, err)
 	}
@@ -138,7 +138,7 @@ func (l *testLab) serveSource(ns, addr string) {
 // dial connects from ns to addr and returns the source address the server
 // reports.
 func (l *testLab) dial(ns, addr string) (string, error) {
-	conn, seen, err := nstest.DialTCP(l.ns(ns), "", addr, 2*time.Second)
+	conn, seen, err := lab.DialTCP(l.ns(ns), "", addr, 2*time.Second)
 	if errors.Is(err, io.EOF) {
 		return "", nil // connected, but the server hung up without a word
 	}

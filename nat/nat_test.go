@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/fabricnet/fabric/internal/nsthread"
 	"github.com/fabricnet/fabric/iptables"
+	"github.com/fabricnet/fabric/lab"
 
 	"github.com/fabricnet/fabric/internal/testreq"
 	"github.com/fabricnet/fabric/internal/testwait"
@@ -274,14 +274,14 @@ func TestMaintainReadsOnlyWhenRulesChange(t *testing.T) {
 	ctx := testContext(t)
 	l.serveSource("out", outAddr+":9000")
 	tables, err := iptables.New(iptables.Config{Exec: l.exec("h1"), NetnsPath: "/var/run/netns/" + l.ns("h1"),
-		Sections: []string{Section}, Logger: nstest.Logger(t)})
+		Sections: []string{Section}, Logger: lab.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if tables.Backend() != "nf_tables" {
 		testreq.Missing(t, "the nf_tables iptables backend (this test is about its ruleset generation)")
 	}
-	m, err := New(Config{Exec: l.exec("h1"), Tables: tables, Logger: nstest.Logger(t)})
+	m, err := New(Config{Exec: l.exec("h1"), Tables: tables, Logger: lab.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -414,7 +414,7 @@ func TestLegacyBackend(t *testing.T) {
 		}
 		return inH1(ctx, name, args...)
 	}
-	m, err := New(Config{Exec: legacyExec, Logger: nstest.Logger(t)})
+	m, err := New(Config{Exec: legacyExec, Logger: lab.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,6 +17,7 @@ import (
 // fresh root, and checks every file, its mode, the units (systemd-analyze
 // verify) and the binaries.
 func TestDebInstallsEveryFile(t *testing.T) {
+	testreq.Lab(t, "building and installing the .deb")
 	for _, tool := range []string{"dpkg-deb", "dpkg", "go", "git"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			testreq.Missing(t, "%s not found: %v", tool, err)

@@ -15,17 +15,17 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/etcdtest"
-	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/lab"
 
 	"github.com/fabricnet/fabric/internal/testreq"
 )
 
-// lab is one host network namespace with a bridge (10.244.2.1/24) and two
+// nsLab is one host network namespace with a bridge (10.244.2.1/24) and two
 // container namespaces on it, plus a "remote" namespace standing in for a
 // container on another host, routed to the host over a veth. The remote
 // has addresses in two subnets (10.244.1.2 and 10.244.3.2) so a node's
 // lease can move between them.
-type lab struct {
+type nsLab struct {
 	t                    *testing.T
 	host, c1, c2, remote string
 }
@@ -43,43 +43,43 @@ var (
 	nodeBMoved  = netip.MustParsePrefix("10.244.3.0/24")
 )
 
-func newLab(t *testing.T) *lab {
-	nstest.RequireRoot(t, "iptables-restore", "iptables-save", "ipset", "ping")
-	prefix := nstest.Prefix("pt")
-	l := &lab{t: t, host: prefix + "h", c1: prefix + "c1", c2: prefix + "c2", remote: prefix + "r"}
+func newLab(t *testing.T) *nsLab {
+	lab.RequireRoot(t, "iptables-restore", "iptables-save", "ipset", "ping")
+	prefix := lab.Prefix("pt")
+	l := &nsLab{t: t, host: prefix + "h", c1: prefix + "c1", c2: prefix + "c2", remote: prefix + "r"}
 	for _, ns := range []string{l.host, l.c1, l.c2, l.remote} {
-		nstest.AddNS(t, ns)
+		lab.AddNS(t, ns)
 	}
 	h := l.host
-	nstest.Bridge(t, h, "br0")
-	nstest.Addr(t, h, "br0", "10.244.2.1/24")
+	lab.Bridge(t, h, "br0")
+	lab.Addr(t, h, "br0", "10.244.2.1/24")
 	for _, c := range []struct{ ns, port, addr string }{{l.c1, "vc1", c1Addr}, {l.c2, "vc2", c2Addr}} {
-		nstest.Veth(t, h, c.port, c.ns, "eth0")
-		nstest.AddToBridge(t, h, "br0", c.port)
-		nstest.Addr(t, c.ns, "eth0", c.addr+"/24")
-		nstest.Run(t, "ip", "-n", c.ns, "route", "add", "default", "via", "10.244.2.1")
+		lab.Veth(t, h, c.port, c.ns, "eth0")
+		lab.AddToBridge(t, h, "br0", c.port)
+		lab.Addr(t, c.ns, "eth0", c.addr+"/24")
+		lab.Run(t, "ip", "-n", c.ns, "route", "add", "default", "via", "10.244.2.1")
 	}
-	nstest.Veth(t, h, "vremote", l.remote, "eth0")
-	nstest.Addr(t, h, "vremote", "10.244.1.1/24")
-	nstest.Addr(t, h, "vremote", "10.244.3.1/24")
-	nstest.Addr(t, l.remote, "eth0", remoteAddr+"/24")
-	nstest.Addr(t, l.remote, "eth0", remoteAddr2+"/24")
-	nstest.Run(t, "ip", "-n", l.remote, "route", "add", "default", "via", "10.244.1.1")
-	nstest.Exec(t, h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	lab.Veth(t, h, "vremote", l.remote, "eth0")
+	lab.Addr(t, h, "vremote", "10.244.1.1/24")
+	lab.Addr(t, h, "vremote", "10.244.3.1/24")
+	lab.Addr(t, l.remote, "eth0", remoteAddr+"/24")
+	lab.Addr(t, l.remote, "eth0", remoteAddr2+"/24")
+	lab.Run(t, "ip", "-n", l.remote, "route", "add", "default", "via", "10.244.1.1")
+	lab.Exec(t, h, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 	return l
 }
 
 // inHost runs a command in the host namespace.
-func (l *lab) inHost(name string, args ...string) string {
+func (l *nsLab) inHost(name string, args ...string) string {
 	l.t.Helper()
-	return nstest.Exec(l.t, l.host, append([]string{name}, args...)...)
+	return lab.Exec(l.t, l.host, append([]string{name}, args...)...)
 }
 
 // bridgeNetfilterOff turns off iptables for bridged traffic in the host
 // namespace (so the enforcer must turn it on) and reports whether the
 // kernel offers it at all.
-func (l *lab) bridgeNetfilterOff() bool {
-	err := nstest.Command(context.Background(), l.host, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0").Run()
+func (l *nsLab) bridgeNetfilterOff() bool {
+	err := lab.Command(context.Background(), l.host, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0").Run()
 	return err == nil
 }
 
@@ -94,7 +94,7 @@ func (r *execRecorder) exec(ctx context.Context, name string, args ...string) *e
 	r.mu.Lock()
 	r.cmds = append(r.cmds, name+" "+strings.Join(args, " "))
 	r.mu.Unlock()
-	return nstest.Command(ctx, r.ns, name, args...)
+	return lab.Command(ctx, r.ns, name, args...)
 }
 
 func (r *execRecorder) take() []string {
@@ -107,9 +107,9 @@ func (r *execRecorder) take() []string {
 
 // listen starts a TCP server in ns at addr that greets with the source
 // address it sees and then echoes.
-func (l *lab) listen(ns, addr string) {
+func (l *nsLab) listen(ns, addr string) {
 	l.t.Helper()
-	ln, err := nstest.ServeTCP(ns, addr)
+	ln, err := lab.ServeTCP(ns, addr)
 	if err != nil {
 		l.t.Fatalf("listen %s in %s: %v", addr, ns, err)
 	}
@@ -119,11 +119,11 @@ func (l *lab) listen(ns, addr string) {
 // dial connects from ns with source address src and reads the greeting, so
 // a connection counts only once the server itself has answered.
 func dial(ns, src, dst string) (net.Conn, error) {
-	conn, _, err := nstest.DialTCP(ns, src, dst, 2*time.Second)
+	conn, _, err := lab.DialTCP(ns, src, dst, 2*time.Second)
 	return conn, err
 }
 
-func (l *lab) expectTCP(ns, src, dst string, open bool) {
+func (l *nsLab) expectTCP(ns, src, dst string, open bool) {
 	l.t.Helper()
 	start := time.Now()
 	conn, err := dial(ns, src, dst)
@@ -140,9 +140,9 @@ func (l *lab) expectTCP(ns, src, dst string, open bool) {
 	}
 }
 
-func (l *lab) expectPing(ns, src, dst string, open bool) {
+func (l *nsLab) expectPing(ns, src, dst string, open bool) {
 	l.t.Helper()
-	err := nstest.Command(context.Background(), ns, "ping", "-n", "-q", "-c1", "-W1", "-I", src, dst).Run()
+	err := lab.Command(context.Background(), ns, "ping", "-n", "-q", "-c1", "-W1", "-I", src, dst).Run()
 	if open && err != nil {
 		l.t.Errorf("ping %s -> %s: want reply, got %v", src, dst, err)
 	}
@@ -151,7 +151,7 @@ func (l *lab) expectPing(ns, src, dst string, open bool) {
 	}
 }
 
-func (l *lab) apply(e *IptablesEnforcer, rules []Rule, def string, nodes map[string]netip.Prefix) Ruleset {
+func (l *nsLab) apply(e *IptablesEnforcer, rules []Rule, def string, nodes map[string]netip.Prefix) Ruleset {
 	l.t.Helper()
 	rs, err := Compile(rules, def, Directory{Nodes: nodes}, localSubnet)
 	if err != nil {
@@ -180,7 +180,7 @@ func TestIptablesEnforcement(t *testing.T) {
 	l.listen(l.c1, c1Addr+":81")
 	c1web, c1alt := c1Addr+":80", c1Addr+":81"
 	rec := &execRecorder{ns: l.host}
-	e := newEnforcer(t, IptablesConfig{Exec: rec.exec, Bridge: "br0", Logger: nstest.Logger(t)})
+	e := newEnforcer(t, IptablesConfig{Exec: rec.exec, Bridge: "br0", Logger: lab.Logger(t)})
 	t.Cleanup(func() { e.Cleanup(context.Background()) })
 	nodes := map[string]netip.Prefix{"host-a": localSubnet, "host-b": nodeB}
 

@@ -9,28 +9,28 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/fabricnet/fabric/internal/nsthread"
+	"github.com/fabricnet/fabric/lab"
 )
 
 // Helpers for tests on real network namespaces (see internal/nstest). Every
 // namespace is named with a per-test prefix and deleted in t.Cleanup; links
 // live inside namespaces and go with them.
 
-// lab names namespaces "<prefix><role>", e.g. "pb1a2fA".
-type lab struct {
+// nsLab names namespaces "<prefix><role>", e.g. "pb1a2fA".
+type nsLab struct {
 	t      *testing.T
 	prefix string
 }
 
-func newLab(t *testing.T) *lab {
-	nstest.RequireRoot(t)
-	return &lab{t: t, prefix: nstest.Prefix("pb")}
+func newLab(t *testing.T) *nsLab {
+	lab.RequireRoot(t)
+	return &nsLab{t: t, prefix: lab.Prefix("pb")}
 }
 
 // ns creates namespace role with loopback up and returns its name.
-func (l *lab) ns(role string) string {
-	return nstest.AddNS(l.t, l.prefix+role)
+func (l *nsLab) ns(role string) string {
+	return lab.AddNS(l.t, l.prefix+role)
 }
 
 // startIn starts a Prober inside namespace name; it stops in t.Cleanup.
@@ -73,8 +73,8 @@ func waitFor(timeout time.Duration, cond func() bool) (time.Duration, bool) {
 }
 
 // icmpCounter reads one Icmp counter (e.g. "OutDestUnreachs") of namespace ns.
-func (l *lab) icmpCounter(ns, name string) int {
-	lines := strings.Split(nstest.Exec(l.t, ns, "cat", "/proc/net/snmp"), "\n")
+func (l *nsLab) icmpCounter(ns, name string) int {
+	lines := strings.Split(lab.Exec(l.t, ns, "cat", "/proc/net/snmp"), "\n")
 	for i := 0; i+1 < len(lines); i++ {
 		if !strings.HasPrefix(lines[i], "Icmp: ") || !strings.HasPrefix(lines[i+1], "Icmp: ") {
 			continue

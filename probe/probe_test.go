@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fabricnet/fabric/internal/nstest"
 	"github.com/fabricnet/fabric/internal/nsthread"
+	"github.com/fabricnet/fabric/lab"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -47,24 +47,24 @@ var (
 func TestPathVerdicts(t *testing.T) {
 	l := newLab(t)
 	nsS, nsA, nsB, nsR, nsC := l.ns("S"), l.ns("A"), l.ns("B"), l.ns("R"), l.ns("C")
-	nstest.Bridge(t, nsS, "br0")
+	lab.Bridge(t, nsS, "br0")
 	for _, h := range []struct{ ns, port, addr string }{
 		{nsA, "pa", addrA.String() + "/24"},
 		{nsB, "pb", addrB.String() + "/24"},
 		{nsR, "pr", addrR.String() + "/24"},
 	} {
-		nstest.Veth(t, h.ns, "eth0", nsS, h.port)
-		nstest.AddToBridge(t, nsS, "br0", h.port)
-		nstest.Addr(t, h.ns, "eth0", h.addr)
+		lab.Veth(t, h.ns, "eth0", nsS, h.port)
+		lab.AddToBridge(t, nsS, "br0", h.port)
+		lab.Addr(t, h.ns, "eth0", h.addr)
 	}
-	nstest.Veth(t, nsR, "eth1", nsC, "eth0")
-	nstest.Addr(t, nsR, "eth1", "10.99.2.1/24")
-	nstest.Addr(t, nsC, "eth0", addrC.String()+"/24")
-	nstest.Exec(t, nsR, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	lab.Veth(t, nsR, "eth1", nsC, "eth0")
+	lab.Addr(t, nsR, "eth1", "10.99.2.1/24")
+	lab.Addr(t, nsC, "eth0", addrC.String()+"/24")
+	lab.Exec(t, nsR, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 	for _, ns := range []string{nsA, nsB} {
-		nstest.Run(t, "ip", "-n", ns, "route", "add", "default", "via", addrR.String())
+		lab.Run(t, "ip", "-n", ns, "route", "add", "default", "via", addrR.String())
 	}
-	nstest.Run(t, "ip", "-n", nsC, "route", "add", "default", "via", "10.99.2.1")
+	lab.Run(t, "ip", "-n", nsC, "route", "add", "default", "via", "10.99.2.1")
 
 	cfg := func(local netip.Addr, name string) Config {
 		return Config{Local: local, Interval: testInterval, FailAfter: 3, RecoverAfter: 2, Logger: testLogger(t, name)}
@@ -125,7 +125,7 @@ func TestPathVerdicts(t *testing.T) {
 
 	// Drop IP protocol 4 in the router: A↔C flips to blocked, A↔B stays.
 	drain(pa.Changes())
-	nstest.Exec(t, nsR, "iptables", "-A", "FORWARD", "-p", "4", "-j", "DROP")
+	lab.Exec(t, nsR, "iptables", "-A", "FORWARD", "-p", "4", "-j", "DROP")
 	bFlapped := false
 	took, ok := waitFor(time.Duration(3+2)*testInterval, func() bool {
 		bFlapped = bFlapped || !pa.IPIPWorks(addrB)
@@ -154,7 +154,7 @@ func TestPathVerdicts(t *testing.T) {
 
 	// Lift the drop: A↔C recovers after RecoverAfter answers.
 	drain(pa.Changes())
-	nstest.Exec(t, nsR, "iptables", "-D", "FORWARD", "-p", "4", "-j", "DROP")
+	lab.Exec(t, nsR, "iptables", "-D", "FORWARD", "-p", "4", "-j", "DROP")
 	took, ok = waitFor(time.Duration(2+2)*testInterval, func() bool { return pa.IPIPWorks(addrC) })
 	if !ok {
 		t.Fatalf("A→C not back on IPIP %s after the drop was lifted: %s", took, describe(pa, addrC))
@@ -183,9 +183,9 @@ func TestHostileInput(t *testing.T) {
 	l := newLab(t)
 	nsX, nsY := l.ns("X"), l.ns("Y")
 	addrX, addrY := netip.MustParseAddr("10.99.3.1"), netip.MustParseAddr("10.99.3.2")
-	nstest.Veth(t, nsX, "eth0", nsY, "eth0")
-	nstest.Addr(t, nsX, "eth0", addrX.String()+"/24")
-	nstest.Addr(t, nsY, "eth0", addrY.String()+"/24")
+	lab.Veth(t, nsX, "eth0", nsY, "eth0")
+	lab.Addr(t, nsX, "eth0", addrX.String()+"/24")
+	lab.Addr(t, nsY, "eth0", addrY.String()+"/24")
 
 	const limit = 50
 	px := startIn(t, nsX, Config{Local: addrX, Interval: testInterval, MaxRepliesPerSecond: limit, Logger: testLogger(t, "X")})
@@ -314,7 +314,7 @@ func TestStartErrors(t *testing.T) {
 
 	// Without CAP_NET_RAW. The thread that drops it stays locked, so it
 	// dies with its goroutine instead of serving others without the capability.
-	nstest.Addr(t, ns, "lo", "10.99.4.1/32")
+	lab.Addr(t, ns, "lo", "10.99.4.1/32")
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -355,11 +355,11 @@ func TestStartErrors(t *testing.T) {
 func TestRestartKeepsVerdicts(t *testing.T) {
 	l := newLab(t)
 	nsS, nsA, nsB := l.ns("S"), l.ns("A"), l.ns("B")
-	nstest.Bridge(t, nsS, "br0")
+	lab.Bridge(t, nsS, "br0")
 	for _, h := range []struct{ ns, port, addr string }{{nsA, "pa", addrA.String() + "/24"}, {nsB, "pb", addrB.String() + "/24"}} {
-		nstest.Veth(t, h.ns, "eth0", nsS, h.port)
-		nstest.AddToBridge(t, nsS, "br0", h.port)
-		nstest.Addr(t, h.ns, "eth0", h.addr)
+		lab.Veth(t, h.ns, "eth0", nsS, h.port)
+		lab.AddToBridge(t, nsS, "br0", h.port)
+		lab.Addr(t, h.ns, "eth0", h.addr)
 	}
 	state := filepath.Join(t.TempDir(), "verdicts.json")
 	cfgA := Config{Local: addrA, Interval: testInterval, FailAfter: 3, RecoverAfter: 2, StateFile: state, Logger: testLogger(t, "A")}

@@ -8,10 +8,10 @@
 // Typical use from a test:
 //
 //	kernel, _, _ := qemulane.FindKernel()
-//	qemulane.BuildGoStatic("./cmd/ipipcheck", bin)
+//	qemulane.BuildGoTestStatic("github.com/fabricnet/fabric/e2e", bin)
 //	initrd, _ := qemulane.Build(dir, qemulane.Image{Kernel: kernel,
 //		Modules: []string{"ipip", "veth", "bridge", "vxlan"},
-//		Binaries: map[string]string{"/bin/check": bin}, Init: "/bin/check\n"})
+//		Binaries: map[string]string{"/bin/e2e.test": bin}, Init: "/bin/e2e.test -test.run X\n"})
 //	res, err := qemulane.Run(ctx, kernel, initrd, qemulane.RunOptions{})
 //	// err: qemu failed, timed out or printed no verdict; res.Passed(): PASS seen.
 package qemulane

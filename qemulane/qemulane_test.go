@@ -3,7 +3,6 @@ package qemulane
 import (
 	"bytes"
 	"context"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,61 +11,9 @@ import (
 	"github.com/fabricnet/fabric/internal/testreq"
 )
 
-// laneModules are what ipipcheck needs: ipip for the data plane under test,
-// veth and bridge for the lab, vxlan for the fallback the lead adds later.
-var laneModules = []string{"ipip", "veth", "bridge", "vxlan"}
-
-func TestIPIPKernelLane(t *testing.T) {
-	if err := Available(); err != nil {
-		testreq.Missing(t, "kernel-IPIP lane needs qemu, a stock kernel and busybox-static: %v", err)
-	}
-	kernel, modDir, err := FindKernel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	start := time.Now()
-	check := filepath.Join(dir, "ipipcheck")
-	if err := BuildGoStatic("./cmd/ipipcheck", check); err != nil {
-		t.Fatal(err)
-	}
-	initrd, err := Build(dir, Image{
-		Kernel:   kernel,
-		Modules:  laneModules,
-		Binaries: map[string]string{"/bin/ipipcheck": check},
-		Init:     "/bin/ipipcheck -prefix ql-\n",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("kernel %s (modules %s), image built in %s", kernel, modDir, time.Since(start).Round(time.Millisecond))
-
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	res, err := Run(ctx, kernel, initrd, RunOptions{Timeout: 150 * time.Second})
-	t.Logf("VM ran %s (kernel uptime at /init: %s)", res.Duration.Round(time.Millisecond), res.BootToInit)
-	logEvidence(t, res, "QEMULANE-INIT:", "PHASE ", "HOST ", "PING ", "TCP ", "UNDERLAY ", "IPIP ", "RULE ",
-		"BLOCKED ", "UNAFFECTED ", "BLOCK ", "RESTORED ", "CLEANUP ", "FAILED ")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !res.Passed() {
-		t.Fatalf("VM verdict %s: %s\nconsole:\n%s", res.Verdict, res.Reason, res.Output)
-	}
-	// Evidence the lead relies on: every pair, and IPIP on the wire.
-	if got := len(res.Lines("PING ")); got < 6 {
-		t.Errorf("want 6 PING lines, got %d", got)
-	}
-	if got := len(res.Lines("TCP ")); got < 6 {
-		t.Errorf("want 6 TCP lines, got %d", got)
-	}
-	if len(res.Lines("UNDERLAY ")) == 0 || len(res.Lines("RESTORED ")) == 0 {
-		t.Errorf("missing UNDERLAY or RESTORED evidence")
-	}
-}
-
 // TestRunTimeoutKillsQEMU checks that a hung guest costs the timeout, not more.
 func TestRunTimeoutKillsQEMU(t *testing.T) {
+	testreq.Lab(t, "booting a VM")
 	if err := Available(); err != nil {
 		testreq.Missing(t, "needs qemu, a stock kernel and busybox-static: %v", err)
 	}
@@ -91,7 +38,7 @@ func TestResolveModulesOrder(t *testing.T) {
 	if err != nil {
 		testreq.Missing(t, "no stock kernel modules installed: %v", err)
 	}
-	mods, err := ResolveModules(modDir, laneModules)
+	mods, err := ResolveModules(modDir, fabricdModules)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,17 +112,3 @@ func TestCpioNewc(t *testing.T) {
 }
 
 func align4(n int) int { return (n + 3) &^ 3 }
-
-// logEvidence logs, in console order, the VM's lines that start with one of
-// prefixes: what the lane proved, readable in the test output.
-func logEvidence(t *testing.T, res Result, prefixes ...string) {
-	t.Helper()
-	for _, line := range res.Lines("") {
-		for _, prefix := range prefixes {
-			if strings.HasPrefix(line, prefix) {
-				t.Log(line)
-				break
-			}
-		}
-	}
-}

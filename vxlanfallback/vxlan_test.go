@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/fabricnet/fabric/backend"
-	"github.com/fabricnet/fabric/internal/nstest"
+	"github.com/fabricnet/fabric/lab"
 	"github.com/vishvananda/netlink"
 )
 
@@ -17,12 +17,12 @@ import (
 // handle into it and the underlay device name.
 func hostNS(t *testing.T) (string, *netlink.Handle, string) {
 	t.Helper()
-	nstest.RequireRoot(t)
-	name := nstest.AddNS(t, nstest.Prefix("vx"))
+	lab.RequireRoot(t)
+	name := lab.AddNS(t, lab.Prefix("vx"))
 	dev := name + "u"
-	nstest.Bridge(t, name, dev)
-	nstest.Addr(t, name, dev, "192.168.100.11/24")
-	return name, nstest.Handle(t, name), dev
+	lab.Bridge(t, name, dev)
+	lab.Addr(t, name, dev, "192.168.100.11/24")
+	return name, lab.Handle(t, name), dev
 }
 
 func newBackend(t *testing.T, h *netlink.Handle, dev string) *Backend {
@@ -38,7 +38,7 @@ func newBackend(t *testing.T, h *netlink.Handle, dev string) *Backend {
 func TestEnsureCreatesAndRepairsDevice(t *testing.T) {
 	ns, h, dev := hostNS(t)
 	// A device of an earlier configuration: wrong VNI, default port, learning on.
-	nstest.Run(t, "ip", "-n", ns, "link", "add", DefaultDevice, "type", "vxlan", "id", "7", "dstport", "4789",
+	lab.Run(t, "ip", "-n", ns, "link", "add", DefaultDevice, "type", "vxlan", "id", "7", "dstport", "4789",
 		"local", "192.168.100.11", "dev", dev)
 	b := newBackend(t, h, dev)
 	idx, err := b.Ensure(context.Background(), 1450)
@@ -55,12 +55,12 @@ func TestEnsureCreatesAndRepairsDevice(t *testing.T) {
 		t.Fatalf("device after Ensure: vni %d port %d learning %v mtu %d mac %s flags %v",
 			vx.VxlanId, vx.Port, vx.Learning, vx.MTU, vx.HardwareAddr, vx.Flags)
 	}
-	if out := nstest.Run(t, "ip", "-n", ns, "-4", "addr", "show", "dev", DefaultDevice); !strings.Contains(out, "inet 10.244.1.0/32") {
+	if out := lab.Run(t, "ip", "-n", ns, "-4", "addr", "show", "dev", DefaultDevice); !strings.Contains(out, "inet 10.244.1.0/32") {
 		t.Errorf("gateway address missing:\n%s", out)
 	}
 
 	// Somebody changes the MAC and MTU; Ensure puts them back without recreating.
-	nstest.Run(t, "ip", "-n", ns, "link", "set", DefaultDevice, "address", "02:00:00:00:00:01", "mtu", "1300")
+	lab.Run(t, "ip", "-n", ns, "link", "set", DefaultDevice, "address", "02:00:00:00:00:01", "mtu", "1300")
 	idx2, err := b.Ensure(context.Background(), 1450)
 	if err != nil {
 		t.Fatal(err)
@@ -104,29 +104,29 @@ func TestSyncPeersExactState(t *testing.T) {
 	if err := b.SyncPeers([]backend.Peer{peer(2)}); err != nil {
 		t.Fatal(err)
 	}
-	if all := nstest.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice) +
-		nstest.Run(t, "bridge", "-n", ns, "fdb", "show", "dev", DefaultDevice); strings.Contains(all, "10.244.3.0") || strings.Contains(all, "0e:fa:c0:a8:64:0d") {
+	if all := lab.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice) +
+		lab.Run(t, "bridge", "-n", ns, "fdb", "show", "dev", DefaultDevice); strings.Contains(all, "10.244.3.0") || strings.Contains(all, "0e:fa:c0:a8:64:0d") {
 		t.Errorf("peer 3 left, its entries stay:\n%s", all)
 	}
 	if err := b.SyncPeers([]backend.Peer{peer(2), peer(3)}); err != nil {
 		t.Fatal(err)
 	}
-	if neigh := nstest.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice); !strings.Contains(neigh, "10.244.3.0 lladdr 0e:fa:c0:a8:64:0d PERMANENT") {
+	if neigh := lab.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice); !strings.Contains(neigh, "10.244.3.0 lladdr 0e:fa:c0:a8:64:0d PERMANENT") {
 		t.Errorf("peer 3 came back, its neighbour entry did not:\n%s", neigh)
 	}
 	// Foreign leftovers on our device, and peer 2's neighbour entry
 	// deleted by hand: the resync timer's Reread makes the next sync read
 	// the kernel and put them right.
-	nstest.Run(t, "ip", "-n", ns, "neigh", "add", "10.244.9.0", "lladdr", "0e:fa:01:02:03:04", "dev", DefaultDevice, "nud", "permanent")
-	nstest.Run(t, "bridge", "-n", ns, "fdb", "append", "0e:fa:01:02:03:04", "dev", DefaultDevice, "dst", "192.168.100.99")
-	nstest.Run(t, "ip", "-n", ns, "neigh", "del", "10.244.2.0", "dev", DefaultDevice)
+	lab.Run(t, "ip", "-n", ns, "neigh", "add", "10.244.9.0", "lladdr", "0e:fa:01:02:03:04", "dev", DefaultDevice, "nud", "permanent")
+	lab.Run(t, "bridge", "-n", ns, "fdb", "append", "0e:fa:01:02:03:04", "dev", DefaultDevice, "dst", "192.168.100.99")
+	lab.Run(t, "ip", "-n", ns, "neigh", "del", "10.244.2.0", "dev", DefaultDevice)
 	b.Reread()
 	// Peer 3 leaves.
 	if err := b.SyncPeers([]backend.Peer{peer(2)}); err != nil {
 		t.Fatal(err)
 	}
-	neigh := nstest.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice)
-	fdb := nstest.Run(t, "bridge", "-n", ns, "fdb", "show", "dev", DefaultDevice)
+	neigh := lab.Run(t, "ip", "-n", ns, "neigh", "show", "dev", DefaultDevice)
+	fdb := lab.Run(t, "bridge", "-n", ns, "fdb", "show", "dev", DefaultDevice)
 	if !strings.Contains(neigh, "10.244.2.0 lladdr 0e:fa:c0:a8:64:0c PERMANENT") ||
 		!strings.Contains(fdb, "0e:fa:c0:a8:64:0c dst 192.168.100.12") {
 		t.Errorf("peer 2 state missing:\n%s\n%s", neigh, fdb)

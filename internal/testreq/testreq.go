@@ -26,3 +26,13 @@ func Missing(t testing.TB, format string, args ...any) {
 	}
 	t.Skip(reason)
 }
+
+// Lab ends t in short mode (`make test-quick`): it needs what only `make
+// test` sets up (root, network namespaces, real daemons, a VM). Call it
+// before anything else in such a test.
+func Lab(t testing.TB, what string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skipf("short mode: %s runs in make test", what)
+	}
+}

@@ -1,9 +1,11 @@
-// Package nstest builds small network-namespace labs for tests that check
-// real kernel state: namespaces named with a random per-run prefix and
-// removed when the test ends (also when it fails), veth pairs and bridges
-// created inside those namespaces (never in the root namespace), commands
-// and Go code run inside a namespace, and TCP and ICMP probes between them.
-package nstest
+package lab
+
+// Bare namespaces for package tests that check real kernel state without a
+// whole lab (no etcd, no hosts): namespaces named with a random per-run
+// prefix and removed when the test ends (also when it fails), veth pairs and
+// bridges created inside those namespaces (never in the root namespace),
+// commands and Go code run inside a namespace, and TCP and ICMP probes
+// between them.
 
 import (
 	"context"
@@ -26,6 +28,7 @@ import (
 // given tools are installed.
 func RequireRoot(t testing.TB, tools ...string) {
 	t.Helper()
+	testreq.Lab(t, "a test in network namespaces")
 	if os.Geteuid() != 0 {
 		testreq.Missing(t, "needs root to create network namespaces")
 	}

@@ -1,4 +1,4 @@
-package nstest
+package lab
 
 import (
 	"context"
@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nsthread"
-	"github.com/fabricnet/fabric/lab"
 )
 
 // ServeTCP listens on addr in namespace ns. Each client first gets one line
@@ -90,7 +89,7 @@ func readLine(r io.Reader) (string, error) {
 // Ping sends ICMP echo requests from namespace ns to dst with payload bytes
 // of data, optionally with DF set, for up to 3 s, and waits for a reply. A
 // send that the kernel refuses wraps unix.EMSGSIZE, so MTU tests can tell
-// "too big" from "lost". The lab package's pinger does the work.
+// "too big" from "lost".
 func Ping(ns string, dst netip.Addr, payload int, dontFragment bool) error {
-	return lab.PingFrom(context.Background(), ns, dst, 3*time.Second, payload, dontFragment)
+	return ping(context.Background(), ns, dst, 3*time.Second, payload, dontFragment)
 }

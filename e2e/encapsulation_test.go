@@ -1,0 +1,206 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/lab"
+)
+
+// TestEncapsulationFallback is auto mode's ladder on a routed underlay:
+// host1 and host3 share a segment, host2 is behind a router. Every pair
+// starts on what auto mode gives (ipip where the kernel has it, as in the
+// qemu guest; vxlan here), with the container traffic on that tunnel
+// device; a router that drops IP protocol 4 moves exactly the pairs across
+// it to vxlan while traffic keeps flowing, and lifting the block moves them
+// back. A restarted fabricd starts from its saved probe verdicts, so its
+// routes never leave ipip. A host in vxlan mode gets vxlan from every auto
+// host. On a kernel without IPIP the block changes nothing, which the test
+// checks too; the guest lane proves the other branch.
+func TestEncapsulationFallback(t *testing.T) {
+	t.Parallel()
+	f := newFabric(t, lab.Spec{Hosts: 3, Subnets: 2}, "--vxlan-port", "8472")
+	hosts := f.startMesh()
+	h1, h2, h3 := hosts[0], hosts[1], hosts[2]
+	auto := f.autoEncap(h1)
+	ctrs := f.containersTalk(hosts)
+	all := func(string, string) string { return auto }
+	f.waitEncaps(hosts, all)
+	f.pairsTalk(hosts, ctrs)
+	f.tunnelCarries(h1, ctrs[h1.Name], ctrs[h2.Name], auto)
+
+	ctx := context.Background()
+	undo, err := f.lab.DropIPProto(ctx, 4, h1.SubnetIndex, h2.SubnetIndex)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { undo() })
+	acrossRouter := func(a, b string) string {
+		if a == h2.Name || b == h2.Name {
+			return "vxlan"
+		}
+		return auto
+	}
+	d := f.waitEncaps(hosts, acrossRouter)
+	t.Logf("IP protocol 4 dropped by the router: pairs across it on vxlan %.1fs later (auto mode here: %s)", d.Seconds(), auto)
+	f.pairsTalk(hosts, ctrs)
+	f.tunnelCarries(h1, ctrs[h1.Name], ctrs[h2.Name], "vxlan")
+	f.tunnelCarries(h1, ctrs[h1.Name], ctrs[h3.Name], auto)
+
+	if err := undo(); err != nil {
+		t.Fatal(err)
+	}
+	d = f.waitEncaps(hosts, all)
+	t.Logf("block lifted: every pair back on %s %.1fs later", auto, d.Seconds())
+	f.pairsTalk(hosts, ctrs)
+
+	// A restart starts from the saved verdicts: host2's routes stay on
+	// their device from the stop until its sessions are back.
+	before := f.ownedRoutes(h2)
+	logPath := f.agents[h2.Name].proc.LogPath()
+	logged, _ := os.ReadFile(logPath) // the restarted fabricd appends to it
+	f.restart(h2)
+	f.eventually(30*time.Second, "restarted host2 has both peers established on "+auto, func() error {
+		for p, want := range before {
+			if got, ok := f.ownedRoutes(h2)[p]; ok && got != want {
+				return fmt.Errorf("host2's route %s changed during the restart: %q, was %q", p, got, want)
+			}
+		}
+		if err := f.allEstablished(h2, 2); err != nil {
+			return err
+		}
+		return f.encapsAre(h2, hosts, all)
+	})
+	if t.Failed() {
+		return
+	}
+	if log, _ := os.ReadFile(logPath); strings.Contains(string(log[len(logged):]), "peer encapsulation changed") {
+		t.Errorf("the restarted host2 changed a peer's encapsulation:\n%s", tail(logPath))
+	}
+
+	// A host in vxlan mode: auto hosts must not send it IPIP it has no
+	// device for.
+	h4, err := f.lab.AddHost(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.start(h4, "--encapsulation", "vxlan")
+	hosts = append(hosts, h4)
+	for _, h := range hosts {
+		f.eventually(20*time.Second, h.Name+" routes", func() error { return f.routesTo(h, f.otherSubnets(h, hosts)) })
+	}
+	ctrs[h4.Name] = f.container(h4, "c1", 2)
+	withVXLANHost := func(a, b string) string {
+		if a == h4.Name || b == h4.Name {
+			return "vxlan"
+		}
+		return auto
+	}
+	f.waitEncaps(hosts, withVXLANHost)
+	f.pairsTalk(hosts, ctrs)
+}
+
+// encapsOf is the encapsulation every host should use for each peer, by name.
+type encapsOf func(host, peer string) string
+
+// waitEncaps waits until every host uses want's encapsulation for each of
+// its peers, in `fabricctl peers status` and in its kernel routes, and
+// returns how long that took.
+func (f *fabric) waitEncaps(hosts []*lab.Host, want encapsOf) time.Duration {
+	f.t.Helper()
+	return f.eventually(30*time.Second, "every pair on its encapsulation", func() error {
+		for _, h := range hosts {
+			if err := f.encapsAre(h, hosts, want); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func (f *fabric) encapsAre(h *lab.Host, hosts []*lab.Host, want encapsOf) error {
+	ps, err := f.peers(h)
+	if err != nil {
+		return err
+	}
+	routes := f.ownedRoutes(h)
+	for _, p := range ps {
+		w := want(h.Name, p.Name)
+		if p.Encap != w {
+			return fmt.Errorf("%s -> %s: %q (%s), want %s", h.Name, p.Name, p.Encap, p.EncapReason, w)
+		}
+		for _, o := range hosts {
+			if o.Name != p.Name {
+				continue
+			}
+			if r := routes[f.subnet(o).String()]; !strings.Contains(r, "dev fabric."+w) {
+				return fmt.Errorf("%s's route to %s is %q, want it on fabric.%s", h.Name, p.Name, r, w)
+			}
+		}
+	}
+	return nil
+}
+
+// pairsTalk checks a ping and a TCP connection for every ordered pair of
+// the hosts' containers.
+func (f *fabric) pairsTalk(hosts []*lab.Host, ctrs map[string]*lab.Container) {
+	f.t.Helper()
+	for _, a := range hosts {
+		for _, b := range hosts {
+			if a == b {
+				continue
+			}
+			src, dst := ctrs[a.Name], ctrs[b.Name]
+			f.eventually(10*time.Second, fmt.Sprintf("ping %s -> %s", a.Name, b.Name), func() error { return ping(src, dst.Addr) })
+			if from, err := tcpExchange(dst, src, 8000); err != nil || from != src.Addr.String() {
+				f.t.Fatalf("tcp %s -> %s: receiver saw %q, want %s: %v", a.Name, b.Name, from, src.Addr, err)
+			}
+		}
+	}
+}
+
+// tunnelCarries checks that container traffic from src to dst leaves h
+// through the tunnel device of encap, not through the other one: the
+// kernel's packet counters of both devices around 20 pings.
+func (f *fabric) tunnelCarries(h *lab.Host, src, dst *lab.Container, encap string) {
+	f.t.Helper()
+	other := map[string]string{"ipip": "vxlan", "vxlan": "ipip"}[encap]
+	before := map[string]uint64{encap: f.txPackets(h, "fabric."+encap), other: f.txPackets(h, "fabric."+other)}
+	for i := 0; i < 20; i++ {
+		if err := ping(src, dst.Addr); err != nil {
+			f.t.Fatalf("ping %s -> %s: %v", src.Name, dst.Addr, err)
+		}
+	}
+	sent := f.txPackets(h, "fabric."+encap) - before[encap]
+	stray := f.txPackets(h, "fabric."+other) - before[other]
+	if sent < 20 || stray >= 20 {
+		f.t.Errorf("%s: 20 pings %s -> %s: fabric.%s sent %d packets, fabric.%s %d; want them on %s", h.Name, src.Addr, dst.Addr, encap, sent, other, stray, encap)
+	}
+}
+
+// txPackets is the kernel's count of packets dev on h sent; 0 when there is
+// no such device (a kernel without IPIP).
+func (f *fabric) txPackets(h *lab.Host, dev string) uint64 {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	out, err := h.Run(ctx, "ip", "-j", "-s", "link", "show", "dev", dev)
+	if err != nil {
+		return 0
+	}
+	var links []struct {
+		Stats struct {
+			TX struct {
+				Packets uint64 `json:"packets"`
+			} `json:"tx"`
+		} `json:"stats64"`
+	}
+	if err := json.Unmarshal([]byte(out), &links); err != nil || len(links) != 1 {
+		f.t.Fatalf("ip -j -s link show dev %s on %s: %v: %s", dev, h.Name, err, out)
+	}
+	return links[0].Stats.TX.Packets
+}
