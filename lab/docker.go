@@ -43,7 +43,7 @@ type DockerdOptions struct {
 	Bip       string   // --bip, e.g. "10.244.3.1/24"; empty: dockerd's default
 	MTU       int      // --mtu; 0: dockerd's default
 	ExtraArgs []string // more dockerd options, e.g. "--ip-masq=false"
-	// Timeout for dockerd to answer; default 30 s.
+	// Timeout for dockerd to answer; default 90 s (a bound for a busy machine).
 	Timeout time.Duration
 }
 
@@ -177,7 +177,7 @@ func (h *Host) StartDockerd(ctx context.Context, opts DockerdOptions) (*Dockerd,
 
 	timeout := opts.Timeout
 	if timeout == 0 {
-		timeout = 30 * time.Second
+		timeout = 90 * time.Second
 	}
 	deadline := time.Now().Add(timeout)
 	recorded := false

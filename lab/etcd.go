@@ -95,7 +95,7 @@ func (l *Lab) startEtcd(ctx context.Context) error {
 		}
 	}
 	for _, m := range l.etcd {
-		if err := l.waitEtcdMember(ctx, m, 30*time.Second); err != nil {
+		if err := l.waitEtcdMember(ctx, m, 90*time.Second); err != nil {
 			return err
 		}
 	}
@@ -206,7 +206,7 @@ func (l *Lab) StartEtcdMember(i int) error {
 	if err := l.startEtcdMember(m); err != nil {
 		return err
 	}
-	return l.waitEtcdMember(context.Background(), m, 30*time.Second)
+	return l.waitEtcdMember(context.Background(), m, 90*time.Second)
 }
 
 func (l *Lab) etcdMemberAt(i int) (*etcdMember, error) {

@@ -26,7 +26,7 @@ func ForTest(t testing.TB, spec Spec) *Lab {
 		t.Logf("lab: sweeping stale runs: %v", err)
 	}
 	CloseOnInterrupt()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute) // a bound, not an expectation: a busy machine or the TCG guest is slow
 	defer cancel()
 	l, err := New(ctx, spec)
 	if err != nil {
