@@ -24,7 +24,9 @@ import (
 	"github.com/fabricnet/fabric/bridge"
 	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/dataplane"
+	"github.com/fabricnet/fabric/dockernet"
 	"github.com/fabricnet/fabric/dockeropts"
+	"github.com/fabricnet/fabric/dockerwatch"
 	"github.com/fabricnet/fabric/fabricdns"
 	"github.com/fabricnet/fabric/ingress"
 	"github.com/fabricnet/fabric/internal/etcdclient"
@@ -84,10 +86,17 @@ type Agent struct {
 	// dataplaneApplied turns true with the first data-plane apply that
 	// succeeded: /readyz.
 	dataplaneApplied bool
+	// networks is the Docker networks' picture (dockernet.Sync); until it
+	// is known the data plane and the mesh wait, so a restart keeps the
+	// endpoints' routes and advertises their blocks before sessions form.
+	networks      dockernet.Local
+	networksKnown bool
 
 	kick         chan struct{}
 	policyKick   chan struct{}
 	namesKick    chan struct{} // the leases changed: recheck container records
+	natKick      chan struct{} // the networks changed: render NAT again
+	meshKick     chan struct{} // the networks are known: the mesh may form
 	ingressKick  chan struct{}
 	leaveRequest chan struct{}
 	prober       *probe.Prober // nil without ipip support
@@ -104,6 +113,7 @@ type Agent struct {
 // record are withdrawn at once (see leave). Kernel state stays either way.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1), leaveRequest: make(chan struct{}, 1), ingressKick: make(chan struct{}, 1), namesKick: make(chan struct{}, 1),
+		natKick: make(chan struct{}, 1), meshKick: make(chan struct{}, 1),
 		departed: map[string]planner.Departed{}, warned: map[string]bool{}}
 	cli, err := etcdclient.New(cfg.EtcdEndpoints, cfg.EtcdTLSFiles(), cfg.EtcdTimeout, quietZap())
 	if err != nil {
@@ -146,7 +156,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.natMgr, err = nat.New(nat.Config{Tables: a.tables, Logger: log}); err != nil {
 		return err
 	}
-	if a.enforcer, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, Tables: a.tables, Logger: log}); err != nil {
+	if a.enforcer, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.tables, Logger: log}); err != nil {
 		return err
 	}
 	var tunnels []string
@@ -185,7 +195,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	defer a.speaker.Stop()
-	if err := a.speaker.Advertise(ctx, a.lease.Subnet, a.underlay.Addr); err != nil {
+	if err := a.speaker.Advertise(ctx, a.underlay.Addr, a.lease.Subnet); err != nil {
 		return fmt.Errorf("advertise %s: %w", a.lease.Subnet, err)
 	}
 	log.Info("advertising subnet", "subnet", a.lease.Subnet, "nexthop", a.underlay.Addr)
@@ -243,7 +253,12 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("probe-hold", a.probeHoldLoop)
 	goLoop("metrics", a.metricsLoop)
 	containerNames := names.NewPublisher(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.NodeTTL, log.With("component", "names"))
-	goLoop("container-names", func(ctx context.Context) error { return a.containerNamesLoop(ctx, containerNames) })
+	// One follower of the local dockerd, for the container names and the
+	// Docker networks.
+	dockerForNames, dockerForNetworks := fanOut(runCtx, dockerwatch.Watch(runCtx, cfg.DockerSocket,
+		dockerwatch.Filter{Subnet: a.lease.Subnet, Driver: dockernet.DriverName}, log.With("component", "docker")))
+	goLoop("container-names", func(ctx context.Context) error { return a.containerNamesLoop(ctx, containerNames, dockerForNames) })
+	goLoop("docker-networks", func(ctx context.Context) error { return a.networksLoop(ctx, dockerForNetworks) })
 	if dns != nil {
 		goLoop("dns", func(ctx context.Context) error { return a.dnsLoop(ctx, dns) })
 	}
@@ -321,6 +336,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			a.refreshNodes(runCtx)
 			kick(a.namesKick)
 		case <-departedCheck.C:
+			a.refreshNodes(runCtx)
+		case <-a.meshKick:
 			a.refreshNodes(runCtx)
 		case <-a.proberChanges():
 			a.kickDataplane()
@@ -614,6 +631,9 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 		if err := ingress.DestroySet(""); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := dockernet.NewLinks(nil).Cleanup(); err != nil {
+		errs = append(errs, fmt.Errorf("links of containers on fabric networks: %w", err))
 	}
 	if err := bridge.Remove(nil, cfg.Bridge); err != nil {
 		errs = append(errs, fmt.Errorf("bridge %s: %w", cfg.Bridge, err))

@@ -6,7 +6,9 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/fabricnet/fabric/dockernet"
 	"github.com/fabricnet/fabric/nat"
+	"github.com/fabricnet/fabric/planner"
 	"github.com/fabricnet/fabric/policy"
 	"github.com/fabricnet/fabric/publish"
 )
@@ -23,18 +25,21 @@ func (a *Agent) natLoop(ctx context.Context) error {
 		tunnels = append(tunnels, b.Device())
 	}
 	st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName,
-		UnderlayDev: a.underlay.Dev, Tunnels: tunnels,
+		UnderlayDev: a.underlay.Dev, Tunnels: tunnels, EndpointLinks: dockernet.LinkPrefix + "+",
 		Reserved: nat.Reserved{
 			fmt.Sprintf("tcp/%d", a.cfg.BGPPort):   "this host's BGP port",
 			fmt.Sprintf("udp/%d", a.cfg.VXLANPort): "this host's VXLAN port",
 		}}
+	networksKnown := false
 	apply := func() {
+		if !networksKnown {
+			return // rendered without the networks, their containers' rules would go for a moment
+		}
 		if err := a.natMgr.Apply(ctx, st); err != nil {
 			natApplyErrors.Inc()
 			a.log.Error("apply NAT rules", "err", err)
 		}
 	}
-	apply() // MASQUERADE does not wait for the published ports
 	for {
 		select {
 		case <-ctx.Done():
@@ -46,6 +51,13 @@ func (a *Agent) natLoop(ctx context.Context) error {
 				return nil
 			}
 			st.Publishes = p
+			apply()
+		case <-a.natKick:
+			a.mu.Lock()
+			nets := a.networks
+			a.mu.Unlock()
+			st.Networks, st.LocalPorts = planner.NetworkNAT(nets)
+			networksKnown = true // MASQUERADE does not wait for the published ports
 			apply()
 		}
 	}
@@ -75,12 +87,18 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 			continue
 		}
 		a.mu.Lock()
-		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, Containers: a.containers}
+		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, Containers: a.containers, Pool: a.pool.Network, Networks: map[string]netip.Prefix{}}
 		for _, n := range a.nodes {
 			dir.Nodes[n.Name] = n.Subnet
 		}
-		containersKnown := a.containersKnown
+		for name, n := range a.networks.State.Networks {
+			dir.Networks[name] = n.Subnet
+		}
+		containersKnown, networksKnown := a.containersKnown, a.networksKnown
 		a.mu.Unlock()
+		if !networksKnown {
+			continue // without the networks there is no isolation between them: wait
+		}
 		dir.Nodes[a.cfg.NodeName] = a.lease.Subnet
 		if !containersKnown && policy.UsesContainers(current.Rules) {
 			// Compiled without the containers, a deny rule by label would

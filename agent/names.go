@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"net/netip"
 	"time"
 
 	"github.com/fabricnet/fabric/dockerwatch"
@@ -13,22 +14,50 @@ import (
 
 // containerNamesLoop publishes the names of the containers on this host's
 // bridge, as the local dockerd reports them, under the node TTL's lease.
-func (a *Agent) containerNamesLoop(ctx context.Context, pub *names.Publisher) error {
+func (a *Agent) containerNamesLoop(ctx context.Context, pub *names.Publisher, docker <-chan dockerwatch.Snapshot) error {
 	log := a.log.With("component", "names")
-	containers := dockerwatch.Watch(ctx, a.cfg.DockerSocket, a.lease.Subnet, log)
 	lists := make(chan []names.Record, 1)
 	go func() {
 		defer close(lists)
-		for cs := range containers {
-			rs := make([]names.Record, 0, len(cs))
-			for _, c := range cs {
-				rs = append(rs, names.Record{Name: c.Name, Address: c.Addr, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created})
+		for snap := range docker {
+			var rs []names.Record
+			for _, c := range snap.Containers {
+				if c.Addr.IsValid() {
+					rs = append(rs, names.Record{Name: c.Name, Address: c.Addr, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created})
+				}
+				for _, n := range c.Networks {
+					rs = append(rs, names.Record{Name: c.Name, Address: n.Addr, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created,
+						Network: n.Network, Aliases: n.Aliases})
+				}
 			}
 			latest.Put(lists, rs)
-			log.Debug("containers on the bridge", "count", len(rs))
+			log.Debug("containers on the bridge and on fabric networks", "records", len(rs))
 		}
 	}()
 	return pub.Run(ctx, lists)
+}
+
+// fanOut hands every snapshot of in to two readers, the newest winning for
+// each.
+func fanOut[T any](ctx context.Context, in <-chan T) (<-chan T, <-chan T) {
+	a, b := make(chan T, 1), make(chan T, 1)
+	go func() {
+		defer close(a)
+		defer close(b)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case v, ok := <-in:
+				if !ok {
+					return
+				}
+				latest.Put(a, v)
+				latest.Put(b, v)
+			}
+		}
+	}()
+	return a, b
 }
 
 // dnsLoop answers <container>.<domain> on the bridge gateway from the
@@ -75,9 +104,9 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 		case <-a.namesKick:
 		}
 		a.mu.Lock()
-		held := a.held
+		held, nets := a.held, a.networks.State
 		a.mu.Unlock()
-		kept, refused := names.Trusted(rs, held)
+		kept, refused := names.Trusted(rs, held, nets.Owns)
 		seen := map[string]bool{}
 		for _, r := range refused {
 			key := r.Record.Node + "/" + r.Record.Name
@@ -93,7 +122,11 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 			}
 		}
 		if srv != nil {
-			srv.SetView(names.NewView(kept))
+			subnets := map[string]netip.Prefix{}
+			for name, n := range nets.Networks {
+				subnets[name] = n.Subnet
+			}
+			srv.SetView(names.NewView(kept, subnets))
 		}
 		containers := make([]policy.Container, 0, len(kept))
 		for _, r := range kept {

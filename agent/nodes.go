@@ -56,10 +56,10 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 		}
 	}
 	a.mu.Lock()
-	reg, held, prev, known := a.registryNodes, a.held, a.nodes, a.nodesKnown
+	reg, held, prev, known, networksKnown := a.registryNodes, a.held, a.nodes, a.nodesKnown, a.networksKnown
 	a.mu.Unlock()
-	if reg == nil || held == nil {
-		return // the node set is known only once both records and leases are read
+	if reg == nil || held == nil || !networksKnown {
+		return // the node set is known only once records, leases and networks are read
 	}
 
 	accepted, refused := planner.AcceptNodes(a.host(), reg, held)

@@ -47,14 +47,16 @@ func (a *Agent) bgpRoutesLoop(ctx context.Context) error {
 	}
 }
 
-// desiredRoutes asks the planner which routes the kernel should hold now.
-func (a *Agent) desiredRoutes() []dataplane.RemoteRoute {
+// desiredRoutes asks the planner which routes the kernel should hold now:
+// the routes to other hosts, and the local ones of Docker networks.
+func (a *Agent) desiredRoutes() ([]dataplane.RemoteRoute, []dataplane.LocalRoute) {
 	a.mu.Lock()
-	nodes, routes, grace := a.nodes, a.bgpRoutes, a.grace
+	nodes, routes, grace, nets := a.nodes, a.bgpRoutes, a.grace, a.networks
 	a.mu.Unlock()
-	out, refused := planner.Routes(a.host(), nodes, routes, grace)
+	out, refused := planner.Routes(a.host(), nodes, routes, grace, planner.NetworkOwnership(nets.State))
 	a.warnRefused(refused)
-	return out
+	_, local := planner.NetworkRoutes(nets)
+	return out, local
 }
 
 // dataplaneLoop applies the desired routes on every change, against the data
@@ -78,9 +80,9 @@ func (a *Agent) dataplaneLoop(ctx context.Context) error {
 		if !ready {
 			continue
 		}
-		desired := a.desiredRoutes()
+		desired, local := a.desiredRoutes()
 		start := time.Now()
-		err := a.dp.Apply(ctx, desired)
+		err := a.dp.Apply(ctx, desired, local...)
 		dataplaneApplySeconds.Observe(time.Since(start).Seconds())
 		if err != nil {
 			dataplaneApplyErrors.Inc()

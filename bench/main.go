@@ -175,10 +175,7 @@ func summarize(vs []float64) stats {
 }
 
 func fabricdArgs(l *lab.Lab, binDir string, h *lab.Host) []string {
-	run := filepath.Join(l.LogDir(), h.Name+"-run")
-	return []string{filepath.Join(binDir, "fabricd"), "--node-name", h.Name, "--machine-id", l.Prefix() + h.Name,
-		"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","), "--pool", "10.244.0.0/16", "--run-dir", run,
-		"--docker-opts-file", run + "/docker.env", "--underlay-interface", h.Dev, "--log-level", "warn"}
+	return l.FabricdArgs(binDir, h, "--log-level", "warn")
 }
 
 // rss is p's resident memory; a process that has exited is an error, not 0.

@@ -43,7 +43,7 @@ func namesBench(ctx context.Context, binDir string) error {
 	hosts := l.Hosts()
 	status := map[string]localapi.Status{}
 	for _, h := range hosts {
-		args := append(fabricdArgs(l, binDir, h), "--docker-socket", h.DockerSocket())
+		args := fabricdArgs(l, binDir, h)
 		if _, err := h.Start("fabricd", args...); err != nil {
 			return err
 		}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -139,7 +140,7 @@ type Speaker struct {
 
 	// configMu serializes SetPeers/Advertise/Withdraw/Stop.
 	configMu    sync.Mutex
-	advertised  *advertisement
+	advertised  map[netip.Prefix]advertisement
 	rrClientSet map[string]bool // neighbor-set entries that get reflected routes
 	stopped     bool
 	restarting  bool // peers added now get LocalRestarting; see Config.Restarting
@@ -210,6 +211,7 @@ func Start(ctx context.Context, cfg Config) (*Speaker, error) {
 	runCtx, cancel := context.WithCancel(context.Background())
 	s := &Speaker{
 		cfg:           cfg,
+		advertised:    map[netip.Prefix]advertisement{},
 		log:           logger,
 		server:        bgpServer,
 		api:           apiSock,
@@ -303,16 +305,20 @@ func withDefaults(cfg Config) (Config, error) {
 // closed by Stop.
 func (s *Speaker) Routes() <-chan []Route { return s.routes }
 
-// Advertise originates prefix (ORIGIN IGP, NEXT_HOP nextHop). Advertising a
-// different prefix replaces the old one (the new one is added first);
-// advertising the same prefix and next hop again is a no-op.
-func (s *Speaker) Advertise(ctx context.Context, prefix netip.Prefix, nextHop netip.Addr) error {
-	if !prefix.IsValid() {
-		return fmt.Errorf("bgp: advertise: invalid prefix %q", prefix)
-	}
-	prefix = prefix.Masked()
-	if !nextHop.IsValid() || nextHop.Unmap().Is4() != prefix.Addr().Is4() {
-		return fmt.Errorf("bgp: advertise %s: next hop %q must be a valid address of the same family", prefix, nextHop)
+// Advertise makes the paths this host originates exactly prefixes (ORIGIN
+// IGP, NEXT_HOP nextHop): its subnet, and its blocks of Docker networks.
+// New paths are added before gone ones are withdrawn, each by the UUID
+// AddPath gave it; advertising the same set again is a no-op.
+func (s *Speaker) Advertise(ctx context.Context, nextHop netip.Addr, prefixes ...netip.Prefix) error {
+	want := map[netip.Prefix]bool{}
+	for _, p := range prefixes {
+		if !p.IsValid() {
+			return fmt.Errorf("bgp: advertise: invalid prefix %q", p)
+		}
+		if !nextHop.IsValid() || nextHop.Unmap().Is4() != p.Addr().Is4() {
+			return fmt.Errorf("bgp: advertise %s: next hop %q must be a valid address of the same family", p, nextHop)
+		}
+		want[p.Masked()] = true
 	}
 	nextHop = nextHop.Unmap()
 
@@ -321,45 +327,59 @@ func (s *Speaker) Advertise(ctx context.Context, prefix netip.Prefix, nextHop ne
 	if s.stopped {
 		return errStopped
 	}
-	old := s.advertised
-	if old != nil && old.prefix == prefix && old.nextHop == nextHop {
-		return nil
-	}
-	path, err := localPath(prefix, nextHop)
-	if err != nil {
-		return err
-	}
-	resp, err := s.server.AddPath(ctx, &api.AddPathRequest{TableType: api.TableType_GLOBAL, Path: path})
-	if err != nil {
-		return fmt.Errorf("bgp: advertise %s via %s: %w", prefix, nextHop, err)
-	}
-	s.advertised = &advertisement{prefix: prefix, nextHop: nextHop, uuid: resp.Uuid}
-	// Same prefix: AddPath replaced the path in place (and its UUID).
-	if old != nil && old.prefix != prefix {
-		if err := s.deletePath(ctx, old.uuid); err != nil {
-			return fmt.Errorf("bgp: withdraw previous prefix %s: %w", old.prefix, err)
+	for _, prefix := range slices.SortedFunc(maps.Keys(want), comparePrefixes) {
+		if old, ok := s.advertised[prefix]; ok && old.nextHop == nextHop {
+			continue
 		}
+		path, err := localPath(prefix, nextHop)
+		if err != nil {
+			return err
+		}
+		resp, err := s.server.AddPath(ctx, &api.AddPathRequest{TableType: api.TableType_GLOBAL, Path: path})
+		if err != nil {
+			return fmt.Errorf("bgp: advertise %s via %s: %w", prefix, nextHop, err)
+		}
+		// The same prefix again: AddPath replaced the path in place (and its UUID).
+		s.advertised[prefix] = advertisement{prefix: prefix, nextHop: nextHop, uuid: resp.Uuid}
+		s.log.Info("advertising prefix", "prefix", prefix, "next_hop", nextHop)
 	}
-	s.log.Info("advertising prefix", "prefix", prefix, "next_hop", nextHop)
+	for _, prefix := range slices.SortedFunc(maps.Keys(s.advertised), comparePrefixes) {
+		if want[prefix] {
+			continue
+		}
+		if err := s.deletePath(ctx, s.advertised[prefix].uuid); err != nil {
+			return fmt.Errorf("bgp: withdraw %s: %w", prefix, err)
+		}
+		delete(s.advertised, prefix)
+		s.log.Info("withdrew prefix", "prefix", prefix)
+	}
 	return nil
 }
 
-// Withdraw withdraws our advertised prefix, if any (graceful shutdown).
+// Withdraw withdraws every path this host originates (graceful shutdown).
 func (s *Speaker) Withdraw(ctx context.Context) error {
 	s.configMu.Lock()
 	defer s.configMu.Unlock()
 	if s.stopped {
 		return errStopped
 	}
-	if s.advertised == nil {
-		return nil
+	var errs []error
+	for prefix, ad := range s.advertised {
+		if err := s.deletePath(ctx, ad.uuid); err != nil {
+			errs = append(errs, fmt.Errorf("bgp: withdraw %s: %w", prefix, err))
+			continue
+		}
+		delete(s.advertised, prefix)
+		s.log.Info("withdrew prefix", "prefix", prefix)
 	}
-	if err := s.deletePath(ctx, s.advertised.uuid); err != nil {
-		return fmt.Errorf("bgp: withdraw %s: %w", s.advertised.prefix, err)
+	return errors.Join(errs...)
+}
+
+func comparePrefixes(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
 	}
-	s.log.Info("withdrew prefix", "prefix", s.advertised.prefix)
-	s.advertised = nil
-	return nil
+	return a.Bits() - b.Bits()
 }
 
 // deletePath withdraws exactly one of our paths. An empty UUID would make

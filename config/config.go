@@ -110,6 +110,10 @@ type Config struct {
 	// DockerSocket is the local dockerd's API; fabricd publishes the names
 	// of the containers on the bridge from it.
 	DockerSocket string `json:"dockerSocket"`
+	// DockerPluginSocket is where fabricd serves Docker's network and IPAM
+	// driver API (`docker network create -d fabric`); dockerd finds it in
+	// /run/docker/plugins. "" turns Docker networks off.
+	DockerPluginSocket string `json:"dockerPluginSocket"`
 	// ContainerDNS serves <container>.<DNSDomain> on the bridge gateway
 	// (port 53) and forwards every other name to the host's resolvers;
 	// docker-opts then points containers at it.
@@ -157,6 +161,7 @@ func Defaults() Config {
 		Bridge:              "docker0",
 		DockerOptsFile:      "/run/fabric/docker.env",
 		DockerSocket:        "/var/run/docker.sock",
+		DockerPluginSocket:  "/run/docker/plugins/fabric.sock",
 		ContainerDNS:        true,
 		DNSDomain:           "fabric",
 		RunDir:              "/run/fabric",
@@ -329,6 +334,7 @@ func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.StringVar(&c.Bridge, "bridge", c.Bridge, "container bridge fabricd creates or adopts")
 	fs.StringVar(&c.DockerOptsFile, "docker-opts-file", c.DockerOptsFile, "environment file with the options dockerd needs")
 	fs.StringVar(&c.DockerSocket, "docker-socket", c.DockerSocket, "the local dockerd's API socket, to publish container names (env FABRIC_DOCKER_SOCKET)")
+	fs.StringVar(&c.DockerPluginSocket, "docker-plugin-socket", c.DockerPluginSocket, "where dockerd finds fabric's network driver (docker network create -d fabric); \"\" turns it off")
 	fs.BoolVar(&c.ContainerDNS, "container-dns", c.ContainerDNS, "answer CONTAINER.DNS-DOMAIN for every container of the fabric on the bridge gateway, port 53")
 	fs.StringVar(&c.DNSDomain, "dns-domain", c.DNSDomain, "domain of container names (env FABRIC_DNS_DOMAIN)")
 	fs.StringVar(&c.RunDir, "run-dir", c.RunDir, "directory for the local API sockets")

@@ -88,11 +88,37 @@ type Choice struct {
 	Reason string
 }
 
+// LocalRoute is a route to something on this host: a container endpoint's
+// link (Dev), or, with no Dev, an unreachable route (addresses this host
+// hands out but has not given: they must not follow the default route).
+type LocalRoute struct {
+	Prefix netip.Prefix
+	Dev    string
+	// KeepInside leaves the kernel's routes inside Prefix as they are,
+	// instead of routing Prefix: while what they lead to is not known yet
+	// (the endpoints, before dockerd has answered after a restart).
+	KeepInside bool
+}
+
+// kernel is the part of netlink the data plane reads and writes through
+// (*netlink.Handle): one seam, so what is decided above it (Plan) needs no
+// kernel to be tested.
+type kernel interface {
+	RouteListFiltered(family int, filter *netlink.Route, filterMask uint64) ([]netlink.Route, error)
+	RouteAdd(*netlink.Route) error
+	RouteReplace(*netlink.Route) error
+	RouteDel(*netlink.Route) error
+	RouteGet(net.IP) ([]netlink.Route, error)
+	LinkByName(string) (netlink.Link, error)
+	LinkByIndex(int) (netlink.Link, error)
+	AddrList(netlink.Link, int) ([]netlink.Addr, error)
+}
+
 // Manager owns the routes with its protocol number in the main table and the
 // tunnel state of its backends.
 type Manager struct {
 	cfg         Config
-	h           *netlink.Handle
+	h           kernel
 	log         *slog.Logger
 	underlayMTU int
 	mtu         int
@@ -185,13 +211,14 @@ type peerPlan struct {
 	err     error // no encapsulation can reach the peer
 }
 
-// Apply makes the kernel match routes, the complete set of remote routes.
-// One bad route is logged and reported in the joined error; the others are
-// still applied. A bad route (e.g. a peer without a VTEP MAC) is not
-// installed; a route that cannot be built because of a transient failure
-// (its tunnel device or the underlay device is missing) keeps its current
-// kernel route rather than losing it.
-func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
+// Apply makes the kernel match routes, the complete set of remote routes,
+// and local, the routes to this host's own endpoints. One bad route is
+// logged and reported in the joined error; the others are still applied. A
+// bad route (e.g. a peer without a VTEP MAC) is not installed; a route that
+// cannot be built because of a transient failure (its tunnel device or the
+// underlay device is missing) keeps its current kernel route rather than
+// losing it.
+func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute, local ...LocalRoute) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var errs []error
@@ -204,8 +231,32 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 	if err != nil {
 		fail(err) // direct routes cannot be built; tunnels may still work
 	}
+	peers := m.choosePeers(routes, connected)
+	m.logChoices(peers)
+	ready := m.syncBackends(ctx, peers, underlay != nil, fail)
+	desired, keep := m.desiredRoutes(routes, local, peers, ready, underlay, fail)
 
-	// 1. Per-peer encapsulation.
+	// Diff against the kernel's routes with our protocol: the view of them
+	// this Manager keeps, or a fresh read of the kernel when it has none
+	// (the first Apply, after Reread, after a failed write).
+	have, err := m.kernelView()
+	if err != nil {
+		fail(err)
+		return errors.Join(errs...)
+	}
+	for _, l := range local {
+		for _, kr := range have {
+			if p := prefixOf(kr.Dst); l.KeepInside && l.Prefix.Contains(p.Addr()) && p.Bits() > l.Prefix.Bits() {
+				keep[p] = true
+			}
+		}
+	}
+	m.write(ctx, Plan(have, desired, keep), fail)
+	return errors.Join(errs...)
+}
+
+// choosePeers picks each peer's encapsulation for this Apply.
+func (m *Manager) choosePeers(routes []RemoteRoute, connected []netip.Prefix) map[string]*peerPlan {
 	peers := map[string]*peerPlan{}
 	for _, r := range routes {
 		if r.Peer == nil {
@@ -233,10 +284,13 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 		}
 		peers[name] = p
 	}
-	m.logChoices(peers)
+	return peers
+}
 
-	// 2. Tunnel devices and per-peer tunnel state, exactly for the peers using each.
-	ready := map[string]bool{EncapDirect: underlay != nil, EncapNone: true}
+// syncBackends keeps each backend's device and per-peer state exactly for
+// the peers using it, and says which encapsulations can carry routes now.
+func (m *Manager) syncBackends(ctx context.Context, peers map[string]*peerPlan, underlayUp bool, fail func(error)) map[string]bool {
+	ready := map[string]bool{EncapDirect: underlayUp, EncapNone: true}
 	for _, b := range m.cfg.Backends {
 		var users []backend.Peer
 		for _, p := range peers {
@@ -259,12 +313,23 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 			fail(err)
 		}
 	}
+	return ready
+}
 
-	// 3. Desired routes.
-	desired := map[netip.Prefix]*netlink.Route{}
+// desiredRoutes builds the kernel route for every remote and local route;
+// keep holds the prefixes that could not be built for a passing reason,
+// whose kernel route stays as it is.
+func (m *Manager) desiredRoutes(routes []RemoteRoute, local []LocalRoute, peers map[string]*peerPlan, ready map[string]bool, underlay netlink.Link, fail func(error)) (desired map[netip.Prefix]*netlink.Route, keep map[netip.Prefix]bool) {
+	desired = map[netip.Prefix]*netlink.Route{}
+	keep = map[netip.Prefix]bool{}
 	gateways := map[netip.Addr]nextHop{} // next hops resolved in this Apply: a router sends many routes
-	keep := map[netip.Prefix]bool{}      // could not compute: leave the kernel's route alone
 	owners := map[netip.Prefix]string{}
+	add := func(prefix netip.Prefix, route *netlink.Route, owner string) {
+		route.Protocol = netlink.RouteProtocol(m.cfg.Protocol)
+		route.Table = unix.RT_TABLE_MAIN
+		desired[prefix] = route
+		owners[prefix] = owner
+	}
 	for _, r := range routes {
 		prefix := r.Prefix.Masked()
 		if !prefix.IsValid() || !prefix.Addr().Is4() {
@@ -284,45 +349,75 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 			}
 			continue
 		}
-		route.Protocol = netlink.RouteProtocol(m.cfg.Protocol)
-		route.Table = unix.RT_TABLE_MAIN
-		desired[prefix] = route
-		owners[prefix] = owner
+		add(prefix, route, owner)
+	}
+	for _, l := range local {
+		prefix := l.Prefix.Masked()
+		if l.KeepInside {
+			continue // see Apply
+		}
+		if _, dup := desired[prefix]; dup || !prefix.Addr().Is4() {
+			fail(fmt.Errorf("local route %s: duplicate or not IPv4", l.Prefix))
+			continue
+		}
+		if l.Dev == "" {
+			add(prefix, &netlink.Route{Dst: backend.IPNet(prefix), Type: unix.RTN_UNREACHABLE}, "this host")
+			continue
+		}
+		link, err := m.h.LinkByName(l.Dev)
+		if err != nil {
+			fail(fmt.Errorf("local route %s: device %s: %w", prefix, l.Dev, err))
+			keep[prefix] = true
+			continue
+		}
+		add(prefix, &netlink.Route{Dst: backend.IPNet(prefix), LinkIndex: link.Attrs().Index, Scope: netlink.SCOPE_LINK}, "this host")
 	}
 	m.owners = owners
+	return desired, keep
+}
 
-	// 4. Diff against the kernel's routes with our protocol: the view of
-	// them this Manager keeps, or a fresh read of the kernel when it has
-	// none (the first Apply, after Reread, after a failed write).
-	have, err := m.kernelView()
-	if err != nil {
-		fail(err)
-		return errors.Join(errs...)
-	}
-	var adds, replaces, dels []*netlink.Route
+// RouteChanges is what one Apply writes.
+type RouteChanges struct {
+	Add, Replace, Delete []*netlink.Route
+}
+
+// Plan is the difference between have (the kernel's routes with our
+// protocol) and desired: a route is replaced when it differs, added when
+// missing, deleted when not desired (withdrawn, left by an earlier run, or
+// a second route for a prefix), and left alone when its prefix is in keep.
+func Plan(have []*netlink.Route, desired map[netip.Prefix]*netlink.Route, keep map[netip.Prefix]bool) RouteChanges {
+	var c RouteChanges
 	done := map[netip.Prefix]bool{}
 	for _, kr := range have {
 		prefix := prefixOf(kr.Dst)
 		want, ok := desired[prefix]
 		switch {
-		case ok && !done[prefix] && sameRoute(kr, want):
-		case ok && !done[prefix]:
-			replaces = append(replaces, want)
-		case keep[prefix] && !done[prefix]:
-		default: // withdrawn, left over from an earlier run, or a duplicate
-			dels = append(dels, kr)
+		case done[prefix]:
+			c.Delete = append(c.Delete, kr) // a duplicate of a prefix already handled
+			continue
+		case ok && sameRoute(kr, want):
+		case ok:
+			c.Replace = append(c.Replace, want)
+		case keep[prefix]:
+		default:
+			c.Delete = append(c.Delete, kr)
 			continue
 		}
 		done[prefix] = true
 	}
 	for _, prefix := range sortedPrefixes(desired) {
 		if !done[prefix] {
-			adds = append(adds, desired[prefix])
+			c.Add = append(c.Add, desired[prefix])
 		}
 	}
+	return c
+}
 
-	// 5. Write the difference. Route by route at info level when a few
-	// change, else one summary: a router's full table is not 100,000 lines.
+// write applies the changes and keeps the view in step. Route by route at
+// info level when a few change, else one summary: a router's full table is
+// not 100,000 lines.
+func (m *Manager) write(ctx context.Context, c RouteChanges, fail func(error)) {
+	adds, replaces, dels := c.Add, c.Replace, c.Delete
 	level := slog.LevelInfo
 	if len(adds)+len(replaces)+len(dels) > routesLoggedOneByOne {
 		level = slog.LevelDebug
@@ -335,7 +430,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 			failed++
 			continue
 		}
-		if prefix := prefixOf(kr.Dst); !done[prefix] { // not a duplicate of a route that stays
+		if prefix := prefixOf(kr.Dst); m.view[prefix] == kr { // not a duplicate of the route that stays
 			delete(m.view, prefix)
 		}
 		if logRoutes {
@@ -369,7 +464,7 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 		default:
 			m.view[prefix] = want
 			if logRoutes {
-				m.log.Log(ctx, level, "added route", "route", describe(want), "peer", owners[prefix])
+				m.log.Log(ctx, level, "added route", "route", describe(want), "peer", m.owners[prefix])
 			}
 		}
 	}
@@ -380,7 +475,6 @@ func (m *Manager) Apply(ctx context.Context, routes []RemoteRoute) error {
 	if failed > 0 {
 		m.view = nil // the kernel may differ from what was asked: read it next time
 	}
-	return errors.Join(errs...)
 }
 
 // routesLoggedOneByOne is how many route changes one Apply logs one by one
@@ -643,12 +737,29 @@ func sameRoute(have, want *netlink.Route) bool {
 	if want.LinkIndex != 0 && have.LinkIndex != want.LinkIndex {
 		return false
 	}
+	if routeType(have) != routeType(want) {
+		return false
+	}
 	return net.IP(have.Gw).Equal(want.Gw) &&
 		have.Flags&int(netlink.FLAG_ONLINK) == want.Flags&int(netlink.FLAG_ONLINK) &&
 		have.Priority == want.Priority && have.Scope == want.Scope
 }
 
+// routeType is a route's type, unicast when unset.
+func routeType(r *netlink.Route) int {
+	if r.Type == 0 {
+		return unix.RTN_UNICAST
+	}
+	return r.Type
+}
+
 func describe(r *netlink.Route) string {
+	if r == nil {
+		return "none"
+	}
+	if routeType(r) == unix.RTN_UNREACHABLE {
+		return fmt.Sprintf("unreachable %s proto %d", prefixOf(r.Dst), r.Protocol)
+	}
 	s := fmt.Sprintf("%s via %s", prefixOf(r.Dst), r.Gw)
 	if r.LinkIndex != 0 {
 		s += fmt.Sprintf(" ifindex %d", r.LinkIndex)

@@ -1,8 +1,10 @@
 // Package dockerwatch follows the local dockerd through its Engine API on a
-// unix socket and reports the running containers that have an address in
-// this host's subnet: the containers on the fabric bridge. It lists them,
-// then re-lists on every container or network event; when dockerd goes away
-// (a restart, an upgrade) it keeps the last list and reconnects.
+// unix socket and reports what fabric cares about: the running containers
+// that have an address in this host's subnet (the containers on the fabric
+// bridge) or on a fabric network, and the fabric networks dockerd has. It
+// lists them, then re-lists on every container or network event; when
+// dockerd goes away (a restart, an upgrade) it keeps the last list and
+// reconnects. It also makes and removes networks for the network sync.
 //
 // The Engine API is plain HTTP with JSON; the few calls needed here do not
 // justify linking Docker's client module.
@@ -10,6 +12,7 @@ package dockerwatch
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -21,6 +24,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"reflect"
 	"slices"
 	"strings"
 	"time"
@@ -28,22 +32,46 @@ import (
 	"github.com/fabricnet/fabric/internal/latest"
 )
 
-// Container is one running container on the fabric bridge.
+// Container is one running container on the fabric bridge or on fabric
+// networks.
 type Container struct {
 	ID      string            `json:"id"`
 	Name    string            `json:"name"`
-	Addr    netip.Addr        `json:"address"`
+	Addr    netip.Addr        `json:"address"` // on the fabric bridge; invalid when not there
 	Labels  map[string]string `json:"labels,omitempty"`
 	Created time.Time         `json:"created"`
+	// Networks are its endpoints on fabric networks, by network name.
+	Networks []Attachment `json:"networks,omitempty"`
 }
 
-func (c Container) equal(o Container) bool {
-	return c.ID == o.ID && c.Name == o.Name && c.Addr == o.Addr && c.Created.Equal(o.Created) && maps.Equal(c.Labels, o.Labels)
+// Attachment is a container's endpoint on a fabric network.
+type Attachment struct {
+	Network    string     `json:"network"`
+	NetworkID  string     `json:"networkID"`
+	EndpointID string     `json:"endpointID"`
+	Addr       netip.Addr `json:"address"`
+	// Aliases are the other names it answers to there: compose's service
+	// name, --network-alias, the short container ID.
+	Aliases []string `json:"aliases,omitempty"`
 }
 
-// Equal reports whether two lists (sorted by name, as Watch sends them) are
-// the same.
-func Equal(a, b []Container) bool { return slices.EqualFunc(a, b, Container.equal) }
+// Network is a network of the fabric driver on this dockerd.
+type Network struct {
+	ID      string       `json:"id"`
+	Name    string       `json:"name"`
+	Subnet  netip.Prefix `json:"subnet"`
+	Gateway netip.Addr   `json:"gateway"`
+	IPAM    string       `json:"ipam"` // its IPAM driver
+}
+
+// Snapshot is what Watch reports after each change.
+type Snapshot struct {
+	Containers []Container // sorted by name
+	Networks   []Network   // sorted by name
+}
+
+// Equal reports whether two snapshots are the same.
+func (s Snapshot) Equal(o Snapshot) bool { return reflect.DeepEqual(s, o) }
 
 // Client talks to one dockerd.
 type Client struct {
@@ -71,58 +99,168 @@ type apiContainer struct {
 	Created         int64             `json:"Created"`
 	NetworkSettings struct {
 		Networks map[string]struct {
-			IPAddress string `json:"IPAddress"`
+			NetworkID  string   `json:"NetworkID"`
+			EndpointID string   `json:"EndpointID"`
+			IPAddress  string   `json:"IPAddress"`
+			Aliases    []string `json:"Aliases"`
 		} `json:"Networks"`
 	} `json:"NetworkSettings"`
 }
 
-// List returns the running containers with an address in subnet, sorted by
-// name. A container with no name or no address there is left out.
-func (c *Client) List(ctx context.Context, subnet netip.Prefix) ([]Container, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker/containers/json", nil)
+// apiNetwork is the part of GET /networks fabric reads.
+type apiNetwork struct {
+	Name   string `json:"Name"`
+	ID     string `json:"Id"`
+	Driver string `json:"Driver"`
+	IPAM   struct {
+		Driver string `json:"Driver"`
+		Config []struct {
+			Subnet  string `json:"Subnet"`
+			Gateway string `json:"Gateway"`
+		} `json:"Config"`
+	} `json:"IPAM"`
+}
+
+// Filter says what a snapshot keeps.
+type Filter struct {
+	Subnet netip.Prefix // this host's subnet: the containers on the fabric bridge
+	Driver string       // the fabric network driver's name: its networks and their containers
+}
+
+// List returns the running containers on the bridge or on the driver's
+// networks, and the driver's networks.
+func (c *Client) List(ctx context.Context, f Filter) (Snapshot, error) {
+	var containers []apiContainer
+	if err := c.get(ctx, "/containers/json", "list containers", &containers); err != nil {
+		return Snapshot{}, err
+	}
+	var networks []apiNetwork
+	if f.Driver != "" {
+		filters := url.QueryEscape(fmt.Sprintf(`{"driver":[%q]}`, f.Driver))
+		if err := c.get(ctx, "/networks?filters="+filters, "list networks", &networks); err != nil {
+			return Snapshot{}, err
+		}
+	}
+	return fromAPI(containers, networks, f), nil
+}
+
+func (c *Client) get(ctx context.Context, path, what string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://docker"+path, nil)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("dockerd at %s: %w", c.socket, err)
+		return fmt.Errorf("dockerd at %s: %w", c.socket, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, fmt.Errorf("dockerd at %s: list containers: %s: %s", c.socket, resp.Status, strings.TrimSpace(string(body)))
+		return fmt.Errorf("dockerd at %s: %s: %s: %s", c.socket, what, resp.Status, strings.TrimSpace(string(body)))
 	}
-	var list []apiContainer
-	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
-		return nil, fmt.Errorf("dockerd at %s: list containers: %w", c.socket, err)
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("dockerd at %s: %s: %w", c.socket, what, err)
 	}
-	return fromAPI(list, subnet), nil
+	return nil
 }
 
-func fromAPI(list []apiContainer, subnet netip.Prefix) []Container {
-	var out []Container
+func fromAPI(list []apiContainer, networks []apiNetwork, f Filter) Snapshot {
+	var snap Snapshot
+	fabric := map[string]bool{}
+	for _, an := range networks {
+		if an.Driver != f.Driver {
+			continue
+		}
+		n := Network{ID: an.ID, Name: an.Name, IPAM: an.IPAM.Driver}
+		if len(an.IPAM.Config) > 0 {
+			n.Subnet, _ = netip.ParsePrefix(an.IPAM.Config[0].Subnet)
+			n.Gateway, _ = netip.ParseAddr(strings.Split(an.IPAM.Config[0].Gateway, "/")[0])
+		}
+		fabric[an.ID] = true
+		snap.Networks = append(snap.Networks, n)
+	}
+	slices.SortFunc(snap.Networks, func(a, b Network) int { return strings.Compare(a.Name, b.Name) })
 	for _, ac := range list {
 		if len(ac.Names) == 0 {
 			continue
 		}
 		name := strings.TrimPrefix(ac.Names[0], "/")
-		// Networks in name order: the same container always gets the same
-		// address when it has two in the subnet.
-		var addr netip.Addr
-		for _, n := range slices.Sorted(maps.Keys(ac.NetworkSettings.Networks)) {
-			a, err := netip.ParseAddr(ac.NetworkSettings.Networks[n].IPAddress)
-			if err == nil && subnet.Contains(a) {
-				addr = a
-				break
-			}
-		}
-		if name == "" || !addr.IsValid() {
+		if name == "" {
 			continue
 		}
-		out = append(out, Container{ID: ac.ID, Name: name, Addr: addr, Labels: ac.Labels, Created: time.Unix(ac.Created, 0).UTC()})
+		c := Container{ID: ac.ID, Name: name, Labels: ac.Labels, Created: time.Unix(ac.Created, 0).UTC()}
+		// Networks in name order: the same container always gets the same
+		// bridge address when it has two in the subnet.
+		for _, n := range slices.Sorted(maps.Keys(ac.NetworkSettings.Networks)) {
+			ep := ac.NetworkSettings.Networks[n]
+			a, err := netip.ParseAddr(ep.IPAddress)
+			if err != nil {
+				continue
+			}
+			switch {
+			case fabric[ep.NetworkID]:
+				aliases := slices.DeleteFunc(slices.Clone(ep.Aliases), func(s string) bool { return s == name })
+				slices.Sort(aliases)
+				c.Networks = append(c.Networks, Attachment{Network: n, NetworkID: ep.NetworkID, EndpointID: ep.EndpointID, Addr: a, Aliases: slices.Compact(aliases)})
+			case f.Subnet.IsValid() && f.Subnet.Contains(a) && !c.Addr.IsValid():
+				c.Addr = a
+			}
+		}
+		if c.Addr.IsValid() || len(c.Networks) > 0 {
+			snap.Containers = append(snap.Containers, c)
+		}
 	}
-	slices.SortFunc(out, func(a, b Container) int { return strings.Compare(a.Name, b.Name) })
-	return out
+	slices.SortFunc(snap.Containers, func(a, b Container) int { return strings.Compare(a.Name, b.Name) })
+	return snap
+}
+
+// CreateNetwork makes a network on this dockerd (the network sync: a
+// fabric network made on another host).
+func (c *Client) CreateNetwork(ctx context.Context, name, driver, ipamDriver string, subnet netip.Prefix, gateway netip.Addr) error {
+	body, _ := json.Marshal(map[string]any{
+		"Name": name, "Driver": driver, "CheckDuplicate": true,
+		"IPAM": map[string]any{"Driver": ipamDriver, "Config": []map[string]string{{"Subnet": subnet.String(), "Gateway": gateway.String()}}},
+	})
+	return c.send(ctx, http.MethodPost, "/networks/create", body, "create network "+name)
+}
+
+// DeleteNetwork removes a network from this dockerd; dockerd refuses while
+// containers are attached.
+func (c *Client) DeleteNetwork(ctx context.Context, id string) error {
+	return c.send(ctx, http.MethodDelete, "/networks/"+url.PathEscape(id), nil, "remove network "+id)
+}
+
+// NetworkName returns the name of network id, or "" if dockerd has no such
+// network (yet).
+func (c *Client) NetworkName(ctx context.Context, id string) (string, error) {
+	var n apiNetwork
+	err := c.get(ctx, "/networks/"+url.PathEscape(id), "inspect network", &n)
+	if err != nil && strings.Contains(err.Error(), "404") {
+		return "", nil
+	}
+	return n.Name, err
+}
+
+func (c *Client) send(ctx context.Context, method, path string, body []byte, what string) error {
+	req, err := http.NewRequestWithContext(ctx, method, "http://docker"+path, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("dockerd at %s: %w", c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		var e struct{ Message string }
+		if json.Unmarshal(msg, &e) == nil && e.Message != "" {
+			msg = []byte(e.Message)
+		}
+		return fmt.Errorf("dockerd at %s: %s: %s: %s", c.socket, what, resp.Status, strings.TrimSpace(string(msg)))
+	}
+	return nil
 }
 
 // events follows GET /events for containers and networks and sends on
@@ -164,34 +302,35 @@ const (
 	maxBackoff = 5 * time.Second
 )
 
-// Watch sends the list of containers on the fabric bridge (address in
-// subnet) at start and after every change, the newest list winning. While
-// dockerd is away nothing is sent: the last list stands until dockerd
-// answers again. The channel is closed when ctx is done.
-func Watch(ctx context.Context, socket string, subnet netip.Prefix, logger *slog.Logger) <-chan []Container {
+// Watch sends the snapshot (containers on the fabric bridge, given by f's
+// subnet, and on f's driver's networks, and those networks) at start and
+// after every change, the newest winning. While dockerd is away nothing is
+// sent: the last snapshot stands until dockerd answers again. The channel
+// is closed when ctx is done.
+func Watch(ctx context.Context, socket string, f Filter, logger *slog.Logger) <-chan Snapshot {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	out := make(chan []Container, 1)
+	out := make(chan Snapshot, 1)
 	c := New(socket)
 	go func() {
 		defer close(out)
-		var last []Container
+		var last Snapshot
 		sent := false
 		backoff := minBackoff
 		loggedAway := false
 		for ctx.Err() == nil {
-			err := c.follow(ctx, subnet, func(list []Container) {
+			err := c.follow(ctx, f, func(snap Snapshot) {
 				backoff = minBackoff
 				if loggedAway {
 					logger.Info("dockerd answers again", "socket", socket)
 					loggedAway = false
 				}
-				if sent && Equal(list, last) {
+				if sent && snap.Equal(last) {
 					return
 				}
-				last, sent = list, true
-				latest.Put(out, list)
+				last, sent = snap, true
+				latest.Put(out, snap)
 			})
 			if ctx.Err() != nil {
 				return
@@ -214,7 +353,7 @@ func Watch(ctx context.Context, socket string, subnet netip.Prefix, logger *slog
 // follow subscribes to events, lists once the subscription stands (so no
 // change between the list and the stream is lost), then lists again after
 // each burst of events. It returns when the stream breaks.
-func (c *Client) follow(ctx context.Context, subnet netip.Prefix, emit func([]Container)) error {
+func (c *Client) follow(ctx context.Context, f Filter, emit func(Snapshot)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	changed := make(chan struct{}, 1)
@@ -231,7 +370,7 @@ func (c *Client) follow(ctx context.Context, subnet netip.Prefix, emit func([]Co
 	relist := func() error {
 		lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
 		defer lcancel()
-		list, err := c.List(lctx, subnet)
+		list, err := c.List(lctx, f)
 		if err != nil {
 			return err
 		}

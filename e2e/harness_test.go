@@ -78,20 +78,12 @@ func newFabric(t *testing.T, spec lab.Spec, extra ...string) *fabric {
 }
 
 func (f *fabric) fabricdArgs(h *lab.Host, runDir string, more ...string) []string {
-	args := []string{
-		filepath.Join(binDir, "fabricd"),
-		"--node-name", h.Name,
-		"--machine-id", f.lab.Prefix() + "-" + h.Name,
-		"--etcd-endpoints", strings.Join(f.lab.EtcdEndpoints(), ","),
-		"--pool", "10.244.0.0/16",
+	args := f.lab.FabricdArgs(binDir, h,
 		"--run-dir", runDir,
-		"--docker-opts-file", runDir + "/docker.env",
-		"--docker-socket", h.DockerSocket(),
-		"--underlay-interface", h.Dev,
+		"--docker-opts-file", runDir+"/docker.env",
 		"--resync", "5s",
 		"--log-level", "debug",
-		"--metrics-address", netip.AddrPortFrom(h.Addr, 9815).String(),
-	}
+		"--metrics-address", netip.AddrPortFrom(h.Addr, 9815).String())
 	args = append(args, f.extra...)
 	return append(args, more...)
 }

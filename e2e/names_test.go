@@ -52,7 +52,9 @@ func (f *fabric) startDockerd(h *lab.Host) *dockerHost {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
 	defer cancel()
-	d, err := h.StartDockerd(ctx, lab.DockerdOptions{ExtraArgs: opts})
+	// With its own plugin directory: the host's fabricd serves Docker
+	// networks there.
+	d, err := h.StartDockerd(ctx, lab.DockerdOptions{ExtraArgs: opts, PluginDir: h.DockerPluginDir()})
 	if err != nil {
 		f.t.Fatal(err)
 	}

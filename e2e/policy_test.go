@@ -238,14 +238,20 @@ func ruleLines(h *lab.Host, name string) ([]string, error) {
 	}
 	var lines []string
 	for _, l := range strings.Split(out, "\n") {
-		if strings.HasPrefix(l, "-A "+policy.ChainName+" ") && strings.Contains(l, ruleComment(name)) {
+		if isPolicyLine(l) && strings.Contains(l, ruleComment(name)) {
 			lines = append(lines, l)
 		}
 	}
 	return lines, nil
 }
 
-// chain returns h's FABRIC-POLICY rules.
+// isPolicyLine reports whether an iptables-save line is a rule of policy's
+// chains.
+func isPolicyLine(l string) bool {
+	return strings.HasPrefix(l, "-A "+policy.ChainName+" ") || strings.HasPrefix(l, "-A "+policy.InChain+" ")
+}
+
+// chain returns h's FABRIC-POLICY and FABRIC-POLICY-IN rules.
 func chain(h *lab.Host) ([]string, error) {
 	out, err := filterTable(h)
 	if err != nil {
@@ -253,7 +259,7 @@ func chain(h *lab.Host) ([]string, error) {
 	}
 	var lines []string
 	for _, l := range strings.Split(out, "\n") {
-		if strings.HasPrefix(l, "-A "+policy.ChainName+" ") {
+		if isPolicyLine(l) {
 			lines = append(lines, l)
 		}
 	}
@@ -304,7 +310,7 @@ func (e *policyEnv) reset(t *testing.T) {
 func onlyInfrastructure(lines []string) bool {
 	for _, l := range lines {
 		switch {
-		case strings.Contains(l, `"fabric policy: only traffic`),
+		case strings.Contains(l, `"fabric policy: traffic to local containers`),
 			strings.Contains(l, `"fabric policy: replies of allowed connections"`),
 			strings.Contains(l, `"fabric policy: default allow"`):
 		default:

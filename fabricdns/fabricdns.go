@@ -69,7 +69,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Logger = slog.Default()
 	}
 	s := &Server{cfg: cfg, zone: dns.Fqdn(strings.ToLower(cfg.Domain)), log: cfg.Logger}
-	s.view.Store(names.NewView(nil))
+	s.view.Store(names.NewView(nil, nil))
 	s.upstreams = cfg.Upstreams
 	if len(s.upstreams) == 0 {
 		path := cfg.ResolvConf
@@ -181,7 +181,11 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 	}
 	q := req.Question[0]
 	qname := strings.ToLower(q.Name)
-	if m, ok := s.answer(req, q, qname); ok {
+	var from netip.Addr
+	if ap, err := netip.ParseAddrPort(w.RemoteAddr().String()); err == nil {
+		from = ap.Addr().Unmap()
+	}
+	if m, ok := s.answer(req, q, qname, from); ok {
 		w.WriteMsg(m)
 		return
 	}
@@ -189,18 +193,19 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 }
 
 // answer returns the reply for a name this server is the authority for.
-func (s *Server) answer(req *dns.Msg, q dns.Question, qname string) (*dns.Msg, bool) {
+// A query from a container on a fabric network (from, the query's source)
+// is answered from that network's names only, as a bare name (what
+// Docker's embedded DNS forwards) or under the domain; one from the bridge
+// from the bridge's names, under the domain.
+func (s *Server) answer(req *dns.Msg, q dns.Question, qname string, from netip.Addr) (*dns.Msg, bool) {
 	m := new(dns.Msg)
 	m.SetReply(req)
 	m.Authoritative = true
 	m.RecursionAvailable = true
 	view := s.view.Load()
-	switch {
-	case qname == s.zone:
-		return m, true // the domain itself: no data
-	case strings.HasSuffix(qname, "."+s.zone):
-		r, ok := view.Lookup(strings.TrimSuffix(qname, "."+s.zone))
-		if !ok {
+	network, onNetwork := view.NetworkOf(from)
+	reply := func(r names.Record, found bool) (*dns.Msg, bool) {
+		if !found {
 			m.SetRcode(req, dns.RcodeNameError)
 			m.Authoritative = true
 			return m, true
@@ -212,6 +217,17 @@ func (s *Server) answer(req *dns.Msg, q dns.Question, qname string) (*dns.Msg, b
 			})
 		}
 		return m, true
+	}
+	if onNetwork {
+		if r, ok := view.LookupIn(network, strings.TrimSuffix(qname, ".")); ok {
+			return reply(r, true)
+		}
+	}
+	switch {
+	case qname == s.zone:
+		return m, true // the domain itself: no data
+	case strings.HasSuffix(qname, "."+s.zone):
+		return reply(view.LookupIn(network, strings.TrimSuffix(qname, "."+s.zone)))
 	case q.Qtype == dns.TypePTR && strings.HasSuffix(qname, ".in-addr.arpa."):
 		addr, ok := reverseAddr(qname)
 		if !ok || !s.cfg.Pool.Contains(addr) {

@@ -110,7 +110,7 @@ func ask(t *testing.T, network, addr, name string, qtype uint16) *dns.Msg {
 func TestAnswersContainerNamesAndForwardsTheRest(t *testing.T) {
 	s, addr := start(t, Config{Upstreams: []string{upstream(t)}})
 	web := names.Record{Name: "web", Node: "host2", Address: netip.MustParseAddr("10.244.2.5"), Created: time.Unix(1, 0)}
-	s.SetView(names.NewView([]names.Record{web}))
+	s.SetView(names.NewView([]names.Record{web}, nil))
 
 	for _, network := range []string{"udp", "tcp"} {
 		resp := ask(t, network, addr, "web.fabric.", dns.TypeA)
@@ -145,7 +145,7 @@ func TestAnswersContainerNamesAndForwardsTheRest(t *testing.T) {
 	}
 
 	// The container goes: the name stops resolving with the next view.
-	s.SetView(names.NewView(nil))
+	s.SetView(names.NewView(nil, nil))
 	if resp := ask(t, "udp", addr, "web.fabric.", dns.TypeA); resp.Rcode != dns.RcodeNameError {
 		t.Errorf("removed web still resolves: %v", resp)
 	}

@@ -43,6 +43,11 @@ type DockerdOptions struct {
 	Bip       string   // --bip, e.g. "10.244.3.1/24"; empty: dockerd's default
 	MTU       int      // --mtu; 0: dockerd's default
 	ExtraArgs []string // more dockerd options, e.g. "--ip-masq=false"
+	// PluginDir, if set, is what this dockerd alone sees as
+	// /run/docker/plugins (where dockerd finds plugins; there is no flag
+	// to move it): it runs in a mount namespace of its own with PluginDir
+	// bound there, so each host's dockerd finds its own fabricd.
+	PluginDir string
 	// Timeout for dockerd to answer; default 90 s (a bound for a busy machine).
 	Timeout time.Duration
 }
@@ -81,10 +86,15 @@ func DockerMissing() string {
 	return ""
 }
 
-// dockerSupervisor is run by sh with: ROOT SOCK CGROUP DOCKERD DOCKER [dockerd args...].
+// dockerSupervisor is run by sh with: ROOT SOCK CGROUP DOCKERD DOCKER
+// PLUGINDIR [dockerd args...]; with PLUGINDIR it runs in a mount namespace
+// of its own.
 const dockerSupervisor = `
-ROOT=$1 SOCK=$2 CG=$3 DOCKERD=$4 DOCKER=$5
-shift 5
+ROOT=$1 SOCK=$2 CG=$3 DOCKERD=$4 DOCKER=$5 PLUGINDIR=$6
+shift 6
+if [ -n "$PLUGINDIR" ]; then
+	mkdir -p /run/docker/plugins && mount --bind "$PLUGINDIR" /run/docker/plugins || { echo "supervisor: cannot bind $PLUGINDIR"; exit 1; }
+fi
 pid=
 cleanup() {
 	trap '' TERM INT HUP
@@ -168,7 +178,13 @@ func (h *Host) StartDockerd(ctx context.Context, opts DockerdOptions) (*Dockerd,
 	}
 	args = append(args, opts.ExtraArgs...)
 	full := append([]string{"sh", "-c", dockerSupervisor, "dockerd-supervisor",
-		root, d.Socket, strings.TrimPrefix(d.Cgroup, "/"), DockerdPath, DockerClientPath}, args...)
+		root, d.Socket, strings.TrimPrefix(d.Cgroup, "/"), DockerdPath, DockerClientPath, opts.PluginDir}, args...)
+	if opts.PluginDir != "" {
+		if err := os.MkdirAll(opts.PluginDir, 0o755); err != nil {
+			return nil, fmt.Errorf("lab: %w", err)
+		}
+		full = append([]string{"unshare", "--mount", "--propagation", "private"}, full...)
+	}
 	p, err := h.Start("dockerd", full...)
 	if err != nil {
 		return nil, err
@@ -319,3 +335,8 @@ func copyFile(src, dst string, mode os.FileMode) error {
 	}
 	return nil
 }
+
+// DockerPluginDir is what the host's dockerd sees as /run/docker/plugins
+// when started with it as DockerdOptions.PluginDir: fabricd on the host
+// serves its plugin socket there.
+func (h *Host) DockerPluginDir() string { return filepath.Join(h.lab.runDir, "plugins-"+h.Name) }

@@ -28,7 +28,10 @@ import (
 // DefaultPrefix matches the registry's.
 const DefaultPrefix = "/fabric"
 
-// Record is one container's entry in the directory.
+// Record is one container's entry in the directory: on the fabric bridge
+// (Network ""), or on a fabric network, where it also answers to its
+// aliases (compose's service name, --network-alias) and only to queries
+// from that network.
 type Record struct {
 	Name    string            `json:"name"`
 	Address netip.Addr        `json:"address"`
@@ -36,6 +39,8 @@ type Record struct {
 	ID      string            `json:"id"`
 	Labels  map[string]string `json:"labels,omitempty"`
 	Created time.Time         `json:"created"`
+	Network string            `json:"network,omitempty"`
+	Aliases []string          `json:"aliases,omitempty"`
 }
 
 // Validate names the first problem of a record.
@@ -45,6 +50,8 @@ func (r Record) Validate() error {
 		return fmt.Errorf("container name %q is empty or holds '/' or a space", r.Name)
 	case r.Node == "" || strings.Contains(r.Node, "/"):
 		return fmt.Errorf("node %q is empty or holds '/'", r.Node)
+	case strings.ContainsAny(r.Network, "/@ "):
+		return fmt.Errorf("network %q holds '/', '@' or a space", r.Network)
 	case !r.Address.Is4():
 		return fmt.Errorf("address %v is not an IPv4 address", r.Address)
 	}
@@ -62,8 +69,14 @@ func containersPrefix(prefix string) string { return normPrefix(prefix) + "/cont
 
 func nodePrefix(prefix, node string) string { return containersPrefix(prefix) + node + "/" }
 
-// Key is where a record is stored.
-func Key(prefix string, r Record) string { return nodePrefix(prefix, r.Node) + r.Name }
+// Key is where a record is stored: <node>/<name>, and <node>/<name>@<network>
+// for a record on a fabric network ('@' is in no container name).
+func Key(prefix string, r Record) string {
+	if r.Network != "" {
+		return nodePrefix(prefix, r.Node) + r.Name + "@" + r.Network
+	}
+	return nodePrefix(prefix, r.Node) + r.Name
+}
 
 // decode parses the value at key and checks that it matches its key.
 func decode(prefix, key string, value []byte) (Record, error) {
@@ -107,33 +120,60 @@ func Sort(rs []Record) {
 
 // View answers lookups from one snapshot of the directory.
 type View struct {
-	byName map[string][]Record // lookup key -> records, winner first
-	byAddr map[netip.Addr]Record
-	all    []Record
+	byName   map[string][]Record // scope + lookup key -> records, winner first
+	byAddr   map[netip.Addr]Record
+	all      []Record
+	networks map[string]netip.Prefix
 }
 
-// NewView indexes records (any order).
-func NewView(records []Record) *View {
+// scope is the index key of a name in a network ("" is the bridge).
+func scope(network, name string) string { return network + "\x00" + lookupKey(name) }
+
+// NewView indexes records (any order); networks are the fabric networks'
+// subnets by name, for NetworkOf.
+func NewView(records []Record, networks map[string]netip.Prefix) *View {
 	rs := slices.Clone(records)
 	Sort(rs)
-	v := &View{byName: map[string][]Record{}, byAddr: map[netip.Addr]Record{}, all: rs}
+	v := &View{byName: map[string][]Record{}, byAddr: map[netip.Addr]Record{}, all: rs, networks: networks}
 	for _, r := range rs {
-		k := lookupKey(r.Name)
-		v.byName[k] = append(v.byName[k], r)
+		for _, name := range append([]string{r.Name}, r.Aliases...) {
+			k := scope(r.Network, name)
+			v.byName[k] = append(v.byName[k], r)
+		}
 		if _, taken := v.byAddr[r.Address]; !taken {
 			v.byAddr[r.Address] = r
 		}
 	}
+	for k, rs := range v.byName {
+		slices.SortStableFunc(rs, before) // an alias's records in the same order as a name's
+		v.byName[k] = rs
+	}
 	return v
 }
 
-// Lookup returns the container that answers for name (case-insensitive).
-func (v *View) Lookup(name string) (Record, bool) {
-	rs := v.byName[lookupKey(name)]
+// Lookup returns the container on the fabric bridge that answers for name
+// (case-insensitive).
+func (v *View) Lookup(name string) (Record, bool) { return v.LookupIn("", name) }
+
+// LookupIn returns the container that answers for name (or an alias) on
+// network ("" for the bridge).
+func (v *View) LookupIn(network, name string) (Record, bool) {
+	rs := v.byName[scope(network, name)]
 	if len(rs) == 0 {
 		return Record{}, false
 	}
 	return rs[0], true
+}
+
+// NetworkOf returns the fabric network whose subnet holds a: where a
+// query from a comes from.
+func (v *View) NetworkOf(a netip.Addr) (string, bool) {
+	for name, subnet := range v.networks {
+		if subnet.Contains(a) {
+			return name, true
+		}
+	}
+	return "", false
 }
 
 // Reverse returns the container with address a.
@@ -159,7 +199,7 @@ func (v *View) Entries() []Entry {
 	out := make([]Entry, 0, len(v.all))
 	for _, r := range v.all {
 		e := Entry{Record: r}
-		if w := v.byName[lookupKey(r.Name)][0]; w.Node != r.Node || w.ID != r.ID {
+		if w := v.byName[scope(r.Network, r.Name)][0]; w.Node != r.Node || w.ID != r.ID {
 			e.ShadowedBy = w.Node
 		}
 		out = append(out, e)
@@ -211,13 +251,23 @@ type Refusal struct {
 	Reason string
 }
 
-// Trusted keeps the records whose address lies in a subnet leased to the
-// record's own node (held: node -> subnets, from ipam). Any etcd client of
-// the fabric can write a record; without this check one host could point a
-// name at another host's container, a host address or the outside world.
-// With held unknown (nil) nothing is trusted: security decisions fail closed.
-func Trusted(records []Record, held map[string][]netip.Prefix) (kept []Record, refused []Refusal) {
+// Trusted keeps the records whose address is their own node's: on the
+// bridge, in a subnet leased to the node (held: node -> subnets, from
+// ipam); on a fabric network, an address given to the node (owns, from the
+// networks' state). Any etcd client of the fabric can write a record;
+// without this check one host could point a name at another host's
+// container, a host address or the outside world. With held unknown (nil)
+// nothing is trusted: security decisions fail closed.
+func Trusted(records []Record, held map[string][]netip.Prefix, owns func(network, node string, a netip.Addr) bool) (kept []Record, refused []Refusal) {
 	for _, r := range records {
+		if r.Network != "" {
+			if held != nil && owns != nil && owns(r.Network, r.Node, r.Address) {
+				kept = append(kept, r)
+				continue
+			}
+			refused = append(refused, Refusal{Record: r, Reason: fmt.Sprintf("address %s on network %s is not given to %s", r.Address, r.Network, r.Node)})
+			continue
+		}
 		subnets := held[r.Node]
 		if slices.ContainsFunc(subnets, func(p netip.Prefix) bool { return p.Contains(r.Address) }) {
 			kept = append(kept, r)

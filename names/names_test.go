@@ -30,7 +30,7 @@ func TestViewConflictsAnsweredTheSameEverywhere(t *testing.T) {
 		{older, newer, sameTimeA, sameTimeB},
 		{newer, sameTimeB, older, sameTimeA},
 	} {
-		v := NewView(order)
+		v := NewView(order, nil)
 		if r, _ := v.Lookup("web"); r.Node != "host2" {
 			t.Errorf("web answered by %s, want host2 (created first)", r.Node)
 		}
@@ -51,7 +51,7 @@ func TestViewConflictsAnsweredTheSameEverywhere(t *testing.T) {
 		}
 	}
 	// DNS is case-insensitive: Web and web are one name.
-	v := NewView([]Record{older, upper})
+	v := NewView([]Record{older, upper}, nil)
 	if r, _ := v.Lookup("WEB"); r.Node != "host4" {
 		t.Errorf("WEB answered by %s, want host4's Web (created first)", r.Node)
 	}
@@ -198,7 +198,7 @@ func TestTrustedOnlyInsideTheNodesLease(t *testing.T) {
 		{"the outside world", rec("login", "host2", "203.0.113.9", 1), false},
 		{"a node without a lease", rec("x", "host9", "10.244.9.5", 1), false},
 	} {
-		kept, refused := Trusted([]Record{tc.r}, held)
+		kept, refused := Trusted([]Record{tc.r}, held, nil)
 		if got := len(kept) == 1; got != tc.ok {
 			t.Errorf("%s: trusted=%v, want %v (refusals %+v)", tc.name, got, tc.ok, refused)
 		}
@@ -206,7 +206,7 @@ func TestTrustedOnlyInsideTheNodesLease(t *testing.T) {
 			t.Errorf("%s: refusal without a reason: %+v", tc.name, refused)
 		}
 	}
-	if kept, _ := Trusted([]Record{own}, nil); len(kept) != 0 {
+	if kept, _ := Trusted([]Record{own}, nil, nil); len(kept) != 0 {
 		t.Error("records trusted before the leases are known")
 	}
 }

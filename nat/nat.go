@@ -97,6 +97,22 @@ type State struct {
 	// Reserved are this host's own ports (its BGP and VXLAN ports) that no
 	// publish may take, besides DefaultReserved.
 	Reserved Reserved
+	// Networks are the subnets of the fabric's Docker networks,
+	// EndpointLinks matches this host's endpoint links on them (as
+	// iptables takes it: "fnep+"), and LocalPorts are the ports their
+	// containers publish on this host (docker run -p).
+	Networks      []netip.Prefix
+	EndpointLinks string
+	LocalPorts    []LocalPort
+}
+
+// LocalPort is a port a container on a fabric network publishes on this
+// host, as dockerd does on its bridges.
+type LocalPort struct {
+	Proto    string     // "tcp" or "udp"
+	HostIP   netip.Addr // only this address of the host; invalid: every address
+	HostPort uint16
+	Target   netip.AddrPort
 }
 
 // Config configures a Manager.
@@ -194,7 +210,7 @@ func (m *Manager) selectPublishes(st State) []PublishedPort {
 		if !p.onHost(st.Node) {
 			continue
 		}
-		if err := ValidatePublish(p, st.Pool, out, st.Reserved); err != nil {
+		if err := ValidatePublish(p, append([]netip.Prefix{st.Pool}, st.Networks...), out, st.Reserved); err != nil {
 			m.log.Warn("publish skipped", "publish", p.String(), "err", err)
 			continue
 		}
@@ -260,9 +276,10 @@ func (r Reserved) why(proto string, port uint16) string {
 
 // ValidatePublish checks p before fabricctl stores it: a known protocol, non-zero
 // ports, a host port nothing of the fabric uses (DefaultReserved and
-// reserved), a target inside pool, and no overlap with an existing publish
+// reserved), a target inside the fabric (fabric: the pool, then the
+// Docker networks' subnets), and no overlap with an existing publish
 // of the same protocol and host port on a common host.
-func ValidatePublish(p PublishedPort, pool netip.Prefix, existing []PublishedPort, reserved Reserved) error {
+func ValidatePublish(p PublishedPort, fabric []netip.Prefix, existing []PublishedPort, reserved Reserved) error {
 	if p.Proto != "tcp" && p.Proto != "udp" {
 		return fmt.Errorf("publish %s: protocol %q is not tcp or udp", p, p.Proto)
 	}
@@ -279,8 +296,12 @@ func ValidatePublish(p PublishedPort, pool netip.Prefix, existing []PublishedPor
 	if !addr.Is4() {
 		return fmt.Errorf("publish %s: target %v is not IPv4", p, addr)
 	}
-	if !pool.Contains(addr) {
-		return fmt.Errorf("publish %s: target %v is outside the fabric pool %v", p, addr, pool)
+	if !slices.ContainsFunc(fabric, func(s netip.Prefix) bool { return s.Contains(addr) }) {
+		where := "the fabric pool " + fabric[0].String()
+		if len(fabric) > 1 {
+			where += fmt.Sprintf(" and the networks %v", fabric[1:])
+		}
+		return fmt.Errorf("publish %s: target %v is outside %s", p, addr, where)
 	}
 	for _, h := range p.Hosts {
 		if h == "" {

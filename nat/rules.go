@@ -55,17 +55,37 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 		}
 		forward = append(forward, fmt.Sprintf("%s %s -j ACCEPT", published, comment("forward publish "+name)))
 	}
+	for _, lp := range st.LocalPorts {
+		name := fmt.Sprintf("%s/%d to %s", lp.Proto, lp.HostPort, lp.Target)
+		dst := "-m addrtype --dst-type LOCAL"
+		if lp.HostIP.IsValid() && !lp.HostIP.IsUnspecified() {
+			dst = "-d " + lp.HostIP.String() + "/32"
+		}
+		dnat := fmt.Sprintf("-p %s %s -m %s --dport %d %s -j DNAT --to-destination %s",
+			lp.Proto, dst, lp.Proto, lp.HostPort, comment("container port "+name), lp.Target)
+		prerouting = append(prerouting, dnat)
+		output = append(output, "! -d 127.0.0.0/8 "+dnat)
+	}
 	masqueradeOptions := ""
 	if randomFully {
 		masqueradeOptions = " --random-fully"
 	}
+	// Everything that is the fabric's: the bridges' pool and the networks.
+	spaces := append([]netip.Prefix{pool}, st.Networks...)
+	for _, src := range spaces {
+		for _, dst := range spaces {
+			// ACCEPT, not RETURN: it also ends the nat POSTROUTING walk, so a
+			// MASQUERADE of dockerd (run without --ip-masq=false) cannot hide
+			// container addresses from each other either.
+			postrouting = append(postrouting, fmt.Sprintf("-s %s -d %s %s -j ACCEPT", src, dst, comment("traffic between containers keeps its addresses")))
+		}
+	}
 	postrouting = append(postrouting,
-		// ACCEPT, not RETURN: it also ends the nat POSTROUTING walk, so a
-		// MASQUERADE of dockerd (run without --ip-masq=false) cannot hide
-		// container addresses from each other either.
-		fmt.Sprintf("-s %s -d %s %s -j ACCEPT", pool, pool, comment("traffic between containers keeps its addresses")),
-		fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions),
-	)
+		fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions))
+	for _, n := range st.Networks {
+		postrouting = append(postrouting,
+			fmt.Sprintf("-s %s %s -j MASQUERADE%s", n, comment("containers of network "+n.String()+" leaving the fabric use the host address"), masqueradeOptions))
+	}
 	// Fabric traffic only: between this host's bridge and its tunnels, and
 	// between the bridge and the underlay for pool-to-pool traffic (direct
 	// routes to peers on the same segment). Nothing else: a container on
@@ -81,6 +101,27 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 			forward = append(forward,
 				fmt.Sprintf("-s %s -d %s -i %s -o %s %s -j ACCEPT", pool, subnet, st.UnderlayDev, st.Bridge, comment("fabric peers on this segment to local containers")),
 				fmt.Sprintf("-s %s -d %s -i %s -o %s %s -j ACCEPT", subnet, pool, st.Bridge, st.UnderlayDev, comment("local containers to fabric peers on this segment")))
+		}
+	}
+	// Containers on fabric networks: Docker has no rules for a network of
+	// a plugin driver, and its FORWARD policy drops, so fabric accepts
+	// their traffic here, after policy (which judges what enters them).
+	if st.EndpointLinks != "" && len(st.Networks) > 0 {
+		links := st.EndpointLinks
+		forward = append(forward,
+			fmt.Sprintf("-i %s %s -j ACCEPT", links, comment("containers on fabric networks, outbound")),
+			fmt.Sprintf("-o %s -m conntrack --ctstate RELATED,ESTABLISHED %s -j ACCEPT", links, comment("replies to containers on fabric networks")),
+			fmt.Sprintf("-o %s -m conntrack --ctstate DNAT %s -j ACCEPT", links, comment("ports published by containers on fabric networks")))
+		for _, t := range st.Tunnels {
+			forward = append(forward, fmt.Sprintf("-i %s -o %s %s -j ACCEPT", t, links, comment("fabric tunnel to local containers on fabric networks")))
+		}
+		if st.UnderlayDev != "" {
+			for _, src := range spaces {
+				forward = append(forward, fmt.Sprintf("-s %s -i %s -o %s %s -j ACCEPT", src, st.UnderlayDev, links, comment("fabric peers on this segment to local containers on fabric networks")))
+			}
+		}
+		if st.Bridge != "" {
+			forward = append(forward, fmt.Sprintf("-i %s -o %s %s -j ACCEPT", st.Bridge, links, comment("the bridge's containers to fabric networks (policy isolates them)")))
 		}
 	}
 

@@ -36,7 +36,7 @@ func TestValidatePublish(t *testing.T) {
 		{"no target", PublishedPort{Proto: "tcp", HostPort: 1}, "needs an address"},
 		{"ipv6", publish("tcp", 1, "[fd00::1]:80"), "not IPv4"},
 	} {
-		err := ValidatePublish(c.p, pool, existing, Reserved{"tcp/1790": "this host's BGP port"})
+		err := ValidatePublish(c.p, []netip.Prefix{pool}, existing, Reserved{"tcp/1790": "this host's BGP port"})
 		switch {
 		case c.wantErr == "" && err != nil:
 			t.Errorf("%s: unexpected error %v", c.name, err)

@@ -201,11 +201,30 @@ func (g Grace) keepsNode(n registry.Node) bool {
 	return !g.Over && kept && !g.Synced[n.Name]
 }
 
+// Networks is what route decisions need of the fabric's Docker networks.
+type Networks struct {
+	Subnets []netip.Prefix
+	// Owners maps each block and each /32 given outside its host's
+	// blocks to the host that hands it out: the only host a route for it
+	// is accepted from (dockernet.State.Owners).
+	Owners map[netip.Prefix]string
+}
+
+// inSubnet returns the network subnet holding p, if any.
+func (n Networks) inSubnet(p netip.Prefix) (netip.Prefix, bool) {
+	for _, s := range n.Subnets {
+		if s.Contains(p.Addr()) && p.Bits() >= s.Bits() {
+			return s, true
+		}
+	}
+	return netip.Prefix{}, false
+}
+
 // Routes turns the BGP best paths into the routes the kernel should hold,
 // attaching what the registry knows about the host behind each next hop,
 // and says why each refused route was refused. During the start-up grace it
 // adds the routes kept from before the restart.
-func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]dataplane.RemoteRoute, []Refusal) {
+func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Networks) ([]dataplane.RemoteRoute, []Refusal) {
 	byAddr := map[netip.Addr]registry.Node{}
 	bySubnet := map[netip.Prefix]*registry.Node{} // most routes are a host's whole subnet
 	for i, n := range nodes {
@@ -223,11 +242,11 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]datapla
 		// Our own subnet (or a piece of it) is on the bridge; a covering
 		// route such as a top-of-rack default is fine, the kernel prefers
 		// the connected /24.
-		if (r.Prefix.Overlaps(h.Subnet) && r.Prefix.Bits() >= h.Subnet.Bits()) || r.NextHop == h.Underlay.Addr() {
+		if (r.Prefix.Overlaps(h.Subnet) && r.Prefix.Bits() >= h.Subnet.Bits()) || r.NextHop == h.Underlay.Addr() || nets.Owners[r.Prefix] == h.Name {
 			continue
 		}
 		n, toNode := byAddr[r.NextHop]
-		if why := refuseRoute(h, nodes, bySubnet, r, toNode); why != "" {
+		if why := refuseRoute(h, nodes, bySubnet, nets, r, toNode); why != "" {
 			refused = append(refused, Refusal{Key: "route/" + r.Prefix.String() + "/" + r.NextHop.String(), What: "route",
 				Name: fmt.Sprintf("%s via %s from %s", r.Prefix, r.NextHop, r.PeerName), Why: why})
 			continue
@@ -250,13 +269,25 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]datapla
 		out = append(out, dataplane.RemoteRoute{Prefix: n.Subnet, NextHop: n.Address, PeerName: n.Name, Peer: PeerInfo(n)})
 	}
 	if !g.Over {
-		// Routes from routers: which peer sent them is not in the kernel,
-		// so they stay until the grace is over.
+		byName := map[string]registry.Node{}
+		for _, n := range nodes {
+			byName[n.Name] = n
+		}
 		for prefix, via := range g.KeptAtStart {
 			inPool := h.Pool.Contains(prefix.Addr()) && prefix.Bits() >= h.Pool.Bits()
 			if seen[prefix] || nodeSubnets[prefix] || inPool || !via.IsValid() {
 				continue // a pool prefix is only ever a host's subnet, rebuilt from its record
 			}
+			if _, inNetwork := nets.inSubnet(prefix); inNetwork {
+				// A host's network block: kept through that host's tunnel
+				// until its session has synced, like its subnet.
+				if n, ok := byName[nets.Owners[prefix]]; ok && n.Name != h.Name && g.keepsNode(n) {
+					out = append(out, dataplane.RemoteRoute{Prefix: prefix, NextHop: n.Address, PeerName: n.Name, Peer: PeerInfo(n)})
+				}
+				continue
+			}
+			// Routes from routers: which peer sent them is not in the
+			// kernel, so they stay until the grace is over.
 			out = append(out, dataplane.RemoteRoute{Prefix: prefix, NextHop: via, PeerName: "kept from before the restart"})
 		}
 	}
@@ -275,7 +306,9 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace) ([]datapla
 //     into the pool: anything else (the underlay, a peer's own address)
 //     would send the tunnel's outer packets into the tunnel.
 //   - No route may take over this host's own underlay segment.
-func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*registry.Node, r bgp.Route, toNode bool) string {
+//   - A prefix inside a Docker network's subnet must be a block or an
+//     address that the host behind the next hop hands out.
+func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*registry.Node, nets Networks, r bgp.Route, toNode bool) string {
 	if allowed, ok := h.Imports[r.PeerName]; ok && !slices.ContainsFunc(allowed, func(a netip.Prefix) bool {
 		if a.Bits() == 0 {
 			return r.Prefix.Bits() == 0
@@ -300,7 +333,25 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 			return fmt.Sprintf("%s belongs to host %s (%s), but the next hop is %s", r.Prefix, owner.Name, owner.Address, r.NextHop)
 		}
 	}
-	if toNode && (!h.Pool.Contains(r.Prefix.Addr()) || r.Prefix.Bits() < h.Pool.Bits()) {
+	network, inNetwork := nets.inSubnet(r.Prefix)
+	if inNetwork {
+		owner := nets.Owners[r.Prefix]
+		var holder *registry.Node
+		for i := range nodes {
+			if nodes[i].Name == owner {
+				holder = &nodes[i]
+			}
+		}
+		switch {
+		case owner == "":
+			return fmt.Sprintf("%s is inside network subnet %s but is no block or address a fabric host holds", r.Prefix, network)
+		case holder == nil:
+			return fmt.Sprintf("%s is held by host %s, which is not in the fabric", r.Prefix, owner)
+		case holder.Address != r.NextHop:
+			return fmt.Sprintf("%s is held by host %s (%s), but the next hop is %s", r.Prefix, owner, holder.Address, r.NextHop)
+		}
+	}
+	if toNode && !inNetwork && (!h.Pool.Contains(r.Prefix.Addr()) || r.Prefix.Bits() < h.Pool.Bits()) {
 		return fmt.Sprintf("its next hop is a fabric host, so it would be tunnelled, but %s is outside the pool %s", r.Prefix, h.Pool)
 	}
 	if u := h.Underlay.Masked(); r.Prefix.Overlaps(u) && r.Prefix.Bits() >= u.Bits() {

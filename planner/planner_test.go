@@ -51,7 +51,7 @@ var withImports = func() Host {
 
 func describeAs(t *testing.T, h Host, nodes []registry.Node, best []bgp.Route, g Grace) (string, []string) {
 	t.Helper()
-	routes, refused := Routes(h, nodes, best, g)
+	routes, refused := Routes(h, nodes, best, g, Networks{})
 	var got []string
 	for _, r := range routes {
 		kind := "plain"
@@ -312,5 +312,57 @@ func TestFabricPeers(t *testing.T) {
 	high.Underlay = netip.MustParsePrefix("192.0.2.200/24")
 	if got := describe(FabricPeers(high, false, []registry.Node{h2}, 179)); got != "h2:mesh:waits" {
 		t.Errorf("higher address: %s, want h2:mesh:waits", got)
+	}
+}
+
+// Routes inside a Docker network's subnet: a host's block and an address it
+// gives outside its blocks are accepted from that host only; anything else
+// inside the subnet is refused; this host's own blocks are not routed to a
+// peer.
+func TestRoutesInNetworks(t *testing.T) {
+	nets := Networks{
+		Subnets: []netip.Prefix{netip.MustParsePrefix("172.16.1.0/24")},
+		Owners: map[netip.Prefix]string{
+			netip.MustParsePrefix("172.16.1.0/28"):  "h2",
+			netip.MustParsePrefix("172.16.1.16/28"): "h1",
+			netip.MustParsePrefix("172.16.1.20/32"): "h3", // --ip inside h1's block
+		},
+	}
+	nodes := []registry.Node{h1, h2, h3}
+	for _, c := range []struct {
+		name, route, want, refused string
+	}{
+		{"h2's block from h2", "172.16.1.0/28 via 192.0.2.2", "172.16.1.0/28 via 192.0.2.2 (node h2)", ""},
+		{"h2's block from h3 is refused", "172.16.1.0/28 via 198.51.100.3", "", "held by host h2"},
+		{"h3's address inside h1's block, from h3", "172.16.1.20/32 via 198.51.100.3", "172.16.1.20/32 via 198.51.100.3 (node h3)", ""},
+		{"a /32 inside h2's block from h3 is refused", "172.16.1.3/32 via 198.51.100.3", "", "no block or address"},
+		{"a wider prefix over the network is refused", "172.16.1.0/25 via 192.0.2.2", "", "no block or address"},
+		{"this host's own block is not routed to a peer", "172.16.1.16/28 via 192.0.2.2", "", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			prefix, nh, _ := strings.Cut(c.route, " via ")
+			got, why := func() (string, []string) {
+				routes, refused := Routes(self, nodes, []bgp.Route{route(prefix, nh, "peer")}, over, nets)
+				var out []string
+				for _, r := range routes {
+					kind := "plain"
+					if r.Peer != nil {
+						kind = "node " + r.Peer.Name
+					}
+					out = append(out, r.Prefix.String()+" via "+r.NextHop.String()+" ("+kind+")")
+				}
+				var ws []string
+				for _, r := range refused {
+					ws = append(ws, r.Why)
+				}
+				return strings.Join(out, "; "), ws
+			}()
+			if got != c.want {
+				t.Errorf("routes %q, want %q", got, c.want)
+			}
+			if (c.refused == "") != (len(why) == 0) || (c.refused != "" && !strings.Contains(why[0], c.refused)) {
+				t.Errorf("refused %q, want one saying %q", why, c.refused)
+			}
+		})
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -15,8 +16,11 @@ import (
 // prefixes, rules that cannot reach the local subnet dropped, in evaluation
 // order. It is backend neutral; enforcers decide how to express it.
 type Ruleset struct {
-	Local         netip.Prefix // this host's container subnet
-	DefaultAction string       // allow or deny
+	Local netip.Prefix // this host's container subnet (on the bridge)
+	// Networks are the subnets of the fabric's Docker networks: traffic
+	// into one through an endpoint link of this host is judged too.
+	Networks      []netip.Prefix `json:",omitempty"`
+	DefaultAction string         // allow or deny
 	Rules         []CompiledRule
 	// Warnings lists selectors that resolved to nothing (e.g. a node that
 	// holds no subnet lease); such a selector matches no traffic.
@@ -28,7 +32,7 @@ type CompiledRule struct {
 	Name     string
 	Action   string
 	Sources  []netip.Prefix // nil = any source
-	Dests    []netip.Prefix // never empty: always inside Local
+	Dests    []netip.Prefix // never empty: always inside Local or a network
 	Protocol string
 	Ports    []PortRange
 }
@@ -37,9 +41,10 @@ type CompiledRule struct {
 func (rs Ruleset) Hash() string {
 	b, _ := json.Marshal(struct {
 		Local         string
+		Networks      []netip.Prefix
 		DefaultAction string
 		Rules         []CompiledRule
-	}{rs.Local.String(), rs.DefaultAction, rs.Rules})
+	}{rs.Local.String(), rs.Networks, rs.DefaultAction, rs.Rules})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:])
 }
@@ -56,6 +61,11 @@ func SortRules(rules []Rule) {
 type Directory struct {
 	Nodes      map[string]netip.Prefix // node name -> its current subnet
 	Containers []Container             // the fabric's containers, every host's
+	// Pool is the fabric's container pool (the bridges' subnets), and
+	// Networks the fabric's Docker networks by name: each is isolated
+	// from the others unless a rule allows the traffic.
+	Pool     netip.Prefix
+	Networks map[string]netip.Prefix
 }
 
 // Container is one container as policy sees it.
@@ -92,6 +102,10 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local netip.Pref
 	}
 	local = local.Masked()
 	rs := Ruleset{Local: local, DefaultAction: defaultAction}
+	for _, name := range slices.Sorted(maps.Keys(dir.Networks)) {
+		rs.Networks = append(rs.Networks, dir.Networks[name].Masked())
+	}
+	spaces := append([]netip.Prefix{local}, rs.Networks...) // where this host's containers are
 	sorted := slices.Clone(rules)
 	SortRules(sorted)
 	seen := map[string]bool{}
@@ -114,14 +128,16 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local netip.Pref
 				continue
 			}
 		}
-		dests := []netip.Prefix{local}
+		dests := slices.Clone(spaces)
 		if len(r.To) > 0 {
 			dests = nil
 			for _, p := range rs.resolve(r.Name, "to", r.To, dir) {
-				if p.Bits() <= local.Bits() && p.Contains(local.Addr()) {
-					dests = append(dests, local)
-				} else if local.Bits() <= p.Bits() && local.Contains(p.Addr()) {
-					dests = append(dests, p)
+				for _, space := range spaces {
+					if p.Bits() <= space.Bits() && p.Contains(space.Addr()) {
+						dests = append(dests, space)
+					} else if space.Bits() <= p.Bits() && space.Contains(p.Addr()) {
+						dests = append(dests, p)
+					}
 				}
 			}
 			dests = normalize(dests)
@@ -138,7 +154,41 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local netip.Pref
 			Ports:    slices.Clone(r.Ports),
 		})
 	}
+	rs.Rules = append(rs.Rules, isolation(local, dir)...)
 	return rs, nil
+}
+
+// isolation keeps the fabric's Docker networks apart, as Docker keeps its
+// bridges apart: traffic into a network from another network or from the
+// containers of the bridges is refused, after the rules (which may allow
+// it) and before the default. Traffic from outside the fabric is the
+// rules' and the default's to judge.
+func isolation(local netip.Prefix, dir Directory) []CompiledRule {
+	if len(dir.Networks) == 0 {
+		return nil
+	}
+	var out []CompiledRule
+	names := slices.Sorted(maps.Keys(dir.Networks))
+	var all []netip.Prefix
+	for _, name := range names {
+		all = append(all, dir.Networks[name].Masked())
+	}
+	out = append(out, CompiledRule{Name: "isolation of the bridge from the networks " + strings.Join(names, ", "),
+		Action: ActionDeny, Sources: normalize(slices.Clone(all)), Dests: []netip.Prefix{local}})
+	for _, name := range names {
+		subnet := dir.Networks[name].Masked()
+		var others []netip.Prefix
+		if dir.Pool.IsValid() {
+			others = append(others, dir.Pool.Masked())
+		}
+		for _, p := range all {
+			if p != subnet {
+				others = append(others, p)
+			}
+		}
+		out = append(out, CompiledRule{Name: "isolation of network " + name, Action: ActionDeny, Sources: normalize(others), Dests: []netip.Prefix{subnet}})
+	}
+	return out
 }
 
 // resolve turns selectors into prefixes, recording selectors that resolve to
@@ -167,6 +217,13 @@ func (rs *Ruleset) resolve(rule, side string, sels []Selector, dir Directory) []
 			p, ok := dir.Nodes[s.Node]
 			if !ok || !p.IsValid() {
 				rs.Warnings = append(rs.Warnings, fmt.Sprintf("rule %q: %s: node %q has no subnet; matches nothing", rule, side, s.Node))
+				continue
+			}
+			out = append(out, p.Masked())
+		case s.Network != "":
+			p, ok := dir.Networks[s.Network]
+			if !ok {
+				rs.Warnings = append(rs.Warnings, fmt.Sprintf("rule %q: %s: there is no fabric network %q; matches nothing", rule, side, s.Network))
 				continue
 			}
 			out = append(out, p.Masked())

@@ -323,8 +323,10 @@ func TestIptablesEnforcement(t *testing.T) {
 			t.Fatalf("ipsets %v, want one", sets)
 		}
 		l.inHost("iptables", "-F", "FORWARD")
-		l.inHost("iptables", "-F", ChainName)
-		l.inHost("iptables", "-X", ChainName)
+		for _, chain := range []string{ChainName, InChain} {
+			l.inHost("iptables", "-F", chain)
+			l.inHost("iptables", "-X", chain)
+		}
 		l.inHost("ipset", "destroy", sets[0])
 		l.expectTCP(l.remote, remoteAddr, c1web, true) // the deny is gone
 		l.apply(e, deny, "", nodes)                    // the next tick

@@ -33,7 +33,11 @@ type Enforcer interface {
 
 // Names of what IptablesEnforcer installs.
 const (
-	ChainName     = "FABRIC-POLICY"
+	ChainName = "FABRIC-POLICY"
+	// InChain holds the rules; ChainName only sends it the traffic into
+	// this host's containers: on the bridge, and on fabric networks'
+	// endpoint links.
+	InChain       = "FABRIC-POLICY-IN"
 	commentPrefix = "fabric policy: "
 	setNamePrefix = "fabric-"
 	// maxInlineCIDRs is the most prefixes one rule side is written with as
@@ -57,6 +61,9 @@ type IptablesConfig struct {
 	// net.bridge.bridge-nf-call-iptables, without which traffic between
 	// containers on the same bridge never reaches FORWARD.
 	Bridge string
+	// EndpointLinks matches the links of this host's containers on fabric
+	// networks, as iptables takes it ("fnep+"); "" when there are none.
+	EndpointLinks string
 	// Tables is the host's iptables owner, shared with the nat package, so
 	// the policy jump is placed before nat's accept rules in the same
 	// transaction. Nil: New makes one that owns only the policy section.
@@ -106,14 +113,15 @@ func New(cfg IptablesConfig) (*IptablesEnforcer, error) {
 // rendered is a Ruleset expressed for iptables.
 type rendered struct {
 	marker string              // ruleset hash, carried in the first rule's comment
-	rules  []string            // rule specs appended to the chain, in order
+	scope  []string            // ChainName: what traffic InChain judges
+	rules  []string            // InChain's rule specs, in order
 	sets   map[string][]string // ipset name -> CIDRs
 }
 
 // section is what the iptables owner writes for these rules.
 func (r rendered) section() iptables.Section {
 	return iptables.Section{
-		Chains: []iptables.Chain{{Table: "filter", Name: ChainName, Rules: r.rules}},
+		Chains: []iptables.Chain{{Table: "filter", Name: ChainName, Rules: r.scope}, {Table: "filter", Name: InChain, Rules: r.rules}},
 		Jumps: []iptables.Jump{{Table: "filter", From: "FORWARD", To: ChainName,
 			Why: "enforce fabric policy for local containers", Rank: iptables.RankPolicy}},
 	}
@@ -278,19 +286,24 @@ func (e *IptablesEnforcer) render(rs Ruleset) (rendered, error) {
 		hash = hex.EncodeToString(sum[:])
 	}
 	r := rendered{marker: hash[:16], sets: map[string][]string{}}
-	local := rs.Local.String()
-	r.rules = append(r.rules,
-		fmt.Sprintf("! -d %s %s -j RETURN", local, comment("only traffic to local containers; ruleset "+r.marker)))
-	if e.cfg.Bridge != "" {
-		r.rules = append(r.rules,
-			fmt.Sprintf("! -o %s %s -j RETURN", e.cfg.Bridge, comment("only traffic into bridge "+e.cfg.Bridge)))
+	in := "-o " + e.cfg.Bridge + " "
+	if e.cfg.Bridge == "" {
+		in = ""
+	}
+	r.scope = append(r.scope,
+		fmt.Sprintf("-d %s %s%s -j %s", rs.Local, in, comment("traffic to local containers; ruleset "+r.marker), InChain))
+	if e.cfg.EndpointLinks != "" {
+		for _, n := range rs.Networks {
+			r.scope = append(r.scope, fmt.Sprintf("-d %s -o %s %s -j %s", n, e.cfg.EndpointLinks, comment("traffic to local containers on network "+n.String()), InChain))
+		}
 	}
 	r.rules = append(r.rules,
 		fmt.Sprintf("-m conntrack --ctstate RELATED,ESTABLISHED %s -j ACCEPT", comment("replies of allowed connections")))
 
+	spaces := append([]netip.Prefix{rs.Local}, rs.Networks...)
 	for _, cr := range rs.Rules {
 		srcs := r.addressMatches(cr.Sources, "-s", "src", nil)
-		dsts := r.addressMatches(cr.Dests, "-d", "dst", &rs.Local)
+		dsts := r.addressMatches(cr.Dests, "-d", "dst", spaces)
 		protos := protoMatches(cr.Protocol, cr.Ports)
 		for _, src := range srcs {
 			for _, dst := range dsts {
@@ -314,10 +327,10 @@ func (e *IptablesEnforcer) render(rs Ruleset) (rendered, error) {
 
 // addressMatches returns the iptables matches for one side of a rule: no
 // match for "any", one rule per prefix for short lists, an ipset for long
-// ones. A destination equal to the local subnet needs no match: the chain's
-// first rule already requires it.
-func (r *rendered) addressMatches(ps []netip.Prefix, flag, dir string, local *netip.Prefix) []string {
-	if len(ps) == 0 || (len(ps) == 1 && (ps[0].Bits() == 0 || (local != nil && ps[0] == *local))) {
+// ones. Destinations that are every space the chain sees (in) need no
+// match: the scope rules already require it.
+func (r *rendered) addressMatches(ps []netip.Prefix, flag, dir string, in []netip.Prefix) []string {
+	if len(ps) == 0 || (len(ps) == 1 && ps[0].Bits() == 0) || (in != nil && slices.Equal(normalize(slices.Clone(in)), ps)) {
 		return []string{""}
 	}
 	if len(ps) <= maxInlineCIDRs {

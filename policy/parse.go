@@ -250,7 +250,7 @@ func (p parser) selectors(n *yaml.Node, label, side string, where map[string]*ya
 	for i, sn := range n.Content {
 		where[fmt.Sprintf("%s.%d", side, i)] = sn
 		if sn.Kind != yaml.MappingNode {
-			return nil, p.errAt(sn, "%s[%d]: want a mapping with one of cidr, node, address, container, label", label, i)
+			return nil, p.errAt(sn, "%s[%d]: want a mapping with one of cidr, node, address, container, label, network", label, i)
 		}
 		if err := p.noDuplicateKeys(sn, fmt.Sprintf("%s[%d]", label, i)); err != nil {
 			return nil, err
@@ -273,8 +273,10 @@ func (p parser) selectors(n *yaml.Node, label, side string, where map[string]*ya
 				s.Container = v
 			case "label":
 				s.Label = v
+			case "network":
+				s.Network = v
 			default:
-				return nil, p.errAt(key, "%s[%d]: unknown field %q (want cidr, node, address, container or label)", label, i, key.Value)
+				return nil, p.errAt(key, "%s[%d]: unknown field %q (want cidr, node, address, container, label or network)", label, i, key.Value)
 			}
 		}
 		sels = append(sels, s)

@@ -114,7 +114,7 @@ func TestParseErrorsNameLine(t *testing.T) {
   from:
     - cidr: 10.0.0.0/8
       node: host-b
-`, `policy.yaml:5: rule "web": from[0]: selector needs exactly one of cidr, node, address, container, label (has 2)`},
+`, `policy.yaml:5: rule "web": from[0]: selector needs exactly one of cidr, node, address, container, label, network (has 2)`},
 		{"bad port", `
 - name: web
   action: allow

@@ -77,6 +77,8 @@ type Selector struct {
 	Container string `json:"container,omitempty"`
 	// Label selects the containers with that Docker label, "key=value".
 	Label string `json:"label,omitempty"`
+	// Network selects the containers of a fabric Docker network: its subnet.
+	Network string `json:"network,omitempty"`
 }
 
 // selectsContainers reports whether the selector follows containers.
@@ -222,13 +224,13 @@ func ValidateAction(a string) error {
 // Validate checks that exactly one field is set and that it parses.
 func (s Selector) Validate() error {
 	set := 0
-	for _, v := range []string{s.CIDR, s.Node, s.Address, s.Container, s.Label} {
+	for _, v := range []string{s.CIDR, s.Node, s.Address, s.Container, s.Label, s.Network} {
 		if v != "" {
 			set++
 		}
 	}
 	if set != 1 {
-		return fmt.Errorf("selector needs exactly one of cidr, node, address, container, label (has %d)", set)
+		return fmt.Errorf("selector needs exactly one of cidr, node, address, container, label, network (has %d)", set)
 	}
 	switch {
 	case s.CIDR != "":
@@ -256,6 +258,10 @@ func (s Selector) Validate() error {
 		if strings.ContainsAny(s.Node, "/ \t\n") {
 			return fmt.Errorf("node %q: not a node name", s.Node)
 		}
+	case s.Network != "":
+		if strings.ContainsAny(s.Network, "/ \t\n") {
+			return fmt.Errorf("network %q: not a network name", s.Network)
+		}
 	}
 	return nil
 }
@@ -266,6 +272,8 @@ func (s Selector) String() string {
 		return "cidr " + s.CIDR
 	case s.Node != "":
 		return "node " + s.Node
+	case s.Network != "":
+		return "network " + s.Network
 	default:
 		return "address " + s.Address
 	}

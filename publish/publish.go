@@ -92,15 +92,16 @@ func decodeAll(kvs etcdwatch.KVs) ([]nat.PublishedPort, []BadRecord) {
 	return out, bad
 }
 
-// Add stores p after checking it against the pool and the ports already
+// Add stores p after checking it against the fabric (the pool and the
+// networks' subnets) and the ports already
 // published; the put succeeds only if the key is still absent, so two
 // operators publishing the same port at once cannot both win.
-func Add(ctx context.Context, cli *clientv3.Client, prefix string, pool netip.Prefix, p nat.PublishedPort) error {
+func Add(ctx context.Context, cli *clientv3.Client, prefix string, fabric []netip.Prefix, p nat.PublishedPort) error {
 	existing, _, err := List(ctx, cli, prefix)
 	if err != nil {
 		return err
 	}
-	if err := nat.ValidatePublish(p, pool, existing, nil); err != nil {
+	if err := nat.ValidatePublish(p, fabric, existing, nil); err != nil {
 		return err
 	}
 	data, _ := json.Marshal(record{Proto: p.Proto, HostPort: p.HostPort, Target: p.Target.String(), Hosts: p.Hosts})

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/fabricnet/fabric/dockernet"
 	"github.com/fabricnet/fabric/dockeropts"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/names"
@@ -178,8 +179,12 @@ func containersCmd(g *globals) *cobra.Command {
 				for _, l := range leases {
 					held[l.Node] = append(held[l.Node], l.Subnet)
 				}
-				kept, refused := names.Trusted(records, held)
-				entries := names.NewView(kept).Entries()
+				nets, _, err := dockernet.NewStore(cli, g.host.EtcdPrefix).Read(ctx)
+				if err != nil {
+					return err
+				}
+				kept, refused := names.Trusted(records, held, nets.Owns)
+				entries := names.NewView(kept, nil).Entries()
 				for _, r := range refused {
 					entries = append(entries, names.Entry{Record: r.Record, Refused: r.Reason})
 				}

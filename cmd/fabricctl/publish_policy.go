@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/fabricnet/fabric/dockernet"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/nat"
 	"github.com/fabricnet/fabric/policy"
@@ -43,7 +44,11 @@ func publishCmd(g *globals) *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if err := publish.Add(ctx, cli, g.host.EtcdPrefix, pool.Network, p); err != nil {
+				nets, _, err := dockernet.NewStore(cli, g.host.EtcdPrefix).Read(ctx)
+				if err != nil {
+					return err
+				}
+				if err := publish.Add(ctx, cli, g.host.EtcdPrefix, append([]netip.Prefix{pool.Network}, nets.Subnets()...), p); err != nil {
 					return err
 				}
 				fmt.Printf("published %s\n", p)

@@ -77,12 +77,7 @@ func demo(binDir string, nHosts int, encap string, keep bool) error {
 
 	step("starting fabricd on every host (pool 10.244.0.0/16, encapsulation %s)", encap)
 	for _, h := range l.Hosts() {
-		args := []string{filepath.Join(binDir, "fabricd"),
-			"--node-name", h.Name, "--machine-id", l.Prefix() + "-" + h.Name,
-			"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","),
-			"--pool", "10.244.0.0/16", "--encapsulation", encap,
-			"--run-dir", d.runDir(h), "--docker-opts-file", d.runDir(h) + "/docker.env", "--docker-socket", h.DockerSocket(),
-			"--underlay-interface", h.Dev}
+		args := l.FabricdArgs(binDir, h, "--encapsulation", encap)
 		if _, err := h.Start("fabricd", args...); err != nil {
 			return err
 		}
@@ -179,7 +174,7 @@ func demo(binDir string, nHosts int, encap string, keep bool) error {
 	return nil
 }
 
-func (d *demoLab) runDir(h *lab.Host) string { return filepath.Join(d.lab.LogDir(), h.Name+"-run") }
+func (d *demoLab) runDir(h *lab.Host) string { return h.FabricdRunDir() }
 
 func (d *demoLab) ctl(ctx context.Context, h *lab.Host, args ...string) (string, error) {
 	c, cancel := context.WithTimeout(ctx, 15*time.Second)
@@ -264,7 +259,7 @@ func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.S
 			return fmt.Errorf("no DOCKER_OPTS in fabricctl docker-opts on %s:\n%s", h.Name, out)
 		}
 		sctx, cancel := context.WithTimeout(ctx, 40*time.Second)
-		dd, err := h.StartDockerd(sctx, lab.DockerdOptions{ExtraArgs: opts})
+		dd, err := h.StartDockerd(sctx, lab.DockerdOptions{ExtraArgs: opts, PluginDir: h.DockerPluginDir()})
 		cancel()
 		if err != nil {
 			return err

@@ -1,0 +1,451 @@
+package dockernet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/fabricnet/fabric/dockerplugin"
+)
+
+// DriverName is the name of fabric's network and IPAM driver in dockerd
+// (`-d fabric --ipam-driver fabric`).
+const DriverName = "fabric"
+
+// Endpoint is a container's endpoint on a fabric network on this host.
+type Endpoint struct {
+	ID      string
+	Network string
+	Addr    netip.Addr
+	Link    string // the host side of its veth pair
+	Ports   []dockerplugin.PortBinding
+}
+
+// Host is what the driver needs to know of this host.
+type Host struct {
+	Node     string
+	Pool     netip.Prefix // the fabric's container pool: no network may overlap it
+	Underlay netip.Prefix // the underlay segment: nor this
+	MTU      int          // the fabric MTU, for the endpoints' links
+	// Lease is the etcd lease of this host's subnet: its addresses and
+	// blocks live as long as it.
+	Lease func() clientv3.LeaseID
+	// Routes lists prefixes this host's kernel routes that are not
+	// fabric's (a network must not shadow them), with what they are.
+	Routes func() (map[netip.Prefix]string, error)
+}
+
+// Driver answers dockerd's plugin calls (dockerplugin.Driver) for this host.
+// Every answer is decided from etcd, read at the call, and what it grants
+// is recorded there in the same transaction; what it keeps in memory is
+// this host's side of it: which dockerd network ID is which network, and
+// the endpoints being made.
+type Driver struct {
+	host  Host
+	store *Store
+	links *Links
+	log   *slog.Logger
+	// changed is signalled when the local endpoints change.
+	changed chan struct{}
+
+	mu sync.Mutex
+	// networks maps dockerd's IDs of its fabric networks to them; pending
+	// are the ones created here and not yet in etcd (the name arrives with
+	// dockerd's listing, after CreateNetwork returned).
+	networks map[string]Network
+	pending  map[string]bool
+	// gateways are the gateways asked for networks being created here, by
+	// subnet (RequestAddress comes before CreateNetwork).
+	gateways  map[netip.Prefix]netip.Addr
+	endpoints map[string]*Endpoint
+	joined    map[string]bool
+}
+
+// NewDriver returns the driver for this host.
+func NewDriver(host Host, store *Store, links *Links, log *slog.Logger) *Driver {
+	return &Driver{host: host, store: store, links: links, log: log, changed: make(chan struct{}, 1),
+		networks: map[string]Network{}, pending: map[string]bool{}, gateways: map[netip.Prefix]netip.Addr{},
+		endpoints: map[string]*Endpoint{}, joined: map[string]bool{}}
+}
+
+// Changed is signalled when an endpoint is joined, left or its ports change.
+func (d *Driver) Changed() <-chan struct{} { return d.changed }
+
+func (d *Driver) signal() {
+	select {
+	case d.changed <- struct{}{}:
+	default:
+	}
+}
+
+func poolID(subnet netip.Prefix) string { return DriverName + "/" + subnet.String() }
+
+func parsePoolID(id string) (netip.Prefix, error) {
+	s, ok := strings.CutPrefix(id, DriverName+"/")
+	p, err := netip.ParsePrefix(s)
+	if !ok || err != nil {
+		return netip.Prefix{}, fmt.Errorf("fabric: unknown address pool %q", id)
+	}
+	return p, nil
+}
+
+func (d *Driver) read(ctx context.Context) (State, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	s, _, err := d.store.Read(ctx)
+	if err != nil {
+		return State{}, fmt.Errorf("fabric: %w (is etcd reachable from this host?)", err)
+	}
+	return s, nil
+}
+
+// RequestPool checks a network's subnet: a fabric network needs one given
+// (--subnet), IPv4, not overlapping the fabric's pool, the underlay, a
+// route of this host or another network. The subnet of a network that
+// exists in the fabric (the network sync making it here) is its own.
+func (d *Driver) RequestPool(ctx context.Context, req dockerplugin.PoolRequest) (dockerplugin.PoolResponse, error) {
+	switch {
+	case req.V6:
+		return dockerplugin.PoolResponse{}, errors.New("fabric networks are IPv4 only for now: create the network without --ipv6")
+	case req.Pool == "":
+		return dockerplugin.PoolResponse{}, errors.New("a fabric network needs its subnet: docker network create -d fabric --ipam-driver fabric --subnet 172.16.1.0/24 NAME")
+	case req.SubPool != "":
+		return dockerplugin.PoolResponse{}, errors.New("fabric networks do not take --ip-range: each host hands out addresses of the whole subnet")
+	}
+	subnet, err := netip.ParsePrefix(req.Pool)
+	if err != nil || !subnet.Addr().Is4() {
+		return dockerplugin.PoolResponse{}, fmt.Errorf("subnet %q is not an IPv4 prefix", req.Pool)
+	}
+	if subnet.Masked() != subnet {
+		return dockerplugin.PoolResponse{}, fmt.Errorf("subnet %s has host bits set: did you mean %s?", subnet, subnet.Masked())
+	}
+	if subnet.Bits() > 30 {
+		return dockerplugin.PoolResponse{}, fmt.Errorf("subnet %s is too small for a network (at most /30)", subnet)
+	}
+	s, err := d.read(ctx)
+	if err != nil {
+		return dockerplugin.PoolResponse{}, err
+	}
+	if _, exists := s.NetworkBySubnet(subnet); !exists {
+		if err := d.checkSubnet(s, subnet); err != nil {
+			return dockerplugin.PoolResponse{}, err
+		}
+	}
+	return dockerplugin.PoolResponse{PoolID: poolID(subnet), Pool: subnet.String(), Data: map[string]string{}}, nil
+}
+
+// checkSubnet refuses a new network's subnet that would collide with
+// something on the fabric or this host.
+func (d *Driver) checkSubnet(s State, subnet netip.Prefix) error {
+	switch {
+	case d.host.Pool.IsValid() && d.host.Pool.Overlaps(subnet):
+		return fmt.Errorf("subnet %s overlaps the fabric's container pool %s", subnet, d.host.Pool)
+	case d.host.Underlay.IsValid() && d.host.Underlay.Overlaps(subnet):
+		return fmt.Errorf("subnet %s overlaps the hosts' underlay %s", subnet, d.host.Underlay)
+	}
+	for _, n := range s.Networks {
+		if n.Subnet.Overlaps(subnet) {
+			return fmt.Errorf("subnet %s overlaps fabric network %s (%s)", subnet, n.Name, n.Subnet)
+		}
+	}
+	if d.host.Routes != nil {
+		routes, err := d.host.Routes()
+		if err != nil {
+			return fmt.Errorf("read this host's routes: %w", err)
+		}
+		for p, what := range routes {
+			if p.Bits() > 0 && p.Overlaps(subnet) {
+				return fmt.Errorf("subnet %s overlaps this host's route to %s (%s)", subnet, p, what)
+			}
+		}
+	}
+	return nil
+}
+
+// ReleasePool has nothing to free: a network's subnet is freed when the
+// network is deleted fabric-wide.
+func (d *Driver) ReleasePool(context.Context, string) error { return nil }
+
+// RequestAddress gives the gateway of a network, or a container an address
+// no other container of the fabric has (Store.Grant).
+func (d *Driver) RequestAddress(ctx context.Context, req dockerplugin.AddressRequest) (string, error) {
+	subnet, err := parsePoolID(req.PoolID)
+	if err != nil {
+		return "", err
+	}
+	var want netip.Addr
+	if req.Address != "" {
+		if want, err = netip.ParseAddr(req.Address); err != nil {
+			return "", fmt.Errorf("address %q: %w", req.Address, err)
+		}
+	}
+	s, err := d.read(ctx)
+	if err != nil {
+		return "", err
+	}
+	n, exists := s.NetworkBySubnet(subnet)
+	if req.Options[dockerplugin.OptionAddressType] == dockerplugin.AddressTypeGateway {
+		if exists {
+			if want.IsValid() && want != n.Gateway {
+				return "", fmt.Errorf("network %s's gateway is %s, not %s", n.Name, n.Gateway, want)
+			}
+			return netip.PrefixFrom(n.Gateway, subnet.Bits()).String(), nil
+		}
+		gw := subnet.Addr().Next()
+		if want.IsValid() {
+			if !subnet.Contains(want) || reserved(Network{Subnet: subnet}, want) {
+				return "", fmt.Errorf("gateway %s is not a host address of %s", want, subnet)
+			}
+			gw = want
+		}
+		d.mu.Lock()
+		d.gateways[subnet] = gw
+		d.mu.Unlock()
+		return netip.PrefixFrom(gw, subnet.Bits()).String(), nil
+	}
+	if !exists {
+		// Created here a moment ago: its record follows dockerd's listing.
+		n, exists = d.waitPublished(ctx, subnet)
+	}
+	if !exists {
+		return "", fmt.Errorf("subnet %s is not a fabric network (yet): see `fabricctl networks`", subnet)
+	}
+	addr, err := d.store.Grant(ctx, GrantRequest{Network: n.Name, Node: d.host.Node, Want: want, Lease: d.host.Lease()})
+	if err != nil {
+		return "", err
+	}
+	d.log.Info("gave a container an address", "network", n.Name, "address", addr)
+	return netip.PrefixFrom(addr, subnet.Bits()).String(), nil
+}
+
+// waitPublished waits a little for a network created on this host to reach
+// etcd.
+func (d *Driver) waitPublished(ctx context.Context, subnet netip.Prefix) (Network, bool) {
+	d.mu.Lock()
+	_, pending := d.gateways[subnet]
+	d.mu.Unlock()
+	for i := 0; pending && i < 50 && ctx.Err() == nil; i++ {
+		time.Sleep(100 * time.Millisecond)
+		if s, err := d.read(ctx); err == nil {
+			if n, ok := s.NetworkBySubnet(subnet); ok {
+				return n, true
+			}
+		}
+	}
+	return Network{}, false
+}
+
+// ReleaseAddress frees a container's address fabric-wide.
+func (d *Driver) ReleaseAddress(ctx context.Context, pool, address string) error {
+	subnet, err := parsePoolID(pool)
+	if err != nil {
+		return err
+	}
+	a, err := netip.ParseAddr(strings.Split(address, "/")[0])
+	if err != nil {
+		return fmt.Errorf("address %q: %w", address, err)
+	}
+	s, err := d.read(ctx)
+	if err != nil {
+		return err
+	}
+	n, ok := s.NetworkBySubnet(subnet)
+	if !ok || a == n.Gateway {
+		return nil
+	}
+	return d.store.Release(ctx, n.Name, a, d.host.Node)
+}
+
+// CreateNetwork accepts a network whose addresses come from fabric's IPAM.
+// A network new to the fabric is recorded in etcd once dockerd's listing
+// gives its name (Sync).
+func (d *Driver) CreateNetwork(ctx context.Context, req dockerplugin.CreateNetworkRequest) error {
+	if v, _ := req.Options[dockerplugin.OptionEnableIPv6].(bool); v || len(req.IPv6Data) > 0 {
+		return errors.New("fabric networks are IPv4 only for now: create the network without --ipv6")
+	}
+	if len(req.IPv4Data) != 1 {
+		return fmt.Errorf("a fabric network has exactly one subnet, got %d", len(req.IPv4Data))
+	}
+	data := req.IPv4Data[0]
+	if data.AddressSpace != dockerplugin.AddressSpace {
+		return errors.New("a fabric network needs fabric's IPAM driver (--ipam-driver fabric): with Docker's default IPAM every host would hand out the same addresses")
+	}
+	subnet, err := netip.ParsePrefix(data.Pool)
+	if err != nil {
+		return fmt.Errorf("subnet %q: %w", data.Pool, err)
+	}
+	gw, err := netip.ParsePrefix(data.Gateway)
+	if err != nil {
+		return fmt.Errorf("gateway %q: %w", data.Gateway, err)
+	}
+	s, err := d.read(ctx)
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if n, ok := s.NetworkBySubnet(subnet); ok {
+		d.networks[req.NetworkID] = n
+		return nil
+	}
+	d.networks[req.NetworkID] = Network{Subnet: subnet, Gateway: gw.Addr(), CreatedOn: d.host.Node}
+	d.pending[req.NetworkID] = true
+	return nil
+}
+
+// DeleteNetwork removes the network fabric-wide; refused while a container
+// on any host is attached, with where they are. A network already gone
+// from etcd (removed on another host, and now here by the sync) is fine.
+// dockerd 20.10 logs a driver's refusal ("driver error deleting network")
+// and removes its own copy anyway; the sync then makes it again, since the
+// fabric still has it.
+func (d *Driver) DeleteNetwork(ctx context.Context, id string) error {
+	d.mu.Lock()
+	n, known := d.networks[id]
+	pending := d.pending[id]
+	d.mu.Unlock()
+	if known && !pending && n.Name != "" {
+		if err := d.store.Delete(ctx, n.Name); err != nil {
+			d.log.Warn("network not removed from the fabric; if dockerd removes it here anyway, fabricd makes it again", "network", n.Name, "err", err)
+			return err
+		}
+		d.log.Info("network removed fabric-wide", "network", n.Name, "subnet", n.Subnet)
+	}
+	d.mu.Lock()
+	delete(d.networks, id)
+	delete(d.pending, id)
+	delete(d.gateways, n.Subnet)
+	d.mu.Unlock()
+	return nil
+}
+
+func (d *Driver) network(id string) (Network, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n, ok := d.networks[id]
+	if !ok || n.Name == "" {
+		return Network{}, fmt.Errorf("fabric: network %s is not known to fabricd yet; try again in a moment", shortID(id))
+	}
+	return n, nil
+}
+
+// CreateEndpoint notes the endpoint with the address fabric's IPAM gave it.
+func (d *Driver) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndpointRequest) (dockerplugin.CreateEndpointResponse, error) {
+	n, err := d.network(req.NetworkID)
+	if err != nil {
+		return dockerplugin.CreateEndpointResponse{}, err
+	}
+	if req.Interface == nil || req.Interface.Address == "" {
+		return dockerplugin.CreateEndpointResponse{}, fmt.Errorf("network %s: the endpoint has no address (a fabric network needs --ipam-driver fabric)", n.Name)
+	}
+	if req.Interface.AddressIPv6 != "" {
+		return dockerplugin.CreateEndpointResponse{}, errors.New("fabric networks are IPv4 only for now")
+	}
+	p, err := netip.ParsePrefix(req.Interface.Address)
+	if err != nil || !n.Subnet.Contains(p.Addr()) {
+		return dockerplugin.CreateEndpointResponse{}, fmt.Errorf("network %s: address %q is not in %s", n.Name, req.Interface.Address, n.Subnet)
+	}
+	d.mu.Lock()
+	d.endpoints[req.EndpointID] = &Endpoint{ID: req.EndpointID, Network: n.Name, Addr: p.Addr(), Link: HostLink(req.EndpointID)}
+	d.mu.Unlock()
+	return dockerplugin.CreateEndpointResponse{}, nil
+}
+
+// DeleteEndpoint forgets the endpoint (its address is released by dockerd).
+func (d *Driver) DeleteEndpoint(_ context.Context, _, endpointID string) error {
+	d.mu.Lock()
+	delete(d.endpoints, endpointID)
+	delete(d.joined, endpointID)
+	d.mu.Unlock()
+	d.links.Delete(endpointID)
+	d.signal()
+	return nil
+}
+
+// EndpointOperInfo has nothing to add to what dockerd knows.
+func (d *Driver) EndpointOperInfo(context.Context, string, string) (map[string]any, error) {
+	return map[string]any{}, nil
+}
+
+// Join makes the endpoint's veth pair: the container gets one end (as
+// ethN), with the network's gateway as its default route; this host routes
+// the container's address to the other end.
+func (d *Driver) Join(ctx context.Context, req dockerplugin.JoinRequest) (dockerplugin.JoinResponse, error) {
+	n, err := d.network(req.NetworkID)
+	if err != nil {
+		return dockerplugin.JoinResponse{}, err
+	}
+	d.mu.Lock()
+	ep, ok := d.endpoints[req.EndpointID]
+	d.mu.Unlock()
+	if !ok {
+		return dockerplugin.JoinResponse{}, fmt.Errorf("network %s: endpoint %s was not created through fabricd (was fabricd restarted meanwhile?); start the container again", n.Name, shortID(req.EndpointID))
+	}
+	temp, err := d.links.Create(req.EndpointID, n.Gateway, d.host.MTU)
+	if err != nil {
+		return dockerplugin.JoinResponse{}, fmt.Errorf("network %s: %w", n.Name, err)
+	}
+	d.mu.Lock()
+	d.joined[req.EndpointID] = true
+	d.mu.Unlock()
+	d.signal()
+	d.log.Info("container joined a fabric network", "network", n.Name, "address", ep.Addr, "link", ep.Link)
+	return dockerplugin.JoinResponse{
+		InterfaceName: dockerplugin.InterfaceName{SrcName: temp, DstPrefix: "eth"},
+		Gateway:       n.Gateway.String(),
+	}, nil
+}
+
+// Leave removes the endpoint's veth pair.
+func (d *Driver) Leave(_ context.Context, _, endpointID string) error {
+	d.mu.Lock()
+	delete(d.joined, endpointID)
+	d.mu.Unlock()
+	err := d.links.Delete(endpointID)
+	d.signal()
+	return err
+}
+
+// ProgramExternalConnectivity publishes the endpoint's ports (`docker run
+// -p`) on this host, as dockerd does on its own bridges.
+func (d *Driver) ProgramExternalConnectivity(_ context.Context, _, endpointID string, ports []dockerplugin.PortBinding) error {
+	for _, p := range ports {
+		if p.HostPort == 0 {
+			return fmt.Errorf("publish port %d: a fabric network needs the host port given (-p HOSTPORT:%d)", p.Port, p.Port)
+		}
+		if p.HostPortEnd != 0 && p.HostPortEnd != p.HostPort {
+			return fmt.Errorf("publish port %d: host port ranges are not supported on fabric networks", p.Port)
+		}
+		if p.Proto != 6 && p.Proto != 17 {
+			return fmt.Errorf("publish port %d: only tcp and udp", p.Port)
+		}
+	}
+	d.mu.Lock()
+	if ep, ok := d.endpoints[endpointID]; ok {
+		ep.Ports = slices.Clone(ports)
+	}
+	d.mu.Unlock()
+	d.signal()
+	return nil
+}
+
+// RevokeExternalConnectivity unpublishes the endpoint's ports.
+func (d *Driver) RevokeExternalConnectivity(_ context.Context, _, endpointID string) error {
+	d.mu.Lock()
+	if ep, ok := d.endpoints[endpointID]; ok {
+		ep.Ports = nil
+	}
+	d.mu.Unlock()
+	d.signal()
+	return nil
+}
+
+var _ dockerplugin.Driver = (*Driver)(nil)

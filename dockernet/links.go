@@ -1,0 +1,135 @@
+package dockernet
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/fabricnet/fabric/backend"
+)
+
+// LinkPrefix starts the name of the host side of every endpoint's veth
+// pair: fabricd owns every link whose name starts with it.
+const LinkPrefix = "fnep"
+
+// tempPrefix names the container side until dockerd moves and renames it.
+const tempPrefix = "fntp"
+
+// HostLink is the host side's name of endpoint id's veth pair.
+func HostLink(endpointID string) string { return LinkPrefix + shortID(endpointID) }
+
+func tempLink(endpointID string) string { return tempPrefix + shortID(endpointID) }
+
+// shortID keeps names within the kernel's 15 bytes.
+func shortID(id string) string { return id[:min(len(id), 11)] }
+
+// Links owns the endpoints' veth pairs in one namespace: the host side is
+// routed (a /32 to the container, owned by the data plane), answers ARP for
+// the network's gateway (the gateway address on it, as a /32) and for
+// every other address of the subnet (proxy ARP: a container's packets to a
+// neighbour in its subnet go through this host, which routes them), and
+// drops packets whose source is not the container's (strict reverse-path
+// filter: the only route to the container's address is this link).
+type Links struct {
+	h *netlink.Handle
+	// sysctl is where the namespace's /proc/sys/net/ipv4/conf is.
+	sysctl string
+}
+
+// NewLinks returns the owner of endpoint links on h (nil: this namespace).
+func NewLinks(h *netlink.Handle) *Links {
+	return &Links{h: backend.DefaultHandle(h), sysctl: "/proc/sys/net/ipv4/conf"}
+}
+
+// Create makes endpoint id's veth pair: the host side configured and up,
+// the container side (its name returned) for dockerd to move into the
+// container. A pair left by an earlier attempt is replaced.
+func (l *Links) Create(id string, gateway netip.Addr, mtu int) (containerSide string, err error) {
+	host, temp := HostLink(id), tempLink(id)
+	for _, name := range []string{host, temp} {
+		if err := backend.DeleteLink(l.h, name); err != nil {
+			return "", err
+		}
+	}
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: host, MTU: mtu}, PeerName: temp}
+	if err := l.h.LinkAdd(veth); err != nil {
+		return "", fmt.Errorf("create veth pair %s/%s: %w", host, temp, err)
+	}
+	undo := func(err error) (string, error) {
+		backend.DeleteLink(l.h, host)
+		return "", err
+	}
+	peer, err := l.h.LinkByName(temp)
+	if err != nil {
+		return undo(fmt.Errorf("veth pair %s: %w", temp, err))
+	}
+	if err := l.h.LinkSetMTU(peer, mtu); err != nil {
+		return undo(fmt.Errorf("set MTU of %s: %w", temp, err))
+	}
+	for key, value := range map[string]string{"proxy_arp": "1", "rp_filter": "1", "forwarding": "1"} {
+		if err := os.WriteFile(filepath.Join(l.sysctl, host, key), []byte(value), 0o644); err != nil {
+			return undo(fmt.Errorf("%s on %s: %w", key, host, err))
+		}
+	}
+	link, err := l.h.LinkByName(host)
+	if err != nil {
+		return undo(err)
+	}
+	if err := backend.SetSoleAddress(l.h, link, gateway); err != nil {
+		return undo(err)
+	}
+	if err := l.h.LinkSetUp(link); err != nil {
+		return undo(fmt.Errorf("set %s up: %w", host, err))
+	}
+	return temp, nil
+}
+
+// Delete removes endpoint id's veth pair (both ends go with either).
+func (l *Links) Delete(id string) error {
+	return errors.Join(backend.DeleteLink(l.h, HostLink(id)), backend.DeleteLink(l.h, tempLink(id)))
+}
+
+// Names lists the endpoint links in the namespace (host sides and container
+// sides not yet moved).
+func (l *Links) Names() ([]string, error) {
+	links, err := l.h.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	var out []string
+	for _, link := range links {
+		name := link.Attrs().Name
+		if strings.HasPrefix(name, LinkPrefix) || strings.HasPrefix(name, tempPrefix) {
+			out = append(out, name)
+		}
+	}
+	return out, nil
+}
+
+// Sweep deletes endpoint links whose endpoint is not in keep (host link
+// names): left by an endpoint whose Leave never came (dockerd killed).
+func (l *Links) Sweep(keep map[string]bool) error {
+	names, err := l.Names()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, name := range names {
+		if strings.HasPrefix(name, LinkPrefix) && keep[name] {
+			continue
+		}
+		if strings.HasPrefix(name, tempPrefix) && keep[LinkPrefix+strings.TrimPrefix(name, tempPrefix)] {
+			continue
+		}
+		errs = append(errs, backend.DeleteLink(l.h, name))
+	}
+	return errors.Join(errs...)
+}
+
+// Cleanup deletes every endpoint link (`fabricd --cleanup`).
+func (l *Links) Cleanup() error { return l.Sweep(nil) }
