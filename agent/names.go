@@ -104,14 +104,14 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 		case <-a.namesKick:
 		}
 		a.mu.Lock()
-		held, nets := a.held, a.networks.State
+		held, nets, netsKnown := a.held, a.networks.State, a.networksKnown
 		a.mu.Unlock()
 		kept, refused := names.Trusted(rs, held, nets.Owns)
 		seen := map[string]bool{}
 		for _, r := range refused {
 			key := r.Record.Node + "/" + r.Record.Name
 			seen[key] = true
-			if held != nil && logged[key] != r.Reason {
+			if held != nil && (netsKnown || r.Record.Network == "") && logged[key] != r.Reason {
 				logged[key] = r.Reason
 				log.Warn("not answering a container name: its address is not its node's", "node", r.Record.Node, "name", r.Record.Name, "address", r.Record.Address, "reason", r.Reason)
 			}

@@ -1,16 +1,24 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/fabricnet/fabric/dockernet"
 	"github.com/fabricnet/fabric/internal/testreq"
 	"github.com/fabricnet/fabric/lab"
 )
+
+const dockernetLinkPrefix = dockernet.LinkPrefix
 
 // networkSettle bounds waits for a network to appear or go on every host;
 // the times measured are logged (make bench measures them).
@@ -223,6 +231,197 @@ func TestDockerNetworks(t *testing.T) {
 		}
 		for _, dh := range dhs {
 			f.hasNetwork(dh, "net1", false)
+		}
+	})
+}
+
+// pingStream pings dst every 10 ms for d from the network namespace of
+// container ctr on dh (the host's iputils ping, which busybox's is not),
+// and returns packets sent and received.
+func (dh *dockerHost) pingStream(t *testing.T, ctr string, dst netip.Addr, d time.Duration) (sent, received int) {
+	t.Helper()
+	pid, err := dh.docker("inspect", "-f", "{{.State.Pid}}", ctr)
+	if err != nil {
+		t.Errorf("pid of %s on %s: %v", ctr, dh.host.Name, err)
+		return 0, 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d+20*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "nsenter", "-t", pid, "-n", "ping", "-q", "-i", "0.01", "-w", strconv.Itoa(int(d/time.Second)), dst.String()).CombinedOutput()
+	t.Logf("ping %s from %s on %s: %v: %s", dst, ctr, dh.host.Name, err, out)
+	m := regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`).FindStringSubmatch(string(out))
+	if m == nil {
+		t.Errorf("ping %s from %s on %s: %v: %s", dst, ctr, dh.host.Name, err, out)
+		return 0, 0
+	}
+	sent, _ = strconv.Atoi(m[1])
+	received, _ = strconv.Atoi(m[2])
+	return sent, received
+}
+
+// TestDockerNetworkLifecycle: what happens to containers on a fabric
+// network when the daemons around them come and go. fabricd restarted:
+// not one packet lost. dockerd restarted: its containers come back on the
+// network, reachable by name. fabricd down while dockerd starts a
+// container: a clear error and nothing half-made. A host that dies: its
+// names go with its node record. fabricd --cleanup after a crash: no link
+// or route of the networks is left.
+func TestDockerNetworkLifecycle(t *testing.T) {
+	t.Parallel()
+	f, dhs, img := dockerNetLab(t)
+	h1, h2, h3 := dhs[0], dhs[1], dhs[2]
+	if out, err := h1.docker("network", "create", "-d", "fabric", "--ipam-driver", "fabric", "--subnet", "172.16.5.0/24", "net5"); err != nil {
+		t.Fatalf("create net5: %v: %s", err, out)
+	}
+	for _, dh := range dhs {
+		f.hasNetwork(dh, "net5", true)
+	}
+	c1 := h1.runOn(t, "net5", "c1", []string{"--restart", "always"}, img, "sleep", "3600")
+	c2 := h2.runOn(t, "net5", "c2", []string{"--restart", "always"}, img, "sleep", "3600")
+	f.eventually(networkSettle, "c1 reaches c2", func() error {
+		_, err := h1.docker("exec", "c1", "ping", "-c", "1", "-W", "1", c2.String())
+		return err
+	})
+
+	t.Run("fabricd restarted: no packet lost", func(t *testing.T) {
+		const stream = 8 * time.Second
+		var wg sync.WaitGroup
+		results := map[string][2]int{}
+		var mu sync.Mutex
+		for _, p := range []struct {
+			dh       *dockerHost
+			ctr      string
+			dst      netip.Addr
+			pairName string
+		}{{h1, "c1", c2, "c1->c2"}, {h2, "c2", c1, "c2->c1"}} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				s, r := p.dh.pingStream(t, p.ctr, p.dst, stream)
+				mu.Lock()
+				results[p.pairName] = [2]int{s, r}
+				mu.Unlock()
+			}()
+		}
+		// Restart host2's fabricd while the streams run: the first
+		// replies show they have started.
+		f.eventually(10*time.Second, "the ping streams run", func() error {
+			_, err := h1.docker("exec", "c1", "ping", "-c", "1", "-W", "1", c2.String())
+			return err
+		})
+		f.restart(h2.host)
+		wg.Wait()
+		f.eventually(30*time.Second, "host2's fabricd answers again", func() error { _, err := f.status(h2.host); return err })
+		for pair, sr := range results {
+			t.Logf("fabricd on host2 restarted: %s %d sent, %d received", pair, sr[0], sr[1])
+			if sr[0] < 300 || sr[1] != sr[0] {
+				t.Errorf("%s: %d of %d packets lost across the restart (want 0 of at least 300)", pair, sr[0]-sr[1], sr[0])
+			}
+		}
+		if t.Failed() {
+			for _, h := range []*lab.Host{h1.host, h2.host} {
+				for _, cmd := range [][]string{{"ip", "-o", "link"}, {"ip", "route"}, {"iptables-save", "-t", "filter"}} {
+					out, err := h.Run(context.Background(), cmd[0], cmd[1:]...)
+					t.Logf("%s: %s: %v\n%s", h.Name, strings.Join(cmd, " "), err, out)
+				}
+			}
+			b, _ := os.ReadFile(f.agents[h2.host.Name].proc.LogPath())
+			for _, l := range strings.Split(string(b), "\n") {
+				if !strings.Contains(l, "DEBUG") {
+					t.Log(l)
+				}
+			}
+		}
+	})
+
+	t.Run("dockerd restarted: its containers come back on the network", func(t *testing.T) {
+		f := f.sub(t)
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		defer cancel()
+		if err := h2.d.Restart(ctx); err != nil {
+			t.Fatal(err)
+		}
+		d := f.eventually(60*time.Second, "c1 pings c2 by name after host2's dockerd restarted", func() error {
+			out, err := h1.docker("exec", "c1", "ping", "-c", "1", "-W", "1", "c2")
+			if err != nil {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		})
+		t.Logf("c2 reachable by name %.1fs after host2's dockerd answered again", d.Seconds())
+	})
+
+	t.Run("fabricd down while dockerd starts a container: a clear error, nothing half-made", func(t *testing.T) {
+		f := f.sub(t)
+		a := f.agents[h3.host.Name]
+		if err := a.proc.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		linksBefore, _ := h3.host.Run(context.Background(), "ip", "-o", "link")
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		out, err := h3.d.Docker(ctx, "run", "-d", "--name", "orphan", "--network", "net5", img, "sleep", "3600")
+		cancel()
+		if err == nil {
+			t.Errorf("docker run on net5 with fabricd down succeeded: %s", out)
+		} else if !strings.Contains(out, "fabric") {
+			t.Errorf("docker run with fabricd down: the error does not name the fabric plugin: %s", out)
+		}
+		t.Logf("docker run with fabricd down: %s", out)
+		if st, _ := h3.docker("inspect", "-f", "{{.State.Running}}", "orphan"); st == "true" {
+			t.Error("the container runs though its network could not be set up")
+		}
+		if linksAfter, _ := h3.host.Run(context.Background(), "ip", "-o", "link"); strings.Count(linksAfter, "fnep") != strings.Count(linksBefore, "fnep") {
+			t.Errorf("endpoint links changed while fabricd was down:\nbefore %s\nafter %s", linksBefore, linksAfter)
+		}
+		h3.docker("rm", "-f", "orphan")
+		p, err := h3.host.Start("fabricd", a.args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.proc = p
+		f.eventually(30*time.Second, "host3's fabricd answers again", func() error { _, err := f.status(h3.host); return err })
+		h3.runOn(t, "net5", "late", nil, img, "sleep", "3600")
+	})
+
+	t.Run("a host that dies takes its names with it", func(t *testing.T) {
+		f := f.sub(t)
+		if _, err := h1.docker("exec", "c1", "nslookup", "late"); err != nil {
+			t.Fatalf("late (host3) does not resolve from c1 before host3 dies: %v", err)
+		}
+		f.agents[h3.host.Name].proc.Kill()
+		killed := time.Now()
+		f.eventually(nameSettle+10*time.Second, "late stops resolving on host1", func() error {
+			if out, err := h1.docker("exec", "c1", "nslookup", "late"); err == nil && strings.Contains(out, "172.16.5.") {
+				return fmt.Errorf("still resolves: %s", out)
+			}
+			return nil
+		})
+		t.Logf("host3's container names gone %.1fs after its fabricd was killed (node TTL 10s)", time.Since(killed).Seconds())
+	})
+
+	t.Run("fabricd --cleanup after a crash leaves no link or route of the networks", func(t *testing.T) {
+		a := f.agents[h2.host.Name]
+		a.proc.Kill()
+		// Its containers go, and their Leave finds no fabricd: dockerd
+		// waits for the plugin and is killed (the lab says so).
+		if err := h2.d.Stop(); err != nil {
+			t.Logf("stop dockerd with fabricd dead: %v", err)
+		}
+		links, _ := h2.host.Run(context.Background(), "ip", "-o", "link")
+		if !strings.Contains(links, dockernetLinkPrefix) {
+			t.Logf("no endpoint link was left by the crash (dockerd removed them): %s", links)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		if out, err := h2.host.Run(ctx, a.args[0], append(a.args[1:], "--cleanup")...); err != nil {
+			t.Fatalf("fabricd --cleanup: %v: %s", err, out)
+		}
+		links, _ = h2.host.Run(context.Background(), "ip", "-o", "link")
+		if strings.Contains(links, dockernetLinkPrefix) {
+			t.Errorf("endpoint links left after --cleanup:\n%s", links)
+		}
+		if routes := f.ownedRoutes(h2.host); len(routes) != 0 {
+			t.Errorf("fabric routes left after --cleanup: %v", routes)
 		}
 	})
 }

@@ -125,6 +125,11 @@ func TestRestartKeepsSubnet(t *testing.T) {
 	if _, err := newManager(t, cli, prefix, "h2", "m2", time.Minute, p).Acquire(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// What else hangs on the host's lease (its Docker networks' addresses).
+	attached := prefix + "/netaddrs/net1/172.16.1.2"
+	if _, err := cli.Put(ctx, attached, `{"node":"h1"}`, clientv3.WithLease(first.LeaseID)); err != nil {
+		t.Fatal(err)
+	}
 	// A restarted agent: new Manager, same name and machine id, and no --pool.
 	again, err := newManager(t, cli, prefix, "h1", "m1", time.Minute, nil).Acquire(ctx)
 	if err != nil {
@@ -136,9 +141,26 @@ func TestRestartKeepsSubnet(t *testing.T) {
 	if got := again.Gateway(); got != first.Subnet.Addr().Next() {
 		t.Errorf("gateway %s, want first address of %s", got, first.Subnet)
 	}
-	// The key must be on the new lease and survive the old one's end.
-	if _, err := cli.Revoke(ctx, first.LeaseID); err == nil {
-		t.Errorf("old lease %x still existed after restart", int64(first.LeaseID))
+	// The same lease, so what hangs on it stays.
+	if again.LeaseID != first.LeaseID {
+		t.Errorf("restart moved the subnet from lease %x to %x: the keys attached to the old one went with it", int64(first.LeaseID), int64(again.LeaseID))
+	}
+	if resp, err := cli.Get(ctx, attached); err != nil || len(resp.Kvs) != 1 {
+		t.Errorf("a key on the host's lease is gone after the restart: %v", err)
+	}
+	// A lease that ended while the host was away: a fresh one.
+	if _, err := cli.Revoke(ctx, first.LeaseID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Put(ctx, subnetKey(prefix, first.Subnet), encodeLease(Lease{Node: "h1", MachineID: "m1"})); err != nil {
+		t.Fatal(err) // the subnet key as a host that died and whose lease ended left it
+	}
+	again, err = newManager(t, cli, prefix, "h1", "m1", time.Minute, nil).Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.LeaseID == first.LeaseID || again.LeaseID == 0 {
+		t.Errorf("after the old lease ended the subnet is on lease %x", int64(again.LeaseID))
 	}
 	leases, _, err := List(ctx, cli, prefix)
 	if err != nil {

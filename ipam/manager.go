@@ -195,12 +195,22 @@ func (m *Manager) findOwn(entries []entry) (entry, bool) {
 	return entry{}, false
 }
 
-// takeOwn moves this host's existing subnet key onto a fresh lease. ok is
-// false when the key changed meanwhile.
+// takeOwn takes this host's existing subnet key again: on the etcd lease it
+// is attached to while that lease lives (a restart: the host's network
+// blocks and addresses hang on it too, and must stay), else on a fresh one.
+// ok is false when the key changed meanwhile.
 func (m *Manager) takeOwn(ctx context.Context, own entry) (Lease, bool, error) {
-	id, err := m.grant(ctx)
-	if err != nil {
-		return Lease{}, false, err
+	id := own.etcdLease
+	if id == 0 {
+		id = -1
+	} else if _, err := m.cli.KeepAliveOnce(ctx, id); err != nil {
+		id = -1 // ended (or never existed): a fresh one
+	}
+	if id == -1 {
+		var err error
+		if id, err = m.grant(ctx); err != nil {
+			return Lease{}, false, err
+		}
 	}
 	l := Lease{Subnet: own.subnet, Node: m.node, MachineID: m.machineID, HostAddr: m.hostAddr, LeaseID: id}
 	resp, err := m.cli.Txn(ctx).

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -129,12 +130,18 @@ cleanup() {
 	exit 0
 }
 trap cleanup TERM INT HUP
-setsid "$DOCKERD" "$@" &
-pid=$!
-echo "supervisor: dockerd pid $pid"
-echo "$pid" > "$ROOT/dockerd.supervised"
-wait "$pid"
-echo "supervisor: dockerd exited with $?"
+while :; do
+	setsid "$DOCKERD" "$@" &
+	pid=$!
+	echo "supervisor: dockerd pid $pid"
+	echo "$pid" > "$ROOT/dockerd.supervised"
+	wait "$pid"
+	echo "supervisor: dockerd exited with $?"
+	# Dockerd.Restart asks for a restart that keeps the daemon's state.
+	[ -e "$ROOT/restart" ] || break
+	rm -f "$ROOT/restart"
+	echo "supervisor: starting dockerd again"
+done
 cleanup
 `
 
@@ -225,6 +232,50 @@ func (h *Host) StartDockerd(ctx context.Context, opts DockerdOptions) (*Dockerd,
 	}
 	l.log.Debug("dockerd started", "host", h.Name, "socket", d.Socket, "bip", opts.Bip, "mtu", opts.MTU)
 	return d, nil
+}
+
+// Restart stops dockerd (SIGTERM: it stops its containers as a daemon
+// restart does) and starts it again with the same state, then waits until
+// it answers; containers with a restart policy come back.
+func (d *Dockerd) Restart(ctx context.Context) error {
+	b, err := os.ReadFile(filepath.Join(d.Root, "dockerd.supervised"))
+	if err != nil {
+		return fmt.Errorf("lab: restart dockerd on %s: %w", d.Host.Name, err)
+	}
+	var pid int
+	if _, err := fmt.Sscanf(string(b), "%d", &pid); err != nil || pid <= 0 {
+		return fmt.Errorf("lab: restart dockerd on %s: no pid in %q", d.Host.Name, b)
+	}
+	if err := os.WriteFile(filepath.Join(d.Root, "restart"), nil, 0o600); err != nil {
+		return fmt.Errorf("lab: %w", err)
+	}
+	// The pid is this lab's dockerd: written by its supervisor.
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		return fmt.Errorf("lab: restart dockerd on %s: %w", d.Host.Name, err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(d.Root, "restart")); errors.Is(err, os.ErrNotExist) {
+			break // the supervisor has seen dockerd exit
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("lab: dockerd on %s did not stop: %w", d.Host.Name, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	for {
+		c, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := d.Docker(c, "version", "--format", "{{.Server.Version}}")
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("lab: dockerd on %s did not answer after the restart: %v", d.Host.Name, err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // Docker runs Debian's docker client against this daemon and returns its
