@@ -2,10 +2,12 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -172,6 +174,85 @@ func TestDockerNetworks(t *testing.T) {
 			_, err := outsideDial(outside, netip.AddrPortFrom(h2.host.Addr, 8080).String())
 			return err
 		})
+	})
+
+	t.Run("leaving the fabric, a container is masqueraded", func(t *testing.T) {
+		outside, err := f.lab.AddOutside(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, err := outside.Start("tcpprobe-masquerade", filepath.Join(binDir, "tcpprobe"), "serve", outside.Addr.String()+":9000", "100")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer srv.Stop()
+		var seen string
+		f.sub(t).eventually(networkSettle, "c1 reaches the outside server", func() error {
+			var err error
+			seen, err = h1.dial(netip.AddrPortFrom(outside.Addr, 9000).String())
+			return err
+		})
+		if seen != h1.host.Addr.String() {
+			t.Errorf("the outside saw c1 as %s, want host1's address %s", seen, h1.host.Addr)
+		}
+	})
+
+	t.Run("fabricctl publish reaches a container on a fabric network from every host", func(t *testing.T) {
+		f := f.sub(t)
+		if out, err := f.fabricctl(h1.host, "publish", "add", "9100/tcp", netip.AddrPortFrom(c2, 8000).String()); err != nil {
+			t.Fatalf("fabricctl publish add: %v: %s", err, out)
+		}
+		outside, _ := f.lab.AddOutside(t.Context())
+		for _, dh := range dhs {
+			f.eventually(networkSettle, "the outside reaches c2 through "+dh.host.Name+":9100", func() error {
+				_, err := outsideDial(outside, netip.AddrPortFrom(dh.host.Addr, 9100).String())
+				return err
+			})
+		}
+		if out, err := f.fabricctl(h1.host, "publish", "delete", "9100/tcp"); err != nil {
+			t.Errorf("fabricctl publish delete: %v: %s", err, out)
+		}
+	})
+
+	t.Run("a container cannot send from an address that is not its own", func(t *testing.T) {
+		h1.runOn(t, "net1", "spoofer", []string{"--cap-add", "NET_ADMIN"}, img, "sleep", "3600")
+		if out, err := h1.docker("exec", "spoofer", "ip", "addr", "add", "172.16.1.99/24", "dev", "eth0"); err != nil {
+			t.Fatalf("add a second address in the container: %v: %s", err, out)
+		}
+		if out, err := h1.docker("exec", "spoofer", "ping", "-c", "1", "-W", "2", c2.String()); err != nil {
+			t.Fatalf("spoofer pings c2 from its own address: %v: %s", err, out)
+		}
+		if out, err := h1.docker("exec", "spoofer", "ping", "-c", "2", "-W", "2", "-I", "172.16.1.99", c2.String()); err == nil {
+			t.Errorf("a ping from an address that is not the container's reached c2: %s", out)
+		}
+		h1.docker("rm", "-f", "spoofer")
+	})
+
+	t.Run("fabricctl networks shows each host's blocks and containers", func(t *testing.T) {
+		out, err := f.fabricctl(h3.host, "networks", "-o", "json")
+		if err != nil {
+			t.Fatalf("fabricctl networks: %v: %s", err, out)
+		}
+		var rows []struct {
+			Name       string
+			Subnet     string
+			Gateway    string
+			Blocks     map[string][]string
+			Containers map[string]int
+		}
+		if err := json.Unmarshal([]byte(out), &rows); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		byName := map[string]int{}
+		for i, r := range rows {
+			byName[r.Name] = i
+		}
+		r := rows[byName["net1"]]
+		if r.Subnet != "172.16.1.0/24" || r.Gateway != "172.16.1.254" || r.Containers["host1"] != 1 || r.Containers["host2"] != 2 || r.Containers["host3"] != 2 || len(r.Blocks["host1"]) == 0 {
+			t.Errorf("fabricctl networks: net1 is %+v; want its subnet, gateway, a block of host1's and 1, 2, 2 containers", r)
+		}
+		table, _ := f.fabricctl(h3.host, "networks")
+		t.Logf("fabricctl networks:\n%s", table)
 	})
 
 	t.Run("a network with containers on other hosts stays in the fabric", func(t *testing.T) {

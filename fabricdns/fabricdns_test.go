@@ -182,3 +182,32 @@ func TestNoUpstreamAnswersServfail(t *testing.T) {
 		t.Errorf("want SERVFAIL with no upstream answering, got %v", resp)
 	}
 }
+
+// TestNetworkScopedNames: a query from a fabric network's address is
+// answered from that network's names alone, by bare name (what Docker's
+// embedded DNS forwards) and by alias; names of the bridge and of other
+// networks do not resolve there. The test's queries come from 127.0.0.1,
+// so the loopback network plays the part of net1's subnet.
+func TestNetworkScopedNames(t *testing.T) {
+	s, addr := start(t, Config{Upstreams: []string{upstream(t)}})
+	web := names.Record{Name: "proj_web_1", Aliases: []string{"web"}, Node: "host2", Network: "net1", Address: netip.MustParseAddr("172.16.1.5")}
+	db := names.Record{Name: "db", Node: "host3", Network: "net2", Address: netip.MustParseAddr("172.16.2.5")}
+	bridged := names.Record{Name: "bridged", Node: "host2", Address: netip.MustParseAddr("10.244.2.5")}
+	networks := map[string]netip.Prefix{"net1": netip.MustParsePrefix("127.0.0.0/8"), "net2": netip.MustParsePrefix("172.16.2.0/24")}
+	s.SetView(names.NewView([]names.Record{web, db, bridged}, networks))
+
+	for _, name := range []string{"web.", "proj_web_1.", "web.fabric."} {
+		if resp := ask(t, "udp", addr, name, dns.TypeA); len(resp.Answer) != 1 || resp.Answer[0].(*dns.A).A.String() != "172.16.1.5" {
+			t.Errorf("%s from net1: %v", name, resp)
+		}
+	}
+	for _, name := range []string{"db.fabric.", "bridged.fabric."} {
+		if resp := ask(t, "udp", addr, name, dns.TypeA); resp.Rcode != dns.RcodeNameError {
+			t.Errorf("%s from net1 (another network's, the bridge's): want NXDOMAIN, got %v", name, resp)
+		}
+	}
+	// A bare name that is none of net1's goes upstream as before.
+	if resp := ask(t, "udp", addr, "example.org.", dns.TypeA); len(resp.Answer) != 1 || resp.Answer[0].(*dns.A).A.String() != "192.0.2.80" {
+		t.Errorf("example.org from net1 via the upstream: %v", resp)
+	}
+}

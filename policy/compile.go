@@ -154,7 +154,7 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local netip.Pref
 			Ports:    slices.Clone(r.Ports),
 		})
 	}
-	rs.Rules = append(rs.Rules, isolation(local, dir)...)
+	rs.Rules = append(rs.Rules, isolation(local, dir, defaultAction, spaces)...)
 	return rs, nil
 }
 
@@ -162,12 +162,24 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local netip.Pref
 // bridges apart: traffic into a network from another network or from the
 // containers of the bridges is refused, after the rules (which may allow
 // it) and before the default. Traffic from outside the fabric is the
-// rules' and the default's to judge.
-func isolation(local netip.Prefix, dir Directory) []CompiledRule {
+// rules' and the default's to judge, and so is traffic from the hosts'
+// gateway addresses: connections to a published port arrive SNATed to the
+// gateway of the host that took them.
+func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces []netip.Prefix) []CompiledRule {
 	if len(dir.Networks) == 0 {
 		return nil
 	}
 	var out []CompiledRule
+	var gateways []netip.Prefix
+	for _, s := range dir.Nodes {
+		if s.IsValid() {
+			gateways = append(gateways, netip.PrefixFrom(s.Masked().Addr().Next(), 32))
+		}
+	}
+	if len(gateways) > 0 {
+		out = append(out, CompiledRule{Name: "the hosts' gateways (published ports) as by default", Action: defaultAction,
+			Sources: normalize(gateways), Dests: normalize(slices.Clone(spaces))})
+	}
 	names := slices.Sorted(maps.Keys(dir.Networks))
 	var all []netip.Prefix
 	for _, name := range names {

@@ -128,3 +128,47 @@ func TestCompileContainerSelectors(t *testing.T) {
 		t.Errorf("a new frontend container did not change the rule: %v", rs2.Rules[0].Sources)
 	}
 }
+
+// TestCompileNetworks: the fabric's Docker networks are isolated from each
+// other and from the bridge, after the rules (which may open them) and
+// before the default; the hosts' gateways (which published connections
+// come from) are not isolated; a network selector is its subnet.
+func TestCompileNetworks(t *testing.T) {
+	local := netip.MustParsePrefix("10.244.1.0/24")
+	dir := Directory{
+		Nodes:    map[string]netip.Prefix{"h2": netip.MustParsePrefix("10.244.2.0/24")},
+		Pool:     netip.MustParsePrefix("10.244.0.0/16"),
+		Networks: map[string]netip.Prefix{"front": netip.MustParsePrefix("172.16.1.0/24"), "back": netip.MustParsePrefix("172.16.2.0/24")},
+	}
+	rules := []Rule{{Name: "front-to-back-db", Action: ActionAllow, From: []Selector{{Network: "front"}}, To: []Selector{{Network: "back"}}, Protocol: "tcp", Ports: []PortRange{{5432, 5432}}}}
+	rs, err := Compile(rules, ActionAllow, dir, local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range rs.Rules {
+		got = append(got, fmt.Sprintf("%s %s %v -> %v", r.Name, r.Action, r.Sources, r.Dests))
+	}
+	want := []string{
+		"front-to-back-db allow [172.16.1.0/24] -> [172.16.2.0/24]",
+		"the hosts' gateways (published ports) as by default allow [10.244.2.1/32] -> [10.244.1.0/24 172.16.1.0/24 172.16.2.0/24]",
+		"isolation of the bridge from the networks back, front deny [172.16.1.0/24 172.16.2.0/24] -> [10.244.1.0/24]",
+		"isolation of network back deny [10.244.0.0/16 172.16.1.0/24] -> [172.16.2.0/24]",
+		"isolation of network front deny [10.244.0.0/16 172.16.2.0/24] -> [172.16.1.0/24]",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("compiled:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if len(rs.Networks) != 2 {
+		t.Errorf("networks in the ruleset: %v", rs.Networks)
+	}
+	// A rule without "to" reaches every local space; one naming an unknown
+	// network matches nothing and says so.
+	rs, _ = Compile([]Rule{{Name: "all", Action: ActionDeny, From: []Selector{{CIDR: "192.0.2.0/24"}}}, {Name: "ghost", Action: ActionDeny, To: []Selector{{Network: "ghost"}}}}, ActionAllow, dir, local)
+	if r := rs.Rules[0]; r.Name != "all" || len(r.Dests) != 3 {
+		t.Errorf("a rule without to: %+v, want it to reach the bridge and both networks", r)
+	}
+	if len(rs.Warnings) != 1 || !strings.Contains(rs.Warnings[0], `no fabric network "ghost"`) {
+		t.Errorf("warnings %v", rs.Warnings)
+	}
+}

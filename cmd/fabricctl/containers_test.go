@@ -64,7 +64,7 @@ func TestContainersShowsAnswersAndRefusals(t *testing.T) {
 	find := func(name, node string) string {
 		for _, l := range lines {
 			f := strings.Fields(l)
-			if len(f) >= 3 && f[0] == name && f[2] == node {
+			if len(f) >= 4 && f[0] == name && f[3] == node {
 				return l
 			}
 		}

@@ -204,13 +204,17 @@ func containersCmd(g *globals) *cobra.Command {
 					case e.ShadowedBy != "":
 						answer = "no: " + e.ShadowedBy + "'s is older"
 					}
-					row := []string{e.Name, e.Address.String(), e.Node, answer, strings.Join(labels, ",")}
+					network := e.Network
+					if network == "" {
+						network = "(bridge)"
+					}
+					row := []string{e.Name, network, e.Address.String(), e.Node, answer, strings.Join(labels, ",")}
 					if g.wide() {
 						row = append(row, e.ID, e.Created.Format(time.RFC3339))
 					}
 					rows = append(rows, row)
 				}
-				header := "NAME\tADDRESS\tNODE\tANSWERS\tLABELS"
+				header := "NAME\tNETWORK\tADDRESS\tNODE\tANSWERS\tLABELS"
 				if g.wide() {
 					header += "\tID\tCREATED"
 				}
@@ -218,6 +222,80 @@ func containersCmd(g *globals) *cobra.Command {
 				for _, p := range problems {
 					fmt.Fprintf(os.Stderr, "malformed container record %v\n", p)
 				}
+				return nil
+			})
+		},
+	}
+}
+
+// networkRow is one fabric network as `fabricctl networks` shows it.
+type networkRow struct {
+	Name       string              `json:"name"`
+	Subnet     string              `json:"subnet"`
+	Gateway    string              `json:"gateway"`
+	CreatedOn  string              `json:"createdOn"`
+	Created    time.Time           `json:"created"`
+	Blocks     map[string][]string `json:"blocks"`              // host -> its blocks
+	Containers map[string]int      `json:"containers"`          // host -> containers with an address
+	Addresses  map[string][]string `json:"addresses,omitempty"` // host -> addresses given (wide, json, yaml)
+}
+
+func networksCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "networks",
+		Short: "Docker networks on the fabric: subnet, gateway, each host's blocks and containers",
+		Args:  usageArgs(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
+				s, _, err := dockernet.NewStore(cli, g.host.EtcdPrefix).Read(ctx)
+				if err != nil {
+					return err
+				}
+				var rows []networkRow
+				for _, name := range slices.Sorted(maps.Keys(s.Networks)) {
+					n := s.Networks[name]
+					r := networkRow{Name: name, Subnet: n.Subnet.String(), Gateway: n.Gateway.String(), CreatedOn: n.CreatedOn, Created: n.Created,
+						Blocks: map[string][]string{}, Containers: map[string]int{}, Addresses: map[string][]string{}}
+					for _, b := range s.Blocks[name] {
+						r.Blocks[b.Node] = append(r.Blocks[b.Node], b.Prefix.String())
+					}
+					for _, a := range slices.SortedFunc(maps.Keys(s.Grants[name]), netip.Addr.Compare) {
+						gr := s.Grants[name][a]
+						r.Containers[gr.Node]++
+						r.Addresses[gr.Node] = append(r.Addresses[gr.Node], a.String())
+					}
+					rows = append(rows, r)
+				}
+				for key, problem := range s.Problems {
+					fmt.Fprintf(os.Stderr, "malformed network record %s: %s\n", key, problem)
+				}
+				if g.structured() {
+					return g.print(rows)
+				}
+				perHost := func(m map[string][]string) string {
+					var parts []string
+					for _, h := range slices.Sorted(maps.Keys(m)) {
+						parts = append(parts, h+": "+strings.Join(m[h], " "))
+					}
+					return strings.Join(parts, ", ")
+				}
+				var table_ [][]string
+				for _, r := range rows {
+					var counts []string
+					for _, h := range slices.Sorted(maps.Keys(r.Containers)) {
+						counts = append(counts, fmt.Sprintf("%s: %d", h, r.Containers[h]))
+					}
+					row := []string{r.Name, r.Subnet, r.Gateway, perHost(r.Blocks), strings.Join(counts, ", ")}
+					if g.wide() {
+						row = append(row, perHost(r.Addresses), r.CreatedOn, r.Created.Format(time.RFC3339))
+					}
+					table_ = append(table_, row)
+				}
+				header := "NAME\tSUBNET\tGATEWAY\tBLOCKS\tCONTAINERS"
+				if g.wide() {
+					header += "\tADDRESSES\tCREATED ON\tCREATED"
+				}
+				table(header, table_)
 				return nil
 			})
 		},

@@ -79,7 +79,7 @@ func main() {
 		return usageError{fmt.Errorf("-o %q: want table, wide, json or yaml", g.output)}
 	}
 
-	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), ipamCmd(g), nodesCmd(g), containersCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
+	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), ipamCmd(g), nodesCmd(g), containersCmd(g), networksCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
 		Use: "version", Short: "Print the version",
 		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", version.String()) },
 	})

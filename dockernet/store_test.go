@@ -1,0 +1,93 @@
+package dockernet
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/internal/etcdtest"
+)
+
+// TestStoreAgainstRealEtcd: what the transactions guarantee, with a real
+// etcd: hosts granting at once never give one address twice; a name or an
+// overlapping subnet is refused; a network with containers is not deleted,
+// and says where they are; a host's addresses are freed on release.
+func TestStoreAgainstRealEtcd(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	st := NewStore(cli, "/fabric-test/"+strings.ReplaceAll(t.Name(), "/", "-"))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	net1 := Network{Name: "net1", Subnet: netip.MustParsePrefix("172.16.1.0/26"), Gateway: netip.MustParseAddr("172.16.1.1")}
+	if err := st.Create(ctx, net1); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []Network{
+		{Name: "net1", Subnet: netip.MustParsePrefix("172.16.9.0/24"), Gateway: netip.MustParseAddr("172.16.9.1")},
+		{Name: "inside", Subnet: netip.MustParsePrefix("172.16.1.32/27"), Gateway: netip.MustParseAddr("172.16.1.33")},
+		{Name: "around", Subnet: netip.MustParsePrefix("172.16.0.0/16"), Gateway: netip.MustParseAddr("172.16.0.1")},
+	} {
+		if err := st.Create(ctx, bad); !errors.Is(err, ErrConflict) {
+			t.Errorf("create %s %s: %v, want a conflict", bad.Name, bad.Subnet, err)
+		}
+	}
+
+	// Three hosts ask for addresses at once until the network is full: 61
+	// addresses (64 less the network, gateway and broadcast).
+	var mu sync.Mutex
+	given := map[netip.Addr]string{}
+	var wg sync.WaitGroup
+	for _, node := range []string{"h1", "h2", "h3"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				a, err := st.Grant(ctx, GrantRequest{Network: "net1", Node: node})
+				if err != nil {
+					if !strings.Contains(err.Error(), "no free address") {
+						t.Errorf("%s: %v", node, err)
+					}
+					return
+				}
+				mu.Lock()
+				if other, dup := given[a]; dup {
+					t.Errorf("%s given to both %s and %s", a, other, node)
+				}
+				given[a] = node
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if len(given) != 61 {
+		t.Errorf("%d addresses given, want 61", len(given))
+	}
+	s, _, err := st.Read(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for a, node := range given {
+		if !s.Owns("net1", node, a) {
+			t.Errorf("etcd does not give %s to %s", a, node)
+		}
+	}
+
+	err = st.Delete(ctx, "net1")
+	if err == nil || !strings.Contains(err.Error(), "on h1") || !strings.Contains(err.Error(), "on h3") {
+		t.Errorf("delete with containers: %v, want a refusal naming the hosts", err)
+	}
+	for _, node := range []string{"h1", "h2", "h3"} {
+		if err := st.ReleaseNode(ctx, node); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := st.Delete(ctx, "net1"); err != nil {
+		t.Fatalf("delete an empty network: %v", err)
+	}
+	if s, _, _ := st.Read(ctx); len(s.Networks)+len(s.Blocks)+len(s.Grants) != 0 {
+		t.Errorf("left after delete: %+v", s)
+	}
+}
