@@ -36,6 +36,9 @@ type Network struct {
 	Gateway   netip.Addr   `json:"gateway"`
 	Created   time.Time    `json:"created"`
 	CreatedOn string       `json:"createdOn"` // the host whose dockerd it was created on
+	// Labels are the network's labels where it was created, given to it on
+	// every host (docker-compose finds its networks by them).
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // namePattern is what Docker accepts as a network name.

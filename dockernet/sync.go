@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
 	"time"
 
@@ -26,7 +27,7 @@ type Local struct {
 
 // Docker is the local dockerd, as the network sync uses it.
 type Docker interface {
-	CreateNetwork(ctx context.Context, name, driver, ipamDriver string, subnet netip.Prefix, gateway netip.Addr) error
+	CreateNetwork(ctx context.Context, name, driver, ipamDriver string, subnet netip.Prefix, gateway netip.Addr, labels map[string]string) error
 	DeleteNetwork(ctx context.Context, id string) error
 }
 
@@ -145,7 +146,7 @@ func (s *Sync) networks(ctx context.Context) {
 		case pending && inEtcd:
 			s.refuse(ctx, ln, "network "+ln.Name+" exists in the fabric with subnet "+fabric.Subnet.String())
 		case pending:
-			n := Network{Name: ln.Name, Subnet: ln.Subnet, Gateway: created.Gateway, Created: time.Now().UTC(), CreatedOn: d.host.Node}
+			n := Network{Name: ln.Name, Subnet: ln.Subnet, Gateway: created.Gateway, Created: time.Now().UTC(), CreatedOn: d.host.Node, Labels: ln.Labels}
 			if !n.Gateway.IsValid() {
 				n.Gateway = ln.Gateway
 			}
@@ -184,7 +185,7 @@ func (s *Sync) networks(ctx context.Context) {
 			continue
 		}
 		n := s.state.Networks[name]
-		if err := s.docker.CreateNetwork(ctx, n.Name, DriverName, DriverName, n.Subnet, n.Gateway); err != nil {
+		if err := s.docker.CreateNetwork(ctx, n.Name, DriverName, DriverName, n.Subnet, n.Gateway, n.Labels); err != nil {
 			s.once("create/"+name, "cannot make the fabric's network on this host's dockerd; retrying", "network", name, "err", err)
 			continue
 		}
@@ -336,7 +337,4 @@ func endpointEqual(a, b Endpoint) bool {
 	return a.ID == b.ID && a.Network == b.Network && a.Addr == b.Addr && a.Link == b.Link && slices.Equal(a.Ports, b.Ports)
 }
 
-func stateEqual(a, b State) bool {
-	return maps.Equal(a.Networks, b.Networks) && maps.EqualFunc(a.Blocks, b.Blocks, slices.Equal[[]Block]) &&
-		maps.EqualFunc(a.Grants, b.Grants, maps.Equal[map[netip.Addr]Grant])
-}
+func stateEqual(a, b State) bool { return reflect.DeepEqual(a, b) }

@@ -25,6 +25,7 @@ import (
 	"net/netip"
 	"net/url"
 	"reflect"
+	"sync"
 	"slices"
 	"strings"
 	"time"
@@ -62,6 +63,8 @@ type Network struct {
 	Subnet  netip.Prefix `json:"subnet"`
 	Gateway netip.Addr   `json:"gateway"`
 	IPAM    string       `json:"ipam"` // its IPAM driver
+	// Labels are its labels (compose marks its networks with them).
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // Snapshot is what Watch reports after each change.
@@ -77,6 +80,11 @@ func (s Snapshot) Equal(o Snapshot) bool { return reflect.DeepEqual(s, o) }
 type Client struct {
 	socket string
 	http   *http.Client
+
+	// aliases of endpoints on fabric networks, by endpoint ID: the list of
+	// containers leaves them out, so each endpoint is inspected once.
+	aliasMu sync.Mutex
+	aliases map[string][]string
 }
 
 // New returns a client for the Engine API on the unix socket path.
@@ -88,7 +96,7 @@ func New(socket string) *Client {
 		},
 		DisableCompression: true,
 	}
-	return &Client{socket: socket, http: &http.Client{Transport: tr}}
+	return &Client{socket: socket, http: &http.Client{Transport: tr}, aliases: map[string][]string{}}
 }
 
 // apiContainer is the part of GET /containers/json fabric reads.
@@ -109,9 +117,10 @@ type apiContainer struct {
 
 // apiNetwork is the part of GET /networks fabric reads.
 type apiNetwork struct {
-	Name   string `json:"Name"`
-	ID     string `json:"Id"`
-	Driver string `json:"Driver"`
+	Name   string            `json:"Name"`
+	ID     string            `json:"Id"`
+	Driver string            `json:"Driver"`
+	Labels map[string]string `json:"Labels"`
 	IPAM   struct {
 		Driver string `json:"Driver"`
 		Config []struct {
@@ -141,7 +150,60 @@ func (c *Client) List(ctx context.Context, f Filter) (Snapshot, error) {
 			return Snapshot{}, err
 		}
 	}
-	return fromAPI(containers, networks, f), nil
+	snap := fromAPI(containers, networks, f)
+	if err := c.addAliases(ctx, &snap); err != nil {
+		return Snapshot{}, err
+	}
+	return snap, nil
+}
+
+// addAliases fills in the aliases of the snapshot's endpoints on fabric
+// networks (compose's service name, --network-alias): dockerd's list of
+// containers leaves them out, its inspect of a container has them. An
+// endpoint's aliases do not change, so each is asked for once.
+func (c *Client) addAliases(ctx context.Context, snap *Snapshot) error {
+	c.aliasMu.Lock()
+	defer c.aliasMu.Unlock()
+	seen := map[string]bool{}
+	for i := range snap.Containers {
+		ctr := &snap.Containers[i]
+		for j := range ctr.Networks {
+			a := &ctr.Networks[j]
+			seen[a.EndpointID] = true
+			aliases, known := c.aliases[a.EndpointID]
+			if !known {
+				var inspect struct {
+					NetworkSettings struct {
+						Networks map[string]struct {
+							EndpointID string   `json:"EndpointID"`
+							Aliases    []string `json:"Aliases"`
+						} `json:"Networks"`
+					} `json:"NetworkSettings"`
+				}
+				if err := c.get(ctx, "/containers/"+url.PathEscape(ctr.ID)+"/json", "inspect container "+ctr.Name, &inspect); err != nil {
+					return err
+				}
+				for _, ep := range inspect.NetworkSettings.Networks {
+					c.aliases[ep.EndpointID] = cleanAliases(ep.Aliases, ctr.Name)
+				}
+				aliases = c.aliases[a.EndpointID]
+			}
+			a.Aliases = aliases
+		}
+	}
+	for id := range c.aliases {
+		if !seen[id] {
+			delete(c.aliases, id)
+		}
+	}
+	return nil
+}
+
+// cleanAliases sorts aliases and drops the container's own name.
+func cleanAliases(aliases []string, name string) []string {
+	out := slices.DeleteFunc(slices.Clone(aliases), func(s string) bool { return s == name })
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 func (c *Client) get(ctx context.Context, path, what string, out any) error {
@@ -171,7 +233,7 @@ func fromAPI(list []apiContainer, networks []apiNetwork, f Filter) Snapshot {
 		if an.Driver != f.Driver {
 			continue
 		}
-		n := Network{ID: an.ID, Name: an.Name, IPAM: an.IPAM.Driver}
+		n := Network{ID: an.ID, Name: an.Name, IPAM: an.IPAM.Driver, Labels: an.Labels}
 		if len(an.IPAM.Config) > 0 {
 			n.Subnet, _ = netip.ParsePrefix(an.IPAM.Config[0].Subnet)
 			n.Gateway, _ = netip.ParseAddr(strings.Split(an.IPAM.Config[0].Gateway, "/")[0])
@@ -199,9 +261,7 @@ func fromAPI(list []apiContainer, networks []apiNetwork, f Filter) Snapshot {
 			}
 			switch {
 			case fabric[ep.NetworkID]:
-				aliases := slices.DeleteFunc(slices.Clone(ep.Aliases), func(s string) bool { return s == name })
-				slices.Sort(aliases)
-				c.Networks = append(c.Networks, Attachment{Network: n, NetworkID: ep.NetworkID, EndpointID: ep.EndpointID, Addr: a, Aliases: slices.Compact(aliases)})
+				c.Networks = append(c.Networks, Attachment{Network: n, NetworkID: ep.NetworkID, EndpointID: ep.EndpointID, Addr: a, Aliases: cleanAliases(ep.Aliases, name)})
 			case f.Subnet.IsValid() && f.Subnet.Contains(a) && !c.Addr.IsValid():
 				c.Addr = a
 			}
@@ -216,9 +276,9 @@ func fromAPI(list []apiContainer, networks []apiNetwork, f Filter) Snapshot {
 
 // CreateNetwork makes a network on this dockerd (the network sync: a
 // fabric network made on another host).
-func (c *Client) CreateNetwork(ctx context.Context, name, driver, ipamDriver string, subnet netip.Prefix, gateway netip.Addr) error {
+func (c *Client) CreateNetwork(ctx context.Context, name, driver, ipamDriver string, subnet netip.Prefix, gateway netip.Addr, labels map[string]string) error {
 	body, _ := json.Marshal(map[string]any{
-		"Name": name, "Driver": driver, "CheckDuplicate": true,
+		"Name": name, "Driver": driver, "CheckDuplicate": true, "Labels": labels,
 		"IPAM": map[string]any{"Driver": ipamDriver, "Config": []map[string]string{{"Subnet": subnet.String(), "Gateway": gateway.String()}}},
 	})
 	return c.send(ctx, http.MethodPost, "/networks/create", body, "create network "+name)

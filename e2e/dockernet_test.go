@@ -506,3 +506,95 @@ func TestDockerNetworkLifecycle(t *testing.T) {
 		}
 	})
 }
+
+// composeFile is one project whose default network is a fabric network.
+const composeFile = `version: "2.4"
+services:
+  web:
+    image: %[1]s
+    command: tcpprobe serve 0.0.0.0:80 1000
+  client:
+    image: %[1]s
+    command: sleep 3600
+networks:
+  default:
+    driver: fabric
+    ipam:
+      driver: fabric
+      config:
+        - subnet: 172.16.7.0/24
+`
+
+// compose runs Debian's docker-compose (1.29) against dh's dockerd.
+func (dh *dockerHost) compose(t *testing.T, file string, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "docker-compose", append([]string{"-f", file, "-p", "proj", "--no-ansi"}, args...)...)
+	cmd.Env = append(os.Environ(), "DOCKER_HOST=unix://"+dh.d.Socket)
+	out, err := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}
+
+// TestDockerCompose: one compose file whose default network is a fabric
+// network; `web` is started on host2 and `client` on host1, and the client
+// reaches web by its service name; `docker-compose down` on both hosts
+// leaves nothing.
+func TestDockerCompose(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("docker-compose"); err != nil {
+		testreq.Missing(t, "docker-compose not installed (apt-get install docker-compose; make test installs it)")
+	}
+	f, dhs, img := dockerNetLab(t)
+	h1, h2 := dhs[0], dhs[1]
+	file := filepath.Join(t.TempDir(), "docker-compose.yml")
+	if err := os.WriteFile(file, []byte(fmt.Sprintf(composeFile, img)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := h2.compose(t, file, "up", "-d", "web"); err != nil {
+		t.Fatalf("docker-compose up web on host2: %v\n%s", err, out)
+	}
+	f.hasNetwork(h1, "proj_default", true)
+	if out, err := h1.compose(t, file, "up", "-d", "--no-deps", "client"); err != nil {
+		t.Fatalf("docker-compose up client on host1: %v\n%s", err, out)
+	}
+	h1.ctr = "proj_client_1"
+	defer func() {
+		if t.Failed() {
+			for _, q := range []string{"web", "web.fabric", "proj_web_1"} {
+				out, err := h1.docker("exec", "proj_client_1", "nslookup", q)
+				t.Logf("nslookup %s in the client: %v: %s", q, err, out)
+			}
+			out, _ := h1.docker("exec", "proj_client_1", "cat", "/etc/resolv.conf")
+			t.Logf("client's resolv.conf: %s", out)
+			recs, _ := f.fabricctl(h1.host, "containers")
+			t.Logf("fabricctl containers:\n%s", recs)
+		}
+	}()
+	var seen string
+	d := f.eventually(networkSettle, "client on host1 reaches web on host2 by service name", func() error {
+		var err error
+		seen, err = h1.dial("web:80")
+		return err
+	})
+	client, _ := h1.docker("inspect", "-f", "{{(index .NetworkSettings.Networks \"proj_default\").IPAddress}}", "proj_client_1")
+	if seen != client {
+		t.Errorf("web saw the client as %s, want its own address %s", seen, client)
+	}
+	t.Logf("client reached web by its service name %.1fs after it started", d.Seconds())
+
+	for _, dh := range []*dockerHost{h2, h1} {
+		if out, err := dh.compose(t, file, "down"); err != nil {
+			t.Errorf("docker-compose down on %s: %v\n%s", dh.host.Name, err, out)
+		}
+	}
+	for _, dh := range dhs {
+		f.hasNetwork(dh, "proj_default", false)
+		if ps, _ := dh.docker("ps", "-aq"); ps != "" {
+			t.Errorf("containers left on %s: %s", dh.host.Name, ps)
+		}
+	}
+	if out, _ := f.fabricctl(h1.host, "networks", "-o", "json"); strings.Contains(out, "proj_default") {
+		t.Errorf("the fabric still has the network: %s", out)
+	}
+}
