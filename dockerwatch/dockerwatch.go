@@ -25,9 +25,9 @@ import (
 	"net/netip"
 	"net/url"
 	"reflect"
-	"sync"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/fabricnet/fabric/internal/latest"

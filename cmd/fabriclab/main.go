@@ -230,6 +230,14 @@ func (d *demoLab) waitMesh(ctx context.Context) error {
 	}
 }
 
+// dockerCtr is a demo container and the dockerd it runs in.
+type dockerCtr struct {
+	host *lab.Host
+	d    *lab.Dockerd
+	name string // "app" + the host's number: names are fabric-wide
+	ip   string
+}
+
 // dockerDemo starts a real dockerd on every host with the options fabricd
 // wrote, runs a busybox container on each with `docker run`, and pings
 // across hosts with `docker exec`. Lab.Close stops the daemons and removes
@@ -237,12 +245,6 @@ func (d *demoLab) waitMesh(ctx context.Context) error {
 func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.Status) error {
 	hosts := d.lab.Hosts()
 	step("a real dockerd on every host, started with the options fabricd wrote (docker.io %s)", lab.DockerdPath)
-	type dockerCtr struct {
-		host *lab.Host
-		d    *lab.Dockerd
-		name string // "app" + the host's number: names are fabric-wide
-		ip   string
-	}
 	var ctrs []dockerCtr
 	for _, h := range hosts {
 		out, err := d.ctl(ctx, h, "docker-opts", "--file", d.runDir(h)+"/docker.env")
@@ -358,8 +360,85 @@ func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.S
 		}
 		fmt.Printf("  full-size ping (%d-byte IP packets, the container MTU) %s -> %s: %s\n", mtu, ctrs[0].host.Name, ctrs[1].host.Name, verdict)
 	}
+	failed += d.networkDemo(ctx, ctrs[0].d, ctrs)
 	if failed > 0 {
 		return fmt.Errorf("%d docker container pings failed; logs in %s", failed, d.lab.LogDir())
 	}
 	return nil
+}
+
+// networkDemo is the multi-host workflow of every Docker guide: a network
+// made on the first host with `docker network create -d fabric` appears on
+// every host, and containers on it ping each other by name across hosts.
+// It returns how many checks failed.
+func (d *demoLab) networkDemo(ctx context.Context, first *lab.Dockerd, ctrs []dockerCtr) int {
+	failed := 0
+	step("docker network create -d fabric --ipam-driver fabric --subnet 172.16.1.0/24 net1 on %s: the network appears on every host", ctrs[0].host.Name)
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	_, err := first.Docker(cctx, "network", "create", "-d", "fabric", "--ipam-driver", "fabric", "--subnet", "172.16.1.0/24", "net1")
+	cancel()
+	if err != nil {
+		fmt.Printf("  FAILED: %v\n", err)
+		return 1
+	}
+	for _, c := range ctrs {
+		var out string
+		for try := 0; try < 50; try++ {
+			lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			out, _ = c.d.Docker(lctx, "network", "ls", "--filter", "driver=fabric", "--format", "{{.Name}} {{.Driver}}")
+			cancel()
+			if strings.Contains(out, "net1") {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		verdict := "ok"
+		if !strings.Contains(out, "net1") {
+			verdict = "FAILED"
+			failed++
+		}
+		fmt.Printf("  %s: docker network ls: %s: %s\n", c.host.Name, strings.ReplaceAll(strings.TrimSpace(out), "\n", ", "), verdict)
+	}
+	step("docker run --network net1 --name webN on every host; each pings the next one by name")
+	img := ""
+	for _, c := range ctrs {
+		rctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		img, err = d.lab.BusyboxImage(rctx, c.d, nil)
+		if err == nil {
+			_, err = c.d.Docker(rctx, "run", "-d", "--network", "net1", "--name", "web"+strings.TrimPrefix(c.host.Name, "host"), img, "sleep", "3600")
+		}
+		cancel()
+		if err != nil {
+			fmt.Printf("  %s: FAILED: %v\n", c.host.Name, err)
+			failed++
+		}
+	}
+	for i, a := range ctrs {
+		b := ctrs[(i+1)%len(ctrs)]
+		from, to := "web"+strings.TrimPrefix(a.host.Name, "host"), "web"+strings.TrimPrefix(b.host.Name, "host")
+		var out string
+		for try := 0; try < 10; try++ {
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			out, err = a.d.Docker(pctx, "exec", from, "ping", "-c", "1", "-W", "2", to)
+			cancel()
+			if err == nil {
+				break
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		verdict := "ok"
+		if err != nil {
+			verdict = fmt.Sprintf("FAILED: %v %s", err, out)
+			failed++
+		}
+		first := strings.SplitN(out, "\n", 2)[0]
+		fmt.Printf("  docker exec %s ping %s (%s -> %s): %s  %s\n", from, to, a.host.Name, b.host.Name, verdict, first)
+	}
+	if out, err := d.ctl(ctx, ctrs[0].host, "networks"); err == nil {
+		fmt.Printf("  fabricctl networks (on %s):\n", ctrs[0].host.Name)
+		for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+			fmt.Printf("    %s\n", line)
+		}
+	}
+	return failed
 }
