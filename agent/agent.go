@@ -122,7 +122,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	defer cli.Close()
 	a.etcd = cli
 
-	if a.underlay, err = findUnderlay(cfg.UnderlayInterface, cfg.UnderlayAddress); err != nil {
+	if a.underlay, err = findUnderlay(cfg.UnderlayInterface, cfg.UnderlayAddr); err != nil {
 		return err
 	}
 	log.Info("underlay", "device", a.underlay.Dev, "address", a.underlay.Addr, "mtu", a.underlay.MTU)
@@ -398,7 +398,7 @@ func (a *Agent) Leave(context.Context) (localapi.LeaveResult, error) {
 func (a *Agent) acquireLease(ctx context.Context) error {
 	var want *ipam.Pool
 	if a.cfg.Pool != "" {
-		want = &ipam.Pool{Network: netip.MustParsePrefix(a.cfg.Pool), SubnetLen: a.cfg.SubnetLen}
+		want = &ipam.Pool{Network: a.cfg.PoolPrefix, SubnetLen: a.cfg.SubnetLen}
 	}
 	backoff := time.Second
 	for {
@@ -544,37 +544,9 @@ func (a *Agent) selfNode() registry.Node {
 }
 
 // desiredPeers is the whole BGP peer set: every other fabric host (full
-// mesh) plus the configured external peers.
+// mesh, or the reflectors) plus the configured external peers.
 func (a *Agent) desiredPeers(nodes []registry.Node) []bgp.Peer {
-	var peers []bgp.Peer
-	external := map[netip.Addr]bool{}
-	for _, p := range a.cfg.Peers {
-		addr := netip.MustParseAddr(p.Address)
-		external[addr] = true
-		typ := bgp.PeerExternal
-		switch p.Type {
-		case "route-reflector":
-			typ = bgp.PeerRouteReflector
-		case "rr-client":
-			typ = bgp.PeerRRClient
-		}
-		name := p.Name
-		if name == "" {
-			name = p.Address
-		}
-		peers = append(peers, bgp.Peer{Name: name, Address: addr, ASN: p.ASN, Port: p.Port, Password: p.Password, Multihop: p.Multihop, Type: typ,
-			MaxPrefixes: p.RouteLimit()})
-	}
-	if a.cfg.Mesh {
-		var fabric []registry.Node
-		for _, n := range nodes {
-			if !external[n.Address] {
-				fabric = append(fabric, n)
-			}
-		}
-		peers = append(peers, planner.FabricPeers(a.host(), a.cfg.RouteReflector, fabric, uint16(a.cfg.BGPPort))...)
-	}
-	return peers
+	return planner.Peers(a.host(), a.cfg.Peers, a.cfg.Mesh, a.cfg.RouteReflector, nodes, uint16(a.cfg.BGPPort))
 }
 
 // hostLoop repairs the bridge and the docker options file.

@@ -32,7 +32,7 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 			e = "direct"
 		}
 		out = append(out, localapi.Peer{
-			Name: p.Name, Address: p.Address.String(), ASN: p.ASN, Type: string(p.Type), State: p.State,
+			Name: p.Name, Address: p.Address.String(), ASN: p.ASN, Type: string(p.Type), State: string(p.State),
 			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e, EncapReason: choices[p.Name].Reason,
 		})
 	}

@@ -65,7 +65,7 @@ func (a *Agent) checkConverged(ctx context.Context) bool {
 	}
 	var syncs []planner.PeerSync
 	for _, p := range peers {
-		syncs = append(syncs, planner.PeerSync{Name: p.Name, Established: p.State == "established",
+		syncs = append(syncs, planner.PeerSync{Name: p.Name, Established: p.Up(),
 			GracefulRestart: p.GracefulRestart, EndOfRIB: p.EndOfRIB})
 	}
 	a.mu.Lock()

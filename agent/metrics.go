@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fabricnet/fabric/backend/encaps"
+	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/metrics"
@@ -107,7 +108,7 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.NewInvalidMetric(descPeerUp, err)
 	} else {
 		for _, p := range peers {
-			ch <- prometheus.MustNewConstMetric(descPeerUp, prometheus.GaugeValue, boolValue(p.State == "established"), p.Name, p.Type)
+			ch <- prometheus.MustNewConstMetric(descPeerUp, prometheus.GaugeValue, boolValue(p.State == string(bgp.Established)), p.Name, p.Type)
 			ch <- prometheus.MustNewConstMetric(descPrefixesReceived, prometheus.GaugeValue, float64(p.Received), p.Name, p.Type)
 			ch <- prometheus.MustNewConstMetric(descPrefixesAccepted, prometheus.GaugeValue, float64(p.Accepted), p.Name, p.Type)
 		}

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"cmp"
 	"context"
 	"net/netip"
 	"reflect"
@@ -11,18 +10,8 @@ import (
 )
 
 func (a *Agent) host() planner.Host {
-	h := planner.Host{Name: a.cfg.NodeName, ASN: a.cfg.ASN, Underlay: netip.PrefixFrom(a.underlay.Addr, a.underlay.Prefix.Bits()),
-		Subnet: a.lease.Subnet, Pool: a.pool.Network, Imports: map[string][]netip.Prefix{}}
-	for _, p := range a.cfg.Peers {
-		if len(p.ImportPrefixes) == 0 {
-			continue
-		}
-		name := cmp.Or(p.Name, p.Address)
-		for _, s := range p.ImportPrefixes {
-			h.Imports[name] = append(h.Imports[name], netip.MustParsePrefix(s)) // validated by config
-		}
-	}
-	return h
+	return planner.Host{Name: a.cfg.NodeName, ASN: a.cfg.ASN, Underlay: netip.PrefixFrom(a.underlay.Addr, a.underlay.Prefix.Bits()),
+		Subnet: a.lease.Subnet, Pool: a.pool.Network, Imports: planner.Imports(a.cfg.Peers)}
 }
 
 // warnRefused logs each refusal the first time it is seen, not on every update.
@@ -52,7 +41,7 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 	inSession := map[string]bool{}
 	if peers, err := a.speaker.Peers(ctx); err == nil {
 		for _, p := range peers {
-			inSession[p.Name] = p.State == "established" || p.Restarting
+			inSession[p.Name] = p.Up() || p.Restarting
 		}
 	}
 	a.mu.Lock()

@@ -10,7 +10,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/planner"
@@ -132,8 +131,7 @@ func (a *Agent) probeHoldLoop(ctx context.Context) error {
 		}
 		var away []netip.Addr
 		for _, p := range peers {
-			fabricHost := p.Type == bgp.PeerMesh || p.Type == bgp.PeerRRClient || p.Type == bgp.PeerRouteReflector
-			if fabricHost && p.State != "established" {
+			if p.Type.FabricHost() && !p.Up() {
 				away = append(away, p.Address)
 			}
 		}

@@ -19,7 +19,7 @@ type underlay struct {
 
 // findUnderlay picks the configured interface, else the one carrying the
 // default route, else the only non-loopback interface with an IPv4 address.
-func findUnderlay(dev, addr string) (underlay, error) {
+func findUnderlay(dev string, want netip.Addr) (underlay, error) {
 	var u underlay
 	var link netlink.Link
 	var err error
@@ -77,10 +77,6 @@ func findUnderlay(dev, addr string) (underlay, error) {
 	addrs, err := netlink.AddrList(link, unix.AF_INET)
 	if err != nil {
 		return u, fmt.Errorf("underlay %s: %w", u.Dev, err)
-	}
-	var want netip.Addr
-	if addr != "" {
-		want = netip.MustParseAddr(addr)
 	}
 	for _, a := range addrs {
 		ip, _ := netip.AddrFromSlice(a.IP.To4())

@@ -250,19 +250,19 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 	return out, nil
 }
 
-func sessionStateName(st api.PeerState_SessionState) string {
+func sessionStateName(st api.PeerState_SessionState) SessionState {
 	switch st {
 	case api.PeerState_ESTABLISHED:
-		return "established"
+		return Established
 	case api.PeerState_ACTIVE:
-		return "active"
+		return Active
 	case api.PeerState_CONNECT:
-		return "connect"
+		return Connect
 	case api.PeerState_OPENSENT:
-		return "opensent"
+		return OpenSent
 	case api.PeerState_OPENCONFIRM:
-		return "openconfirm"
+		return OpenConfirm
 	default:
-		return "idle"
+		return Idle
 	}
 }

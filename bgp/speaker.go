@@ -103,15 +103,35 @@ type Route struct {
 	PeerType    PeerType
 }
 
+// SessionState is a BGP session's state, named as GoBGP and RFC 4271 do.
+type SessionState string
+
+// Session states.
+const (
+	Established SessionState = "established"
+	Active      SessionState = "active"
+	Connect     SessionState = "connect"
+	OpenSent    SessionState = "opensent"
+	OpenConfirm SessionState = "openconfirm"
+	Idle        SessionState = "idle"
+)
+
+// Up reports whether the session is established.
+func (p PeerStatus) Up() bool { return p.State == Established }
+
+// FabricHost reports whether a peer of this type is another fabric host
+// (mesh, reflector or reflector client), not a router.
+func (t PeerType) FabricHost() bool {
+	return t == PeerMesh || t == PeerRRClient || t == PeerRouteReflector
+}
+
 // PeerStatus is the live state of one configured peer.
 type PeerStatus struct {
 	Name    string
 	Address netip.Addr
 	ASN     uint32
 	Type    PeerType
-	// State is one of "established", "active", "connect", "idle",
-	// "opensent", "openconfirm".
-	State string
+	State SessionState
 	Since time.Time // last state change seen by this speaker
 	// Received and Accepted count prefixes from this peer.
 	Received, Accepted int

@@ -146,7 +146,7 @@ func TestMeshLifecycle(t *testing.T) {
 			sp.waitRoutes(t, 15*time.Second-time.Since(start), "host-a's route gone", lacksRoute(prefixes[a]))
 		}
 		t.Logf("host-a's route gone everywhere %s after it stopped", time.Since(start).Round(time.Millisecond))
-		st := waitState(t, b, a.addr, func(s string) bool { return s != "established" }, 15*time.Second)
+		st := waitState(t, b, a.addr, func(s SessionState) bool { return s != Established }, 15*time.Second)
 		if st.Received != 0 {
 			t.Fatalf("host-b still counts %d prefixes from stopped host-a", st.Received)
 		}
@@ -157,7 +157,7 @@ func TestMeshLifecycle(t *testing.T) {
 	})
 }
 
-func waitState(t *testing.T, sp *testSpeaker, addr netip.Addr, ok func(string) bool, timeout time.Duration) PeerStatus {
+func waitState(t *testing.T, sp *testSpeaker, addr netip.Addr, ok func(SessionState) bool, timeout time.Duration) PeerStatus {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {

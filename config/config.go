@@ -45,6 +45,10 @@ type ExternalPeer struct {
 	// route must be one of them or lie inside one; 0.0.0.0/0 stands for the
 	// default route alone.
 	ImportPrefixes []string `json:"importPrefixes,omitempty"`
+
+	// Parsed by Validate, so nothing downstream parses the strings again.
+	Addr    netip.Addr     `json:"-"`
+	Imports []netip.Prefix `json:"-"`
 }
 
 // DefaultMaxPrefixes is an external peer's route limit when none is set: a
@@ -81,6 +85,10 @@ type Config struct {
 
 	Pool      string        `json:"pool"`
 	SubnetLen int           `json:"subnetLen"`
+	// PoolPrefix and UnderlayAddr are Pool and UnderlayAddress as
+	// Validate parsed them (invalid when not set).
+	PoolPrefix   netip.Prefix `json:"-"`
+	UnderlayAddr netip.Addr   `json:"-"`
 	SubnetTTL time.Duration `json:"subnetTTL"`
 	NodeTTL   time.Duration `json:"nodeTTL"`
 
@@ -483,6 +491,8 @@ func (c *Config) Validate() error {
 	if c.UnderlayAddress != "" {
 		if a, err := netip.ParseAddr(c.UnderlayAddress); err != nil || !a.Is4() {
 			bad("underlayAddress", "%q is not an IPv4 address", c.UnderlayAddress)
+		} else {
+			c.UnderlayAddr = a
 		}
 	}
 	if c.Pool != "" {
@@ -494,6 +504,8 @@ func (c *Config) Validate() error {
 			bad("pool", "%q has host bits set; did you mean %s?", c.Pool, p.Masked())
 		case c.SubnetLen <= p.Bits() || c.SubnetLen > 30:
 			bad("subnetLen", "%d must be longer than the pool's /%d and at most 30", c.SubnetLen, p.Bits())
+		default:
+			c.PoolPrefix = p
 		}
 	}
 	if c.SubnetTTL < time.Minute {
@@ -520,20 +532,26 @@ func (c *Config) Validate() error {
 	if c.KeepaliveInterval <= 0 || c.KeepaliveInterval*3 > c.HoldTime {
 		bad("keepaliveInterval", "%s must be positive and at most a third of holdTime %s", c.KeepaliveInterval, c.HoldTime)
 	}
-	for i, p := range c.Peers {
+	for i := range c.Peers {
+		p := &c.Peers[i]
 		where := fmt.Sprintf("peers[%d]", i)
 		if p.Name != "" {
 			where += " (" + p.Name + ")"
 		}
 		if a, err := netip.ParseAddr(p.Address); err != nil || !a.Is4() {
 			bad(where+".address", "%q is not an IPv4 address", p.Address)
+		} else {
+			p.Addr = a
 		}
 		if p.ASN == 0 {
 			bad(where+".asn", "missing")
 		}
+		p.Imports = nil
 		for _, ip := range p.ImportPrefixes {
 			if pr, err := netip.ParsePrefix(ip); err != nil || !pr.Addr().Is4() || pr.Masked() != pr {
 				bad(where+".importPrefixes", "%q is not an IPv4 network like 10.250.0.0/16", ip)
+			} else {
+				p.Imports = append(p.Imports, pr)
 			}
 		}
 		// Linux keeps TCP MD5 keys of at most TCP_MD5SIG_MAXKEYLEN bytes.

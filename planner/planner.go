@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/bgp"
+	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/registry"
 )
@@ -402,4 +403,46 @@ func FabricPeers(h Host, selfReflects bool, nodes []registry.Node, port uint16) 
 			Passive: h.Underlay.Addr().Compare(n.Address) > 0})
 	}
 	return peers
+}
+
+// Peers is this host's whole BGP peer set: the configured external peers
+// (top-of-rack routers, reflectors outside the fabric) and, with mesh on,
+// the fabric's hosts (FabricPeers), leaving out a host at an external
+// peer's address.
+func Peers(h Host, external []config.ExternalPeer, mesh, selfReflects bool, nodes []registry.Node, port uint16) []bgp.Peer {
+	var peers []bgp.Peer
+	taken := map[netip.Addr]bool{}
+	for _, p := range external {
+		taken[p.Addr] = true
+		typ := bgp.PeerExternal
+		switch p.Type {
+		case "route-reflector":
+			typ = bgp.PeerRouteReflector
+		case "rr-client":
+			typ = bgp.PeerRRClient
+		}
+		peers = append(peers, bgp.Peer{Name: cmp.Or(p.Name, p.Address), Address: p.Addr, ASN: p.ASN, Port: p.Port, Password: p.Password,
+			Multihop: p.Multihop, Type: typ, MaxPrefixes: p.RouteLimit()})
+	}
+	if !mesh {
+		return peers
+	}
+	var fabric []registry.Node
+	for _, n := range nodes {
+		if !taken[n.Address] {
+			fabric = append(fabric, n)
+		}
+	}
+	return append(peers, FabricPeers(h, selfReflects, fabric, port)...)
+}
+
+// Imports are the external peers' import lists by peer name (Host.Imports).
+func Imports(external []config.ExternalPeer) map[string][]netip.Prefix {
+	out := map[string][]netip.Prefix{}
+	for _, p := range external {
+		if len(p.Imports) > 0 {
+			out[cmp.Or(p.Name, p.Address)] = p.Imports
+		}
+	}
+	return out
 }

@@ -1,6 +1,7 @@
 package planner
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/bgp"
+	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/registry"
 )
 
@@ -364,5 +366,31 @@ func TestRoutesInNetworks(t *testing.T) {
 				t.Errorf("refused %q, want one saying %q", why, c.refused)
 			}
 		})
+	}
+}
+
+// TestPeers: external peers keep their kind and route limit; a fabric host
+// at an external peer's address is not peered with twice; mesh off leaves
+// only the external peers.
+func TestPeers(t *testing.T) {
+	ext := []config.ExternalPeer{
+		{Name: "tor", Address: "192.0.2.254", Addr: netip.MustParseAddr("192.0.2.254"), ASN: 65000},
+		{Address: "192.0.2.253", Addr: netip.MustParseAddr("192.0.2.253"), ASN: 64512, Type: "route-reflector"},
+	}
+	clash := node("h9", "192.0.2.254", "10.244.9.0/24")
+	got := Peers(self, ext, true, false, []registry.Node{h1, h2, clash}, 179)
+	var desc []string
+	for _, p := range got {
+		desc = append(desc, fmt.Sprintf("%s %s %s %d", p.Name, p.Address, p.Type, p.MaxPrefixes))
+	}
+	want := "tor 192.0.2.254 external 1000; 192.0.2.253 192.0.2.253 route-reflector 0; h2 192.0.2.2 mesh 0"
+	if strings.Join(desc, "; ") != want {
+		t.Errorf("peers %q, want %q", strings.Join(desc, "; "), want)
+	}
+	if got := Peers(self, ext, false, false, []registry.Node{h1, h2}, 179); len(got) != 2 {
+		t.Errorf("mesh off: %d peers, want the 2 external ones", len(got))
+	}
+	if imp := Imports([]config.ExternalPeer{{Name: "tor", Imports: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}}, {Name: "open"}}); len(imp) != 1 || len(imp["tor"]) != 1 {
+		t.Errorf("imports %v", imp)
 	}
 }
