@@ -85,18 +85,13 @@ type Prober struct {
 	rateLimited atomic.Uint64 // requests not answered because of MaxRepliesPerSecond
 }
 
+// peerState is one peer's verdict and the probe in flight to it.
 type peerState struct {
-	works       bool
-	wasBlocked  bool // declared blocked once: getting back needs RecoverAfter answers
-	reason      string
-	since       time.Time // when works last changed, or when the peer was added
+	verdict
 	due         time.Time // when the next probe goes out
 	nonce       uint64
 	sentAt      time.Time
 	pending     bool // the last probe is still unanswered
-	misses      int  // consecutive unanswered probes
-	successes   int  // consecutive answered probes
-	lastRTT     time.Duration
 	lastSendErr error
 	lastICMP    string // ICMP error a probe to this peer drew since its last answer
 }
@@ -215,7 +210,7 @@ func (p *Prober) SetPeers(peers []netip.Addr) {
 	}
 	for a := range want {
 		if p.peers[a] == nil {
-			st := &peerState{reason: reasonWaiting, since: now, due: now}
+			st := &peerState{verdict: verdict{reason: reasonWaiting, since: now}, due: now}
 			if works, ok := p.saved[a]; ok {
 				// Start from the previous run's verdict; probes go on as
 				// usual and change it only as they would have.
@@ -357,36 +352,25 @@ func (p *Prober) missed(peer netip.Addr, st *peerState, now time.Time) bool {
 	if p.held[peer] {
 		return false // the peer itself is away, not the path
 	}
-	st.misses++
-	st.successes = 0
-	unanswered := fmt.Sprintf("%d %s over IP protocol 4 unanswered", st.misses, plural(st.misses, "probe", "probes"))
+	var why string
 	switch {
 	case st.lastSendErr != nil:
-		unanswered += fmt.Sprintf(" (sending: %v)", st.lastSendErr)
+		why = fmt.Sprintf("sending: %v", st.lastSendErr)
 	case st.lastICMP != "":
-		unanswered += " (" + st.lastICMP + ")"
+		why = st.lastICMP
 	}
-	if st.misses < p.cfg.FailAfter {
-		if st.works {
-			st.reason = fmt.Sprintf("IP protocol 4 answered in %s, then %s", millis(st.lastRTT), unanswered)
-		} else if st.wasBlocked {
-			st.reason = unanswered
-		}
-		return false
-	}
-	st.reason = unanswered
-	if st.works {
-		st.works = false
-		st.wasBlocked = true
-		st.since = now
+	switch st.miss(why, now, p.thresholds()) {
+	case nowBlocked:
 		p.log.Warn("IPIP path to peer blocked, using VXLAN", "peer", peer, "reason", st.reason)
 		return true
-	}
-	if !st.wasBlocked {
-		st.wasBlocked = true
+	case stillBlocked:
 		p.log.Warn("IPIP path to peer blocked, staying on VXLAN", "peer", peer, "reason", st.reason)
 	}
 	return false
+}
+
+func (p *Prober) thresholds() thresholds {
+	return thresholds{failAfter: p.cfg.FailAfter, recoverAfter: p.cfg.RecoverAfter}
 }
 
 // handleReply counts an answer from peer to its outstanding probe.
@@ -398,27 +382,10 @@ func (p *Prober) handleReply(peer netip.Addr, nonce uint64, now time.Time) {
 		return // unknown sender, stale or forged reply
 	}
 	st.pending = false
-	st.misses = 0
-	st.successes++
 	st.lastICMP = ""
-	st.lastRTT = now.Sub(st.sentAt)
-	changed := false
-	need := 1
-	if st.wasBlocked {
-		need = p.cfg.RecoverAfter
-	}
-	switch {
-	case st.works || st.successes >= need:
-		st.reason = fmt.Sprintf("IP protocol 4 answered in %s", millis(st.lastRTT))
-		if !st.works {
-			st.works = true
-			st.since = now
-			changed = true
-			p.log.Info("IPIP path to peer works, using IPIP", "peer", peer, "reason", st.reason)
-		}
-	default:
-		st.reason = fmt.Sprintf("IP protocol 4 answered again in %s (%d of %d answers needed to switch back)",
-			millis(st.lastRTT), st.successes, need)
+	changed := st.answer(now.Sub(st.sentAt), now, p.thresholds())
+	if changed {
+		p.log.Info("IPIP path to peer works, using IPIP", "peer", peer, "reason", st.reason)
 	}
 	p.mu.Unlock()
 	if changed {
