@@ -131,8 +131,8 @@ type PeerStatus struct {
 	Address netip.Addr
 	ASN     uint32
 	Type    PeerType
-	State SessionState
-	Since time.Time // last state change seen by this speaker
+	State   SessionState
+	Since   time.Time // last state change seen by this speaker
 	// Received and Accepted count prefixes from this peer.
 	Received, Accepted int
 	// GracefulRestart: both sides negotiated graceful restart.

@@ -83,14 +83,14 @@ type Config struct {
 	UnderlayInterface string `json:"underlayInterface"`
 	UnderlayAddress   string `json:"underlayAddress"`
 
-	Pool      string        `json:"pool"`
-	SubnetLen int           `json:"subnetLen"`
+	Pool      string `json:"pool"`
+	SubnetLen int    `json:"subnetLen"`
 	// PoolPrefix and UnderlayAddr are Pool and UnderlayAddress as
 	// Validate parsed them (invalid when not set).
-	PoolPrefix   netip.Prefix `json:"-"`
-	UnderlayAddr netip.Addr   `json:"-"`
-	SubnetTTL time.Duration `json:"subnetTTL"`
-	NodeTTL   time.Duration `json:"nodeTTL"`
+	PoolPrefix   netip.Prefix  `json:"-"`
+	UnderlayAddr netip.Addr    `json:"-"`
+	SubnetTTL    time.Duration `json:"subnetTTL"`
+	NodeTTL      time.Duration `json:"nodeTTL"`
 
 	ASN               uint32        `json:"asn"`
 	BGPPort           int           `json:"bgpPort"`
