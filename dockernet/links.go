@@ -115,13 +115,12 @@ func (l *Links) Names() ([]string, error) {
 	return out, nil
 }
 
-// Sweep deletes endpoint links whose endpoint is not in keep (host link
-// names): left by an endpoint whose Leave never came (dockerd killed).
-func (l *Links) Sweep(keep map[string]bool) error {
-	names, err := l.Names()
-	if err != nil {
-		return err
-	}
+// Sweep deletes the links among names (from Names) whose endpoint is not
+// in keep (host link names): left by an endpoint whose Leave never came
+// (dockerd killed). names must be listed before keep is known, so a link
+// made meanwhile, for an endpoint keep does not know yet, is not among
+// them.
+func (l *Links) Sweep(names []string, keep map[string]bool) error {
 	var errs []error
 	for _, name := range names {
 		if strings.HasPrefix(name, LinkPrefix) && keep[name] {
@@ -136,4 +135,10 @@ func (l *Links) Sweep(keep map[string]bool) error {
 }
 
 // Cleanup deletes every endpoint link (`fabricd --cleanup`).
-func (l *Links) Cleanup() error { return l.Sweep(nil) }
+func (l *Links) Cleanup() error {
+	names, err := l.Names()
+	if err != nil {
+		return err
+	}
+	return l.Sweep(names, nil)
+}

@@ -291,6 +291,12 @@ func (s *Sync) addresses(ctx context.Context) {
 // removed.
 func (s *Sync) endpoints() []Endpoint {
 	d := s.driver
+	// The links first: one Join makes after this is not swept below.
+	names, err := d.links.Names()
+	if err != nil {
+		s.once("links", "cannot list endpoint links", "err", err)
+		return nil
+	}
 	byID := map[string]Endpoint{}
 	for _, c := range s.snap.Containers {
 		for _, a := range c.Networks {
@@ -308,11 +314,6 @@ func (s *Sync) endpoints() []Endpoint {
 		}
 	}
 	d.mu.Unlock()
-	names, err := d.links.Names()
-	if err != nil {
-		s.once("links", "cannot list endpoint links", "err", err)
-		return nil
-	}
 	have := map[string]bool{}
 	for _, n := range names {
 		have[n] = true
@@ -325,7 +326,7 @@ func (s *Sync) endpoints() []Endpoint {
 		}
 	}
 	if s.dockerKnown {
-		if err := d.links.Sweep(keep); err != nil {
+		if err := d.links.Sweep(names, keep); err != nil {
 			s.once("sweep", "cannot remove endpoint links nothing uses", "err", err)
 		}
 	}
