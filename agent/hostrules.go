@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/fabricnet/fabric/bridge"
 	"github.com/fabricnet/fabric/dockernet"
 	"github.com/fabricnet/fabric/nat"
 	"github.com/fabricnet/fabric/planner"
@@ -39,13 +40,14 @@ func (a *Agent) natLoop(ctx context.Context) error {
 			natApplyErrors.Inc()
 			a.log.Error("apply NAT rules", "err", err)
 		}
+		a.repairHairpin(st)
 	}
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-hairpin.C:
-			a.natMgr.RepairHairpin(ctx, st)
+			a.repairHairpin(st)
 		case p, ok := <-pubs:
 			if !ok {
 				return nil
@@ -151,5 +153,16 @@ func (a *Agent) ingressLoop(ctx context.Context) error {
 		if err := a.ingress.Apply(ctx, addrs); err != nil {
 			a.log.Error("limit tunnel ingress to fabric hosts", "err", err)
 		}
+	}
+}
+
+// repairHairpin gives the bridge's ports hairpin mode while NAT needs it;
+// failing it only loses a container reaching its own published port.
+func (a *Agent) repairHairpin(st nat.State) {
+	if !nat.NeedsHairpin(st) {
+		return
+	}
+	if err := bridge.Hairpin(nil, st.Bridge); err != nil {
+		a.log.Warn("cannot enable hairpin on bridge ports; a container cannot reach its own published port", "bridge", st.Bridge, "err", err)
 	}
 }

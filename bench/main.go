@@ -16,7 +16,11 @@
 //     `ip -batch` of the same routes: the kernel step alone, session up to
 //     every route in the kernel, withdrawal, fabricd's RSS;
 //   - container names (-only names): records to resolvable on four hosts,
-//     DNS queries per second against dnsmasq.
+//     DNS queries per second against dnsmasq;
+//   - Docker networks (-only networks): `docker network create` to on every
+//     host, `docker run` to reachable by name from another host, and
+//     throughput on a fabric network against docker0 and Docker's swarm
+//     overlay between the same hosts.
 //
 // Figures are medians of several runs, with min and max: these machines are
 // shared and noisy, one sample proves nothing. The hosts part is the
@@ -58,7 +62,7 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "names" (container names and DNS), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "names" (container names and DNS), "networks" (Docker networks), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
@@ -81,12 +85,14 @@ func main() {
 		err = throughputOnly(context.Background(), binDir)
 	case "names":
 		err = namesBench(context.Background(), binDir)
+	case "networks":
+		err = networksBench(context.Background(), binDir)
 	case "routes":
 		err = routesBench(context.Background(), binDir, counts)
 	case "hosts":
 		err = hostsBench(context.Background(), binDir, setups)
 	default:
-		err = fmt.Errorf("-only %q: want throughput, names, routes or hosts", *only)
+		err = fmt.Errorf("-only %q: want throughput, names, networks, routes or hosts", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -141,7 +147,10 @@ func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 	if err := routesBench(ctx, binDir, routeCounts); err != nil {
 		return err
 	}
-	return namesBench(ctx, binDir)
+	if err := namesBench(ctx, binDir); err != nil {
+		return err
+	}
+	return networksBench(ctx, binDir)
 }
 
 // warnLog is the log of the labs and helpers a benchmark builds: warnings

@@ -94,3 +94,33 @@ func Remove(h *netlink.Handle, name string) error {
 	}
 	return h.LinkDel(link)
 }
+
+// Hairpin turns on hairpin mode on every port of the bridge `name` that
+// lacks it, so a container that connects to its own published port gets
+// the packet back out of the port it came in by. Ports added later get it
+// at the next call.
+func Hairpin(h *netlink.Handle, name string) error {
+	if h == nil {
+		h = &netlink.Handle{}
+	}
+	br, err := h.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("bridge %s: %w", name, err)
+	}
+	links, err := h.LinkList()
+	if err != nil {
+		return fmt.Errorf("bridge %s: list its ports: %w", name, err)
+	}
+	for _, l := range links {
+		if l.Attrs().MasterIndex != br.Attrs().Index {
+			continue
+		}
+		if p, err := h.LinkGetProtinfo(l); err == nil && p.Hairpin {
+			continue
+		}
+		if err := h.LinkSetHairpin(l, true); err != nil {
+			return fmt.Errorf("bridge %s: hairpin on port %s: %w", name, l.Attrs().Name, err)
+		}
+	}
+	return nil
+}

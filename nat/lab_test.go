@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nsthread"
+	"github.com/fabricnet/fabric/iptables"
 	"github.com/fabricnet/fabric/lab"
 )
 
@@ -101,7 +102,7 @@ func (l *testLab) exec(ns string) func(ctx context.Context, name string, args ..
 
 func (l *testLab) manager(ns string) *Manager {
 	l.t.Helper()
-	m, err := New(Config{Exec: l.exec(ns), Logger: lab.Logger(l.t).With("ns", ns)})
+	m, err := New(Config{Exec: l.exec(ns), Tables: ownTables(l.t, l.exec(ns)), Logger: lab.Logger(l.t).With("ns", ns)})
 	if err != nil {
 		l.t.Fatal(err)
 	}
@@ -218,4 +219,15 @@ func (l *testLab) dialUDP(ns, addr string) (string, error) {
 		return "", err
 	}
 	return string(buf[:n]), nil
+}
+
+// ownTables is an iptables owner of nat's section alone, for a test that
+// runs nat without policy.
+func ownTables(t testing.TB, exec func(ctx context.Context, name string, args ...string) *exec.Cmd) *iptables.Manager {
+	t.Helper()
+	m, err := iptables.New(iptables.Config{Exec: exec, Sections: []string{Section}, Logger: lab.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }

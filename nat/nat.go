@@ -25,10 +25,10 @@
 // this host's gateway address (the subnet's .1), so the target sees that
 // address instead of the client's; connections from elsewhere to a target on
 // this host keep the client's address. While a publish targets this host's
-// subnet, Apply turns on hairpin mode on the bridge's ports (dockerd enables
-// bridge-nf-call-iptables, so a container reaching its own published port
-// needs its frame sent back out of the port it came in by); ports added later
-// get it at the next Apply or RepairHairpin.
+// subnet, the bridge's ports need hairpin mode (NeedsHairpin; the bridge
+// package sets it): dockerd enables bridge-nf-call-iptables, so a container
+// reaching its own published port needs its frame sent back out of the port
+// it came in by.
 //
 // FABRIC-FORWARD runs before dockerd's DOCKER-USER chain: fabric traffic is
 // accepted there, so restrictions on it belong in the policy package.
@@ -40,6 +40,7 @@ package nat
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -120,8 +121,8 @@ type Config struct {
 	// Exec builds the commands Manager runs (ip, and iptables when Tables
 	// is nil). Nil means exec.CommandContext; tests wrap `nsenter --net=...`.
 	Exec func(ctx context.Context, name string, args ...string) *exec.Cmd
-	// Tables is the host's iptables owner, shared with the policy package.
-	// Nil: New makes one that owns only nat's section.
+	// Tables is the host's iptables owner, shared with the policy package
+	// (required: every table has one owner).
 	Tables *iptables.Manager
 	Logger *slog.Logger
 }
@@ -145,11 +146,7 @@ func New(cfg Config) (*Manager, error) {
 	}
 	m.log = m.log.With("component", "nat")
 	if m.tables == nil {
-		t, err := iptables.New(iptables.Config{Exec: m.exec, Sections: []string{Section}, Logger: m.log})
-		if err != nil {
-			return nil, fmt.Errorf("nat: %w", err)
-		}
-		m.tables = t
+		return nil, errors.New("nat: no iptables owner (Config.Tables): the host has exactly one")
 	}
 	return m, nil
 }
@@ -169,9 +166,6 @@ func (m *Manager) Apply(ctx context.Context, st State) error {
 	if err := m.tables.Set(ctx, Section, render(st, m.selectPublishes(st), m.tables.RandomFully())); err != nil {
 		return fmt.Errorf("nat: %w", err)
 	}
-	// Hairpin lets a container reach its own published port through the
-	// host; failing it only loses that case, so it is not fatal.
-	m.RepairHairpin(ctx, st)
 	return nil
 }
 
@@ -180,23 +174,21 @@ func (m *Manager) Cleanup(ctx context.Context) error {
 	return m.tables.Set(ctx, Section, iptables.Section{})
 }
 
-// RepairHairpin turns hairpin on for bridge ports added since the last
-// Apply, while a publish targets this host.
-func (m *Manager) RepairHairpin(ctx context.Context, st State) {
+// NeedsHairpin reports whether the bridge's ports need hairpin mode: while
+// a publish of this host targets one of its own containers, a container
+// reaching its own published port needs its frames sent back out of the
+// port they came in by (dockerd enables bridge-nf-call-iptables). The
+// bridge package sets it (bridge.Hairpin).
+func NeedsHairpin(st State) bool {
 	// Not selectPublishes: that logs every invalid publish, and this runs
-	// every few seconds; turning hairpin on for one is harmless.
+	// every few seconds; hairpin for one is harmless.
 	var here []PublishedPort
 	for _, p := range st.Publishes {
 		if p.onHost(st.Node) {
 			here = append(here, p)
 		}
 	}
-	if st.Bridge == "" || !hasLocalTarget(st, here) {
-		return
-	}
-	if err := m.ensureHairpin(ctx, st.Bridge); err != nil {
-		m.log.Warn("cannot enable hairpin on bridge ports; a container cannot reach its own published port", "bridge", st.Bridge, "err", err)
-	}
+	return st.Bridge != "" && hasLocalTarget(st, here)
 }
 
 // Rules lists fabric's current rules as "-t TABLE -A CHAIN ..." lines.

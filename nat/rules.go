@@ -1,12 +1,9 @@
 package nat
 
 import (
-	"context"
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"strconv"
-	"strings"
 
 	"github.com/fabricnet/fabric/iptables"
 )
@@ -150,34 +147,3 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 // comment renders nat's comment match the way iptables-save prints it.
 func comment(why string) string { return iptables.Comment("fabric: " + why) }
 
-// ensureHairpin turns on hairpin mode on every port of bridge, so a container
-// connecting to its own published port gets the packet back out of the port
-// it came in by. New ports get it on the next Apply or Maintain tick.
-func (m *Manager) ensureHairpin(ctx context.Context, bridge string) error {
-	out, err := m.exec(ctx, "ip", "-d", "-j", "link", "show", "master", bridge).Output()
-	if err != nil {
-		return fmt.Errorf("listing ports of bridge %s: %v", bridge, err)
-	}
-	var ports []struct {
-		Name     string `json:"ifname"`
-		LinkInfo struct {
-			SlaveKind string `json:"info_slave_kind"`
-			SlaveData struct {
-				Hairpin bool `json:"hairpin"`
-			} `json:"info_slave_data"`
-		} `json:"linkinfo"`
-	}
-	if err := json.Unmarshal(out, &ports); err != nil {
-		return fmt.Errorf("parsing ports of bridge %s: %v", bridge, err)
-	}
-	for _, p := range ports {
-		if p.LinkInfo.SlaveKind != "bridge" || p.LinkInfo.SlaveData.Hairpin {
-			continue
-		}
-		if out, err := m.exec(ctx, "ip", "link", "set", "dev", p.Name, "type", "bridge_slave", "hairpin", "on").CombinedOutput(); err != nil {
-			return fmt.Errorf("hairpin on port %s of bridge %s: %v: %s", p.Name, bridge, err, strings.TrimSpace(string(out)))
-		}
-		m.log.Debug("hairpin enabled", "bridge", bridge, "port", p.Name)
-	}
-	return nil
-}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/etcdtest"
+	"github.com/fabricnet/fabric/iptables"
 	"github.com/fabricnet/fabric/lab"
 
 	"github.com/fabricnet/fabric/internal/testreq"
@@ -506,6 +507,11 @@ func TestStoredRuleIsEnforced(t *testing.T) {
 
 func newEnforcer(t *testing.T, cfg IptablesConfig) *IptablesEnforcer {
 	t.Helper()
+	tables, err := iptables.New(iptables.Config{Exec: cfg.Exec, Sections: []string{Section}, Logger: cfg.Logger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Tables = tables
 	e, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

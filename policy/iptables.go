@@ -3,6 +3,7 @@ package policy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -66,7 +67,7 @@ type IptablesConfig struct {
 	EndpointLinks string
 	// Tables is the host's iptables owner, shared with the nat package, so
 	// the policy jump is placed before nat's accept rules in the same
-	// transaction. Nil: New makes one that owns only the policy section.
+	// transaction (required: every table has one owner).
 	Tables *iptables.Manager
 	Logger *slog.Logger
 }
@@ -101,11 +102,7 @@ func New(cfg IptablesConfig) (*IptablesEnforcer, error) {
 	}
 	e := &IptablesEnforcer{cfg: cfg, log: cfg.Logger.With("component", "policy"), tables: cfg.Tables}
 	if e.tables == nil {
-		t, err := iptables.New(iptables.Config{Exec: cfg.Exec, Sections: []string{Section}, Logger: e.log})
-		if err != nil {
-			return nil, fmt.Errorf("policy: %w", err)
-		}
-		e.tables = t
+		return nil, errors.New("policy: no iptables owner (IptablesConfig.Tables): the host has exactly one")
 	}
 	return e, nil
 }
