@@ -146,4 +146,3 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 
 // comment renders nat's comment match the way iptables-save prints it.
 func comment(why string) string { return iptables.Comment("fabric: " + why) }
-
