@@ -30,6 +30,7 @@ import (
 	"github.com/fabricnet/fabric/fabricdns"
 	"github.com/fabricnet/fabric/ingress"
 	"github.com/fabricnet/fabric/internal/etcdclient"
+	"github.com/fabricnet/fabric/internal/ipsets"
 	"github.com/fabricnet/fabric/internal/sdnotify"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/ipip"
@@ -156,14 +157,15 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.natMgr, err = nat.New(nat.Config{Tables: a.tables, Logger: log}); err != nil {
 		return err
 	}
-	if a.enforcer, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.tables, Logger: log}); err != nil {
+	sets := ipsets.NewOwner("")
+	if a.enforcer, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.tables, Sets: sets, Logger: log}); err != nil {
 		return err
 	}
 	var tunnels []string
 	for _, b := range a.backends {
 		tunnels = append(tunnels, b.Ingress())
 	}
-	a.ingress = ingress.New(ingress.Config{Tables: a.tables, Matches: tunnels, Logger: log})
+	a.ingress = ingress.New(ingress.Config{Tables: a.tables, Sets: sets, Matches: tunnels, Logger: log})
 	gw := netip.PrefixFrom(a.lease.Gateway(), a.lease.Subnet.Bits())
 	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.dp.MTU(), log); err != nil {
 		return err
@@ -596,13 +598,8 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 		errs = append(errs, err)
 	} else if err := tables.Cleanup(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("iptables rules: %w", err))
-	} else {
-		if err := policy.DestroySets(ctx, nil, log); err != nil {
-			errs = append(errs, err)
-		}
-		if err := ingress.DestroySet(""); err != nil {
-			errs = append(errs, err)
-		}
+	} else if err := ipsets.NewOwner("").Cleanup(); err != nil { // the rules using them are gone
+		errs = append(errs, err)
 	}
 	if err := dockernet.NewLinks(nil).Cleanup(); err != nil {
 		errs = append(errs, fmt.Errorf("links of containers on fabric networks: %w", err))

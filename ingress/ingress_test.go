@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/ipsets"
 	"github.com/fabricnet/fabric/iptables"
 	"github.com/fabricnet/fabric/lab"
 )
@@ -50,7 +51,7 @@ func newLimiterLab(t *testing.T) *limiterLab {
 		t.Fatal(err)
 	}
 	l.tables = tables
-	l.lim = New(Config{Tables: tables, Matches: []string{tunnelMatch}, NetnsPath: lab.Path(l.host), Logger: lab.Logger(t)})
+	l.lim = New(Config{Tables: tables, Sets: ipsets.NewOwner(lab.Path(l.host)), Matches: []string{tunnelMatch}, Logger: lab.Logger(t)})
 	ln, err := lab.ServeTCP(l.host, tunnelAddr)
 	if err != nil {
 		t.Fatal(err)
@@ -124,7 +125,7 @@ func TestOnlyFabricHostsReachTheTunnel(t *testing.T) {
 	if err := l.tables.Cleanup(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if err := DestroySet(lab.Path(l.host)); err != nil {
+	if err := ipsets.NewOwner(lab.Path(l.host)).Cleanup(); err != nil {
 		t.Fatal(err)
 	}
 	if out := lab.Exec(t, l.host, "ipset", "list", "-n"); strings.TrimSpace(out) != "" {

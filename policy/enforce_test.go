@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/etcdtest"
+	"github.com/fabricnet/fabric/internal/ipsets"
 	"github.com/fabricnet/fabric/iptables"
 	"github.com/fabricnet/fabric/lab"
 
@@ -181,7 +182,7 @@ func TestIptablesEnforcement(t *testing.T) {
 	l.listen(l.c1, c1Addr+":81")
 	c1web, c1alt := c1Addr+":80", c1Addr+":81"
 	rec := &execRecorder{ns: l.host}
-	e := newEnforcer(t, IptablesConfig{Exec: rec.exec, Bridge: "br0", Logger: lab.Logger(t)})
+	e := newEnforcer(t, l.host, IptablesConfig{Exec: rec.exec, Bridge: "br0", Logger: lab.Logger(t)})
 	t.Cleanup(func() { e.Cleanup(context.Background()) })
 	nodes := map[string]netip.Prefix{"host-a": localSubnet, "host-b": nodeB}
 
@@ -384,7 +385,7 @@ func TestIptablesEnforcement(t *testing.T) {
 func TestApplyIsAtomic(t *testing.T) {
 	l := newLab(t)
 	l.listen(l.c1, c1Addr+":80")
-	e := newEnforcer(t, IptablesConfig{Exec: (&execRecorder{ns: l.host}).exec, Bridge: "br0", Logger: slog.New(slog.DiscardHandler)})
+	e := newEnforcer(t, l.host, IptablesConfig{Exec: (&execRecorder{ns: l.host}).exec, Bridge: "br0", Logger: slog.New(slog.DiscardHandler)})
 	t.Cleanup(func() { e.Cleanup(context.Background()) })
 	nodes := map[string]netip.Prefix{"host-b": nodeB}
 	var many []Selector
@@ -439,7 +440,7 @@ func TestStoredRuleIsEnforced(t *testing.T) {
 	cli := etcdtest.Start(t).Client(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	e := newEnforcer(t, IptablesConfig{Exec: (&execRecorder{ns: l.host}).exec, Bridge: "br0", Logger: slog.New(slog.DiscardHandler)})
+	e := newEnforcer(t, l.host, IptablesConfig{Exec: (&execRecorder{ns: l.host}).exec, Bridge: "br0", Logger: slog.New(slog.DiscardHandler)})
 	t.Cleanup(func() { e.Cleanup(context.Background()) })
 	nodes := map[string]netip.Prefix{"host-a": localSubnet, "host-b": nodeB}
 
@@ -505,13 +506,14 @@ func TestStoredRuleIsEnforced(t *testing.T) {
 	l.expectTCP(l.remote, remoteAddr, c1Addr+":80", true)
 }
 
-func newEnforcer(t *testing.T, cfg IptablesConfig) *IptablesEnforcer {
+func newEnforcer(t *testing.T, ns string, cfg IptablesConfig) *IptablesEnforcer {
 	t.Helper()
-	tables, err := iptables.New(iptables.Config{Exec: cfg.Exec, Sections: []string{Section}, Logger: cfg.Logger})
+	tables, err := iptables.New(iptables.Config{Exec: cfg.Exec, NetnsPath: lab.Path(ns), Sections: []string{Section}, Logger: cfg.Logger})
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg.Tables = tables
+	cfg.Sets = ipsets.NewOwner(lab.Path(ns))
 	e, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/ipsets"
 	"github.com/fabricnet/fabric/iptables"
 )
 
@@ -69,6 +70,8 @@ type IptablesConfig struct {
 	// the policy jump is placed before nat's accept rules in the same
 	// transaction (required: every table has one owner).
 	Tables *iptables.Manager
+	// Sets is the host's owner of fabric's ipsets (required).
+	Sets   *ipsets.Owner
 	Logger *slog.Logger
 }
 
@@ -101,18 +104,18 @@ func New(cfg IptablesConfig) (*IptablesEnforcer, error) {
 		cfg.Logger = slog.Default()
 	}
 	e := &IptablesEnforcer{cfg: cfg, log: cfg.Logger.With("component", "policy"), tables: cfg.Tables}
-	if e.tables == nil {
-		return nil, errors.New("policy: no iptables owner (IptablesConfig.Tables): the host has exactly one")
+	if e.tables == nil || cfg.Sets == nil {
+		return nil, errors.New("policy: no iptables or ipset owner (IptablesConfig.Tables, .Sets): the host has exactly one of each")
 	}
 	return e, nil
 }
 
 // rendered is a Ruleset expressed for iptables.
 type rendered struct {
-	marker string              // ruleset hash, carried in the first rule's comment
-	scope  []string            // ChainName: what traffic InChain judges
-	rules  []string            // InChain's rule specs, in order
-	sets   map[string][]string // ipset name -> CIDRs
+	marker string                    // ruleset hash, carried in the first rule's comment
+	scope  []string                  // ChainName: what traffic InChain judges
+	rules  []string                  // InChain's rule specs, in order
+	sets   map[string][]netip.Prefix // ipset name -> its prefixes
 }
 
 // section is what the iptables owner writes for these rules.
@@ -154,22 +157,14 @@ func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 	e.ensureBridgeNetfilter(ctx) // on a change, not on every repair tick
 
 	// 1. Sets first, under names derived from their content, so the old
-	// chain keeps using the old sets until the commit below.
-	var b strings.Builder
+	// chain keeps using the old sets until the commit below. A set left
+	// half-made by an earlier run is completed.
 	for _, name := range slices.Sorted(maps.Keys(want.sets)) {
 		if slices.Contains(have, name) {
 			continue
 		}
-		cidrs := want.sets[name]
-		fmt.Fprintf(&b, "create %s hash:net family inet hashsize 1024 maxelem %d\n", name, max(65536, len(cidrs)))
-		for _, c := range cidrs {
-			fmt.Fprintf(&b, "add %s %s\n", name, c)
-		}
-	}
-	if b.Len() > 0 {
-		// -exist: a set left half-made by an earlier run is completed.
-		if _, err := e.run(ctx, b.String(), "ipset", "-exist", "restore"); err != nil {
-			return fmt.Errorf("apply policy: create ipsets: %w", err)
+		if err := e.cfg.Sets.SetNets(name, want.sets[name]); err != nil {
+			return fmt.Errorf("apply policy: %w", err)
 		}
 	}
 
@@ -195,16 +190,6 @@ func (e *IptablesEnforcer) Cleanup(ctx context.Context) error {
 	if err := e.tables.Set(ctx, Section, iptables.Section{}); err != nil {
 		return fmt.Errorf("remove policy chain %s: %w", ChainName, err)
 	}
-	return DestroySets(ctx, e.cfg.Exec, e.log)
-}
-
-// DestroySets destroys every ipset this package creates; the chains using
-// them must be gone. --cleanup uses it after the iptables owner's Cleanup.
-func DestroySets(ctx context.Context, run func(ctx context.Context, name string, args ...string) *exec.Cmd, log *slog.Logger) error {
-	e := &IptablesEnforcer{cfg: IptablesConfig{Exec: run}, log: log}
-	if e.cfg.Exec == nil {
-		e.cfg.Exec = exec.CommandContext
-	}
 	have, err := e.listSets(ctx)
 	if err != nil {
 		return err
@@ -215,12 +200,13 @@ func DestroySets(ctx context.Context, run func(ctx context.Context, name string,
 	return nil
 }
 
-func (e *IptablesEnforcer) listSets(ctx context.Context) ([]string, error) {
-	sets, err := e.run(ctx, "", "ipset", "list", "-n")
+// listSets lists this package's sets.
+func (e *IptablesEnforcer) listSets(context.Context) ([]string, error) {
+	names, err := e.cfg.Sets.Names()
 	if err != nil {
 		return nil, fmt.Errorf("read ipsets: %w", err)
 	}
-	return strings.Fields(sets), nil
+	return slices.DeleteFunc(names, func(n string) bool { return !policySetName.MatchString(n) }), nil
 }
 
 const bridgeNetfilterSysctl = "net.bridge.bridge-nf-call-iptables"
@@ -254,13 +240,13 @@ func (e *IptablesEnforcer) ensureBridgeNetfilter(ctx context.Context) {
 
 // destroySets destroys this package's sets in have that are not in keep and
 // returns the names it could not destroy.
-func (e *IptablesEnforcer) destroySets(ctx context.Context, have []string, keep map[string][]string) []string {
+func (e *IptablesEnforcer) destroySets(ctx context.Context, have []string, keep map[string][]netip.Prefix) []string {
 	var left []string
 	for _, name := range have {
 		if _, ok := keep[name]; ok || !policySetName.MatchString(name) {
 			continue
 		}
-		if _, err := e.run(ctx, "", "ipset", "destroy", name); err != nil {
+		if err := e.cfg.Sets.Destroy(name); err != nil {
 			e.log.Warn("could not destroy unused policy ipset", "set", name, "err", err)
 			left = append(left, name)
 		}
@@ -282,7 +268,7 @@ func (e *IptablesEnforcer) render(rs Ruleset) (rendered, error) {
 		sum := sha256.Sum256([]byte(hash + "|" + e.cfg.Bridge))
 		hash = hex.EncodeToString(sum[:])
 	}
-	r := rendered{marker: hash[:16], sets: map[string][]string{}}
+	r := rendered{marker: hash[:16], sets: map[string][]netip.Prefix{}}
 	in := "-o " + e.cfg.Bridge + " "
 	if e.cfg.Bridge == "" {
 		in = ""
@@ -343,7 +329,7 @@ func (r *rendered) addressMatches(ps []netip.Prefix, flag, dir string, in []neti
 	}
 	sum := sha256.Sum256([]byte(strings.Join(cidrs, ",")))
 	name := setNamePrefix + hex.EncodeToString(sum[:])[:16]
-	r.sets[name] = cidrs
+	r.sets[name] = ps
 	return []string{fmt.Sprintf("-m set --match-set %s %s", name, dir)}
 }
 

@@ -1,8 +1,10 @@
-// Package ipsets reads an ipset over netlink, so the loop that keeps
-// fabric's node set checks it on every tick without running the ipset
-// command. It parses only what fabric needs: the vishvananda/netlink reader
-// logs every attribute it does not know, and sets made by the ipset command
-// carry some (bucket size, initval). Writes go through vishvananda/netlink.
+// Package ipsets is the one owner of fabric's ipsets (every set whose name
+// starts with "fabric-"): the node set of ingress and the address sets of
+// policy are made, filled, read and destroyed here, over netlink, without
+// running the ipset command. It reads only what fabric needs: the
+// vishvananda/netlink reader logs every attribute it does not know, and
+// sets made by the ipset command carry some (bucket size, initval). Writes
+// go through vishvananda/netlink.
 package ipsets
 
 import (
@@ -105,13 +107,15 @@ func entryAddr(data []byte) (netip.Addr, error) {
 	return netip.Addr{}, nil
 }
 
-// dump runs IPSET_CMD_LIST for the set called name and hands each reply's
-// attributes to fn.
+// dump runs IPSET_CMD_LIST for the set called name (every set when name
+// is "") and hands each reply's attributes to fn.
 func dump(nsPath, name string, fn func([]syscall.NetlinkRouteAttr) error) error {
 	req := nl.NewNetlinkRequest(nl.IPSET_CMD_LIST|unix.NFNL_SUBSYS_IPSET<<8, unix.NLM_F_DUMP)
 	req.AddData(&nl.Nfgenmsg{NfgenFamily: unix.AF_INET, Version: nl.NFNETLINK_V0})
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))
-	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_SETNAME, nl.ZeroTerminated(name)))
+	if name != "" {
+		req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_SETNAME, nl.ZeroTerminated(name)))
+	}
 	return nfnetlink.Exchange(nsPath, req, 5*time.Second, func(_ uint16, attrs []syscall.NetlinkRouteAttr) (bool, error) {
 		return false, fn(attrs)
 	})
