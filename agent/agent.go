@@ -589,8 +589,13 @@ func (a *Agent) writeDockerOpts() error {
 // devices, the bridge and the docker options file.
 func Cleanup(cfg *config.Config, log *slog.Logger) error {
 	var errs []error
-	if err := dataplane.Cleanup(nil, cfg.RouteProtocol, encaps.Devices()...); err != nil {
+	if err := dataplane.Cleanup(nil, cfg.RouteProtocol); err != nil {
 		errs = append(errs, err)
+	}
+	for _, k := range encaps.Kinds {
+		if err := k.Cleanup(nil); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", k.Name, err))
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -53,8 +53,6 @@ type Backend interface {
 	Ingress() string
 	// Overhead is the number of bytes the encapsulation adds (20 IPIP, 50 VXLAN).
 	Overhead() int
-	// Cleanup removes the device and everything on it.
-	Cleanup() error
 }
 
 // Rereader is a Backend that keeps a view of its per-peer kernel state and

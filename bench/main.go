@@ -229,7 +229,8 @@ func benchDataplane(h *lab.Host) (*dataplane.Manager, func(), error) {
 		return nil, nil, err
 	}
 	return dp, func() {
-		dataplane.Cleanup(nh, dataplane.DefaultProtocol, vx.Device())
+		dataplane.Cleanup(nh, dataplane.DefaultProtocol)
+		backend.DeleteLink(nh, vx.Device())
 		nh.Close()
 	}, nil
 }

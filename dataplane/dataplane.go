@@ -705,10 +705,9 @@ func (m *Manager) Owned() ([]OwnedRoute, error) {
 	return out, nil
 }
 
-// Cleanup removes every route with protocol, in every table, and the named
-// tunnel devices (their neighbour and FDB entries go with them). Used by
-// `fabricd --cleanup`, which names every backend's device.
-func Cleanup(h *netlink.Handle, protocol int, devices ...string) error {
+// Cleanup removes every route with protocol, in every table (`fabricd
+// --cleanup`; each encapsulation removes its own device, encaps.Kind.Cleanup).
+func Cleanup(h *netlink.Handle, protocol int) error {
 	if protocol <= unix.RTPROT_STATIC || protocol > 255 {
 		return fmt.Errorf("refusing to clean up route protocol %d: must be 5..255", protocol)
 	}
@@ -723,11 +722,6 @@ func Cleanup(h *netlink.Handle, protocol int, devices ...string) error {
 		r := r
 		if err := h.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
 			errs = append(errs, fmt.Errorf("delete route %s: %w", describe(&r), err))
-		}
-	}
-	for _, name := range devices {
-		if err := backend.DeleteLink(h, name); err != nil {
-			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/fabricnet/fabric/backend"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/vxlanfallback"
@@ -310,7 +311,10 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 
 	// fabricd --cleanup
 	lab.Run(t, "ip", "-n", h1.ns, "route", "add", "10.244.8.0/24", "via", "192.168.100.12", "proto", "static")
-	if err := Cleanup(h1.handle, DefaultProtocol, vxlanfallback.DefaultDevice); err != nil {
+	if err := Cleanup(h1.handle, DefaultProtocol); err != nil {
+		t.Fatal(err)
+	}
+	if err := backend.DeleteLink(h1.handle, vxlanfallback.DefaultDevice); err != nil { // the backend's own cleanup (encaps.Kind.Cleanup)
 		t.Fatal(err)
 	}
 	if owned := ownedRoutes(t, h1.handle, DefaultProtocol); len(owned) != 0 {

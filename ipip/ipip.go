@@ -183,14 +183,6 @@ func routeFor(linkIndex int, dst netip.Prefix, peer backend.Peer) (*netlink.Rout
 	}, nil
 }
 
-// Cleanup deletes the device; routes through it go with it.
-func (b *Backend) Cleanup() error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.linkIndex = 0
-	return backend.DeleteLink(b.handle, b.cfg.Device)
-}
-
 // Supported reports whether the kernel behind h can create ipip devices, by
 // creating a throwaway one and deleting it. A kernel without ipip answers
 // EOPNOTSUPP ("Unknown device type"): that is (false, nil). Note that loading

@@ -350,11 +350,3 @@ func (b *Backend) RouteFor(dst netip.Prefix, peer backend.Peer) (*netlink.Route,
 		Scope:     netlink.SCOPE_UNIVERSE,
 	}, nil
 }
-
-// Cleanup deletes the device; its neighbour and FDB entries and routes go with it.
-func (b *Backend) Cleanup() error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.linkIndex = 0
-	return backend.DeleteLink(b.handle, b.cfg.Device)
-}

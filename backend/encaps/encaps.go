@@ -44,6 +44,11 @@ type Kind struct {
 	New       func(s Settings) (backend.Backend, error)
 }
 
+// Cleanup removes what the kind's backend owns on a host (`fabricd
+// --cleanup`, with no backend running): its device, and with it every
+// neighbour and FDB entry on it.
+func (k Kind) Cleanup(h *netlink.Handle) error { return backend.DeleteLink(h, k.Device) }
+
 // Kinds are every encapsulation, most preferred first: ipip has the least
 // overhead; VXLAN passes where IP protocol 4 is blocked.
 var Kinds = []Kind{
@@ -75,8 +80,7 @@ func Modes() []string {
 	return out
 }
 
-// Devices are the names of every device an encapsulation may own, for
-// --cleanup.
+// Devices are the names of every device an encapsulation may own.
 func Devices() []string {
 	var out []string
 	for _, k := range Kinds {
