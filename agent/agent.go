@@ -45,66 +45,97 @@ import (
 	"github.com/fabricnet/fabric/version"
 )
 
-// Agent is one running fabricd.
+// Agent is one running fabricd, drawn as the design is: what this host is
+// (its lease and underlay), its inputs (snapshots the watchers hand in),
+// the pure decisions of the planner, and the owners that apply them, each
+// of one kind of kernel object. The loops meet only through in (under its
+// mutex) and wake (a wake-up says "an input you use changed: decide again").
 type Agent struct {
-	cfg      *config.Config
-	log      *slog.Logger
-	etcd     *clientv3.Client
+	cfg     *config.Config
+	log     *slog.Logger
+	etcd    *clientv3.Client
+	started time.Time
+
+	// What this host is, fixed once fabricd runs.
 	underlay underlay
 	pool     ipam.Pool
 	lease    ipam.Lease
 	ipamMgr  *ipam.Manager
 	ipipOK   bool          // this kernel can run ipip: answer peers' probes
 	kinds    []encaps.Kind // the encapsulations this host runs
-	backends []backend.Backend
-	speaker  *bgp.Speaker
-	dp       *dataplane.Manager
-	started  time.Time
 
+	in   inputs
+	wake wakeups
+	own  owners
+
+	warned map[string]bool // refusals already logged (under in.mu)
+
+	// Main loop only.
+	ownRecordSeen bool // our record was seen with our address
+	departed      map[string]planner.Departed
+	leaveRequest  chan struct{}
+}
+
+// inputs are the newest snapshots of what the watchers report, each
+// replaced whole.
+type inputs struct {
 	mu sync.Mutex
 	// registryNodes are the records in etcd; nodes is what the agent works
 	// with: the valid records plus departed hosts still in session.
 	registryNodes []registry.Node
-	ownRecordSeen bool          // main loop only: our record was seen with our address
 	held          ipam.Holdings // subnets leased to each node; nil until etcd's first answer
 	nodes         []registry.Node
+	// nodesKnown turns true with the registry's first snapshot; before it
+	// the data plane is not touched, since a route set computed without
+	// node records would sweep every route fabricd installed before a restart.
+	nodesKnown bool
+	bgpRoutes  []bgp.Route
+	grace      planner.Grace
 	// containers are the fabric's containers whose records passed
 	// names.Trusted, for policy's container and label selectors;
 	// containersKnown turns true once etcd answered for records and leases.
 	containers      []policy.Container
 	containersKnown bool
 	// containerRefusals counts the refused records of the last view, for
-	// metrics (the trusted ones are a.containers).
+	// metrics (the trusted ones are containers).
 	containerRefusals int
-	departed          map[string]planner.Departed // main loop only
-	warned            map[string]bool
-	bgpRoutes         []bgp.Route
-	grace             planner.Grace
-	// nodesKnown turns true with the registry's first snapshot; before it
-	// the data plane is not touched, since a route set computed without
-	// node records would sweep every route fabricd installed before a restart.
-	nodesKnown bool
-	// dataplaneApplied turns true with the first data-plane apply that
-	// succeeded: /readyz.
-	dataplaneApplied bool
 	// networks is the Docker networks' picture (dockernet.Sync); until it
 	// is known the data plane and the mesh wait, so a restart keeps the
 	// endpoints' routes and advertises their blocks before sessions form.
 	networks      dockernet.Local
 	networksKnown bool
+	// dataplaneApplied turns true with the first data-plane apply that
+	// succeeded: /readyz.
+	dataplaneApplied bool
+}
 
-	kick         chan struct{}
-	policyKick   chan struct{}
-	namesKick    chan struct{} // the leases changed: recheck container records
-	natKick      chan struct{} // the networks changed: render NAT again
-	meshKick     chan struct{} // the networks are known: the mesh may form
-	ingressKick  chan struct{}
-	leaveRequest chan struct{}
-	prober       *probe.Prober // nil without ipip support
-	tables       *iptables.Manager
-	natMgr       *nat.Manager
-	ingress      *ingress.Limiter
-	enforcer     *policy.IptablesEnforcer
+// wakeups wake the loop that reads each (see kick): an input it decides
+// from changed.
+type wakeups struct {
+	dataplane chan struct{} // routes, nodes, networks or probe verdicts
+	policy    chan struct{} // nodes, containers or networks
+	ingress   chan struct{} // nodes
+	nat       chan struct{} // networks (their subnets and published ports)
+	names     chan struct{} // leases or networks: recheck container records
+	mesh      chan struct{} // the networks are known: the mesh may form
+}
+
+func newWakeups() wakeups {
+	w := func() chan struct{} { return make(chan struct{}, 1) }
+	return wakeups{dataplane: w(), policy: w(), ingress: w(), nat: w(), names: w(), mesh: w()}
+}
+
+// owners apply the decisions, each the one writer of its kind of kernel
+// object (or of the BGP speaker's paths and peers).
+type owners struct {
+	speaker   *bgp.Speaker
+	dataplane *dataplane.Manager // routes with fabric's protocol
+	backends  []backend.Backend  // each its tunnel device and per-peer entries
+	prober    *probe.Prober      // nil without ipip support
+	tables    *iptables.Manager  // every FABRIC- chain and jump
+	nat       *nat.Manager       // renders NAT and forwarding for tables
+	policy    *policy.IptablesEnforcer
+	ingress   *ingress.Limiter
 }
 
 // Run starts fabricd and blocks until ctx is cancelled or `fabricctl leave`
@@ -113,8 +144,7 @@ type Agent struct {
 // graceful restart off, and on leave or a lost lease, the subnet and node
 // record are withdrawn at once (see leave). Kernel state stays either way.
 func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
-	a := &Agent{cfg: cfg, log: log, started: time.Now(), kick: make(chan struct{}, 1), policyKick: make(chan struct{}, 1), leaveRequest: make(chan struct{}, 1), ingressKick: make(chan struct{}, 1), namesKick: make(chan struct{}, 1),
-		natKick: make(chan struct{}, 1), meshKick: make(chan struct{}, 1),
+	a := &Agent{cfg: cfg, log: log, started: time.Now(), wake: newWakeups(), leaveRequest: make(chan struct{}, 1),
 		departed: map[string]planner.Departed{}, warned: map[string]bool{}}
 	cli, err := etcdclient.New(cfg.EtcdEndpoints, cfg.EtcdTLSFiles(), cfg.EtcdTimeout, quietZap())
 	if err != nil {
@@ -141,7 +171,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.ipipOK {
 		// The prober answers peers' probes in every mode and decides per
 		// peer in auto mode whether IP protocol 4 passes.
-		if a.prober, err = probe.Start(ctx, probe.Config{Local: a.underlay.Addr, StateFile: cfg.ProbeStatePath(), Logger: log.With("component", "probe")}); err != nil {
+		if a.own.prober, err = probe.Start(ctx, probe.Config{Local: a.underlay.Addr, StateFile: cfg.ProbeStatePath(), Logger: log.With("component", "probe")}); err != nil {
 			return err
 		}
 	}
@@ -151,23 +181,23 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	// One owner for every iptables table; it writes nothing until nat,
 	// policy and ingress have all said what they want, so a restart keeps
 	// the previous run's rules, policy included, until then.
-	if a.tables, err = iptables.New(iptables.Config{Sections: []string{nat.Section, policy.Section, ingress.Section}, Logger: log}); err != nil {
+	if a.own.tables, err = iptables.New(iptables.Config{Sections: []string{nat.Section, policy.Section, ingress.Section}, Logger: log}); err != nil {
 		return err
 	}
-	if a.natMgr, err = nat.New(nat.Config{Tables: a.tables, Logger: log}); err != nil {
+	if a.own.nat, err = nat.New(nat.Config{Tables: a.own.tables, Logger: log}); err != nil {
 		return err
 	}
 	sets := ipsets.NewOwner("")
-	if a.enforcer, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.tables, Sets: sets, Logger: log}); err != nil {
+	if a.own.policy, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.own.tables, Sets: sets, Logger: log}); err != nil {
 		return err
 	}
 	var tunnels []string
-	for _, b := range a.backends {
+	for _, b := range a.own.backends {
 		tunnels = append(tunnels, b.Ingress())
 	}
-	a.ingress = ingress.New(ingress.Config{Tables: a.tables, Sets: sets, Matches: tunnels, Logger: log})
+	a.own.ingress = ingress.New(ingress.Config{Tables: a.own.tables, Sets: sets, Matches: tunnels, Logger: log})
 	gw := netip.PrefixFrom(a.lease.Gateway(), a.lease.Subnet.Bits())
-	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.dp.MTU(), log); err != nil {
+	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.own.dataplane.MTU(), log); err != nil {
 		return err
 	}
 	if err := a.writeDockerOpts(); err != nil {
@@ -179,7 +209,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		log.Warn("cannot tell systemd fabricd is ready", "err", err)
 	}
 
-	a.speaker, err = bgp.Start(ctx, bgp.Config{
+	a.own.speaker, err = bgp.Start(ctx, bgp.Config{
 		RouterID:          a.underlay.Addr,
 		ASN:               cfg.ASN,
 		ListenAddress:     a.underlay.Addr,
@@ -189,21 +219,21 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		// A restart finds its own routes in the kernel: peers are told we
 		// kept forwarding state, and keep our routes until our End-of-RIB.
 		GracefulRestartTime: cfg.GracefulRestartTime,
-		Restarting:          len(a.grace.KeptAtStart) > 0,
+		Restarting:          len(a.in.grace.KeptAtStart) > 0,
 		APISocket:           cfg.GoBGPSocketPath(),
 		Logger:              log.With("component", "bgp"),
 	})
 	if err != nil {
 		return err
 	}
-	defer a.speaker.Stop()
-	if err := a.speaker.Advertise(ctx, a.underlay.Addr, a.lease.Subnet); err != nil {
+	defer a.own.speaker.Stop()
+	if err := a.own.speaker.Advertise(ctx, a.underlay.Addr, a.lease.Subnet); err != nil {
 		return fmt.Errorf("advertise %s: %w", a.lease.Subnet, err)
 	}
 	log.Info("advertising subnet", "subnet", a.lease.Subnet, "nexthop", a.underlay.Addr)
 
 	// External peers are known now; mesh peers follow from the registry.
-	if err := a.speaker.SetPeers(ctx, a.desiredPeers(nil)); err != nil {
+	if err := a.own.speaker.SetPeers(ctx, a.desiredPeers(nil)); err != nil {
 		return err
 	}
 
@@ -249,7 +279,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("dataplane", a.dataplaneLoop)
 	goLoop("host", a.hostLoop)
 	goLoop("nat", a.natLoop)
-	goLoop("iptables", func(ctx context.Context) error { return a.tables.Maintain(ctx, 2*time.Second) })
+	goLoop("iptables", func(ctx context.Context) error { return a.own.tables.Maintain(ctx, 2*time.Second) })
 	goLoop("policy", a.policyLoop)
 	goLoop("ingress", a.ingressLoop)
 	goLoop("probe-hold", a.probeHoldLoop)
@@ -304,9 +334,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 				nodes = nil // closed only when stopping
 				continue
 			}
-			a.mu.Lock()
-			a.registryNodes = ns
-			a.mu.Unlock()
+			a.in.mu.Lock()
+			a.in.registryNodes = ns
+			a.in.mu.Unlock()
 			a.refreshNodes(runCtx)
 		case other := <-heartbeat.Conflicts():
 			err := fmt.Errorf("node %s: machine %s (underlay %s) writes this host's node record too, with machine id %s (this host's: %s): "+
@@ -332,14 +362,14 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 				}
 				continue
 			}
-			a.mu.Lock()
-			a.held = h
-			a.mu.Unlock()
+			a.in.mu.Lock()
+			a.in.held = h
+			a.in.mu.Unlock()
 			a.refreshNodes(runCtx)
-			kick(a.namesKick)
+			kick(a.wake.names)
 		case <-departedCheck.C:
 			a.refreshNodes(runCtx)
-		case <-a.meshKick:
+		case <-a.wake.mesh:
 			a.refreshNodes(runCtx)
 		case <-a.proberChanges():
 			a.kickDataplane()
@@ -354,7 +384,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 // a NOTIFICATION, so graceful-restart peers keep this host's routes until it
 // is back.
 func (a *Agent) stopForRestart() {
-	a.speaker.Detach()
+	a.own.speaker.Detach()
 	a.log.Info("stopped for a restart: routes, devices, rules and the node record are kept; peers keep this host's routes while it restarts",
 		"subnet", a.lease.Subnet, "peersWaitUpTo", a.cfg.GracefulRestartTime)
 }
@@ -365,14 +395,14 @@ func (a *Agent) stopForRestart() {
 func (a *Agent) leave(heartbeat *registry.Heartbeat, containerNames *names.Publisher) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	if err := a.speaker.Withdraw(ctx); err != nil {
+	if err := a.own.speaker.Withdraw(ctx); err != nil {
 		a.log.Warn("withdraw subnet", "err", err)
 	}
 	// Give the withdrawal a moment to leave, then close the sessions before
 	// the node record goes: peers that see the record vanish while a
 	// session is still up would keep this host as a departed peer.
 	time.Sleep(300 * time.Millisecond)
-	a.speaker.Stop()
+	a.own.speaker.Stop()
 	if err := heartbeat.Withdraw(ctx); err != nil {
 		a.log.Warn("withdraw node record", "err", err)
 	}
@@ -488,21 +518,21 @@ func (a *Agent) setupDataplane() error {
 		UnderlayAddr: a.underlay.Addr, UnderlayDev: a.underlay.Dev, Subnet: a.lease.Subnet,
 		VXLANVNI: cfg.VXLANVNI, VXLANPort: cfg.VXLANPort, Logger: a.log,
 	}
-	if len(a.kinds) > 1 && a.prober != nil {
-		settings.PathWorks = a.prober.IPIPWorks
+	if len(a.kinds) > 1 && a.own.prober != nil {
+		settings.PathWorks = a.own.prober.IPIPWorks
 	}
-	a.backends = nil
+	a.own.backends = nil
 	for _, k := range a.kinds {
 		b, err := k.New(settings)
 		if err != nil {
 			return err
 		}
-		a.backends = append(a.backends, b)
+		a.own.backends = append(a.own.backends, b)
 	}
 	defer a.rememberStartRoutes()
-	a.dp, err = dataplane.New(dataplane.Config{
+	a.own.dataplane, err = dataplane.New(dataplane.Config{
 		Handle:       h,
-		Backends:     a.backends,
+		Backends:     a.own.backends,
 		CrossSubnet:  cfg.CrossSubnet,
 		Protocol:     cfg.RouteProtocol,
 		UnderlayDev:  a.underlay.Dev,
@@ -516,7 +546,7 @@ func (a *Agent) setupDataplane() error {
 // vtepMAC is the device MAC peers need to reach this host (VXLAN's), if an
 // encapsulation this host runs needs one.
 func (a *Agent) vtepMAC() string {
-	for _, b := range a.backends {
+	for _, b := range a.own.backends {
 		if m, ok := b.(backend.MACAdvertiser); ok {
 			return m.MAC().String()
 		}
@@ -562,7 +592,7 @@ func (a *Agent) hostLoop(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		if err := bridge.Ensure(nil, a.cfg.Bridge, gw, a.dp.MTU(), a.log); err != nil {
+		if err := bridge.Ensure(nil, a.cfg.Bridge, gw, a.own.dataplane.MTU(), a.log); err != nil {
 			a.log.Error("repair bridge", "err", err)
 		}
 		a.writeDockerOpts() // logged; retried on the next tick
@@ -570,7 +600,7 @@ func (a *Agent) hostLoop(ctx context.Context) error {
 }
 
 func (a *Agent) writeDockerOpts() error {
-	opts := dockeropts.Options{Pool: a.pool.Network, Subnet: a.lease.Subnet, Gateway: a.lease.Gateway(), MTU: a.dp.MTU(), Bridge: a.cfg.Bridge}
+	opts := dockeropts.Options{Pool: a.pool.Network, Subnet: a.lease.Subnet, Gateway: a.lease.Gateway(), MTU: a.own.dataplane.MTU(), Bridge: a.cfg.Bridge}
 	if a.cfg.ContainerDNS {
 		opts.DNSDomain = a.cfg.DNSDomain
 	}

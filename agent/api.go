@@ -16,11 +16,11 @@ import (
 
 // Peers implements localapi.Provider.
 func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
-	ps, err := a.speaker.Peers(ctx)
+	ps, err := a.own.speaker.Peers(ctx)
 	if err != nil {
 		return nil, err
 	}
-	choices := a.dp.Choices()
+	choices := a.own.dataplane.Choices()
 	out := make([]localapi.Peer, 0, len(ps))
 	for _, p := range ps {
 		e := choices[p.Name].Encap
@@ -42,16 +42,16 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 
 // Routes implements localapi.Provider.
 func (a *Agent) Routes(ctx context.Context) ([]localapi.Route, error) {
-	owned, err := a.dp.Owned()
+	owned, err := a.own.dataplane.Owned()
 	if err != nil {
 		return nil, err
 	}
-	a.mu.Lock()
+	a.in.mu.Lock()
 	types := map[netip.Prefix]string{}
-	for _, r := range a.bgpRoutes {
+	for _, r := range a.in.bgpRoutes {
 		types[r.Prefix] = string(r.PeerType)
 	}
-	a.mu.Unlock()
+	a.in.mu.Unlock()
 	out := make([]localapi.Route, 0, len(owned))
 	for _, r := range owned {
 		typ := types[r.Prefix]
@@ -75,7 +75,7 @@ func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
 	return localapi.Status{
 		Node: a.cfg.NodeName, Version: version.String(), Subnet: a.lease.Subnet.String(), Gateway: a.lease.Gateway().String(),
 		Underlay: a.underlay.Addr.String(), UnderlayDev: a.underlay.Dev, ASN: a.cfg.ASN,
-		Encapsulation: a.cfg.Encapsulation, MTU: a.dp.MTU(), Bridge: a.cfg.Bridge, Started: a.started,
+		Encapsulation: a.cfg.Encapsulation, MTU: a.own.dataplane.MTU(), Bridge: a.cfg.Bridge, Started: a.started,
 		EtcdHealthy: etcdErr == nil,
 	}, nil
 }

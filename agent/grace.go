@@ -17,23 +17,23 @@ import (
 func (a *Agent) rememberStartRoutes() {
 	// A peer that never comes back keeps what it had for as long as the
 	// other hosts keep its routes under graceful restart.
-	a.grace = planner.Grace{
+	a.in.grace = planner.Grace{
 		Until:       time.Now().Add(max(2*a.cfg.HoldTime+5*time.Second, a.cfg.GracefulRestartTime)),
 		KeptAtStart: map[netip.Prefix]netip.Addr{},
 	}
-	if a.dp == nil {
+	if a.own.dataplane == nil {
 		return
 	}
-	owned, err := a.dp.Owned()
+	owned, err := a.own.dataplane.Owned()
 	if err != nil {
 		a.log.Warn("read owned routes at start", "err", err)
 		return
 	}
 	for _, r := range owned {
-		a.grace.KeptAtStart[r.Prefix] = r.Via
+		a.in.grace.KeptAtStart[r.Prefix] = r.Via
 	}
 	if len(owned) > 0 {
-		a.log.Info("keeping routes found in the kernel until their peers are back", "routes", len(owned), "until", a.grace.Until.Format(time.RFC3339))
+		a.log.Info("keeping routes found in the kernel until their peers are back", "routes", len(owned), "until", a.in.grace.Until.Format(time.RFC3339))
 	}
 }
 
@@ -59,7 +59,7 @@ func (a *Agent) graceLoop(ctx context.Context) error {
 // checkConverged feeds the peers' session states to the grace and reports
 // whether it is over; then the speaker stops telling new peers it restarts.
 func (a *Agent) checkConverged(ctx context.Context) bool {
-	peers, err := a.speaker.Peers(ctx)
+	peers, err := a.own.speaker.Peers(ctx)
 	if err != nil {
 		return false
 	}
@@ -68,13 +68,13 @@ func (a *Agent) checkConverged(ctx context.Context) bool {
 		syncs = append(syncs, planner.PeerSync{Name: p.Name, Established: p.Up(),
 			GracefulRestart: p.GracefulRestart, EndOfRIB: p.EndOfRIB})
 	}
-	a.mu.Lock()
-	wasOver := a.grace.Over
-	a.grace = a.grace.Observe(syncs, a.nodesKnown, time.Now())
-	over := a.grace.Over
-	a.mu.Unlock()
+	a.in.mu.Lock()
+	wasOver := a.in.grace.Over
+	a.in.grace = a.in.grace.Observe(syncs, a.in.nodesKnown, time.Now())
+	over := a.in.grace.Over
+	a.in.mu.Unlock()
 	if over && !wasOver {
-		a.speaker.EndRestart()
+		a.own.speaker.EndRestart()
 		a.log.Info("start-up grace over: every peer has sent its routes (or the wait ended); BGP alone decides routes from now on")
 	}
 	return over

@@ -22,7 +22,7 @@ func (a *Agent) natLoop(ctx context.Context) error {
 	hairpin := time.NewTicker(2 * time.Second)
 	defer hairpin.Stop()
 	var tunnels []string
-	for _, b := range a.backends {
+	for _, b := range a.own.backends {
 		tunnels = append(tunnels, b.Device())
 	}
 	st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName,
@@ -36,7 +36,7 @@ func (a *Agent) natLoop(ctx context.Context) error {
 		if !networksKnown {
 			return // rendered without the networks, their containers' rules would go for a moment
 		}
-		if err := a.natMgr.Apply(ctx, st); err != nil {
+		if err := a.own.nat.Apply(ctx, st); err != nil {
 			natApplyErrors.Inc()
 			a.log.Error("apply NAT rules", "err", err)
 		}
@@ -54,10 +54,10 @@ func (a *Agent) natLoop(ctx context.Context) error {
 			}
 			st.Publishes = p
 			apply()
-		case <-a.natKick:
-			a.mu.Lock()
-			nets := a.networks
-			a.mu.Unlock()
+		case <-a.wake.nat:
+			a.in.mu.Lock()
+			nets := a.in.networks
+			a.in.mu.Unlock()
 			st.Networks, st.LocalPorts = planner.NetworkNAT(nets)
 			networksKnown = true // MASQUERADE does not wait for the published ports
 			apply()
@@ -82,22 +82,22 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 				return nil
 			}
 			current = &p
-		case <-a.policyKick:
+		case <-a.wake.policy:
 		case <-repair.C:
 		}
 		if current == nil {
 			continue
 		}
-		a.mu.Lock()
-		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, Containers: a.containers, Pool: a.pool.Network, Networks: map[string]netip.Prefix{}}
-		for _, n := range a.nodes {
+		a.in.mu.Lock()
+		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, Containers: a.in.containers, Pool: a.pool.Network, Networks: map[string]netip.Prefix{}}
+		for _, n := range a.in.nodes {
 			dir.Nodes[n.Name] = n.Subnet
 		}
-		for name, n := range a.networks.State.Networks {
+		for name, n := range a.in.networks.State.Networks {
 			dir.Networks[name] = n.Subnet
 		}
-		containersKnown, networksKnown := a.containersKnown, a.networksKnown
-		a.mu.Unlock()
+		containersKnown, networksKnown := a.in.containersKnown, a.in.networksKnown
+		a.in.mu.Unlock()
 		if !networksKnown {
 			continue // without the networks there is no isolation between them: wait
 		}
@@ -116,7 +116,7 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 		for _, w := range rs.Warnings {
 			a.log.Warn("policy", "warning", w)
 		}
-		if err := a.enforcer.Apply(ctx, rs); err != nil {
+		if err := a.own.policy.Apply(ctx, rs); err != nil {
 			policyApplyErrors.Inc()
 			a.log.Error("enforce policy", "err", err)
 		}
@@ -124,8 +124,8 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 }
 
 func (a *Agent) kickPolicy() {
-	kick(a.policyKick)
-	kick(a.ingressKick)
+	kick(a.wake.policy)
+	kick(a.wake.ingress)
 }
 
 // ingressLoop keeps the set of fabric hosts allowed to send tunnel packets
@@ -137,20 +137,20 @@ func (a *Agent) ingressLoop(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-a.ingressKick:
+		case <-a.wake.ingress:
 		case <-repair.C:
 		}
-		a.mu.Lock()
-		known := a.nodesKnown
+		a.in.mu.Lock()
+		known := a.in.nodesKnown
 		var addrs []netip.Addr
-		for _, n := range a.nodes {
+		for _, n := range a.in.nodes {
 			addrs = append(addrs, n.Address)
 		}
-		a.mu.Unlock()
+		a.in.mu.Unlock()
 		if !known {
 			continue // no node set yet: keep what the kernel has
 		}
-		if err := a.ingress.Apply(ctx, addrs); err != nil {
+		if err := a.own.ingress.Apply(ctx, addrs); err != nil {
 			a.log.Error("limit tunnel ingress to fabric hosts", "err", err)
 		}
 	}

@@ -54,12 +54,12 @@ func (a *Agent) metricsLoop(ctx context.Context) error {
 // holds its lease (it does from start) and the data plane has been applied
 // with the node set known.
 func (a *Agent) Ready() error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
+	a.in.mu.Lock()
+	defer a.in.mu.Unlock()
 	switch {
-	case !a.nodesKnown:
+	case !a.in.nodesKnown:
 		return errors.New("node records and leases not read from etcd yet")
-	case !a.dataplaneApplied:
+	case !a.in.dataplaneApplied:
 		return errors.New("data plane not applied yet")
 	}
 	return nil
@@ -130,13 +130,13 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 
-	if a.prober != nil {
-		a.mu.Lock()
-		nodes := slices.Clone(a.nodes)
-		a.mu.Unlock()
+	if a.own.prober != nil {
+		a.in.mu.Lock()
+		nodes := slices.Clone(a.in.nodes)
+		a.in.mu.Unlock()
 		for _, n := range nodes {
 			if n.Name != a.cfg.NodeName && slices.Contains(n.Encaps, ipip.Name) {
-				ch <- prometheus.MustNewConstMetric(descProbeIPIP, prometheus.GaugeValue, boolValue(a.prober.IPIPWorks(n.Address)), n.Name)
+				ch <- prometheus.MustNewConstMetric(descProbeIPIP, prometheus.GaugeValue, boolValue(a.own.prober.IPIPWorks(n.Address)), n.Name)
 			}
 		}
 	}
@@ -144,10 +144,10 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descLease, prometheus.GaugeValue, 1, a.lease.Subnet.String())
 	ch <- prometheus.MustNewConstMetric(descBuildInfo, prometheus.GaugeValue, 1, version.String(), runtime.Version())
 
-	a.mu.Lock()
-	held := a.held
-	trusted, refused := len(a.containers), a.containerRefusals
-	a.mu.Unlock()
+	a.in.mu.Lock()
+	held := a.in.held
+	trusted, refused := len(a.in.containers), a.in.containerRefusals
+	a.in.mu.Unlock()
 	if held != nil {
 		leased := 0
 		for _, subnets := range held {

@@ -82,7 +82,7 @@ func (a *Agent) dnsLoop(ctx context.Context, srv *fabricdns.Server) error {
 }
 
 // namesViewLoop follows the directory of container names; with the leases
-// the main loop keeps (a.held, nil until etcd answered: nothing trusted),
+// the main loop keeps (a.in.held, nil until etcd answered: nothing trusted),
 // the records whose address lies in their own node's lease (names.Trusted)
 // go to the DNS responder (srv, nil without container DNS) and to policy's
 // container and label selectors. Each refusal is logged once.
@@ -101,11 +101,11 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 				return nil
 			}
 			rs, recordsKnown = r, true
-		case <-a.namesKick:
+		case <-a.wake.names:
 		}
-		a.mu.Lock()
-		held, nets, netsKnown := a.held, a.networks.State, a.networksKnown
-		a.mu.Unlock()
+		a.in.mu.Lock()
+		held, nets, netsKnown := a.in.held, a.in.networks.State, a.in.networksKnown
+		a.in.mu.Unlock()
 		kept, refused := names.Trusted(rs, held, nets.Owns)
 		seen := map[string]bool{}
 		for _, r := range refused {
@@ -132,11 +132,11 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 		for _, r := range kept {
 			containers = append(containers, policy.Container{Name: r.Name, Address: r.Address, Labels: r.Labels})
 		}
-		a.mu.Lock()
-		a.containers = containers
-		a.containersKnown = recordsKnown && held != nil
-		a.containerRefusals = len(refused)
-		a.mu.Unlock()
+		a.in.mu.Lock()
+		a.in.containers = containers
+		a.in.containersKnown = recordsKnown && held != nil
+		a.in.containerRefusals = len(refused)
+		a.in.mu.Unlock()
 		a.kickPolicy()
 	}
 }

@@ -35,7 +35,7 @@ func (a *Agent) networksLoop(ctx context.Context, docker <-chan dockerwatch.Snap
 		Node:     a.cfg.NodeName,
 		Pool:     a.pool.Network,
 		Underlay: a.underlay.Prefix,
-		MTU:      a.dp.MTU(),
+		MTU:      a.own.dataplane.MTU(),
 		Lease: func() clientv3.LeaseID {
 			l, _ := a.ipamMgr.Lease()
 			return l.LeaseID
@@ -63,18 +63,18 @@ func (a *Agent) networksLoop(ctx context.Context, docker <-chan dockerwatch.Snap
 // to BGP, routes to the data plane, subnets and ports to NAT and policy,
 // and the trust of names.
 func (a *Agent) setNetworks(ctx context.Context, local dockernet.Local) {
-	a.mu.Lock()
-	a.networks, a.networksKnown = local, true
-	a.mu.Unlock()
+	a.in.mu.Lock()
+	a.in.networks, a.in.networksKnown = local, true
+	a.in.mu.Unlock()
 	advertise, _ := planner.NetworkRoutes(local)
-	if err := a.speaker.Advertise(ctx, a.underlay.Addr, append([]netip.Prefix{a.lease.Subnet}, advertise...)...); err != nil {
+	if err := a.own.speaker.Advertise(ctx, a.underlay.Addr, append([]netip.Prefix{a.lease.Subnet}, advertise...)...); err != nil {
 		a.log.Error("advertise network blocks", "err", err)
 	}
 	a.kickDataplane()
 	a.kickPolicy()
-	kick(a.natKick)
-	kick(a.namesKick)
-	kick(a.meshKick) // the mesh waits for the networks' blocks to be advertised
+	kick(a.wake.nat)
+	kick(a.wake.names)
+	kick(a.wake.mesh) // the mesh waits for the networks' blocks to be advertised
 }
 
 // foreignRoutes lists the kernel's routes that are not fabric's, which a new

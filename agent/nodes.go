@@ -17,10 +17,10 @@ func (a *Agent) host() planner.Host {
 // warnRefused logs each refusal the first time it is seen, not on every update.
 func (a *Agent) warnRefused(refused []planner.Refusal) {
 	for _, r := range refused {
-		a.mu.Lock()
+		a.in.mu.Lock()
 		seen := a.warned[r.Key]
 		a.warned[r.Key] = true
-		a.mu.Unlock()
+		a.in.mu.Unlock()
 		if seen {
 			continue
 		}
@@ -39,14 +39,14 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 	// In session: established, or restarting under graceful restart (its
 	// routes are kept; so is the peer, though its record may expire).
 	inSession := map[string]bool{}
-	if peers, err := a.speaker.Peers(ctx); err == nil {
+	if peers, err := a.own.speaker.Peers(ctx); err == nil {
 		for _, p := range peers {
 			inSession[p.Name] = p.Up() || p.Restarting
 		}
 	}
-	a.mu.Lock()
-	reg, held, prev, known, networksKnown := a.registryNodes, a.held, a.nodes, a.nodesKnown, a.networksKnown
-	a.mu.Unlock()
+	a.in.mu.Lock()
+	reg, held, prev, known, networksKnown := a.in.registryNodes, a.in.held, a.in.nodes, a.in.nodesKnown, a.in.networksKnown
+	a.in.mu.Unlock()
 	if reg == nil || held == nil || !networksKnown {
 		return // the node set is known only once records, leases and networks are read
 	}
@@ -64,14 +64,14 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 	// The prober first: the data plane may apply as soon as the node set is
 	// known, and a peer the prober does not know yet counts as "no IPIP"
 	// (after a restart its saved verdict is only taken up by SetPeers).
-	if a.prober != nil {
-		a.prober.SetPeers(ipipPeers(set.Nodes, a.cfg.NodeName))
+	if a.own.prober != nil {
+		a.own.prober.SetPeers(ipipPeers(set.Nodes, a.cfg.NodeName))
 	}
-	a.mu.Lock()
-	a.nodes = set.Nodes
-	a.nodesKnown = true
-	a.mu.Unlock()
-	if err := a.speaker.SetPeers(ctx, a.desiredPeers(set.Nodes)); err != nil {
+	a.in.mu.Lock()
+	a.in.nodes = set.Nodes
+	a.in.nodesKnown = true
+	a.in.mu.Unlock()
+	if err := a.own.speaker.SetPeers(ctx, a.desiredPeers(set.Nodes)); err != nil {
 		a.log.Error("set BGP peers", "err", err)
 	}
 	a.kickDataplane()

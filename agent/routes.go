@@ -16,7 +16,7 @@ import (
 	"github.com/fabricnet/fabric/registry"
 )
 
-func (a *Agent) kickDataplane() { kick(a.kick) }
+func (a *Agent) kickDataplane() { kick(a.wake.dataplane) }
 
 // kick wakes the loop that reads ch; a wake-up already pending covers this
 // one too.
@@ -29,7 +29,7 @@ func kick(ch chan struct{}) {
 
 // bgpRoutesLoop hands each new set of BGP best paths to the data plane.
 func (a *Agent) bgpRoutesLoop(ctx context.Context) error {
-	routes := a.speaker.Routes()
+	routes := a.own.speaker.Routes()
 	for {
 		select {
 		case <-ctx.Done():
@@ -38,9 +38,9 @@ func (a *Agent) bgpRoutesLoop(ctx context.Context) error {
 			if !ok {
 				return nil
 			}
-			a.mu.Lock()
-			a.bgpRoutes = rs
-			a.mu.Unlock()
+			a.in.mu.Lock()
+			a.in.bgpRoutes = rs
+			a.in.mu.Unlock()
 			a.kickDataplane()
 		}
 	}
@@ -49,9 +49,9 @@ func (a *Agent) bgpRoutesLoop(ctx context.Context) error {
 // desiredRoutes asks the planner which routes the kernel should hold now:
 // the routes to other hosts, and the local ones of Docker networks.
 func (a *Agent) desiredRoutes() ([]dataplane.RemoteRoute, []dataplane.LocalRoute) {
-	a.mu.Lock()
-	nodes, routes, grace, nets := a.nodes, a.bgpRoutes, a.grace, a.networks
-	a.mu.Unlock()
+	a.in.mu.Lock()
+	nodes, routes, grace, nets := a.in.nodes, a.in.bgpRoutes, a.in.grace, a.in.networks
+	a.in.mu.Unlock()
 	out, refused := planner.Routes(a.host(), nodes, routes, grace, planner.NetworkOwnership(nets.State))
 	a.warnRefused(refused)
 	_, local := planner.NetworkRoutes(nets)
@@ -69,19 +69,19 @@ func (a *Agent) dataplaneLoop(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-a.kick:
+		case <-a.wake.dataplane:
 		case <-t.C:
-			a.dp.Reread() // drift repair: compare with the kernel itself, not the view
+			a.own.dataplane.Reread() // drift repair: compare with the kernel itself, not the view
 		}
-		a.mu.Lock()
-		ready := a.nodesKnown
-		a.mu.Unlock()
+		a.in.mu.Lock()
+		ready := a.in.nodesKnown
+		a.in.mu.Unlock()
 		if !ready {
 			continue
 		}
 		desired, local := a.desiredRoutes()
 		start := time.Now()
-		err := a.dp.Apply(ctx, desired, local...)
+		err := a.own.dataplane.Apply(ctx, desired, local...)
 		dataplaneApplySeconds.Observe(time.Since(start).Seconds())
 		if err != nil {
 			dataplaneApplyErrors.Inc()
@@ -96,25 +96,25 @@ func (a *Agent) dataplaneLoop(ctx context.Context) error {
 			retry = min(2*retry, time.Minute)
 		} else {
 			retry, lastErr = 2*time.Second, ""
-			a.mu.Lock()
-			a.dataplaneApplied = true
-			a.mu.Unlock()
+			a.in.mu.Lock()
+			a.in.dataplaneApplied = true
+			a.in.mu.Unlock()
 		}
 	}
 }
 
 func (a *Agent) proberChanges() <-chan struct{} {
-	if a.prober == nil {
+	if a.own.prober == nil {
 		return nil
 	}
-	return a.prober.Changes()
+	return a.own.prober.Changes()
 }
 
 // probeHoldLoop keeps the probe from judging the path to a peer whose BGP
 // session is down: that peer's fabricd is away (restarting, say), so its
 // probes go unanswered although IP protocol 4 still passes.
 func (a *Agent) probeHoldLoop(ctx context.Context) error {
-	if a.prober == nil {
+	if a.own.prober == nil {
 		return nil
 	}
 	t := time.NewTicker(time.Second)
@@ -125,7 +125,7 @@ func (a *Agent) probeHoldLoop(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		peers, err := a.speaker.Peers(ctx)
+		peers, err := a.own.speaker.Peers(ctx)
 		if err != nil {
 			continue
 		}
@@ -135,7 +135,7 @@ func (a *Agent) probeHoldLoop(ctx context.Context) error {
 				away = append(away, p.Address)
 			}
 		}
-		a.prober.Hold(away)
+		a.own.prober.Hold(away)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/testwait"
 	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/localapi"
 )
@@ -128,7 +129,7 @@ func (f *fabric) fabricctl(h *lab.Host, args ...string) (string, error) {
 		runDir = a.runDir
 	}
 	full := append([]string{filepath.Join(binDir, "fabricctl"), "--run-dir", runDir, "--etcd-endpoints", strings.Join(f.lab.EtcdEndpoints(), ",")}, args...)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(15*time.Second))
 	defer cancel()
 	return h.Run(ctx, full[0], full[1:]...)
 }
@@ -163,7 +164,7 @@ func (f *fabric) subnet(h *lab.Host) netip.Prefix {
 // ownedRoutes lists the kernel routes with fabricd's protocol on h, as the
 // kernel reports them (not as fabricd thinks they are).
 func (f *fabric) ownedRoutes(h *lab.Host) map[string]string {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(5*time.Second))
 	defer cancel()
 	out, err := h.Run(ctx, "ip", "-4", "route", "show", "proto", "93")
 	if err != nil {
@@ -182,6 +183,7 @@ func (f *fabric) ownedRoutes(h *lab.Host) map[string]string {
 
 func (f *fabric) eventually(timeout time.Duration, what string, cond func() error) time.Duration {
 	f.t.Helper()
+	timeout = testwait.Scale(timeout)
 	start := time.Now()
 	var err error
 	for time.Since(start) < timeout {
@@ -213,7 +215,7 @@ func (f *fabric) container(h *lab.Host, name string, n int) *lab.Container {
 	for i := 0; i < n; i++ {
 		addr = addr.Next()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(20*time.Second))
 	defer cancel()
 	c, err := f.lab.AddContainer(ctx, h, name, netip.PrefixFrom(addr, sub.Bits()), netip.MustParseAddr(s.Gateway), s.Bridge, s.MTU)
 	if err != nil {
@@ -223,7 +225,7 @@ func (f *fabric) container(h *lab.Host, name string, n int) *lab.Container {
 }
 
 func ping(c *lab.Container, dst netip.Addr, extra ...string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(10*time.Second))
 	defer cancel()
 	args := append([]string{"-c", "1", "-W", "2"}, extra...)
 	args = append(args, dst.String())
@@ -234,7 +236,7 @@ func ping(c *lab.Container, dst netip.Addr, extra ...string) error {
 // tcpExchange opens a TCP connection from client to server:port and returns
 // the source address the server saw.
 func tcpExchange(server, client *lab.Container, port int) (seenFrom string, err error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(15*time.Second))
 	defer cancel()
 	srv := server.Command(ctx, filepath.Join(binDir, "tcpprobe"), "serve", fmt.Sprintf("%s:%d", server.Addr, port), "1")
 	var out strings.Builder
@@ -280,7 +282,7 @@ func (f *fabric) containersTalk(hosts []*lab.Host) map[string]*lab.Container {
 // hold on either kernel.
 func (f *fabric) autoEncap(h *lab.Host) string {
 	f.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(5*time.Second))
 	defer cancel()
 	// With a local address of its own, so it does not collide with tunl0.
 	if _, err := h.Run(ctx, "ip", "link", "add", "fbprobe", "type", "ipip", "local", "127.3.4.5"); err != nil {
