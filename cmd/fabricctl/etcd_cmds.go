@@ -83,14 +83,19 @@ func ipamCmd(g *globals) *cobra.Command {
 	}
 	release := &cobra.Command{
 		Use:   "release NODE",
-		Short: "Free the subnet of a decommissioned host",
+		Short: "Free the subnet, and the Docker network addresses, of a decommissioned host",
 		Args:  usageArgs(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
 				if err := ipam.ReleaseNode(ctx, cli, g.host.EtcdPrefix, args[0]); err != nil {
 					return err
 				}
-				fmt.Printf("released the subnet of %s\n", args[0])
+				// They hang on the subnet's lease, revoked above; a grant
+				// on an older lease of the host's goes here.
+				if err := dockernet.NewStore(cli, g.host.EtcdPrefix).ReleaseNode(ctx, args[0]); err != nil {
+					return err
+				}
+				fmt.Printf("released the subnet and the network addresses of %s\n", args[0])
 				return nil
 			})
 		},
