@@ -92,6 +92,12 @@ func TestPlan(t *testing.T) {
 			delete: []string{"10.244.2.0/24"},
 		},
 		{
+			name:    "an owned route of another type (a blackhole an older version left) is replaced by the unreachable one",
+			have:    []*netlink.Route{{Dst: backend.IPNet(netip.MustParsePrefix("172.16.1.0/24")), Type: unix.RTN_BLACKHOLE, Protocol: 93}},
+			want:    desired(unreachable("172.16.1.0/24")),
+			replace: []string{"172.16.1.0/24"},
+		},
+		{
 			name:    "an unreachable block that a container's /32 does not cover stays unreachable, and a block turned unicast is replaced",
 			have:    []*netlink.Route{asRead(unreachable("172.16.1.0/28")), asRead(unreachable("172.16.1.16/28"))},
 			want:    desired(unreachable("172.16.1.0/28"), via("172.16.1.16/28", "192.168.100.2", 5)),
