@@ -10,7 +10,7 @@ export GOTOOLCHAIN
 # govulncheck and the Go vulnerability database, both from the module proxy
 # (vuln.go.dev is not reachable from every build machine). Update both with
 # `make vulncheck-versions`.
-GOVULNCHECK_VERSION := v1.9.0
+GOVULNCHECK_VERSION := v1.10.0
 VULNDB_VERSION      := v0.0.0-20261105234957-e22db6528018
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/fabricnet/fabric/version.Version=$(VERSION)

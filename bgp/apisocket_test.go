@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	api "github.com/osrg/gobgp/v3/api"
+	api "github.com/osrg/gobgp/v4/api"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -45,7 +45,7 @@ func TestAPISocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	client := api.NewGobgpApiClient(conn)
+	client := api.NewGoBgpServiceClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	stream, err := client.ListPeer(ctx, &api.ListPeerRequest{})
@@ -87,7 +87,7 @@ func TestAPISocket(t *testing.T) {
 // another speaker is serving.
 func TestAPISocketRefusesLiveSocket(t *testing.T) {
 	t.Parallel()
-	const block = 9
+	const block = 10 // every test its own block: parallel speakers on one address collide
 	sockPath := filepath.Join(t.TempDir(), "gobgp.sock")
 	cfg := fastConfig(testAddr(block, 1))
 	cfg.APISocket = sockPath

@@ -7,7 +7,8 @@ import (
 	"net/netip"
 	"time"
 
-	api "github.com/osrg/gobgp/v3/api"
+	api "github.com/osrg/gobgp/v4/api"
+	bgppacket "github.com/osrg/gobgp/v4/pkg/packet/bgp"
 )
 
 // SetPeers makes the configured neighbors exactly peers: new ones are added,
@@ -151,7 +152,7 @@ func (s *Speaker) apiPeer(p Peer) *api.Peer {
 		}
 	}
 	if ap.GracefulRestart != nil || p.MaxPrefixes > 0 {
-		af := &api.AfiSafi{Config: &api.AfiSafiConfig{Family: familyOf(s.cfg.ListenAddress), Enabled: true}}
+		af := &api.AfiSafi{Config: &api.AfiSafiConfig{Family: apiFamilyOf(s.cfg.ListenAddress), Enabled: true}}
 		if ap.GracefulRestart != nil {
 			af.MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
 		}
@@ -250,17 +251,43 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 	return out, nil
 }
 
+// apiFamilyOf is the unicast family of a, as GoBGP's peer config names it.
+func apiFamilyOf(a netip.Addr) *api.Family {
+	if a.Unmap().Is4() {
+		return &api.Family{Afi: api.Family_AFI_IP, Safi: api.Family_SAFI_UNICAST}
+	}
+	return &api.Family{Afi: api.Family_AFI_IP6, Safi: api.Family_SAFI_UNICAST}
+}
+
+// fsmStateName is sessionStateName for the state in GoBGP's peer events.
+func fsmStateName(st bgppacket.FSMState) SessionState {
+	switch st {
+	case bgppacket.BGP_FSM_ESTABLISHED:
+		return Established
+	case bgppacket.BGP_FSM_ACTIVE:
+		return Active
+	case bgppacket.BGP_FSM_CONNECT:
+		return Connect
+	case bgppacket.BGP_FSM_OPENSENT:
+		return OpenSent
+	case bgppacket.BGP_FSM_OPENCONFIRM:
+		return OpenConfirm
+	default:
+		return Idle
+	}
+}
+
 func sessionStateName(st api.PeerState_SessionState) SessionState {
 	switch st {
-	case api.PeerState_ESTABLISHED:
+	case api.PeerState_SESSION_STATE_ESTABLISHED:
 		return Established
-	case api.PeerState_ACTIVE:
+	case api.PeerState_SESSION_STATE_ACTIVE:
 		return Active
-	case api.PeerState_CONNECT:
+	case api.PeerState_SESSION_STATE_CONNECT:
 		return Connect
-	case api.PeerState_OPENSENT:
+	case api.PeerState_SESSION_STATE_OPENSENT:
 		return OpenSent
-	case api.PeerState_OPENCONFIRM:
+	case api.PeerState_SESSION_STATE_OPENCONFIRM:
 		return OpenConfirm
 	default:
 		return Idle

@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 
-	api "github.com/osrg/gobgp/v3/api"
+	api "github.com/osrg/gobgp/v4/api"
 )
 
 // Export policy: a fabric host is never a transit. It sends only its own
@@ -33,13 +33,13 @@ func (s *Speaker) installExportPolicy(ctx context.Context) error {
 		Statements: []*api.Statement{
 			{
 				Name:       exportPolicyName + "-reflect",
-				Conditions: &api.Conditions{NeighborSet: &api.MatchSet{Type: api.MatchSet_ANY, Name: rrClientSetName}},
-				Actions:    &api.Actions{RouteAction: api.RouteAction_ACCEPT},
+				Conditions: &api.Conditions{NeighborSet: &api.MatchSet{Type: api.MatchSet_TYPE_ANY, Name: rrClientSetName}},
+				Actions:    &api.Actions{RouteAction: api.RouteAction_ROUTE_ACTION_ACCEPT},
 			},
 			{
 				Name:       exportPolicyName + "-own",
 				Conditions: &api.Conditions{RouteType: api.Conditions_ROUTE_TYPE_LOCAL},
-				Actions:    &api.Actions{RouteAction: api.RouteAction_ACCEPT},
+				Actions:    &api.Actions{RouteAction: api.RouteAction_ROUTE_ACTION_ACCEPT},
 			},
 		},
 	}
@@ -48,9 +48,9 @@ func (s *Speaker) installExportPolicy(ctx context.Context) error {
 	}
 	err = s.server.AddPolicyAssignment(ctx, &api.AddPolicyAssignmentRequest{Assignment: &api.PolicyAssignment{
 		Name:          globalTable,
-		Direction:     api.PolicyDirection_EXPORT,
+		Direction:     api.PolicyDirection_POLICY_DIRECTION_EXPORT,
 		Policies:      []*api.Policy{{Name: exportPolicyName}},
-		DefaultAction: api.RouteAction_REJECT,
+		DefaultAction: api.RouteAction_ROUTE_ACTION_REJECT,
 	}})
 	if err != nil {
 		return fmt.Errorf("bgp: assign export policy: %w", err)
@@ -94,5 +94,5 @@ func (s *Speaker) setRRClients(ctx context.Context, clients []netip.Addr) error 
 }
 
 func neighborSet(entries []string) *api.DefinedSet {
-	return &api.DefinedSet{DefinedType: api.DefinedType_NEIGHBOR, Name: rrClientSetName, List: entries}
+	return &api.DefinedSet{DefinedType: api.DefinedType_DEFINED_TYPE_NEIGHBOR, Name: rrClientSetName, List: entries}
 }

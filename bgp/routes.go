@@ -6,28 +6,33 @@ import (
 	"slices"
 	"time"
 
-	api "github.com/osrg/gobgp/v3/api"
+	"github.com/osrg/gobgp/v4/pkg/apiutil"
+	bgppacket "github.com/osrg/gobgp/v4/pkg/packet/bgp"
 
 	"github.com/fabricnet/fabric/internal/latest"
 )
 
-// onEvent runs on GoBGP's watcher goroutine; it must stay fast: it queues
-// the changed best paths for the publisher and wakes it.
-func (s *Speaker) onEvent(ev *api.WatchEventResponse) {
-	if pe := ev.GetPeer(); pe != nil && pe.Type == api.WatchEventResponse_PeerEvent_STATE && pe.Peer != nil && pe.Peer.State != nil {
-		if addr, err := netip.ParseAddr(pe.Peer.State.NeighborAddress); err == nil {
-			addr = addr.Unmap()
+// onPeerEvent and onBestPath run on GoBGP's watcher goroutine; they must
+// stay fast: they note the time or queue the changed best paths for the
+// publisher, and wake it.
+func (s *Speaker) onPeerEvent(pe *apiutil.WatchEventMessage_PeerEvent, at time.Time) {
+	if pe.Type == apiutil.PEER_EVENT_STATE {
+		if addr := pe.Peer.State.NeighborAddress.Unmap(); addr.IsValid() {
 			s.peersMu.Lock()
 			if _, ok := s.peers[addr]; ok {
-				s.stateSince[addr] = time.Now()
+				s.stateSince[addr] = at
 			}
 			s.peersMu.Unlock()
-			s.log.Debug("bgp peer state", "address", addr, "state", sessionStateName(pe.Peer.State.SessionState))
+			s.log.Debug("bgp peer state", "address", addr, "state", fsmStateName(pe.Peer.State.SessionState))
 		}
 	}
-	if t := ev.GetTable(); t != nil && len(t.Paths) > 0 {
+	s.signalRIBChanged()
+}
+
+func (s *Speaker) onBestPath(paths []*apiutil.Path, _ time.Time) {
+	if len(paths) > 0 {
 		s.changesMu.Lock()
-		s.bestPathChanges = append(s.bestPathChanges, t.Paths...)
+		s.bestPathChanges = append(s.bestPathChanges, paths...)
 		s.changesMu.Unlock()
 	}
 	s.signalRIBChanged()
@@ -89,12 +94,12 @@ func (s *Speaker) publishRoutes(ctx context.Context) {
 
 // applyBestPath records one best-path change: a path from a peer is the
 // prefix's route; a withdrawal, or a best path that is our own, removes it.
-func applyBestPath(best map[netip.Prefix]Route, p *api.Path) {
+func applyBestPath(best map[netip.Prefix]Route, p *apiutil.Path) {
 	prefix, ok := pathPrefix(p)
 	if !ok {
 		return
 	}
-	if p.IsWithdraw {
+	if p.Withdrawal {
 		delete(best, prefix)
 		return
 	}
@@ -129,42 +134,35 @@ func (s *Speaker) routeSet(best map[netip.Prefix]Route) []Route {
 }
 
 // pathPrefix is the prefix a path is for.
-func pathPrefix(p *api.Path) (netip.Prefix, bool) {
-	nlri := &api.IPAddressPrefix{}
-	if p.Nlri == nil || p.Nlri.UnmarshalTo(nlri) != nil {
+func pathPrefix(p *apiutil.Path) (netip.Prefix, bool) {
+	nlri, ok := p.Nlri.(*bgppacket.IPAddrPrefix)
+	if !ok || !nlri.Prefix.IsValid() {
 		return netip.Prefix{}, false
 	}
-	addr, err := netip.ParseAddr(nlri.Prefix)
-	if err != nil {
-		return netip.Prefix{}, false
+	prefix := nlri.Prefix
+	if prefix.Addr().Is4In6() {
+		prefix = netip.PrefixFrom(prefix.Addr().Unmap(), prefix.Bits()-96)
 	}
-	prefix, err := addr.Unmap().Prefix(int(nlri.PrefixLen))
-	return prefix, err == nil
+	return prefix, prefix.IsValid()
 }
 
 // routeFromPath converts a learned path for prefix; our own (local) paths
-// have no neighbor address and are skipped.
-func routeFromPath(p *api.Path, prefix netip.Prefix) (Route, bool) {
-	neighbor, err := netip.ParseAddr(p.NeighborIp)
-	if err != nil || neighbor.IsUnspecified() {
+// have no peer address and are skipped.
+func routeFromPath(p *apiutil.Path, prefix netip.Prefix) (Route, bool) {
+	neighbor := p.PeerAddress.Unmap()
+	if !neighbor.IsValid() || neighbor.IsUnspecified() {
 		return Route{}, false
 	}
-	r := Route{Prefix: prefix, PeerAddress: neighbor.Unmap()}
-	for _, attr := range p.Pattrs {
-		msg, err := attr.UnmarshalNew()
-		if err != nil {
-			continue
-		}
-		switch a := msg.(type) {
-		case *api.NextHopAttribute:
-			if nh, err := netip.ParseAddr(a.NextHop); err == nil {
-				r.NextHop = nh.Unmap()
+	r := Route{Prefix: prefix, PeerAddress: neighbor}
+	for _, attr := range p.Attrs {
+		switch a := attr.(type) {
+		case *bgppacket.PathAttributeNextHop:
+			if a.Value.IsValid() {
+				r.NextHop = a.Value.Unmap()
 			}
-		case *api.MpReachNLRIAttribute:
-			if len(a.NextHops) > 0 {
-				if nh, err := netip.ParseAddr(a.NextHops[0]); err == nil {
-					r.NextHop = nh.Unmap()
-				}
+		case *bgppacket.PathAttributeMpReachNLRI:
+			if a.Nexthop.IsValid() {
+				r.NextHop = a.Nexthop.Unmap()
 			}
 		}
 	}

@@ -16,9 +16,11 @@ import (
 	"sync"
 	"time"
 
-	api "github.com/osrg/gobgp/v3/api"
-	"github.com/osrg/gobgp/v3/pkg/server"
-	"google.golang.org/protobuf/types/known/anypb"
+	"github.com/google/uuid"
+	api "github.com/osrg/gobgp/v4/api"
+	"github.com/osrg/gobgp/v4/pkg/apiutil"
+	bgppacket "github.com/osrg/gobgp/v4/pkg/packet/bgp"
+	"github.com/osrg/gobgp/v4/pkg/server"
 )
 
 // DefaultASN is the private ASN used when Config.ASN is zero.
@@ -148,7 +150,7 @@ type PeerStatus struct {
 type advertisement struct {
 	prefix  netip.Prefix
 	nextHop netip.Addr
-	uuid    []byte // AddPath's handle; withdrawing by it never touches other paths
+	uuid    uuid.UUID // AddPath's handle; withdrawing by it never touches other paths
 }
 
 // Speaker is a running embedded BGP speaker.
@@ -174,7 +176,7 @@ type Speaker struct {
 	// changesMu guards the best-path changes the watcher queued and the
 	// publisher has not applied yet.
 	changesMu       sync.Mutex
-	bestPathChanges []*api.Path
+	bestPathChanges []*apiutil.Path
 	routes          chan []Route // cap 1: latest full route set
 
 	cancel        context.CancelFunc
@@ -192,7 +194,16 @@ func Start(ctx context.Context, cfg Config) (*Speaker, error) {
 	logger := cfg.Logger.With("component", "bgp")
 	disableListenerMPTCP(logger)
 
-	opts := []server.ServerOption{server.LoggerOption(newSlogAdapter(cfg.Logger))}
+	// GoBGP logs with slog itself (peers up and down at Info, per-message
+	// detail at Debug); its level follows ours, so that it skips building
+	// Debug records nobody will see.
+	level := new(slog.LevelVar)
+	if !cfg.Logger.Enabled(ctx, slog.LevelDebug) {
+		level.Set(slog.LevelInfo)
+	} else {
+		level.Set(slog.LevelDebug)
+	}
+	opts := []server.ServerOption{server.LoggerOption(cfg.Logger.With("component", "gobgp"), level)}
 	var apiSock *apiSocket
 	if cfg.APISocket != "" {
 		apiSock, err = prepareAPISocket(cfg.APISocket)
@@ -246,12 +257,10 @@ func Start(ctx context.Context, cfg Config) (*Speaker, error) {
 
 	// The callback runs on GoBGP's watcher goroutine: only note the time and
 	// signal; the publisher does the heavy lifting.
-	err = bgpServer.WatchEvent(runCtx, &api.WatchEventRequest{
-		Peer: &api.WatchEventRequest_Peer{},
-		Table: &api.WatchEventRequest_Table{Filters: []*api.WatchEventRequest_Table_Filter{
-			{Type: api.WatchEventRequest_Table_Filter_BEST},
-		}},
-	}, s.onEvent)
+	err = bgpServer.WatchEvent(runCtx, server.WatchEventMessageCallbacks{
+		OnPeerUpdate: s.onPeerEvent,
+		OnBestPath:   s.onBestPath,
+	}, server.WatchPeer(), server.WatchBestPath(false))
 	if err != nil {
 		cancel()
 		return fail(fmt.Errorf("bgp: watch events: %w", err))
@@ -355,19 +364,22 @@ func (s *Speaker) Advertise(ctx context.Context, nextHop netip.Addr, prefixes ..
 		if err != nil {
 			return err
 		}
-		resp, err := s.server.AddPath(ctx, &api.AddPathRequest{TableType: api.TableType_GLOBAL, Path: path})
+		resp, err := s.server.AddPath(apiutil.AddPathRequest{Paths: []*apiutil.Path{path}})
+		if err == nil && (len(resp) != 1 || resp[0].Error != nil) {
+			err = fmt.Errorf("no path handle: %v", resp)
+		}
 		if err != nil {
 			return fmt.Errorf("bgp: advertise %s via %s: %w", prefix, nextHop, err)
 		}
 		// The same prefix again: AddPath replaced the path in place (and its UUID).
-		s.advertised[prefix] = advertisement{prefix: prefix, nextHop: nextHop, uuid: resp.Uuid}
+		s.advertised[prefix] = advertisement{prefix: prefix, nextHop: nextHop, uuid: resp[0].UUID}
 		s.log.Info("advertising prefix", "prefix", prefix, "next_hop", nextHop)
 	}
 	for _, prefix := range slices.SortedFunc(maps.Keys(s.advertised), comparePrefixes) {
 		if want[prefix] {
 			continue
 		}
-		if err := s.deletePath(ctx, s.advertised[prefix].uuid); err != nil {
+		if err := s.deletePath(s.advertised[prefix].uuid); err != nil {
 			return fmt.Errorf("bgp: withdraw %s: %w", prefix, err)
 		}
 		delete(s.advertised, prefix)
@@ -385,7 +397,7 @@ func (s *Speaker) Withdraw(ctx context.Context) error {
 	}
 	var errs []error
 	for prefix, ad := range s.advertised {
-		if err := s.deletePath(ctx, ad.uuid); err != nil {
+		if err := s.deletePath(ad.uuid); err != nil {
 			errs = append(errs, fmt.Errorf("bgp: withdraw %s: %w", prefix, err))
 			continue
 		}
@@ -404,45 +416,37 @@ func comparePrefixes(a, b netip.Prefix) int {
 
 // deletePath withdraws exactly one of our paths. An empty UUID would make
 // GoBGP delete every local path, so refuse it.
-func (s *Speaker) deletePath(ctx context.Context, uuid []byte) error {
-	if len(uuid) == 0 {
+func (s *Speaker) deletePath(id uuid.UUID) error {
+	if id == uuid.Nil {
 		return errors.New("no path handle (refusing a DeletePath that would remove every local path)")
 	}
-	return s.server.DeletePath(ctx, &api.DeletePathRequest{TableType: api.TableType_GLOBAL, Uuid: uuid})
+	return s.server.DeletePath(apiutil.DeletePathRequest{UUIDs: []uuid.UUID{id}})
 }
 
-func localPath(prefix netip.Prefix, nextHop netip.Addr) (*api.Path, error) {
-	nlri, err := anypb.New(&api.IPAddressPrefix{Prefix: prefix.Addr().String(), PrefixLen: uint32(prefix.Bits())})
+func localPath(prefix netip.Prefix, nextHop netip.Addr) (*apiutil.Path, error) {
+	nlri, err := bgppacket.NewIPAddrPrefix(prefix)
 	if err != nil {
 		return nil, err
 	}
-	origin, err := anypb.New(&api.OriginAttribute{Origin: 0}) // IGP
-	if err != nil {
-		return nil, err
-	}
+	origin := bgppacket.NewPathAttributeOrigin(bgppacket.BGP_ORIGIN_ATTR_TYPE_IGP)
 	family := familyOf(prefix.Addr())
-	var nh *anypb.Any
+	var nh bgppacket.PathAttributeInterface
 	if prefix.Addr().Is4() {
-		nh, err = anypb.New(&api.NextHopAttribute{NextHop: nextHop.String()})
+		nh, err = bgppacket.NewPathAttributeNextHop(nextHop)
 	} else {
-		nh, err = anypb.New(&api.MpReachNLRIAttribute{Family: family, NextHops: []string{nextHop.String()}, Nlris: []*anypb.Any{nlri}})
+		nh, err = bgppacket.NewPathAttributeMpReachNLRI(family, []bgppacket.PathNLRI{{NLRI: nlri}}, nextHop)
 	}
 	if err != nil {
 		return nil, err
 	}
-	return &api.Path{Family: family, Nlri: nlri, Pattrs: []*anypb.Any{origin, nh}}, nil
+	return &apiutil.Path{Family: family, Nlri: nlri, Attrs: []bgppacket.PathAttributeInterface{origin, nh}}, nil
 }
 
-var (
-	familyIPv4 = &api.Family{Afi: api.Family_AFI_IP, Safi: api.Family_SAFI_UNICAST}
-	familyIPv6 = &api.Family{Afi: api.Family_AFI_IP6, Safi: api.Family_SAFI_UNICAST}
-)
-
-func familyOf(a netip.Addr) *api.Family {
+func familyOf(a netip.Addr) bgppacket.Family {
 	if a.Unmap().Is4() {
-		return familyIPv4
+		return bgppacket.RF_IPv4_UC
 	}
-	return familyIPv6
+	return bgppacket.RF_IPv6_UC
 }
 
 var errStopped = errors.New("bgp: speaker stopped")

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	api "github.com/osrg/gobgp/v3/api"
+	"github.com/osrg/gobgp/v4/pkg/apiutil"
 )
 
 // TestMeshLifecycle runs a real iBGP full mesh over loopback and walks it
@@ -388,7 +388,7 @@ func TestMaxPrefixes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := tor.server.AddPath(context.Background(), &api.AddPathRequest{Path: path}); err != nil {
+		if _, err := tor.server.AddPath(apiutil.AddPathRequest{Paths: []*apiutil.Path{path}}); err != nil {
 			t.Fatal(err)
 		}
 		return p
