@@ -14,7 +14,7 @@ import (
 
 // ForTest builds a lab for a test. It skips the test when the machine cannot
 // run one (not root, ip/nsenter/etcd missing), removes the lab in t.Cleanup,
-// and on failure prints the log paths and the tail of each log first.
+// and on failure prints the tail of each log and keeps the log dir.
 // Leftovers of earlier crashed runs are swept first.
 func ForTest(t testing.TB, spec Spec) *Lab {
 	t.Helper()
@@ -35,6 +35,7 @@ func ForTest(t testing.TB, spec Spec) *Lab {
 	t.Cleanup(func() {
 		if t.Failed() {
 			l.logLogs(t)
+			l.ownLogDir = false // keep the whole logs of a failure for whoever reads it
 		}
 		if err := l.Close(); err != nil {
 			t.Errorf("lab: %v", err)
@@ -58,7 +59,7 @@ func cannotRun() string {
 func (l *Lab) logLogs(t testing.TB) {
 	files, _ := filepath.Glob(filepath.Join(l.logDir, "*.log"))
 	sort.Strings(files)
-	t.Logf("lab %s: logs in %s", l.prefix, l.logDir)
+	t.Logf("lab %s: logs kept in %s", l.prefix, l.logDir)
 	for _, f := range files {
 		t.Logf("--- %s (last 40 lines)\n%s", f, tailFile(f, 40))
 	}
