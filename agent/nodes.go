@@ -36,12 +36,14 @@ func (a *Agent) warnRefused(refused []planner.Refusal) {
 // Nodes) and hands it to BGP, the prober, the data plane and policy when it
 // changed. It runs only on the main loop, which owns a.departed.
 func (a *Agent) refreshNodes(ctx context.Context) {
-	// In session: established, or restarting under graceful restart (its
-	// routes are kept; so is the peer, though its record may expire).
+	// In session: established. A host whose record expired and whose session
+	// is down is dead, not restarting: a restarting fabricd keeps its record
+	// alive (it writes it again on start, within nodeTTL), so graceful
+	// restart must not keep a dead host's routes for the whole restart time.
 	inSession := map[string]bool{}
 	if peers, err := a.own.speaker.Peers(ctx); err == nil {
 		for _, p := range peers {
-			inSession[p.Name] = p.Up() || p.Restarting
+			inSession[p.Name] = p.Up()
 		}
 	}
 	a.in.mu.Lock()
