@@ -1,0 +1,384 @@
+package bfd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/net/ipv4"
+)
+
+// Port is where single-hop BFD control packets go (RFC 5881).
+const Port = 3784
+
+// Peer is a neighbour to run a session with.
+type Peer struct {
+	Addr netip.Addr
+	Config
+}
+
+// Status is one session as `fabricctl peers status` shows it.
+type Status struct {
+	Peer          netip.Addr
+	State         State
+	RemoteState   State
+	Diag          Diag          // why it last went down
+	DetectionTime time.Duration // how long the peer may be silent; 0 before it is heard
+	Since         time.Time     // of the current state
+	Downs         int           // times it went from Up to Down
+}
+
+// Change is a session moving from one state to another.
+type Change struct {
+	Peer        netip.Addr
+	From, To    State
+	Diag        Diag
+	RemoteState State // AdminDown: the peer stopped on purpose
+	At          time.Time
+}
+
+// Failed says the change is a failure of a session that was Up: the peer
+// went silent or said Down, not AdminDown (RFC 5882 §3.2).
+func (c Change) Failed() bool {
+	return c.From == Up && c.To == Down && c.RemoteState != AdminDown
+}
+
+// Server runs the sessions of one local address: it listens on Port,
+// sends from a port of 49152-65535 with TTL 255 and takes only packets
+// that arrive with TTL 255 from a configured peer (RFC 5881 §4-5: nobody
+// off the link can reach a session).
+type Server struct {
+	log      *slog.Logger
+	local    netip.Addr
+	peerPort int
+	rx       *ipv4.PacketConn
+	rxConn   *net.UDPConn
+	tx       *net.UDPConn
+
+	setPeers chan []Peer
+	packets  chan received
+	stopReq  chan chan struct{}
+
+	mu       sync.Mutex
+	status   map[netip.Addr]Status
+	changes  []Change
+	changed  chan struct{}
+	runDone  chan struct{}
+	stopOnce sync.Once
+}
+
+type received struct {
+	p    Packet
+	from netip.Addr
+	at   time.Time
+}
+
+type session struct {
+	*Session
+	peer   netip.Addr
+	nextTx time.Time
+	since  time.Time
+	downs  int
+}
+
+// Listen opens the sockets on local; port is the port peers send to and
+// this server listens on (Port outside tests).
+func Listen(local netip.Addr, port int, log *slog.Logger) (*Server, error) {
+	if !local.Is4() {
+		return nil, fmt.Errorf("bfd: local address %s: IPv4 only", local)
+	}
+	rxConn, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, uint16(port))))
+	if err != nil {
+		return nil, fmt.Errorf("bfd: listen on %s:%d: %w", local, port, err)
+	}
+	rx := ipv4.NewPacketConn(rxConn)
+	if err := rx.SetControlMessage(ipv4.FlagTTL, true); err != nil {
+		rxConn.Close()
+		return nil, fmt.Errorf("bfd: receive TTL: %w", err)
+	}
+	tx, err := listenSourcePort(local)
+	if err != nil {
+		rxConn.Close()
+		return nil, err
+	}
+	if err := ipv4.NewConn(tx).SetTTL(255); err != nil {
+		rxConn.Close()
+		tx.Close()
+		return nil, fmt.Errorf("bfd: send TTL 255: %w", err)
+	}
+	return &Server{
+		log: log, local: local, peerPort: port, rx: rx, rxConn: rxConn, tx: tx,
+		setPeers: make(chan []Peer, 1), packets: make(chan received, 256), stopReq: make(chan chan struct{}),
+		status: map[netip.Addr]Status{}, changed: make(chan struct{}, 1), runDone: make(chan struct{}),
+	}, nil
+}
+
+// listenSourcePort binds a UDP socket to a free port of 49152-65535, where
+// RFC 5881 §4 wants the source port.
+func listenSourcePort(local netip.Addr) (*net.UDPConn, error) {
+	var err error
+	for range 64 {
+		port := 49152 + rand.IntN(65536-49152)
+		var c *net.UDPConn
+		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, uint16(port))))
+		if err == nil {
+			return c, nil
+		}
+	}
+	return nil, fmt.Errorf("bfd: no free source port in 49152-65535 on %s: %w", local, err)
+}
+
+// SetPeers makes the sessions those of peers: new ones start Down, gone
+// ones end without a word (their peers were removed on purpose).
+func (s *Server) SetPeers(peers []Peer) {
+	select {
+	case <-s.setPeers: // an unread set is replaced
+	default:
+	}
+	s.setPeers <- slices.Clone(peers)
+}
+
+// Changed is signalled after state changes; Changes takes them.
+func (s *Server) Changed() <-chan struct{} { return s.changed }
+
+// Changes returns the state changes since the last call, oldest first.
+func (s *Server) Changes() []Change {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.changes
+	s.changes = nil
+	return c
+}
+
+// Status lists the sessions by peer address.
+func (s *Server) Status() []Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := slices.Collect(maps.Values(s.status))
+	slices.SortFunc(out, func(a, b Status) int { return a.Peer.Compare(b.Peer) })
+	return out
+}
+
+// Run runs the sessions until ctx ends or Stop; both tell every peer
+// AdminDown first, so that a stop is not taken for a failure.
+func (s *Server) Run(ctx context.Context) {
+	defer close(s.runDone)
+	go s.read()
+	sessions := map[netip.Addr]*session{}
+	byDiscr := map[uint32]*session{}
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	var stopped chan struct{}
+	defer func() {
+		s.adminDown(sessions)
+		s.rxConn.Close()
+		s.tx.Close()
+		if stopped != nil {
+			close(stopped)
+		}
+	}()
+	for {
+		timer.Reset(time.Until(nextEvent(sessions)))
+		select {
+		case <-ctx.Done():
+			return
+		case stopped = <-s.stopReq:
+			return
+		case peers := <-s.setPeers:
+			s.applyPeers(sessions, byDiscr, peers)
+		case r := <-s.packets:
+			s.receive(sessions, byDiscr, r)
+		case <-timer.C:
+		}
+		now := time.Now()
+		for _, ss := range sessions {
+			from := ss.State()
+			if ss.Expire(now) {
+				s.note(ss, from, now)
+			}
+			iv := ss.TxInterval()
+			if iv > 0 && ss.nextTx.After(now.Add(iv)) {
+				// Faster now (the session came up): the peer already
+				// counts on the new interval.
+				ss.nextTx = now.Add(jitter(iv, ss.cfg.Multiplier))
+			}
+			if iv > 0 && !now.Before(ss.nextTx) {
+				s.send(ss)
+				ss.nextTx = now.Add(jitter(iv, ss.cfg.Multiplier))
+			}
+		}
+		s.publish(sessions)
+	}
+}
+
+// Stop ends Run (AdminDown to every peer first) and waits for it.
+func (s *Server) Stop() {
+	s.stopOnce.Do(func() {
+		done := make(chan struct{})
+		select {
+		case s.stopReq <- done:
+			<-done
+		case <-s.runDone:
+		}
+	})
+}
+
+func (s *Server) applyPeers(sessions map[netip.Addr]*session, byDiscr map[uint32]*session, peers []Peer) {
+	want := map[netip.Addr]Peer{}
+	for _, p := range peers {
+		want[p.Addr.Unmap()] = p
+	}
+	for addr, ss := range sessions {
+		if p, ok := want[addr]; !ok || p.Config != ss.cfg {
+			delete(sessions, addr)
+			delete(byDiscr, ss.LocalDiscr())
+		}
+	}
+	now := time.Now()
+	for addr, p := range want {
+		if _, ok := sessions[addr]; ok {
+			continue
+		}
+		discr := rand.Uint32()
+		for discr == 0 || byDiscr[discr] != nil {
+			discr = rand.Uint32()
+		}
+		ss := &session{Session: NewSession(p.Config, discr), peer: addr, since: now,
+			nextTx: now.Add(jitter(slowInterval, p.Multiplier) / 4)} // the first packet soon, not all at once
+		sessions[addr] = ss
+		byDiscr[discr] = ss
+	}
+}
+
+func (s *Server) receive(sessions map[netip.Addr]*session, byDiscr map[uint32]*session, r received) {
+	var ss *session
+	if r.p.YourDiscr != 0 {
+		ss = byDiscr[r.p.YourDiscr]
+	} else {
+		ss = sessions[r.from]
+	}
+	if ss == nil || ss.peer != r.from {
+		return // no session with that sender: fail closed
+	}
+	from := ss.State()
+	if ss.Receive(r.p, r.at) {
+		s.note(ss, from, r.at)
+	}
+	if ss.FinalDue() {
+		s.send(ss) // a Poll is answered at once (§6.8.7)
+	}
+}
+
+func (s *Server) note(ss *session, from State, at time.Time) {
+	ss.since = at
+	if from == Up {
+		ss.downs++
+	}
+	c := Change{Peer: ss.peer, From: from, To: ss.State(), Diag: ss.Diag(), RemoteState: ss.RemoteState(), At: at}
+	s.log.Info("bfd session "+c.To.String(), "peer", c.Peer, "from", c.From, "diag", c.Diag.String(), "peer_state", c.RemoteState)
+	s.mu.Lock()
+	s.changes = append(s.changes, c)
+	s.mu.Unlock()
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Server) publish(sessions map[netip.Addr]*session) {
+	st := make(map[netip.Addr]Status, len(sessions))
+	for addr, ss := range sessions {
+		var dt time.Duration
+		if ss.remoteMult > 0 {
+			dt = ss.DetectionTime()
+		}
+		st[addr] = Status{Peer: addr, State: ss.State(), RemoteState: ss.RemoteState(), Diag: ss.Diag(),
+			DetectionTime: dt, Since: ss.since, Downs: ss.downs}
+	}
+	s.mu.Lock()
+	s.status = st
+	s.mu.Unlock()
+}
+
+func (s *Server) send(ss *session) {
+	to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(ss.peer, uint16(s.peerPort)))
+	if _, err := s.tx.WriteToUDP(ss.Packet().Marshal(), to); err != nil && !errors.Is(err, net.ErrClosed) {
+		s.log.Debug("bfd send", "peer", ss.peer, "err", err)
+	}
+}
+
+// adminDown tells every peer this side stops on purpose; three copies, as
+// one may be lost.
+func (s *Server) adminDown(sessions map[netip.Addr]*session) {
+	if len(sessions) == 0 {
+		return
+	}
+	for _, ss := range sessions {
+		ss.SetAdminDown()
+	}
+	for i := range 3 {
+		if i > 0 {
+			time.Sleep(10 * time.Millisecond)
+		}
+		for _, ss := range sessions {
+			s.send(ss)
+		}
+	}
+}
+
+func (s *Server) read() {
+	buf := make([]byte, 512)
+	for {
+		n, cm, src, err := s.rx.ReadFrom(buf)
+		if err != nil {
+			return // closed
+		}
+		at := time.Now()
+		udp, ok := src.(*net.UDPAddr)
+		if !ok || cm == nil || cm.TTL != 255 {
+			continue // not from the link (RFC 5881 §5)
+		}
+		from, _ := netip.AddrFromSlice(udp.IP)
+		p, err := Parse(buf[:n])
+		if err != nil {
+			continue
+		}
+		select {
+		case s.packets <- received{p: p, from: from.Unmap(), at: at}:
+		default: // the loop is behind; BFD tolerates a lost packet
+		}
+	}
+}
+
+// nextEvent is the earliest transmission or detection deadline.
+func nextEvent(sessions map[netip.Addr]*session) time.Time {
+	next := time.Now().Add(time.Second)
+	for _, ss := range sessions {
+		if ss.TxInterval() > 0 && ss.nextTx.Before(next) {
+			next = ss.nextTx
+		}
+		if d, ok := ss.DetectionDeadline(); ok && d.Before(next) {
+			next = d
+		}
+	}
+	return next
+}
+
+// jitter shortens an interval by 0-25 % (10-25 % with a multiplier of 1),
+// so that sessions do not send in lockstep (RFC 5880 §6.8.7).
+func jitter(d time.Duration, mult uint8) time.Duration {
+	lo := 0.75
+	hi := 1.0
+	if mult == 1 {
+		hi = 0.9
+	}
+	return time.Duration(float64(d) * (lo + rand.Float64()*(hi-lo)))
+}
