@@ -20,6 +20,7 @@ import (
 
 	"github.com/fabricnet/fabric/backend"
 	"github.com/fabricnet/fabric/backend/encaps"
+	"github.com/fabricnet/fabric/bfd"
 	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/bridge"
 	"github.com/fabricnet/fabric/config"
@@ -107,6 +108,8 @@ type inputs struct {
 	// dataplaneApplied turns true with the first data-plane apply that
 	// succeeded: /readyz.
 	dataplaneApplied bool
+	// bfdPeers are the peers with BFD sessions, by address.
+	bfdPeers map[netip.Addr]planner.BFDPeer
 }
 
 // wakeups wake the loop that reads each (see kick): an input it decides
@@ -136,6 +139,7 @@ type owners struct {
 	nat       *nat.Manager       // renders NAT and forwarding for tables
 	policy    *policy.IptablesEnforcer
 	ingress   *ingress.Limiter
+	bfd       *bfd.Server // nil with BFD off
 }
 
 // Run starts fabricd and blocks until ctx is cancelled or `fabricctl leave`
@@ -232,8 +236,11 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	log.Info("advertising subnet", "subnet", a.lease.Subnet, "nexthop", a.underlay.Addr)
 
+	if err := a.startBFD(); err != nil {
+		return err
+	}
 	// External peers are known now; mesh peers follow from the registry.
-	if err := a.own.speaker.SetPeers(ctx, a.desiredPeers(nil)); err != nil {
+	if err := a.setPeers(ctx, nil); err != nil {
 		return err
 	}
 
@@ -284,6 +291,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("ingress", a.ingressLoop)
 	goLoop("probe-hold", a.probeHoldLoop)
 	goLoop("metrics", a.metricsLoop)
+	goLoop("bfd", a.bfdLoop)
 	containerNames := names.NewPublisher(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.NodeTTL, log.With("component", "names"))
 	// One follower of the local dockerd, for the container names and the
 	// Docker networks.
@@ -384,9 +392,18 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 // a NOTIFICATION, so graceful-restart peers keep this host's routes until it
 // is back.
 func (a *Agent) stopForRestart() {
+	a.stopBFD()
 	a.own.speaker.Detach()
 	a.log.Info("stopped for a restart: routes, devices, rules and the node record are kept; peers keep this host's routes while it restarts",
 		"subnet", a.lease.Subnet, "peersWaitUpTo", a.cfg.GracefulRestartTime)
+}
+
+// stopBFD tells the BFD peers this host stops on purpose (AdminDown): no
+// peer takes it for dead.
+func (a *Agent) stopBFD() {
+	if a.own.bfd != nil {
+		a.own.bfd.Stop()
+	}
 }
 
 // leave withdraws this host from the fabric at once: its path (peers drop
@@ -402,6 +419,7 @@ func (a *Agent) leave(heartbeat *registry.Heartbeat, containerNames *names.Publi
 	// the node record goes: peers that see the record vanish while a
 	// session is still up would keep this host as a departed peer.
 	time.Sleep(300 * time.Millisecond)
+	a.stopBFD()
 	a.own.speaker.Stop()
 	if err := heartbeat.Withdraw(ctx); err != nil {
 		a.log.Warn("withdraw node record", "err", err)

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"time"
 
+	"github.com/fabricnet/fabric/bfd"
 	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/localapi"
 	"github.com/fabricnet/fabric/version"
@@ -21,6 +22,7 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 		return nil, err
 	}
 	choices := a.own.dataplane.Choices()
+	bfdSessions := a.bfdStatus()
 	out := make([]localapi.Peer, 0, len(ps))
 	for _, p := range ps {
 		e := choices[p.Name].Encap
@@ -31,10 +33,17 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 		case p.Type != bgp.PeerMesh:
 			e = "direct"
 		}
-		out = append(out, localapi.Peer{
+		lp := localapi.Peer{
 			Name: p.Name, Address: p.Address.String(), ASN: p.ASN, Type: string(p.Type), State: string(p.State),
 			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e, EncapReason: choices[p.Name].Reason,
-		})
+		}
+		if st, ok := bfdSessions[p.Address]; ok {
+			lp.BFD, lp.BFDDetect, lp.BFDDowns = st.State.String(), st.DetectionTime, st.Downs
+			if st.Downs > 0 || st.Diag != bfd.DiagNone {
+				lp.BFDDiag = st.Diag.String()
+			}
+		}
+		out = append(out, lp)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out, nil

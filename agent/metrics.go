@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fabricnet/fabric/backend/encaps"
+	"github.com/fabricnet/fabric/bfd"
 	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/ipip"
@@ -38,6 +39,10 @@ var (
 		Name: "fabric_policy_apply_errors_total",
 		Help: "Policy updates that did not take effect: the policy did not compile (the rules in force are kept) or enforcing it failed.",
 	})
+	bfdFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "fabric_bfd_failures_total",
+		Help: "BFD sessions that failed while up, by what followed: the peer's routes dropped, kept (a fabric host whose kernel still answers: its fabricd restarts), or unknown (the host could not be asked).",
+	}, []string{"action"})
 )
 
 // metricsLoop serves the metrics on cfg.MetricsAddress until ctx is done.
@@ -45,8 +50,11 @@ func (a *Agent) metricsLoop(ctx context.Context) error {
 	if a.cfg.MetricsAddress == "" {
 		return nil
 	}
+	for _, action := range []string{"dropped", "kept", "unknown"} {
+		bfdFailures.WithLabelValues(action) // every series from the start
+	}
 	reg := metrics.NewRegistry()
-	reg.MustRegister(dataplaneApplySeconds, dataplaneApplyErrors, natApplyErrors, policyApplyErrors, &agentCollector{a: a})
+	reg.MustRegister(dataplaneApplySeconds, dataplaneApplyErrors, natApplyErrors, policyApplyErrors, bfdFailures, &agentCollector{a: a})
 	return metrics.Serve(ctx, a.cfg.MetricsAddress, reg, a, a.log.With("component", "metrics"))
 }
 
@@ -76,6 +84,8 @@ var (
 		"The subnet this host leases from the pool; always 1.", []string{"subnet"}, nil)
 	descEtcd = prometheus.NewDesc("fabric_etcd_reachable",
 		"Whether etcd answered a read within 2s at scrape time (1) or not (0).", nil, nil)
+	descBFDUp = prometheus.NewDesc("fabric_bfd_session_up",
+		"Whether the BFD session with the peer is up (1) or not (0); only peers with BFD.", []string{"peer"}, nil)
 	descPrefixesReceived = prometheus.NewDesc("fabric_bgp_peer_prefixes_received",
 		"Prefixes the peer sends.", []string{"peer", "type"}, nil)
 	descPrefixesAccepted = prometheus.NewDesc("fabric_bgp_peer_prefixes_accepted",
@@ -93,7 +103,7 @@ var (
 type agentCollector struct{ a *Agent }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPeerUp, descRoutesOwned, descProbeIPIP, descLease, descEtcd,
+	for _, d := range []*prometheus.Desc{descPeerUp, descBFDUp, descRoutesOwned, descProbeIPIP, descLease, descEtcd,
 		descPrefixesReceived, descPrefixesAccepted, descPoolSubnets, descContainerRecords, descBuildInfo} {
 		ch <- d
 	}
@@ -111,6 +121,9 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descPeerUp, prometheus.GaugeValue, boolValue(p.State == string(bgp.Established)), p.Name, p.Type)
 			ch <- prometheus.MustNewConstMetric(descPrefixesReceived, prometheus.GaugeValue, float64(p.Received), p.Name, p.Type)
 			ch <- prometheus.MustNewConstMetric(descPrefixesAccepted, prometheus.GaugeValue, float64(p.Accepted), p.Name, p.Type)
+			if p.BFD != "" {
+				ch <- prometheus.MustNewConstMetric(descBFDUp, prometheus.GaugeValue, boolValue(p.BFD == bfd.Up.String()), p.Name)
+			}
 		}
 	}
 

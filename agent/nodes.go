@@ -73,7 +73,7 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 	a.in.nodes = set.Nodes
 	a.in.nodesKnown = true
 	a.in.mu.Unlock()
-	if err := a.own.speaker.SetPeers(ctx, a.desiredPeers(set.Nodes)); err != nil {
+	if err := a.setPeers(ctx, set.Nodes); err != nil {
 		a.log.Error("set BGP peers", "err", err)
 	}
 	a.kickDataplane()

@@ -67,12 +67,13 @@ type Server struct {
 	packets  chan received
 	stopReq  chan chan struct{}
 
-	mu       sync.Mutex
-	status   map[netip.Addr]Status
-	changes  []Change
-	changed  chan struct{}
-	runDone  chan struct{}
-	stopOnce sync.Once
+	mu      sync.Mutex
+	status  map[netip.Addr]Status
+	changes []Change
+	changed chan struct{}
+	running bool // Run has begun; Stop must go through it
+	stopped bool
+	runDone chan struct{}
 }
 
 type received struct {
@@ -171,6 +172,13 @@ func (s *Server) Status() []Status {
 // AdminDown first, so that a stop is not taken for a failure.
 func (s *Server) Run(ctx context.Context) {
 	defer close(s.runDone)
+	s.mu.Lock()
+	stoppedFirst := s.stopped
+	s.running = !stoppedFirst
+	s.mu.Unlock()
+	if stoppedFirst {
+		return
+	}
 	go s.read()
 	sessions := map[netip.Addr]*session{}
 	byDiscr := map[uint32]*session{}
@@ -219,16 +227,28 @@ func (s *Server) Run(ctx context.Context) {
 	}
 }
 
-// Stop ends Run (AdminDown to every peer first) and waits for it.
+// Stop ends Run (AdminDown to every peer first) and waits for it; before
+// Run it closes the sockets, and Run then returns at once. Safe to call
+// twice.
 func (s *Server) Stop() {
-	s.stopOnce.Do(func() {
-		done := make(chan struct{})
-		select {
-		case s.stopReq <- done:
-			<-done
-		case <-s.runDone:
-		}
-	})
+	s.mu.Lock()
+	already, running := s.stopped, s.running
+	s.stopped = true
+	s.mu.Unlock()
+	switch {
+	case already:
+		return
+	case !running:
+		s.rxConn.Close()
+		s.tx.Close()
+		return
+	}
+	done := make(chan struct{})
+	select {
+	case s.stopReq <- done:
+		<-done
+	case <-s.runDone:
+	}
 }
 
 func (s *Server) applyPeers(sessions map[netip.Addr]*session, byDiscr map[uint32]*session, peers []Peer) {

@@ -173,6 +173,30 @@ func (s *Speaker) apiPeer(p Peer) *api.Peer {
 	return ap
 }
 
+// DropRoutes ends the session with the peer at addr and drops every route
+// it sent, stale ones kept for a graceful restart included, then lets the
+// session come back: the peer was found dead (BFD), not restarting.
+func (s *Speaker) DropRoutes(ctx context.Context, addr netip.Addr) error {
+	s.configMu.Lock()
+	defer s.configMu.Unlock()
+	if s.stopped {
+		return errStopped
+	}
+	s.peersMu.RLock()
+	p, ok := s.peers[addr]
+	s.peersMu.RUnlock()
+	if !ok {
+		return fmt.Errorf("bgp: no peer %s", addr)
+	}
+	// Deleting the peer drops its routes whatever its session state; a
+	// hard reset would leave the stale routes of a session already down.
+	if err := s.deletePeer(ctx, p); err != nil {
+		return err
+	}
+	s.forgetPeer(addr)
+	return s.addPeer(ctx, p)
+}
+
 func (s *Speaker) addPeer(ctx context.Context, p Peer) error {
 	s.peersMu.Lock()
 	s.peers[p.Address] = p

@@ -45,6 +45,9 @@ type ExternalPeer struct {
 	// route must be one of them or lie inside one; 0.0.0.0/0 stands for the
 	// default route alone.
 	ImportPrefixes []string `json:"importPrefixes,omitempty"`
+	// BFD runs a BFD session with the router (its BFD must be on, single
+	// hop): a failed one drops the router's routes at once.
+	BFD bool `json:"bfd,omitempty"`
 
 	// Parsed by Validate, so nothing downstream parses the strings again.
 	Addr    netip.Addr     `json:"-"`
@@ -100,7 +103,12 @@ type Config struct {
 	// while fabricd restarts (RFC 4724), and how long this host keeps its
 	// peers' routes while they restart. 0 turns graceful restart off.
 	GracefulRestartTime time.Duration `json:"gracefulRestartTime"`
-	Mesh                bool          `json:"mesh"`
+	// BFDInterval is how often BFD packets go to each fabric host (and to
+	// routers with bfd: true) once a session is up; a peer unheard for
+	// BFDMultiplier intervals is taken for dead. 0 turns BFD off.
+	BFDInterval   time.Duration `json:"bfdInterval"`
+	BFDMultiplier int           `json:"bfdMultiplier"`
+	Mesh          bool          `json:"mesh"`
 	// RouteReflector makes this host a route reflector of the fabric: it
 	// says so in its node record, and every host that is not a reflector
 	// then peers only with the reflectors instead of the full mesh.
@@ -158,6 +166,8 @@ func Defaults() Config {
 		BGPPort:           179,
 		HoldTime:          9 * time.Second,
 		KeepaliveInterval: 3 * time.Second,
+		BFDInterval:       200 * time.Millisecond,
+		BFDMultiplier:     3,
 		// BIRD's and Calico's default: long enough for an upgrade that
 		// pulls a package, short enough that a dead host's routes go.
 		GracefulRestartTime: 120 * time.Second,
@@ -332,6 +342,8 @@ func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.DurationVar(&c.KeepaliveInterval, "bgp-keepalive", c.KeepaliveInterval, "BGP keepalive interval")
 	fs.DurationVar(&c.GracefulRestartTime, "graceful-restart-time", c.GracefulRestartTime,
 		"how long BGP peers keep this host's routes while fabricd restarts (0 = no graceful restart)")
+	fs.DurationVar(&c.BFDInterval, "bfd-interval", c.BFDInterval, "BFD packet interval once a session is up (0 = no BFD)")
+	fs.IntVar(&c.BFDMultiplier, "bfd-multiplier", c.BFDMultiplier, "BFD intervals a peer may miss before it is taken for dead")
 	fs.BoolVar(&c.Mesh, "mesh", c.Mesh, "peer with every fabric host (turn off when route reflectors are configured)")
 	fs.BoolVar(&c.RouteReflector, "route-reflector", c.RouteReflector, "reflect routes for the fabric; hosts that are not reflectors then peer only with the reflectors")
 	fs.StringVar(&c.Encapsulation, "encapsulation", c.Encapsulation, "ipip, vxlan or auto (env FABRIC_ENCAPSULATION)")
@@ -529,6 +541,12 @@ func (c *Config) Validate() error {
 	if c.GracefulRestartTime < 0 || c.GracefulRestartTime > 4095*time.Second || c.GracefulRestartTime%time.Second != 0 {
 		bad("gracefulRestartTime", "%s: want whole seconds from 0 (off) to 4095s, the most BGP can carry", c.GracefulRestartTime)
 	}
+	if c.BFDInterval != 0 && (c.BFDInterval < 10*time.Millisecond || c.BFDInterval > 10*time.Second || c.BFDInterval%time.Millisecond != 0) {
+		bad("bfdInterval", "%s: want 0 (off) or whole milliseconds from 10ms to 10s", c.BFDInterval)
+	}
+	if c.BFDMultiplier < 1 || c.BFDMultiplier > 255 {
+		bad("bfdMultiplier", "%d outside 1-255", c.BFDMultiplier)
+	}
 	if c.KeepaliveInterval <= 0 || c.KeepaliveInterval*3 > c.HoldTime {
 		bad("keepaliveInterval", "%s must be positive and at most a third of holdTime %s", c.KeepaliveInterval, c.HoldTime)
 	}
@@ -557,6 +575,12 @@ func (c *Config) Validate() error {
 		// Linux keeps TCP MD5 keys of at most TCP_MD5SIG_MAXKEYLEN bytes.
 		if len(p.Password) > 80 {
 			bad(where+".password", "%d bytes: Linux takes TCP MD5 keys of at most 80 bytes", len(p.Password))
+		}
+		if p.BFD && c.BFDInterval == 0 {
+			bad(where+".bfd", "true, but bfdInterval is 0 (BFD off)")
+		}
+		if p.BFD && p.Multihop > 1 {
+			bad(where+".bfd", "fabric's BFD is single hop (RFC 5881); this peer is %d hops away", p.Multihop)
 		}
 		switch p.Type {
 		case "", "external", "route-reflector", "rr-client":

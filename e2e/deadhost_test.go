@@ -10,29 +10,48 @@ import (
 )
 
 // TestDeadHostRoutedAround: a host whose underlay link goes down says
-// nothing to anyone (a power cut, a cable). With the default settings the
-// other hosts must stop routing to it once the BGP hold time has passed,
-// not keep its routes for the whole graceful-restart time: a dead host is
-// not a restarting one.
+// nothing to anyone (a power cut, a cable). With BFD (the default) the
+// other hosts stop routing to it well before a BGP hold time could pass;
+// with BFD off, once the hold time has passed and its node record expired,
+// not after the whole graceful-restart time: a dead host is not a
+// restarting one. make bench (-only failover) measures the times.
 func TestDeadHostRoutedAround(t *testing.T) {
 	t.Parallel()
-	f := newFabric(t, lab.Spec{Hosts: 3})
+	const hold = 9 * time.Second // fabricd's default hold time
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		within time.Duration
+	}{
+		{"bfd", nil, hold / 2},
+		{"no bfd", []string{"--bfd-interval", "0"}, hold + 10*time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			took := deadHostRoutedAround(t, tc.within, tc.args...)
+			t.Logf("every host routed around the dead host %.2fs after its link went down", took.Seconds())
+		})
+	}
+}
+
+// deadHostRoutedAround sets the underlay link of one of three hosts down
+// and returns how long until both others had no route to its subnet.
+func deadHostRoutedAround(t *testing.T, within time.Duration, args ...string) time.Duration {
+	f := newFabric(t, lab.Spec{Hosts: 3}, args...)
 	hosts := f.startMesh()
 	dead := hosts[2]
 	deadSubnet := f.subnet(dead)
-	const hold = 9 * time.Second // fabricd's default hold time
-	ctx := context.Background()
-	if _, err := dead.Run(ctx, "ip", "link", "set", dead.Dev, "down"); err != nil {
+	if _, err := dead.Run(context.Background(), "ip", "link", "set", dead.Dev, "down"); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
 	for _, h := range hosts[:2] {
-		f.eventually(hold+20*time.Second, h.Name+" stops routing to the dead "+dead.Name, func() error {
+		f.eventually(within, h.Name+" stops routing to the dead "+dead.Name, func() error {
 			if via, ok := f.ownedRoutes(h)[deadSubnet.String()]; ok {
 				return fmt.Errorf("%s still routes %s: %s", h.Name, deadSubnet, via)
 			}
 			return nil
 		})
-		t.Logf("%s routed around the dead host %.1fs after its link went down", h.Name, time.Since(start).Seconds())
 	}
+	return time.Since(start)
 }

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -83,6 +84,29 @@ func TestHitlessRestart(t *testing.T) {
 			}
 
 			time.Sleep(3 * time.Second)
+			// BFD runs with the target: a restart must not undo graceful
+			// restart through it (AdminDown on a stop; on a SIGKILL the
+			// target's kernel still answers).
+			for _, o := range others {
+				g.eventually(10*time.Second, o.Name+"'s BFD session with "+target.Name+" up", func() error {
+					ps, err := g.peers(o)
+					if err != nil {
+						return err
+					}
+					for _, p := range ps {
+						if p.Name == target.Name && p.BFD == "up" {
+							return nil
+						}
+					}
+					return fmt.Errorf("peers %+v", ps)
+				})
+			}
+			logFrom := map[string]int64{}
+			for _, o := range others {
+				if fi, err := os.Stat(f.agents[o.Name].proc.LogPath()); err == nil {
+					logFrom[o.Name] = fi.Size()
+				}
+			}
 			a := f.agents[target.Name]
 			if err := sc.stop(a); err != nil {
 				t.Fatalf("stop fabricd on %s: %v", target.Name, err)
@@ -123,6 +147,20 @@ func TestHitlessRestart(t *testing.T) {
 				t.Logf("%s: %s ping %s: %d sent, %d received, %d lost", sc.name, "10ms", pair, sent, got, sent-got)
 				if sent < 500 || got != sent {
 					t.Errorf("%s: %d of %d packets lost (want 0 of at least 500)", pair, sent-got, sent)
+				}
+			}
+			// What the others' BFD made of it: a SIGKILL is a silence that
+			// the target's kernel explains; a stop says AdminDown.
+			for _, o := range others {
+				log, _ := os.ReadFile(f.agents[o.Name].proc.LogPath())
+				said := string(log[min(logFrom[o.Name], int64(len(log))):])
+				kept := strings.Contains(said, "its fabricd is restarting")
+				failed := strings.Contains(said, "bfd session failed")
+				switch {
+				case sc.name == "SIGKILL then start" && !kept:
+					t.Errorf("%s: no BFD failure explained by a live kernel in %s's log; BFD did not see the kill", sc.name, o.Name)
+				case sc.name != "SIGKILL then start" && failed:
+					t.Errorf("%s: %s took a stop for a BFD failure (no AdminDown?)", sc.name, o.Name)
 				}
 			}
 			subnets := []string{}

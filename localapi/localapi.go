@@ -30,6 +30,13 @@ type Peer struct {
 	Encap    string    `json:"encapsulation"`
 	// EncapReason says why this encapsulation was chosen (auto mode).
 	EncapReason string `json:"encapsulationReason,omitempty"`
+	// BFD is the BFD session's state ("" without one); BFDDetect how long
+	// the peer may be silent before it counts as dead; BFDDiag why the
+	// session last went down; BFDDowns how often it did.
+	BFD       string        `json:"bfd,omitempty"`
+	BFDDetect time.Duration `json:"bfdDetectionTime,omitempty"`
+	BFDDiag   string        `json:"bfdLastDown,omitempty"`
+	BFDDowns  int           `json:"bfdDowns,omitempty"`
 }
 
 // Route is one kernel route fabricd owns, with why it is there.

@@ -436,6 +436,33 @@ func Peers(h Host, external []config.ExternalPeer, mesh, selfReflects bool, node
 	return append(peers, FabricPeers(h, selfReflects, fabric, port)...)
 }
 
+// BFDPeer is a peer to run BFD with. FabricHost says what a failure means:
+// a fabric host's kernel may still forward while its fabricd restarts (ask
+// it before dropping its routes); a router with bfd: true is down.
+type BFDPeer struct {
+	Name       string
+	Addr       netip.Addr
+	FabricHost bool
+}
+
+// BFDPeers are the peers of the set that run BFD: every fabric host, and
+// the external peers configured with bfd: true.
+func BFDPeers(peers []bgp.Peer, external []config.ExternalPeer) []BFDPeer {
+	ext := map[netip.Addr]config.ExternalPeer{}
+	for _, p := range external {
+		ext[p.Addr] = p
+	}
+	var out []BFDPeer
+	for _, p := range peers {
+		e, isExternal := ext[p.Address]
+		if isExternal && !e.BFD {
+			continue
+		}
+		out = append(out, BFDPeer{Name: p.Name, Addr: p.Address, FabricHost: !isExternal})
+	}
+	return out
+}
+
 // Imports are the external peers' import lists by peer name (Host.Imports).
 func Imports(external []config.ExternalPeer) map[string][]netip.Prefix {
 	out := map[string][]netip.Prefix{}

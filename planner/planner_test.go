@@ -390,6 +390,16 @@ func TestPeers(t *testing.T) {
 	if got := Peers(self, ext, false, false, []registry.Node{h1, h2}, 179); len(got) != 2 {
 		t.Errorf("mesh off: %d peers, want the 2 external ones", len(got))
 	}
+	// BFD: every fabric host; of the routers only the one with bfd: true,
+	// and it is no fabric host even where a node record claims its address.
+	ext[0].BFD = true
+	var bfd []string
+	for _, p := range BFDPeers(got, ext) {
+		bfd = append(bfd, fmt.Sprintf("%s %s %v", p.Name, p.Addr, p.FabricHost))
+	}
+	if want := "tor 192.0.2.254 false; h2 192.0.2.2 true"; strings.Join(bfd, "; ") != want {
+		t.Errorf("bfd peers %q, want %q", strings.Join(bfd, "; "), want)
+	}
 	if imp := Imports([]config.ExternalPeer{{Name: "tor", Imports: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}}, {Name: "open"}}); len(imp) != 1 || len(imp["tor"]) != 1 {
 		t.Errorf("imports %v", imp)
 	}

@@ -232,7 +232,7 @@ func peersCmd(g *globals) *cobra.Command {
 	peers := &cobra.Command{Use: "peers", Short: "BGP peers of this host"}
 	peers.AddCommand(&cobra.Command{
 		Use:   "status",
-		Short: "One row per BGP peer: address, type, state, since, prefixes, encapsulation",
+		Short: "One row per BGP peer: address, type, state, since, prefixes, encapsulation, BFD",
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := ctx5()
@@ -246,13 +246,36 @@ func peersCmd(g *globals) *cobra.Command {
 			}
 			var rows [][]string
 			for _, p := range ps {
-				rows = append(rows, []string{p.Name, p.Address, fmt.Sprint(p.ASN), p.Type, p.State, since(p.Since), fmt.Sprint(p.Received), fmt.Sprint(p.Accepted), p.Encap})
+				rows = append(rows, []string{p.Name, p.Address, fmt.Sprint(p.ASN), p.Type, p.State, since(p.Since), fmt.Sprint(p.Received), fmt.Sprint(p.Accepted), p.Encap, bfdColumn(p)})
 			}
-			table("PEER\tADDRESS\tASN\tTYPE\tSTATE\tSINCE\tRECEIVED\tACCEPTED\tENCAPSULATION", rows)
+			table("PEER\tADDRESS\tASN\tTYPE\tSTATE\tSINCE\tRECEIVED\tACCEPTED\tENCAPSULATION\tBFD", rows)
 			return nil
 		},
 	})
 	return peers
+}
+
+// bfdColumn is "up, detect 600ms", "down (detection time expired; 2 downs)"
+// or "-" without a session.
+func bfdColumn(p localapi.Peer) string {
+	if p.BFD == "" {
+		return "-"
+	}
+	out := p.BFD
+	if p.BFD == "up" && p.BFDDetect > 0 {
+		out += ", detect " + p.BFDDetect.String()
+	}
+	var notes []string
+	if p.BFD != "up" && p.BFDDiag != "" {
+		notes = append(notes, p.BFDDiag)
+	}
+	if p.BFDDowns > 0 {
+		notes = append(notes, fmt.Sprintf("%d downs", p.BFDDowns))
+	}
+	if len(notes) > 0 {
+		out += " (" + strings.Join(notes, "; ") + ")"
+	}
+	return out
 }
 
 func routesCmd(g *globals) *cobra.Command {
