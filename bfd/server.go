@@ -41,14 +41,33 @@ type Change struct {
 	Peer        netip.Addr
 	From, To    State
 	Diag        Diag
-	RemoteState State // AdminDown: the peer stopped on purpose
+	RemoteState State         // AdminDown: the peer stopped on purpose
+	RemoteDiag  Diag          // why the peer went down, as it says
+	UpFor       time.Duration // how long the session had been Up, going down
 	At          time.Time
 }
 
+// Settle is how long a session must have been up before a Down the peer
+// signals counts as a failure: peers rebuild sessions as their clients
+// register (FRR does when its BGP session comes up), which shows here as
+// a Down right after Up.
+const Settle = time.Second
+
 // Failed says the change is a failure of a session that was Up: the peer
-// went silent or said Down, not AdminDown (RFC 5882 §3.2).
+// went silent, or said Down for a reason (its own detection time expired,
+// a path down). A peer that stops on purpose says AdminDown (RFC 5882
+// §3.2), and one that starts its session anew (FRR does when BGP comes up
+// and registers the session again) says Down with no diagnostic: neither
+// is a failure of the path; nor is a Down signaled before the session
+// settled.
 func (c Change) Failed() bool {
-	return c.From == Up && c.To == Down && c.RemoteState != AdminDown
+	if c.From != Up || c.To != Down {
+		return false
+	}
+	if c.Diag == DiagDetectionExpired {
+		return true // silence: a failure whenever it comes
+	}
+	return c.RemoteState == Down && c.RemoteDiag != DiagNone && c.UpFor >= Settle
 }
 
 // Server runs the sessions of one local address: it listens on Port,
@@ -298,12 +317,13 @@ func (s *Server) receive(sessions map[netip.Addr]*session, byDiscr map[uint32]*s
 }
 
 func (s *Server) note(ss *session, from State, at time.Time) {
-	ss.since = at
+	c := Change{Peer: ss.peer, From: from, To: ss.State(), Diag: ss.Diag(), RemoteState: ss.RemoteState(), RemoteDiag: ss.RemoteDiag(), At: at}
 	if from == Up {
 		ss.downs++
+		c.UpFor = at.Sub(ss.since)
 	}
-	c := Change{Peer: ss.peer, From: from, To: ss.State(), Diag: ss.Diag(), RemoteState: ss.RemoteState(), At: at}
-	s.log.Info("bfd session "+c.To.String(), "peer", c.Peer, "from", c.From, "diag", c.Diag.String(), "peer_state", c.RemoteState)
+	ss.since = at
+	s.log.Info("bfd session "+c.To.String(), "peer", c.Peer, "from", c.From, "diag", c.Diag.String(), "peer_state", c.RemoteState, "peer_diag", c.RemoteDiag.String())
 	s.mu.Lock()
 	s.changes = append(s.changes, c)
 	s.mu.Unlock()
@@ -318,7 +338,7 @@ func (s *Server) publish(sessions map[netip.Addr]*session) {
 	for addr, ss := range sessions {
 		var dt time.Duration
 		if ss.remoteMult > 0 {
-			dt = ss.DetectionTime()
+			dt = ss.detect // the one in force, through a change of timers
 		}
 		st[addr] = Status{Peer: addr, State: ss.State(), RemoteState: ss.RemoteState(), Diag: ss.Diag(),
 			DetectionTime: dt, Since: ss.since, Downs: ss.downs}

@@ -25,6 +25,7 @@ type Session struct {
 	state       State
 	diag        Diag
 	remoteState State
+	remoteDiag  Diag
 	remoteMinRx time.Duration // how fast the peer lets us send (0: not at all)
 	remoteMinTx time.Duration
 	remoteMult  uint8
@@ -32,6 +33,7 @@ type Session struct {
 	polling     bool          // a Poll sequence is on: our timers changed
 	finalDue    bool          // the peer polled: the next packet carries Final
 	lastRx      time.Time
+	detect      time.Duration // the detection time from the last packet on
 }
 
 // NewSession starts a session Down, with discr as My Discriminator
@@ -47,10 +49,17 @@ func (s *Session) Receive(p Packet, now time.Time) bool {
 	if s.state == AdminDown {
 		return false
 	}
+	prev := s.DetectionTime()
 	s.remote = p.MyDiscr
-	s.remoteState = p.State
+	s.remoteState, s.remoteDiag = p.State, p.Diag
 	s.remoteMinRx, s.remoteMinTx, s.remoteMult = p.RequiredMinRx, p.DesiredMinTx, p.DetectMult
 	s.lastRx = now
+	s.detect = s.DetectionTime()
+	if p.Poll && s.detect < prev {
+		// The peer announces faster timers and may keep its old pace
+		// until our Final reaches it: one more of its old intervals.
+		s.detect = prev
+	}
 	if p.Final {
 		s.polling = false // the peer took our new timers
 	}
@@ -91,7 +100,7 @@ func (s *Session) DetectionDeadline() (time.Time, bool) {
 	if s.state != Init && s.state != Up {
 		return time.Time{}, false
 	}
-	return s.lastRx.Add(s.DetectionTime()), true
+	return s.lastRx.Add(s.detect), true
 }
 
 // DetectionTime is how long the peer may be silent (§6.8.4: its multiplier
@@ -153,5 +162,6 @@ func (s *Session) down(d Diag) {
 func (s *Session) State() State        { return s.state }
 func (s *Session) Diag() Diag          { return s.diag }
 func (s *Session) RemoteState() State  { return s.remoteState }
+func (s *Session) RemoteDiag() Diag    { return s.remoteDiag }
 func (s *Session) LocalDiscr() uint32  { return s.local }
 func (s *Session) RemoteDiscr() uint32 { return s.remote }

@@ -85,6 +85,23 @@ func TestDetection(t *testing.T) {
 		t.Error("a down session has a detection deadline")
 	}
 
+	// A peer that announces faster timers (Poll) may keep its old pace
+	// until our Final reaches it: the old detection time holds once.
+	s = upSession(t)
+	slowUp := from(Up)
+	slowUp.DesiredMinTx = time.Second
+	s.Receive(slowUp, t0) // 3 s
+	faster := from(Up)
+	faster.Poll = true
+	s.Receive(faster, t0)
+	if s.Expire(t0.Add(2 * time.Second)) {
+		t.Fatal("expired on the new, faster timers before the peer could take them up")
+	}
+	s.Receive(from(Up), t0.Add(2*time.Second)) // the peer's first packet at the new pace
+	if !s.Expire(t0.Add(2*time.Second + 301*time.Millisecond)) {
+		t.Fatal("the faster timers never took effect")
+	}
+
 	// The slower of the two sides decides: a peer sending every 400 ms
 	// gets 3 × 400 ms.
 	s = upSession(t)
@@ -187,5 +204,25 @@ func TestPacketRoundTrip(t *testing.T) {
 	}
 	if _, err := Parse(p.Marshal()[:20]); err == nil {
 		t.Error("a short packet was accepted")
+	}
+}
+
+func TestFailed(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		c    Change
+		want bool
+	}{
+		{"silence", Change{From: Up, To: Down, Diag: DiagDetectionExpired, RemoteState: Up}, true},
+		{"silence right after up", Change{From: Up, To: Down, Diag: DiagDetectionExpired, UpFor: time.Millisecond}, true},
+		{"the peer saw us go silent", Change{From: Up, To: Down, Diag: DiagNeighborSignaled, RemoteState: Down, RemoteDiag: DiagDetectionExpired, UpFor: time.Minute}, true},
+		{"the peer stops on purpose", Change{From: Up, To: Down, Diag: DiagNeighborSignaled, RemoteState: AdminDown, RemoteDiag: DiagAdministrativeDown, UpFor: time.Minute}, false},
+		{"the peer starts its session anew", Change{From: Up, To: Down, Diag: DiagNeighborSignaled, RemoteState: Down, UpFor: time.Minute}, false},
+		{"a down signaled before the session settled", Change{From: Up, To: Down, Diag: DiagNeighborSignaled, RemoteState: Down, RemoteDiag: DiagNeighborSignaled, UpFor: 5 * time.Millisecond}, false},
+		{"init to down is no failure of an up session", Change{From: Init, To: Down, Diag: DiagDetectionExpired}, false},
+	} {
+		if got := tc.c.Failed(); got != tc.want {
+			t.Errorf("%s: Failed() = %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }

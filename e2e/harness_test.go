@@ -128,7 +128,8 @@ func (f *fabric) fabricctl(h *lab.Host, args ...string) (string, error) {
 	if a != nil {
 		runDir = a.runDir
 	}
-	full := append([]string{filepath.Join(binDir, "fabricctl"), "--run-dir", runDir, "--etcd-endpoints", strings.Join(f.lab.EtcdEndpoints(), ",")}, args...)
+	full := append([]string{filepath.Join(binDir, "fabricctl"), "--run-dir", runDir, "--etcd-endpoints", strings.Join(f.lab.EtcdEndpoints(), ","),
+		"--timeout", testwait.Scale(5 * time.Second).String()}, args...)
 	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(15*time.Second))
 	defer cancel()
 	return h.Run(ctx, full[0], full[1:]...)

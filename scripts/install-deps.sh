@@ -4,7 +4,7 @@
 set -euo pipefail
 want=(iproute2 iputils-ping util-linux iptables ipset etcd-server etcd-client bird2 tcpdump iperf3 procps)
 case "${1:-test}" in
-  test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils docker.io docker-compose) ;;
+  test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils docker.io docker-compose frr) ;;
   demo) want+=(docker.io busybox-static) ;;
   bench) want+=(docker.io busybox-static dnsmasq-base nftables) ;;
 esac
@@ -22,10 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian starts etcd and docker as services when they are installed; the lab
-# runs its own, one per host namespace.
+# Debian starts etcd, docker and FRR as services when they are installed;
+# the lab runs its own, one per host namespace.
 if command -v systemctl >/dev/null; then
-  for unit in etcd docker.socket docker containerd; do
+  for unit in etcd docker.socket docker containerd frr; do
     if systemctl is-active -q "$unit" 2>/dev/null; then systemctl stop "$unit" || true; fi
   done
 fi

@@ -29,8 +29,9 @@ type globals struct {
 	// host holds fabricd's settings that fabricctl shares: etcd and the
 	// run directory (config.DefineClientFlags).
 	host   config.Config
-	json   bool   // --json, the same as -o json
-	output string // -o: table, wide, json or yaml
+	json    bool          // --json, the same as -o json
+	output  string        // -o: table, wide, json or yaml
+	timeout time.Duration // --timeout: for one command's calls to etcd or fabricd
 }
 
 // structured reports whether listings print data (JSON or YAML) instead of
@@ -67,6 +68,7 @@ func main() {
 	g.host = config.Defaults()
 	hostErr := errors.Join(readHostSettings(&g.host), config.DefineClientFlags(root.PersistentFlags(), &g.host, os.Environ()))
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts (the same as -o json)")
+	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 5*time.Second, "how long a command waits for etcd or fabricd")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns), json or yaml")
 	root.PersistentPreRunE = func(*cobra.Command, []string) error {
 		if hostErr != nil {
@@ -146,7 +148,7 @@ func leaveCmd(g *globals) *cobra.Command {
 			"(`fabricctl ipam release NODE` frees it) and kernel state stays until `fabricd --cleanup`.",
 		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := ctx5()
+			ctx, cancel := g.ctx()
 			defer cancel()
 			res, err := g.api().Leave(ctx)
 			if err != nil {
@@ -164,10 +166,10 @@ func leaveCmd(g *globals) *cobra.Command {
 func (g *globals) api() *localapi.Client { return localapi.NewClient(g.host.SocketPath()) }
 
 func (g *globals) etcd() (*clientv3.Client, error) {
-	return etcdclient.New(g.host.EtcdEndpoints, g.host.EtcdTLSFiles(), 5*time.Second, zap.NewNop())
+	return etcdclient.New(g.host.EtcdEndpoints, g.host.EtcdTLSFiles(), g.timeout, zap.NewNop())
 }
 
-// withEtcd runs f with an etcd client and a 5 s deadline. When f fails
+// withEtcd runs f with an etcd client and the --timeout deadline. When f fails
 // because etcd could not be reached, the error says why (refused
 // connection, TLS handshake, client certificate) instead of a bare
 // "context deadline exceeded".
@@ -177,11 +179,11 @@ func (g *globals) withEtcd(f func(ctx context.Context, cli *clientv3.Client) err
 		return err
 	}
 	defer cli.Close()
-	ctx, cancel := ctx5()
+	ctx, cancel := g.ctx()
 	defer cancel()
 	err = f(ctx, cli)
 	if err != nil && unreachable(ctx, err) {
-		dctx, dcancel := ctx5()
+		dctx, dcancel := g.ctx()
 		defer dcancel()
 		if derr := etcdclient.Diagnose(dctx, g.host.EtcdEndpoints, g.host.EtcdTLSFiles()); derr != nil {
 			return fmt.Errorf("%w: %w", errEtcdUnreachable, derr)
@@ -202,8 +204,8 @@ func unreachable(ctx context.Context, err error) bool {
 	return false
 }
 
-func ctx5() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), 5*time.Second)
+func (g *globals) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), g.timeout)
 }
 
 func printJSON(v any) error {
@@ -235,7 +237,7 @@ func peersCmd(g *globals) *cobra.Command {
 		Short: "One row per BGP peer: address, type, state, since, prefixes, encapsulation, BFD",
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := ctx5()
+			ctx, cancel := g.ctx()
 			defer cancel()
 			ps, err := g.api().Peers(ctx)
 			if err != nil {
@@ -284,7 +286,7 @@ func routesCmd(g *globals) *cobra.Command {
 		Short: "Kernel routes fabricd owns on this host, and why (peer, encapsulation)",
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := ctx5()
+			ctx, cancel := g.ctx()
 			defer cancel()
 			rs, err := g.api().Routes(ctx)
 			if err != nil {
@@ -309,7 +311,7 @@ func statusCmd(g *globals) *cobra.Command {
 		Short: "This host's fabricd: node, subnet, underlay, MTU",
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, cancel := ctx5()
+			ctx, cancel := g.ctx()
 			defer cancel()
 			s, err := g.api().Status(ctx)
 			if err != nil {
