@@ -246,10 +246,12 @@ func checkState(st State) error {
 type Reserved map[string]string
 
 // DefaultReserved are ports a published port must never take: DNAT of every
-// host's BGP port would cut its sessions, of the VXLAN port its tunnels, of
-// etcd's ports the fabric's state, of SSH the operator.
+// host's BGP port would cut its sessions, of BFD's its failure detection,
+// of the VXLAN port its tunnels, of etcd's ports the fabric's state, of SSH
+// the operator.
 var DefaultReserved = Reserved{
 	"tcp/179":  "BGP",
+	"udp/3784": "BFD",
 	"udp/4789": "VXLAN (the IANA port)",
 	"udp/8472": "VXLAN (the Linux kernel's and flannel's port)",
 	"tcp/2379": "etcd clients",
