@@ -20,7 +20,10 @@
 //   - Docker networks (-only networks): `docker network create` to on every
 //     host, `docker run` to reachable by name from another host, and
 //     throughput on a fabric network against docker0 and Docker's swarm
-//     overlay between the same hosts.
+//     overlay between the same hosts;
+//   - failover (-only failover): a host whose link goes down silently,
+//     until no host routes to it, with BFD against BFD off; and the CPU
+//     of BFD on a host of a 50-host fabric (49 sessions).
 //
 // Figures are medians of several runs, with min and max: these machines are
 // shared and noisy, one sample proves nothing. The hosts part is the
@@ -62,10 +65,17 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "names" (container names and DNS), "networks" (Docker networks), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, BFD's CPU), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
+	if *bfdPeersFlag != "" { // the child of the failover part
+		if err := runBFDPeers(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	counts, err := parseCounts(*routeCounts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -87,12 +97,14 @@ func main() {
 		err = namesBench(context.Background(), binDir)
 	case "networks":
 		err = networksBench(context.Background(), binDir)
+	case "failover":
+		err = failoverBench(context.Background(), binDir)
 	case "routes":
 		err = routesBench(context.Background(), binDir, counts)
 	case "hosts":
 		err = hostsBench(context.Background(), binDir, setups)
 	default:
-		err = fmt.Errorf("-only %q: want throughput, names, networks, routes or hosts", *only)
+		err = fmt.Errorf("-only %q: want throughput, names, networks, failover, routes or hosts", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -148,6 +160,9 @@ func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 		return err
 	}
 	if err := namesBench(ctx, binDir); err != nil {
+		return err
+	}
+	if err := failoverBench(ctx, binDir); err != nil {
 		return err
 	}
 	return networksBench(ctx, binDir)

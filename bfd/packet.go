@@ -85,8 +85,17 @@ const (
 )
 
 // Marshal encodes p (version 1, no authentication section).
-func (p Packet) Marshal() []byte {
-	b := make([]byte, packetSize)
+func (p Packet) Marshal() []byte { return p.AppendTo(nil) }
+
+// AppendTo appends p's encoding to b.
+func (p Packet) AppendTo(b []byte) []byte {
+	n := len(b)
+	b = append(b, make([]byte, packetSize)...)
+	p.put(b[n:])
+	return b
+}
+
+func (p Packet) put(b []byte) {
 	b[0] = version<<5 | byte(p.Diag)&0x1f
 	b[1] = byte(p.State)<<6 | bit(p.Poll)<<5 | bit(p.Final)<<4 | bit(p.ControlIndependent)<<3 |
 		bit(p.Auth)<<2 | bit(p.Demand)<<1 | bit(p.Multi)
@@ -97,7 +106,6 @@ func (p Packet) Marshal() []byte {
 	binary.BigEndian.PutUint32(b[12:], micros(p.DesiredMinTx))
 	binary.BigEndian.PutUint32(b[16:], micros(p.RequiredMinRx))
 	binary.BigEndian.PutUint32(b[20:], micros(p.RequiredMinEchoRx))
-	return b
 }
 
 // Parse decodes and checks a received packet as §6.8.6 asks before any

@@ -2,6 +2,7 @@ package bfd
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
 )
 
 // Port is where single-hop BFD control packets go (RFC 5881).
@@ -86,6 +88,8 @@ type Server struct {
 	packets  chan received
 	stopReq  chan chan struct{}
 
+	statusView map[netip.Addr]Status // Run's own copy of status
+
 	mu      sync.Mutex
 	status  map[netip.Addr]Status
 	changes []Change
@@ -107,6 +111,8 @@ type session struct {
 	nextTx time.Time
 	since  time.Time
 	downs  int
+	shown  Status // as last published
+	buf    []byte // the packet being sent
 }
 
 // Listen opens the sockets on local; port is the port peers send to and
@@ -333,24 +339,37 @@ func (s *Server) note(ss *session, from State, at time.Time) {
 	}
 }
 
+// publish hands Status the sessions; only when one changed, as it runs
+// after every packet.
 func (s *Server) publish(sessions map[netip.Addr]*session) {
-	st := make(map[netip.Addr]Status, len(sessions))
+	changed := len(sessions) != len(s.statusView)
 	for addr, ss := range sessions {
 		var dt time.Duration
 		if ss.remoteMult > 0 {
 			dt = ss.detect // the one in force, through a change of timers
 		}
-		st[addr] = Status{Peer: addr, State: ss.State(), RemoteState: ss.RemoteState(), Diag: ss.Diag(),
+		st := Status{Peer: addr, State: ss.State(), RemoteState: ss.RemoteState(), Diag: ss.Diag(),
 			DetectionTime: dt, Since: ss.since, Downs: ss.downs}
+		if st != ss.shown {
+			ss.shown, changed = st, true
+		}
 	}
+	if !changed {
+		return
+	}
+	st := make(map[netip.Addr]Status, len(sessions))
+	for addr, ss := range sessions {
+		st[addr] = ss.shown
+	}
+	s.statusView = st
 	s.mu.Lock()
 	s.status = st
 	s.mu.Unlock()
 }
 
 func (s *Server) send(ss *session) {
-	to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(ss.peer, uint16(s.peerPort)))
-	if _, err := s.tx.WriteToUDP(ss.Packet().Marshal(), to); err != nil && !errors.Is(err, net.ErrClosed) {
+	ss.buf = ss.Packet().AppendTo(ss.buf[:0])
+	if _, err := s.tx.WriteToUDPAddrPort(ss.buf, netip.AddrPortFrom(ss.peer, uint16(s.peerPort))); err != nil && !errors.Is(err, net.ErrClosed) {
 		s.log.Debug("bfd send", "peer", ss.peer, "err", err)
 	}
 }
@@ -376,26 +395,40 @@ func (s *Server) adminDown(sessions map[netip.Addr]*session) {
 
 func (s *Server) read() {
 	buf := make([]byte, 512)
+	oob := make([]byte, 64)
 	for {
-		n, cm, src, err := s.rx.ReadFrom(buf)
+		n, oobn, _, src, err := s.rxConn.ReadMsgUDPAddrPort(buf, oob)
 		if err != nil {
 			return // closed
 		}
 		at := time.Now()
-		udp, ok := src.(*net.UDPAddr)
-		if !ok || cm == nil || cm.TTL != 255 {
+		if ttl, ok := receivedTTL(oob[:oobn]); !ok || ttl != 255 {
 			continue // not from the link (RFC 5881 §5)
 		}
-		from, _ := netip.AddrFromSlice(udp.IP)
 		p, err := Parse(buf[:n])
 		if err != nil {
 			continue
 		}
 		select {
-		case s.packets <- received{p: p, from: from.Unmap(), at: at}:
+		case s.packets <- received{p: p, from: src.Addr().Unmap(), at: at}:
 		default: // the loop is behind; BFD tolerates a lost packet
 		}
 	}
+}
+
+// receivedTTL finds IP_TTL among a packet's control messages.
+func receivedTTL(oob []byte) (int, bool) {
+	for len(oob) > 0 {
+		h, data, rest, err := unix.ParseOneSocketControlMessage(oob)
+		if err != nil {
+			return 0, false
+		}
+		if h.Level == unix.SOL_IP && h.Type == unix.IP_TTL && len(data) >= 4 {
+			return int(binary.NativeEndian.Uint32(data)), true
+		}
+		oob = rest
+	}
+	return 0, false
 }
 
 // nextEvent is the earliest transmission or detection deadline.
