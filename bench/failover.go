@@ -100,7 +100,7 @@ func deadHostRuns(ctx context.Context, binDir string, args []string, waitBFD boo
 			if !waitBFD {
 				continue
 			}
-			ps, err := localapi.NewClient(h.FabricdRunDir()+"/fabricd.sock").Peers(ctx)
+			ps, err := localapi.NewClient(h.FabricdRunDir() + "/fabricd.sock").Peers(ctx)
 			if err != nil {
 				return false
 			}

@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os/exec"
-	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/fabricnet/fabric/lab"
@@ -260,23 +258,9 @@ func sideBySideNs(ctx context.Context, pairs ...[2]netCtr) ([]float64, error) {
 			return nil, err
 		}
 	}
-	got := make([]float64, len(pairs))
-	errs := make([]error, len(pairs))
-	var wg sync.WaitGroup
+	clients := make([]iperfClient, len(pairs))
 	for i, p := range pairs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c, cancel := context.WithTimeout(ctx, 20*time.Second)
-			defer cancel()
-			out, err := p[0].Run(c, "iperf3", "-c", p[1].addr.String(), "-A", throughputCPU, "-t", "3", "-O", "1", "-P", strconv.Itoa(1), "-J")
-			if err != nil {
-				errs[i] = fmt.Errorf("iperf3 -c %s: %w", p[1].addr, err)
-				return
-			}
-			got[i], errs[i] = iperfResult(out)
-		}()
+		clients[i] = iperfClient{from: p[0], to: p[1].addr}
 	}
-	wg.Wait()
-	return got, errors.Join(errs...)
+	return runClients(ctx, clients, 1)
 }

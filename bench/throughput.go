@@ -144,18 +144,34 @@ func sideBySide(ctx context.Context, pairs []*containerPair, streams int) ([]flo
 			return nil, err
 		}
 	}
-	got := make([]float64, len(pairs))
-	errs := make([]error, len(pairs))
-	var wg sync.WaitGroup
+	clients := make([]iperfClient, len(pairs))
 	for i, p := range pairs {
+		clients[i] = iperfClient{from: p.ctrs[0], to: p.ctrs[1].Addr}
+	}
+	return runClients(ctx, clients, streams)
+}
+
+// iperfClient is one iperf3 client: where it runs and the server it sends to.
+type iperfClient struct {
+	from endpoint
+	to   netip.Addr
+}
+
+// runClients runs every client at once (their servers listen already) and
+// returns each one's bits per second.
+func runClients(ctx context.Context, clients []iperfClient, streams int) ([]float64, error) {
+	got := make([]float64, len(clients))
+	errs := make([]error, len(clients))
+	var wg sync.WaitGroup
+	for i, cl := range clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			c, cancel := context.WithTimeout(ctx, 20*time.Second)
 			defer cancel()
-			out, err := p.ctrs[0].Run(c, "iperf3", "-c", p.ctrs[1].Addr.String(), "-A", throughputCPU, "-t", "3", "-O", "1", "-P", strconv.Itoa(streams), "-J")
+			out, err := cl.from.Run(c, "iperf3", "-c", cl.to.String(), "-A", throughputCPU, "-t", "3", "-O", "1", "-P", strconv.Itoa(streams), "-J")
 			if err != nil {
-				errs[i] = fmt.Errorf("iperf3 -c %s: %w", p.ctrs[1].Addr, err)
+				errs[i] = fmt.Errorf("iperf3 -c %s: %w", cl.to, err)
 				return
 			}
 			got[i], errs[i] = iperfResult(out)

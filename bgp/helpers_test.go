@@ -13,6 +13,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	api "github.com/osrg/gobgp/v4/api"
+	bgppacket "github.com/osrg/gobgp/v4/pkg/packet/bgp"
 )
 
 // Test speakers live on 127.11.<block>.<host>, one block per test so tests
@@ -289,5 +292,32 @@ func (p *frozenProxy) close() {
 	defer p.mu.Unlock()
 	for _, c := range p.conns {
 		c.Close()
+	}
+}
+
+// TestSessionStateNames: GoBGP's API states and its FSM's name the same
+// states; both map to ours.
+func TestSessionStateNames(t *testing.T) {
+	for _, tc := range []struct {
+		api  api.PeerState_SessionState
+		fsm  bgppacket.FSMState
+		want SessionState
+	}{
+		{api.PeerState_SESSION_STATE_IDLE, bgppacket.BGP_FSM_IDLE, Idle},
+		{api.PeerState_SESSION_STATE_CONNECT, bgppacket.BGP_FSM_CONNECT, Connect},
+		{api.PeerState_SESSION_STATE_ACTIVE, bgppacket.BGP_FSM_ACTIVE, Active},
+		{api.PeerState_SESSION_STATE_OPENSENT, bgppacket.BGP_FSM_OPENSENT, OpenSent},
+		{api.PeerState_SESSION_STATE_OPENCONFIRM, bgppacket.BGP_FSM_OPENCONFIRM, OpenConfirm},
+		{api.PeerState_SESSION_STATE_ESTABLISHED, bgppacket.BGP_FSM_ESTABLISHED, Established},
+	} {
+		if got := sessionStateName(tc.api); got != tc.want {
+			t.Errorf("sessionStateName(%v) = %s, want %s", tc.api, got, tc.want)
+		}
+		if got := fsmStateName(tc.fsm); got != tc.want {
+			t.Errorf("fsmStateName(%v) = %s, want %s", tc.fsm, got, tc.want)
+		}
+	}
+	if sessionStateName(api.PeerState_SESSION_STATE_UNSPECIFIED) != Idle {
+		t.Error("an unspecified state is not idle")
 	}
 }

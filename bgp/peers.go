@@ -301,19 +301,11 @@ func fsmStateName(st bgppacket.FSMState) SessionState {
 	}
 }
 
+// sessionStateName is fsmStateName for the state GoBGP's API reports: the
+// same states in the same order, from IDLE = 1 (0 is unspecified).
 func sessionStateName(st api.PeerState_SessionState) SessionState {
-	switch st {
-	case api.PeerState_SESSION_STATE_ESTABLISHED:
-		return Established
-	case api.PeerState_SESSION_STATE_ACTIVE:
-		return Active
-	case api.PeerState_SESSION_STATE_CONNECT:
-		return Connect
-	case api.PeerState_SESSION_STATE_OPENSENT:
-		return OpenSent
-	case api.PeerState_SESSION_STATE_OPENCONFIRM:
-		return OpenConfirm
-	default:
+	if st < api.PeerState_SESSION_STATE_IDLE {
 		return Idle
 	}
+	return fsmStateName(bgppacket.FSMState(st - api.PeerState_SESSION_STATE_IDLE))
 }
