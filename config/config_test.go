@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -56,6 +57,8 @@ func TestInvalidSettingsNamed(t *testing.T) {
 		{[]string{"--bgp-hold-time", "100000h"}, "holdTime: 100000h0m0s: BGP needs 3s to 65535s"},
 		{[]string{"--graceful-restart-time", "5000s"}, "gracefulRestartTime: 1h23m20s"},
 		{[]string{"--graceful-restart-time", "1500ms"}, "gracefulRestartTime: 1.5s: want whole seconds"},
+		{[]string{"--bfd-interval", "5ms"}, "bfdInterval: 5ms: want 0 (off) or whole milliseconds from 10ms to 10s"},
+		{[]string{"--bfd-multiplier", "0"}, "bfdMultiplier: 0 outside 1-255"},
 	} {
 		_, err := Load(append([]string{"--machine-id", "m"}, tc.args...), nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -294,5 +297,42 @@ func TestSettingsTableInDocs(t *testing.T) {
 	}
 	if !strings.Contains(string(doc), table) {
 		t.Errorf("docs/operations.md lacks the current settings table; regenerate it with `fabricd --settings-table`:\n%s", table)
+	}
+}
+
+// TestBFDPeerNeedsBFD: a router with bfd: true needs BFD on, and one hop.
+func TestBFDPeerNeedsBFD(t *testing.T) {
+	for _, tc := range []struct {
+		file, want string
+	}{
+		{"bfdInterval: 0s\npeers:\n- name: tor\n  address: 10.0.0.1\n  asn: 65000\n  bfd: true\n", "peers[0] (tor).bfd: true, but bfdInterval is 0"},
+		{"peers:\n- name: tor\n  address: 10.0.0.1\n  asn: 65000\n  multihop: 3\n  bfd: true\n", "single hop"},
+	} {
+		file := filepath.Join(t.TempDir(), "fabricd.yaml")
+		os.WriteFile(file, []byte(tc.file), 0o600)
+		_, err := Load([]string{"--config", file, "--machine-id", "m"}, nil)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want it to mention %q", tc.file, err, tc.want)
+		}
+	}
+}
+
+// TestEveryDurationReadsWithUnits: each duration setting takes "250ms" in
+// the file, as the settings table says (a setting left out of duration.go
+// would want nanoseconds).
+func TestEveryDurationReadsWithUnits(t *testing.T) {
+	typ := reflect.TypeFor[Config]()
+	for i := range typ.NumField() {
+		f := typ.Field(i)
+		key, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if f.Type != reflect.TypeFor[time.Duration]() || key == "" || key == "-" {
+			continue
+		}
+		file := filepath.Join(t.TempDir(), "fabricd.yaml")
+		os.WriteFile(file, []byte(key+": 250ms\n"), 0o600)
+		_, err := Load([]string{"--config", file, "--machine-id", "m"}, nil)
+		if err != nil && strings.Contains(err.Error(), "whole number") {
+			t.Errorf("%s: 250ms refused: %v", key, err)
+		}
 	}
 }

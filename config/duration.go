@@ -38,6 +38,7 @@ func (c *Config) UnmarshalJSON(b []byte) error {
 		HoldTime          duration `json:"holdTime"`
 		KeepaliveInterval duration `json:"keepaliveInterval"`
 		GracefulRestart   duration `json:"gracefulRestartTime"`
+		BFDInterval       duration `json:"bfdInterval"`
 		Resync            duration `json:"resync"`
 	}{
 		plain:             (*plain)(c),
@@ -47,6 +48,7 @@ func (c *Config) UnmarshalJSON(b []byte) error {
 		HoldTime:          duration{&c.HoldTime},
 		KeepaliveInterval: duration{&c.KeepaliveInterval},
 		GracefulRestart:   duration{&c.GracefulRestartTime},
+		BFDInterval:       duration{&c.BFDInterval},
 		Resync:            duration{&c.Resync},
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
