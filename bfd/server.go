@@ -16,6 +16,8 @@ import (
 
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
+
+	"github.com/fabricnet/fabric/internal/latest"
 )
 
 // Port is where single-hop BFD control packets go (RFC 5881).
@@ -163,13 +165,10 @@ func listenSourcePort(local netip.Addr) (*net.UDPConn, error) {
 }
 
 // SetPeers makes the sessions those of peers: new ones start Down, gone
-// ones end without a word (their peers were removed on purpose).
+// ones end without a word (their peers were removed on purpose). One
+// goroutine calls it (the agent's main loop); it never blocks.
 func (s *Server) SetPeers(peers []Peer) {
-	select {
-	case <-s.setPeers: // an unread set is replaced
-	default:
-	}
-	s.setPeers <- slices.Clone(peers)
+	latest.Put(s.setPeers, slices.Clone(peers))
 }
 
 // Changed is signalled after state changes; Changes takes them.
