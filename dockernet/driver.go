@@ -67,13 +67,18 @@ type Driver struct {
 	gateways  map[netip.Prefix]netip.Addr
 	endpoints map[string]*Endpoint
 	joined    map[string]bool
+	// removing are the networks this host's dockerd is removing fabric-wide
+	// (name → creation time): dockerd's listing may drop one before etcd
+	// has, or etcd's watch tell of it after, and the sync must not make it
+	// here again meanwhile.
+	removing map[string]time.Time
 }
 
 // NewDriver returns the driver for this host.
 func NewDriver(host Host, store *Store, links *Links, log *slog.Logger) *Driver {
 	return &Driver{host: host, store: store, links: links, log: log, changed: make(chan struct{}, 1),
 		networks: map[string]Network{}, pending: map[string]bool{}, gateways: map[netip.Prefix]netip.Addr{},
-		endpoints: map[string]*Endpoint{}, joined: map[string]bool{}}
+		endpoints: map[string]*Endpoint{}, joined: map[string]bool{}, removing: map[string]time.Time{}}
 }
 
 // Changed is signalled when an endpoint is joined, left or its ports change.
@@ -313,7 +318,14 @@ func (d *Driver) DeleteNetwork(ctx context.Context, id string) error {
 	pending := d.pending[id]
 	d.mu.Unlock()
 	if known && !pending && n.Name != "" {
+		d.mu.Lock()
+		d.removing[n.Name] = n.Created
+		d.mu.Unlock()
 		if err := d.store.Delete(ctx, n.Name); err != nil {
+			d.mu.Lock()
+			delete(d.removing, n.Name)
+			d.mu.Unlock()
+			d.signal() // dockerd may drop it anyway: the sync makes it again
 			d.log.Warn("network not removed from the fabric; if dockerd removes it here anyway, fabricd makes it again", "network", n.Name, "err", err)
 			return err
 		}
@@ -325,6 +337,20 @@ func (d *Driver) DeleteNetwork(ctx context.Context, id string) error {
 	delete(d.gateways, n.Subnet)
 	d.mu.Unlock()
 	return nil
+}
+
+// removingHere says whether this host is removing n fabric-wide, and
+// forgets the removals the fabric's state s shows done.
+func (d *Driver) removingHere(s State, n Network) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for name, created := range d.removing {
+		if now, ok := s.Networks[name]; !ok || !now.Created.Equal(created) {
+			delete(d.removing, name)
+		}
+	}
+	created, ok := d.removing[n.Name]
+	return ok && created.Equal(n.Created)
 }
 
 func (d *Driver) network(id string) (Network, error) {

@@ -3,6 +3,7 @@ package dockernet
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net/netip"
 	"strings"
 	"sync"
@@ -89,5 +90,63 @@ func TestStoreAgainstRealEtcd(t *testing.T) {
 	}
 	if s, _, _ := st.Read(ctx); len(s.Networks)+len(s.Blocks)+len(s.Grants) != 0 {
 		t.Errorf("left after delete: %+v", s)
+	}
+}
+
+// TestRemovalHereIsNotUndone: while this host's dockerd removes a network
+// fabric-wide, the sync's view of etcd may still hold it (the watch is
+// behind) while dockerd's listing no longer does; the sync must not make it
+// here again, which would bring it back fabric-wide (seen in CI: a compose
+// project's network outliving `docker-compose down`). A removal refused
+// (containers elsewhere) leaves the network to be made again.
+func TestRemovalHereIsNotUndone(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	st := NewStore(cli, "/fabric-test/"+strings.ReplaceAll(t.Name(), "/", "-"))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d := NewDriver(Host{Node: "h1"}, st, nil, slog.New(slog.DiscardHandler))
+	for i, name := range []string{"gone", "busy"} {
+		n := Network{Name: name, Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 16, byte(i + 1), 0}), 24),
+			Gateway: netip.AddrFrom4([4]byte{172, 16, byte(i + 1), 1}), Created: time.Now().UTC()}
+		if err := st.Create(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+		d.networks["id-"+name] = n
+	}
+	if _, err := st.Grant(ctx, GrantRequest{Network: "busy", Node: "h2"}); err != nil {
+		t.Fatal(err)
+	}
+	stale, _, err := st.Read(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	if err := d.DeleteNetwork(ctx, "id-gone"); err != nil {
+		t.Fatal(err)
+	}
+	if !d.removingHere(stale, stale.Networks["gone"]) {
+		t.Fatal("with the watch behind, the sync would make the network removed here again")
+	}
+	fresh, _, err := st.Read(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := fresh.Networks["gone"]; ok {
+		t.Fatal("the network is still in etcd")
+	}
+	// Once etcd's state shows it gone, the mark goes: a network of that
+	// name made again later is made here as any other.
+	again := stale.Networks["gone"]
+	again.Created = again.Created.Add(time.Second)
+	fresh.Networks["gone"] = again
+	if d.removingHere(fresh, again) {
+		t.Fatal("a new network of the removed one's name is held back")
+	}
+
+	if err := d.DeleteNetwork(ctx, "id-busy"); err == nil {
+		t.Fatal("a network with a container on h2 was removed")
+	}
+	if d.removingHere(stale, stale.Networks["busy"]) {
+		t.Fatal("after a refused removal the sync would not make the network again")
 	}
 }

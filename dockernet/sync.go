@@ -180,26 +180,13 @@ func (s *Sync) networks(ctx context.Context) {
 			s.known(ln.ID, fabric)
 		}
 	}
-	var fresh *State
 	for _, name := range slices.Sorted(maps.Keys(s.state.Networks)) {
 		if _, ok := local[name]; ok {
 			continue
 		}
 		n := s.state.Networks[name]
-		// The watch may lag behind a removal made here a moment ago (this
-		// dockerd's network is gone because the network was removed
-		// fabric-wide): ask etcd itself before making the network again,
-		// or it would come back from the dead.
-		if fresh == nil {
-			st, err := d.read(ctx)
-			if err != nil {
-				s.once("create/"+name, "cannot read the fabric's networks to make one here; retrying", "network", name, "err", err)
-				continue
-			}
-			fresh = &st
-		}
-		if now, ok := fresh.Networks[name]; !ok || !now.Created.Equal(n.Created) {
-			continue // removed (or made anew) meanwhile; the watch brings it
+		if d.removingHere(s.state, n) {
+			continue // going away, by this host's dockerd; etcd is behind
 		}
 		if err := s.docker.CreateNetwork(ctx, n.Name, DriverName, DriverName, n.Subnet, n.Gateway, n.Labels); err != nil {
 			s.once("create/"+name, "cannot make the fabric's network on this host's dockerd; retrying", "network", name, "err", err)
