@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/testwait"
 	"github.com/fabricnet/fabric/lab"
 )
 
@@ -153,12 +154,12 @@ func TestPathMTUDiscovery(t *testing.T) {
 		run  func(args ...string) (string, error)
 	}{
 		{"container without the fabric MTU", func(args ...string) (string, error) {
-			c, cancel := context.WithTimeout(ctx, 10*time.Second)
+			c, cancel := context.WithTimeout(ctx, testwait.Scale(10*time.Second))
 			defer cancel()
 			return wide.Run(c, "ping", args...)
 		}},
 		{"outside client", func(args ...string) (string, error) {
-			c, cancel := context.WithTimeout(ctx, 10*time.Second)
+			c, cancel := context.WithTimeout(ctx, testwait.Scale(10*time.Second))
 			defer cancel()
 			return outside.Run(c, "ping", args...)
 		}},
