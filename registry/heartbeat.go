@@ -188,18 +188,23 @@ func (p *Heartbeat) Withdraw(ctx context.Context) error {
 	p.opMu.Lock()
 	defer p.opMu.Unlock()
 	p.withdrawn = true
-	if p.leaseID == 0 || p.putKey == "" {
+	if p.leaseID == 0 {
 		return nil
 	}
-	if _, err := p.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.LeaseValue(p.putKey), "=", p.leaseID)).
-		Then(clientv3.OpDelete(p.putKey)).Commit(); err != nil {
-		return fmt.Errorf("delete node record %s: %w", p.putKey, err)
+	// putKey is empty when the first put's reply was lost (Run stopped
+	// while it was in flight): the record may still be in etcd under our
+	// lease, and revoking the lease removes it.
+	if p.putKey != "" {
+		if _, err := p.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.LeaseValue(p.putKey), "=", p.leaseID)).
+			Then(clientv3.OpDelete(p.putKey)).Commit(); err != nil {
+			return fmt.Errorf("delete node record %s: %w", p.putKey, err)
+		}
 	}
 	if _, err := p.cli.Revoke(ctx, p.leaseID); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
-		return fmt.Errorf("revoke lease of node record %s: %w", p.putKey, err)
+		return fmt.Errorf("revoke lease %x of the node record: %w", int64(p.leaseID), err)
 	}
-	p.log.Info("withdrew node record", "key", p.putKey)
+	p.log.Info("withdrew node record", "key", p.putKey, "lease", fmt.Sprintf("%x", int64(p.leaseID)))
 	p.leaseID, p.putKey = 0, ""
 	return nil
 }

@@ -157,6 +157,36 @@ func TestWatchJoinChangeAndDeparture(t *testing.T) {
 	t.Logf("killed host gone after %s (TTL %s)", time.Since(killed).Round(time.Millisecond), ttl)
 }
 
+// A graceful stop while the first put was in flight: etcd stored the
+// record, but its reply was lost with the cancelled Run (CI saw this once:
+// the record stayed for its whole TTL). The lost reply cannot be timed for
+// real, so the test writes the record under the heartbeat's lease and leaves
+// the heartbeat not knowing it, which is the state the lost reply leaves.
+func TestWithdrawAfterSimulatedLostPutReply(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	prefix := testPrefix(t)
+	ctx := testCtx(t, time.Minute)
+	w := startWatch(t, ctx, cli, prefix)
+	w.waitFor("the initial empty set", hasNames())
+
+	p := NewHeartbeat(cli, prefix, 10*settle, testLogger(t))
+	lease, err := cli.Grant(ctx, p.ttlSec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	value, _ := json.Marshal(node("alpha", 1))
+	if _, err := cli.Put(ctx, nodeKey(prefix, "alpha"), string(value), clientv3.WithLease(lease.ID)); err != nil {
+		t.Fatal(err)
+	}
+	p.leaseID = lease.ID // granted; the put's reply never came, so putKey is empty
+	w.waitFor("alpha stored", hasNames("alpha"))
+
+	if err := p.Withdraw(ctx); err != nil {
+		t.Fatal(err)
+	}
+	w.waitFor("alpha withdrawn", hasNames())
+}
+
 func TestHeartbeatRewritesRecordAfterLeaseLoss(t *testing.T) {
 	cli := etcdtest.Start(t).Client(t)
 	prefix := testPrefix(t)
