@@ -44,6 +44,7 @@ import (
 	"github.com/fabricnet/fabric/probe"
 	"github.com/fabricnet/fabric/registry"
 	"github.com/fabricnet/fabric/version"
+	"github.com/fabricnet/fabric/wireguard"
 )
 
 // Agent is one running fabricd, drawn as the design is: what this host is
@@ -517,7 +518,7 @@ func (a *Agent) detectKernel() error {
 	}
 	a.ipipOK = supported[ipip.Name]
 	var err error
-	a.kinds, err = encaps.Select(a.cfg.Encapsulation, supported)
+	a.kinds, err = encaps.Select(a.cfg.Encapsulation, a.cfg.Encryption, supported)
 	return err
 }
 
@@ -536,6 +537,20 @@ func (a *Agent) setupDataplane() error {
 		UnderlayAddr: a.underlay.Addr, UnderlayDev: a.underlay.Dev, Subnet: a.lease.Subnet,
 		VXLANVNI: cfg.VXLANVNI, VXLANPort: cfg.VXLANPort, Logger: a.log,
 	}
+	crossSubnet := cfg.CrossSubnet
+	if cfg.Encryption != encaps.EncryptionOff {
+		if settings.WireGuardKey, err = wireguard.LoadOrCreateKey(cfg.WireGuardKeyPath()); err != nil {
+			return err
+		}
+		settings.WireGuardPort = cfg.WireGuardPort
+		if cfg.WireGuardImplementation != "auto" {
+			settings.WireGuardImplementation = cfg.WireGuardImplementation
+		}
+		if crossSubnet {
+			a.log.Info("crossSubnet is ignored while encryption is on: peers on this host's subnet get WireGuard too", "encryption", cfg.Encryption)
+			crossSubnet = false
+		}
+	}
 	if len(a.kinds) > 1 && a.own.prober != nil {
 		settings.PathWorks = a.own.prober.IPIPWorks
 	}
@@ -551,7 +566,7 @@ func (a *Agent) setupDataplane() error {
 	a.own.dataplane, err = dataplane.New(dataplane.Config{
 		Handle:       h,
 		Backends:     a.own.backends,
-		CrossSubnet:  cfg.CrossSubnet,
+		CrossSubnet:  crossSubnet,
 		Protocol:     cfg.RouteProtocol,
 		UnderlayDev:  a.underlay.Dev,
 		UnderlayAddr: a.underlay.Addr,
@@ -572,6 +587,16 @@ func (a *Agent) vtepMAC() string {
 	return ""
 }
 
+// wireGuardKey is this host's WireGuard public key, when it encrypts.
+func (a *Agent) wireGuardKey() string {
+	for _, b := range a.own.backends {
+		if k, ok := b.(backend.KeyAdvertiser); ok {
+			return k.PublicKey()
+		}
+	}
+	return ""
+}
+
 func (a *Agent) selfNode() registry.Node {
 	// Only what this host runs: a peer in auto mode must not pick an
 	// encapsulation this host has no device for.
@@ -580,13 +605,14 @@ func (a *Agent) selfNode() registry.Node {
 		names = append(names, k.Name)
 	}
 	return registry.Node{
-		Name:    a.cfg.NodeName,
-		Address: a.underlay.Addr,
-		ASN:     a.cfg.ASN,
-		Subnet:  a.lease.Subnet,
-		VTEPMAC: a.vtepMAC(),
-		Encaps:  names,
-		Version: version.String(),
+		Name:         a.cfg.NodeName,
+		Address:      a.underlay.Addr,
+		ASN:          a.cfg.ASN,
+		Subnet:       a.lease.Subnet,
+		VTEPMAC:      a.vtepMAC(),
+		Encaps:       names,
+		WireGuardKey: a.wireGuardKey(),
+		Version:      version.String(),
 		// Peers see it and peer with the reflectors only.
 		RouteReflector: a.cfg.RouteReflector,
 		MachineID:      a.cfg.MachineID,

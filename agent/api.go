@@ -5,14 +5,17 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"sort"
 	"time"
 
+	"github.com/fabricnet/fabric/backend/encaps"
 	"github.com/fabricnet/fabric/bfd"
 	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/localapi"
 	"github.com/fabricnet/fabric/version"
+	"github.com/fabricnet/fabric/wireguard"
 )
 
 // Peers implements localapi.Provider.
@@ -85,6 +88,25 @@ func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
 		Node: a.cfg.NodeName, Version: version.String(), Subnet: a.lease.Subnet.String(), Gateway: a.lease.Gateway().String(),
 		Underlay: a.underlay.Addr.String(), UnderlayDev: a.underlay.Dev, ASN: a.cfg.ASN,
 		Encapsulation: a.cfg.Encapsulation, MTU: a.own.dataplane.MTU(), Bridge: a.cfg.Bridge, Started: a.started,
-		EtcdHealthy: etcdErr == nil,
+		EtcdHealthy: etcdErr == nil, Encryption: a.encryptionStatus(), WireGuardKey: a.wireGuardKey(),
 	}, nil
+}
+
+// encryptionStatus says whether this host encrypts, with which WireGuard,
+// and what the userspace one costs.
+func (a *Agent) encryptionStatus() string {
+	if a.cfg.Encryption == encaps.EncryptionOff {
+		return "off"
+	}
+	impl := "not started"
+	for _, b := range a.own.backends {
+		if w, ok := b.(interface{ Implementation() string }); ok && w.Implementation() != "" {
+			impl = w.Implementation()
+		}
+	}
+	s := fmt.Sprintf("%s (%s WireGuard, udp/%d)", a.cfg.Encryption, impl, a.cfg.WireGuardPort)
+	if impl == wireguard.Userspace {
+		s += ": wireguard-go in fabricd, so encrypted traffic costs fabricd's CPU and stops while fabricd restarts"
+	}
+	return s
 }

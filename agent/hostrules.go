@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/fabricnet/fabric/backend/encaps"
 	"github.com/fabricnet/fabric/bridge"
 	"github.com/fabricnet/fabric/dockernet"
 	"github.com/fabricnet/fabric/nat"
@@ -31,6 +32,9 @@ func (a *Agent) natLoop(ctx context.Context) error {
 			fmt.Sprintf("tcp/%d", a.cfg.BGPPort):   "this host's BGP port",
 			fmt.Sprintf("udp/%d", a.cfg.VXLANPort): "this host's VXLAN port",
 		}}
+	if a.cfg.Encryption != encaps.EncryptionOff {
+		st.Reserved[fmt.Sprintf("udp/%d", a.cfg.WireGuardPort)] = "this host's WireGuard port"
+	}
 	networksKnown := false
 	apply := func() {
 		if !networksKnown {

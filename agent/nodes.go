@@ -11,7 +11,7 @@ import (
 
 func (a *Agent) host() planner.Host {
 	return planner.Host{Name: a.cfg.NodeName, ASN: a.cfg.ASN, Underlay: netip.PrefixFrom(a.underlay.Addr, a.underlay.Prefix.Bits()),
-		Subnet: a.lease.Subnet, Pool: a.pool.Network, Imports: planner.Imports(a.cfg.Peers)}
+		Subnet: a.lease.Subnet, Pool: a.pool.Network, Imports: planner.Imports(a.cfg.Peers), WireGuardKey: a.wireGuardKey()}
 }
 
 // warnRefused logs each refusal the first time it is seen, not on every update.

@@ -1,5 +1,5 @@
 // Package backend is the seam between the data plane and one encapsulation.
-// Each encapsulation (ipip, vxlanfallback) is a small package that implements
+// Each encapsulation (ipip, vxlanfallback, wireguard) is a small package that implements
 // Backend; the dataplane package chooses one per peer and owns the routes.
 package backend
 
@@ -18,6 +18,12 @@ type Peer struct {
 	VTEPMAC net.HardwareAddr // VXLAN only: the peer's VTEP device MAC
 	Subnet  netip.Prefix     // the peer's container subnet
 	Encaps  []string         // the encapsulations the peer runs (Backend.Name values)
+	// WireGuardKey is the peer's WireGuard public key (base64) from its
+	// node record, once the planner accepted it; "" when it has none.
+	WireGuardKey string
+	// Routed are the prefixes routed to the peer in this Apply (its subnet
+	// and its Docker networks' blocks): what WireGuard lets it send.
+	Routed []netip.Prefix
 }
 
 // Backend is one encapsulation. Implementations own exactly one tunnel device
@@ -66,6 +72,12 @@ type Rereader interface {
 // travels in the node record (VXLAN's VTEP MAC).
 type MACAdvertiser interface {
 	MAC() net.HardwareAddr
+}
+
+// KeyAdvertiser is a Backend whose peers need this host's public key, which
+// travels in the node record (WireGuard's).
+type KeyAdvertiser interface {
+	PublicKey() string
 }
 
 // IPNet converts a prefix to the form netlink wants.

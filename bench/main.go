@@ -23,7 +23,9 @@
 //     overlay between the same hosts;
 //   - failover (-only failover): a host whose link goes down silently,
 //     until no host routes to it, with BFD against BFD off; and the CPU
-//     of BFD on a host of a 50-host fabric (49 sessions).
+//     of BFD on a host of a 50-host fabric (49 sessions);
+//   - encryption (-only encryption): fabricd with WireGuard against fabricd
+//     in clear, side by side, and fabricd's CPU per Gbit/s encrypted.
 //
 // Figures are medians of several runs, with min and max: these machines are
 // shared and noisy, one sample proves nothing. The hosts part is the
@@ -65,7 +67,7 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, BFD's CPU), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, BFD's CPU), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
@@ -99,12 +101,14 @@ func main() {
 		err = networksBench(context.Background(), binDir)
 	case "failover":
 		err = failoverBench(context.Background(), binDir)
+	case "encryption":
+		err = encryptionBench(context.Background(), binDir)
 	case "routes":
 		err = routesBench(context.Background(), binDir, counts)
 	case "hosts":
 		err = hostsBench(context.Background(), binDir, setups)
 	default:
-		err = fmt.Errorf("-only %q: want throughput, names, networks, failover, routes or hosts", *only)
+		err = fmt.Errorf("-only %q: want throughput, encryption, names, networks, failover, routes or hosts", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -163,6 +167,9 @@ func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 		return err
 	}
 	if err := failoverBench(ctx, binDir); err != nil {
+		return err
+	}
+	if err := encryptionBench(ctx, binDir); err != nil {
 		return err
 	}
 	return networksBench(ctx, binDir)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -308,9 +309,15 @@ type fabricPair struct {
 }
 
 func startFabricPair(ctx context.Context, l *lab.Lab, binDir string, a, b *lab.Host) (*fabricPair, error) {
+	return startFabricPairWith(ctx, l, binDir, a, b, nil)
+}
+
+// startFabricPairWith starts fabricd on a and b behind prefix (e.g. taskset)
+// with more flags, and a container on each that reaches the other.
+func startFabricPairWith(ctx context.Context, l *lab.Lab, binDir string, a, b *lab.Host, prefix []string, more ...string) (*fabricPair, error) {
 	fab := &fabricPair{containerPair: containerPair{hosts: []*lab.Host{a, b}}, encap: "?"}
 	for _, h := range fab.hosts {
-		p, err := h.Start("fabricd", fabricdArgs(l, binDir, h)...)
+		p, err := h.Start("fabricd", append(slices.Clone(prefix), append(fabricdArgs(l, binDir, h), more...)...)...)
 		if err != nil {
 			return nil, err
 		}

@@ -11,6 +11,7 @@ import (
 	"maps"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -120,6 +121,14 @@ type Config struct {
 	VXLANVNI      int    `json:"vxlanVNI"`
 	VXLANPort     int    `json:"vxlanPort"`
 	RouteProtocol int    `json:"routeProtocol"`
+	// Encryption is off, wireguard (nothing between hosts in clear) or
+	// wireguard-optional (WireGuard to the peers that offer it: the step
+	// while a fabric switches).
+	Encryption              string `json:"encryption"`
+	WireGuardPort           int    `json:"wireguardPort"`
+	WireGuardImplementation string `json:"wireguardImplementation"`
+	// StateDir keeps what must survive a reboot: the WireGuard private key.
+	StateDir string `json:"stateDir"`
 
 	Bridge         string `json:"bridge"`
 	DockerOptsFile string `json:"dockerOptsFile"`
@@ -170,28 +179,35 @@ func Defaults() Config {
 		BFDMultiplier:     3,
 		// BIRD's and Calico's default: long enough for an upgrade that
 		// pulls a package, short enough that a dead host's routes go.
-		GracefulRestartTime: 120 * time.Second,
-		Mesh:                true,
-		Encapsulation:       "auto",
-		VXLANVNI:            4096,
-		VXLANPort:           4789,
-		RouteProtocol:       93,
-		Bridge:              "docker0",
-		DockerOptsFile:      "/run/fabric/docker.env",
-		DockerSocket:        "/var/run/docker.sock",
-		DockerPluginSocket:  "/run/docker/plugins/fabric.sock",
-		ContainerDNS:        true,
-		DNSDomain:           "fabric",
-		RunDir:              "/run/fabric",
-		Resync:              30 * time.Second,
-		LogLevel:            "info",
-		LogFormat:           "text",
-		MetricsAddress:      "127.0.0.1:9815",
+		GracefulRestartTime:     120 * time.Second,
+		Mesh:                    true,
+		Encapsulation:           "auto",
+		VXLANVNI:                4096,
+		VXLANPort:               4789,
+		RouteProtocol:           93,
+		Encryption:              "off",
+		WireGuardPort:           51820,
+		WireGuardImplementation: "auto",
+		StateDir:                "/var/lib/fabric",
+		Bridge:                  "docker0",
+		DockerOptsFile:          "/run/fabric/docker.env",
+		DockerSocket:            "/var/run/docker.sock",
+		DockerPluginSocket:      "/run/docker/plugins/fabric.sock",
+		ContainerDNS:            true,
+		DNSDomain:               "fabric",
+		RunDir:                  "/run/fabric",
+		Resync:                  30 * time.Second,
+		LogLevel:                "info",
+		LogFormat:               "text",
+		MetricsAddress:          "127.0.0.1:9815",
 	}
 }
 
 // SocketPath is where fabricd serves its local status API.
 func (c *Config) SocketPath() string { return c.RunDir + "/fabricd.sock" }
+
+// WireGuardKeyPath is this host's WireGuard private key.
+func (c *Config) WireGuardKeyPath() string { return filepath.Join(c.StateDir, "wireguard.key") }
 
 // ProbeStatePath keeps the IPIP path verdicts across restarts.
 func (c *Config) ProbeStatePath() string { return c.RunDir + "/probe-verdicts.json" }
@@ -350,6 +366,10 @@ func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.BoolVar(&c.CrossSubnet, "cross-subnet", c.CrossSubnet, "route unencapsulated to peers on this host's own L2 subnet")
 	fs.IntVar(&c.VXLANVNI, "vxlan-vni", c.VXLANVNI, "VXLAN network identifier")
 	fs.IntVar(&c.VXLANPort, "vxlan-port", c.VXLANPort, "VXLAN UDP port")
+	fs.StringVar(&c.Encryption, "encryption", c.Encryption, "encrypt traffic between hosts: off, wireguard (nothing in clear) or wireguard-optional (WireGuard to the hosts that offer it, clear to the rest; for switching)")
+	fs.IntVar(&c.WireGuardPort, "wireguard-port", c.WireGuardPort, "WireGuard UDP port")
+	fs.StringVar(&c.WireGuardImplementation, "wireguard-implementation", c.WireGuardImplementation, "auto (the kernel's WireGuard where it has one, else wireguard-go in fabricd), kernel or userspace")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "directory for state kept across reboots (the WireGuard private key)")
 	fs.IntVar(&c.RouteProtocol, "route-protocol", c.RouteProtocol, "kernel route protocol number marking fabricd's routes")
 	fs.StringVar(&c.Bridge, "bridge", c.Bridge, "container bridge fabricd creates or adopts")
 	fs.StringVar(&c.DockerOptsFile, "docker-opts-file", c.DockerOptsFile, "environment file with the options dockerd needs")
@@ -596,6 +616,24 @@ func (c *Config) Validate() error {
 	}
 	if c.VXLANPort < 1 || c.VXLANPort > 65535 {
 		bad("vxlanPort", "%d outside 1-65535", c.VXLANPort)
+	}
+	if !slices.Contains(encaps.EncryptionModes(), c.Encryption) {
+		bad("encryption", "%q: want %s", c.Encryption, strings.Join(encaps.EncryptionModes(), ", "))
+	} else if c.Encryption == encaps.EncryptionRequired && c.Encapsulation != encaps.Auto {
+		bad("encryption", "wireguard sends nothing in clear, but encapsulation %s does: leave encapsulation at auto, or use wireguard-optional while switching", c.Encapsulation)
+	}
+	if c.WireGuardPort < 1 || c.WireGuardPort > 65535 {
+		bad("wireguardPort", "%d outside 1-65535", c.WireGuardPort)
+	} else if c.Encryption != encaps.EncryptionOff && (c.WireGuardPort == c.VXLANPort || c.WireGuardPort == c.BGPPort) {
+		bad("wireguardPort", "%d is also the VXLAN or BGP port", c.WireGuardPort)
+	}
+	switch c.WireGuardImplementation {
+	case "auto", "kernel", "userspace":
+	default:
+		bad("wireguardImplementation", "%q: want auto, kernel or userspace", c.WireGuardImplementation)
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		bad("stateDir", "%q: want an absolute path", c.StateDir)
 	}
 	if c.RouteProtocol < 5 || c.RouteProtocol > 255 {
 		bad("routeProtocol", "%d outside 5-255 (0-4 belong to the kernel)", c.RouteProtocol)

@@ -59,6 +59,11 @@ func TestInvalidSettingsNamed(t *testing.T) {
 		{[]string{"--graceful-restart-time", "1500ms"}, "gracefulRestartTime: 1.5s: want whole seconds"},
 		{[]string{"--bfd-interval", "5ms"}, "bfdInterval: 5ms: want 0 (off) or whole milliseconds from 10ms to 10s"},
 		{[]string{"--bfd-multiplier", "0"}, "bfdMultiplier: 0 outside 1-255"},
+		{[]string{"--encryption", "ipsec"}, `encryption: "ipsec": want off, wireguard, wireguard-optional`},
+		{[]string{"--encryption", "wireguard", "--encapsulation", "vxlan"}, "encryption: wireguard sends nothing in clear, but encapsulation vxlan does"},
+		{[]string{"--encryption", "wireguard-optional", "--wireguard-port", "4789"}, "wireguardPort: 4789 is also the VXLAN or BGP port"},
+		{[]string{"--wireguard-implementation", "boringtun"}, `wireguardImplementation: "boringtun": want auto, kernel or userspace`},
+		{[]string{"--state-dir", "var/lib/fabric"}, `stateDir: "var/lib/fabric": want an absolute path`},
 	} {
 		_, err := Load(append([]string{"--machine-id", "m"}, tc.args...), nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

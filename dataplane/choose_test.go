@@ -8,7 +8,22 @@ import (
 	"github.com/fabricnet/fabric/backend"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/vxlanfallback"
+	"github.com/fabricnet/fabric/wireguard"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
+
+func wireGuard(t *testing.T) *wireguard.Backend {
+	t.Helper()
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wg, err := wireguard.New(wireguard.Config{PrivateKey: k, UnderlayAddr: netip.MustParseAddr("192.0.2.1"), Subnet: netip.MustParsePrefix("10.244.1.0/24")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return wg
+}
 
 // These tests need no root: New and choose do not touch the kernel.
 
@@ -29,6 +44,7 @@ func backends(t *testing.T, pathWorks bool) (*ipip.Backend, *vxlanfallback.Backe
 // MTU: the largest overhead of the backends, subtracted once.
 func TestMTU(t *testing.T) {
 	ip, vx := backends(t, true)
+	wg := wireGuard(t)
 	for _, tc := range []struct {
 		name     string
 		backends []backend.Backend
@@ -38,6 +54,8 @@ func TestMTU(t *testing.T) {
 		{"vxlan", []backend.Backend{vx}, 1500, 1450},
 		{"ipip", []backend.Backend{ip}, 1500, 1480},
 		{"auto", []backend.Backend{ip, vx}, 1500, 1450},
+		{"encrypted", []backend.Backend{wg}, 1500, 1440},
+		{"encryption optional", []backend.Backend{wg, ip, vx}, 1500, 1440},
 		{"jumbo vxlan", []backend.Backend{vx}, 9000, 8950},
 	} {
 		m, err := New(Config{Backends: tc.backends, UnderlayDev: "eth0", UnderlayMTU: tc.underlay})
@@ -75,6 +93,8 @@ func TestChoose(t *testing.T) {
 	peer := func(mac net.HardwareAddr, encaps ...string) backend.Peer {
 		return backend.Peer{Name: "p", Address: netip.MustParseAddr("192.0.2.2"), VTEPMAC: mac, Encaps: encaps}
 	}
+	wg := wireGuard(t)
+	keyed := func(p backend.Peer) backend.Peer { p.WireGuardKey = wg.PublicKey(); return p }
 	connected := []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}
 	for _, tc := range []struct {
 		name      string
@@ -92,6 +112,13 @@ func TestChoose(t *testing.T) {
 		{"ipip host, vxlan peer", []backend.Backend{ip}, peer(mac, "vxlan"), nil, "", "ipip: the peer does not run ipip"},
 		{"cross subnet", []backend.Backend{ip, vx}, peer(mac, "ipip"), connected, EncapDirect, "cross-subnet: peer underlay address is inside the connected prefix 192.0.2.0/24"},
 		{"other subnet", []backend.Backend{ip, vx}, peer(mac, "ipip"), []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, "ipip", "both hosts run ipip and IP protocol 4 passes"},
+		// Encryption required: a peer that cannot encrypt gets nothing.
+		{"both encrypt", []backend.Backend{wg}, keyed(peer(mac, "wireguard", "vxlan")), nil, "wireguard", "both hosts encrypt with WireGuard"},
+		{"peer in clear", []backend.Backend{wg}, peer(mac, "ipip", "vxlan"), nil, "", "wireguard: the peer does not encrypt (its node record offers no wireguard)"},
+		{"peer key refused", []backend.Backend{wg}, peer(mac, "wireguard"), nil, "", "wireguard: the peer's node record has no usable WireGuard public key"},
+		// Optional: clear to the peers that cannot encrypt.
+		{"optional, peer in clear", []backend.Backend{wg, vx}, peer(mac, "vxlan"), nil, "vxlan", "wireguard: the peer does not encrypt (its node record offers no wireguard)"},
+		{"optional, both encrypt", []backend.Backend{wg, vx}, keyed(peer(mac, "wireguard", "vxlan")), nil, "wireguard", "both hosts encrypt with WireGuard"},
 	} {
 		m, err := New(Config{Backends: tc.backends, UnderlayDev: "eth0", UnderlayMTU: 1500})
 		if err != nil {

@@ -63,6 +63,8 @@ type PeerInfo struct {
 	VTEPMAC net.HardwareAddr // the peer's VXLAN device MAC
 	Encaps  []string         // the encapsulations the peer runs
 	Subnet  netip.Prefix     // the peer's container subnet
+	// WireGuardKey is the peer's accepted WireGuard public key, or "".
+	WireGuardKey string
 }
 
 // RemoteRoute is one route learned over BGP.
@@ -263,11 +265,13 @@ func (m *Manager) choosePeers(routes []RemoteRoute, connected []netip.Prefix) ma
 			continue
 		}
 		name := cmp.Or(r.Peer.Name, r.PeerName)
-		if _, seen := peers[name]; seen {
+		if p, seen := peers[name]; seen {
+			p.peer.Routed = append(p.peer.Routed, r.Prefix.Masked())
 			continue
 		}
 		p := &peerPlan{info: *r.Peer, peer: backend.Peer{
 			Name: name, Address: r.Peer.Address, VTEPMAC: r.Peer.VTEPMAC, Subnet: r.Peer.Subnet, Encaps: r.Peer.Encaps,
+			WireGuardKey: r.Peer.WireGuardKey, Routed: []netip.Prefix{r.Prefix.Masked()},
 		}}
 		if !p.peer.Address.IsValid() {
 			p.peer.Address = r.NextHop
@@ -347,7 +351,9 @@ func (m *Manager) desiredRoutes(routes []RemoteRoute, local []LocalRoute, peers 
 			if errors.As(err, &unavailable) {
 				keep[prefix] = true // transient: do not take the working route away
 			}
-			continue
+			if route == nil {
+				continue
+			}
 		}
 		add(prefix, route, owner)
 	}
@@ -642,7 +648,10 @@ func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]
 	}
 	p := peers[cmp.Or(r.Peer.Name, r.PeerName)]
 	if p.err != nil {
-		return nil, "", fmt.Errorf("route %s: %w", prefix, p.err)
+		// Fail closed: without it the peer's prefixes would follow the
+		// default route, in clear, where encryption refused the peer. The
+		// refusal is logged once, with the choices.
+		return &netlink.Route{Dst: backend.IPNet(prefix), Type: unix.RTN_UNREACHABLE}, p.peer.Name, fmt.Errorf("route %s: %w", prefix, p.err)
 	}
 	if !ready[p.encap] {
 		return nil, "", errUnavailable{fmt.Errorf("route %s to peer %s: %s is not available", prefix, p.peer.Name, p.encap)}

@@ -468,8 +468,8 @@ func TestRestartWithChangedConfig(t *testing.T) {
 	}
 }
 
-// A peer whose registry entry lacks a VTEP MAC gets no route and an error
-// naming it; the other peers are unaffected.
+// A peer whose registry entry lacks a VTEP MAC gets an unreachable route
+// (refused at once, not sent along the default route) and an error naming it; the other peers are unaffected.
 func TestBadPeerDoesNotStopOthers(t *testing.T) {
 	l := newLab(t, 3)
 	ctx := context.Background()
@@ -486,8 +486,11 @@ func TestBadPeerDoesNotStopOthers(t *testing.T) {
 		t.Errorf("apply: %v, want an error naming %s and its prefix", err, h2.ns)
 	}
 	owned := ownedRoutes(t, h1.handle, DefaultProtocol)
-	if _, ok := owned[h2.subnet]; ok {
-		t.Error("route installed for a peer without VTEP MAC")
+	if got := owned[h2.subnet]; got.Type != unix.RTN_UNREACHABLE {
+		t.Errorf("route to a peer without VTEP MAC: %v, want unreachable (not the default route)", got)
+	}
+	if err := lab.Ping(h1.ctr, h2.ctrAddr, 56, false); err == nil {
+		t.Error("a ping to the peer without VTEP MAC was answered")
 	}
 	if _, ok := owned[h3.subnet]; !ok {
 		t.Fatal("route to the good peer missing")

@@ -138,12 +138,20 @@ func (f *fabric) encapsAre(h *lab.Host, hosts []*lab.Host, want encapsOf) error 
 			if o.Name != p.Name {
 				continue
 			}
-			if r := routes[f.subnet(o).String()]; !strings.Contains(r, "dev fabric."+w) {
-				return fmt.Errorf("%s's route to %s is %q, want it on fabric.%s", h.Name, p.Name, r, w)
+			if r := routes[f.subnet(o).String()]; !strings.Contains(r, "dev "+deviceOf(w)) {
+				return fmt.Errorf("%s's route to %s is %q, want it on %s", h.Name, p.Name, r, deviceOf(w))
 			}
 		}
 	}
 	return nil
+}
+
+// deviceOf is the tunnel device of an encapsulation.
+func deviceOf(encap string) string {
+	if encap == "wireguard" {
+		return "fabric.wg"
+	}
+	return "fabric." + encap
 }
 
 // pairsTalk checks a ping and a TCP connection for every ordered pair of

@@ -63,6 +63,9 @@ type fabric struct {
 	lab    *lab.Lab
 	agents map[string]*agentProc
 	extra  []string // flags for every fabricd
+	// wireGuardKeys are the public keys each host reported after each
+	// restartWith.
+	wireGuardKeys map[string][]string
 }
 
 type agentProc struct {
@@ -177,6 +180,10 @@ func (f *fabric) ownedRoutes(h *lab.Host) map[string]string {
 			continue
 		}
 		dst, rest, _ := strings.Cut(line, " ")
+		if dst == "unreachable" { // "unreachable 10.244.2.0/24 proto 93"
+			dst, rest, _ = strings.Cut(rest, " ")
+			rest = "unreachable " + rest
+		}
 		routes[dst] = rest
 	}
 	return routes

@@ -21,6 +21,7 @@ func (l *Lab) FabricdArgs(binDir string, h *Host, more ...string) []string {
 		"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","),
 		"--pool", "10.244.0.0/16",
 		"--run-dir", run,
+		"--state-dir", run + "/state",
 		"--docker-opts-file", run + "/docker.env",
 		"--docker-socket", h.DockerSocket(),
 		"--docker-plugin-socket", filepath.Join(h.DockerPluginDir(), "fabric.sock"),

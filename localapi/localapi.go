@@ -51,18 +51,21 @@ type Route struct {
 
 // Status is the agent's own view of itself.
 type Status struct {
-	Node          string    `json:"node"`
-	Version       string    `json:"version"`
-	Subnet        string    `json:"subnet"`
-	Gateway       string    `json:"gateway"`
-	Underlay      string    `json:"underlay"`
-	UnderlayDev   string    `json:"underlayDevice"`
-	ASN           uint32    `json:"asn"`
-	Encapsulation string    `json:"encapsulation"`
-	MTU           int       `json:"mtu"`
-	Bridge        string    `json:"bridge"`
-	Started       time.Time `json:"started"`
-	EtcdHealthy   bool      `json:"etcdHealthy"`
+	Node          string `json:"node"`
+	Version       string `json:"version"`
+	Subnet        string `json:"subnet"`
+	Gateway       string `json:"gateway"`
+	Underlay      string `json:"underlay"`
+	UnderlayDev   string `json:"underlayDevice"`
+	ASN           uint32 `json:"asn"`
+	Encapsulation string `json:"encapsulation"`
+	// Encryption is off, or the WireGuard in use and what it costs.
+	Encryption   string    `json:"encryption"`
+	WireGuardKey string    `json:"wireguardKey,omitempty"` // this host's public key
+	MTU          int       `json:"mtu"`
+	Bridge       string    `json:"bridge"`
+	Started      time.Time `json:"started"`
+	EtcdHealthy  bool      `json:"etcdHealthy"`
 }
 
 // Provider is what fabricd exposes through the API.

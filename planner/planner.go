@@ -19,6 +19,7 @@ import (
 	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/dataplane"
 	"github.com/fabricnet/fabric/registry"
+	"github.com/fabricnet/fabric/wireguard"
 )
 
 // Host is this host as the decisions need it.
@@ -33,6 +34,9 @@ type Host struct {
 	// 0.0.0.0/0 in a list stands for the default route alone. Peers not
 	// listed are limited only by the rules of refuseRoute.
 	Imports map[string][]netip.Prefix
+	// WireGuardKey is this host's WireGuard public key, "" when it does
+	// not encrypt.
+	WireGuardKey string
 }
 
 // Refusal is an input the planner will not act on, and why. Key identifies
@@ -79,7 +83,40 @@ func AcceptNodes(h Host, records []registry.Node, held map[string][]netip.Prefix
 		owner[n.Address] = n.Name
 		out = append(out, n)
 	}
-	return out, refused
+	return out, refuseKeys(h, out, refused)
+}
+
+// refuseKeys clears WireGuard keys that may not be used, in the accepted
+// records (a record that fails the lease check above never gives a key):
+// one that is not a key, this host's own, or one that two records claim
+// (a key is one host's; which of them holds the private half cannot be
+// told). The host then counts as one that cannot encrypt.
+func refuseKeys(h Host, nodes []registry.Node, refused []Refusal) []Refusal {
+	claims := map[string]int{}
+	for _, n := range nodes {
+		if n.Name != h.Name && n.WireGuardKey != "" {
+			claims[n.WireGuardKey]++
+		}
+	}
+	for i := range nodes {
+		n := &nodes[i]
+		if n.Name == h.Name || n.WireGuardKey == "" {
+			continue
+		}
+		var why string
+		if _, err := wireguard.ParsePublicKey(n.WireGuardKey); err != nil {
+			why = fmt.Sprintf("its WireGuard key is refused: %v", err)
+		} else if n.WireGuardKey == h.WireGuardKey {
+			why = "its WireGuard key is this host's own"
+		} else if claims[n.WireGuardKey] > 1 {
+			why = fmt.Sprintf("its WireGuard key %s is in %d node records", n.WireGuardKey, claims[n.WireGuardKey])
+		}
+		if why != "" {
+			refused = append(refused, Refusal{Key: "node/" + n.Name + "/" + why, What: "node record", Name: n.Name, Why: why + "; no encrypted traffic to it"})
+			n.WireGuardKey = ""
+		}
+	}
+	return refused
 }
 
 // Departed is a host whose node record is gone from etcd while its BGP
@@ -364,7 +401,7 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 // PeerInfo is what the data plane needs to know about node n.
 func PeerInfo(n registry.Node) *dataplane.PeerInfo {
 	mac, _ := net.ParseMAC(n.VTEPMAC)
-	return &dataplane.PeerInfo{Name: n.Name, Address: n.Address, VTEPMAC: mac, Encaps: slices.Clone(n.Encaps), Subnet: n.Subnet}
+	return &dataplane.PeerInfo{Name: n.Name, Address: n.Address, VTEPMAC: mac, Encaps: slices.Clone(n.Encaps), Subnet: n.Subnet, WireGuardKey: n.WireGuardKey}
 }
 
 // FabricPeers is whom this host peers with among the fabric's hosts. With no

@@ -1,7 +1,10 @@
 package planner
 
 import (
+	"bytes"
+	"encoding/base64"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -221,6 +224,47 @@ func TestAcceptNodes(t *testing.T) {
 	for _, r := range refused {
 		if !strings.Contains(r.Why, want[r.Name]) || want[r.Name] == "" {
 			t.Errorf("refusal of %s: %q, want %q", r.Name, r.Why, want[r.Name])
+		}
+	}
+}
+
+// A WireGuard key is used only from a record that passes the lease check,
+// only when it is a key, not this host's and claimed by one record alone;
+// a refused key leaves the host in the mesh as one that cannot encrypt.
+func TestAcceptNodesWireGuardKeys(t *testing.T) {
+	key := func(b byte) string { return base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{b}, 32)) }
+	me := self
+	me.WireGuardKey = key(1)
+	with := func(n registry.Node, k string) registry.Node { n.WireGuardKey = k; return n }
+	good := with(h2, key(2))
+	h3own := with(h3, key(1))                                            // this host's key
+	a := with(node("a", "192.0.2.30", "10.244.30.0/24"), key(3))         // one key,
+	b := with(node("b", "192.0.2.31", "10.244.31.0/24"), key(3))         // two records
+	bad := with(node("bad", "192.0.2.32", "10.244.32.0/24"), "c2hvcnQ=") // 5 bytes
+	zero := with(node("zero", "192.0.2.33", "10.244.33.0/24"), key(0))
+	// A forged record for a subnet not leased to it gives no key at all.
+	forged := with(node("forged", "192.0.2.34", "10.244.2.0/24"), key(4))
+	held := map[string][]netip.Prefix{"h2": {h2.Subnet}, "h3": {h3.Subnet}, "a": {a.Subnet}, "b": {b.Subnet},
+		"bad": {bad.Subnet}, "zero": {zero.Subnet}, "forged": {netip.MustParsePrefix("10.244.34.0/24")}}
+	got, refused := AcceptNodes(me, []registry.Node{with(h1, key(1)), good, h3own, a, b, bad, zero, forged}, held)
+	keys := map[string]string{}
+	for _, n := range got {
+		keys[n.Name] = n.WireGuardKey
+	}
+	want := map[string]string{"h1": key(1), "h2": key(2), "h3": "", "a": "", "b": "", "bad": "", "zero": ""}
+	if !maps.Equal(keys, want) {
+		t.Errorf("accepted keys %v, want %v", keys, want)
+	}
+	why := map[string]string{}
+	for _, r := range refused {
+		why[r.Name] = r.Why
+	}
+	for name, w := range map[string]string{
+		"h3": "its WireGuard key is this host's own", "a": "is in 2 node records", "b": "is in 2 node records",
+		"bad": "is not a base64 WireGuard key", "zero": "the all-zero key", "forged": "is not leased to it",
+	} {
+		if !strings.Contains(why[name], w) {
+			t.Errorf("refusal of %s: %q, want %q", name, why[name], w)
 		}
 	}
 }

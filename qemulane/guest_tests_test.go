@@ -26,7 +26,7 @@ var guestSuites = []struct{ pkg, run string }{
 	// The e2e tests whose outcome depends on the encapsulation auto mode
 	// picks, its MTU and the tunnel devices fabricd owns, and the NAT wire
 	// check (what a server outside the pool sees).
-	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool)$"},
+	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptionRollout)$"},
 }
 
 // guestTestTools are what those tests run besides busybox: iputils' ping
@@ -171,12 +171,12 @@ func TestHostTestsInGuest(t *testing.T) {
 
 const xtablesDir = "/usr/lib/x86_64-linux-gnu/xtables"
 
-// fabricdModules: the data planes (ipip, vxlan), the lab (veth, bridge) and
+// fabricdModules: the data planes (ipip, vxlan, wireguard), the lab (veth, bridge) and
 // what fabricd's NAT and policy need from iptables-legacy and ipset. The VM
 // has no modprobe that could load them on demand. crc32c_generic first:
 // libcrc32c (under nf_conntrack) needs it through a softdep, which
 // ResolveModules does not follow.
-var fabricdModules = []string{"ipip", "veth", "bridge", "vxlan", "crc32c_generic",
+var fabricdModules = []string{"ipip", "veth", "bridge", "vxlan", "wireguard", "crc32c_generic",
 	"iptable_filter", "iptable_nat", "iptable_mangle", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
 	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter"}
 

@@ -33,6 +33,9 @@ type Node struct {
 	// host does, the others peer only with the reflectors (no full mesh).
 	RouteReflector bool   `json:"routeReflector,omitempty"`
 	MachineID      string `json:"machineID"`
+	// WireGuardKey is the host's WireGuard public key (base64) when it
+	// encrypts; peers check it before they use it (planner.AcceptNodes).
+	WireGuardKey string `json:"wireguardKey,omitempty"`
 }
 
 // Validate checks that a record can be used to reach the host.

@@ -16,11 +16,28 @@ import (
 	"github.com/fabricnet/fabric/backend"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/vxlanfallback"
+	"github.com/fabricnet/fabric/wireguard"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
 // Auto is the mode that runs every encapsulation the kernel supports and
 // gives each peer the first one usable for it.
 const Auto = "auto"
+
+// Encryption settings: off (the default), wireguard (every peer through
+// WireGuard, none in clear), and wireguard-optional (WireGuard to the peers
+// that offer it, the clear encapsulations to the rest: the step between
+// the two while a fabric turns encryption on or off, one host at a time).
+const (
+	EncryptionOff      = "off"
+	EncryptionRequired = "wireguard"
+	EncryptionOptional = "wireguard-optional"
+)
+
+// EncryptionModes are the valid values of the encryption setting.
+func EncryptionModes() []string {
+	return []string{EncryptionOff, EncryptionRequired, EncryptionOptional}
+}
 
 // Settings are what the encapsulations are built from.
 type Settings struct {
@@ -30,6 +47,11 @@ type Settings struct {
 	Subnet       netip.Prefix // this host's container subnet
 	VXLANVNI     int
 	VXLANPort    int
+	// WireGuard: this host's private key and UDP port, and which
+	// implementation ("" = the kernel's where it has one).
+	WireGuardKey            wgtypes.Key
+	WireGuardPort           int
+	WireGuardImplementation string
 	// PathWorks is the probe's verdict on IP protocol 4 per peer; used in
 	// auto mode only, where ipip may fall back to another encapsulation.
 	PathWorks func(peer netip.Addr) bool
@@ -39,6 +61,7 @@ type Settings struct {
 // Kind is one encapsulation fabric can run.
 type Kind struct {
 	Name      string
+	Encrypts  bool                                  // runs only where encryption is on
 	Device    string                                // the device its backend owns
 	Supported func(h *netlink.Handle) (bool, error) // whether the kernel can run it
 	New       func(s Settings) (backend.Backend, error)
@@ -49,9 +72,20 @@ type Kind struct {
 // neighbour and FDB entry on it.
 func (k Kind) Cleanup(h *netlink.Handle) error { return backend.DeleteLink(h, k.Device) }
 
-// Kinds are every encapsulation, most preferred first: ipip has the least
-// overhead; VXLAN passes where IP protocol 4 is blocked.
+// Kinds are every encapsulation, most preferred first: WireGuard where
+// encryption is on; ipip has the least overhead; VXLAN passes where IP
+// protocol 4 is blocked.
 var Kinds = []Kind{
+	{
+		Name:      wireguard.Name,
+		Encrypts:  true,
+		Device:    wireguard.DefaultDevice,
+		Supported: wireguard.Supported,
+		New: func(s Settings) (backend.Backend, error) {
+			return wireguard.New(wireguard.Config{Handle: s.Handle, Port: s.WireGuardPort, PrivateKey: s.WireGuardKey,
+				UnderlayAddr: s.UnderlayAddr, Subnet: s.Subnet, Implementation: s.WireGuardImplementation, Logger: s.Logger})
+		},
+	},
 	{
 		Name:      ipip.Name,
 		Device:    ipip.DefaultDevice,
@@ -71,11 +105,15 @@ var Kinds = []Kind{
 	},
 }
 
-// Modes are the valid values of the encapsulation setting.
+// Modes are the valid values of the encapsulation setting: auto and the
+// encapsulations that send in clear (WireGuard comes with the encryption
+// setting).
 func Modes() []string {
 	out := []string{Auto}
 	for _, k := range Kinds {
-		out = append(out, k.Name)
+		if !k.Encrypts {
+			out = append(out, k.Name)
+		}
 	}
 	return out
 }
@@ -89,13 +127,36 @@ func Devices() []string {
 	return out
 }
 
-// Select returns the kinds mode runs on a kernel that supports the ones in
-// supported: the one named, or in auto mode every supported kind. A named
-// kind the kernel cannot run is an error that says what to do instead.
-func Select(mode string, supported map[string]bool) ([]Kind, error) {
+// Select returns the kinds a host runs, most preferred first, for its
+// encapsulation mode and encryption setting on a kernel that supports the
+// ones in supported: with encryption required only the encrypting kinds;
+// optional, those and then the mode's; off, the one named, or in auto mode
+// every supported kind that sends in clear. A kind the setting needs and
+// the kernel cannot run is an error that says what to do instead.
+func Select(mode, encryption string, supported map[string]bool) ([]Kind, error) {
+	if encryption == "" {
+		encryption = EncryptionOff
+	}
+	if !slices.Contains(EncryptionModes(), encryption) {
+		return nil, fmt.Errorf("encryption %q: want one of %s", encryption, strings.Join(EncryptionModes(), ", "))
+	}
+	if encryption == EncryptionRequired && mode != Auto {
+		return nil, fmt.Errorf("encapsulation %s sends in clear, and encryption %s sends nothing in clear: leave encapsulation at auto, or use encryption %s while you switch",
+			mode, encryption, EncryptionOptional)
+	}
 	var out []Kind
 	for _, k := range Kinds {
-		if mode != Auto && mode != k.Name {
+		if k.Encrypts {
+			if encryption == EncryptionOff {
+				continue
+			}
+			if !supported[k.Name] {
+				return nil, fmt.Errorf("encryption %s: this host can run no %s (no kernel module and no /dev/net/tun for the userspace one)", encryption, k.Name)
+			}
+			out = append(out, k)
+			continue
+		}
+		if encryption == EncryptionRequired || (mode != Auto && mode != k.Name) {
 			continue
 		}
 		if !supported[k.Name] {

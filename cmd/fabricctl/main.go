@@ -28,7 +28,7 @@ import (
 type globals struct {
 	// host holds fabricd's settings that fabricctl shares: etcd and the
 	// run directory (config.DefineClientFlags).
-	host   config.Config
+	host    config.Config
 	json    bool          // --json, the same as -o json
 	output  string        // -o: table, wide, json or yaml
 	timeout time.Duration // --timeout: for one command's calls to etcd or fabricd
@@ -248,13 +248,22 @@ func peersCmd(g *globals) *cobra.Command {
 			}
 			var rows [][]string
 			for _, p := range ps {
-				rows = append(rows, []string{p.Name, p.Address, fmt.Sprint(p.ASN), p.Type, p.State, since(p.Since), fmt.Sprint(p.Received), fmt.Sprint(p.Accepted), p.Encap, bfdColumn(p)})
+				rows = append(rows, []string{p.Name, p.Address, fmt.Sprint(p.ASN), p.Type, p.State, since(p.Since), fmt.Sprint(p.Received), fmt.Sprint(p.Accepted), encapColumn(p), bfdColumn(p)})
 			}
 			table("PEER\tADDRESS\tASN\tTYPE\tSTATE\tSINCE\tRECEIVED\tACCEPTED\tENCAPSULATION\tBFD", rows)
 			return nil
 		},
 	})
 	return peers
+}
+
+// encapColumn is the peer's encapsulation, or for a fabric host that none
+// reaches (with encryption on: one that cannot encrypt) "none: " and why.
+func encapColumn(p localapi.Peer) string {
+	if p.Encap == "" && p.EncapReason != "" {
+		return "none: " + p.EncapReason
+	}
+	return p.Encap
 }
 
 // bfdColumn is "up, detect 600ms", "down (detection time expired; 2 downs)"
@@ -321,8 +330,8 @@ func statusCmd(g *globals) *cobra.Command {
 				return g.print(s)
 			}
 			w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-			fmt.Fprintf(w, "node\t%s\nversion\t%s\nsubnet\t%s (gateway %s)\nunderlay\t%s on %s\nasn\t%d\nencapsulation\t%s\nmtu\t%d\nbridge\t%s\nup\t%s\netcd\t%v\n",
-				s.Node, s.Version, s.Subnet, s.Gateway, s.Underlay, s.UnderlayDev, s.ASN, s.Encapsulation, s.MTU, s.Bridge, since(s.Started), map[bool]string{true: "reachable", false: "UNREACHABLE"}[s.EtcdHealthy])
+			fmt.Fprintf(w, "node\t%s\nversion\t%s\nsubnet\t%s (gateway %s)\nunderlay\t%s on %s\nasn\t%d\nencapsulation\t%s\nencryption\t%s\nmtu\t%d\nbridge\t%s\nup\t%s\netcd\t%v\n",
+				s.Node, s.Version, s.Subnet, s.Gateway, s.Underlay, s.UnderlayDev, s.ASN, s.Encapsulation, s.Encryption, s.MTU, s.Bridge, since(s.Started), map[bool]string{true: "reachable", false: "UNREACHABLE"}[s.EtcdHealthy])
 			return w.Flush()
 		},
 	}

@@ -1,0 +1,218 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/internal/testreq"
+	"github.com/fabricnet/fabric/internal/testwait"
+	"github.com/fabricnet/fabric/lab"
+	"github.com/fabricnet/fabric/registry"
+)
+
+// TestEncryptionRollout turns encryption on across a running fabric the
+// way docs/operations.md tells an operator to: every host restarted with
+// encryption wireguard-optional, then every host with wireguard. Before,
+// the underlay carries the containers' TCP payload in clear (the check can
+// see plaintext); halfway, pairs whose hosts both offer WireGuard use it and
+// the rest stay in clear; after, every pair goes through WireGuard (the
+// kernel's in the qemu guest, wireguard-go in fabricd here) and the
+// underlay shows UDP to the WireGuard port and no payload. A forged record
+// that claims a host's subnet with another key gets no traffic, and a
+// restart keeps the host's key.
+func TestEncryptionRollout(t *testing.T) {
+	t.Parallel()
+	f := newFabric(t, lab.Spec{Hosts: 3, Subnets: 1})
+	hosts := f.startMesh()
+	h1, h2, h3 := hosts[0], hosts[1], hosts[2]
+	ctrs := f.containersTalk(hosts)
+	clear := f.autoEncap(h1)
+	if plain, _ := f.captureExchange(h1, ctrs[h1.Name], ctrs[h2.Name]); !plain {
+		t.Fatalf("the underlay capture did not show the TCP payload of a %s fabric in clear: the check cannot see plaintext", clear)
+	}
+
+	// Encryption required on one host while the others send in clear: it
+	// sends nothing to them (unreachable, not in clear, not along the
+	// default route), and says why.
+	f.restartWith(h1, "--encryption", "wireguard")
+	f.eventually(30*time.Second, "host1 refuses its peers that do not encrypt", func() error {
+		ps, err := f.peers(h1)
+		if err != nil {
+			return err
+		}
+		for _, p := range ps {
+			if p.Encap != "" || !strings.Contains(p.EncapReason, "the peer does not encrypt") {
+				return fmt.Errorf("host1 -> %s: %q (%s)", p.Name, p.Encap, p.EncapReason)
+			}
+		}
+		if r := f.ownedRoutes(h1)[f.subnet(h2).String()]; !strings.HasPrefix(r, "unreachable") {
+			return fmt.Errorf("host1's route to host2's subnet: %q, want unreachable", r)
+		}
+		return nil
+	})
+	if err := ping(ctrs[h1.Name], ctrs[h2.Name].Addr); err == nil {
+		t.Error("host1 (encryption required) reached host2 (in clear)")
+	}
+
+	// Step 1, one host at a time: WireGuard where both hosts offer it.
+	optional := map[string]bool{}
+	for _, h := range hosts {
+		f.restartWith(h, "--encryption", "wireguard-optional")
+		optional[h.Name] = true
+		f.waitEncaps(hosts, func(a, b string) string {
+			if optional[a] && optional[b] {
+				return "wireguard"
+			}
+			return clear
+		})
+		f.pairsTalk(hosts, ctrs)
+	}
+	// Step 2: nothing in clear.
+	for _, h := range hosts {
+		f.restartWith(h, "--encryption", "wireguard")
+		f.waitEncaps(hosts, func(string, string) string { return "wireguard" })
+	}
+	f.pairsTalk(hosts, ctrs)
+	st, err := f.status(h1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("host1: encryption %s, MTU %d", st.Encryption, st.MTU)
+	if impl := f.wireGuardImplementation(h1); !strings.HasPrefix(st.Encryption, "wireguard ("+impl+" WireGuard") || st.WireGuardKey == "" {
+		t.Errorf("status says encryption %q, key %q; want %s WireGuard and a key", st.Encryption, st.WireGuardKey, impl)
+	}
+	plain, wg := f.captureExchange(h1, ctrs[h1.Name], ctrs[h2.Name])
+	if plain || wg == 0 {
+		t.Errorf("underlay of host1 with encryption on: payload in clear %v, %d WireGuard packets; want none in clear and some WireGuard", plain, wg)
+	}
+
+	// A forged record: host2's subnet, an outside address, another key.
+	cli, err := f.lab.EtcdClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	forged := registry.Node{Name: "forged", Address: h3.Addr.Next().Next().Next(), ASN: 64512, Subnet: f.subnet(h2),
+		Encaps: []string{"wireguard"}, WireGuardKey: "u7tNTbxt7ZK0Qs3BJFIJ6hJbT/9d1V5mfZgoE1dn2UY=", Version: "forged", MachineID: "forged"}
+	value, _ := json.Marshal(forged)
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(10*time.Second))
+	defer cancel()
+	if _, err := cli.Put(ctx, "/fabric/v1/nodes/forged", string(value)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Delete(context.Background(), "/fabric/v1/nodes/forged") })
+	f.eventually(10*time.Second, "host1 logs the forged record refused", func() error {
+		if log, _ := os.ReadFile(f.agents[h1.Name].proc.LogPath()); !bytes.Contains(log, []byte(`node=forged`)) ||
+			!bytes.Contains(log, []byte("is not leased to it")) {
+			return fmt.Errorf("no refusal of node forged in host1's log")
+		}
+		return nil
+	})
+	f.pairsTalk(hosts, ctrs)
+
+	// A restart keeps the key: peers need not learn a new one.
+	f.restartWith(h2, "--encryption", "wireguard")
+	f.waitEncaps(hosts, func(string, string) string { return "wireguard" })
+	if keys := f.wireGuardKeys[h2.Name]; len(keys) < 3 || strings.Count(strings.Join(keys, " "), keys[0]) != len(keys) {
+		t.Errorf("host2's public key across its restarts: %v, want one key", keys)
+	}
+	f.pairsTalk(hosts, ctrs)
+}
+
+// wireGuardImplementation is what fabricd runs on this kernel: the
+// kernel's WireGuard where it has one (the qemu guest), else wireguard-go.
+func (f *fabric) wireGuardImplementation(h *lab.Host) string {
+	f.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(5*time.Second))
+	defer cancel()
+	if _, err := h.Run(ctx, "ip", "link", "add", "fbwgprobe", "type", "wireguard"); err != nil {
+		return "userspace"
+	}
+	h.Run(ctx, "ip", "link", "del", "fbwgprobe")
+	return "kernel"
+}
+
+// restartWith stops fabricd on h and starts it with the same flags plus
+// more (later flags win), then waits for its API.
+func (f *fabric) restartWith(h *lab.Host, more ...string) {
+	f.t.Helper()
+	a := f.agents[h.Name]
+	if err := a.proc.Stop(); err != nil {
+		f.t.Fatalf("stop fabricd on %s: %v", h.Name, err)
+	}
+	f.start(h, more...)
+	if st, err := f.status(h); err == nil && st.WireGuardKey != "" {
+		if f.wireGuardKeys == nil {
+			f.wireGuardKeys = map[string][]string{}
+		}
+		f.wireGuardKeys[h.Name] = append(f.wireGuardKeys[h.Name], st.WireGuardKey)
+	}
+}
+
+// captureExchange captures h's underlay while src's container opens a TCP
+// connection to dst's and the two exchange a line ("seen-from <src>"). It
+// reports whether that line crossed the underlay in clear, and how many
+// UDP packets to or from the WireGuard port the capture holds.
+func (f *fabric) captureExchange(h *lab.Host, src, dst *lab.Container) (plain bool, wireguard int) {
+	f.t.Helper()
+	c, err := lab.StartCapture(h.Netns, h.Dev)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	from, err := tcpExchange(dst, src, 8001)
+	frames := c.Frames()
+	if err != nil || from != src.Addr.String() {
+		f.t.Fatalf("tcp %s -> %s: receiver saw %q, want %s: %v", src.Name, dst.Name, from, src.Addr, err)
+	}
+	line := []byte("seen-from " + src.Addr.String())
+	for _, fr := range frames {
+		plain = plain || bytes.Contains(fr, line)
+		if lab.UDPPort(fr, 51820) {
+			wireguard++
+		}
+	}
+	f.t.Logf("%s's underlay during the exchange: %d frames, %d WireGuard, payload in clear: %v", h.Name, len(frames), wireguard, plain)
+	return plain, wireguard
+}
+
+// TestDockerNetworkEncrypted: containers of a Docker network on two hosts
+// with encryption on reach each other both ways, so WireGuard lets through
+// what is routed to a host besides its subnet (its network blocks).
+func TestDockerNetworkEncrypted(t *testing.T) {
+	t.Parallel()
+	if reason := lab.DockerMissing(); reason != "" {
+		testreq.Missing(t, "%s", reason)
+	}
+	f := newFabric(t, lab.Spec{Hosts: 2}, "--encryption", "wireguard")
+	hosts := f.startMesh()
+	dhs, img := f.startDockerds(hosts)
+	h1, h2 := dhs[0], dhs[1]
+	if out, err := h1.docker("network", "create", "-d", "fabric", "--ipam-driver", "fabric", "--subnet", "172.16.7.0/24", "net7"); err != nil {
+		t.Fatalf("create net7: %v: %s", err, out)
+	}
+	f.hasNetwork(h2, "net7", true)
+	c1 := h1.runOn(t, "net7", "c1", nil, img, "sleep", "3600")
+	c2 := h2.runOn(t, "net7", "c2", nil, img, "sleep", "3600")
+	f.waitEncaps(hosts, func(string, string) string { return "wireguard" })
+	for _, p := range []struct {
+		dh       *dockerHost
+		ctr      string
+		dst      netip.Addr
+		pairName string
+	}{{h1, "c1", c2, "c1 -> c2"}, {h2, "c2", c1, "c2 -> c1"}} {
+		f.eventually(networkSettle, p.pairName+" over WireGuard", func() error {
+			out, err := p.dh.docker("exec", p.ctr, "ping", "-c", "1", "-W", "1", p.dst.String())
+			if err != nil {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		})
+	}
+}

@@ -1,0 +1,329 @@
+package wireguard
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/conn"
+	wgdevice "golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/fabricnet/fabric/backend"
+)
+
+// device is one WireGuard implementation: the kernel's, configured over
+// generic netlink, or wireguard-go's, configured through its UAPI text.
+type device interface {
+	// alive tells whether the device still exists (someone may delete it).
+	alive(h *netlink.Handle) bool
+	// setIdentity sets the private key and listen port where they differ.
+	setIdentity(key wgtypes.Key, port int) error
+	peers() (map[wgtypes.Key]peerConfig, error)
+	configurePeers(cfg []wgtypes.PeerConfig) error
+	status() ([]PeerStatus, error)
+	close()
+}
+
+var errNoKernelWireGuard = errors.New("this kernel has no WireGuard")
+
+// kernelSupported tries to create a kernel WireGuard device.
+func kernelSupported(h *netlink.Handle) (bool, error) {
+	name := fmt.Sprintf("fabwgprobe%d", unix.Getpid()%100000)
+	dev, err := newKernelDevice(backend.DefaultHandle(h), name)
+	if errors.Is(err, errNoKernelWireGuard) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	dev.close()
+	return true, backend.DeleteLink(h, name)
+}
+
+type kernelDevice struct {
+	name   string
+	client *wgctrl.Client
+}
+
+func newKernelDevice(h *netlink.Handle, name string) (*kernelDevice, error) {
+	err := h.LinkAdd(&netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: name}})
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EAFNOSUPPORT) || errors.Is(err, unix.EPROTONOSUPPORT) {
+		return nil, errNoKernelWireGuard
+	}
+	if err != nil {
+		return nil, fmt.Errorf("wireguard: create device %s: %w", name, err)
+	}
+	c, err := wgctrl.New()
+	if err != nil {
+		backend.DeleteLink(h, name)
+		return nil, fmt.Errorf("wireguard: open generic netlink: %w", err)
+	}
+	return &kernelDevice{name: name, client: c}, nil
+}
+
+func (d *kernelDevice) alive(h *netlink.Handle) bool {
+	link, err := h.LinkByName(d.name)
+	return err == nil && link.Type() == "wireguard"
+}
+
+func (d *kernelDevice) setIdentity(key wgtypes.Key, port int) error {
+	have, err := d.client.Device(d.name)
+	if err != nil {
+		return fmt.Errorf("wireguard: read %s: %w", d.name, err)
+	}
+	if have.PrivateKey == key && have.ListenPort == port {
+		return nil
+	}
+	if err := d.client.ConfigureDevice(d.name, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
+		return fmt.Errorf("wireguard: set key and port %d on %s: %w", port, d.name, err)
+	}
+	return nil
+}
+
+func (d *kernelDevice) peers() (map[wgtypes.Key]peerConfig, error) {
+	have, err := d.client.Device(d.name)
+	if err != nil {
+		return nil, fmt.Errorf("wireguard: read %s: %w", d.name, err)
+	}
+	out := make(map[wgtypes.Key]peerConfig, len(have.Peers))
+	for _, p := range have.Peers {
+		var pc peerConfig
+		if p.Endpoint != nil {
+			pc.Endpoint = p.Endpoint.AddrPort()
+			pc.Endpoint = netip.AddrPortFrom(pc.Endpoint.Addr().Unmap(), pc.Endpoint.Port())
+		}
+		for _, n := range p.AllowedIPs {
+			addr, _ := netip.AddrFromSlice(n.IP)
+			ones, _ := n.Mask.Size()
+			pc.AllowedIPs = append(pc.AllowedIPs, netip.PrefixFrom(addr.Unmap(), ones))
+		}
+		sortPrefixes(pc.AllowedIPs)
+		out[p.PublicKey] = pc
+	}
+	return out, nil
+}
+
+func (d *kernelDevice) configurePeers(cfg []wgtypes.PeerConfig) error {
+	if err := d.client.ConfigureDevice(d.name, wgtypes.Config{Peers: cfg}); err != nil {
+		return fmt.Errorf("wireguard: configure peers of %s: %w", d.name, err)
+	}
+	return nil
+}
+
+func (d *kernelDevice) status() ([]PeerStatus, error) {
+	have, err := d.client.Device(d.name)
+	if err != nil {
+		return nil, fmt.Errorf("wireguard: read %s: %w", d.name, err)
+	}
+	var out []PeerStatus
+	for _, p := range have.Peers {
+		s := PeerStatus{PublicKey: p.PublicKey.String(), LastHandshake: p.LastHandshakeTime, RxBytes: p.ReceiveBytes, TxBytes: p.TransmitBytes}
+		if p.Endpoint != nil {
+			s.Endpoint = p.Endpoint.String()
+		}
+		if s.LastHandshake.Unix() == 0 {
+			s.LastHandshake = time.Time{}
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+// close leaves the kernel device in place: routes through it keep working
+// while fabricd restarts.
+func (d *kernelDevice) close() { d.client.Close() }
+
+// userspaceDevice is wireguard-go serving a TUN device inside fabricd.
+type userspaceDevice struct {
+	name    string
+	ifindex int
+	dev     *wgdevice.Device
+	key     wgtypes.Key
+	port    int
+}
+
+func newUserspaceDevice(name string, mtu int, log *slog.Logger) (*userspaceDevice, error) {
+	t, err := tun.CreateTUN(name, mtu)
+	if err != nil {
+		return nil, fmt.Errorf("wireguard: create TUN device %s for wireguard-go: %w", name, err)
+	}
+	link, err := netlink.LinkByName(name)
+	if err != nil {
+		t.Close()
+		return nil, fmt.Errorf("wireguard: look up new TUN device %s: %w", name, err)
+	}
+	logger := &wgdevice.Logger{
+		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
+		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
+	}
+	return &userspaceDevice{name: name, ifindex: link.Attrs().Index, dev: wgdevice.NewDevice(t, conn.NewDefaultBind(), logger)}, nil
+}
+
+func (d *userspaceDevice) alive(h *netlink.Handle) bool {
+	link, err := h.LinkByName(d.name)
+	return err == nil && link.Attrs().Index == d.ifindex
+}
+
+func (d *userspaceDevice) setIdentity(key wgtypes.Key, port int) error {
+	if d.key == key && d.port == port {
+		return nil
+	}
+	if err := d.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", hex.EncodeToString(key[:]), port)); err != nil {
+		return fmt.Errorf("wireguard: set key and port %d on %s: %w", port, d.name, err)
+	}
+	if err := d.dev.Up(); err != nil {
+		return fmt.Errorf("wireguard: start wireguard-go on %s: %w", d.name, err)
+	}
+	d.key, d.port = key, port
+	return nil
+}
+
+func (d *userspaceDevice) peers() (map[wgtypes.Key]peerConfig, error) {
+	peers, err := d.read()
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[wgtypes.Key]peerConfig, len(peers))
+	for _, p := range peers {
+		out[p.key] = p.config
+	}
+	return out, nil
+}
+
+func (d *userspaceDevice) configurePeers(cfg []wgtypes.PeerConfig) error {
+	if err := d.dev.IpcSet(uapiPeers(cfg)); err != nil {
+		return fmt.Errorf("wireguard: configure peers of %s: %w", d.name, err)
+	}
+	return nil
+}
+
+func (d *userspaceDevice) status() ([]PeerStatus, error) {
+	peers, err := d.read()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]PeerStatus, 0, len(peers))
+	for _, p := range peers {
+		out = append(out, p.status)
+	}
+	return out, nil
+}
+
+func (d *userspaceDevice) close() { d.dev.Close() }
+
+func (d *userspaceDevice) read() ([]uapiPeer, error) {
+	text, err := d.dev.IpcGet()
+	if err != nil {
+		return nil, fmt.Errorf("wireguard: read %s: %w", d.name, err)
+	}
+	return parseUAPI(text)
+}
+
+// uapiPeers writes peer changes in WireGuard's cross-platform UAPI text
+// (keys in hex).
+func uapiPeers(cfg []wgtypes.PeerConfig) string {
+	var b strings.Builder
+	for _, p := range cfg {
+		fmt.Fprintf(&b, "public_key=%s\n", hex.EncodeToString(p.PublicKey[:]))
+		if p.Remove {
+			b.WriteString("remove=true\n")
+			continue
+		}
+		if p.Endpoint != nil {
+			fmt.Fprintf(&b, "endpoint=%s\n", p.Endpoint.AddrPort())
+		}
+		if p.ReplaceAllowedIPs {
+			b.WriteString("replace_allowed_ips=true\n")
+		}
+		for _, n := range p.AllowedIPs {
+			fmt.Fprintf(&b, "allowed_ip=%s\n", n.String())
+		}
+	}
+	return b.String()
+}
+
+type uapiPeer struct {
+	key    wgtypes.Key
+	config peerConfig
+	status PeerStatus
+}
+
+// parseUAPI reads the peers out of a UAPI "get" answer.
+func parseUAPI(text string) ([]uapiPeer, error) {
+	var out []uapiPeer
+	var sec, nsec int64
+	finish := func() {
+		if len(out) == 0 {
+			return
+		}
+		p := &out[len(out)-1]
+		sortPrefixes(p.config.AllowedIPs)
+		if sec != 0 || nsec != 0 {
+			p.status.LastHandshake = time.Unix(sec, nsec)
+		}
+		sec, nsec = 0, 0
+	}
+	for line := range strings.SplitSeq(strings.TrimSpace(text), "\n") {
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			continue
+		}
+		if k == "public_key" {
+			finish()
+			raw, err := hex.DecodeString(v)
+			if err != nil || len(raw) != wgtypes.KeyLen {
+				return nil, fmt.Errorf("wireguard: device reported public key %q", v)
+			}
+			key := wgtypes.Key(raw)
+			out = append(out, uapiPeer{key: key, status: PeerStatus{PublicKey: key.String()}})
+			continue
+		}
+		if len(out) == 0 {
+			continue // the device's own settings
+		}
+		p := &out[len(out)-1]
+		var err error
+		switch k {
+		case "endpoint":
+			p.config.Endpoint, err = netip.ParseAddrPort(v)
+			p.status.Endpoint = v
+		case "allowed_ip":
+			var pr netip.Prefix
+			pr, err = netip.ParsePrefix(v)
+			p.config.AllowedIPs = append(p.config.AllowedIPs, pr)
+		case "last_handshake_time_sec":
+			sec, err = strconv.ParseInt(v, 10, 64)
+		case "last_handshake_time_nsec":
+			nsec, err = strconv.ParseInt(v, 10, 64)
+		case "rx_bytes":
+			p.status.RxBytes, err = strconv.ParseInt(v, 10, 64)
+		case "tx_bytes":
+			p.status.TxBytes, err = strconv.ParseInt(v, 10, 64)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("wireguard: device reported %s=%q: %w", k, v, err)
+		}
+	}
+	finish()
+	return out, nil
+}
+
+func sortPrefixes(ps []netip.Prefix) {
+	slices.SortFunc(ps, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+}

@@ -1,0 +1,320 @@
+// Package wireguard is the encrypting encapsulation: one WireGuard device,
+// fabric.wg, with one WireGuard peer per fabric host (its public key from its
+// node record, its underlay address as the endpoint, every prefix routed to
+// it as allowed IPs) and per peer a route "<prefix> dev fabric.wg".
+//
+// The kernel's WireGuard runs where the module is present; elsewhere the
+// device is a TUN served by wireguard-go inside fabricd, which costs
+// fabricd's CPU per packet and stops carrying traffic while fabricd
+// restarts. Both are configured from the same peer list.
+package wireguard
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/fabricnet/fabric/backend"
+)
+
+const (
+	// Name is the encapsulation's name in config and node records.
+	Name          = "wireguard"
+	DefaultDevice = "fabric.wg"
+	DefaultPort   = 51820
+	// Overhead is an IPv4 header, UDP, WireGuard's 16-byte data header and
+	// its 16-byte authentication tag.
+	Overhead = 20 + 8 + 16 + 16
+)
+
+// Implementations of the device.
+const (
+	Kernel    = "kernel"
+	Userspace = "userspace"
+)
+
+// Config describes this host's WireGuard device.
+type Config struct {
+	Handle       *netlink.Handle // nil = current namespace
+	Device       string          // default DefaultDevice
+	Port         int             // UDP listen port, default DefaultPort
+	PrivateKey   wgtypes.Key
+	UnderlayAddr netip.Addr
+	Subnet       netip.Prefix // own container subnet; its network address goes on the device
+	// Implementation is Kernel, Userspace, or "" for the kernel's where it
+	// has WireGuard and userspace elsewhere.
+	Implementation string
+	Logger         *slog.Logger
+}
+
+// Backend owns the WireGuard device and its peers.
+type Backend struct {
+	cfg    Config
+	handle *netlink.Handle
+	log    *slog.Logger
+
+	mu   sync.Mutex
+	dev  device // nil until Ensure
+	impl string
+}
+
+var (
+	_ backend.Backend       = (*Backend)(nil)
+	_ backend.KeyAdvertiser = (*Backend)(nil)
+)
+
+// New validates cfg and fills defaults. It does not touch the kernel.
+func New(cfg Config) (*Backend, error) {
+	if cfg.Device == "" {
+		cfg.Device = DefaultDevice
+	}
+	if cfg.Port == 0 {
+		cfg.Port = DefaultPort
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	switch {
+	case len(cfg.Device) > 15:
+		return nil, fmt.Errorf("wireguard device name %q is longer than 15 bytes", cfg.Device)
+	case cfg.Port < 1 || cfg.Port > 65535:
+		return nil, fmt.Errorf("wireguard port %d outside 1-65535", cfg.Port)
+	case cfg.PrivateKey == wgtypes.Key{}:
+		return nil, errors.New("wireguard needs this host's private key")
+	case !cfg.UnderlayAddr.Is4():
+		return nil, fmt.Errorf("wireguard underlay address %v is not an IPv4 address", cfg.UnderlayAddr)
+	case !cfg.Subnet.IsValid() || !cfg.Subnet.Addr().Is4():
+		return nil, fmt.Errorf("wireguard subnet %v is not an IPv4 prefix", cfg.Subnet)
+	case cfg.Implementation != "" && cfg.Implementation != Kernel && cfg.Implementation != Userspace:
+		return nil, fmt.Errorf("wireguard implementation %q: want %s or %s", cfg.Implementation, Kernel, Userspace)
+	}
+	cfg.Subnet = cfg.Subnet.Masked()
+	return &Backend{
+		cfg:    cfg,
+		handle: backend.DefaultHandle(cfg.Handle),
+		log:    cfg.Logger.With("backend", Name, "device", cfg.Device),
+	}, nil
+}
+
+func (b *Backend) Name() string   { return Name }
+func (b *Backend) Device() string { return b.cfg.Device }
+func (b *Backend) Overhead() int  { return Overhead }
+
+// PublicKey is this host's public key, for its node record.
+func (b *Backend) PublicKey() string { return b.cfg.PrivateKey.PublicKey().String() }
+
+// Implementation says which WireGuard runs ("" before the first Ensure).
+func (b *Backend) Implementation() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.impl
+}
+
+// Usable: the peer runs WireGuard and its record carries a key.
+func (b *Backend) Usable(peer backend.Peer) (bool, string) {
+	switch {
+	case !slices.Contains(peer.Encaps, Name):
+		return false, "the peer does not encrypt (its node record offers no wireguard)"
+	case peer.WireGuardKey == "":
+		return false, "the peer's node record has no usable WireGuard public key"
+	}
+	return true, "both hosts encrypt with WireGuard"
+}
+
+// Ingress matches WireGuard's UDP port.
+func (b *Backend) Ingress() string { return fmt.Sprintf("-p udp -m udp --dport %d", b.cfg.Port) }
+
+// Ensure creates or repairs the device, its key and port, MTU, address and
+// up flag.
+func (b *Backend) Ensure(ctx context.Context, mtu int) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.dev != nil && !b.dev.alive(b.handle) {
+		b.log.Warn("wireguard device is gone; creating it again")
+		b.dev.close()
+		b.dev = nil
+	}
+	if b.dev == nil {
+		dev, impl, err := b.create(mtu)
+		if err != nil {
+			return 0, err
+		}
+		b.dev, b.impl = dev, impl
+		b.log.Info("created wireguard device", "implementation", impl, "port", b.cfg.Port, "mtu", mtu, "publicKey", b.PublicKey())
+	}
+	link, err := b.handle.LinkByName(b.cfg.Device)
+	if err != nil {
+		return 0, fmt.Errorf("wireguard: look up %s: %w", b.cfg.Device, err)
+	}
+	if err := b.dev.setIdentity(b.cfg.PrivateKey, b.cfg.Port); err != nil {
+		return 0, err
+	}
+	if err := backend.FinishLink(b.handle, Name, link, mtu, b.cfg.Subnet.Addr()); err != nil {
+		return 0, err
+	}
+	return link.Attrs().Index, nil
+}
+
+// create makes the device: the kernel's where it can, else wireguard-go.
+func (b *Backend) create(mtu int) (device, string, error) {
+	if err := backend.DeleteLink(b.handle, b.cfg.Device); err != nil {
+		return nil, "", err // a leftover (an earlier run's TUN or kernel device)
+	}
+	if b.cfg.Implementation != Userspace {
+		dev, err := newKernelDevice(b.handle, b.cfg.Device)
+		switch {
+		case err == nil:
+			return dev, Kernel, nil
+		case b.cfg.Implementation == Kernel || !errors.Is(err, errNoKernelWireGuard):
+			return nil, "", err
+		}
+		b.log.Info("this kernel has no WireGuard: running wireguard-go in fabricd (userspace, over TUN)")
+	}
+	dev, err := newUserspaceDevice(b.cfg.Device, mtu, b.log)
+	if err != nil {
+		return nil, "", err
+	}
+	return dev, Userspace, nil
+}
+
+// SyncPeers makes the device's peers exactly peers: one per key, with its
+// underlay endpoint and the prefixes routed to it as allowed IPs. Peers
+// whose settings already match are not touched, so their sessions stay.
+func (b *Backend) SyncPeers(peers []backend.Peer) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.dev == nil {
+		return nil
+	}
+	want := map[wgtypes.Key]peerConfig{}
+	for _, p := range peers {
+		key, err := wgtypes.ParseKey(p.WireGuardKey)
+		if err != nil {
+			return fmt.Errorf("wireguard peer %s: key %q: %w", p.Name, p.WireGuardKey, err)
+		}
+		want[key] = peerConfig{Endpoint: netip.AddrPortFrom(p.Address, uint16(b.cfg.Port)), AllowedIPs: allowed(p)}
+	}
+	have, err := b.dev.peers()
+	if err != nil {
+		return err
+	}
+	cfg := planPeers(have, want)
+	if len(cfg) == 0 {
+		return nil
+	}
+	return b.dev.configurePeers(cfg)
+}
+
+// allowed are the prefixes a peer may send from and receive: its container
+// subnet and whatever else is routed to it (its Docker networks' blocks).
+func allowed(p backend.Peer) []netip.Prefix {
+	out := []netip.Prefix{p.Subnet.Masked()}
+	for _, r := range p.Routed {
+		if r = r.Masked(); !slices.Contains(out, r) {
+			out = append(out, r)
+		}
+	}
+	sortPrefixes(out)
+	return out
+}
+
+// peerConfig is what fabric sets on one WireGuard peer.
+type peerConfig struct {
+	Endpoint   netip.AddrPort
+	AllowedIPs []netip.Prefix // sorted
+}
+
+func (p peerConfig) equal(o peerConfig) bool {
+	return p.Endpoint == o.Endpoint && slices.Equal(p.AllowedIPs, o.AllowedIPs)
+}
+
+// planPeers is the peer configuration that turns have into want: removals
+// and the peers that are new or differ; unchanged peers are left out.
+func planPeers(have, want map[wgtypes.Key]peerConfig) []wgtypes.PeerConfig {
+	var out []wgtypes.PeerConfig
+	for key := range have {
+		if _, ok := want[key]; !ok {
+			out = append(out, wgtypes.PeerConfig{PublicKey: key, Remove: true})
+		}
+	}
+	for key, w := range want {
+		if h, ok := have[key]; ok && h.equal(w) {
+			continue
+		}
+		ips := make([]net.IPNet, 0, len(w.AllowedIPs))
+		for _, p := range w.AllowedIPs {
+			ips = append(ips, *backend.IPNet(p))
+		}
+		out = append(out, wgtypes.PeerConfig{
+			PublicKey:         key,
+			Endpoint:          net.UDPAddrFromAddrPort(w.Endpoint),
+			ReplaceAllowedIPs: true,
+			AllowedIPs:        ips,
+		})
+	}
+	slices.SortFunc(out, func(a, b wgtypes.PeerConfig) int { return slices.Compare(a.PublicKey[:], b.PublicKey[:]) })
+	return out
+}
+
+// RouteFor sends dst into the device; WireGuard picks the peer by its
+// allowed IPs.
+func (b *Backend) RouteFor(dst netip.Prefix, peer backend.Peer) (*netlink.Route, error) {
+	link, err := b.handle.LinkByName(b.cfg.Device)
+	if err != nil {
+		return nil, fmt.Errorf("wireguard route %s to %s: %w", dst, peer.Name, err)
+	}
+	return &netlink.Route{Dst: backend.IPNet(dst), LinkIndex: link.Attrs().Index, Scope: netlink.SCOPE_LINK}, nil
+}
+
+// PeerStatus is one WireGuard peer as the device reports it.
+type PeerStatus struct {
+	PublicKey     string
+	Endpoint      string
+	LastHandshake time.Time // zero: none yet
+	RxBytes       int64
+	TxBytes       int64
+}
+
+// Peers reports the device's peers, for status.
+func (b *Backend) Peers() ([]PeerStatus, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.dev == nil {
+		return nil, nil
+	}
+	return b.dev.status()
+}
+
+// Close stops a userspace device (the kernel's stays for a restart to find,
+// like every other fabric device).
+func (b *Backend) Close() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.dev != nil {
+		b.dev.close()
+		b.dev = nil
+	}
+}
+
+// Supported reports whether this host can run WireGuard at all: the kernel
+// module, or TUN for wireguard-go.
+func Supported(h *netlink.Handle) (bool, error) {
+	if f, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0); err == nil {
+		unix.Close(f)
+		return true, nil
+	}
+	return kernelSupported(h)
+}

@@ -1,0 +1,143 @@
+package wireguard
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/fabricnet/fabric/backend"
+)
+
+func key(t *testing.T) wgtypes.Key {
+	t.Helper()
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k.PublicKey()
+}
+
+// Peers whose settings match are left alone (their sessions stay), the
+// rest are written, and peers no longer wanted are removed.
+func TestPlanPeers(t *testing.T) {
+	same, moved, gone, added := key(t), key(t), key(t), key(t)
+	cfg := func(addr string, prefixes ...string) peerConfig {
+		c := peerConfig{Endpoint: netip.MustParseAddrPort(addr)}
+		for _, p := range prefixes {
+			c.AllowedIPs = append(c.AllowedIPs, netip.MustParsePrefix(p))
+		}
+		return c
+	}
+	have := map[wgtypes.Key]peerConfig{
+		same:  cfg("192.0.2.2:51820", "10.244.2.0/24"),
+		moved: cfg("192.0.2.3:51820", "10.244.3.0/24"),
+		gone:  cfg("192.0.2.4:51820", "10.244.4.0/24"),
+	}
+	want := map[wgtypes.Key]peerConfig{
+		same:  cfg("192.0.2.2:51820", "10.244.2.0/24"),
+		moved: cfg("192.0.2.3:51820", "10.244.3.0/24", "10.250.0.0/26"), // a Docker network's block
+		added: cfg("192.0.2.5:51820", "10.244.5.0/24"),
+	}
+	got := map[wgtypes.Key]wgtypes.PeerConfig{}
+	for _, p := range planPeers(have, want) {
+		got[p.PublicKey] = p
+	}
+	if _, ok := got[same]; ok || len(got) != 3 {
+		t.Fatalf("plan %+v: want moved, gone and added only", got)
+	}
+	if !got[gone].Remove {
+		t.Errorf("peer no longer wanted not removed: %+v", got[gone])
+	}
+	if p := got[moved]; !p.ReplaceAllowedIPs || len(p.AllowedIPs) != 2 || p.Endpoint.String() != "192.0.2.3:51820" {
+		t.Errorf("changed peer: %+v", p)
+	}
+	if planPeers(want, want) != nil {
+		t.Error("a device that matches got changes")
+	}
+}
+
+// What wireguard-go answers to "get" reads back into the peers it was set
+// to, and a set rendered from a plan is the UAPI wireguard-go takes.
+func TestUAPIRoundTrip(t *testing.T) {
+	k := key(t)
+	text := "private_key=0000000000000000000000000000000000000000000000000000000000000000\nlisten_port=51820\n" +
+		uapiPeers([]wgtypes.PeerConfig{{PublicKey: k, Endpoint: nil}}) +
+		"endpoint=192.0.2.2:51820\nallowed_ip=10.250.0.0/26\nallowed_ip=10.244.2.0/24\n" +
+		"last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5\nrx_bytes=10\ntx_bytes=20\n"
+	peers, err := parseUAPI(text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(peers) != 1 || peers[0].key != k {
+		t.Fatalf("peers %+v", peers)
+	}
+	p := peers[0]
+	if p.config.Endpoint.String() != "192.0.2.2:51820" || len(p.config.AllowedIPs) != 2 || p.config.AllowedIPs[0].String() != "10.244.2.0/24" {
+		t.Errorf("config %+v (allowed IPs must come sorted)", p.config)
+	}
+	if p.status.LastHandshake.Unix() != 1700000000 || p.status.RxBytes != 10 || p.status.TxBytes != 20 {
+		t.Errorf("status %+v", p.status)
+	}
+	if _, err := parseUAPI("public_key=zz\n"); err == nil {
+		t.Error("a malformed key from the device was accepted")
+	}
+}
+
+// Allowed IPs are the peer's subnet and every prefix routed to it, once.
+func TestAllowed(t *testing.T) {
+	p := backend.Peer{Subnet: netip.MustParsePrefix("10.244.2.0/24"),
+		Routed: []netip.Prefix{netip.MustParsePrefix("10.250.0.0/26"), netip.MustParsePrefix("10.244.2.0/24")}}
+	if got := allowed(p); len(got) != 2 || got[0].String() != "10.244.2.0/24" || got[1].String() != "10.250.0.0/26" {
+		t.Errorf("allowed %v", got)
+	}
+}
+
+// The key is made once, kept 0600, read back the same; a key file others
+// can read, or garbage, is refused with the path and what to do.
+func TestLoadOrCreateKey(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state", "wireguard.key")
+	first, err := LoadOrCreateKey(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(path)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file mode %v (%v), want 0600", st.Mode().Perm(), err)
+	}
+	again, err := LoadOrCreateKey(path)
+	if err != nil || again != first {
+		t.Fatalf("second start read %v (%v), want the first key", again, err)
+	}
+	os.Chmod(path, 0o644)
+	if _, err := LoadOrCreateKey(path); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("world-readable key: %v", err)
+	}
+	os.WriteFile(path, []byte("not a key\n"), 0o600)
+	if _, err := LoadOrCreateKey(path); err == nil || !strings.Contains(err.Error(), path) {
+		t.Errorf("garbage key: %v", err)
+	}
+}
+
+func TestNewRejects(t *testing.T) {
+	good := Config{PrivateKey: key(t), UnderlayAddr: netip.MustParseAddr("192.0.2.1"), Subnet: netip.MustParsePrefix("10.244.1.0/24")}
+	for name, mutate := range map[string]func(*Config){
+		"no key":         func(c *Config) { c.PrivateKey = wgtypes.Key{} },
+		"long name":      func(c *Config) { c.Device = "fabric.wireguard0" },
+		"port":           func(c *Config) { c.Port = 70000 },
+		"v6 underlay":    func(c *Config) { c.UnderlayAddr = netip.MustParseAddr("2001:db8::1") },
+		"implementation": func(c *Config) { c.Implementation = "boringtun" },
+	} {
+		c := good
+		mutate(&c)
+		if _, err := New(c); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := New(good); err != nil {
+		t.Errorf("good config: %v", err)
+	}
+}
