@@ -64,9 +64,17 @@ func newKernelDevice(h *netlink.Handle, name string) (*kernelDevice, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wireguard: create device %s: %w", name, err)
 	}
-	c, err := wgctrl.New()
+	dev, err := adoptKernelDevice(name)
 	if err != nil {
 		backend.DeleteLink(h, name)
+	}
+	return dev, err
+}
+
+// adoptKernelDevice opens the control of an existing kernel device.
+func adoptKernelDevice(name string) (*kernelDevice, error) {
+	c, err := wgctrl.New()
+	if err != nil {
 		return nil, fmt.Errorf("wireguard: open generic netlink: %w", err)
 	}
 	return &kernelDevice{name: name, client: c}, nil
@@ -109,6 +117,7 @@ func (d *kernelDevice) peers() (map[wgtypes.Key]peerConfig, error) {
 			pc.AllowedIPs = append(pc.AllowedIPs, netip.PrefixFrom(addr.Unmap(), ones))
 		}
 		sortPrefixes(pc.AllowedIPs)
+		pc.Keepalive = p.PersistentKeepaliveInterval
 		out[p.PublicKey] = pc
 	}
 	return out, nil
@@ -243,6 +252,9 @@ func uapiPeers(cfg []wgtypes.PeerConfig) string {
 		if p.Endpoint != nil {
 			fmt.Fprintf(&b, "endpoint=%s\n", p.Endpoint.AddrPort())
 		}
+		if p.PersistentKeepaliveInterval != nil {
+			fmt.Fprintf(&b, "persistent_keepalive_interval=%d\n", int(p.PersistentKeepaliveInterval.Seconds()))
+		}
 		if p.ReplaceAllowedIPs {
 			b.WriteString("replace_allowed_ips=true\n")
 		}
@@ -306,6 +318,10 @@ func parseUAPI(text string) ([]uapiPeer, error) {
 			sec, err = strconv.ParseInt(v, 10, 64)
 		case "last_handshake_time_nsec":
 			nsec, err = strconv.ParseInt(v, 10, 64)
+		case "persistent_keepalive_interval":
+			var secs int64
+			secs, err = strconv.ParseInt(v, 10, 64)
+			p.config.Keepalive = time.Duration(secs) * time.Second
 		case "rx_bytes":
 			p.status.RxBytes, err = strconv.ParseInt(v, 10, 64)
 		case "tx_bytes":

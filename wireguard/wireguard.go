@@ -37,6 +37,14 @@ const (
 	Overhead = 20 + 8 + 16 + 16
 )
 
+// Keepalive is every peer's persistent keepalive. Setting it makes a device
+// send to a new peer at once, so a host whose sessions are gone (a restarted
+// wireguard-go, a new key) handshakes with every peer right away; without it
+// a peer kept sending on the old session until its 15 s no-reply timer
+// (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT) started a new handshake. One 32-byte
+// packet per peer every 25 s when idle.
+const Keepalive = 25 * time.Second
+
 // Implementations of the device.
 const (
 	Kernel    = "kernel"
@@ -153,7 +161,7 @@ func (b *Backend) Ensure(ctx context.Context, mtu int) (int, error) {
 			return 0, err
 		}
 		b.dev, b.impl = dev, impl
-		b.log.Info("created wireguard device", "implementation", impl, "port", b.cfg.Port, "mtu", mtu, "publicKey", b.PublicKey())
+		b.log.Info("wireguard device ready", "implementation", impl, "port", b.cfg.Port, "mtu", mtu, "publicKey", b.PublicKey())
 	}
 	link, err := b.handle.LinkByName(b.cfg.Device)
 	if err != nil {
@@ -168,10 +176,19 @@ func (b *Backend) Ensure(ctx context.Context, mtu int) (int, error) {
 	return link.Attrs().Index, nil
 }
 
-// create makes the device: the kernel's where it can, else wireguard-go.
+// create makes the device: the kernel's where it can, else wireguard-go. A
+// kernel device of an earlier run is adopted as it is, so its peers, their
+// sessions and the routes through it carry traffic across a restart.
 func (b *Backend) create(mtu int) (device, string, error) {
+	if link, err := b.handle.LinkByName(b.cfg.Device); err == nil && link.Type() == "wireguard" && b.cfg.Implementation != Userspace {
+		dev, err := adoptKernelDevice(b.cfg.Device)
+		if err != nil {
+			return nil, "", err
+		}
+		return dev, Kernel, nil
+	}
 	if err := backend.DeleteLink(b.handle, b.cfg.Device); err != nil {
-		return nil, "", err // a leftover (an earlier run's TUN or kernel device)
+		return nil, "", err // a leftover of another kind
 	}
 	if b.cfg.Implementation != Userspace {
 		dev, err := newKernelDevice(b.handle, b.cfg.Device)
@@ -205,7 +222,7 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 		if err != nil {
 			return fmt.Errorf("wireguard peer %s: key %q: %w", p.Name, p.WireGuardKey, err)
 		}
-		want[key] = peerConfig{Endpoint: netip.AddrPortFrom(p.Address, uint16(b.cfg.Port)), AllowedIPs: allowed(p)}
+		want[key] = peerConfig{Endpoint: netip.AddrPortFrom(p.Address, uint16(b.cfg.Port)), AllowedIPs: allowed(p), Keepalive: Keepalive}
 	}
 	have, err := b.dev.peers()
 	if err != nil {
@@ -235,10 +252,11 @@ func allowed(p backend.Peer) []netip.Prefix {
 type peerConfig struct {
 	Endpoint   netip.AddrPort
 	AllowedIPs []netip.Prefix // sorted
+	Keepalive  time.Duration
 }
 
 func (p peerConfig) equal(o peerConfig) bool {
-	return p.Endpoint == o.Endpoint && slices.Equal(p.AllowedIPs, o.AllowedIPs)
+	return p.Endpoint == o.Endpoint && slices.Equal(p.AllowedIPs, o.AllowedIPs) && p.Keepalive == o.Keepalive
 }
 
 // planPeers is the peer configuration that turns have into want: removals
@@ -258,11 +276,13 @@ func planPeers(have, want map[wgtypes.Key]peerConfig) []wgtypes.PeerConfig {
 		for _, p := range w.AllowedIPs {
 			ips = append(ips, *backend.IPNet(p))
 		}
+		keepalive := w.Keepalive
 		out = append(out, wgtypes.PeerConfig{
-			PublicKey:         key,
-			Endpoint:          net.UDPAddrFromAddrPort(w.Endpoint),
-			ReplaceAllowedIPs: true,
-			AllowedIPs:        ips,
+			PublicKey:                   key,
+			Endpoint:                    net.UDPAddrFromAddrPort(w.Endpoint),
+			ReplaceAllowedIPs:           true,
+			AllowedIPs:                  ips,
+			PersistentKeepaliveInterval: &keepalive,
 		})
 	}
 	slices.SortFunc(out, func(a, b wgtypes.PeerConfig) int { return slices.Compare(a.PublicKey[:], b.PublicKey[:]) })

@@ -26,7 +26,7 @@ func key(t *testing.T) wgtypes.Key {
 func TestPlanPeers(t *testing.T) {
 	same, moved, gone, added := key(t), key(t), key(t), key(t)
 	cfg := func(addr string, prefixes ...string) peerConfig {
-		c := peerConfig{Endpoint: netip.MustParseAddrPort(addr)}
+		c := peerConfig{Endpoint: netip.MustParseAddrPort(addr), Keepalive: Keepalive}
 		for _, p := range prefixes {
 			c.AllowedIPs = append(c.AllowedIPs, netip.MustParsePrefix(p))
 		}
@@ -52,11 +52,17 @@ func TestPlanPeers(t *testing.T) {
 	if !got[gone].Remove {
 		t.Errorf("peer no longer wanted not removed: %+v", got[gone])
 	}
-	if p := got[moved]; !p.ReplaceAllowedIPs || len(p.AllowedIPs) != 2 || p.Endpoint.String() != "192.0.2.3:51820" {
+	if p := got[moved]; !p.ReplaceAllowedIPs || len(p.AllowedIPs) != 2 || p.Endpoint.String() != "192.0.2.3:51820" || *p.PersistentKeepaliveInterval != Keepalive {
 		t.Errorf("changed peer: %+v", p)
 	}
 	if planPeers(want, want) != nil {
 		t.Error("a device that matches got changes")
+	}
+	// A device of an earlier version, without the keepalive, is brought up to date.
+	old := map[wgtypes.Key]peerConfig{same: cfg("192.0.2.2:51820", "10.244.2.0/24")}
+	old[same] = peerConfig{Endpoint: old[same].Endpoint, AllowedIPs: old[same].AllowedIPs}
+	if p := planPeers(old, map[wgtypes.Key]peerConfig{same: want[same]}); len(p) != 1 {
+		t.Errorf("peer without keepalive left as it is: %+v", p)
 	}
 }
 
@@ -66,7 +72,7 @@ func TestUAPIRoundTrip(t *testing.T) {
 	k := key(t)
 	text := "private_key=0000000000000000000000000000000000000000000000000000000000000000\nlisten_port=51820\n" +
 		uapiPeers([]wgtypes.PeerConfig{{PublicKey: k, Endpoint: nil}}) +
-		"endpoint=192.0.2.2:51820\nallowed_ip=10.250.0.0/26\nallowed_ip=10.244.2.0/24\n" +
+		"endpoint=192.0.2.2:51820\npersistent_keepalive_interval=25\nallowed_ip=10.250.0.0/26\nallowed_ip=10.244.2.0/24\n" +
 		"last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5\nrx_bytes=10\ntx_bytes=20\n"
 	peers, err := parseUAPI(text)
 	if err != nil {
@@ -76,7 +82,7 @@ func TestUAPIRoundTrip(t *testing.T) {
 		t.Fatalf("peers %+v", peers)
 	}
 	p := peers[0]
-	if p.config.Endpoint.String() != "192.0.2.2:51820" || len(p.config.AllowedIPs) != 2 || p.config.AllowedIPs[0].String() != "10.244.2.0/24" {
+	if p.config.Endpoint.String() != "192.0.2.2:51820" || len(p.config.AllowedIPs) != 2 || p.config.AllowedIPs[0].String() != "10.244.2.0/24" || p.config.Keepalive != Keepalive {
 		t.Errorf("config %+v (allowed IPs must come sorted)", p.config)
 	}
 	if p.status.LastHandshake.Unix() != 1700000000 || p.status.RxBytes != 10 || p.status.TxBytes != 20 {
