@@ -162,6 +162,9 @@ func (f *fabric) wireGuardImplementation(h *lab.Host) string {
 	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(5*time.Second))
 	defer cancel()
 	if _, err := h.Run(ctx, "ip", "link", "add", "fbwgprobe", "type", "wireguard"); err != nil {
+		if os.Getenv("FABRIC_KERNEL_WIREGUARD") == "1" { // the qemu lane
+			f.t.Fatalf("this kernel should have WireGuard (FABRIC_KERNEL_WIREGUARD=1), but: %v", err)
+		}
 		return "userspace"
 	}
 	h.Run(ctx, "ip", "link", "del", "fbwgprobe")

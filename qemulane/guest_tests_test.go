@@ -47,7 +47,9 @@ var guestTestTools = map[string]string{
 // dependencies fail (FABRIC_REQUIRE_ALL) instead of skipping.
 func guestInit() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "export FABRIC_REQUIRE_ALL=1 FABRIC_BIN=/bin/fabric %s=%d\nfailed=0\n", testwait.ScaleEnv, guestTimeScale)
+	// FABRIC_KERNEL_WIREGUARD: Debian's kernel has WireGuard, so the e2e
+	// tests must find fabricd running the kernel's (not wireguard-go).
+	fmt.Fprintf(&b, "export FABRIC_REQUIRE_ALL=1 FABRIC_BIN=/bin/fabric FABRIC_KERNEL_WIREGUARD=1 %s=%d\nfailed=0\n", testwait.ScaleEnv, guestTimeScale)
 	for _, s := range guestSuites {
 		run := ""
 		if s.run != "" {
