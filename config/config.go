@@ -508,15 +508,7 @@ func (c *Config) Validate() error {
 	if c.MachineID == "" {
 		bad("machineID", "empty; set --machine-id or --machine-id-file")
 	}
-	if len(c.EtcdEndpoints) == 0 {
-		bad("etcdEndpoints", "empty; want e.g. http://10.0.0.5:2379")
-	}
-	for _, e := range c.EtcdEndpoints {
-		if !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") && !strings.HasPrefix(e, "unix://") {
-			bad("etcdEndpoints", "%q is not a URL: want http://host:port, https://host:port or unix:///path", e)
-		}
-	}
-	c.validateEtcdTLS(bad)
+	c.validateEtcd(bad)
 	if !strings.HasPrefix(c.EtcdPrefix, "/") || strings.HasSuffix(c.EtcdPrefix, "/") {
 		bad("etcdPrefix", "%q must start with '/' and not end with '/', e.g. /fabric/v1", c.EtcdPrefix)
 	}
@@ -681,6 +673,61 @@ func (c *Config) Validate() error {
 }
 
 // EtcdTLSFiles returns the TLS files for the etcd client.
+// ValidateClient checks the settings fabricctl shares with fabricd (the
+// etcd endpoints and TLS files), so that a bad value is refused at once, by
+// name, instead of after a connection timeout.
+func (c *Config) ValidateClient() error {
+	var errs []error
+	c.validateEtcd(func(setting, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", setting, fmt.Sprintf(format, a...)))
+	})
+	if len(errs) > 0 {
+		return fmt.Errorf("invalid settings:\n  %w", joinIndented(errs))
+	}
+	return nil
+}
+
+// validateEtcd checks the etcd endpoints and TLS files.
+func (c *Config) validateEtcd(bad func(setting, format string, a ...any)) {
+	if len(c.EtcdEndpoints) == 0 {
+		bad("etcdEndpoints", "empty; want e.g. http://10.0.0.5:2379")
+	}
+	for _, e := range c.EtcdEndpoints {
+		if !strings.HasPrefix(e, "http://") && !strings.HasPrefix(e, "https://") && !strings.HasPrefix(e, "unix://") {
+			bad("etcdEndpoints", "%q is not a URL: want http://host:port, https://host:port or unix:///path", e)
+		}
+	}
+	c.validateEtcdTLS(bad)
+}
+
+// MisspeltEnv reports FABRIC_* variables in environ that are no setting but
+// close to one (FABRIC_ETCD_ENDPOINT for FABRIC_ETCD_ENDPOINTS), for
+// fabricctl: ignored, they would send it to another etcd than the operator
+// meant. Variables far from every setting (a test harness's) are left alone;
+// fabricd refuses every unknown one.
+func MisspeltEnv(environ []string) error {
+	var known []string
+	newFlagSet(new(Config), new(string)).VisitAll(func(f *pflag.Flag) {
+		if !actionFlags[f.Name] {
+			known = append(known, EnvName(f.Name))
+		}
+	})
+	known = append(known, "FABRIC_CONFIG")
+	var errs []error
+	env := envMap(environ)
+	for _, name := range slices.Sorted(maps.Keys(env)) {
+		if slices.Contains(known, name) {
+			continue
+		}
+		// A letter missing or swapped, one edit in eight letters: not
+		// another short name (FABRIC_BIN is two edits from FABRIC_ASN).
+		if near := nearest(name, known); near != "" && editDistance(name, near) <= max(1, len(near)/8) {
+			errs = append(errs, fmt.Errorf("environment %s: not a setting (did you mean %s?)", name, near))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 func (c *Config) EtcdTLSFiles() etcdclient.TLSFiles {
 	return etcdclient.TLSFiles{CA: c.EtcdCACert, Cert: c.EtcdCert, Key: c.EtcdKey}
 }

@@ -341,3 +341,26 @@ func TestEveryDurationReadsWithUnits(t *testing.T) {
 		}
 	}
 }
+
+// fabricctl refuses a misspelt setting in the environment (it would talk to
+// another etcd than meant) but leaves other FABRIC_* variables alone.
+func TestMisspeltEnv(t *testing.T) {
+	err := MisspeltEnv([]string{"FABRIC_ETCD_ENDPOINT=http://10.0.0.1:2379", "FABRIC_BIN=/x", "FABRIC_REQUIRE_ALL=1",
+		"FABRIC_TIME_SCALE=2", "FABRIC_ETCD_ENDPOINTS=http://10.0.0.2:2379", "FABRIC_CONFIG=/etc/fabric/fabricd.yaml", "HOME=/root"})
+	if err == nil || err.Error() != "environment FABRIC_ETCD_ENDPOINT: not a setting (did you mean FABRIC_ETCD_ENDPOINTS?)" {
+		t.Errorf("got %v", err)
+	}
+}
+
+// fabricctl's settings are checked as fabricd checks them, by name.
+func TestValidateClient(t *testing.T) {
+	c := Defaults()
+	c.EtcdEndpoints = []string{"127.0.0.1:1"}
+	if err := c.ValidateClient(); err == nil || !strings.Contains(err.Error(), `etcdEndpoints: "127.0.0.1:1" is not a URL`) {
+		t.Errorf("got %v", err)
+	}
+	c.EtcdEndpoints = []string{"http://127.0.0.1:2379"}
+	if err := c.ValidateClient(); err != nil {
+		t.Errorf("good endpoint refused: %v", err)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/dockernet"
 	"github.com/fabricnet/fabric/dockeropts"
 	"github.com/fabricnet/fabric/ipam"
@@ -139,6 +140,9 @@ func dockerOptsCmd(g *globals) *cobra.Command {
 		Short: "The options dockerd needs on this host (--bip, --mtu, --ip-masq=false)",
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !cmd.Flags().Changed("file") {
+				file = g.host.DockerOptsFile // fabricd.yaml's dockerOptsFile, if it sets one
+			}
 			data, err := os.ReadFile(file)
 			if err != nil {
 				return fmt.Errorf("%s: %w (fabricd writes it once it holds a lease; is fabricd running?)", file, err)
@@ -161,7 +165,7 @@ func dockerOptsCmd(g *globals) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&format, "format", "env", "env, json or systemd")
-	cmd.Flags().StringVar(&file, "file", "/run/fabric/docker.env", "the options file fabricd writes")
+	cmd.Flags().StringVar(&file, "file", config.Defaults().DockerOptsFile, "the options file fabricd writes (default: dockerOptsFile of fabricd.yaml)")
 	return cmd
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"net"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -25,17 +26,26 @@ func TestExitCodes(t *testing.T) {
 		args []string
 		code int
 		says string
+		env  []string
 	}{
-		{[]string{"--version"}, 0, "fabricctl "},
-		{[]string{"version"}, 0, "fabricctl "},
-		{[]string{"--no-such-flag"}, 2, "unknown flag"},
-		{[]string{"no-such-command"}, 2, "unknown command"},
-		{[]string{"ipam", "release"}, 2, "accepts 1 arg"},
-		{[]string{"--etcd-endpoints", closed, "ipam", "show"}, 3, "etcd unreachable"},
-		{[]string{"--run-dir", runDir, "peers", "status"}, 4, "fabricd is not running"},
-		{[]string{"--run-dir", runDir, "leave"}, 4, "fabricd is not running"},
+		{[]string{"--version"}, 0, "fabricctl ", nil},
+		{[]string{"version"}, 0, "fabricctl ", nil},
+		{[]string{"--no-such-flag"}, 2, "unknown flag", nil},
+		{[]string{"no-such-command"}, 2, "unknown command", nil},
+		{[]string{"ipam", "release"}, 2, "accepts 1 arg", nil},
+		{[]string{"--etcd-endpoints", closed, "ipam", "show"}, 3, "etcd unreachable", nil},
+		{[]string{"--run-dir", runDir, "peers", "status"}, 4, "fabricd is not running", nil},
+		{[]string{"--run-dir", runDir, "leave"}, 4, "fabricd is not running", nil},
+		// Refused at once, by name, not after a connection timeout.
+		{[]string{"ipam", "init"}, 2, `required flag(s) "pool" not set`, nil},
+		{[]string{"--etcd-endpoints", "127.0.0.1:1", "nodes"}, 2, `etcdEndpoints: "127.0.0.1:1" is not a URL`, nil},
+		{[]string{"nodes"}, 2, "FABRIC_ETCD_ENDPOINT: not a setting (did you mean FABRIC_ETCD_ENDPOINTS?)", []string{"FABRIC_ETCD_ENDPOINT=" + closed}},
+		// version needs no settings: a broken fabricd.yaml does not stop it.
+		{[]string{"version"}, 0, "fabricctl ", []string{"FABRIC_CONFIG=/nonexistent/fabricd.yaml"}},
 	} {
-		out, err := exec.Command(bin, c.args...).CombinedOutput()
+		cmd := exec.Command(bin, c.args...)
+		cmd.Env = append(os.Environ(), c.env...)
+		out, err := cmd.CombinedOutput()
 		code := 0
 		var exit *exec.ExitError
 		if errors.As(err, &exit) {

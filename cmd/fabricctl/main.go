@@ -66,13 +66,21 @@ func main() {
 	// Defaults < fabricd's settings file (FABRIC_CONFIG, else
 	// /etc/fabric/fabricd.yaml) < FABRIC_* environment < flags.
 	g.host = config.Defaults()
-	hostErr := errors.Join(readHostSettings(&g.host), config.DefineClientFlags(root.PersistentFlags(), &g.host, os.Environ()))
+	hostErr := errors.Join(readHostSettings(&g.host), config.DefineClientFlags(root.PersistentFlags(), &g.host, os.Environ()),
+		config.MisspeltEnv(os.Environ()))
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts (the same as -o json)")
 	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 5*time.Second, "how long a command waits for etcd or fabricd")
-	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns), json or yaml")
-	root.PersistentPreRunE = func(*cobra.Command, []string) error {
+	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns where a listing has them: containers), json or yaml")
+	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
+		switch cmd.Name() {
+		case "version", "completion", "help", "bash", "zsh", "fish", "powershell":
+			return nil // need no settings: an unreadable fabricd.yaml must not stop them
+		}
 		if hostErr != nil {
 			return usageError{hostErr}
+		}
+		if err := g.host.ValidateClient(); err != nil {
+			return usageError{err}
 		}
 		switch g.output {
 		case "table", "wide", "json", "yaml":
@@ -126,7 +134,8 @@ func exitCode(err error) int {
 	switch {
 	case err == nil:
 		return exitOK
-	case errors.As(err, &usage), strings.HasPrefix(err.Error(), "unknown command"):
+	// cobra's own usage errors are plain errors: known by their text.
+	case errors.As(err, &usage), strings.HasPrefix(err.Error(), "unknown command"), strings.HasPrefix(err.Error(), "required flag(s)"):
 		return exitUsage
 	case errors.Is(err, errEtcdUnreachable):
 		return exitEtcdUnreachable
