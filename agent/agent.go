@@ -662,6 +662,11 @@ func (a *Agent) writeDockerOpts() error {
 // Cleanup removes everything fabricd owns on this host: its routes, tunnel
 // devices, the bridge and the docker options file.
 func Cleanup(cfg *config.Config, log *slog.Logger) error {
+	// Removing a running fabricd's bridge, routes and sockets would cut
+	// every container of the host off while fabricd puts them back.
+	if err := localapi.CheckFree(cfg.SocketPath()); err != nil {
+		return fmt.Errorf("%w; stop it first (systemctl stop fabricd), then run --cleanup", err)
+	}
 	var errs []error
 	if err := dataplane.Cleanup(nil, cfg.RouteProtocol); err != nil {
 		errs = append(errs, err)

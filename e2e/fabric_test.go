@@ -318,6 +318,17 @@ func TestCleanupLeavesNothing(t *testing.T) {
 		return nil
 	})
 	a := f.agents[h.Name]
+	// On a live host --cleanup refuses and touches nothing.
+	before := f.ownedRoutes(h)
+	if out, err := h.Run(ctx, a.args[0], append(a.args[1:], "--cleanup")...); err == nil || !strings.Contains(out, "another fabricd is running") {
+		t.Errorf("fabricd --cleanup beside a running fabricd: %v\n%s\nwant it refused", err, out)
+	}
+	if after := f.ownedRoutes(h); len(after) != len(before) || len(after) == 0 {
+		t.Errorf("routes after a refused --cleanup: %v, before %v", after, before)
+	}
+	if _, err := f.status(h); err != nil {
+		t.Errorf("fabricd after a refused --cleanup: %v", err)
+	}
 	if err := a.proc.Stop(); err != nil {
 		t.Fatal(err)
 	}
