@@ -72,7 +72,7 @@ install: build
 	install -D -m 0755 $(BIN)/fabricctl $(DESTDIR)/usr/bin/fabricctl
 	install -D -m 0644 packaging/fabricd.service $(DESTDIR)/lib/systemd/system/fabricd.service
 	install -D -m 0644 packaging/docker-fabric.conf $(DESTDIR)/lib/systemd/system/docker.service.d/fabric.conf
-	test -e $(DESTDIR)/etc/fabric/fabricd.yaml || install -D -m 0644 packaging/fabricd.yaml $(DESTDIR)/etc/fabric/fabricd.yaml
+	test -e $(DESTDIR)/etc/fabric/fabricd.yaml || install -D -m 0600 packaging/fabricd.yaml $(DESTDIR)/etc/fabric/fabricd.yaml
 
 clean:
 	rm -rf $(BIN)

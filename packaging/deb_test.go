@@ -3,9 +3,12 @@
 package packaging
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -48,7 +51,8 @@ func TestDebInstallsEveryFile(t *testing.T) {
 		"usr/bin/fabricctl":                                0o755,
 		"lib/systemd/system/fabricd.service":               0o644,
 		"lib/systemd/system/docker.service.d/fabric.conf":  0o644,
-		"etc/fabric/fabricd.yaml":                          0o644,
+		"etc/fabric/fabricd.yaml":                          0o600, // may hold BGP MD5 passwords
+		"usr/share/bash-completion/completions/fabricctl":  0o644,
 		"usr/share/doc/fabric/README.md":                   0o644,
 		"usr/share/doc/fabric/examples/fabric-alerts.yaml": 0o644,
 		"usr/share/doc/fabric/architecture.md":             0o644,
@@ -80,10 +84,28 @@ func TestDebInstallsEveryFile(t *testing.T) {
 		t.Errorf("conffiles %q, want /etc/fabric/fabricd.yaml (kept across upgrades)", conffiles)
 	}
 
-	// The installed binaries run and say which build they are.
+	for _, script := range []string{"postinst", "prerm", "postrm"} {
+		if fi, err := os.Stat(filepath.Join(root, "var/lib/dpkg/info/fabric."+script)); err != nil || fi.Mode().Perm()&0o111 == 0 {
+			t.Errorf("maintainer script %s: %v (want it installed and executable)", script, err)
+		}
+	}
+	if completion, _ := os.ReadFile(filepath.Join(root, "usr/share/bash-completion/completions/fabricctl")); !strings.Contains(string(completion), "__start_fabricctl") {
+		t.Errorf("bash completion of fabricctl: %.200q", completion)
+	}
+
+	// The installed binaries run and say which build they are; versions
+	// grow with every commit, so apt upgrades (the commit count decides,
+	// not the hash).
 	v, err := exec.Command(filepath.Join(root, "usr/bin/fabricd"), "--version").Output()
-	if err != nil || !strings.HasPrefix(string(v), "fabricd 0.1.0+g") {
-		t.Errorf("installed fabricd --version: %q, %v", v, err)
+	m := regexp.MustCompile(`^fabricd 0\.1\.0\+(\d+)\.g[0-9a-f]+(\.dirty)?\n$`).FindSubmatch(v)
+	if err != nil || m == nil {
+		t.Fatalf("installed fabricd --version: %q, %v; want 0.1.0+COUNT.gCOMMIT", v, err)
+	}
+	n, _ := strconv.Atoi(string(m[1]))
+	this := strings.TrimPrefix(strings.TrimSpace(string(v)), "fabricd ")
+	earlier := fmt.Sprintf("0.1.0+%d.gffffff", n-1)
+	if err := exec.Command("dpkg", "--compare-versions", this, "gt", earlier).Run(); err != nil {
+		t.Errorf("dpkg does not sort %s after %s (the commit before): apt would not upgrade", this, earlier)
 	}
 	// The shipped config file is valid as it is (with a machine id, which
 	// a real host has in /etc/machine-id).
@@ -104,7 +126,9 @@ func TestDebInstallsEveryFile(t *testing.T) {
 		t.Errorf("systemd-analyze verify fabricd.service: %v\n%s", err, out)
 	}
 	dropin, _ := os.ReadFile(filepath.Join(root, "lib/systemd/system/docker.service.d/fabric.conf"))
-	for _, line := range []string{"EnvironmentFile=-/run/fabric/docker.env", "After=fabricd.service", "Wants=fabricd.service"} {
+	for _, line := range []string{"EnvironmentFile=-/run/fabric/docker.env", "After=fabricd.service", "Wants=fabricd.service",
+		// Not a fixed path: Docker's packages install /usr/bin/dockerd, Debian's /usr/sbin/dockerd.
+		"ExecStart=/usr/bin/env dockerd -H fd:// --containerd=/run/containerd/containerd.sock $DOCKER_OPTS"} {
 		if !strings.Contains(string(dropin), line+"\n") {
 			t.Errorf("docker drop-in lacks %q", line)
 		}

@@ -7,22 +7,33 @@ cd "$(dirname "$0")/.."
 out=${1:?usage: build-deb.sh OUTDIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-describe=$(git describe --always --dirty 2>/dev/null || echo dev)
-# A Debian version must start with a digit.
-version="0.1.0+g${describe//[^A-Za-z0-9.+~]/.}"
+# A Debian version must start with a digit and grow with every build, so
+# apt upgrades: the commit count comes first (dpkg compares it as a number),
+# the commit only names the build ("0.1.0+g2dc16fb" sorted below
+# "0.1.0+g0042200" however new it was).
+count=$(git rev-list --count HEAD 2>/dev/null || echo 0)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git diff --quiet HEAD 2>/dev/null || echo .dirty)
+version="0.1.0+${count}.g${commit}${dirty}"
 arch=$(go env GOARCH)
 root=$(mktemp -d)
 chmod 0755 "$root"
 trap 'rm -rf "$root"' EXIT
 
 install -d "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system/docker.service.d" \
-  "$root/etc/fabric" "$root/usr/share/doc/fabric"
+  "$root/etc/fabric" "$root/usr/share/doc/fabric" "$root/usr/share/bash-completion/completions"
 CGO_ENABLED=0 go build -ldflags "-X github.com/fabricnet/fabric/version.Version=$version" \
   -o "$root/usr/bin/" ./cmd/fabricd ./cmd/fabricctl
 chmod 0755 "$root/usr/bin/fabricd" "$root/usr/bin/fabricctl"
 install -m 0644 packaging/fabricd.service "$root/lib/systemd/system/fabricd.service"
 install -m 0644 packaging/docker-fabric.conf "$root/lib/systemd/system/docker.service.d/fabric.conf"
-install -m 0644 packaging/fabricd.yaml "$root/etc/fabric/fabricd.yaml"
+# 0600: it may hold BGP MD5 passwords and etcd key paths.
+install -m 0600 packaging/fabricd.yaml "$root/etc/fabric/fabricd.yaml"
+"$root/usr/bin/fabricctl" completion bash > "$root/usr/share/bash-completion/completions/fabricctl"
+chmod 0644 "$root/usr/share/bash-completion/completions/fabricctl"
+for script in postinst prerm postrm; do
+  install -m 0755 "packaging/$script" "$root/DEBIAN/$script"
+done
 install -D -m 0644 packaging/fabric-alerts.yaml "$root/usr/share/doc/fabric/examples/fabric-alerts.yaml"
 for doc in README.md docs/architecture.md docs/operations.md docs/security.md docs/troubleshooting.md; do
   install -m 0644 "$doc" "$root/usr/share/doc/fabric/$(basename "$doc")"
