@@ -90,10 +90,14 @@ var (
 		"Prefixes the peer sends.", []string{"peer", "type"}, nil)
 	descPrefixesAccepted = prometheus.NewDesc("fabric_bgp_peer_prefixes_accepted",
 		"Prefixes of the peer taken into the routing table (after import limits).", []string{"peer", "type"}, nil)
+	// Fabric-wide gauges: every host reports the same value (aggregate with
+	// max, not sum), and their series have no label to add up.
 	descPoolSubnets = prometheus.NewDesc("fabric_pool_subnets",
-		"Subnets of the pool: all of them (state=total) and those leased to hosts (state=leased), as etcd last told.", []string{"state"}, nil)
+		"Subnets the pool has (fabric-wide: every host reports it; aggregate with max).", nil, nil)
+	descPoolSubnetsLeased = prometheus.NewDesc("fabric_pool_subnets_leased",
+		"Subnets of the pool leased to hosts, as etcd last told (fabric-wide: every host reports it; aggregate with max).", nil, nil)
 	descContainerRecords = prometheus.NewDesc("fabric_container_records",
-		"Container name records of the whole fabric: answered by DNS and used by policy (state=trusted), or refused because the address is not in the node's lease (state=refused).", []string{"state"}, nil)
+		"Container name records of the whole fabric: answered by DNS and used by policy (state=trusted), or refused because the address is not in the node's lease (state=refused) (fabric-wide: every host reports it; aggregate with max).", []string{"state"}, nil)
 	descBuildInfo = prometheus.NewDesc("fabric_build_info",
 		"The running fabricd's version and Go version; always 1.", []string{"version", "goversion"}, nil)
 )
@@ -104,7 +108,7 @@ type agentCollector struct{ a *Agent }
 
 func (c *agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descPeerUp, descBFDUp, descRoutesOwned, descProbeIPIP, descLease, descEtcd,
-		descPrefixesReceived, descPrefixesAccepted, descPoolSubnets, descContainerRecords, descBuildInfo} {
+		descPrefixesReceived, descPrefixesAccepted, descPoolSubnets, descPoolSubnetsLeased, descContainerRecords, descBuildInfo} {
 		ch <- d
 	}
 }
@@ -166,8 +170,8 @@ func (c *agentCollector) Collect(ch chan<- prometheus.Metric) {
 		for _, subnets := range held {
 			leased += len(subnets)
 		}
-		ch <- prometheus.MustNewConstMetric(descPoolSubnets, prometheus.GaugeValue, float64(a.pool.Size()), "total")
-		ch <- prometheus.MustNewConstMetric(descPoolSubnets, prometheus.GaugeValue, float64(leased), "leased")
+		ch <- prometheus.MustNewConstMetric(descPoolSubnets, prometheus.GaugeValue, float64(a.pool.Size()))
+		ch <- prometheus.MustNewConstMetric(descPoolSubnetsLeased, prometheus.GaugeValue, float64(leased))
 	}
 	ch <- prometheus.MustNewConstMetric(descContainerRecords, prometheus.GaugeValue, float64(trusted), "trusted")
 	ch <- prometheus.MustNewConstMetric(descContainerRecords, prometheus.GaugeValue, float64(refused), "refused")
