@@ -155,8 +155,10 @@ type Config struct {
 	MetricsAddress string `json:"metricsAddress"`
 
 	// Cleanup is an action, not a setting: remove everything fabricd owns.
-	Cleanup    bool   `json:"-"`
-	ConfigFile string `json:"-"`
+	Cleanup bool `json:"-"`
+	// CheckConfig is an action too: validate every setting, touch nothing.
+	CheckConfig bool   `json:"-"`
+	ConfigFile  string `json:"-"`
 }
 
 // Defaults are the values used when nothing else sets a field.
@@ -383,6 +385,7 @@ func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "text or json")
 	fs.StringVar(&c.MetricsAddress, "metrics-address", c.MetricsAddress, "host:port of the Prometheus /metrics endpoint; \"\" turns it off (env FABRIC_METRICS_ADDRESS)")
 	fs.BoolVar(&c.Cleanup, "cleanup", false, "remove every route, link and rule fabricd owns on this host, then exit")
+	fs.BoolVar(&c.CheckConfig, "check-config", false, "check every setting (file, environment, flags) and the files they name, change nothing, exit 0 if valid, 2 if not")
 }
 
 func envMap(environ []string) map[string]string {
@@ -404,7 +407,7 @@ func EnvName(flagName string) string {
 
 // actionFlags are flags that do something rather than set something: never
 // taken from the environment.
-var actionFlags = map[string]bool{"cleanup": true, "config": true}
+var actionFlags = map[string]bool{"cleanup": true, "check-config": true, "config": true}
 
 // applyEnv sets every flag of fs whose environment variable is in env,
 // parsed as the flag parses it, and refuses FABRIC_* variables that are no

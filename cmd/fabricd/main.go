@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/pflag"
@@ -17,6 +18,7 @@ import (
 	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/internal/sdnotify"
 	"github.com/fabricnet/fabric/version"
+	"github.com/fabricnet/fabric/wireguard"
 )
 
 func main() {
@@ -39,6 +41,15 @@ func main() {
 		// One line per problem, not the whole flag list: --help has that.
 		fmt.Fprintf(os.Stderr, "fabricd: %v\n(fabricd --help lists every setting)\n", err)
 		os.Exit(2)
+	}
+	if cfg.CheckConfig {
+		if err := checkFiles(cfg); err != nil {
+			fmt.Fprintf(os.Stderr, "fabricd: %v\n", err)
+			os.Exit(2)
+		}
+		fmt.Printf("configuration valid: node %s, etcd %s, encapsulation %s, encryption %s\n",
+			cfg.NodeName, strings.Join(cfg.EtcdEndpoints, ","), cfg.Encapsulation, cfg.Encryption)
+		return
 	}
 	log := newLogger(cfg)
 	if cfg.Cleanup {
@@ -83,4 +94,18 @@ func newLogger(cfg *config.Config) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+// checkFiles checks, for --check-config, the files the settings name that
+// config.Load does not read: the WireGuard key, read as fabricd would (a
+// missing one is made at start, so it is no error here).
+func checkFiles(cfg *config.Config) error {
+	if cfg.Encryption == "off" {
+		return nil
+	}
+	if _, err := os.Stat(cfg.WireGuardKeyPath()); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	_, err := wireguard.LoadOrCreateKey(cfg.WireGuardKeyPath())
+	return err
 }
