@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/vishvananda/netlink"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sys/unix"
@@ -32,7 +33,6 @@ import (
 	"github.com/fabricnet/fabric/ingress"
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/internal/ipsets"
-	"github.com/fabricnet/fabric/internal/sdnotify"
 	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/iptables"
@@ -210,9 +210,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	// The lease, the bridge and the docker options exist: dockerd, ordered
 	// after fabricd.service, can start now.
-	if err := sdnotify.Send(sdnotify.Ready); err != nil {
-		log.Warn("cannot tell systemd fabricd is ready", "err", err)
-	}
+	a.notify(daemon.SdNotifyReady)
+	a.notify(fmt.Sprintf("STATUS=subnet %s leased, bridge %s up; starting BGP", a.lease.Subnet, cfg.Bridge))
 
 	a.own.speaker, err = bgp.Start(ctx, bgp.Config{
 		RouterID:          a.underlay.Addr,
@@ -293,6 +292,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("probe-hold", a.probeHoldLoop)
 	goLoop("metrics", a.metricsLoop)
 	goLoop("bfd", a.bfdLoop)
+	goLoop("systemd", a.systemdLoop)
 	containerNames := names.NewPublisher(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.NodeTTL, log.With("component", "names"))
 	// One follower of the local dockerd, for the container names and the
 	// Docker networks.

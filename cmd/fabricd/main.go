@@ -8,15 +8,15 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"sync"
 	"strings"
+	"sync"
 	"syscall"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/spf13/pflag"
 
 	"github.com/fabricnet/fabric/agent"
 	"github.com/fabricnet/fabric/config"
-	"github.com/fabricnet/fabric/internal/sdnotify"
 	"github.com/fabricnet/fabric/version"
 	"github.com/fabricnet/fabric/wireguard"
 )
@@ -65,7 +65,7 @@ func main() {
 	// STOPPING=1 at the signal, whatever fabricd is doing, and surely
 	// before it exits.
 	var stopping sync.Once
-	notifyStopping := func() { stopping.Do(func() { sdnotify.Send(sdnotify.Stopping) }) }
+	notifyStopping := func() { stopping.Do(func() { daemon.SdNotify(false, daemon.SdNotifyStopping) }) }
 	go func() {
 		<-ctx.Done()
 		notifyStopping()
