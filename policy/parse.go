@@ -88,17 +88,25 @@ func ParseDocument(name string, data []byte) (Document, error) {
 		if rulesNode.Kind != yaml.SequenceNode {
 			return Document{}, p.errAt(rulesNode, "rules: want a list of rules")
 		}
+		// Every bad rule is reported, not only the first: a file with
+		// three mistakes is fixed in one round.
+		var errs []error
 		firstLine := map[string]int{}
 		for i, n := range rulesNode.Content {
 			r, err := p.rule(n, i)
 			if err != nil {
-				return Document{}, err
+				errs = append(errs, err)
+				continue
 			}
 			if line, dup := firstLine[r.Name]; dup {
-				return Document{}, p.errAt(p.field(n, "name"), "rule %q: duplicate name (first at line %d)", r.Name, line)
+				errs = append(errs, p.errAt(p.field(n, "name"), "rule %q: duplicate name (first at line %d)", r.Name, line))
+				continue
 			}
 			firstLine[r.Name] = p.field(n, "name").Line
 			doc.Rules = append(doc.Rules, r)
+		}
+		if len(errs) > 0 {
+			return Document{}, errors.Join(errs...)
 		}
 	}
 	return doc, nil

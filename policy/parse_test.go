@@ -188,6 +188,26 @@ func TestRuleJSONRoundTrip(t *testing.T) {
 	}
 }
 
+// Every bad rule of a file is reported at once, each with its line.
+func TestParseReportsEveryBadRule(t *testing.T) {
+	_, err := ParseDocument("policy.yaml", []byte(`
+- name: web
+  action: block
+- name: ok
+  action: allow
+- name: api
+  protcol: tcp
+  action: allow
+- name: ok
+  action: deny
+`))
+	for _, want := range []string{`policy.yaml:3: rule "web": action "block"`, `policy.yaml:7: rule "api": unknown field "protcol"`, `policy.yaml:9: rule "ok": duplicate name (first at line 4)`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v lacks %q", err, want)
+		}
+	}
+}
+
 func TestParseContainerSelectors(t *testing.T) {
 	rules, err := ParseFile("policy.yaml", []byte(`
 - name: frontends-to-backends

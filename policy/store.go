@@ -39,27 +39,9 @@ func Put(ctx context.Context, cli *clientv3.Client, prefix string, rules []Rule)
 // PutDocument stores a parsed file's rules and, if set, its default action
 // in one transaction.
 func PutDocument(ctx context.Context, cli *clientv3.Client, prefix string, doc Document) error {
-	var ops []clientv3.Op
-	seen := map[string]bool{}
-	for _, r := range doc.Rules {
-		if err := r.Validate(); err != nil {
-			return fmt.Errorf("store policy: %w (nothing stored)", err)
-		}
-		if seen[r.Name] {
-			return fmt.Errorf("store policy: rule %q: duplicate name (nothing stored)", r.Name)
-		}
-		seen[r.Name] = true
-		b, err := json.Marshal(r)
-		if err != nil {
-			return fmt.Errorf("store policy: rule %q: %w", r.Name, err)
-		}
-		ops = append(ops, clientv3.OpPut(RuleKey(prefix, r.Name), string(b)))
-	}
-	if doc.DefaultAction != "" {
-		if err := ValidateAction(doc.DefaultAction); err != nil {
-			return fmt.Errorf("store policy: default %w (nothing stored)", err)
-		}
-		ops = append(ops, clientv3.OpPut(DefaultKey(prefix), doc.DefaultAction))
+	ops, err := documentOps(prefix, doc)
+	if err != nil {
+		return err
 	}
 	if len(ops) == 0 {
 		return nil
@@ -71,6 +53,77 @@ func PutDocument(ctx context.Context, cli *clientv3.Client, prefix string, doc D
 		return fmt.Errorf("store policy: etcd txn at %s: %w", policyDir(prefix), err)
 	}
 	return nil
+}
+
+// documentOps are the puts that store a document, after checking it.
+func documentOps(prefix string, doc Document) ([]clientv3.Op, error) {
+	var ops []clientv3.Op
+	seen := map[string]bool{}
+	for _, r := range doc.Rules {
+		if err := r.Validate(); err != nil {
+			return nil, fmt.Errorf("store policy: %w (nothing stored)", err)
+		}
+		if seen[r.Name] {
+			return nil, fmt.Errorf("store policy: rule %q: duplicate name (nothing stored)", r.Name)
+		}
+		seen[r.Name] = true
+		b, err := json.Marshal(r)
+		if err != nil {
+			return nil, fmt.Errorf("store policy: rule %q: %w", r.Name, err)
+		}
+		ops = append(ops, clientv3.OpPut(RuleKey(prefix, r.Name), string(b)))
+	}
+	if doc.DefaultAction != "" {
+		if err := ValidateAction(doc.DefaultAction); err != nil {
+			return nil, fmt.Errorf("store policy: default %w (nothing stored)", err)
+		}
+		ops = append(ops, clientv3.OpPut(DefaultKey(prefix), doc.DefaultAction))
+	}
+	return ops, nil
+}
+
+// ReplaceDocument makes the stored rules exactly the document's, in one
+// transaction: its rules are stored and every other stored rule is deleted
+// (the default action is replaced only when the document sets one). It
+// returns the names of the rules it deleted. A concurrent change to the
+// policy makes it fail and store nothing.
+func ReplaceDocument(ctx context.Context, cli *clientv3.Client, prefix string, doc Document) ([]string, error) {
+	resp, err := cli.Get(ctx, policyDir(prefix), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, fmt.Errorf("store policy: read %s: %w", policyDir(prefix), err)
+	}
+	keep := map[string]bool{DefaultKey(prefix): true}
+	for _, r := range doc.Rules {
+		keep[RuleKey(prefix, r.Name)] = true
+	}
+	var removed []string
+	var deletes []clientv3.Op
+	for _, kv := range resp.Kvs {
+		if key := string(kv.Key); !keep[key] {
+			removed = append(removed, strings.TrimPrefix(key, policyDir(prefix)))
+			deletes = append(deletes, clientv3.OpDelete(key))
+		}
+	}
+	puts, err := documentOps(prefix, doc)
+	if err != nil {
+		return nil, err
+	}
+	ops := append(deletes, puts...)
+	if len(ops) == 0 {
+		return nil, nil
+	}
+	if len(ops) > maxTxnOps {
+		return nil, fmt.Errorf("store policy: %d rules to store and delete exceed etcd's %d operations per transaction (nothing stored)", len(ops), maxTxnOps)
+	}
+	unchanged := clientv3.Compare(clientv3.ModRevision(policyDir(prefix)).WithPrefix(), "<", resp.Header.Revision+1)
+	txn, err := cli.Txn(ctx).If(unchanged).Then(ops...).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("store policy: etcd txn at %s: %w", policyDir(prefix), err)
+	}
+	if !txn.Succeeded {
+		return nil, fmt.Errorf("store policy: the policy changed in etcd meanwhile (nothing stored); apply again")
+	}
+	return removed, nil
 }
 
 // SetDefaultAction stores the default action ("allow" or "deny").

@@ -79,6 +79,38 @@ func TestStoreRoundTrip(t *testing.T) {
 	}
 }
 
+// apply -f makes the stored policy the file's: a rule taken out of the file
+// goes, the default action stays unless the file sets one, and a file that
+// only renames a rule leaves no stale copy.
+func TestReplaceDocument(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const prefix = "/fabric"
+	doc, err := ParseDocument("policy.yaml", []byte(goodYAML))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := PutDocument(ctx, cli, prefix, doc); err != nil {
+		t.Fatal(err)
+	}
+	smaller := Document{Rules: []Rule{{Name: "web2", Action: "allow", Protocol: "tcp", Ports: doc.Rules[0].Ports}}}
+	removed, err := ReplaceDocument(ctx, cli, prefix, smaller)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := Get(ctx, cli, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Rules) != 1 || got.Rules[0].Name != "web2" || got.DefaultAction != "deny" {
+		t.Errorf("after replace: %+v, want web2 alone and default deny kept", got)
+	}
+	if strings.Join(removed, ",") != "ping,web" {
+		t.Errorf("removed %v, want ping and web", removed)
+	}
+}
+
 func TestWatchFollowsChangesAndHoldsOnMalformed(t *testing.T) {
 	cli := etcdtest.Start(t).Client(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -111,9 +111,10 @@ func publishCmd(g *globals) *cobra.Command {
 func policyCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "policy", Short: "Network policy enforced by every host for its own containers"}
 	var file string
+	var merge bool
 	apply := &cobra.Command{
 		Use:   "apply -f FILE",
-		Short: "Store the rules of a YAML or JSON file; an invalid file is refused whole and changes nothing",
+		Short: "Make the stored rules those of a YAML or JSON file (rules not in it are deleted; --merge keeps them); an invalid file is refused whole and changes nothing",
 		Args:  usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var data []byte
@@ -131,7 +132,13 @@ func policyCmd(g *globals) *cobra.Command {
 				return err
 			}
 			return g.withEtcd(func(ctx context.Context, cli *clientv3.Client) error {
-				if err := policy.PutDocument(ctx, cli, g.host.EtcdPrefix, doc); err != nil {
+				var removed []string
+				if merge {
+					err = policy.PutDocument(ctx, cli, g.host.EtcdPrefix, doc)
+				} else {
+					removed, err = policy.ReplaceDocument(ctx, cli, g.host.EtcdPrefix, doc)
+				}
+				if err != nil {
 					return err
 				}
 				names := make([]string, len(doc.Rules))
@@ -146,6 +153,9 @@ func policyCmd(g *globals) *cobra.Command {
 				if doc.DefaultAction != "" {
 					fmt.Printf("; default action %s", doc.DefaultAction)
 				}
+				if len(removed) > 0 {
+					fmt.Printf("; removed %d rule(s) not in the file: %s", len(removed), strings.Join(removed, ", "))
+				}
 				fmt.Println()
 				return nil
 			})
@@ -153,6 +163,7 @@ func policyCmd(g *globals) *cobra.Command {
 	}
 	apply.Flags().StringVarP(&file, "file", "f", "", "policy file (YAML or JSON), - for standard input")
 	apply.MarkFlagRequired("file")
+	apply.Flags().BoolVar(&merge, "merge", false, "add and replace the file's rules, keep the stored rules the file does not name")
 	list := &cobra.Command{
 		Use:   "list",
 		Short: "List the rules in evaluation order and the default action",

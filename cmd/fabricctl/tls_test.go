@@ -43,9 +43,10 @@ func TestFabricctlOverTLS(t *testing.T) {
 		{"no client certificate", []string{"--etcd-endpoints", ep, "--etcd-ca-cert", f.CA},
 			"fabricctl: etcd unreachable: etcd " + ep + ": remote error: tls: certificate required (the server requires a client certificate: set --etcd-cert and --etcd-key)"},
 		{"missing key file", []string{"--etcd-endpoints", ep, "--etcd-ca-cert", f.CA, "--etcd-cert", f.Cert, "--etcd-key", "/nonexistent/key.pem"},
-			"fabricctl: etcd client key: open /nonexistent/key.pem: no such file or directory"},
+			"etcdKey: cannot read /nonexistent/key.pem: no such file or directory"}, // refused before dialling, as fabricd does
+
 		{"TLS files with http", []string{"--etcd-endpoints", "http://127.0.0.1:1", "--etcd-ca-cert", f.CA},
-			"no endpoint uses https://"},
+			"is set but no etcd endpoint uses https://"},
 	} {
 		out, err := run(nil, append(tc.args, "ipam", "show")...)
 		if err == nil || !strings.Contains(out, tc.want) {
