@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -22,6 +23,11 @@ func TestExitCodes(t *testing.T) {
 	closed := "http://" + l.Addr().String()
 	l.Close()
 	runDir := t.TempDir()
+	// --config names fabricd's settings file: its etcd is the one dialled.
+	conf := filepath.Join(t.TempDir(), "fabricd.yaml")
+	if err := os.WriteFile(conf, []byte("etcdEndpoints: ["+closed+"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		args []string
 		code int
@@ -40,6 +46,8 @@ func TestExitCodes(t *testing.T) {
 		{[]string{"ipam", "init"}, 2, `required flag(s) "pool" not set`, nil},
 		{[]string{"--etcd-endpoints", "127.0.0.1:1", "nodes"}, 2, `etcdEndpoints: "127.0.0.1:1" is not a URL`, nil},
 		{[]string{"nodes"}, 2, "FABRIC_ETCD_ENDPOINT: not a setting (did you mean FABRIC_ETCD_ENDPOINTS?)", []string{"FABRIC_ETCD_ENDPOINT=" + closed}},
+		{[]string{"--config", conf, "--timeout", "1s", "nodes"}, 3, "etcd unreachable: etcd " + closed, nil},
+		{[]string{"--config=/nonexistent/fabricd.yaml", "nodes"}, 2, "config file: open /nonexistent/fabricd.yaml", nil},
 		// version needs no settings: a broken fabricd.yaml does not stop it.
 		{[]string{"version"}, 0, "fabricctl ", []string{"FABRIC_CONFIG=/nonexistent/fabricd.yaml"}},
 	} {

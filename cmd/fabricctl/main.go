@@ -66,8 +66,9 @@ func main() {
 	// Defaults < fabricd's settings file (FABRIC_CONFIG, else
 	// /etc/fabric/fabricd.yaml) < FABRIC_* environment < flags.
 	g.host = config.Defaults()
-	hostErr := errors.Join(readHostSettings(&g.host), config.DefineClientFlags(root.PersistentFlags(), &g.host, os.Environ()),
+	hostErr := errors.Join(readHostSettings(&g.host, os.Args[1:]), config.DefineClientFlags(root.PersistentFlags(), &g.host, os.Environ()),
 		config.MisspeltEnv(os.Environ()))
+	root.PersistentFlags().String("config", "", "fabricd's settings file to take etcd and run-dir settings from (default: FABRIC_CONFIG, else /etc/fabric/fabricd.yaml if present)")
 	root.PersistentFlags().BoolVar(&g.json, "json", false, "print JSON for scripts (the same as -o json)")
 	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 5*time.Second, "how long a command waits for etcd or fabricd")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns where a listing has them: containers), json or yaml")
