@@ -14,7 +14,7 @@ out=$(cd "$out" && pwd)
 count=$(git rev-list --count HEAD 2>/dev/null || echo 0)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(git diff --quiet HEAD 2>/dev/null || echo .dirty)
-version="0.1.0+${count}.g${commit}${dirty}"
+version="${FABRIC_DEB_VERSION:-0.1.0+${count}.g${commit}${dirty}}" # the variable: tests that upgrade
 arch=$(go env GOARCH)
 root=$(mktemp -d)
 chmod 0755 "$root"
@@ -44,7 +44,7 @@ Package: fabric
 Version: $version
 Architecture: $arch
 Maintainer: fabric developers <fabric@localhost>
-Depends: iptables, ipset, iproute2
+Depends: iptables, ipset, iproute2, kmod
 Recommends: docker.io
 Section: net
 Priority: optional

@@ -4,7 +4,7 @@
 set -euo pipefail
 want=(iproute2 iputils-ping util-linux iptables ipset etcd-server etcd-client bird2 tcpdump iperf3 procps)
 case "${1:-test}" in
-  test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils docker.io docker-compose frr) ;;
+  test) want+=(qemu-system-x86 linux-image-amd64 busybox-static xz-utils docker.io docker-compose frr debootstrap systemd-container) ;;
   demo) want+=(docker.io busybox-static) ;;
   bench) want+=(docker.io busybox-static dnsmasq-base nftables) ;;
 esac
