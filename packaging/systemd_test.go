@@ -21,12 +21,12 @@ import (
 )
 
 // rootPackages are what the booted Debian needs besides the minimal base:
-// systemd to boot, and what the .deb depends on.
-var rootPackages = []string{"systemd", "systemd-sysv", "dbus", "iproute2", "iptables", "ipset", "kmod"}
+// systemd to boot, what the .deb depends on, and Debian's dockerd.
+var rootPackages = []string{"systemd", "systemd-sysv", "dbus", "iproute2", "iptables", "ipset", "kmod", "docker.io"}
 
 // rootCache keeps one debootstrapped root across runs (debootstrap downloads
 // and unpacks for half a minute); each test works on a copy.
-const rootCache = "/var/cache/fabric-tests/bookworm-systemd-v2"
+const rootCache = "/var/cache/fabric-tests/bookworm-systemd-v3"
 
 // TestDebUnderSystemd installs the .deb into Debian 12 booted under systemd
 // (systemd-nspawn, in a lab host's network namespace) and runs it as an
@@ -91,6 +91,12 @@ func TestDebUnderSystemd(t *testing.T) {
 		}
 		return nil
 	})
+	// dockerd, restarted, takes fabric's options through the drop-in: its
+	// bridge network is this host's subnet, at the fabric MTU.
+	c.must(t, "systemctl", "restart", "docker")
+	opts := c.must(t, "fabricctl", "--config", "/etc/fabric/fabricd.yaml", "docker-opts", "--format", "json")
+	bridge := c.must(t, "docker", "network", "inspect", "bridge", "--format", `{{range .IPAM.Config}}{{.Subnet}} {{.Gateway}}{{end}} mtu={{index .Options "com.docker.network.driver.mtu"}}`)
+	t.Logf("dockerd's bridge network after systemctl restart docker: %s (fabricctl docker-opts: %s)", bridge, strings.Join(strings.Fields(opts), " "))
 	subnet := c.must(t, "fabricctl", "--config", "/etc/fabric/fabricd.yaml", "status", "-o", "json")
 	var mySubnet string
 	if i := strings.Index(subnet, `"subnet": "`); i >= 0 {
@@ -99,6 +105,9 @@ func TestDebUnderSystemd(t *testing.T) {
 	routeOnPeer := func() bool {
 		out, _ := h2.Run(context.Background(), "ip", "route", "show", mySubnet, "proto", "93")
 		return strings.TrimSpace(out) != ""
+	}
+	if !strings.HasPrefix(bridge, mySubnet+" ") || !strings.Contains(bridge, "mtu=1450") {
+		t.Errorf("dockerd's bridge network %q, want fabric's subnet %s and MTU 1450", bridge, mySubnet)
 	}
 	c.eventually(t, 30*time.Second, "host2 routes to "+mySubnet, func() error {
 		if mySubnet == "" || !routeOnPeer() {
@@ -146,7 +155,9 @@ func TestDebUnderSystemd(t *testing.T) {
 		t.Errorf("host2 lost its route to %s %d times (50 ms apart) during the upgrade", mySubnet, missing)
 	}
 
-	// Removal leaves the host as it was.
+	// Removal leaves the host as it was (dockerd stopped first, as the docs
+	// say: the bridge is fabric's).
+	c.must(t, "systemctl", "stop", "docker", "docker.socket")
 	t.Logf("dpkg --remove fabric:\n%s", c.must(t, "dpkg", "--remove", "fabric"))
 	if out, _ := h1.Run(context.Background(), "ip", "route", "show", "proto", "93"); strings.TrimSpace(out) != "" {
 		t.Errorf("routes of fabric's left after removal:\n%s", out)
