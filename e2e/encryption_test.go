@@ -177,6 +177,15 @@ func TestEncryptedRestart(t *testing.T) {
 	t.Logf("host2's fabricd restarted (%s WireGuard): %d of %d pings from host1 lost", impl, sent-got, sent)
 	if sent < 100 || (impl == "kernel" && got != sent) {
 		t.Errorf("%s WireGuard across a restart: %d of %d pings lost, want 0 of at least 100", impl, sent-got, sent)
+		// One line each, so that the qemu lane's excerpt carries them.
+		for _, h := range hosts {
+			b, _ := os.ReadFile(f.agents[h.Name].proc.LogPath())
+			for _, line := range strings.Split(string(b), "\n") {
+				if !strings.Contains(line, "level=DEBUG") && regexp.MustCompile(`wireguard|route|encapsulation|===|stopped|bfd|Peer`).MatchString(line) {
+					t.Logf("%s: %.220s", h.Name, line)
+				}
+			}
+		}
 	}
 	if st2, err := f.status(h2); err != nil || st2.WireGuardKey != st.WireGuardKey {
 		t.Errorf("host2's public key after its restart: %q (%v), want %q", st2.WireGuardKey, err, st.WireGuardKey)

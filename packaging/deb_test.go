@@ -53,6 +53,9 @@ func TestDebInstallsEveryFile(t *testing.T) {
 		"lib/systemd/system/docker.service.d/fabric.conf":  0o644,
 		"etc/fabric/fabricd.yaml":                          0o600, // may hold BGP MD5 passwords
 		"usr/share/bash-completion/completions/fabricctl":  0o644,
+		"usr/share/man/man8/fabricd.8.gz":                  0o644,
+		"usr/share/man/man8/fabricctl.8.gz":                0o644,
+		"usr/share/man/man8/fabricctl-peers-status.8.gz":   0o644,
 		"usr/share/doc/fabric/README.md":                   0o644,
 		"usr/share/doc/fabric/examples/fabric-alerts.yaml": 0o644,
 		"usr/share/doc/fabric/architecture.md":             0o644,

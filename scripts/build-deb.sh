@@ -31,6 +31,29 @@ install -m 0644 packaging/docker-fabric.conf "$root/lib/systemd/system/docker.se
 install -m 0600 packaging/fabricd.yaml "$root/etc/fabric/fabricd.yaml"
 "$root/usr/bin/fabricctl" completion bash > "$root/usr/share/bash-completion/completions/fabricctl"
 chmod 0644 "$root/usr/share/bash-completion/completions/fabricctl"
+# Manual pages: fabricctl's from its command tree (cobra), fabricd's from
+# its --help (every setting, its default and meaning).
+man="$root/usr/share/man/man8"
+install -d "$man"
+SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 0) "$root/usr/bin/fabricctl" man "$man"
+{
+  echo '.TH FABRICD 8 "" "fabric '"$version"'" "fabric"'
+  echo '.SH NAME'
+  echo 'fabricd \- routed container network agent: subnet lease, BGP, IPIP/VXLAN/WireGuard, docker0, NAT, policy'
+  echo '.SH SYNOPSIS'
+  echo '.B fabricd'
+  echo '[\fB\-\-config\fR \fIFILE\fR] [\fIOPTIONS\fR]'
+  echo '.SH OPTIONS'
+  echo '.nf'
+  # (the node name's default is the build machine's host name: not shown)
+  "$root/usr/bin/fabricd" --help | sed '/--node-name/s/ (default "[^"]*")//; s/\\/\\\\/g; s/^\./\\\&./'
+  echo '.fi'
+  echo '.SH SEE ALSO'
+  echo '.BR fabricctl (8),'
+  echo '/usr/share/doc/fabric/operations.md'
+} > "$man/fabricd.8"
+gzip -9n "$man"/*.8
+chmod 0644 "$man"/*.8.gz
 for script in postinst prerm postrm; do
   install -m 0755 "packaging/$script" "$root/DEBIAN/$script"
 done

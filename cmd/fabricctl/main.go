@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/cobra/doc"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
@@ -74,7 +75,7 @@ func main() {
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "listings as table, wide (more columns where a listing has them: containers), json or yaml")
 	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
 		switch cmd.Name() {
-		case "version", "completion", "help", "bash", "zsh", "fish", "powershell":
+		case "version", "completion", "help", "bash", "zsh", "fish", "powershell", "man":
 			return nil // need no settings: an unreadable fabricd.yaml must not stop them
 		}
 		if hostErr != nil {
@@ -93,6 +94,13 @@ func main() {
 	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), ipamCmd(g), nodesCmd(g), containersCmd(g), networksCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
 		Use: "version", Short: "Print the version",
 		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", version.String()) },
+	})
+	root.AddCommand(&cobra.Command{
+		Use: "man DIR", Short: "Write the manual pages (section 8) into DIR", Hidden: true, // for the .deb
+		Args: usageArgs(cobra.ExactArgs(1)),
+		RunE: func(_ *cobra.Command, args []string) error {
+			return doc.GenManTree(root, &doc.GenManHeader{Title: "FABRICCTL", Section: "8", Source: "fabric " + version.String(), Manual: "fabric"}, args[0])
+		},
 	})
 	root.Version = version.String()
 	root.SetVersionTemplate("fabricctl {{.Version}}\n")
