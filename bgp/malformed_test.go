@@ -2,11 +2,14 @@ package bgp
 
 import (
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/fabricnet/fabric/internal/testwait"
 )
 
 // TestMalformedNextHopKeepsSpeaker is the attack of GO-2026-4736
@@ -47,25 +50,46 @@ type rawPeer struct{ conn net.Conn }
 
 // dialRawPeer opens a session from local to remote as AS asn (4-octet AS
 // and IPv4 unicast capabilities), and keeps it alive until the test ends.
+// A speaker that has just been given the peer may still close the
+// connection (its FSM not yet out of Idle, as on a loaded machine): the raw
+// peer dials again until the speaker answers its OPEN.
 func dialRawPeer(t *testing.T, local netip.Addr, remote netip.AddrPort, asn uint16) *rawPeer {
 	t.Helper()
-	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(local, 0)), Timeout: 5 * time.Second}
-	var conn net.Conn
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := d.Dial("tcp", remote.String())
+	deadline := time.Now().Add(testwait.Scale(15 * time.Second))
+	var lastErr error
+	for time.Now().Before(deadline) {
+		conn, err := openRawSession(local, remote, asn)
 		if err == nil {
-			conn = c
-			break
+			p := &rawPeer{conn: conn}
+			t.Cleanup(func() { conn.Close() })
+			go func() { // answer nothing, read everything
+				_, _ = io.Copy(io.Discard, conn)
+			}()
+			go func() {
+				for {
+					time.Sleep(time.Second)
+					if _, err := conn.Write(message(4, nil)); err != nil {
+						return
+					}
+				}
+			}()
+			return p
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("raw peer: dial %s from %s: %v", remote, local, err)
-		}
-		time.Sleep(100 * time.Millisecond)
+		lastErr = err
+		time.Sleep(200 * time.Millisecond)
 	}
-	p := &rawPeer{conn: conn}
-	t.Cleanup(func() { conn.Close() })
+	t.Fatalf("raw peer: no session from %s to %s (waited for the speaker's OPEN and KEEPALIVE): %v", local, remote, lastErr)
+	return nil
+}
 
+// openRawSession dials, sends OPEN, reads the speaker's OPEN and KEEPALIVE
+// and answers with a KEEPALIVE.
+func openRawSession(local netip.Addr, remote netip.AddrPort, asn uint16) (net.Conn, error) {
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(local, 0)), Timeout: 5 * time.Second}
+	conn, err := d.Dial("tcp", remote.String())
+	if err != nil {
+		return nil, fmt.Errorf("dial: %w", err)
+	}
 	id := local.As4()
 	open := []byte{4, byte(asn >> 8), byte(asn), 0, 9, id[0], id[1], id[2], id[3]}
 	caps := []byte{
@@ -74,30 +98,31 @@ func dialRawPeer(t *testing.T, local netip.Addr, remote netip.AddrPort, asn uint
 	}
 	open = append(open, byte(len(caps)+2), 2, byte(len(caps)))
 	open = append(open, caps...)
-	p.send(t, 1, open)
-	// Wait for the speaker's OPEN and KEEPALIVE before anything else.
+	if _, err := conn.Write(message(1, open)); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("send OPEN: %w", err)
+	}
 	if err := conn.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
-		t.Fatal(err)
+		conn.Close()
+		return nil, err
 	}
 	for _, want := range []byte{1, 4} {
-		if got := p.read(t); got != want {
-			t.Fatalf("raw peer: waiting for message type %d, got %d", want, got)
+		got, err := readType(conn)
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("waiting for message type %d: %w", want, err)
+		}
+		if got != want {
+			conn.Close()
+			return nil, fmt.Errorf("waiting for message type %d, got %d", want, got)
 		}
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	p.send(t, 4, nil)
-	go func() { // answer nothing, read everything
-		_, _ = io.Copy(io.Discard, conn)
-	}()
-	go func() {
-		for {
-			time.Sleep(time.Second)
-			if _, err := conn.Write(message(4, nil)); err != nil {
-				return
-			}
-		}
-	}()
-	return p
+	if _, err := conn.Write(message(4, nil)); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("send KEEPALIVE: %w", err)
+	}
+	return conn, nil
 }
 
 func (p *rawPeer) send(t *testing.T, msgType byte, body []byte) {
@@ -107,21 +132,21 @@ func (p *rawPeer) send(t *testing.T, msgType byte, body []byte) {
 	}
 }
 
-// read returns the type of the next message; a NOTIFICATION fails the test.
-func (p *rawPeer) read(t *testing.T) byte {
-	t.Helper()
+// readType returns the type of the next message; a NOTIFICATION is an
+// error carrying its body.
+func readType(conn net.Conn) (byte, error) {
 	header := make([]byte, 19)
-	if _, err := io.ReadFull(p.conn, header); err != nil {
-		t.Fatalf("raw peer: read: %v", err)
+	if _, err := io.ReadFull(conn, header); err != nil {
+		return 0, err
 	}
 	body := make([]byte, int(binary.BigEndian.Uint16(header[16:18]))-19)
-	if _, err := io.ReadFull(p.conn, body); err != nil {
-		t.Fatalf("raw peer: read: %v", err)
+	if _, err := io.ReadFull(conn, body); err != nil {
+		return 0, err
 	}
 	if header[18] == 3 {
-		t.Fatalf("raw peer: NOTIFICATION %x", body)
+		return 0, fmt.Errorf("NOTIFICATION %x", body)
 	}
-	return header[18]
+	return header[18], nil
 }
 
 func message(msgType byte, body []byte) []byte {
