@@ -26,6 +26,7 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 	}
 	choices := a.own.dataplane.Choices()
 	bfdSessions := a.bfdStatus()
+	handshakes := a.wireGuardHandshakes()
 	out := make([]localapi.Peer, 0, len(ps))
 	for _, p := range ps {
 		e := choices[p.Name].Encap
@@ -46,6 +47,7 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 				lp.BFDDiag = st.Diag.String()
 			}
 		}
+		lp.WireGuardHandshake = handshakes[p.Name]
 		out = append(out, lp)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
@@ -109,4 +111,37 @@ func (a *Agent) encryptionStatus() string {
 		s += ": wireguard-go in fabricd, so encrypted traffic costs fabricd's CPU and stops while fabricd restarts"
 	}
 	return s
+}
+
+// wireGuardHandshakes is each fabric host's last WireGuard handshake, by
+// node name, when this host encrypts.
+func (a *Agent) wireGuardHandshakes() map[string]time.Time {
+	var wg *wireguard.Backend
+	for _, b := range a.own.backends {
+		if w, ok := b.(*wireguard.Backend); ok {
+			wg = w
+		}
+	}
+	if wg == nil {
+		return nil
+	}
+	peers, err := wg.Peers()
+	if err != nil {
+		return nil
+	}
+	a.in.mu.Lock()
+	byKey := map[string]string{}
+	for _, n := range a.in.nodes {
+		if n.WireGuardKey != "" {
+			byKey[n.WireGuardKey] = n.Name
+		}
+	}
+	a.in.mu.Unlock()
+	out := map[string]time.Time{}
+	for _, p := range peers {
+		if name, ok := byKey[p.PublicKey]; ok {
+			out[name] = p.LastHandshake
+		}
+	}
+	return out
 }

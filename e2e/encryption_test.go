@@ -149,6 +149,10 @@ func TestEncryptedRestart(t *testing.T) {
 	if plain, wg := f.captureExchange(h1, ctrs[h1.Name], ctrs[h2.Name]); plain || wg == 0 {
 		t.Errorf("underlay of host1: payload in clear %v, %d WireGuard packets", plain, wg)
 	}
+	// What an operator checks first: the peer's last handshake.
+	if ps, err := f.peers(h1); err != nil || len(ps) != 1 || ps[0].WireGuardHandshake.IsZero() {
+		t.Errorf("host1's peers status shows no WireGuard handshake with host2 after traffic: %+v %v", ps, err)
+	}
 
 	// A stream from before the stop until the restarted host is back in
 	// every pair. Loss is counted from the sequence numbers answered: the

@@ -37,6 +37,10 @@ type Peer struct {
 	BFDDetect time.Duration `json:"bfdDetectionTime,omitempty"`
 	BFDDiag   string        `json:"bfdLastDown,omitempty"`
 	BFDDowns  int           `json:"bfdDowns,omitempty"`
+	// WireGuardHandshake is when the last WireGuard handshake with the
+	// peer completed (zero: none yet): encrypted traffic flows only after
+	// one, so a firewall dropping the WireGuard port shows here.
+	WireGuardHandshake time.Time `json:"wireguardHandshake,omitzero"`
 }
 
 // Route is one kernel route fabricd owns, with why it is there.

@@ -318,17 +318,6 @@ func (b *Backend) Peers() ([]PeerStatus, error) {
 	return b.dev.status()
 }
 
-// Close stops a userspace device (the kernel's stays for a restart to find,
-// like every other fabric device).
-func (b *Backend) Close() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.dev != nil {
-		b.dev.close()
-		b.dev = nil
-	}
-}
-
 // Supported reports whether this host can run WireGuard at all: the kernel
 // module, or TUN for wireguard-go.
 func Supported(h *netlink.Handle) (bool, error) {

@@ -275,11 +275,17 @@ func peersCmd(g *globals) *cobra.Command {
 	return peers
 }
 
-// encapColumn is the peer's encapsulation, or for a fabric host that none
-// reaches (with encryption on: one that cannot encrypt) "none: " and why.
+// encapColumn is the peer's encapsulation (with WireGuard, how long ago the
+// last handshake was), or for a fabric host that none reaches (with
+// encryption on: one that cannot encrypt) "none: " and why.
 func encapColumn(p localapi.Peer) string {
-	if p.Encap == "" && p.EncapReason != "" {
+	switch {
+	case p.Encap == "" && p.EncapReason != "":
 		return "none: " + p.EncapReason
+	case p.Encap == "wireguard" && p.WireGuardHandshake.IsZero():
+		return "wireguard (no handshake yet)"
+	case p.Encap == "wireguard":
+		return "wireguard (handshake " + since(p.WireGuardHandshake) + " ago)"
 	}
 	return p.Encap
 }
