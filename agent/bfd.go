@@ -16,13 +16,17 @@ import (
 	"github.com/fabricnet/fabric/registry"
 )
 
-// Echo timing for a fabric host whose BFD went silent: its kernel answers
-// within a millisecond or two when it lives, so four tries over 200 ms
-// tell "fabricd restarting" from "host or path dead".
-const (
-	echoGap  = 50 * time.Millisecond
-	echoWait = 200 * time.Millisecond
-)
+// echoTiming is how long a fabric host whose BFD went silent has to answer
+// ICMP echo, and how often it is asked: its kernel answers within a
+// millisecond or two when it lives, so four tries over 200 ms tell
+// "fabricd restarting" from "host or path dead". An operator who chose a
+// slower BFD interval (a busy or distant host) gives the kernel as long as
+// one interval: a host slow enough to miss BFD packets must not lose its
+// routes because its echo reply was slow too.
+func (a *Agent) echoTiming() (gap, wait time.Duration) {
+	wait = max(200*time.Millisecond, a.cfg.BFDInterval)
+	return wait / 4, wait
+}
 
 // startBFD opens the BFD sockets (bfdInterval 0: none).
 func (a *Agent) startBFD() error {
@@ -71,8 +75,8 @@ func (a *Agent) bfdLoop(ctx context.Context) error {
 		}
 		for _, c := range s.Changes() {
 			if c.Failed() {
-				// The echo takes up to echoWait; other failures must not
-				// wait for it.
+				// The echo takes up to a BFD interval; other failures
+				// must not wait for it.
 				go a.bfdFailed(ctx, c)
 			}
 		}
@@ -92,7 +96,8 @@ func (a *Agent) bfdFailed(ctx context.Context, c bfd.Change) {
 	}
 	log := a.log.With("component", "bfd", "peer", peer.Name, "address", c.Peer, "diag", c.Diag.String())
 	if peer.FabricHost {
-		alive, err := echo.Answers(ctx, a.underlay.Addr, c.Peer, echoGap, echoWait)
+		gap, wait := a.echoTiming()
+		alive, err := echo.Answers(ctx, a.underlay.Addr, c.Peer, gap, wait)
 		switch {
 		case err != nil:
 			// Unable to ask: keep the routes; BGP's hold time and the node

@@ -86,6 +86,10 @@ func (f *fabric) fabricdArgs(h *lab.Host, runDir string, more ...string) []strin
 		"--run-dir", runDir,
 		"--docker-opts-file", runDir+"/docker.env",
 		"--resync", "5s",
+		// BFD at the time scale: in the qemu guest under load 200 ms x 3
+		// is missed by a live host (a flapping session, and routes dropped
+		// when its echo is slow too); tests that set it win (later flags).
+		"--bfd-interval", testwait.Scale(200*time.Millisecond).String(),
 		"--log-level", "debug",
 		"--metrics-address", netip.AddrPortFrom(h.Addr, 9815).String())
 	args = append(args, f.extra...)
