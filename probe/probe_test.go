@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -391,7 +392,19 @@ func TestRestartKeepsVerdicts(t *testing.T) {
 		t.Fatalf("released peer without answers still works: %s", describe(pa, addrB))
 	}
 
-	// A restarted prober starts from the saved verdicts: B blocked now.
+	// A restarted prober starts from the saved verdicts: B blocked now. The
+	// verdict is saved right after it flips: wait for the file to say so.
+	if _, ok := waitFor(6*testInterval, func() bool {
+		var saved map[netip.Addr]bool
+		data, err := os.ReadFile(state)
+		if err != nil || json.Unmarshal(data, &saved) != nil {
+			return false
+		}
+		works, known := saved[addrB]
+		return known && !works
+	}); !ok {
+		t.Fatalf("the blocked verdict never reached %s", state)
+	}
 	pa2 := startIn(t, nsA+"", Config{Local: addrA, Interval: time.Hour, StateFile: state, Logger: testLogger(t, "A2")})
 	pa2.SetPeers([]netip.Addr{addrB})
 	if works, reason, _ := pa2.State(addrB); works || reason != "verdict kept from before the restart" {
