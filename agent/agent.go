@@ -517,6 +517,11 @@ func (a *Agent) detectKernel() error {
 		}
 	}
 	a.ipipOK = supported[ipip.Name]
+	if a.cfg.Encryption != encaps.EncryptionOff && a.cfg.WireGuardImplementation == wireguard.Kernel {
+		if ok, err := wireguard.KernelSupported(nil); !ok {
+			return fmt.Errorf("wireguardImplementation kernel: this kernel has no WireGuard (%v); load the wireguard module, or use auto to run wireguard-go", err)
+		}
+	}
 	var err error
 	a.kinds, err = encaps.Select(a.cfg.Encapsulation, a.cfg.Encryption, supported)
 	return err

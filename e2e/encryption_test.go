@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -309,5 +310,25 @@ func TestDockerNetworkEncrypted(t *testing.T) {
 			}
 			return nil
 		})
+	}
+}
+
+// TestKernelWireGuardRequired: `wireguardImplementation: kernel` on a kernel
+// without WireGuard refuses to start, saying what to do, instead of running
+// with no way to reach its peers.
+func TestKernelWireGuardRequired(t *testing.T) {
+	t.Parallel()
+	f := newFabric(t, lab.Spec{Hosts: 1})
+	h := f.lab.Hosts()[0]
+	if f.wireGuardImplementation(h) == "kernel" {
+		t.Log("this kernel has WireGuard: nothing to refuse here")
+		return
+	}
+	args := f.fabricdArgs(h, filepath.Join(f.lab.LogDir(), h.Name+"-run"), "--encryption", "wireguard", "--wireguard-implementation", "kernel")
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(30*time.Second))
+	defer cancel()
+	out, err := h.Run(ctx, args[0], args[1:]...)
+	if err == nil || !strings.Contains(out, "wireguardImplementation kernel: this kernel has no WireGuard") {
+		t.Errorf("fabricd with wireguardImplementation kernel on a kernel without it: %v\n%s", err, out)
 	}
 }

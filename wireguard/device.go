@@ -37,8 +37,8 @@ type device interface {
 
 var errNoKernelWireGuard = errors.New("this kernel has no WireGuard")
 
-// kernelSupported tries to create a kernel WireGuard device.
-func kernelSupported(h *netlink.Handle) (bool, error) {
+// KernelSupported tries to create a kernel WireGuard device.
+func KernelSupported(h *netlink.Handle) (bool, error) {
 	name := fmt.Sprintf("fabwgprobe%d", unix.Getpid()%100000)
 	dev, err := newKernelDevice(backend.DefaultHandle(h), name)
 	if errors.Is(err, errNoKernelWireGuard) {

@@ -325,5 +325,5 @@ func Supported(h *netlink.Handle) (bool, error) {
 		unix.Close(f)
 		return true, nil
 	}
-	return kernelSupported(h)
+	return KernelSupported(h)
 }
