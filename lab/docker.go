@@ -197,6 +197,13 @@ func (h *Host) StartDockerd(ctx context.Context, opts DockerdOptions) (*Dockerd,
 		return nil, err
 	}
 	d.proc = p
+	// The supervisor removes the containers, stops dockerd (6 s at most)
+	// and unmounts; a SIGKILL in the middle leaves dockerd running in its
+	// own session. Its docker calls are bounded at 15 s together.
+	p.minGrace = 30 * time.Second
+	l.mu.Lock()
+	l.dockerds[p] = true
+	l.mu.Unlock()
 
 	timeout := opts.Timeout
 	if timeout == 0 {

@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -112,8 +113,13 @@ type Lab struct {
 	containers []*Container
 	etcd       []*etcdMember
 	procs      map[*Process]struct{}
-	vethSeq    int
-	stopGrace  time.Duration // SIGTERM to SIGKILL, 10 s; tests shorten it
+	// dockerds stop before every other process: removing their containers
+	// calls the network plugin fabricd serves, and with fabricd gone first
+	// dockerd retried it past the stop grace, so its supervisor was killed
+	// and dockerd lived on.
+	dockerds  map[*Process]bool
+	vethSeq   int
+	stopGrace time.Duration // SIGTERM to SIGKILL, 10 s; tests shorten it
 	// releaseNeigh gives back a raised neighbour table (labs of many hosts).
 	releaseNeigh func() error
 }
@@ -169,7 +175,7 @@ func New(ctx context.Context, spec Spec) (*Lab, error) {
 		return nil, err
 	}
 
-	l := &Lab{spec: spec, procs: map[*Process]struct{}{}, stopGrace: 10 * time.Second}
+	l := &Lab{spec: spec, procs: map[*Process]struct{}{}, dockerds: map[*Process]bool{}, stopGrace: 10 * time.Second}
 	if err := l.claimPrefix(spec.Prefix); err != nil {
 		return nil, err
 	}
@@ -634,27 +640,34 @@ func (l *Lab) close() error {
 			etcdProcs[m.proc] = true
 		}
 	}
-	var wg sync.WaitGroup
 	var errMu sync.Mutex
-	for _, p := range procs {
-		if etcdProcs[p] {
-			continue
+	stopAll := func(which func(*Process) bool) {
+		var wg sync.WaitGroup
+		for _, p := range procs {
+			if etcdProcs[p] || !which(p) {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := p.stop(); err != nil && !errors.Is(err, errStoppedBySignal) {
+					// A process exiting badly is not a cleanup failure; log it.
+					l.log.Debug("process ended with error", "process", p.Label, "err", err)
+				}
+				if !p.Exited() {
+					errMu.Lock()
+					errs = append(errs, fmt.Errorf("process %s (pid %d) did not exit", p.Label, p.Pid()))
+					errMu.Unlock()
+				}
+			}()
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := p.stop(); err != nil && !errors.Is(err, errStoppedBySignal) {
-				// A process exiting badly is not a cleanup failure; log it.
-				l.log.Debug("process ended with error", "process", p.Label, "err", err)
-			}
-			if !p.Exited() {
-				errMu.Lock()
-				errs = append(errs, fmt.Errorf("process %s (pid %d) did not exit", p.Label, p.Pid()))
-				errMu.Unlock()
-			}
-		}()
+		wg.Wait()
 	}
-	wg.Wait()
+	l.mu.Lock()
+	dockerds := maps.Clone(l.dockerds)
+	l.mu.Unlock()
+	stopAll(func(p *Process) bool { return dockerds[p] })
+	stopAll(func(p *Process) bool { return !dockerds[p] })
 	for p := range etcdProcs {
 		_ = p.Kill()
 	}

@@ -115,6 +115,9 @@ type Process struct {
 	done    chan struct{}
 	waitErr error
 	lab     *Lab
+	// minGrace is the least time from SIGTERM to SIGKILL this process
+	// needs to clean up after itself (0: the lab's).
+	minGrace time.Duration
 
 	stopOnce sync.Once
 	stopErr  error
@@ -236,7 +239,7 @@ func (p *Process) Stop() error {
 }
 
 func (p *Process) stop() error {
-	p.stopOnce.Do(func() { p.stopErr = p.terminate(p.lab.stopGrace) })
+	p.stopOnce.Do(func() { p.stopErr = p.terminate(max(p.lab.stopGrace, p.minGrace)) })
 	return p.stopErr
 }
 
