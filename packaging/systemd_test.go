@@ -85,7 +85,7 @@ func TestDebUnderSystemd(t *testing.T) {
 	if out, err := c.run("cat", "/run/fabric/docker.env"); err != nil || !strings.Contains(out, "--bip=") {
 		t.Errorf("active before the docker options file exists: %v %s", err, out)
 	}
-	c.eventually(t, 30*time.Second, "the status line counts the established peer", func() error {
+	testwait.For(t, 30*time.Second, "the status line counts the established peer", func() error {
 		if s := c.must(t, "systemctl", "show", "-p", "StatusText", "--value", "fabricd"); !strings.Contains(s, "1 of 1 BGP peers established") {
 			return fmt.Errorf("StatusText %q", s)
 		}
@@ -109,7 +109,7 @@ func TestDebUnderSystemd(t *testing.T) {
 	if !strings.HasPrefix(bridge, mySubnet+" ") || !strings.Contains(bridge, "mtu=1450") {
 		t.Errorf("dockerd's bridge network %q, want fabric's subnet %s and MTU 1450", bridge, mySubnet)
 	}
-	c.eventually(t, 30*time.Second, "host2 routes to "+mySubnet, func() error {
+	testwait.For(t, 30*time.Second, "host2 routes to "+mySubnet, func() error {
 		if mySubnet == "" || !routeOnPeer() {
 			return fmt.Errorf("no route to %q on host2", mySubnet)
 		}
@@ -137,7 +137,7 @@ func TestDebUnderSystemd(t *testing.T) {
 		}
 	}()
 	c.must(t, "dpkg", "-i", deb(newer))
-	c.eventually(t, 60*time.Second, "fabricd back on the new binary with its peer", func() error {
+	testwait.For(t, 60*time.Second, "fabricd back on the new binary with its peer", func() error {
 		if v := c.must(t, "fabricd", "--version"); v != "fabricd "+newer {
 			return fmt.Errorf("installed %q", v)
 		}
@@ -249,7 +249,7 @@ func bootDebian(t *testing.T, root, netns string) *booted {
 		}
 		log.Close()
 	})
-	c.eventually(t, 60*time.Second, "systemd running in the Debian root", func() error {
+	testwait.For(t, 60*time.Second, "systemd running in the Debian root", func() error {
 		if c.init == 0 {
 			children, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
 			f := strings.Fields(string(children))
@@ -284,21 +284,6 @@ func (c *booted) must(t *testing.T, args ...string) string {
 		t.Fatalf("in the Debian root: %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 	return out
-}
-
-// eventually waits for cond, failing the test with what it waited for.
-func (c *booted) eventually(t *testing.T, timeout time.Duration, what string, cond func() error) {
-	t.Helper()
-	timeout = testwait.Scale(timeout)
-	deadline := time.Now().Add(timeout)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = cond(); err == nil {
-			return
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	t.Fatalf("%s: not within %s: %v", what, timeout, err)
 }
 
 func lastLines(s string, n int) string {

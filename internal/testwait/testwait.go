@@ -3,6 +3,7 @@
 package testwait
 
 import (
+	"errors"
 	"os"
 	"strconv"
 	"testing"
@@ -13,11 +14,32 @@ import (
 // timeout; what names the awaited state in that failure.
 func Until(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
+	For(t, timeout, what, func() error {
+		if cond() {
+			return nil
+		}
+		return errNotYet
+	})
+}
+
+var errNotYet = errors.New("not yet")
+
+// For is Until for a condition that says what it saw: cond returns nil once
+// the state holds, and the failure quotes its last error.
+func For(t testing.TB, timeout time.Duration, what string, cond func() error) {
+	t.Helper()
 	timeout = Scale(timeout)
 	deadline := time.Now().Add(timeout)
-	for !cond() {
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for: %s", timeout, what)
+			if err == errNotYet {
+				t.Fatalf("timed out after %s waiting for: %s", timeout, what)
+			}
+			t.Fatalf("timed out after %s waiting for: %s: %v", timeout, what, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
