@@ -94,6 +94,16 @@ func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
 	}, nil
 }
 
+// wireGuard is this host's WireGuard backend, nil when it does not encrypt.
+func (a *Agent) wireGuard() *wireguard.Backend {
+	for _, b := range a.own.backends {
+		if wg, ok := b.(*wireguard.Backend); ok {
+			return wg
+		}
+	}
+	return nil
+}
+
 // encryptionStatus says whether this host encrypts, with which WireGuard,
 // and what the userspace one costs.
 func (a *Agent) encryptionStatus() string {
@@ -101,10 +111,8 @@ func (a *Agent) encryptionStatus() string {
 		return "off"
 	}
 	impl := "not started"
-	for _, b := range a.own.backends {
-		if w, ok := b.(interface{ Implementation() string }); ok && w.Implementation() != "" {
-			impl = w.Implementation()
-		}
+	if wg := a.wireGuard(); wg != nil && wg.Implementation() != "" {
+		impl = wg.Implementation()
 	}
 	s := fmt.Sprintf("%s (%s WireGuard, udp/%d)", a.cfg.Encryption, impl, a.cfg.WireGuardPort)
 	if impl == wireguard.Userspace {
@@ -116,12 +124,7 @@ func (a *Agent) encryptionStatus() string {
 // wireGuardHandshakes is each fabric host's last WireGuard handshake, by
 // node name, when this host encrypts.
 func (a *Agent) wireGuardHandshakes() map[string]time.Time {
-	var wg *wireguard.Backend
-	for _, b := range a.own.backends {
-		if w, ok := b.(*wireguard.Backend); ok {
-			wg = w
-		}
-	}
+	wg := a.wireGuard()
 	if wg == nil {
 		return nil
 	}

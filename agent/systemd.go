@@ -65,11 +65,7 @@ func (a *Agent) statusLine(ctx context.Context) string {
 			}
 		}
 	}
-	routes := "?"
-	if owned, err := a.own.dataplane.Owned(); err == nil {
-		routes = fmt.Sprint(len(owned))
-	}
-	return fmt.Sprintf("subnet %s; %d of %d BGP peers established; %s routes; encryption %s", a.lease.Subnet, up, total, routes, a.cfg.Encryption)
+	return fmt.Sprintf("subnet %s; %d of %d BGP peers established; %d routes; encryption %s", a.lease.Subnet, up, total, a.own.dataplane.RouteCount(), a.cfg.Encryption)
 }
 
 // answers reports whether the agent's inputs and the data plane can be

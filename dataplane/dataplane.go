@@ -195,6 +195,15 @@ func (m *Manager) MTU() int { return m.mtu }
 // Protocol is the route protocol number this manager owns.
 func (m *Manager) Protocol() int { return m.cfg.Protocol }
 
+// RouteCount is how many routes the last Apply wanted in the kernel, read
+// from this Manager's own state: no kernel dump (systemd's status line asks
+// every 10 s, and a router's table may hold 100,000 routes).
+func (m *Manager) RouteCount() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.owners)
+}
+
 // Choices returns each peer's encapsulation and its reason, as chosen by
 // the last Apply (for `fabricctl peers status`).
 func (m *Manager) Choices() map[string]Choice {
