@@ -3,6 +3,7 @@
 package packaging
 
 import (
+	"debug/buildinfo"
 	"fmt"
 	"os"
 	"os/exec"
@@ -57,6 +58,7 @@ func TestDebInstallsEveryFile(t *testing.T) {
 		"usr/share/man/man8/fabricctl.8.gz":                0o644,
 		"usr/share/man/man8/fabricctl-peers-status.8.gz":   0o644,
 		"usr/share/doc/fabric/README.md":                   0o644,
+		"usr/share/doc/fabric/copyright":                   0o644,
 		"usr/share/doc/fabric/examples/fabric-alerts.yaml": 0o644,
 		"usr/share/doc/fabric/architecture.md":             0o644,
 		"usr/share/doc/fabric/operations.md":               0o644,
@@ -94,6 +96,21 @@ func TestDebInstallsEveryFile(t *testing.T) {
 	}
 	if completion, _ := os.ReadFile(filepath.Join(root, "usr/share/bash-completion/completions/fabricctl")); !strings.Contains(string(completion), "__start_fabricctl") {
 		t.Errorf("bash completion of fabricctl: %.200q", completion)
+	}
+
+	// Every Go module built into the binaries has its licence in the
+	// copyright file (the binaries are static: they carry the modules).
+	copyright, _ := os.ReadFile(filepath.Join(root, "usr/share/doc/fabric/copyright"))
+	for _, bin := range []string{"usr/bin/fabricd", "usr/bin/fabricctl"} {
+		info, err := buildinfo.ReadFile(filepath.Join(root, bin))
+		if err != nil {
+			t.Fatalf("build information of %s: %v", bin, err)
+		}
+		for _, dep := range info.Deps {
+			if !regexp.MustCompile(`(?m)^Files: ` + regexp.QuoteMeta(dep.Path) + `/\*\nComment: .*\nCopyright: .+\n(?: .*\n)*License: \S`).Match(copyright) {
+				t.Errorf("%s links %s %s, which has no stanza with copyright and licence in /usr/share/doc/fabric/copyright", bin, dep.Path, dep.Version)
+			}
+		}
 	}
 
 	// The installed binaries run and say which build they are; versions

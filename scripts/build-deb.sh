@@ -58,6 +58,10 @@ for script in postinst prerm postrm; do
   install -m 0755 "packaging/$script" "$root/DEBIAN/$script"
 done
 install -D -m 0644 packaging/fabric-alerts.yaml "$root/usr/share/doc/fabric/examples/fabric-alerts.yaml"
+# The binaries are static: they carry every Go module's code, so the
+# package carries every module's licence and copyright lines.
+go run ./tools/debcopyright "$root/usr/bin/fabricd" "$root/usr/bin/fabricctl" > "$root/usr/share/doc/fabric/copyright"
+chmod 0644 "$root/usr/share/doc/fabric/copyright"
 for doc in README.md docs/architecture.md docs/operations.md docs/security.md docs/troubleshooting.md; do
   install -m 0644 "$doc" "$root/usr/share/doc/fabric/$(basename "$doc")"
 done
