@@ -176,7 +176,14 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.ipipOK {
 		// The prober answers peers' probes in every mode and decides per
 		// peer in auto mode whether IP protocol 4 passes.
-		if a.own.prober, err = probe.Start(ctx, probe.Config{Local: a.underlay.Addr, StateFile: cfg.ProbeStatePath(), Logger: log.With("component", "probe")}); err != nil {
+		if a.own.prober, err = probe.Start(ctx, probe.Config{
+			Local:        a.underlay.Addr,
+			Interval:     cfg.ProbeInterval,
+			FastInterval: cfg.ProbeInterval / 8,
+			MinTimeout:   cfg.ProbeInterval / 4,
+			StateFile:    cfg.ProbeStatePath(),
+			Logger:       log.With("component", "probe"),
+		}); err != nil {
 			return err
 		}
 	}

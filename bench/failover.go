@@ -21,7 +21,9 @@ import (
 
 // failoverBench measures how long the other hosts keep routing to a host
 // whose underlay link goes down silently, with BFD (the default) against
-// BFD off (the BGP hold time and the node record) in the same run; and
+// BFD off (the BGP hold time and the node record) in the same run; how
+// long the encapsulation probe takes to call a blocked IPIP path blocked
+// (probeBench); and
 // the CPU BFD costs a host of a 50-host fabric (49 sessions, 5 packets a
 // second each way).
 func failoverBench(ctx context.Context, binDir string) error {
@@ -42,6 +44,10 @@ func failoverBench(ctx context.Context, binDir string) error {
 		}
 		results = append(results, st)
 		fmt.Printf("| %s | %.2f (%.2f-%.2f) | %.3f |\n", mode.name, st.median, st.min, st.max, st.median/results[0].median)
+	}
+
+	if err := probeBench(ctx); err != nil {
+		return fmt.Errorf("probe: %w", err)
 	}
 
 	const peers = 49

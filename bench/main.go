@@ -22,8 +22,10 @@
 //     throughput on a fabric network against docker0 and Docker's swarm
 //     overlay between the same hosts;
 //   - failover (-only failover): a host whose link goes down silently,
-//     until no host routes to it, with BFD against BFD off; and the CPU
-//     of BFD on a host of a 50-host fabric (49 sessions);
+//     until no host routes to it, with BFD against BFD off; an IPIP path
+//     that stops passing protocol 4, until the probe says so, against the
+//     previous probe settings; and the CPU of BFD on a host of a 50-host
+//     fabric (49 sessions);
 //   - encryption (-only encryption): fabricd with WireGuard against fabricd
 //     in clear, side by side, and fabricd's CPU per Gbit/s encrypted.
 //
@@ -67,7 +69,7 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, BFD's CPU), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()

@@ -39,6 +39,7 @@ func (c *Config) UnmarshalJSON(b []byte) error {
 		KeepaliveInterval duration `json:"keepaliveInterval"`
 		GracefulRestart   duration `json:"gracefulRestartTime"`
 		BFDInterval       duration `json:"bfdInterval"`
+		ProbeInterval     duration `json:"probeInterval"`
 		Resync            duration `json:"resync"`
 	}{
 		plain:             (*plain)(c),
@@ -49,6 +50,7 @@ func (c *Config) UnmarshalJSON(b []byte) error {
 		KeepaliveInterval: duration{&c.KeepaliveInterval},
 		GracefulRestart:   duration{&c.GracefulRestartTime},
 		BFDInterval:       duration{&c.BFDInterval},
+		ProbeInterval:     duration{&c.ProbeInterval},
 		Resync:            duration{&c.Resync},
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/testwait"
 	"github.com/fabricnet/fabric/lab"
 )
 
@@ -59,6 +60,12 @@ func TestEncapsulationFallback(t *testing.T) {
 	t.Logf("block lifted: every pair back on %s %.1fs later", auto, d.Seconds())
 	f.pairsTalk(hosts, ctrs)
 
+	if auto == "ipip" {
+		f.lossKeepsIPIP(hosts, ctrs, all)
+	} else {
+		t.Logf("auto mode gives %s here: the random-loss check of the IPIP probe runs where IPIP does (qemu lane)", auto)
+	}
+
 	// A restart starts from the saved verdicts: host2's routes stay on
 	// their device from the stop until its sessions are back.
 	before := f.ownedRoutes(h2)
@@ -103,6 +110,53 @@ func TestEncapsulationFallback(t *testing.T) {
 	}
 	f.waitEncaps(hosts, withVXLANHost)
 	f.pairsTalk(hosts, ctrs)
+}
+
+// lossKeepsIPIP: 5 % random loss on host2's underlay link (netem) for
+// 20 s, with container traffic across it so that the loss really drops
+// something, must not move any pair off IPIP: the probe calls a path
+// blocked only after 8 misses in a row.
+func (f *fabric) lossKeepsIPIP(hosts []*lab.Host, ctrs map[string]*lab.Container, want encapsOf) {
+	f.t.Helper()
+	h1, h2 := hosts[0], hosts[1]
+	logged := map[string]int{}
+	for _, h := range hosts {
+		log, _ := os.ReadFile(f.agents[h.Name].proc.LogPath())
+		logged[h.Name] = len(log)
+	}
+	dropped, undo, err := h2.Loss(5)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() { undo() })
+	const lossFor = 20 * time.Second
+	for end := time.Now().Add(lossFor); time.Now().Before(end); {
+		ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(10*time.Second))
+		ctrs[h2.Name].Run(ctx, "ping", "-q", "-c", "20", "-i", "0.05", "-W", "1", ctrs[h1.Name].Addr.String()) // some are lost: that is the point
+		cancel()
+		for _, h := range hosts {
+			if err := f.encapsAre(h, hosts, want); err != nil {
+				f.t.Fatalf("under 5 %% random loss on host2's link: %v", err)
+			}
+		}
+	}
+	n, err := dropped()
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	if n == 0 {
+		f.t.Fatalf("netem on host2's link dropped nothing in %s: the check proves nothing", lossFor)
+	}
+	if err := undo(); err != nil {
+		f.t.Fatal(err)
+	}
+	for _, h := range hosts {
+		log, _ := os.ReadFile(f.agents[h.Name].proc.LogPath())
+		if changed := strings.Count(string(log[logged[h.Name]:]), "peer encapsulation changed"); changed > 0 {
+			f.t.Errorf("%s changed a peer's encapsulation %d times under 5 %% random loss:\n%s", h.Name, changed, tail(f.agents[h.Name].proc.LogPath()))
+		}
+	}
+	f.t.Logf("%s of 5 %% random loss on host2's link (%d packets dropped): every pair stayed on ipip", lossFor, n)
 }
 
 // encapsOf is the encapsulation every host should use for each peer, by name.

@@ -90,6 +90,9 @@ func (f *fabric) fabricdArgs(h *lab.Host, runDir string, more ...string) []strin
 		// is missed by a live host (a flapping session, and routes dropped
 		// when its echo is slow too); tests that set it win (later flags).
 		"--bfd-interval", testwait.Scale(200*time.Millisecond).String(),
+		// The IPIP probe too: a loaded guest that stalls for half a
+		// second must not look like a blocked path.
+		"--probe-interval", testwait.Scale(400*time.Millisecond).String(),
 		"--log-level", "debug",
 		"--metrics-address", netip.AddrPortFrom(h.Addr, 9815).String())
 	args = append(args, f.extra...)

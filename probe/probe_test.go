@@ -10,7 +10,9 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -67,8 +69,9 @@ func TestPathVerdicts(t *testing.T) {
 	}
 	lab.Run(t, "ip", "-n", nsC, "route", "add", "default", "via", "10.99.2.1")
 
+	// The defaults, as fabricd runs them.
 	cfg := func(local netip.Addr, name string) Config {
-		return Config{Local: local, Interval: testInterval, FailAfter: 3, RecoverAfter: 2, Logger: testLogger(t, name)}
+		return Config{Local: local, Logger: testLogger(t, name)}
 	}
 	pa := startIn(t, nsA, cfg(addrA, "A"))
 	pb := startIn(t, nsB, cfg(addrB, "B"))
@@ -89,7 +92,7 @@ func TestPathVerdicts(t *testing.T) {
 	}
 	all := []pair{{"A→B", pa, addrB}, {"A→C", pa, addrC}, {"B→A", pb, addrA}, {"B→C", pb, addrC}, {"C→A", pc, addrA}}
 	for _, pr := range all {
-		took, ok := waitFor(2*testInterval, func() bool { return pr.p.IPIPWorks(pr.peer) })
+		took, ok := waitFor(2*DefaultInterval, func() bool { return pr.p.IPIPWorks(pr.peer) })
 		if !ok {
 			t.Fatalf("%s: IPIP not working %s after start: %s", pr.name, took, describe(pr.p, pr.peer))
 		}
@@ -102,12 +105,12 @@ func TestPathVerdicts(t *testing.T) {
 	}
 
 	// R runs no prober: blocked, never works.
-	_, ok := waitFor(time.Duration(3+2)*testInterval, func() bool {
+	_, ok := waitFor(5*time.Second, func() bool {
 		_, reason, _ := pa.State(addrR)
-		return strings.HasPrefix(reason, "3 probes over IP protocol 4 unanswered")
+		return unansweredAtLeast(reason, DefaultFailAfter)
 	})
 	if !ok || pa.IPIPWorks(addrR) {
-		t.Fatalf("A→R (no prober there): %s, want blocked after 3 probes", describe(pa, addrR))
+		t.Fatalf("A→R (no prober there): %s, want blocked after %d probes", describe(pa, addrR), DefaultFailAfter)
 	}
 	if _, reason, _ := pa.State(addrR); !strings.Contains(reason, "10.99.1.1 answered ICMP protocol unreachable") {
 		t.Errorf("A→R reason %q does not name R's protocol unreachable", reason)
@@ -120,15 +123,15 @@ func TestPathVerdicts(t *testing.T) {
 			t.Errorf("%s sent %d ICMP messages, want none", ns, n)
 		}
 	}
-	if n := l.icmpCounter(nsR, "OutDestUnreachs"); n > 10 {
-		t.Errorf("R sent %d ICMP unreachables for about 5 probes", n)
+	if n := l.icmpCounter(nsR, "OutDestUnreachs"); n > 20 {
+		t.Errorf("R sent %d ICMP unreachables for about %d probes", n, DefaultFailAfter+2)
 	}
 
 	// Drop IP protocol 4 in the router: A↔C flips to blocked, A↔B stays.
 	drain(pa.Changes())
 	lab.Exec(t, nsR, "iptables", "-A", "FORWARD", "-p", "4", "-j", "DROP")
 	bFlapped := false
-	took, ok := waitFor(time.Duration(3+2)*testInterval, func() bool {
+	took, ok := waitFor(5*time.Second, func() bool {
 		bFlapped = bFlapped || !pa.IPIPWorks(addrB)
 		return !pa.IPIPWorks(addrC)
 	})
@@ -136,18 +139,18 @@ func TestPathVerdicts(t *testing.T) {
 		t.Fatalf("A→C still IPIP %s after R dropped protocol 4: %s", took, describe(pa, addrC))
 	}
 	t.Logf("A→C blocked %s after the drop: %s", took.Round(time.Millisecond), describe(pa, addrC))
-	if _, reason, since := pa.State(addrC); reason != "3 probes over IP protocol 4 unanswered" || time.Since(since) > time.Second {
+	if _, reason, since := pa.State(addrC); !unansweredAtLeast(reason, DefaultFailAfter) || time.Since(since) > time.Second {
 		t.Errorf("A→C blocked with reason %q since %s", reason, since)
 	}
 	if !fired(pa.Changes()) {
 		t.Errorf("A: Changes() did not fire when C got blocked")
 	}
 	for _, pr := range []pair{{"C→A", pc, addrA}, {"B→C", pb, addrC}} {
-		if _, ok := waitFor(2*testInterval, func() bool { return !pr.p.IPIPWorks(pr.peer) }); !ok {
+		if _, ok := waitFor(2*time.Second, func() bool { return !pr.p.IPIPWorks(pr.peer) }); !ok {
 			t.Errorf("%s still IPIP after the drop: %s", pr.name, describe(pr.p, pr.peer))
 		}
 	}
-	time.Sleep(2 * testInterval) // A↔B must stay up while C is down
+	time.Sleep(2 * DefaultInterval) // A↔B must stay up while C is down
 	if bFlapped || !pa.IPIPWorks(addrB) || !pb.IPIPWorks(addrA) {
 		t.Errorf("A↔B left IPIP although only the path to C drops protocol 4: A→B %s, B→A %s",
 			describe(pa, addrB), describe(pb, addrA))
@@ -156,12 +159,12 @@ func TestPathVerdicts(t *testing.T) {
 	// Lift the drop: A↔C recovers after RecoverAfter answers.
 	drain(pa.Changes())
 	lab.Exec(t, nsR, "iptables", "-D", "FORWARD", "-p", "4", "-j", "DROP")
-	took, ok = waitFor(time.Duration(2+2)*testInterval, func() bool { return pa.IPIPWorks(addrC) })
+	took, ok = waitFor(5*time.Second, func() bool { return pa.IPIPWorks(addrC) })
 	if !ok {
 		t.Fatalf("A→C not back on IPIP %s after the drop was lifted: %s", took, describe(pa, addrC))
 	}
 	t.Logf("A→C back %s after the drop was lifted: %s", took.Round(time.Millisecond), describe(pa, addrC))
-	if took < testInterval/2 {
+	if took < DefaultInterval/2 {
 		t.Errorf("A→C recovered after %s, on one answer; want %d", took, 2)
 	}
 	if !fired(pa.Changes()) {
@@ -284,13 +287,24 @@ func TestHostileInput(t *testing.T) {
 
 	// Y has a raw socket but no responder: X must not count it as working.
 	px.SetPeers([]netip.Addr{addrY})
-	_, ok := waitFor(5*testInterval, func() bool {
+	_, ok := waitFor(5*time.Second, func() bool {
 		_, reason, _ := px.State(addrY)
-		return strings.HasPrefix(reason, "3 probes")
+		return unansweredAtLeast(reason, DefaultFailAfter)
 	})
 	if !ok || px.IPIPWorks(addrY) {
 		t.Errorf("X→Y (no responder): %s, want blocked", describe(px, addrY))
 	}
+}
+
+// unansweredAtLeast: reason says that n or more probes in a row went
+// unanswered.
+func unansweredAtLeast(reason string, n int) bool {
+	m := regexp.MustCompile(`^(\d+) probes over IP protocol 4 unanswered`).FindStringSubmatch(reason)
+	if m == nil {
+		return false
+	}
+	got, _ := strconv.Atoi(m[1])
+	return got >= n
 }
 
 func TestStartErrors(t *testing.T) {
@@ -409,5 +423,54 @@ func TestRestartKeepsVerdicts(t *testing.T) {
 	pa2.SetPeers([]netip.Addr{addrB})
 	if works, reason, _ := pa2.State(addrB); works || reason != "verdict kept from before the restart" {
 		t.Errorf("restarted prober: works=%v reason=%q, want the saved blocked verdict", works, reason)
+	}
+}
+
+// TestRandomLossDoesNotFlap: 5 % of protocol 4 packets dropped at random
+// on each host (about 10 % of round trips lose a probe or its answer) for
+// 20 s. Probes go missing, yet no verdict changes: a path is blocked only
+// after DefaultFailAfter misses in a row.
+func TestRandomLossDoesNotFlap(t *testing.T) {
+	l := newLab(t)
+	nsA, nsB := l.ns("A"), l.ns("B")
+	lab.Veth(t, nsA, "eth0", nsB, "eth0")
+	lab.Addr(t, nsA, "eth0", addrA.String()+"/24")
+	lab.Addr(t, nsB, "eth0", addrB.String()+"/24")
+	pa := startIn(t, nsA, Config{Local: addrA, Logger: testLogger(t, "A")})
+	pb := startIn(t, nsB, Config{Local: addrB, Logger: testLogger(t, "B")})
+	pa.SetPeers([]netip.Addr{addrB})
+	pb.SetPeers([]netip.Addr{addrA})
+	for _, pr := range []struct {
+		p    *Prober
+		peer netip.Addr
+	}{{pa, addrB}, {pb, addrA}} {
+		if _, ok := waitFor(5*time.Second, func() bool { return pr.p.IPIPWorks(pr.peer) }); !ok {
+			t.Fatalf("no IPIP verdict before the loss: %s", describe(pr.p, pr.peer))
+		}
+	}
+	drain(pa.Changes())
+	drain(pb.Changes())
+	for _, ns := range []string{nsA, nsB} {
+		lab.Exec(t, ns, "iptables", "-A", "INPUT", "-p", "4", "-m", "statistic", "--mode", "random", "--probability", "0.05", "-j", "DROP")
+	}
+	missedBefore := pa.missedProbes.Load() + pb.missedProbes.Load()
+	const lossFor = 20 * time.Second
+	flapped := ""
+	waitFor(lossFor, func() bool {
+		if !pa.IPIPWorks(addrB) {
+			flapped = "A→B: " + describe(pa, addrB)
+		}
+		if !pb.IPIPWorks(addrA) {
+			flapped = "B→A: " + describe(pb, addrA)
+		}
+		return flapped != ""
+	})
+	missed := pa.missedProbes.Load() + pb.missedProbes.Load() - missedBefore
+	t.Logf("%s of 5 %% loss on each host: %d probes missed, verdicts %s", lossFor, missed, map[bool]string{true: "stayed", false: "flapped"}[flapped == ""])
+	if missed == 0 {
+		t.Fatalf("no probe went missing in %s: the loss rule dropped nothing, so the test proves nothing", lossFor)
+	}
+	if flapped != "" || fired(pa.Changes()) || fired(pb.Changes()) {
+		t.Errorf("a verdict changed under random loss (%d probes missed, never %d in a row on a working path): %s", missed, DefaultFailAfter, flapped)
 	}
 }

@@ -180,7 +180,8 @@ const xtablesDir = "/usr/lib/x86_64-linux-gnu/xtables"
 // ResolveModules does not follow.
 var fabricdModules = []string{"ipip", "veth", "bridge", "vxlan", "wireguard", "crc32c_generic",
 	"iptable_filter", "iptable_nat", "iptable_mangle", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
-	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter"}
+	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter",
+	"sch_netem"} // random loss on an underlay link (lab.Host.Loss)
 
 // fabricdHostTools are the programs of this machine fabricd or the lane
 // run in the VM, copied with their shared libraries: Debian's etcd 3.4,
