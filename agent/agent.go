@@ -140,7 +140,8 @@ type owners struct {
 	nat       *nat.Manager       // renders NAT and forwarding for tables
 	policy    *policy.IptablesEnforcer
 	ingress   *ingress.Limiter
-	bfd       *bfd.Server // nil with BFD off
+	bfd       *bfd.Server         // nil with BFD off
+	record    *registry.Heartbeat // this host's node record
 }
 
 // Run starts fabricd and blocks until ctx is cancelled or `fabricctl leave`
@@ -288,6 +289,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		}
 	}()
 	heartbeat := registry.NewHeartbeat(cli, cfg.EtcdPrefix, cfg.NodeTTL, log.With("component", "registry"))
+	a.own.record = heartbeat
 	goLoop("node-record", func(ctx context.Context) error { return heartbeat.Run(ctx, a.selfNode()) })
 	goLoop("local-api", func(ctx context.Context) error { return localapi.Serve(ctx, cfg.SocketPath(), a, log) })
 	goLoop("dataplane", a.dataplaneLoop)

@@ -5,6 +5,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"sort"
@@ -95,6 +96,24 @@ func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
 }
 
 // wireGuard is this host's WireGuard backend, nil when it does not encrypt.
+// RotateKey implements localapi.Provider: a new WireGuard key pair on the
+// device and in the key file (wireguard.Backend.RotateKey), then in the
+// node record, from which peers install it and handshake at once.
+func (a *Agent) RotateKey(context.Context) (localapi.RotateKeyResult, error) {
+	wg := a.wireGuard()
+	if wg == nil {
+		return localapi.RotateKeyResult{}, errors.New("this host does not encrypt (encryption: off): there is no WireGuard key to rotate")
+	}
+	started := time.Now() // every handshake with the new key comes after it
+	old, key, err := wg.RotateKey(a.cfg.WireGuardKeyPath())
+	if err != nil {
+		return localapi.RotateKeyResult{}, err
+	}
+	a.own.record.Update(a.selfNode())
+	a.log.Warn("wireguard key rotated; peers take the new public key from the node record", "old", old, "new", key)
+	return localapi.RotateKeyResult{Node: a.cfg.NodeName, OldKey: old, NewKey: key, Rotated: started}, nil
+}
+
 func (a *Agent) wireGuard() *wireguard.Backend {
 	for _, b := range a.own.backends {
 		if wg, ok := b.(*wireguard.Backend); ok {

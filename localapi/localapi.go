@@ -80,6 +80,18 @@ type Provider interface {
 	// Leave starts a decommission: the host withdraws its subnet and node
 	// record at once and fabricd exits. It returns what will be done.
 	Leave(ctx context.Context) (LeaveResult, error)
+	// RotateKey replaces this host's WireGuard key pair and publishes the
+	// new public key.
+	RotateKey(ctx context.Context) (RotateKeyResult, error)
+}
+
+// RotateKeyResult says which key a rotation replaced, and when it started
+// (every handshake with the new key comes after).
+type RotateKeyResult struct {
+	Node    string    `json:"node"`
+	OldKey  string    `json:"oldKey"`
+	NewKey  string    `json:"newKey"`
+	Rotated time.Time `json:"rotated"`
 }
 
 // LeaveResult says what a decommission does.
@@ -140,6 +152,7 @@ func Serve(ctx context.Context, path string, p Provider, log *slog.Logger) error
 	handle("GET /v1/routes", func(ctx context.Context) (any, error) { return p.Routes(ctx) })
 	handle("GET /v1/status", func(ctx context.Context) (any, error) { return p.Status(ctx) })
 	handle("POST /v1/leave", func(ctx context.Context) (any, error) { return p.Leave(ctx) })
+	handle("POST /v1/rotate-key", func(ctx context.Context) (any, error) { return p.RotateKey(ctx) })
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
@@ -184,6 +197,13 @@ func (c *Client) get(ctx context.Context, route string, out any) error {
 func (c *Client) Leave(ctx context.Context) (LeaveResult, error) {
 	var v LeaveResult
 	err := c.do(ctx, http.MethodPost, "/v1/leave", &v)
+	return v, err
+}
+
+// RotateKey asks fabricd for a new WireGuard key pair (see Provider.RotateKey).
+func (c *Client) RotateKey(ctx context.Context) (RotateKeyResult, error) {
+	var v RotateKeyResult
+	err := c.do(ctx, http.MethodPost, "/v1/rotate-key", &v)
 	return v, err
 }
 

@@ -26,7 +26,7 @@ var guestSuites = []struct{ pkg, run string }{
 	// The e2e tests whose outcome depends on the encapsulation auto mode
 	// picks, its MTU and the tunnel devices fabricd owns, and the NAT wire
 	// check (what a server outside the pool sees).
-	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart)$"},
+	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation)$"},
 }
 
 // guestTestTools are what those tests run besides busybox: iputils' ping
@@ -42,7 +42,9 @@ var guestTestTools = map[string]string{
 // guestInit starts every suite at once (they wait on timers and sessions
 // more than they compute, even under TCG), e2e with several tests at a time
 // as on the host; then prints each test's verdict line as
-// "GUESTTEST <pkg> <line>", the tail of a failing suite's output as
+// "GUESTTEST <pkg> <line>", what the tests logged (their figures: how
+// long a switch took, what was lost) as "GUESTNOTE <pkg> <line>", the
+// tail of a failing suite's output as
 // "GUESTLOG <pkg> <line>", and "GUESTSUITE <pkg> ok|FAIL". Missing
 // dependencies fail (FABRIC_REQUIRE_ALL) instead of skipping.
 func guestInit() string {
@@ -63,10 +65,10 @@ func guestInit() string {
 	for _, s := range guestSuites {
 		fmt.Fprintf(&b, `status=$(cat /tmp/%[1]s.status)
 grep -E '^(--- |ok |FAIL|PASS|panic)' /tmp/%[1]s.log | sed 's/^/GUESTTEST %[1]s /'
+grep -E '^ +[a-z_]+_test\.go:[0-9]+: ' /tmp/%[1]s.log | head -n 200 | sed 's/^/GUESTNOTE %[1]s /'
 if [ "$status" -eq 0 ]; then
 	echo "GUESTSUITE %[1]s ok"
 else
-	grep -E '^ +[a-z_]+_test\.go:[0-9]+: ' /tmp/%[1]s.log | head -n 100 | sed 's/^/GUESTLOG %[1]s /'
 	tail -n 60 /tmp/%[1]s.log | sed 's/^/GUESTLOG %[1]s /'
 	echo "GUESTSUITE %[1]s FAIL (exit $status)"
 	failed=1
@@ -154,8 +156,13 @@ func TestHostTestsInGuest(t *testing.T) {
 					t.Error(l)
 				}
 			}
+			notes := res.Lines("GUESTNOTE " + s.pkg + " ")
 			if len(res.Lines("GUESTSUITE "+s.pkg+" ok")) == 0 {
-				t.Errorf("suite %s failed in the guest:\n%s", s.pkg, strings.Join(res.Lines("GUESTLOG "+s.pkg+" "), "\n"))
+				t.Errorf("suite %s failed in the guest:\n%s\n%s", s.pkg, strings.Join(notes, "\n"), strings.Join(res.Lines("GUESTLOG "+s.pkg+" "), "\n"))
+			} else if testing.Verbose() {
+				for _, l := range notes {
+					t.Log(l)
+				}
 			}
 			passed := 0
 			for _, l := range verdicts {

@@ -93,7 +93,11 @@ func (d *kernelDevice) setIdentity(key wgtypes.Key, port int) error {
 	if have.PrivateKey == key && have.ListenPort == port {
 		return nil
 	}
-	if err := d.client.ConfigureDevice(d.name, wgtypes.Config{PrivateKey: &key, ListenPort: &port}); err != nil {
+	cfg := wgtypes.Config{PrivateKey: &key}
+	if have.ListenPort != port {
+		cfg.ListenPort = &port // only then: it rebinds the socket
+	}
+	if err := d.client.ConfigureDevice(d.name, cfg); err != nil {
 		return fmt.Errorf("wireguard: set key and port %d on %s: %w", port, d.name, err)
 	}
 	return nil
@@ -188,7 +192,16 @@ func (d *userspaceDevice) setIdentity(key wgtypes.Key, port int) error {
 	if d.key == key && d.port == port {
 		return nil
 	}
-	if err := d.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", hex.EncodeToString(key[:]), port)); err != nil {
+	// Only what changed: setting listen_port rebinds the socket, which a
+	// key rotation has no reason to do.
+	set := ""
+	if d.key != key {
+		set += fmt.Sprintf("private_key=%s\n", hex.EncodeToString(key[:]))
+	}
+	if d.port != port {
+		set += fmt.Sprintf("listen_port=%d\n", port)
+	}
+	if err := d.dev.IpcSet(set); err != nil {
 		return fmt.Errorf("wireguard: set key and port %d on %s: %w", port, d.name, err)
 	}
 	if err := d.dev.Up(); err != nil {

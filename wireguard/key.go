@@ -37,6 +37,10 @@ func LoadOrCreateKey(path string) (wgtypes.Key, error) {
 	return key, nil
 }
 
+// CreateKey makes a new private key and writes it to path in place of the
+// old one (atomically: a crash leaves the old key or the new one).
+func CreateKey(path string) (wgtypes.Key, error) { return createKey(path) }
+
 func createKey(path string) (wgtypes.Key, error) {
 	key, err := wgtypes.GeneratePrivateKey()
 	if err != nil {

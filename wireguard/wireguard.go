@@ -119,7 +119,39 @@ func (b *Backend) Device() string { return b.cfg.Device }
 func (b *Backend) Overhead() int  { return Overhead }
 
 // PublicKey is this host's public key, for its node record.
-func (b *Backend) PublicKey() string { return b.cfg.PrivateKey.PublicKey().String() }
+func (b *Backend) PublicKey() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.cfg.PrivateKey.PublicKey().String()
+}
+
+// RotateKey makes a new key pair, writes its private key to keyPath (the
+// next start uses it) and puts it on the device; it returns the old and
+// the new public key, which the caller publishes. In this order nothing is
+// lost: the device keeps decrypting what peers send on their current
+// sessions, and holds what it sends (WireGuard stages up to 128 packets
+// per peer) until a handshake with the new key, which a peer starts as
+// soon as it installs the new public key (its persistent keepalive, or
+// its traffic). A crash in between leaves the old key or the new one,
+// both usable.
+func (b *Backend) RotateKey(keyPath string) (oldKey, newKey string, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	oldKey = b.cfg.PrivateKey.PublicKey().String()
+	key, err := CreateKey(keyPath)
+	if err != nil {
+		return "", "", err
+	}
+	b.cfg.PrivateKey = key
+	if b.dev != nil {
+		if err := b.dev.setIdentity(key, b.cfg.Port); err != nil {
+			return "", "", fmt.Errorf("the new key is in %s but not on the device (the next start uses it): %w", keyPath, err)
+		}
+	}
+	newKey = key.PublicKey().String()
+	b.log.Info("wireguard key pair replaced", "old", oldKey, "new", newKey)
+	return oldKey, newKey, nil
+}
 
 // Implementation says which WireGuard runs ("" before the first Ensure).
 func (b *Backend) Implementation() string {
@@ -161,7 +193,7 @@ func (b *Backend) Ensure(ctx context.Context, mtu int) (int, error) {
 			return 0, err
 		}
 		b.dev, b.impl = dev, impl
-		b.log.Info("wireguard device ready", "implementation", impl, "port", b.cfg.Port, "mtu", mtu, "publicKey", b.PublicKey())
+		b.log.Info("wireguard device ready", "implementation", impl, "port", b.cfg.Port, "mtu", mtu, "publicKey", b.cfg.PrivateKey.PublicKey().String())
 	}
 	link, err := b.handle.LinkByName(b.cfg.Device)
 	if err != nil {

@@ -7,7 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -91,7 +93,7 @@ func main() {
 		return usageError{fmt.Errorf("-o %q: want table, wide, json or yaml", g.output)}
 	}
 
-	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), ipamCmd(g), nodesCmd(g), containersCmd(g), networksCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
+	root.AddCommand(peersCmd(g), routesCmd(g), statusCmd(g), leaveCmd(g), rotateKeyCmd(g), ipamCmd(g), nodesCmd(g), containersCmd(g), networksCmd(g), dockerOptsCmd(g), publishCmd(g), policyCmd(g), &cobra.Command{
 		Use: "version", Short: "Print the version",
 		Run: func(*cobra.Command, []string) { fmt.Println("fabricctl", version.String()) },
 	})
@@ -176,6 +178,68 @@ func leaveCmd(g *globals) *cobra.Command {
 				return g.print(res)
 			}
 			fmt.Printf("node %s, subnet %s: %s\n", res.Node, res.Subnet, res.Done)
+			return nil
+		},
+	}
+}
+
+// rotateKeyCmd replaces this host's WireGuard key pair and waits until
+// every peer that encrypts has handshaken with the new key.
+func rotateKeyCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "rotate-key",
+		Short: "Give this host a new WireGuard key pair; peers follow from its node record without losing traffic",
+		Long: "fabricd makes a new key pair, writes the private key to its state directory (0600, replacing the old\n" +
+			"one), puts it on the WireGuard device and publishes the public key in the node record. Peers install\n" +
+			"it and handshake at once; meanwhile the device still decrypts their current sessions and holds what it\n" +
+			"sends. fabricctl then waits (up to --timeout) until every peer that encrypts has handshaken with the\n" +
+			"new key, and says how long each took.",
+		Args: usageArgs(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := g.ctx()
+			defer cancel()
+			res, err := g.api().RotateKey(ctx)
+			if err != nil {
+				return err
+			}
+			followed, waiting := map[string]time.Duration{}, map[string]bool{}
+			for {
+				peers, err := g.api().Peers(ctx)
+				if err != nil {
+					return fmt.Errorf("the key is rotated (%s), but reading the peers failed: %w", res.NewKey, err)
+				}
+				clear(waiting)
+				for _, p := range peers {
+					switch {
+					case p.Encap != "wireguard":
+					case p.WireGuardHandshake.After(res.Rotated):
+						if _, ok := followed[p.Name]; !ok {
+							followed[p.Name] = p.WireGuardHandshake.Sub(res.Rotated)
+						}
+					default:
+						waiting[p.Name] = true
+					}
+				}
+				if len(waiting) == 0 {
+					break
+				}
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("the key is rotated (%s), but after %s no handshake with the new key from %s: see `fabricctl peers status` there (does it run fabricd, does UDP reach it?)",
+						res.NewKey, g.timeout, strings.Join(slices.Sorted(maps.Keys(waiting)), ", "))
+				case <-time.After(50 * time.Millisecond):
+				}
+			}
+			if g.structured() {
+				return g.print(struct {
+					localapi.RotateKeyResult
+					Followed map[string]time.Duration `json:"peersFollowed"`
+				}{res, followed})
+			}
+			fmt.Printf("node %s: new WireGuard public key %s (was %s)\n", res.Node, res.NewKey, res.OldKey)
+			for _, name := range slices.Sorted(maps.Keys(followed)) {
+				fmt.Printf("  %s handshook with the new key after %s\n", name, followed[name].Round(time.Millisecond))
+			}
 			return nil
 		},
 	}
