@@ -29,16 +29,6 @@ var guestSuites = []struct{ pkg, run string }{
 	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation)$"},
 }
 
-// guestTestTools are what those tests run besides busybox: iputils' ping
-// (-M do, which busybox's lacks), iproute2's bridge and util-linux's
-// nsenter (busybox's runs its own applets before PATH: its "ip" ignores
-// "proto 93").
-var guestTestTools = map[string]string{
-	"/usr/bin/ping":    "/usr/local/bin/ping",
-	"/usr/sbin/bridge": "/usr/local/sbin/bridge",
-	"/usr/bin/nsenter": "/usr/local/bin/nsenter",
-}
-
 // guestInit starts every suite at once (they wait on timers and sessions
 // more than they compute, even under TCG), e2e with several tests at a time
 // as on the host; then prints each test's verdict line as
@@ -120,14 +110,9 @@ func TestHostTestsInGuest(t *testing.T) {
 		}
 		bins["/bin/tests/"+s.pkg+".test"] = out
 	}
-	img := Image{Kernel: kernel, Modules: fabricdModules, Binaries: bins, Init: guestInit()}
-	if err := addFabricdHostTools(&img); err != nil {
+	img, err := FabricImage(kernel, bins, guestInit(), nil)
+	if err != nil {
 		t.Fatal(err)
-	}
-	for host, image := range guestTestTools {
-		if err := img.AddHostBinary(host, image); err != nil {
-			t.Fatalf("%v (the guest test lane needs iputils-ping and iproute2)", err)
-		}
 	}
 	initrd, err := Build(dir, img)
 	if err != nil {
@@ -176,47 +161,6 @@ func TestHostTestsInGuest(t *testing.T) {
 			t.Logf("%d tests of %s passed in the guest", passed, s.pkg)
 		})
 	}
-}
-
-const xtablesDir = "/usr/lib/x86_64-linux-gnu/xtables"
-
-// fabricdModules: the data planes (ipip, vxlan, wireguard), the lab (veth, bridge) and
-// what fabricd's NAT and policy need from iptables-legacy and ipset. The VM
-// has no modprobe that could load them on demand. crc32c_generic first:
-// libcrc32c (under nf_conntrack) needs it through a softdep, which
-// ResolveModules does not follow.
-var fabricdModules = []string{"ipip", "veth", "bridge", "vxlan", "wireguard", "crc32c_generic",
-	"iptable_filter", "iptable_nat", "iptable_mangle", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
-	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter",
-	"sch_netem"} // random loss on an underlay link (lab.Host.Loss)
-
-// fabricdHostTools are the programs of this machine fabricd or the lane
-// run in the VM, copied with their shared libraries: Debian's etcd 3.4,
-// iptables (legacy backend: no nft_compat needed), ipset and iproute2's ip
-// (in /usr/local/sbin, ahead of busybox's on PATH: fabricd's NAT asks it for
-// JSON; busybox sh itself still runs its own applet for a bare "ip").
-var fabricdHostTools = map[string]string{
-	"/usr/bin/etcd":                  "",
-	"/usr/sbin/xtables-legacy-multi": "",
-	"/usr/sbin/ipset":                "",
-	"/usr/sbin/ip":                   "/usr/local/sbin/ip",
-}
-
-func addFabricdHostTools(img *Image) error {
-	for host, image := range fabricdHostTools {
-		if err := img.AddHostBinary(host, image); err != nil {
-			return fmt.Errorf("%w (the fabricd lane needs etcd-server, iptables, ipset and iproute2 installed)", err)
-		}
-	}
-	if err := img.AddHostDir(xtablesDir); err != nil {
-		return fmt.Errorf("iptables extensions: %w", err)
-	}
-	img.Symlinks = map[string]string{}
-	for _, name := range []string{"iptables", "iptables-save", "iptables-restore",
-		"iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
-		img.Symlinks["/usr/sbin/"+name] = "xtables-legacy-multi"
-	}
-	return nil
 }
 
 // logLockups logs every soft-lockup report of the guest kernel with the

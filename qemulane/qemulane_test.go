@@ -38,7 +38,7 @@ func TestResolveModulesOrder(t *testing.T) {
 	if err != nil {
 		testreq.Missing(t, "no stock kernel modules installed: %v", err)
 	}
-	mods, err := ResolveModules(modDir, fabricdModules)
+	mods, err := ResolveModules(modDir, FabricModules)
 	if err != nil {
 		t.Fatal(err)
 	}
