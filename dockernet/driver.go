@@ -68,17 +68,28 @@ type Driver struct {
 	endpoints map[string]*Endpoint
 	joined    map[string]bool
 	// removing are the networks this host's dockerd is removing fabric-wide
-	// (name → creation time): dockerd's listing may drop one before etcd
-	// has, or etcd's watch tell of it after, and the sync must not make it
-	// here again meanwhile.
-	removing map[string]time.Time
+	// (by name): dockerd's listing may drop one before etcd has, or etcd's
+	// watch tell of it after, and the sync must not make it here again
+	// meanwhile.
+	removing map[string]removal
 }
+
+// removal is a network this host removed fabric-wide: the one created at
+// created, removed at at.
+type removal struct{ created, at time.Time }
+
+// removalMemory is how long a removal here keeps the sync from making the
+// same network (same name and creation time) here again. Not until etcd's
+// state first shows it gone: a later state may still show it (CI caught
+// compose's network made again 60 ms after its removal), and only the
+// removed network itself is held back, never a new one of that name.
+const removalMemory = time.Minute
 
 // NewDriver returns the driver for this host.
 func NewDriver(host Host, store *Store, links *Links, log *slog.Logger) *Driver {
 	return &Driver{host: host, store: store, links: links, log: log, changed: make(chan struct{}, 1),
 		networks: map[string]Network{}, pending: map[string]bool{}, gateways: map[netip.Prefix]netip.Addr{},
-		endpoints: map[string]*Endpoint{}, joined: map[string]bool{}, removing: map[string]time.Time{}}
+		endpoints: map[string]*Endpoint{}, joined: map[string]bool{}, removing: map[string]removal{}}
 }
 
 // Changed is signalled when an endpoint is joined, left or its ports change.
@@ -319,7 +330,7 @@ func (d *Driver) DeleteNetwork(ctx context.Context, id string) error {
 	d.mu.Unlock()
 	if known && !pending && n.Name != "" {
 		d.mu.Lock()
-		d.removing[n.Name] = n.Created
+		d.removing[n.Name] = removal{created: n.Created, at: time.Now()}
 		d.mu.Unlock()
 		if err := d.store.Delete(ctx, n.Name); err != nil {
 			d.mu.Lock()
@@ -339,18 +350,19 @@ func (d *Driver) DeleteNetwork(ctx context.Context, id string) error {
 	return nil
 }
 
-// removingHere says whether this host is removing n fabric-wide, and
-// forgets the removals the fabric's state s shows done.
+// removingHere says whether n is a network this host removed fabric-wide
+// (within removalMemory), and forgets older removals and those whose name
+// the fabric's state s now gives to a new network.
 func (d *Driver) removingHere(s State, n Network) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for name, created := range d.removing {
-		if now, ok := s.Networks[name]; !ok || !now.Created.Equal(created) {
+	for name, r := range d.removing {
+		if now, ok := s.Networks[name]; (ok && !now.Created.Equal(r.created)) || time.Since(r.at) > removalMemory {
 			delete(d.removing, name)
 		}
 	}
-	created, ok := d.removing[n.Name]
-	return ok && created.Equal(n.Created)
+	r, ok := d.removing[n.Name]
+	return ok && r.created.Equal(n.Created)
 }
 
 func (d *Driver) network(id string) (Network, error) {

@@ -134,8 +134,13 @@ func TestRemovalHereIsNotUndone(t *testing.T) {
 	if _, ok := fresh.Networks["gone"]; ok {
 		t.Fatal("the network is still in etcd")
 	}
-	// Once etcd's state shows it gone, the mark goes: a network of that
-	// name made again later is made here as any other.
+	// A state that shows it gone, then one that still shows it (a watch
+	// behind the read): the removed network is still not made again.
+	d.removingHere(fresh, stale.Networks["busy"]) // a sync pass on the state without it
+	if !d.removingHere(stale, stale.Networks["gone"]) {
+		t.Fatal("after a state without the network, one that still shows it would make it here again")
+	}
+	// A new network of that name is made here as any other.
 	again := stale.Networks["gone"]
 	again.Created = again.Created.Add(time.Second)
 	fresh.Networks["gone"] = again

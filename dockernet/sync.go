@@ -48,13 +48,27 @@ type Sync struct {
 	logged      map[string]string        // what was last logged per key, to say it once
 	unusedSince map[netip.Addr]time.Time // this host's addresses no endpoint uses
 	lostSince   map[netip.Addr]time.Time // addresses its endpoints use that etcd lacks
-	sent        *Local
+	// listed are the fabric networks dockerd's listing has shown (name →
+	// creation time in the fabric); gone those that then left it, since
+	// when (see remakeDelay).
+	listed map[string]time.Time
+	gone   map[string]time.Time
+	sent   *Local
 }
+
+// remakeDelay: a fabric network that leaves this dockerd's listing is
+// made again only after this long. dockerd drops a network it removes
+// from its listing (and releases its pool) before it calls the driver's
+// DeleteNetwork, which removes it from the fabric; making it again at once
+// undid `docker-compose down` (CI saw it 60 ms before the call). A network
+// dockerd never listed is made at once.
+const remakeDelay = 3 * time.Second
 
 // NewSync returns the sync for driver's host.
 func NewSync(driver *Driver, docker Docker, log *slog.Logger) *Sync {
 	return &Sync{driver: driver, docker: docker, log: log, out: make(chan Local, 1),
-		logged: map[string]string{}, unusedSince: map[netip.Addr]time.Time{}, lostSince: map[netip.Addr]time.Time{}}
+		logged: map[string]string{}, unusedSince: map[netip.Addr]time.Time{}, lostSince: map[netip.Addr]time.Time{},
+		listed: map[string]time.Time{}, gone: map[string]time.Time{}}
 }
 
 // Out delivers Local after every change (the newest wins).
@@ -180,13 +194,32 @@ func (s *Sync) networks(ctx context.Context) {
 			s.known(ln.ID, fabric)
 		}
 	}
+	for name := range s.listed {
+		if n, ok := s.state.Networks[name]; !ok || !n.Created.Equal(s.listed[name]) {
+			delete(s.listed, name)
+			delete(s.gone, name)
+		}
+	}
 	for _, name := range slices.Sorted(maps.Keys(s.state.Networks)) {
+		n := s.state.Networks[name]
 		if _, ok := local[name]; ok {
+			s.listed[name] = n.Created
+			delete(s.gone, name)
 			continue
 		}
-		n := s.state.Networks[name]
 		if d.removingHere(s.state, n) {
 			continue // going away, by this host's dockerd; etcd is behind
+		}
+		if _, ok := s.listed[name]; ok {
+			since, ok := s.gone[name]
+			if !ok {
+				since = time.Now()
+				s.gone[name] = since
+				time.AfterFunc(remakeDelay, d.signal) // look again then
+			}
+			if time.Since(since) < remakeDelay {
+				continue // dockerd may be removing it: its DeleteNetwork comes next
+			}
 		}
 		if err := s.docker.CreateNetwork(ctx, n.Name, DriverName, DriverName, n.Subnet, n.Gateway, n.Labels); err != nil {
 			s.once("create/"+name, "cannot make the fabric's network on this host's dockerd; retrying", "network", name, "err", err)
