@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/testwait"
 	"github.com/fabricnet/fabric/qemulane"
 )
 
@@ -44,9 +45,9 @@ func guestBench(ctx context.Context, part string) error {
 		}
 		bins["/bin/fabric/"+filepath.Base(pkg)] = out
 	}
-	init := fmt.Sprintf("export FABRIC_BIN=/bin/fabric %s=1\ncd /tmp\n/bin/fabric/bench -only %s > /tmp/bench.out 2>&1\nstatus=$?\nsed 's/^/GUESTBENCH /' /tmp/bench.out\n[ $status -eq 0 ] && echo %q || echo %q\n",
-		inGuestEnv, part, qemulane.PassLine, qemulane.FailPrefix+" the bench failed in the guest")
-	img, err := qemulane.FabricImage(kernel, bins, init, map[string]string{"/usr/bin/iperf3": "/usr/local/bin/iperf3", "/usr/bin/taskset": "/usr/local/bin/taskset"})
+	init := fmt.Sprintf("export FABRIC_BIN=/bin/fabric %s=1 %s=8\ncd /tmp\n/bin/fabric/bench -only %s > /tmp/bench.out 2>&1\nstatus=$?\nsed 's/^/GUESTBENCH /' /tmp/bench.out\n[ $status -eq 0 ] && echo %q || echo %q\n",
+		inGuestEnv, testwait.ScaleEnv, part, qemulane.PassLine, qemulane.FailPrefix+" the bench failed in the guest")
+	img, err := qemulane.FabricImage(kernel, bins, init, map[string]string{"/usr/bin/iperf3": "/usr/local/bin/iperf3", "/usr/bin/taskset": "/usr/local/bin/taskset", "/usr/bin/ss": "/usr/local/bin/ss"})
 	if err != nil {
 		return err
 	}

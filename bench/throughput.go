@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/fabricnet/fabric/internal/testwait"
 	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/localapi"
 )
@@ -168,7 +169,7 @@ func runClients(ctx context.Context, clients []iperfClient, streams int) ([]floa
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, cancel := context.WithTimeout(ctx, 20*time.Second)
+			c, cancel := context.WithTimeout(ctx, testwait.Scale(20*time.Second))
 			defer cancel()
 			out, err := cl.from.Run(c, "iperf3", "-c", cl.to.String(), "-A", throughputCPU, "-t", "3", "-O", "1", "-P", strconv.Itoa(streams), "-J")
 			if err != nil {
@@ -185,13 +186,15 @@ func runClients(ctx context.Context, clients []iperfClient, streams int) ([]floa
 // waitListening waits until a TCP socket listens on port in e's namespace.
 func waitListening(ctx context.Context, e endpoint, port int) error {
 	filter := fmt.Sprintf("sport = :%d", port)
-	for range 100 {
-		if out, err := e.Run(ctx, "ss", "-Hltn", filter); err == nil && strings.TrimSpace(out) != "" {
+	limit := testwait.Scale(5 * time.Second) // longer in the qemu guest
+	var err error
+	for start := time.Now(); time.Since(start) < limit; time.Sleep(50 * time.Millisecond) {
+		var out string
+		if out, err = e.Run(ctx, "ss", "-Hltn", filter); err == nil && strings.TrimSpace(out) != "" {
 			return nil
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
-	return fmt.Errorf("nothing listens on port %d after 5 s", port)
+	return fmt.Errorf("nothing listens on port %d after %s (ss: %v)", port, limit, err)
 }
 
 func gbits(s stats) string {
