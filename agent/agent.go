@@ -329,6 +329,13 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		case <-ctx.Done():
 			if cfg.GracefulRestartTime > 0 {
 				a.stopForRestart()
+				// The record lives as long as peers keep the routes: a
+				// restart slower than nodeTTL is still a restart.
+				hctx, hcancel := context.WithTimeout(context.Background(), cfg.EtcdTimeout)
+				if err := heartbeat.HandOver(hctx, cfg.GracefulRestartTime); err != nil {
+					log.Warn("node record not kept for the restart: it expires after nodeTTL, and peers may take this host for dead if the restart takes longer", "err", err)
+				}
+				hcancel()
 			} else {
 				a.leave(heartbeat, containerNames)
 			}

@@ -37,7 +37,7 @@ type Heartbeat struct {
 	opMu      sync.Mutex
 	leaseID   clientv3.LeaseID
 	putKey    string // key last written, to remove it after a rename
-	withdrawn bool
+	withdrawn bool   // by Withdraw or HandOver: Run writes nothing more
 }
 
 // NewHeartbeat returns a Heartbeat writing under prefix with a liveness
@@ -179,6 +179,38 @@ func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
 		default:
 		}
 	}
+	return nil
+}
+
+// HandOver keeps the record for ttl after this process ends, for a restart:
+// it is written again under a lease of its own with that TTL, and Run
+// writes nothing afterwards. The next fabricd publishes it under its own
+// lease as usual; if none comes, it expires after ttl. Without it the
+// record outlived the process by the liveness TTL only, and a restart
+// slower than that (a loaded machine) made peers take the host for dead
+// and drop its routes although graceful restart was to keep them.
+func (p *Heartbeat) HandOver(ctx context.Context, ttl time.Duration) error {
+	p.opMu.Lock()
+	defer p.opMu.Unlock()
+	if p.withdrawn || p.putKey == "" {
+		return nil
+	}
+	p.withdrawn = true
+	p.mu.Lock()
+	self := p.self
+	p.mu.Unlock()
+	value, err := json.Marshal(self)
+	if err != nil {
+		return err
+	}
+	lease, err := p.cli.Grant(ctx, max(1, int64(ttl/time.Second)))
+	if err != nil {
+		return fmt.Errorf("node record %s: lease for the restart: %w", p.putKey, err)
+	}
+	if _, err := p.cli.Put(ctx, p.putKey, string(value), clientv3.WithLease(lease.ID)); err != nil {
+		return fmt.Errorf("node record %s: kept for the restart: %w", p.putKey, err)
+	}
+	p.log.Info("node record kept for the restart", "key", p.putKey, "for", ttl)
 	return nil
 }
 

@@ -341,3 +341,57 @@ func TestNodeValidate(t *testing.T) {
 		}
 	}
 }
+
+// TestHandOverKeepsRecordThroughSlowRestart: a stopping fabricd hands its
+// record over for the restart time. The restart takes longer than the
+// liveness TTL, yet the record never leaves; the next process publishes
+// it under its own lease, and the handed-over lease expiring then does
+// not remove it. Without a next process it goes after the restart time.
+func TestHandOverKeepsRecordThroughSlowRestart(t *testing.T) {
+	cli := etcdtest.Start(t).Client(t)
+	prefix := testPrefix(t)
+	ctx := testCtx(t, 2*time.Minute)
+	const ttl, restart = 2 * time.Second, 6 * time.Second // etcd raises a lease under ~2 s to its minimum
+	w := startWatch(t, ctx, cli, prefix)
+	w.waitFor("the initial empty set", hasNames())
+
+	first := NewHeartbeat(cli, prefix, ttl, testLogger(t))
+	stop := runHeartbeat(t, ctx, first, node("alpha", 1))
+	w.waitFor("alpha published", hasNames("alpha"))
+	stop()
+	if err := first.HandOver(ctx, restart); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	// A restart of 2.5 TTLs, then the next process until past the
+	// handed-over lease: alpha must stay listed throughout.
+	stayed := func(d time.Duration, when string) {
+		t.Helper()
+		end := time.After(d)
+		for {
+			select {
+			case nodes := <-w.ch:
+				if !slices.Equal(names(nodes), []string{"alpha"}) {
+					t.Fatalf("alpha left %s (%s after the stop; TTL %s, handed over for %s): %v", when, time.Since(stopped).Round(time.Millisecond), ttl, restart, names(nodes))
+				}
+			case <-end:
+				return
+			}
+		}
+	}
+	stayed(5*ttl/2, "during the restart")
+	second := NewHeartbeat(cli, prefix, ttl, testLogger(t))
+	stop2 := runHeartbeat(t, ctx, second, node("alpha", 1))
+	stayed(restart+ttl, "after the next process took it over")
+	stop2()
+
+	// No next process: the handed-over record goes after the restart time.
+	if err := second.HandOver(ctx, restart); err != nil {
+		t.Fatal(err)
+	}
+	stopped = time.Now()
+	w.waitFor("alpha gone after the restart time", hasNames())
+	if took := time.Since(stopped); took < restart-ttl {
+		t.Errorf("the handed-over record went after %s, before the restart time %s", took, restart)
+	}
+}
