@@ -74,7 +74,9 @@ func (a *Agent) natLoop(ctx context.Context) error {
 // node follows that node's lease) and repairs drift on a timer.
 func (a *Agent) policyLoop(ctx context.Context) error {
 	policies := policy.WatchPolicy(ctx, a.etcd, a.cfg.EtcdPrefix, a.log.With("component", "policy"))
-	repair := time.NewTicker(5 * time.Second)
+	// Changes wake the loop; the timer only backs them up (rules deleted
+	// by hand are the iptables owner's to repair, every 2 s).
+	repair := time.NewTicker(a.cfg.Resync)
 	defer repair.Stop()
 	var current *policy.Policy
 	for {

@@ -50,7 +50,11 @@ type policyEnv struct {
 
 func newPolicyEnv(t *testing.T) *policyEnv {
 	start := time.Now()
-	f := newFabric(t, lab.Spec{Hosts: 3}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s")
+	// --resync 60s: policy is recompiled on its repair timer only once a
+	// minute, so a rule that follows a node within the waits below was
+	// moved by the node change itself (rules deleted by hand are repaired
+	// by the iptables owner's 2-s timer, which resync does not touch).
+	f := newFabric(t, lab.Spec{Hosts: 3}, "--bgp-hold-time", "3s", "--bgp-keepalive", "1s", "--resync", "60s")
 	e := &policyEnv{f: f, hosts: f.lab.Hosts(), ctr: map[string]*lab.Container{}}
 	for _, h := range e.hosts {
 		f.start(h)
@@ -776,9 +780,9 @@ func (e *policyEnv) testRuleFollowsNode(t *testing.T) {
 	f.start(h4)
 	joined := time.Now()
 	s4 := f.subnet(h4)
-	// 3 s, not more: fabricd also recompiles on a 5 s repair timer, which
-	// would hide a missing recompile on node changes.
-	d := f.eventually(3*time.Second, "host2 enforces block-host4 for "+s4.String(), func() error {
+	// Well within the 60-s repair timer (--resync above): only the node
+	// change can have done it.
+	d := f.eventually(15*time.Second, "host2 enforces block-host4 for "+s4.String(), func() error {
 		lines, err := ruleLines(h2, "block-host4")
 		if err != nil {
 			return err
@@ -811,7 +815,7 @@ func (e *policyEnv) testRuleFollowsNode(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("fabricd on host4 still runs 10s after fabricctl leave")
 	}
-	f.eventually(3*time.Second, "host2 drops block-host4 when host4 leaves", func() error {
+	f.eventually(15*time.Second, "host2 drops block-host4 when host4 leaves", func() error {
 		if lines, err := ruleLines(h2, "block-host4"); err != nil || len(lines) != 0 {
 			return fmt.Errorf("host2 lines for block-host4: %q %v", lines, err)
 		}
@@ -826,7 +830,7 @@ func (e *policyEnv) testRuleFollowsNode(t *testing.T) {
 	if s4b == s4 {
 		t.Skipf("host4 drew the same subnet %s again (1 in 256); the rule cannot be seen to move", s4)
 	}
-	d = f.eventually(3*time.Second, "host2 enforces block-host4 for the new "+s4b.String(), func() error {
+	d = f.eventually(15*time.Second, "host2 enforces block-host4 for the new "+s4b.String(), func() error {
 		lines, err := ruleLines(h2, "block-host4")
 		if err != nil {
 			return err
