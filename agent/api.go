@@ -95,7 +95,6 @@ func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
 	}, nil
 }
 
-// wireGuard is this host's WireGuard backend, nil when it does not encrypt.
 // RotateKey implements localapi.Provider: a new WireGuard key pair on the
 // device and in the key file (wireguard.Backend.RotateKey), then in the
 // node record, from which peers install it and handshake at once.
@@ -114,6 +113,7 @@ func (a *Agent) RotateKey(context.Context) (localapi.RotateKeyResult, error) {
 	return localapi.RotateKeyResult{Node: a.cfg.NodeName, OldKey: old, NewKey: key, Rotated: started}, nil
 }
 
+// wireGuard is this host's WireGuard backend, nil when it does not encrypt.
 func (a *Agent) wireGuard() *wireguard.Backend {
 	for _, b := range a.own.backends {
 		if wg, ok := b.(*wireguard.Backend); ok {
