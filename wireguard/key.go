@@ -18,7 +18,7 @@ import (
 func LoadOrCreateKey(path string) (wgtypes.Key, error) {
 	raw, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return createKey(path)
+		return CreateKey(path)
 	}
 	if err != nil {
 		return wgtypes.Key{}, fmt.Errorf("wireguard key %s: %w", path, err)
@@ -37,11 +37,9 @@ func LoadOrCreateKey(path string) (wgtypes.Key, error) {
 	return key, nil
 }
 
-// CreateKey makes a new private key and writes it to path in place of the
+// CreateKey makes a new private key and writes it to path in place of any
 // old one (atomically: a crash leaves the old key or the new one).
-func CreateKey(path string) (wgtypes.Key, error) { return createKey(path) }
-
-func createKey(path string) (wgtypes.Key, error) {
+func CreateKey(path string) (wgtypes.Key, error) {
 	key, err := wgtypes.GeneratePrivateKey()
 	if err != nil {
 		return wgtypes.Key{}, fmt.Errorf("wireguard: generate a private key: %w", err)
