@@ -54,6 +54,12 @@ func failoverBench(ctx context.Context, binDir string) error {
 		return err
 	}
 
+	return bfdBench(ctx)
+}
+
+// bfdBench is the CPU of one host's BFD with 49 sessions against the idle
+// server (-only bfd alone).
+func bfdBench(ctx context.Context) error {
 	const peers = 49
 	fmt.Printf("\n## BFD's CPU on a host of a 50-host fabric: %d sessions at 200 ms each way (median of %d runs of 10 s, min-max)\n\n", peers, runs)
 	cpu, err := bfdCPU(ctx, peers)

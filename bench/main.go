@@ -69,7 +69,7 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "probe" (an IPIP path blocked, alone), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "probe" (an IPIP path blocked, alone), "bfd" (BFD's CPU, alone), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
@@ -105,6 +105,8 @@ func main() {
 		err = failoverBench(context.Background(), binDir)
 	case "probe":
 		err = probeBench(context.Background())
+	case "bfd":
+		err = bfdBench(context.Background())
 	case "encryption":
 		err = encryptionBench(context.Background(), binDir)
 	case "routes":
@@ -112,7 +114,7 @@ func main() {
 	case "hosts":
 		err = hostsBench(context.Background(), binDir, setups)
 	default:
-		err = fmt.Errorf("-only %q: want throughput, encryption, names, networks, failover, probe, routes or hosts", *only)
+		err = fmt.Errorf("-only %q: want throughput, encryption, names, networks, failover, probe, bfd, routes or hosts", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)

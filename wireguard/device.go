@@ -262,6 +262,9 @@ func uapiPeers(cfg []wgtypes.PeerConfig) string {
 			b.WriteString("remove=true\n")
 			continue
 		}
+		if p.UpdateOnly {
+			b.WriteString("update_only=true\n")
+		}
 		if p.Endpoint != nil {
 			fmt.Fprintf(&b, "endpoint=%s\n", p.Endpoint.AddrPort())
 		}

@@ -147,10 +147,39 @@ func (b *Backend) RotateKey(keyPath string) (oldKey, newKey string, err error) {
 		if err := b.dev.setIdentity(key, b.cfg.Port); err != nil {
 			return "", "", fmt.Errorf("the new key is in %s but not on the device (the next start uses it): %w", keyPath, err)
 		}
+		if err := b.initiateNow(); err != nil {
+			b.log.Warn("cannot start handshakes with the new key at once; peers start them", "err", err)
+		}
 	}
 	newKey = key.PublicKey().String()
 	b.log.Info("wireguard key pair replaced", "old", oldKey, "new", newKey)
 	return oldKey, newKey, nil
+}
+
+// initiateNow makes the device start a handshake with every peer now,
+// while no peer knows the new key yet (so it fails): the device then waits
+// REKEY_TIMEOUT (5 s) before it initiates again. When a peer installs the
+// new key it initiates itself, and the two initiations do not cross:
+// crossed ones void each other, and both sides wait for that retry (CI
+// beside stress-ng: no handshake for 5 s, pings lost). Turning a peer's
+// persistent keepalive off and on sends a keepalive, and with no session
+// to send it on, a handshake initiation. Called with b.mu held.
+func (b *Backend) initiateNow() error {
+	peers, err := b.dev.peers()
+	if err != nil {
+		return err
+	}
+	off, on := make([]wgtypes.PeerConfig, 0, len(peers)), make([]wgtypes.PeerConfig, 0, len(peers))
+	zero := time.Duration(0)
+	for key, pc := range peers {
+		keepalive := pc.Keepalive
+		off = append(off, wgtypes.PeerConfig{PublicKey: key, UpdateOnly: true, PersistentKeepaliveInterval: &zero})
+		on = append(on, wgtypes.PeerConfig{PublicKey: key, UpdateOnly: true, PersistentKeepaliveInterval: &keepalive})
+	}
+	if err := b.dev.configurePeers(off); err != nil {
+		return err
+	}
+	return b.dev.configurePeers(on)
 }
 
 // Implementation says which WireGuard runs ("" before the first Ensure).
