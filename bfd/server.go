@@ -242,7 +242,7 @@ func (s *Server) Run(ctx context.Context) {
 				// counts on the new interval.
 				ss.nextTx = now.Add(jitter(iv, ss.cfg.Multiplier))
 			}
-			if iv > 0 && due(now, ss.nextTx, iv) {
+			if iv > 0 && !now.Before(ss.nextTx) {
 				s.send(ss)
 				ss.nextTx = now.Add(jitter(iv, ss.cfg.Multiplier))
 			}
@@ -434,8 +434,8 @@ func receivedTTL(oob []byte) (int, bool) {
 func nextEvent(sessions map[netip.Addr]*session) time.Time {
 	next := time.Now().Add(time.Second)
 	for _, ss := range sessions {
-		if iv := ss.TxInterval(); iv > 0 && earliest(ss.nextTx, iv).Before(next) {
-			next = earliest(ss.nextTx, iv)
+		if ss.TxInterval() > 0 && ss.nextTx.Before(next) {
+			next = ss.nextTx
 		}
 		if d, ok := ss.DetectionDeadline(); ok && d.Before(next) {
 			next = d
@@ -444,29 +444,10 @@ func nextEvent(sessions map[netip.Addr]*session) time.Time {
 	return next
 }
 
-// coalesce is the part of an interval by which a packet may go early, so
-// that one wake-up sends every session's packet due within it instead of
-// one wake-up per packet (a host of a 50-host fabric sends 245 a second):
-// jitter draws from [0.75+coalesce, 1] of the interval and a packet goes
-// up to coalesce early, so every interval stays within RFC 5880's
-// [0.75, 1] (§6.8.7; [0.75, 0.9] with a multiplier of 1).
-const coalesce = 0.05
-
-// due reports whether a packet planned for nextTx goes out now.
-func due(now, nextTx time.Time, iv time.Duration) bool {
-	return !now.Before(earliest(nextTx, iv))
-}
-
-// earliest is when a packet planned for nextTx may go.
-func earliest(nextTx time.Time, iv time.Duration) time.Time {
-	return nextTx.Add(-time.Duration(coalesce * float64(iv)))
-}
-
-// jitter shortens an interval by 0-20 % (10-20 % with a multiplier of 1),
-// so that sessions do not send in lockstep (RFC 5880 §6.8.7); coalesce
-// may take another 5 % off.
+// jitter shortens an interval by 0-25 % (10-25 % with a multiplier of 1),
+// so that sessions do not send in lockstep (RFC 5880 §6.8.7).
 func jitter(d time.Duration, mult uint8) time.Duration {
-	lo := 0.75 + coalesce
+	lo := 0.75
 	hi := 1.0
 	if mult == 1 {
 		hi = 0.9
