@@ -69,7 +69,7 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "probe" (an IPIP path blocked, alone), "bfd" (BFD's CPU, alone), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "probe" (an IPIP path blocked, here and in the qemu guest), "bfd" (BFD's CPU, alone), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
@@ -104,7 +104,9 @@ func main() {
 	case "failover":
 		err = failoverBench(context.Background(), binDir)
 	case "probe":
-		err = probeBench(context.Background())
+		if err = probeBench(context.Background()); err == nil {
+			err = guestBench(context.Background(), "probe")
+		}
 	case "bfd":
 		err = bfdBench(context.Background())
 	case "encryption":
