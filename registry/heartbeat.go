@@ -115,14 +115,20 @@ func (p *Heartbeat) Update(self Node) {
 	}
 }
 
-// sync renews the lease and makes sure the stored record is the current one.
-func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, max(timeout, time.Second))
-	defer cancel()
+// record is the record to publish, and its stored form.
+func (p *Heartbeat) record() (Node, []byte, error) {
 	p.mu.Lock()
 	self := p.self
 	p.mu.Unlock()
 	value, err := json.Marshal(self)
+	return self, value, err
+}
+
+// sync renews the lease and makes sure the stored record is the current one.
+func (p *Heartbeat) sync(ctx context.Context, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, max(timeout, time.Second))
+	defer cancel()
+	self, value, err := p.record()
 	if err != nil {
 		return err
 	}
@@ -196,10 +202,7 @@ func (p *Heartbeat) HandOver(ctx context.Context, ttl time.Duration) error {
 		return nil
 	}
 	p.withdrawn = true
-	p.mu.Lock()
-	self := p.self
-	p.mu.Unlock()
-	value, err := json.Marshal(self)
+	_, value, err := p.record()
 	if err != nil {
 		return err
 	}
