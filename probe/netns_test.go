@@ -110,6 +110,16 @@ func fired(c <-chan struct{}) bool {
 	}
 }
 
+// successes is how many probes in a row peer has answered.
+func (p *Prober) successes(peer netip.Addr) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if st := p.peers[peer]; st != nil {
+		return st.successes
+	}
+	return 0
+}
+
 func describe(p *Prober, peer netip.Addr) string {
 	works, reason, since := p.State(peer)
 	return fmt.Sprintf("works=%v reason=%q since=%s", works, reason, since.Format("15:04:05.000"))

@@ -150,7 +150,22 @@ func TestPathVerdicts(t *testing.T) {
 			t.Errorf("%s still IPIP after the drop: %s", pr.name, describe(pr.p, pr.peer))
 		}
 	}
-	time.Sleep(2 * DefaultInterval) // A↔B must stay up while C is down
+	// A↔B must stay up while C is down: wait until B has answered A as
+	// many more times in a row as misses would block it, watching A→B all
+	// the while.
+	base := pa.successes(addrB)
+	prev := base
+	if _, ok := waitFor(10*time.Second, func() bool {
+		bFlapped = bFlapped || !pa.IPIPWorks(addrB)
+		cur := pa.successes(addrB)
+		if cur < prev { // a miss started the count again
+			base = 0
+		}
+		prev = cur
+		return cur-base >= DefaultFailAfter
+	}); !ok {
+		t.Errorf("A→B not answered %d times in a row while C was blocked: %s", DefaultFailAfter, describe(pa, addrB))
+	}
 	if bFlapped || !pa.IPIPWorks(addrB) || !pb.IPIPWorks(addrA) {
 		t.Errorf("A↔B left IPIP although only the path to C drops protocol 4: A→B %s, B→A %s",
 			describe(pa, addrB), describe(pb, addrA))
