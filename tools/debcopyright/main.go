@@ -46,6 +46,9 @@ var licenceKinds = []struct {
 // LICENSE.md, LICENSE.libyaml, COPYING, ...).
 var licenceFile = regexp.MustCompile(`(?i)^(licen[cs]e|copying)([.-].*)?$`)
 
+// copyrightLine is a licence file's line naming a copyright holder.
+var copyrightLine = regexp.MustCompile(`^Copyright (\(c\)|©|[0-9]{4}|The|the)`)
+
 func main() {
 	if len(os.Args) < 2 {
 		fmt.Fprintln(os.Stderr, "usage: debcopyright BINARY...")
@@ -158,7 +161,7 @@ func stanza(name, version, dir string) (string, error) {
 	var holders []string
 	for _, line := range strings.Split(text, "\n") {
 		line = strings.TrimSpace(line)
-		if regexp.MustCompile(`^Copyright (\(c\)|©|[0-9]{4}|The|the)`).MatchString(line) && !slices.Contains(holders, line) {
+		if copyrightLine.MatchString(line) && !slices.Contains(holders, line) {
 			holders = append(holders, line)
 		}
 	}
