@@ -198,13 +198,14 @@ func rotateKeyCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := g.ctx()
 			defer cancel()
-			res, err := g.api().RotateKey(ctx)
+			api := g.api()
+			res, err := api.RotateKey(ctx)
 			if err != nil {
 				return err
 			}
 			followed, waiting := map[string]time.Duration{}, map[string]bool{}
 			for {
-				peers, err := g.api().Peers(ctx)
+				peers, err := api.Peers(ctx)
 				if err != nil {
 					return fmt.Errorf("the key is rotated (%s), but reading the peers failed: %w", res.NewKey, err)
 				}
