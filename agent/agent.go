@@ -489,10 +489,11 @@ func (a *Agent) acquireLease(ctx context.Context) error {
 			a.log.Info("subnet lease", "subnet", a.lease.Subnet, "pool", a.pool.Network, "expires", a.lease.Expires.Format(time.RFC3339))
 			return nil
 		}
-		if !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+		if !etcdclient.Unavailable(err) || ctx.Err() != nil {
 			return err
 		}
-		// A deadline, not a refusal: etcd may be down or only too slow.
+		// No answer, not a refusal: etcd may be down, too slow or
+		// electing a leader.
 		a.log.Warn("etcd unreachable, retrying: no answer to taking the subnet lease within etcdTimeout", "endpoints", a.cfg.EtcdEndpoints, "etcdTimeout", a.cfg.EtcdTimeout, "in", backoff)
 		select {
 		case <-ctx.Done():

@@ -296,19 +296,7 @@ func TestWatchAcrossMemberFailures(t *testing.T) {
 		other := cluster.ClientFor(t, cluster.Endpoint((down+1)%3))
 		name := fmt.Sprintf("while-m%d-down", down)
 		b, _ := json.Marshal(node(name, 10+down))
-		// A write in flight when the leader dies times out (etcd's request
-		// timeout is 5 s); retry sooner, like an agent would.
-		for attempt := 0; ; attempt++ {
-			putCtx, cancel := context.WithTimeout(ctx, time.Second)
-			_, err := other.Put(putCtx, nodeKey(prefix, name), string(b))
-			cancel()
-			if err == nil {
-				break
-			}
-			if attempt == 10 {
-				t.Fatalf("put with member %d down: %v", down, err)
-			}
-		}
+		etcdtest.PutAsAgent(ctx, t, other, nodeKey(prefix, name), string(b))
 		t.Logf("member %d down: put done after %s", down, time.Since(stepStart).Round(time.Millisecond))
 		w.waitFor(name, func(nodes []Node) bool { return slices.Contains(names(nodes), name) })
 		t.Logf("member %d down: change seen after %s", down, time.Since(stepStart).Round(time.Millisecond))

@@ -18,8 +18,6 @@ import (
 	"github.com/spf13/cobra/doc"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"sigs.k8s.io/yaml"
 
 	"github.com/fabricnet/fabric/config"
@@ -277,14 +275,7 @@ func (g *globals) withEtcd(f func(ctx context.Context, cli *clientv3.Client) err
 
 // unreachable reports whether err looks like etcd not answering at all.
 func unreachable(ctx context.Context, err error) bool {
-	if ctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) {
-		return true
-	}
-	switch status.Code(err) {
-	case codes.Unavailable, codes.DeadlineExceeded:
-		return true
-	}
-	return false
+	return ctx.Err() != nil || etcdclient.Unavailable(err)
 }
 
 func (g *globals) ctx() (context.Context, context.CancelFunc) {

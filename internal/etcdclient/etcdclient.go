@@ -16,8 +16,11 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // TLSFiles names the PEM files for TLS to etcd. All are optional: CA empty
@@ -246,4 +249,28 @@ func probe(ctx context.Context, ep string, tlsCfg *tls.Config, certFile string) 
 func isCertRequired(err error) bool {
 	s := err.Error()
 	return strings.Contains(s, "certificate required") || strings.Contains(s, "bad certificate")
+}
+
+// Unavailable reports whether err means etcd did not answer in time or had
+// no leader to answer with, which passes, as opposed to a refusal (bad
+// certificate, permission, a failed transaction) that waiting does not
+// change. etcd's own "request timed out, possibly due to previous leader
+// failure" arrives as an etcd error with gRPC code Unavailable, not as a
+// context deadline.
+func Unavailable(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	var etcdErr rpctypes.EtcdError
+	if errors.As(err, &etcdErr) {
+		return transientCode(etcdErr.Code())
+	}
+	return transientCode(status.Code(err))
+}
+
+func transientCode(c codes.Code) bool {
+	return c == codes.Unavailable || c == codes.DeadlineExceeded
 }

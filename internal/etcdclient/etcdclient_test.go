@@ -2,6 +2,8 @@ package etcdclient_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +12,7 @@ import (
 
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/internal/etcdtest"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 )
 
 func files(f etcdtest.TLSFiles) etcdclient.TLSFiles {
@@ -106,5 +109,40 @@ func TestBadFilesNamed(t *testing.T) {
 				t.Errorf("%s: error %q does not mention %q", tc.name, err, w)
 			}
 		}
+	}
+}
+
+// The agent retries what Unavailable accepts and gives up on the rest: a
+// leader change must be retried, a refusal must not loop for ever.
+func TestUnavailable(t *testing.T) {
+	cases := []struct {
+		err  error
+		want bool
+	}{
+		{rpctypes.ErrTimeoutDueToLeaderFail, true},
+		{fmt.Errorf("acquire: %w", rpctypes.ErrTimeoutDueToLeaderFail), true},
+		{rpctypes.ErrNoLeader, true},
+		{rpctypes.ErrLeaderChanged, true},
+		{rpctypes.ErrTimeout, true},
+		{fmt.Errorf("read leases: %w", context.DeadlineExceeded), true},
+		{rpctypes.ErrPermissionDenied, false},
+		{rpctypes.ErrCompacted, false},
+		{errors.New("subnet 10.0.0.0/24 already held"), false},
+		{nil, false},
+	}
+	for _, c := range cases {
+		if got := etcdclient.Unavailable(c.err); got != c.want {
+			t.Errorf("Unavailable(%v) = %v, want %v", c.err, got, c.want)
+		}
+	}
+	// And what a client really gets from a member that is down.
+	cluster := etcdtest.Start(t)
+	cli := cluster.Client(t)
+	cluster.StopMember(0)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err := cli.Put(ctx, "k", "v")
+	if !etcdclient.Unavailable(err) {
+		t.Errorf("put to a stopped member: %v, not recognised as unavailable", err)
 	}
 }

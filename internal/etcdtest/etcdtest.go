@@ -362,3 +362,21 @@ func (l *testLogWriter) close() {
 	l.closed = true
 	l.mu.Unlock()
 }
+
+// PutAsAgent puts key=value the way fabricd writes: each attempt gets one
+// second and a failed one is tried again, up to ten times. A write in
+// flight when the leader dies fails only after etcd's request timeout (5 s
+// and more), which a client that waited for it would notice as an outage.
+func PutAsAgent(ctx context.Context, t testing.TB, cli *clientv3.Client, key, value string) {
+	t.Helper()
+	var err error
+	for attempt := 0; attempt < 10; attempt++ {
+		putCtx, cancel := context.WithTimeout(ctx, time.Second)
+		_, err = cli.Put(putCtx, key, value)
+		cancel()
+		if err == nil {
+			return
+		}
+	}
+	t.Fatalf("etcdtest: put %s failed ten times in a row, the last: %v", key, err)
+}
