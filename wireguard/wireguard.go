@@ -10,6 +10,7 @@
 package wireguard
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -45,6 +46,41 @@ const (
 // packet per peer every 25 s when idle.
 const Keepalive = 25 * time.Second
 
+// initiateDelay is how long a host waits before it initiates a handshake
+// with a peer it has just added whose public key sorts before its own
+// (answerFirst). Two hosts
+// usually add each other within milliseconds (both see both node records
+// at once); if both initiated then, the initiations crossed, each dropped
+// the other's answer, and wireguard-go could be left with a session the
+// other side does not have: no traffic until its 15 s "sent, heard
+// nothing" timer (TestHostsAddingEachOtherAtOnceTalkAtOnce). The host
+// that sorts first initiates at once; the second turns its keepalive on
+// after this delay, which sends on the session that exists by then, or
+// starts the handshake itself when the first one's initiation came before
+// it knew that host (and was dropped).
+const initiateDelay = time.Second
+
+// answerFirst are the peers of want that are new on the device and wait
+// for the other host to initiate: those whose key sorts before self. Not
+// a new key at the endpoint of a peer that goes: that host replaced its
+// key (fabricctl rotate-key) and initiated before it published the new
+// one, so that nothing crosses; its own retry comes only after 5 s.
+func answerFirst(self wgtypes.Key, have, want map[wgtypes.Key]peerConfig) []wgtypes.Key {
+	replaced := map[netip.AddrPort]bool{}
+	for key, h := range have {
+		if _, ok := want[key]; !ok {
+			replaced[h.Endpoint] = true
+		}
+	}
+	var out []wgtypes.Key
+	for key, w := range want {
+		if _, had := have[key]; !had && bytes.Compare(key[:], self[:]) < 0 && !replaced[w.Endpoint] {
+			out = append(out, key)
+		}
+	}
+	return out
+}
+
 // Implementations of the device.
 const (
 	Kernel    = "kernel"
@@ -74,7 +110,12 @@ type Backend struct {
 	mu   sync.Mutex
 	dev  device // nil until Ensure
 	impl string
+	// delayed are the peers added without keepalive (initiateDelay), each
+	// with the timer that turns it on.
+	delayed map[wgtypes.Key]*delayedPeer
 }
+
+type delayedPeer struct{ timer *time.Timer }
 
 var (
 	_ backend.Backend       = (*Backend)(nil)
@@ -108,9 +149,10 @@ func New(cfg Config) (*Backend, error) {
 	}
 	cfg.Subnet = cfg.Subnet.Masked()
 	return &Backend{
-		cfg:    cfg,
-		handle: backend.DefaultHandle(cfg.Handle),
-		log:    cfg.Logger.With("backend", Name, "device", cfg.Device),
+		cfg:     cfg,
+		handle:  backend.DefaultHandle(cfg.Handle),
+		log:     cfg.Logger.With("backend", Name, "device", cfg.Device),
+		delayed: map[wgtypes.Key]*delayedPeer{},
 	}, nil
 }
 
@@ -180,6 +222,21 @@ func (b *Backend) initiateNow() error {
 		return err
 	}
 	return b.dev.configurePeers(on)
+}
+
+// Close lets go of the device: wireguard-go stops (its TUN goes with it),
+// a kernel device stays with its peers for the next start. Idempotent.
+func (b *Backend) Close() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for key, d := range b.delayed {
+		d.timer.Stop()
+		delete(b.delayed, key)
+	}
+	if b.dev != nil {
+		b.dev.close()
+		b.dev = nil
+	}
 }
 
 // Implementation says which WireGuard runs ("" before the first Ensure).
@@ -289,11 +346,55 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 	if err != nil {
 		return err
 	}
+	for _, key := range answerFirst(b.cfg.PrivateKey.PublicKey(), have, want) {
+		b.delayKeepalive(key)
+	}
+	for key, w := range want {
+		if b.delayed[key] != nil {
+			w.Keepalive = 0 // its timer turns it on
+			want[key] = w
+		}
+	}
+	for key, d := range b.delayed {
+		if _, ok := want[key]; !ok {
+			d.timer.Stop()
+			delete(b.delayed, key)
+		}
+	}
 	cfg := planPeers(have, want)
 	if len(cfg) == 0 {
 		return nil
 	}
 	return b.dev.configurePeers(cfg)
+}
+
+// delayKeepalive turns peer key's keepalive on after initiateDelay.
+// Called with b.mu held.
+func (b *Backend) delayKeepalive(key wgtypes.Key) {
+	if b.delayed[key] != nil {
+		return
+	}
+	d := &delayedPeer{}
+	d.timer = time.AfterFunc(initiateDelay, func() { b.keepaliveOn(key, d) })
+	b.delayed[key] = d
+}
+
+func (b *Backend) keepaliveOn(key wgtypes.Key, d *delayedPeer) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.delayed[key] != d {
+		return // removed, or removed and added again, meanwhile
+	}
+	delete(b.delayed, key)
+	if b.dev == nil {
+		return
+	}
+	keepalive := Keepalive
+	cfg := []wgtypes.PeerConfig{{PublicKey: key, UpdateOnly: true, PersistentKeepaliveInterval: &keepalive}}
+	if err := b.dev.configurePeers(cfg); err != nil {
+		// The next SyncPeers sets it: the peer is no longer delayed.
+		b.log.Warn("cannot turn on the keepalive of a new peer", "peer", key.String(), "err", err)
+	}
 }
 
 // allowed are the prefixes a peer may send from and receive: its container

@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"bytes"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -145,5 +146,40 @@ func TestNewRejects(t *testing.T) {
 	}
 	if _, err := New(good); err != nil {
 		t.Errorf("good config: %v", err)
+	}
+}
+
+// Of two hosts adding each other, exactly one waits for the other's
+// handshake; a host's new key where its old one was is answered at once.
+func TestAnswerFirst(t *testing.T) {
+	k1, k2 := key(t), key(t)
+	low, high := k1, k2
+	if bytes.Compare(low[:], high[:]) > 0 {
+		low, high = high, low
+	}
+	at := func(addr string) peerConfig {
+		return peerConfig{Endpoint: netip.MustParseAddrPort(addr), Keepalive: Keepalive}
+	}
+	none := map[wgtypes.Key]peerConfig{}
+	if got := answerFirst(high, none, map[wgtypes.Key]peerConfig{low: at("192.0.2.1:51820")}); len(got) != 1 || got[0] != low {
+		t.Errorf("the host sorting second waits for: %v, want the other", got)
+	}
+	if got := answerFirst(low, none, map[wgtypes.Key]peerConfig{high: at("192.0.2.2:51820")}); len(got) != 0 {
+		t.Errorf("the host sorting first waits for: %v, want none", got)
+	}
+	// A peer already on the device is not new.
+	if got := answerFirst(high, map[wgtypes.Key]peerConfig{low: at("192.0.2.1:51820")}, map[wgtypes.Key]peerConfig{low: at("192.0.2.1:51820")}); len(got) != 0 {
+		t.Errorf("a known peer: %v", got)
+	}
+	// low's host rotated from old to low: same endpoint, answered at once;
+	// a new host elsewhere still waits.
+	old, other := key(t), key(t)
+	for bytes.Compare(other[:], high[:]) > 0 {
+		other = key(t)
+	}
+	have := map[wgtypes.Key]peerConfig{old: at("192.0.2.1:51820")}
+	want := map[wgtypes.Key]peerConfig{low: at("192.0.2.1:51820"), other: at("192.0.2.3:51820")}
+	if got := answerFirst(high, have, want); len(got) != 1 || got[0] != other {
+		t.Errorf("rotated key and a new host: waits for %v, want only the new host", got)
 	}
 }

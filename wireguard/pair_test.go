@@ -1,0 +1,166 @@
+package wireguard
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/fabricnet/fabric/backend"
+	"github.com/fabricnet/fabric/internal/nsthread"
+	"github.com/fabricnet/fabric/internal/testwait"
+	"github.com/fabricnet/fabric/lab"
+)
+
+// wgHost is one side of a pair of hosts in namespaces, with its own
+// wireguard-go device.
+type wgHost struct {
+	ns       string
+	underlay netip.Addr
+	subnet   netip.Prefix
+	b        *Backend
+}
+
+func (h wgHost) peer() backend.Peer {
+	return backend.Peer{Name: h.ns, Address: h.underlay, Subnet: h.subnet,
+		Encaps: []string{Name}, WireGuardKey: h.b.PublicKey()}
+}
+
+// Two hosts that add each other at the same moment (fabricd on both sees
+// both node records within milliseconds: a fresh cluster, or two hosts
+// that start together) must carry traffic at once. When both initiated a
+// handshake on creation, the initiations crossed, and now and then (once
+// in about 40 pairs here) neither side had a session it could send on
+// for the 5 s until a new handshake, or one kept a session the other did
+// not have until its 15 s "sent, heard nothing" timer. Each round makes
+// several pairs of devices between the same two namespaces at once, with
+// new keys, so which side sorts first varies.
+func TestHostsAddingEachOtherAtOnceTalkAtOnce(t *testing.T) {
+	lab.RequireRoot(t, "ping")
+	prefix := lab.Prefix("wg")
+	nsA, nsB := lab.AddNS(t, prefix+"a"), lab.AddNS(t, prefix+"b")
+	lab.Veth(t, nsA, "eth0", nsB, "eth0")
+	lab.Addr(t, nsA, "eth0", "192.0.2.1/24")
+	lab.Addr(t, nsB, "eth0", "192.0.2.2/24")
+	const rounds, pairs = 12, 8
+	for round := 1; round <= rounds; round++ {
+		var wg sync.WaitGroup
+		errs := make(chan error, 2*pairs)
+		for i := range pairs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := pairTalksAtOnce(t, i, nsA, nsB); err != nil {
+					errs <- fmt.Errorf("round %d, pair %d: %w", round, i, err)
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		if t.Failed() {
+			return
+		}
+	}
+}
+
+// pairTalksAtOnce makes device pair i (its own device names, port and
+// subnets) between nsA and nsB, has both add each other at the same
+// moment, waits for a handshake on both sides and then needs a ping each
+// way to be answered at once.
+func pairTalksAtOnce(t *testing.T, i int, nsA, nsB string) error {
+	dev, port := fmt.Sprintf("wgt%d", i), 51820+i
+	a := wgHost{ns: nsA, underlay: netip.MustParseAddr("192.0.2.1"), subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(2 * i), 0}), 24)}
+	b := wgHost{ns: nsB, underlay: netip.MustParseAddr("192.0.2.2"), subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(2*i + 1), 0}), 24)}
+	for _, h := range []*wgHost{&a, &b} {
+		var err error
+		if h.b, err = startBackend(t, *h, dev, port); err != nil {
+			return err
+		}
+		defer h.b.Close()
+	}
+	// Both at the same moment, as two agents reacting to each other's
+	// node record.
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for j, pair := range [][2]wgHost{{a, b}, {b, a}} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[j] = pair[0].b.SyncPeers([]backend.Peer{pair[1].peer()})
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	for _, pair := range [][2]wgHost{{a, b}, {b, a}} {
+		if out, err := exec.Command("ip", "-n", pair[0].ns, "route", "replace", pair[1].subnet.String(), "dev", dev).CombinedOutput(); err != nil {
+			return fmt.Errorf("route: %v: %s", err, out)
+		}
+	}
+	// Waiting for a handshake on both sides first keeps the ping from
+	// starting one of its own. The bound is under the 5 s after which
+	// WireGuard tries a new handshake when one got no answer.
+	deadline := time.Now().Add(testwait.Scale(3 * time.Second))
+	for {
+		var missing []string
+		for _, h := range []wgHost{a, b} {
+			st, err := h.b.Peers()
+			if err != nil {
+				return err
+			}
+			if len(st) != 1 || st[0].LastHandshake.IsZero() {
+				missing = append(missing, fmt.Sprintf("%s: %+v", h.ns, st))
+			}
+		}
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no handshake within %s of both hosts adding each other: %v", testwait.Scale(3*time.Second), missing)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, pair := range [][2]wgHost{{a, b}, {b, a}} {
+		from, to := pair[0], pair[1]
+		out, err := exec.Command("nsenter", "--net="+lab.Path(from.ns), "--", "ping", "-c", "1", "-W", "2",
+			"-I", from.subnet.Addr().String(), to.subnet.Addr().String()).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("ping %s -> %s over WireGuard right after the handshake: %v\n%s", from.subnet.Addr(), to.subnet.Addr(), err, out)
+		}
+	}
+	return nil
+}
+
+// startBackend creates h's wireguard-go device with a new key inside h's
+// namespace. The caller closes it.
+func startBackend(t *testing.T, h wgHost, dev string, port int) (*Backend, error) {
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		return nil, err
+	}
+	b, err := New(Config{Handle: lab.Handle(t, h.ns), Device: dev, Port: port, PrivateKey: k, UnderlayAddr: h.underlay,
+		Subnet: h.subnet, Implementation: Userspace, Logger: lab.Logger(t)})
+	if err != nil {
+		return nil, err
+	}
+	// wireguard-go opens its TUN and UDP socket where it starts.
+	if err := nsthread.Do(h.ns, func() error {
+		_, err := b.Ensure(context.Background(), 1420)
+		return err
+	}); err != nil {
+		b.Close()
+		return nil, fmt.Errorf("wireguard device %s in %s: %w", dev, h.ns, err)
+	}
+	return b, nil
+}
