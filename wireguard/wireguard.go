@@ -57,7 +57,9 @@ const Keepalive = 25 * time.Second
 // that sorts first initiates at once; the second turns its keepalive on
 // after this delay, which sends on the session that exists by then, or
 // starts the handshake itself when the first one's initiation came before
-// it knew that host (and was dropped).
+// it knew that host (and was dropped). While the first one's handshake is
+// under way (answered, not yet confirmed: a loaded host can take a second
+// to process the answer) it waits on.
 const initiateDelay = time.Second
 
 // answerFirst are the peers of want that are new on the device and wait
@@ -385,16 +387,39 @@ func (b *Backend) keepaliveOn(key wgtypes.Key, d *delayedPeer) {
 	if b.delayed[key] != d {
 		return // removed, or removed and added again, meanwhile
 	}
-	delete(b.delayed, key)
 	if b.dev == nil {
+		delete(b.delayed, key)
 		return
 	}
+	if peerInitiating(b.dev, key) {
+		// The peer's handshake is under way (we answered it, it has not
+		// confirmed yet, perhaps only slow to): initiating now could cross
+		// it. WireGuard retries it itself; look again later.
+		d.timer.Reset(initiateDelay)
+		return
+	}
+	delete(b.delayed, key)
 	keepalive := Keepalive
 	cfg := []wgtypes.PeerConfig{{PublicKey: key, UpdateOnly: true, PersistentKeepaliveInterval: &keepalive}}
 	if err := b.dev.configurePeers(cfg); err != nil {
 		// The next SyncPeers sets it: the peer is no longer delayed.
 		b.log.Warn("cannot turn on the keepalive of a new peer", "peer", key.String(), "err", err)
 	}
+}
+
+// peerInitiating: the device has heard from peer key (its handshake
+// initiation) but has no session with it yet.
+func peerInitiating(dev device, key wgtypes.Key) bool {
+	peers, err := dev.status()
+	if err != nil {
+		return false
+	}
+	for _, p := range peers {
+		if p.PublicKey == key.String() {
+			return p.LastHandshake.IsZero() && p.RxBytes > 0
+		}
+	}
+	return false
 }
 
 // allowed are the prefixes a peer may send from and receive: its container
