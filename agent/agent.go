@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -137,6 +138,7 @@ type owners struct {
 	backends  []backend.Backend  // each its tunnel device and per-peer entries
 	prober    *probe.Prober      // nil without ipip support
 	tables    *iptables.Manager  // every FABRIC- chain and jump
+	tables6   *iptables.Manager  // the same in the IPv6 tables; nil without IPv6
 	nat       *nat.Manager       // renders NAT and forwarding for tables
 	policy    *policy.IptablesEnforcer
 	ingress   *ingress.Limiter
@@ -188,6 +190,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			return err
 		}
 	}
+	if err := a.checkIPv6(); err != nil {
+		return err
+	}
 	if err := a.setupDataplane(); err != nil {
 		return err
 	}
@@ -200,8 +205,16 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.own.nat, err = nat.New(nat.Config{Tables: a.own.tables, Logger: log}); err != nil {
 		return err
 	}
+	if a.subnetV6().IsValid() {
+		// IPv6 has its own tables and so its own owner; only policy
+		// writes there (failing closed, see policy.IptablesConfig).
+		if a.own.tables6, err = iptables.New(iptables.Config{IPv6: true, Sections: []string{policy.Section}, Logger: log}); err != nil {
+			return fmt.Errorf("the pool has IPv6: %w", err)
+		}
+	}
 	sets := ipsets.NewOwner("")
-	if a.own.policy, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.own.tables, Sets: sets, Logger: log}); err != nil {
+	if a.own.policy, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.own.tables,
+		Tables6: a.own.tables6, LocalV6: a.subnetV6(), Sets: sets, Logger: log}); err != nil {
 		return err
 	}
 	var tunnels []string
@@ -231,6 +244,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		// A restart finds its own routes in the kernel: peers are told we
 		// kept forwarding state, and keep our routes until our End-of-RIB.
 		GracefulRestartTime: cfg.GracefulRestartTime,
+		IPv6:                a.pool.NetworkV6.IsValid(),
 		Restarting:          len(a.in.grace.KeptAtStart) > 0,
 		APISocket:           cfg.GoBGPSocketPath(),
 		Logger:              log.With("component", "bgp"),
@@ -239,10 +253,10 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	defer a.own.speaker.Stop()
-	if err := a.own.speaker.Advertise(ctx, a.underlay.Addr, a.lease.Subnet); err != nil {
-		return fmt.Errorf("advertise %s: %w", a.lease.Subnet, err)
+	if err := a.own.speaker.Advertise(ctx, a.underlay.Addr, a.ownSubnets()...); err != nil {
+		return fmt.Errorf("advertise %v: %w", a.ownSubnets(), err)
 	}
-	log.Info("advertising subnet", "subnet", a.lease.Subnet, "nexthop", a.underlay.Addr)
+	log.Info("advertising subnet", "subnet", a.lease.Subnet, "subnetV6", a.subnetV6(), "nexthop", a.underlay.Addr)
 
 	if err := a.startBFD(); err != nil {
 		return err
@@ -296,6 +310,9 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	goLoop("host", a.hostLoop)
 	goLoop("nat", a.natLoop)
 	goLoop("iptables", func(ctx context.Context) error { return a.own.tables.Maintain(ctx, 2*time.Second) })
+	if a.own.tables6 != nil {
+		goLoop("ip6tables", func(ctx context.Context) error { return a.own.tables6.Maintain(ctx, 2*time.Second) })
+	}
 	goLoop("policy", a.policyLoop)
 	goLoop("ingress", a.ingressLoop)
 	goLoop("probe-hold", a.probeHoldLoop)
@@ -465,7 +482,7 @@ func (a *Agent) Leave(context.Context) (localapi.LeaveResult, error) {
 func (a *Agent) acquireLease(ctx context.Context) error {
 	var want *ipam.Pool
 	if a.cfg.Pool != "" {
-		want = &ipam.Pool{Network: a.cfg.PoolPrefix, SubnetLen: a.cfg.SubnetLen}
+		want = &ipam.Pool{Network: a.cfg.PoolPrefix, SubnetLen: a.cfg.SubnetLen, NetworkV6: a.cfg.PoolV6Prefix}
 	}
 	backoff := time.Second
 	for {
@@ -542,6 +559,23 @@ func (a *Agent) detectKernel() error {
 	var err error
 	a.kinds, err = encaps.Select(a.cfg.Encapsulation, a.cfg.Encryption, supported)
 	return err
+}
+
+// checkIPv6 refuses to start a host of an IPv6 fabric whose kernel has
+// IPv6 turned off: its containers would get addresses nothing can reach.
+func (a *Agent) checkIPv6() error {
+	if !a.subnetV6().IsValid() {
+		return nil
+	}
+	const key = "/proc/sys/net/ipv6/conf/all/disable_ipv6"
+	v, err := os.ReadFile(key)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("the pool has IPv6 (%s), but this kernel has no IPv6 (%s is missing): boot without ipv6.disable=1, or give the fabric no IPv6 pool", a.pool.NetworkV6, key)
+	case err == nil && strings.TrimSpace(string(v)) == "1":
+		return fmt.Errorf("the pool has IPv6 (%s), but this host has IPv6 turned off (%s is 1): sysctl -w net.ipv6.conf.all.disable_ipv6=0", a.pool.NetworkV6, key)
+	}
+	return nil
 }
 
 func (a *Agent) setupDataplane() error {
@@ -631,6 +665,7 @@ func (a *Agent) selfNode() registry.Node {
 		Address:      a.underlay.Addr,
 		ASN:          a.cfg.ASN,
 		Subnet:       a.lease.Subnet,
+		SubnetV6:     a.subnetV6(),
 		VTEPMAC:      a.vtepMAC(),
 		Encaps:       names,
 		WireGuardKey: a.wireGuardKey(),
@@ -666,7 +701,7 @@ func (a *Agent) hostLoop(ctx context.Context) error {
 }
 
 func (a *Agent) writeDockerOpts() error {
-	opts := dockeropts.Options{Pool: a.pool.Network, Subnet: a.lease.Subnet, Gateway: a.lease.Gateway(), MTU: a.own.dataplane.MTU(), Bridge: a.cfg.Bridge}
+	opts := dockeropts.Options{Pool: a.pool.Network, Subnet: a.lease.Subnet, Gateway: a.lease.Gateway(), SubnetV6: a.subnetV6(), MTU: a.own.dataplane.MTU(), Bridge: a.cfg.Bridge}
 	if a.cfg.ContainerDNS {
 		opts.DNSDomain = a.cfg.DNSDomain
 	}
@@ -706,6 +741,12 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 		errs = append(errs, fmt.Errorf("iptables rules: %w", err))
 	} else if err := ipsets.NewOwner("").Cleanup(); err != nil { // the rules using them are gone
 		errs = append(errs, err)
+	}
+	// IPv6 chains, where the host has ip6tables (a fabric with IPv6).
+	if tables6, err := iptables.New(iptables.Config{IPv6: true, Logger: log}); err == nil {
+		if err := tables6.Cleanup(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("ip6tables rules: %w", err))
+		}
 	}
 	if err := dockernet.NewLinks(nil).Cleanup(); err != nil {
 		errs = append(errs, fmt.Errorf("links of containers on fabric networks: %w", err))

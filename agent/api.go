@@ -92,7 +92,15 @@ func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
 		Underlay: a.underlay.Addr.String(), UnderlayDev: a.underlay.Dev, ASN: a.cfg.ASN,
 		Encapsulation: a.cfg.Encapsulation, MTU: a.own.dataplane.MTU(), Bridge: a.cfg.Bridge, Started: a.started,
 		EtcdHealthy: etcdErr == nil, Encryption: a.encryptionStatus(), WireGuardKey: a.wireGuardKey(),
+		SubnetV6: prefixOrEmpty(a.subnetV6()),
 	}, nil
+}
+
+func prefixOrEmpty(p netip.Prefix) string {
+	if !p.IsValid() {
+		return ""
+	}
+	return p.String()
 }
 
 // RotateKey implements localapi.Provider: a new WireGuard key pair on the

@@ -11,7 +11,22 @@ import (
 
 func (a *Agent) host() planner.Host {
 	return planner.Host{Name: a.cfg.NodeName, ASN: a.cfg.ASN, Underlay: netip.PrefixFrom(a.underlay.Addr, a.underlay.Prefix.Bits()),
-		Subnet: a.lease.Subnet, Pool: a.pool.Network, Imports: planner.Imports(a.cfg.Peers), WireGuardKey: a.wireGuardKey()}
+		Subnet: a.lease.Subnet, Pool: a.pool.Network, SubnetV6: a.subnetV6(), PoolV6: a.pool,
+		Imports: planner.Imports(a.cfg.Peers), WireGuardKey: a.wireGuardKey()}
+}
+
+// ownSubnets are this host's subnet and, with an IPv6 pool, its IPv6 one.
+func (a *Agent) ownSubnets() []netip.Prefix {
+	if s := a.subnetV6(); s.IsValid() {
+		return []netip.Prefix{a.lease.Subnet, s}
+	}
+	return []netip.Prefix{a.lease.Subnet}
+}
+
+// subnetV6 is this host's IPv6 subnet, invalid when the pool has no IPv6.
+func (a *Agent) subnetV6() netip.Prefix {
+	s, _ := a.pool.SubnetV6(a.lease.Subnet)
+	return s
 }
 
 // warnRefused logs each refusal the first time it is seen, not on every update.

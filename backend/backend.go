@@ -17,7 +17,11 @@ type Peer struct {
 	Address netip.Addr       // underlay address (tunnel endpoint)
 	VTEPMAC net.HardwareAddr // VXLAN only: the peer's VTEP device MAC
 	Subnet  netip.Prefix     // the peer's container subnet
-	Encaps  []string         // the encapsulations the peer runs (Backend.Name values)
+	// SubnetV6 is the peer's IPv6 subnet (invalid: none). Its network
+	// address is the peer's IPv6 gateway on a device that needs one, as
+	// Subnet's is for IPv4.
+	SubnetV6 netip.Prefix
+	Encaps   []string // the encapsulations the peer runs (Backend.Name values)
 	// WireGuardKey is the peer's WireGuard public key (base64) from its
 	// node record, once the planner accepted it; "" when it has none.
 	WireGuardKey string
@@ -72,6 +76,13 @@ type Rereader interface {
 // travels in the node record (VXLAN's VTEP MAC).
 type MACAdvertiser interface {
 	MAC() net.HardwareAddr
+}
+
+// IPv6Limited is a Backend that may not carry IPv6 (ipip, IPv4 in IPv4):
+// when CarriesIPv6 is false, a peer's IPv6 prefixes go over the first
+// usable backend that does. Backends without it carry both families.
+type IPv6Limited interface {
+	CarriesIPv6() bool
 }
 
 // KeyAdvertiser is a Backend whose peers need this host's public key, which

@@ -151,15 +151,21 @@ func (s *Speaker) apiPeer(p Peer) *api.Peer {
 			LocalRestarting: s.restarting,
 		}
 	}
-	if ap.GracefulRestart != nil || p.MaxPrefixes > 0 {
-		af := &api.AfiSafi{Config: &api.AfiSafiConfig{Family: apiFamilyOf(s.cfg.ListenAddress), Enabled: true}}
-		if ap.GracefulRestart != nil {
-			af.MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
+	families := []*api.Family{apiFamilyOf(s.cfg.ListenAddress)}
+	if s.cfg.IPv6 && s.cfg.ListenAddress.Is4() {
+		families = append(families, apiFamilyOf(netip.IPv6Unspecified()))
+	}
+	if ap.GracefulRestart != nil || p.MaxPrefixes > 0 || len(families) > 1 {
+		for _, family := range families {
+			af := &api.AfiSafi{Config: &api.AfiSafiConfig{Family: family, Enabled: true}}
+			if ap.GracefulRestart != nil {
+				af.MpGracefulRestart = &api.MpGracefulRestart{Config: &api.MpGracefulRestartConfig{Enabled: true}}
+			}
+			if p.MaxPrefixes > 0 {
+				af.PrefixLimits = &api.PrefixLimit{Family: family, MaxPrefixes: p.MaxPrefixes}
+			}
+			ap.AfiSafis = append(ap.AfiSafis, af)
 		}
-		if p.MaxPrefixes > 0 {
-			af.PrefixLimits = &api.PrefixLimit{Family: af.Config.Family, MaxPrefixes: p.MaxPrefixes}
-		}
-		ap.AfiSafis = []*api.AfiSafi{af}
 	}
 	if p.Multihop > 0 {
 		ap.EbgpMultihop = &api.EbgpMultihop{Enabled: true, MultihopTtl: uint32(p.Multihop)}
@@ -266,6 +272,9 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 				}
 				gr := af.GetMpGracefulRestart().GetState()
 				st.GracefulRestart = st.GracefulRestart || (gr.GetAdvertised() && gr.GetReceived())
+				if af.GetConfig().GetFamily().GetAfi() == api.Family_AFI_IP6 && s.cfg.ListenAddress.Is4() && !gr.GetReceived() {
+					continue // a peer without IPv6 sends no End-of-RIB for it
+				}
 				st.EndOfRIB = st.EndOfRIB && gr.GetEndOfRibReceived()
 			}
 			st.Restarting = ap.GetGracefulRestart().GetPeerRestarting()

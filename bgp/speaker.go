@@ -89,6 +89,10 @@ type Config struct {
 	// until our End-of-RIB, and we send ours only once theirs are in.
 	Restarting bool
 
+	// IPv6 adds the IPv6 unicast family to every session over an IPv4
+	// underlay: the fabric's IPv6 subnets travel with IPv4 next hops.
+	IPv6 bool
+
 	// APISocket, if set, serves GoBGP's gRPC API on this unix socket
 	// (mode 0600) and nowhere else. Empty = no API server at all.
 	APISocket string
@@ -335,17 +339,20 @@ func withDefaults(cfg Config) (Config, error) {
 func (s *Speaker) Routes() <-chan []Route { return s.routes }
 
 // Advertise makes the paths this host originates exactly prefixes (ORIGIN
-// IGP, NEXT_HOP nextHop): its subnet, and its blocks of Docker networks.
-// New paths are added before gone ones are withdrawn, each by the UUID
-// AddPath gave it; advertising the same set again is a no-op.
+// IGP, NEXT_HOP nextHop): its subnet, its IPv6 subnet and its blocks of
+// Docker networks. An IPv6 prefix with an IPv4 next hop carries it as an
+// IPv4-mapped address (RFC 4798): the IPv6 routes lead to the same host,
+// over the same IPv4 underlay. New paths are added before gone ones are
+// withdrawn, each by the UUID AddPath gave it; advertising the same set
+// again is a no-op.
 func (s *Speaker) Advertise(ctx context.Context, nextHop netip.Addr, prefixes ...netip.Prefix) error {
 	want := map[netip.Prefix]bool{}
 	for _, p := range prefixes {
 		if !p.IsValid() {
 			return fmt.Errorf("bgp: advertise: invalid prefix %q", p)
 		}
-		if !nextHop.IsValid() || nextHop.Unmap().Is4() != p.Addr().Is4() {
-			return fmt.Errorf("bgp: advertise %s: next hop %q must be a valid address of the same family", p, nextHop)
+		if !nextHop.IsValid() || (p.Addr().Is4() && !nextHop.Unmap().Is4()) {
+			return fmt.Errorf("bgp: advertise %s: next hop %q must be a valid address, IPv4 for an IPv4 prefix", p, nextHop)
 		}
 		want[p.Masked()] = true
 	}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/fabricnet/fabric/backend/encaps"
 	"github.com/fabricnet/fabric/internal/etcdclient"
+	"github.com/fabricnet/fabric/ipam"
 )
 
 // ExternalPeer is a BGP peer that is not a fabric host: a top-of-rack router
@@ -89,9 +90,13 @@ type Config struct {
 
 	Pool      string `json:"pool"`
 	SubnetLen int    `json:"subnetLen"`
-	// PoolPrefix and UnderlayAddr are Pool and UnderlayAddress as
-	// Validate parsed them (invalid when not set).
+	// PoolV6 is the IPv6 pool to store with the pool ("" = none, or the
+	// one already in etcd): each host's /64 pairs with its IPv4 subnet.
+	PoolV6 string `json:"poolV6"`
+	// PoolPrefix, PoolV6Prefix and UnderlayAddr are Pool, PoolV6 and
+	// UnderlayAddress as Validate parsed them (invalid when not set).
 	PoolPrefix   netip.Prefix  `json:"-"`
+	PoolV6Prefix netip.Prefix  `json:"-"`
 	UnderlayAddr netip.Addr    `json:"-"`
 	SubnetTTL    time.Duration `json:"subnetTTL"`
 	NodeTTL      time.Duration `json:"nodeTTL"`
@@ -351,6 +356,7 @@ func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.StringVar(&c.UnderlayAddress, "underlay-address", c.UnderlayAddress, "this host's underlay IPv4 address; default: the first address of the underlay interface")
 	fs.StringVar(&c.Pool, "pool", c.Pool, "container address pool to create in etcd if none exists, e.g. 10.244.0.0/16")
 	fs.IntVar(&c.SubnetLen, "subnet-len", c.SubnetLen, "prefix length of each host's subnet when creating the pool")
+	fs.StringVar(&c.PoolV6, "pool-v6", c.PoolV6, "IPv6 pool to add to the pool in etcd, e.g. fd00:10:244::/48: each host gets the /64 paired with its IPv4 subnet (needs pool)")
 	fs.DurationVar(&c.SubnetTTL, "subnet-ttl", c.SubnetTTL, "how long a dead host's subnet stays reserved")
 	fs.DurationVar(&c.NodeTTL, "node-ttl", c.NodeTTL, "liveness lease of the node record")
 	fs.Func("asn", "BGP AS number of this host (default 64512)", func(s string) error {
@@ -540,6 +546,22 @@ func (c *Config) Validate() error {
 			bad("subnetLen", "%d must be longer than the pool's /%d and at most 30", c.SubnetLen, p.Bits())
 		default:
 			c.PoolPrefix = p
+		}
+	}
+	if c.PoolV6 != "" {
+		p, err := netip.ParsePrefix(c.PoolV6)
+		switch {
+		case err != nil || !p.Addr().Is6() || p.Addr().Is4In6():
+			bad("poolV6", "%q is not an IPv6 CIDR, want e.g. fd00:10:244::/48", c.PoolV6)
+		case c.Pool == "":
+			bad("poolV6", "needs pool: the IPv6 pool is stored with the IPv4 one, and each host's /64 pairs with its IPv4 subnet")
+		case c.PoolPrefix.IsValid():
+			pool := ipam.Pool{Network: c.PoolPrefix, SubnetLen: c.SubnetLen, NetworkV6: p}
+			if err := pool.Validate(); err != nil {
+				bad("poolV6", "%v", err)
+			} else {
+				c.PoolV6Prefix = p
+			}
 		}
 	}
 	if c.SubnetTTL < time.Minute {

@@ -124,8 +124,69 @@ func TestChoose(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, got, why := m.choose(tc.peer, tc.connected); got != tc.want || why != tc.why {
+		if _, got, why := m.choose(tc.peer, tc.connected, false); got != tc.want || why != tc.why {
 			t.Errorf("%s: chose %q (%s), want %q (%s)", tc.name, got, why, tc.want, tc.why)
 		}
+	}
+}
+
+// A peer's IPv6 prefixes skip an encapsulation that carries only IPv4.
+func TestChooseIPv6(t *testing.T) {
+	ip, vx := backends(t, true)
+	mac := net.HardwareAddr{0x0e, 0xfa, 192, 0, 2, 2}
+	peer := backend.Peer{Name: "p", Address: netip.MustParseAddr("192.0.2.2"), VTEPMAC: mac, Encaps: []string{"ipip", "vxlan"}}
+	for _, tc := range []struct {
+		name     string
+		backends []backend.Backend
+		want     string
+		why      string
+	}{
+		{"auto", []backend.Backend{ip, vx}, "vxlan", "ipip: carries only IPv4"},
+		{"ipip alone", []backend.Backend{ip}, "", "ipip: carries only IPv4"},
+		{"vxlan", []backend.Backend{vx}, "vxlan", "the peer runs vxlan"},
+	} {
+		m, err := New(Config{Backends: tc.backends, UnderlayDev: "eth0", UnderlayMTU: 1500})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, got, why := m.choose(peer, nil, true); got != tc.want || why != tc.why {
+			t.Errorf("%s: IPv6 chose %q (%s), want %q (%s)", tc.name, got, why, tc.want, tc.why)
+		}
+	}
+	// IPv4 still takes ipip first.
+	m, _ := New(Config{Backends: []backend.Backend{ip, vx}, UnderlayDev: "eth0", UnderlayMTU: 1500})
+	if _, got, _ := m.choose(peer, nil, false); got != "ipip" {
+		t.Errorf("IPv4 chose %q, want ipip", got)
+	}
+}
+
+// A dual-stack peer on this host's segment: IPv4 goes direct, IPv6 through
+// VXLAN (no IPv4 gateway for an IPv6 route); a peer without IPv6 uses no
+// tunnel at all.
+func TestChoosePeersIPv6Direct(t *testing.T) {
+	_, vx := backends(t, true)
+	m, err := New(Config{Backends: []backend.Backend{vx}, UnderlayDev: "eth0", UnderlayMTU: 1500, CrossSubnet: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	connected := []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}
+	info := func(name, addr, v4, v6 string) *PeerInfo {
+		p := &PeerInfo{Name: name, Address: netip.MustParseAddr(addr), VTEPMAC: net.HardwareAddr{0x0e, 0xfa, 192, 0, 2, 2},
+			Encaps: []string{"vxlan"}, Subnet: netip.MustParsePrefix(v4)}
+		if v6 != "" {
+			p.SubnetV6 = netip.MustParsePrefix(v6)
+		}
+		return p
+	}
+	dual, v4only := info("dual", "192.0.2.2", "10.244.2.0/24", "fd00:10:244:2::/64"), info("v4only", "192.0.2.3", "10.244.3.0/24", "")
+	peers := m.choosePeers([]RemoteRoute{
+		{Prefix: dual.Subnet, NextHop: dual.Address, Peer: dual}, {Prefix: dual.SubnetV6, NextHop: dual.Address, Peer: dual},
+		{Prefix: v4only.Subnet, NextHop: v4only.Address, Peer: v4only},
+	}, connected)
+	if p := peers["dual"]; p.encap != EncapDirect || p.v6.encap != "vxlan" || p.v6.err != nil {
+		t.Errorf("dual-stack peer on the segment: IPv4 %q, IPv6 %q (%v), want direct and vxlan", p.encap, p.v6.encap, p.v6.err)
+	}
+	if p := peers["v4only"]; p.encap != EncapDirect || p.v6 != p {
+		t.Errorf("IPv4-only peer on the segment: %q, IPv6 plan %+v, want direct and no IPv6 plan", p.encap, p.v6)
 	}
 }

@@ -32,6 +32,10 @@ import (
 // to static configuration and are refused.
 const DefaultProtocol = 93
 
+// ipv6DefaultMetric is the metric the kernel gives an IPv6 route added
+// without one; IPv4 routes keep 0.
+const ipv6DefaultMetric = 1024
+
 // Route kinds that are not an encapsulation, as reported by Choices and
 // Owned beside the backends' names.
 const (
@@ -63,6 +67,8 @@ type PeerInfo struct {
 	VTEPMAC net.HardwareAddr // the peer's VXLAN device MAC
 	Encaps  []string         // the encapsulations the peer runs
 	Subnet  netip.Prefix     // the peer's container subnet
+	// SubnetV6 is the peer's IPv6 subnet, invalid when it has none.
+	SubnetV6 netip.Prefix
 	// WireGuardKey is the peer's accepted WireGuard public key, or "".
 	WireGuardKey string
 }
@@ -220,6 +226,10 @@ type peerPlan struct {
 	encap   string
 	why     string
 	err     error // no encapsulation can reach the peer
+	// v6 is what carries the peer's IPv6 prefixes: the same choice, or,
+	// when that backend carries only IPv4, the first usable one that
+	// carries IPv6 too.
+	v6 *peerPlan
 }
 
 // Apply makes the kernel match routes, the complete set of remote routes,
@@ -279,7 +289,7 @@ func (m *Manager) choosePeers(routes []RemoteRoute, connected []netip.Prefix) ma
 			continue
 		}
 		p := &peerPlan{info: *r.Peer, peer: backend.Peer{
-			Name: name, Address: r.Peer.Address, VTEPMAC: r.Peer.VTEPMAC, Subnet: r.Peer.Subnet, Encaps: r.Peer.Encaps,
+			Name: name, Address: r.Peer.Address, VTEPMAC: r.Peer.VTEPMAC, Subnet: r.Peer.Subnet, SubnetV6: r.Peer.SubnetV6, Encaps: r.Peer.Encaps,
 			WireGuardKey: r.Peer.WireGuardKey, Routed: []netip.Prefix{r.Prefix.Masked()},
 		}}
 		if !p.peer.Address.IsValid() {
@@ -288,12 +298,22 @@ func (m *Manager) choosePeers(routes []RemoteRoute, connected []netip.Prefix) ma
 		if !p.peer.Subnet.IsValid() {
 			p.peer.Subnet = r.Prefix.Masked()
 		}
-		p.backend, p.encap, p.why = m.choose(p.peer, connected)
+		p.backend, p.encap, p.why = m.choose(p.peer, connected, false)
 		switch {
 		case !p.peer.Address.Is4():
 			p.err = fmt.Errorf("peer %s: underlay address %v is not IPv4", name, p.peer.Address)
 		case p.encap == "":
 			p.err = fmt.Errorf("peer %s: no encapsulation can reach it: %s", name, p.why)
+		}
+		p.v6 = p
+		if p.err == nil && p.peer.SubnetV6.IsValid() && (p.encap == EncapDirect || !carriesIPv6(p.backend)) {
+			v6 := *p
+			v6.v6 = nil
+			v6.backend, v6.encap, v6.why = m.choose(p.peer, connected, true)
+			if v6.encap == "" {
+				v6.err = fmt.Errorf("peer %s: no encapsulation can carry IPv6 to it: %s", name, v6.why)
+			}
+			p.v6 = &v6
 		}
 		peers[name] = p
 	}
@@ -307,7 +327,7 @@ func (m *Manager) syncBackends(ctx context.Context, peers map[string]*peerPlan, 
 	for _, b := range m.cfg.Backends {
 		var users []backend.Peer
 		for _, p := range peers {
-			if p.backend == b && p.err == nil {
+			if (p.backend == b && p.err == nil) || (p.v6 != p && p.v6.backend == b && p.v6.err == nil) {
 				users = append(users, p.peer)
 			}
 		}
@@ -340,13 +360,16 @@ func (m *Manager) desiredRoutes(routes []RemoteRoute, local []LocalRoute, peers 
 	add := func(prefix netip.Prefix, route *netlink.Route, owner string) {
 		route.Protocol = netlink.RouteProtocol(m.cfg.Protocol)
 		route.Table = unix.RT_TABLE_MAIN
+		if prefix.Addr().Is6() && route.Priority == 0 {
+			route.Priority = ipv6DefaultMetric // what the kernel reads back
+		}
 		desired[prefix] = route
 		owners[prefix] = owner
 	}
 	for _, r := range routes {
 		prefix := r.Prefix.Masked()
-		if !prefix.IsValid() || !prefix.Addr().Is4() {
-			fail(fmt.Errorf("route %v (peer %q): not an IPv4 prefix", r.Prefix, r.PeerName))
+		if !prefix.IsValid() || (prefix.Addr().Is6() && r.Peer == nil) {
+			fail(fmt.Errorf("route %v (peer %q): only a fabric host's IPv6 subnet is routed, not an IPv6 route from a router", r.Prefix, r.PeerName))
 			continue
 		}
 		if _, dup := desired[prefix]; dup {
@@ -566,14 +589,20 @@ func (m *Manager) underlay() (netlink.Link, []netip.Prefix, error) {
 // own L2 segment, else the first backend usable for the peer. A backend
 // chosen after others says why they were passed over. No backend at all:
 // encap is "" and why lists every refusal.
-func (m *Manager) choose(peer backend.Peer, connected []netip.Prefix) (backend.Backend, string, string) {
+func (m *Manager) choose(peer backend.Peer, connected []netip.Prefix, ipv6 bool) (backend.Backend, string, string) {
 	for _, p := range connected {
-		if p.Contains(peer.Address) {
+		// A direct route needs a gateway of the route's family, and the
+		// underlay is IPv4: IPv6 goes through a tunnel even on one segment.
+		if p.Contains(peer.Address) && !ipv6 {
 			return nil, EncapDirect, fmt.Sprintf("cross-subnet: peer underlay address is inside the connected prefix %s", p)
 		}
 	}
 	var refused []string
 	for _, b := range m.cfg.Backends {
+		if ipv6 && !carriesIPv6(b) {
+			refused = append(refused, b.Name()+": carries only IPv4")
+			continue
+		}
 		ok, why := b.Usable(peer)
 		if !ok {
 			refused = append(refused, b.Name()+": "+why)
@@ -585,6 +614,11 @@ func (m *Manager) choose(peer backend.Peer, connected []netip.Prefix) (backend.B
 		return b, b.Name(), why
 	}
 	return nil, "", strings.Join(refused, "; ")
+}
+
+func carriesIPv6(b backend.Backend) bool {
+	limited, ok := b.(backend.IPv6Limited)
+	return !ok || limited.CarriesIPv6()
 }
 
 // logChoices logs each peer whose encapsulation is new or changed, and each
@@ -656,6 +690,9 @@ func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]
 		return route, r.PeerName, nil
 	}
 	p := peers[cmp.Or(r.Peer.Name, r.PeerName)]
+	if prefix.Addr().Is6() {
+		p = p.v6
+	}
 	if p.err != nil {
 		// Fail closed: without it the peer's prefixes would follow the
 		// default route, in clear, where encryption refused the peer. The
@@ -683,7 +720,7 @@ func (e errUnavailable) Unwrap() error { return e.error }
 
 func (m *Manager) ownedKernelRoutes() ([]netlink.Route, error) {
 	filter := &netlink.Route{Protocol: netlink.RouteProtocol(m.cfg.Protocol), Table: unix.RT_TABLE_MAIN}
-	routes, err := m.h.RouteListFiltered(unix.AF_INET, filter, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	routes, err := m.h.RouteListFiltered(unix.AF_UNSPEC, filter, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("list routes with protocol %d: %w", m.cfg.Protocol, err)
 	}
@@ -701,9 +738,7 @@ func (m *Manager) Owned() ([]OwnedRoute, error) {
 	out := make([]OwnedRoute, 0, len(routes))
 	for _, r := range routes {
 		o := OwnedRoute{Prefix: prefixOf(r.Dst)}
-		if gw, ok := netip.AddrFromSlice(r.Gw); ok {
-			o.Via = gw.Unmap()
-		}
+		o.Via = gateway(&r)
 		if link, err := m.h.LinkByIndex(r.LinkIndex); err == nil {
 			o.Dev = link.Attrs().Name
 		}
@@ -732,7 +767,7 @@ func Cleanup(h *netlink.Handle, protocol int) error {
 	h = backend.DefaultHandle(h)
 	var errs []error
 	filter := &netlink.Route{Protocol: netlink.RouteProtocol(protocol), Table: unix.RT_TABLE_UNSPEC}
-	routes, err := h.RouteListFiltered(unix.AF_INET, filter, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	routes, err := h.RouteListFiltered(unix.AF_UNSPEC, filter, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	if err != nil {
 		errs = append(errs, fmt.Errorf("list routes with protocol %d: %w", protocol, err))
 	}
@@ -752,9 +787,15 @@ func sameRoute(have, want *netlink.Route) bool {
 	if routeType(have) != routeType(want) {
 		return false
 	}
-	return net.IP(have.Gw).Equal(want.Gw) &&
+	return gateway(have) == gateway(want) &&
 		have.Flags&int(netlink.FLAG_ONLINK) == want.Flags&int(netlink.FLAG_ONLINK) &&
 		have.Priority == want.Priority && have.Scope == want.Scope
+}
+
+// gateway is a route's gateway, invalid when it has none.
+func gateway(r *netlink.Route) netip.Addr {
+	gw, _ := netip.AddrFromSlice(r.Gw)
+	return gw.Unmap()
 }
 
 // routeType is a route's type, unicast when unset.
@@ -772,7 +813,7 @@ func describe(r *netlink.Route) string {
 	if routeType(r) == unix.RTN_UNREACHABLE {
 		return fmt.Sprintf("unreachable %s proto %d", prefixOf(r.Dst), r.Protocol)
 	}
-	s := fmt.Sprintf("%s via %s", prefixOf(r.Dst), r.Gw)
+	s := fmt.Sprintf("%s via %s", prefixOf(r.Dst), gateway(r))
 	if r.LinkIndex != 0 {
 		s += fmt.Sprintf(" ifindex %d", r.LinkIndex)
 	}

@@ -17,8 +17,12 @@ type Options struct {
 	Pool    netip.Prefix // the whole fabric pool
 	Subnet  netip.Prefix // this host's lease
 	Gateway netip.Addr   // first address of Subnet, the bridge address
-	MTU     int
-	Bridge  string
+	// SubnetV6 is this host's IPv6 subnet (invalid: IPv4 only): dockerd
+	// gives containers addresses in it (--ipv6 --fixed-cidr-v6) and puts
+	// its first address on the bridge as their IPv6 gateway.
+	SubnetV6 netip.Prefix
+	MTU      int
+	Bridge   string
 	// DNSDomain, when set, points containers at fabricd's DNS responder on
 	// the gateway (--dns) with the fabric's domain to search (--dns-search),
 	// so `ping web` finds web.<domain> on any host.
@@ -42,6 +46,9 @@ func (o Options) Args() []string {
 		addr = "--bridge=" + o.Bridge
 	}
 	args := []string{addr, fmt.Sprintf("--mtu=%d", o.MTU), "--ip-masq=false"}
+	if o.SubnetV6.IsValid() {
+		args = append(args, "--ipv6", "--fixed-cidr-v6="+o.SubnetV6.String())
+	}
 	if o.DNSDomain != "" {
 		args = append(args, "--dns="+o.Gateway.String(), "--dns-search="+o.DNSDomain)
 	}
@@ -56,6 +63,9 @@ func (o Options) Env() string {
 	fmt.Fprintf(&b, "FABRIC_NETWORK=%s\n", o.Pool)
 	fmt.Fprintf(&b, "FABRIC_SUBNET=%s\n", o.Subnet)
 	fmt.Fprintf(&b, "FABRIC_GATEWAY=%s\n", o.Gateway)
+	if o.SubnetV6.IsValid() {
+		fmt.Fprintf(&b, "FABRIC_SUBNET_V6=%s\n", o.SubnetV6)
+	}
 	fmt.Fprintf(&b, "FABRIC_MTU=%d\n", o.MTU)
 	if o.Bridge != "" {
 		fmt.Fprintf(&b, "FABRIC_BRIDGE=%s\n", o.Bridge)
@@ -70,6 +80,10 @@ func (o Options) Env() string {
 // JSON renders a daemon.json fragment.
 func (o Options) JSON() string {
 	v := map[string]any{"bip": o.BIP(), "mtu": o.MTU, "ip-masq": false}
+	if o.SubnetV6.IsValid() {
+		v["ipv6"] = true
+		v["fixed-cidr-v6"] = o.SubnetV6.String()
+	}
 	if o.DNSDomain != "" {
 		v["dns"] = []string{o.Gateway.String()}
 		v["dns-search"] = []string{o.DNSDomain}
@@ -130,6 +144,11 @@ func ParseEnv(data string) (Options, error) {
 	}
 	if o.Gateway, err = netip.ParseAddr(vals["FABRIC_GATEWAY"]); err != nil {
 		return o, fmt.Errorf("FABRIC_GATEWAY: %w", err)
+	}
+	if v := vals["FABRIC_SUBNET_V6"]; v != "" {
+		if o.SubnetV6, err = netip.ParsePrefix(v); err != nil {
+			return o, fmt.Errorf("FABRIC_SUBNET_V6: %w", err)
+		}
 	}
 	o.Bridge = vals["FABRIC_BRIDGE"]
 	o.DNSDomain = vals["FABRIC_DNS_DOMAIN"]

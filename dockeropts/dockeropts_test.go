@@ -77,3 +77,23 @@ func TestContainerDNSOptions(t *testing.T) {
 		t.Errorf("daemon.json:\n%s", j)
 	}
 }
+
+// With an IPv6 pool dockerd gets the host's /64 (--ipv6 --fixed-cidr-v6),
+// in all three forms, and the env file reads back the same.
+func TestIPv6Options(t *testing.T) {
+	o := opts("docker0")
+	o.SubnetV6 = netip.MustParsePrefix("fd00:10:244:7::/64")
+	if args := strings.Join(o.Args(), " "); !strings.Contains(args, "--ipv6 --fixed-cidr-v6=fd00:10:244:7::/64") {
+		t.Errorf("args %q", args)
+	}
+	if j := o.JSON(); !strings.Contains(j, `"fixed-cidr-v6": "fd00:10:244:7::/64"`) || !strings.Contains(j, `"ipv6": true`) {
+		t.Errorf("daemon.json:\n%s", j)
+	}
+	back, err := ParseEnv(o.Env())
+	if err != nil || back != o {
+		t.Errorf("parse back: %+v %v", back, err)
+	}
+	if strings.Contains(opts("docker0").Env(), "v6") {
+		t.Error("an IPv4-only host's options mention IPv6")
+	}
+}

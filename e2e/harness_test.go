@@ -181,6 +181,11 @@ func (f *fabric) ownedRoutes(h *lab.Host) map[string]string {
 	if err != nil {
 		f.t.Fatalf("ip route on %s: %v", h.Name, err)
 	}
+	out6, err := h.Run(ctx, "ip", "-6", "route", "show", "proto", "93")
+	if err != nil {
+		f.t.Fatalf("ip -6 route on %s: %v", h.Name, err)
+	}
+	out += "\n" + out6
 	routes := map[string]string{}
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
 		if line == "" {

@@ -36,7 +36,17 @@ var ErrNoPool = errors.New("no pool configured")
 type Pool struct {
 	Network   netip.Prefix `json:"network"`
 	SubnetLen int          `json:"subnetLen"`
+	// NetworkV6 is the IPv6 pool, invalid when the fabric is IPv4 only. A
+	// host's IPv6 subnet is not leased on its own: it is the /64 with the
+	// same index in NetworkV6 as the host's IPv4 subnet in Network
+	// (SubnetV6), so it has the IPv4 lease's owner, lifetime and
+	// reservation, and every host can check a peer's without asking etcd.
+	NetworkV6 netip.Prefix `json:"networkV6,omitzero"`
 }
+
+// SubnetLenV6 is the length of each host's IPv6 subnet: a /64, what
+// dockerd's --fixed-cidr-v6 and address autoconfiguration expect.
+const SubnetLenV6 = 64
 
 // Validate checks that the pool is an IPv4 network split into subnets of a
 // usable length.
@@ -54,7 +64,50 @@ func (p Pool) Validate() error {
 		return fmt.Errorf("pool subnet length /%d is out of range for network %s: want /%d to /%d",
 			p.SubnetLen, p.Network, p.Network.Bits()+1, maxSubnetLen)
 	}
+	if p.NetworkV6.IsValid() {
+		return p.validateV6()
+	}
 	return nil
+}
+
+func (p Pool) validateV6() error {
+	v6 := p.NetworkV6
+	indexBits := p.SubnetLen - p.Network.Bits()
+	switch {
+	case !v6.Addr().Is6() || v6.Addr().Is4In6():
+		return fmt.Errorf("IPv6 pool %s is not an IPv6 network", v6)
+	case v6.Masked() != v6:
+		return fmt.Errorf("IPv6 pool %s has host bits set; did you mean %s?", v6, v6.Masked())
+	case !v6.Addr().IsGlobalUnicast() || v6.Addr().IsLinkLocalUnicast():
+		return fmt.Errorf("IPv6 pool %s is not a unicast range (want a unique local fd00::/8 range or a global one)", v6)
+	case v6.Bits()+indexBits > SubnetLenV6:
+		return fmt.Errorf("IPv6 pool %s has fewer /%d subnets than the IPv4 pool %s has /%d subnets (%d): "+
+			"every host gets the /%d with its IPv4 subnet's index, so the IPv6 pool must be /%d or larger",
+			v6, SubnetLenV6, p.Network, p.SubnetLen, p.Size(), SubnetLenV6, SubnetLenV6-indexBits)
+	}
+	return nil
+}
+
+// SubnetV6 is the IPv6 subnet of the host holding IPv4 subnet s: the /64 of
+// NetworkV6 with s's index. ok is false without an IPv6 pool, or when s is
+// not one of the pool's subnets.
+func (p Pool) SubnetV6(s netip.Prefix) (netip.Prefix, bool) {
+	if !p.NetworkV6.IsValid() || !p.Contains(s) {
+		return netip.Prefix{}, false
+	}
+	a, n := p.Network.Addr().As4(), s.Addr().As4()
+	index := (uint64(n[0])<<24 | uint64(n[1])<<16 | uint64(n[2])<<8 | uint64(n[3])) -
+		(uint64(a[0])<<24 | uint64(a[1])<<16 | uint64(a[2])<<8 | uint64(a[3]))
+	index >>= 32 - p.SubnetLen
+	b := p.NetworkV6.Addr().As16()
+	// The index goes into the bits just above the /64's interface half.
+	hi := uint64(b[0])<<56 | uint64(b[1])<<48 | uint64(b[2])<<40 | uint64(b[3])<<32 |
+		uint64(b[4])<<24 | uint64(b[5])<<16 | uint64(b[6])<<8 | uint64(b[7])
+	hi |= index
+	for i := range 8 {
+		b[i] = byte(hi >> (56 - 8*i))
+	}
+	return netip.PrefixFrom(netip.AddrFrom16(b), SubnetLenV6), true
 }
 
 // Size is the number of subnets in the pool.
@@ -77,6 +130,9 @@ func (p Pool) Contains(s netip.Prefix) bool {
 }
 
 func (p Pool) String() string {
+	if p.NetworkV6.IsValid() {
+		return fmt.Sprintf("%s /%d and %s /%d", p.Network, p.SubnetLen, p.NetworkV6, SubnetLenV6)
+	}
 	return fmt.Sprintf("%s /%d", p.Network, p.SubnetLen)
 }
 
@@ -97,6 +153,15 @@ func normPrefix(prefix string) string {
 type poolJSON struct {
 	Network   string `json:"network"`
 	SubnetLen int    `json:"subnetLen"`
+	NetworkV6 string `json:"networkV6,omitempty"`
+}
+
+func encodePool(p Pool) ([]byte, error) {
+	raw := poolJSON{Network: p.Network.String(), SubnetLen: p.SubnetLen}
+	if p.NetworkV6.IsValid() {
+		raw.NetworkV6 = p.NetworkV6.String()
+	}
+	return json.Marshal(raw)
 }
 
 func decodePool(key string, value []byte) (Pool, error) {
@@ -109,6 +174,11 @@ func decodePool(key string, value []byte) (Pool, error) {
 		return Pool{}, fmt.Errorf("etcd key %s: network %q is not a CIDR, want e.g. 10.244.0.0/16", key, raw.Network)
 	}
 	p := Pool{Network: network, SubnetLen: raw.SubnetLen}
+	if raw.NetworkV6 != "" {
+		if p.NetworkV6, err = netip.ParsePrefix(raw.NetworkV6); err != nil {
+			return Pool{}, fmt.Errorf("etcd key %s: networkV6 %q is not a CIDR, want e.g. fd00:10:244::/48", key, raw.NetworkV6)
+		}
+	}
 	if err := p.Validate(); err != nil {
 		return Pool{}, fmt.Errorf("etcd key %s: %w", key, err)
 	}
@@ -139,7 +209,7 @@ func EnsurePool(ctx context.Context, cli *clientv3.Client, prefix string, want *
 	if err := want.Validate(); err != nil {
 		return Pool{}, fmt.Errorf("configured pool: %w", err)
 	}
-	value, err := json.Marshal(poolJSON{Network: want.Network.String(), SubnetLen: want.SubnetLen})
+	value, err := encodePool(*want)
 	if err != nil {
 		return Pool{}, err
 	}
@@ -163,10 +233,38 @@ func EnsurePool(ctx context.Context, cli *clientv3.Client, prefix string, want *
 	if err != nil {
 		return Pool{}, err
 	}
-	if have != *want {
+	if have.Network == want.Network && have.SubnetLen == want.SubnetLen && !have.NetworkV6.IsValid() && want.NetworkV6.IsValid() {
+		// IPv6 added to a running IPv4 fabric: the first host configured
+		// with it stores it, once (compared by revision), for every host.
+		return addPoolV6(ctx, cli, key, kvs[0].ModRevision, *want)
+	}
+	merged := *want
+	if !merged.NetworkV6.IsValid() {
+		// A host configured without an IPv6 pool follows the fabric's.
+		merged.NetworkV6 = have.NetworkV6
+	}
+	if have != merged {
 		return Pool{}, fmt.Errorf("pool conflict: etcd key %s holds %s, this agent is configured with %s; "+
 			"remove --pool to use the stored pool, or change the stored pool only after all hosts released their subnets",
 			key, have, want)
 	}
 	return have, nil
+}
+
+func addPoolV6(ctx context.Context, cli *clientv3.Client, key string, rev int64, want Pool) (Pool, error) {
+	value, err := encodePool(want)
+	if err != nil {
+		return Pool{}, err
+	}
+	resp, err := cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).
+		Then(clientv3.OpPut(key, string(value))).
+		Commit()
+	if err != nil {
+		return Pool{}, fmt.Errorf("add IPv6 pool %s to %s in etcd: %w", want.NetworkV6, key, err)
+	}
+	if !resp.Succeeded {
+		return Pool{}, fmt.Errorf("pool config %s changed while adding the IPv6 pool; retry", key)
+	}
+	return want, nil
 }

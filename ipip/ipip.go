@@ -167,6 +167,10 @@ func (b *Backend) RouteFor(dst netip.Prefix, peer backend.Peer) (*netlink.Route,
 	return routeFor(idx, dst, peer)
 }
 
+// CarriesIPv6: an ipip device carries IPv4 alone (IPv6 in IPv4 is sit, a
+// device of its own); peers' IPv6 subnets go over vxlan or wireguard.
+func (b *Backend) CarriesIPv6() bool { return false }
+
 func routeFor(linkIndex int, dst netip.Prefix, peer backend.Peer) (*netlink.Route, error) {
 	if !peer.Address.Is4() {
 		return nil, fmt.Errorf("ipip: route %s to peer %s: underlay address %v is not IPv4", dst, peer.Name, peer.Address)

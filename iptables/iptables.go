@@ -47,7 +47,10 @@ type Config struct {
 	// is off (the commands may run anywhere) and every repair tick reads the
 	// rules.
 	NetnsPath string
-	Logger    *slog.Logger
+	// IPv6 makes the Manager own ip6tables instead: the same sections,
+	// chains and jumps, in the IPv6 tables (one owner per family).
+	IPv6   bool
+	Logger *slog.Logger
 }
 
 // Manager owns every FABRIC-* chain and every jump into one.
@@ -91,23 +94,28 @@ func New(cfg Config) (*Manager, error) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	out, err := m.exec(ctx, "iptables", "--version").CombinedOutput()
+	tool := "iptables"
+	if cfg.IPv6 {
+		tool = "ip6tables"
+		m.log = m.log.With("family", "ipv6")
+	}
+	out, err := m.exec(ctx, tool, "--version").CombinedOutput()
 	if err != nil {
-		return nil, fmt.Errorf("iptables not usable (install the iptables package): %v: %s", err, strings.TrimSpace(string(out)))
+		return nil, fmt.Errorf("%s not usable (install the iptables package): %v: %s", tool, err, strings.TrimSpace(string(out)))
 	}
 	version := strings.TrimSpace(string(out))
 	switch {
 	case strings.Contains(version, "(nf_tables)"):
 		m.backend = "nf_tables"
-		m.save, m.restore = pickBinary("iptables-nft-save", "iptables-save"), pickBinary("iptables-nft-restore", "iptables-restore")
+		m.save, m.restore = pickBinary(tool+"-nft-save", tool+"-save"), pickBinary(tool+"-nft-restore", tool+"-restore")
 	case strings.Contains(version, "(legacy)"):
 		m.backend = "legacy"
-		m.save, m.restore = pickBinary("iptables-legacy-save", "iptables-save"), pickBinary("iptables-legacy-restore", "iptables-restore")
+		m.save, m.restore = pickBinary(tool+"-legacy-save", tool+"-save"), pickBinary(tool+"-legacy-restore", tool+"-restore")
 	default:
 		// Old iptables (< 1.8) prints no backend: it is legacy and has only
 		// the plain names.
 		m.backend = "legacy"
-		m.save, m.restore = "iptables-save", "iptables-restore"
+		m.save, m.restore = tool+"-save", tool+"-restore"
 	}
 	if m.backend != "nf_tables" {
 		m.genCheck = false // legacy tables have no generation

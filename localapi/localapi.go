@@ -58,6 +58,7 @@ type Status struct {
 	Node          string `json:"node"`
 	Version       string `json:"version"`
 	Subnet        string `json:"subnet"`
+	SubnetV6      string `json:"subnetV6,omitempty"` // with an IPv6 pool
 	Gateway       string `json:"gateway"`
 	Underlay      string `json:"underlay"`
 	UnderlayDev   string `json:"underlayDevice"`

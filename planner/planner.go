@@ -18,6 +18,7 @@ import (
 	"github.com/fabricnet/fabric/bgp"
 	"github.com/fabricnet/fabric/config"
 	"github.com/fabricnet/fabric/dataplane"
+	"github.com/fabricnet/fabric/ipam"
 	"github.com/fabricnet/fabric/registry"
 	"github.com/fabricnet/fabric/wireguard"
 )
@@ -29,6 +30,10 @@ type Host struct {
 	Underlay netip.Prefix // underlay address with its connected prefix length
 	Subnet   netip.Prefix // this host's lease
 	Pool     netip.Prefix // the whole fabric
+	// SubnetV6 is this host's IPv6 subnet and PoolV6 the pool's IPv6
+	// network and the pairing of subnets (invalid network: IPv4 only).
+	SubnetV6 netip.Prefix
+	PoolV6   ipam.Pool
 	// Imports limits what external peers may send, by peer name: a route
 	// from a listed peer must be one of its prefixes or lie inside one;
 	// 0.0.0.0/0 in a list stands for the default route alone. Peers not
@@ -83,7 +88,32 @@ func AcceptNodes(h Host, records []registry.Node, held map[string][]netip.Prefix
 		owner[n.Address] = n.Name
 		out = append(out, n)
 	}
-	return out, refuseKeys(h, out, refused)
+	return out, refuseKeys(h, out, refuseSubnetsV6(h, out, refused))
+}
+
+// refuseSubnetsV6 clears IPv6 subnets that are not the one paired with the
+// record's (checked) IPv4 subnet: a record cannot claim another host's
+// IPv6 containers. The host then counts as IPv4 only.
+func refuseSubnetsV6(h Host, nodes []registry.Node, refused []Refusal) []Refusal {
+	for i := range nodes {
+		n := &nodes[i]
+		if n.Name == h.Name || !n.SubnetV6.IsValid() {
+			continue
+		}
+		want, ok := h.PoolV6.SubnetV6(n.Subnet)
+		var why string
+		switch {
+		case !ok:
+			why = fmt.Sprintf("its IPv6 subnet %s is refused: the fabric has no IPv6 pool", n.SubnetV6)
+		case want != n.SubnetV6:
+			why = fmt.Sprintf("its IPv6 subnet %s is not %s, the one paired with its subnet %s", n.SubnetV6, want, n.Subnet)
+		}
+		if why != "" {
+			refused = append(refused, Refusal{Key: "node/" + n.Name + "/" + why, What: "node record", Name: n.Name, Why: why + "; no IPv6 to it"})
+			n.SubnetV6 = netip.Prefix{}
+		}
+	}
+	return refused
 }
 
 // refuseKeys clears WireGuard keys that may not be used, in the accepted
@@ -233,10 +263,16 @@ func (g Grace) Observe(peers []PeerSync, peersKnown bool, now time.Time) Grace {
 	return next
 }
 
-// keepsNode reports whether the grace keeps n's subnet.
-func (g Grace) keepsNode(n registry.Node) bool {
-	_, kept := g.KeptAtStart[n.Subnet]
+// keeps reports whether the grace keeps the route to subnet s of node n
+// (its subnet, or its IPv6 one).
+func (g Grace) keeps(n registry.Node, s netip.Prefix) bool {
+	_, kept := g.KeptAtStart[s]
 	return !g.Over && kept && !g.Synced[n.Name]
+}
+
+// inside reports whether p lies in pool (valid) and is no shorter.
+func inside(p, pool netip.Prefix) bool {
+	return pool.IsValid() && p.Addr().BitLen() == pool.Addr().BitLen() && pool.Contains(p.Addr()) && p.Bits() >= pool.Bits()
 }
 
 // Networks is what route decisions need of the fabric's Docker networks.
@@ -269,8 +305,10 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 		if n.Name != h.Name {
 			byAddr[n.Address] = n
 		}
-		if _, dup := bySubnet[n.Subnet]; !dup {
-			bySubnet[n.Subnet] = &nodes[i]
+		for _, s := range []netip.Prefix{n.Subnet, n.SubnetV6} {
+			if _, dup := bySubnet[s]; !dup && s.IsValid() {
+				bySubnet[s] = &nodes[i]
+			}
 		}
 	}
 	var out []dataplane.RemoteRoute
@@ -280,7 +318,7 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 		// Our own subnet (or a piece of it) is on the bridge; a covering
 		// route such as a top-of-rack default is fine, the kernel prefers
 		// the connected /24.
-		if (r.Prefix.Overlaps(h.Subnet) && r.Prefix.Bits() >= h.Subnet.Bits()) || r.NextHop == h.Underlay.Addr() || nets.Owners[r.Prefix] == h.Name {
+		if inside(r.Prefix, h.Subnet) || inside(r.Prefix, h.SubnetV6) || r.NextHop == h.Underlay.Addr() || nets.Owners[r.Prefix] == h.Name {
 			continue
 		}
 		n, toNode := byAddr[r.NextHop]
@@ -299,12 +337,14 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 	}
 	nodeSubnets := map[netip.Prefix]bool{}
 	for _, n := range nodes {
-		nodeSubnets[n.Subnet] = true
-		if n.Name == h.Name || !n.Subnet.IsValid() || seen[n.Subnet] || !g.keepsNode(n) {
-			continue
+		for _, s := range []netip.Prefix{n.Subnet, n.SubnetV6} {
+			nodeSubnets[s] = true
+			if n.Name == h.Name || !s.IsValid() || seen[s] || !g.keeps(n, s) {
+				continue
+			}
+			seen[s] = true
+			out = append(out, dataplane.RemoteRoute{Prefix: s, NextHop: n.Address, PeerName: n.Name, Peer: PeerInfo(n)})
 		}
-		seen[n.Subnet] = true
-		out = append(out, dataplane.RemoteRoute{Prefix: n.Subnet, NextHop: n.Address, PeerName: n.Name, Peer: PeerInfo(n)})
 	}
 	if !g.Over {
 		byName := map[string]registry.Node{}
@@ -312,14 +352,14 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 			byName[n.Name] = n
 		}
 		for prefix, via := range g.KeptAtStart {
-			inPool := h.Pool.Contains(prefix.Addr()) && prefix.Bits() >= h.Pool.Bits()
+			inPool := inside(prefix, h.Pool) || inside(prefix, h.PoolV6.NetworkV6)
 			if seen[prefix] || nodeSubnets[prefix] || inPool || !via.IsValid() {
 				continue // a pool prefix is only ever a host's subnet, rebuilt from its record
 			}
 			if _, inNetwork := nets.inSubnet(prefix); inNetwork {
 				// A host's network block: kept through that host's tunnel
 				// until its session has synced, like its subnet.
-				if n, ok := byName[nets.Owners[prefix]]; ok && n.Name != h.Name && g.keepsNode(n) {
+				if n, ok := byName[nets.Owners[prefix]]; ok && n.Name != h.Name && g.keeps(n, n.Subnet) {
 					out = append(out, dataplane.RemoteRoute{Prefix: prefix, NextHop: n.Address, PeerName: n.Name, Peer: PeerInfo(n)})
 				}
 				continue
@@ -355,18 +395,23 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 	}) {
 		return fmt.Sprintf("peer %s may only send routes inside %v", r.PeerName, allowed)
 	}
-	if h.Pool.IsValid() && h.Pool.Contains(r.Prefix.Addr()) && r.Prefix.Bits() >= h.Pool.Bits() {
+	// The pool and the node subnets of the route's family.
+	pool, subnet := h.Pool, func(n *registry.Node) netip.Prefix { return n.Subnet }
+	if r.Prefix.Addr().Is6() {
+		pool, subnet = h.PoolV6.NetworkV6, func(n *registry.Node) netip.Prefix { return n.SubnetV6 }
+	}
+	if inside(r.Prefix, pool) {
 		owner := bySubnet[r.Prefix]
 		for i := 0; owner == nil && i < len(nodes); i++ {
-			if nodes[i].Subnet.IsValid() && nodes[i].Subnet.Overlaps(r.Prefix) {
+			if s := subnet(&nodes[i]); s.IsValid() && s.Overlaps(r.Prefix) {
 				owner = &nodes[i]
 			}
 		}
 		switch {
 		case owner == nil:
-			return fmt.Sprintf("%s is inside the pool %s but no fabric host holds it", r.Prefix, h.Pool)
-		case owner.Subnet != r.Prefix:
-			return fmt.Sprintf("%s is not the subnet %s that host %s holds; only the whole subnet is routed", r.Prefix, owner.Subnet, owner.Name)
+			return fmt.Sprintf("%s is inside the pool %s but no fabric host holds it", r.Prefix, pool)
+		case subnet(owner) != r.Prefix:
+			return fmt.Sprintf("%s is not the subnet %s that host %s holds; only the whole subnet is routed", r.Prefix, subnet(owner), owner.Name)
 		case owner.Address != r.NextHop:
 			return fmt.Sprintf("%s belongs to host %s (%s), but the next hop is %s", r.Prefix, owner.Name, owner.Address, r.NextHop)
 		}
@@ -389,8 +434,11 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 			return fmt.Sprintf("%s is held by host %s (%s), but the next hop is %s", r.Prefix, owner, holder.Address, r.NextHop)
 		}
 	}
-	if toNode && !inNetwork && (!h.Pool.Contains(r.Prefix.Addr()) || r.Prefix.Bits() < h.Pool.Bits()) {
-		return fmt.Sprintf("its next hop is a fabric host, so it would be tunnelled, but %s is outside the pool %s", r.Prefix, h.Pool)
+	if toNode && !inNetwork && !pool.IsValid() {
+		return fmt.Sprintf("%s is IPv6, and the fabric has no IPv6 pool", r.Prefix)
+	}
+	if toNode && !inNetwork && !inside(r.Prefix, pool) {
+		return fmt.Sprintf("its next hop is a fabric host, so it would be tunnelled, but %s is outside the pool %v", r.Prefix, pool)
 	}
 	if u := h.Underlay.Masked(); r.Prefix.Overlaps(u) && r.Prefix.Bits() >= u.Bits() {
 		return fmt.Sprintf("it would take over this host's underlay segment %s", u)
@@ -401,7 +449,7 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 // PeerInfo is what the data plane needs to know about node n.
 func PeerInfo(n registry.Node) *dataplane.PeerInfo {
 	mac, _ := net.ParseMAC(n.VTEPMAC)
-	return &dataplane.PeerInfo{Name: n.Name, Address: n.Address, VTEPMAC: mac, Encaps: slices.Clone(n.Encaps), Subnet: n.Subnet, WireGuardKey: n.WireGuardKey}
+	return &dataplane.PeerInfo{Name: n.Name, Address: n.Address, VTEPMAC: mac, Encaps: slices.Clone(n.Encaps), Subnet: n.Subnet, SubnetV6: n.SubnetV6, WireGuardKey: n.WireGuardKey}
 }
 
 // FabricPeers is whom this host peers with among the fabric's hosts. With no

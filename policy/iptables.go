@@ -71,8 +71,15 @@ type IptablesConfig struct {
 	// transaction (required: every table has one owner).
 	Tables *iptables.Manager
 	// Sets is the host's owner of fabric's ipsets (required).
-	Sets   *ipsets.Owner
-	Logger *slog.Logger
+	Sets *ipsets.Owner
+	// Tables6 is the host's ip6tables owner and LocalV6 its IPv6 subnet,
+	// when the fabric has IPv6 (else nil and invalid). Rules name IPv4
+	// addresses only, so IPv6 fails closed: while the policy has any rule
+	// or denies by default, new IPv6 connections into this host's
+	// containers are refused (ipv6Section).
+	Tables6 *iptables.Manager
+	LocalV6 netip.Prefix
+	Logger  *slog.Logger
 }
 
 // Section is the name policy's rules go by in the iptables owner.
@@ -131,6 +138,48 @@ func (r rendered) section() iptables.Section {
 func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if err := e.apply(ctx, rs); err != nil {
+		return err
+	}
+	if e.cfg.Tables6 == nil {
+		return nil
+	}
+	if err := e.cfg.Tables6.Set(ctx, Section, ipv6Section(rs, e.cfg.LocalV6, e.cfg.Bridge)); err != nil {
+		return fmt.Errorf("apply policy: IPv6 chain %s: %w", ChainName, err)
+	}
+	return nil
+}
+
+// ipv6Section is the IPv6 policy: replies and neighbour discovery pass;
+// new connections into local containers pass only while the policy allows
+// everything (no rule, default allow), since rules name IPv4 addresses and
+// an IPv6 path around them must not open.
+func ipv6Section(rs Ruleset, local netip.Prefix, bridge string) iptables.Section {
+	in := "-o " + bridge + " "
+	if bridge == "" {
+		in = ""
+	}
+	verdict := []string{comment("IPv6: the policy allows everything") + " -j RETURN"}
+	if len(rs.Rules) > 0 || rs.DefaultAction != ActionAllow {
+		// Refused as IPv4 denies are: a reset, so a client fails at once.
+		why := comment("IPv6: refused while the policy has rules (they name IPv4 addresses)")
+		verdict = []string{"-p tcp " + why + " -j REJECT --reject-with tcp-reset", why + " -j REJECT --reject-with icmp6-port-unreachable"}
+	}
+	return iptables.Section{
+		Chains: []iptables.Chain{
+			{Table: "filter", Name: ChainName, Rules: []string{fmt.Sprintf("-d %s %s%s -j %s", local, in, comment("IPv6 traffic to local containers"), InChain)}},
+			{Table: "filter", Name: InChain, Rules: append([]string{
+				fmt.Sprintf("-m conntrack --ctstate RELATED,ESTABLISHED %s -j ACCEPT", comment("replies of allowed connections")),
+				fmt.Sprintf("-p ipv6-icmp -m icmp6 --icmpv6-type 135 %s -j ACCEPT", comment("neighbour discovery")),
+				fmt.Sprintf("-p ipv6-icmp -m icmp6 --icmpv6-type 136 %s -j ACCEPT", comment("neighbour discovery")),
+			}, verdict...)},
+		},
+		Jumps: []iptables.Jump{{Table: "filter", From: "FORWARD", To: ChainName,
+			Why: "enforce fabric policy for local containers", Rank: iptables.RankPolicy}},
+	}
+}
+
+func (e *IptablesEnforcer) apply(ctx context.Context, rs Ruleset) error {
 	start := time.Now()
 	want, err := e.render(rs)
 	if err != nil {
@@ -190,6 +239,11 @@ func (e *IptablesEnforcer) Cleanup(ctx context.Context) error {
 	if err := e.tables.Set(ctx, Section, iptables.Section{}); err != nil {
 		return fmt.Errorf("remove policy chain %s: %w", ChainName, err)
 	}
+	if e.cfg.Tables6 != nil {
+		if err := e.cfg.Tables6.Set(ctx, Section, iptables.Section{}); err != nil {
+			return fmt.Errorf("remove IPv6 policy chain %s: %w", ChainName, err)
+		}
+	}
 	have, err := e.listSets(ctx)
 	if err != nil {
 		return err
@@ -209,7 +263,10 @@ func (e *IptablesEnforcer) listSets(context.Context) ([]string, error) {
 	return slices.DeleteFunc(names, func(n string) bool { return !policySetName.MatchString(n) }), nil
 }
 
-const bridgeNetfilterSysctl = "net.bridge.bridge-nf-call-iptables"
+const (
+	bridgeNetfilterSysctl  = "net.bridge.bridge-nf-call-iptables"
+	bridgeNetfilterSysctl6 = "net.bridge.bridge-nf-call-ip6tables"
+)
 
 // ensureBridgeNetfilter turns on iptables for bridged traffic. It is left on
 // by Cleanup: Docker wants it on as well. Failure is not fatal (forwarded
@@ -219,23 +276,29 @@ func (e *IptablesEnforcer) ensureBridgeNetfilter(ctx context.Context) {
 	if e.cfg.Bridge == "" {
 		return
 	}
-	v, err := e.run(ctx, "", "sysctl", "-n", bridgeNetfilterSysctl)
-	if err == nil && strings.TrimSpace(v) == "1" {
-		return
+	keys := []string{bridgeNetfilterSysctl}
+	if e.cfg.Tables6 != nil {
+		keys = append(keys, bridgeNetfilterSysctl6)
 	}
-	if err != nil {
-		// No such key: br_netfilter is not loaded (dockerd loads it when it
-		// starts; fabricd may be first).
-		if _, merr := e.run(ctx, "", "modprobe", "br_netfilter"); merr != nil {
-			e.log.Warn("cannot load br_netfilter", "err", merr)
+	for _, key := range keys {
+		v, err := e.run(ctx, "", "sysctl", "-n", key)
+		if err == nil && strings.TrimSpace(v) == "1" {
+			continue
 		}
+		if err != nil {
+			// No such key: br_netfilter is not loaded (dockerd loads it when it
+			// starts; fabricd may be first).
+			if _, merr := e.run(ctx, "", "modprobe", "br_netfilter"); merr != nil {
+				e.log.Warn("cannot load br_netfilter", "err", merr)
+			}
+		}
+		if _, err := e.run(ctx, "", "sysctl", "-qw", key+"=1"); err != nil {
+			e.log.Error("cannot enable bridge netfilter: policy is NOT enforced between containers on the same bridge",
+				"bridge", e.cfg.Bridge, "sysctl", key, "err", err)
+			continue
+		}
+		e.log.Info("enabled bridge netfilter so same-bridge traffic is enforced", "sysctl", key)
 	}
-	if _, err := e.run(ctx, "", "sysctl", "-qw", bridgeNetfilterSysctl+"=1"); err != nil {
-		e.log.Error("cannot enable bridge netfilter: policy is NOT enforced between containers on the same bridge",
-			"bridge", e.cfg.Bridge, "sysctl", bridgeNetfilterSysctl, "err", err)
-		return
-	}
-	e.log.Info("enabled bridge netfilter so same-bridge traffic is enforced", "sysctl", bridgeNetfilterSysctl)
 }
 
 // destroySets destroys this package's sets in have that are not in keep and

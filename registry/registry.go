@@ -26,9 +26,12 @@ type Node struct {
 	Address netip.Addr   `json:"address"`
 	ASN     uint32       `json:"asn"`
 	Subnet  netip.Prefix `json:"subnet"`
-	VTEPMAC string       `json:"vtepMAC,omitempty"`
-	Encaps  []string     `json:"encaps"` // encapsulations this host's kernel supports: "ipip", "vxlan"
-	Version string       `json:"version"`
+	// SubnetV6 is the host's IPv6 subnet when the fabric has an IPv6 pool:
+	// the /64 paired with Subnet (ipam.Pool.SubnetV6), checked by peers.
+	SubnetV6 netip.Prefix `json:"subnetV6,omitzero"`
+	VTEPMAC  string       `json:"vtepMAC,omitempty"`
+	Encaps   []string     `json:"encaps"` // encapsulations this host's kernel supports: "ipip", "vxlan"
+	Version  string       `json:"version"`
 	// RouteReflector: this host reflects routes for the fabric; once any
 	// host does, the others peer only with the reflectors (no full mesh).
 	RouteReflector bool   `json:"routeReflector,omitempty"`
@@ -57,6 +60,9 @@ func (n Node) Validate() error {
 	}
 	if !n.Subnet.Addr().Is4() || n.Subnet.Masked() != n.Subnet {
 		return fmt.Errorf("node %q: subnet %s is not an IPv4 network address", n.Name, n.Subnet)
+	}
+	if n.SubnetV6.IsValid() && (!n.SubnetV6.Addr().Is6() || n.SubnetV6.Addr().Is4In6() || n.SubnetV6.Masked() != n.SubnetV6) {
+		return fmt.Errorf("node %q: subnetV6 %s is not an IPv6 network address", n.Name, n.SubnetV6)
 	}
 	if n.VTEPMAC != "" {
 		if mac, err := net.ParseMAC(n.VTEPMAC); err != nil || len(mac) != 6 {

@@ -227,6 +227,9 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 			continue
 		}
 		want.neigh[p.Subnet.Masked().Addr()] = p.VTEPMAC.String()
+		if p.SubnetV6.IsValid() {
+			want.neigh[p.SubnetV6.Masked().Addr()] = p.VTEPMAC.String()
+		}
 		want.fdb[p.VTEPMAC.String()] = []netip.Addr{p.Address}
 	}
 	have := b.view
@@ -242,7 +245,7 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 			continue
 		}
 		hw, _ := net.ParseMAC(mac)
-		n := &netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, IP: ip.AsSlice(), HardwareAddr: hw}
+		n := &netlink.Neigh{LinkIndex: idx, Family: family(ip), IP: ip.AsSlice(), HardwareAddr: hw}
 		if err := h.NeighDel(n); err != nil && !errors.Is(err, unix.ENOENT) {
 			writeErrs = append(writeErrs, fmt.Errorf("vxlan: delete neighbour %s on %s: %w", ip, b.cfg.Device, err))
 		} else {
@@ -254,7 +257,7 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 			continue
 		}
 		hw, _ := net.ParseMAC(mac)
-		err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: unix.AF_INET, State: netlink.NUD_PERMANENT,
+		err := h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: family(ip), State: netlink.NUD_PERMANENT,
 			IP: ip.AsSlice(), HardwareAddr: hw})
 		if err != nil {
 			writeErrs = append(writeErrs, fmt.Errorf("vxlan: set neighbour %s -> %s on %s: %w", ip, mac, b.cfg.Device, err))
@@ -317,6 +320,17 @@ func (b *Backend) readPeers(idx int) (*peerView, error) {
 		}
 		v.neigh[ip.Unmap()] = mac
 	}
+	// IPv6 entries: only the permanent ones are fabric's; the kernel's
+	// own (neighbour discovery on the device) are left alone.
+	neighs6, err := b.handle.NeighList(idx, unix.AF_INET6)
+	if err != nil {
+		return nil, fmt.Errorf("vxlan: list IPv6 neighbours on %s: %w", b.cfg.Device, err)
+	}
+	for _, n := range neighs6 {
+		if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+			v.neigh[ip] = n.HardwareAddr.String()
+		}
+	}
 	fdb, err := b.handle.NeighList(idx, unix.AF_BRIDGE)
 	if err != nil {
 		return nil, fmt.Errorf("vxlan: list FDB on %s: %w", b.cfg.Device, err)
@@ -327,6 +341,13 @@ func (b *Backend) readPeers(idx int) (*peerView, error) {
 		v.fdb[mac] = append(v.fdb[mac], ip.Unmap())
 	}
 	return v, nil
+}
+
+func family(ip netip.Addr) int {
+	if ip.Is4() {
+		return unix.AF_INET
+	}
+	return unix.AF_INET6
 }
 
 // RouteFor is "<dst> via <peer gateway address> dev <device> onlink": the
@@ -342,10 +363,19 @@ func (b *Backend) RouteFor(dst netip.Prefix, peer backend.Peer) (*netlink.Route,
 	if !peer.Subnet.IsValid() || !peer.Subnet.Addr().Is4() {
 		return nil, fmt.Errorf("vxlan: route %s to peer %s: peer has no IPv4 subnet", dst, peer.Name)
 	}
+	gw := peer.Subnet.Masked().Addr()
+	if dst.Addr().Is6() {
+		// The kernel has no IPv6 route through an IPv4 gateway: IPv6 goes
+		// via the peer's IPv6 gateway address, with its own neighbour entry.
+		if !peer.SubnetV6.IsValid() {
+			return nil, fmt.Errorf("vxlan: route %s to peer %s: peer has no IPv6 subnet", dst, peer.Name)
+		}
+		gw = peer.SubnetV6.Masked().Addr()
+	}
 	return &netlink.Route{
 		LinkIndex: idx,
 		Dst:       backend.IPNet(dst),
-		Gw:        peer.Subnet.Masked().Addr().AsSlice(),
+		Gw:        gw.AsSlice(),
 		Flags:     int(netlink.FLAG_ONLINK),
 		Scope:     netlink.SCOPE_UNIVERSE,
 	}, nil

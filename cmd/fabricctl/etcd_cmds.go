@@ -23,7 +23,7 @@ import (
 
 func ipamCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "ipam", Short: "The container address pool and the hosts' subnet leases"}
-	var poolCIDR string
+	var poolCIDR, poolV6 string
 	var subnetLen int
 	initCmd := &cobra.Command{
 		Use:   "init",
@@ -35,6 +35,11 @@ func ipamCmd(g *globals) *cobra.Command {
 				return fmt.Errorf("--pool %q: not a CIDR, want e.g. 10.244.0.0/16", poolCIDR)
 			}
 			want := &ipam.Pool{Network: p, SubnetLen: subnetLen}
+			if poolV6 != "" {
+				if want.NetworkV6, err = netip.ParsePrefix(poolV6); err != nil {
+					return fmt.Errorf("--pool-v6 %q: not a CIDR, want e.g. fd00:10:244::/48", poolV6)
+				}
+			}
 			if err := want.Validate(); err != nil {
 				return err
 			}
@@ -44,12 +49,16 @@ func ipamCmd(g *globals) *cobra.Command {
 					return err
 				}
 				fmt.Printf("pool %s, /%d per host\n", got.Network, got.SubnetLen)
+				if got.NetworkV6.IsValid() {
+					fmt.Printf("IPv6 pool %s, /%d per host\n", got.NetworkV6, ipam.SubnetLenV6)
+				}
 				return nil
 			})
 		},
 	}
 	initCmd.Flags().StringVar(&poolCIDR, "pool", "", "pool CIDR, e.g. 10.244.0.0/16")
 	initCmd.Flags().IntVar(&subnetLen, "subnet-len", 24, "prefix length of each host's subnet")
+	initCmd.Flags().StringVar(&poolV6, "pool-v6", "", "IPv6 pool CIDR, e.g. fd00:10:244::/48 (each host gets a /64)")
 	initCmd.MarkFlagRequired("pool")
 
 	show := &cobra.Command{
@@ -121,9 +130,13 @@ func nodesCmd(g *globals) *cobra.Command {
 				}
 				var rows [][]string
 				for _, n := range nodes {
-					rows = append(rows, []string{n.Name, n.Address.String(), fmt.Sprint(n.ASN), n.Subnet.String(), strings.Join(n.Encaps, ","), n.VTEPMAC, n.Version})
+					subnets := n.Subnet.String()
+					if n.SubnetV6.IsValid() {
+						subnets += "," + n.SubnetV6.String()
+					}
+					rows = append(rows, []string{n.Name, n.Address.String(), fmt.Sprint(n.ASN), subnets, strings.Join(n.Encaps, ","), n.VTEPMAC, n.Version})
 				}
-				table("NODE\tADDRESS\tASN\tSUBNET\tENCAPSULATIONS\tVTEP MAC\tVERSION", rows)
+				table("NODE\tADDRESS\tASN\tSUBNETS\tENCAPSULATIONS\tVTEP MAC\tVERSION", rows)
 				for _, b := range bad {
 					fmt.Fprintf(os.Stderr, "malformed node record %s: %s\n", b.Key, b.Problem)
 				}

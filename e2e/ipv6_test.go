@@ -1,0 +1,164 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fabricnet/fabric/internal/testreq"
+	"github.com/fabricnet/fabric/lab"
+)
+
+// TestIPv6AcrossHosts: with an IPv6 pool, each host's dockerd gets the /64
+// paired with its IPv4 subnet, the /64s travel over BGP on the existing
+// IPv4 sessions, and containers on three hosts reach each other over IPv6
+// (ping and TCP, the receiver seeing the sender's own address) across the
+// IPv4 underlay, beside IPv4 as before.
+func TestIPv6AcrossHosts(t *testing.T) {
+	t.Parallel()
+	if reason := lab.DockerMissing(); reason != "" {
+		testreq.Missing(t, "%s", reason)
+	}
+	for _, encap := range []string{"vxlan", "wireguard"} {
+		t.Run(encap, func(t *testing.T) {
+			t.Parallel()
+			args := []string{"--pool-v6", "fd00:10:244::/48"}
+			if encap == "wireguard" {
+				args = append(args, "--encryption", "wireguard")
+			}
+			ipv6AcrossHosts(t, encap, newFabric(t, lab.Spec{Hosts: 3}, args...))
+		})
+	}
+}
+
+func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
+	const poolV6 = "fd00:10:244::/48"
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h)
+	}
+	subnetV6 := map[string]netip.Prefix{}
+	for _, h := range hosts {
+		f.eventually(20*time.Second, h.Name+" sessions established", func() error { return f.allEstablished(h, 2) })
+		st, err := f.status(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := netip.ParsePrefix(st.SubnetV6)
+		if err != nil || !netip.MustParsePrefix(poolV6).Contains(p.Addr()) || p.Bits() != 64 {
+			t.Fatalf("%s: IPv6 subnet %q (%v), want a /64 of %s", h.Name, st.SubnetV6, err, poolV6)
+		}
+		subnetV6[h.Name] = p
+	}
+	for _, h := range hosts {
+		var want []netip.Prefix
+		for _, o := range hosts {
+			if o != h {
+				want = append(want, f.subnet(o), subnetV6[o.Name])
+			}
+		}
+		f.eventually(15*time.Second, h.Name+" routes to the other hosts' IPv4 and IPv6 subnets", func() error { return f.routesTo(h, want) })
+	}
+
+	dhs, img := f.startDockerds(hosts)
+	addrs := make([]netip.Addr, len(dhs))
+	for i, dh := range dhs {
+		if opts := strings.Join(dh.opts, " "); !strings.Contains(opts, "--ipv6 --fixed-cidr-v6="+subnetV6[dh.host.Name].String()) {
+			t.Fatalf("%s: DOCKER_OPTS %q lack the host's IPv6 subnet %s", dh.host.Name, opts, subnetV6[dh.host.Name])
+		}
+		dh.ctr = "web6"
+		dh.run(t, dh.ctr, nil, img, "tcpprobe", "serve", "[::]:8000", "100")
+		out, err := dh.docker("inspect", "-f", "{{.NetworkSettings.GlobalIPv6Address}}", dh.ctr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := netip.ParseAddr(out)
+		if err != nil || !subnetV6[dh.host.Name].Contains(a) {
+			t.Fatalf("%s: container IPv6 address %q (%v), want one in %s", dh.host.Name, out, err, subnetV6[dh.host.Name])
+		}
+		addrs[i] = a
+	}
+	for i, a := range dhs {
+		for j, b := range dhs {
+			if i == j {
+				continue
+			}
+			what := fmt.Sprintf("%s's container reaches %s's over IPv6 (%s)", a.host.Name, b.host.Name, addrs[j])
+			f.eventually(10*time.Second, what, func() error {
+				_, err := a.docker("exec", a.ctr, "ping", "-6", "-c", "1", "-W", "2", addrs[j].String())
+				return err
+			})
+			seen, err := a.dial(netip.AddrPortFrom(addrs[j], 8000).String())
+			if err != nil {
+				t.Fatalf("TCP over IPv6 %s -> %s: %v", a.host.Name, b.host.Name, err)
+			}
+			if seen != addrs[i].String() {
+				t.Errorf("TCP over IPv6 %s -> %s: the server saw %s, want the client's own %s", a.host.Name, b.host.Name, seen, addrs[i])
+			}
+		}
+	}
+	// Policy rules name IPv4 addresses: while any exists, IPv6 into the
+	// containers fails closed, refused (not timed out) like an IPv4 deny,
+	// and opens again when the rules are gone. IPv4 follows the rule.
+	path := filepath.Join(f.lab.LogDir(), "policy-ipv6.yaml")
+	if err := os.WriteFile(path, []byte(denyWeb), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := f.fabricctl(hosts[0], "policy", "apply", "-f", path); err != nil {
+		t.Fatalf("fabricctl policy apply: %v: %s", err, out)
+	}
+	target := netip.AddrPortFrom(addrs[1], 8000).String()
+	f.eventually(15*time.Second, "host3's TCP to host2's container over IPv6 refused while a policy rule exists", func() error {
+		_, err := dhs[2].dial(target)
+		if err == nil || !strings.Contains(err.Error(), "refused") {
+			return fmt.Errorf("dial %s: %v, want connection refused", target, err)
+		}
+		return nil
+	})
+	if seen, err := dhs[2].dial(netip.AddrPortFrom(dhs[1].ipv4(t), 8000).String()); err != nil || seen == "" {
+		t.Errorf("IPv4 from host3 (not named by the rule) to host2: %q %v, want it to pass", seen, err)
+	}
+	if out, err := f.fabricctl(hosts[0], "policy", "delete", "deny-web-h1-h2"); err != nil {
+		t.Fatalf("fabricctl policy delete: %v: %s", err, out)
+	}
+	f.eventually(15*time.Second, "IPv6 open again once the policy has no rule", func() error {
+		_, err := dhs[2].dial(target)
+		return err
+	})
+
+	// The route to a peer's /64 goes over the tunnel via the peer's IPv6
+	// gateway address (the kernel takes no IPv4 gateway for an IPv6
+	// route), which a permanent neighbour entry maps to its VTEP MAC.
+	ctx, cancel := dockerCtx()
+	defer cancel()
+	peer := subnetV6[hosts[1].Name]
+	out, err := hosts[0].Run(ctx, "ip", "-6", "route", "show", peer.String())
+	if encap == "wireguard" {
+		// WireGuard picks the peer by its allowed IPs: a device route.
+		if err != nil || !strings.Contains(out, "dev fabric.wg proto 93") {
+			t.Errorf("%s's route to %s's IPv6 subnet: %q (%v), want dev fabric.wg proto 93", hosts[0].Name, hosts[1].Name, out, err)
+		}
+		return
+	}
+	if err != nil || !strings.Contains(out, "via "+peer.Addr().String()+" dev fabric.vxlan proto 93") {
+		t.Errorf("%s's route to %s's IPv6 subnet: %q (%v), want via %s dev fabric.vxlan proto 93", hosts[0].Name, hosts[1].Name, out, err, peer.Addr())
+	}
+	out, err = hosts[0].Run(ctx, "ip", "-6", "neigh", "show", "dev", "fabric.vxlan", peer.Addr().String())
+	if err != nil || !strings.Contains(out, "PERMANENT") {
+		t.Errorf("%s's neighbour entry for %s: %q (%v), want a permanent one", hosts[0].Name, peer.Addr(), out, err)
+	}
+}
+
+// ipv4 is the IPv4 address of dh's container.
+func (dh *dockerHost) ipv4(t *testing.T) netip.Addr {
+	t.Helper()
+	out, err := dh.docker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", dh.ctr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return netip.MustParseAddr(out)
+}

@@ -1,0 +1,74 @@
+package planner
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/fabricnet/fabric/bgp"
+	"github.com/fabricnet/fabric/ipam"
+	"github.com/fabricnet/fabric/registry"
+)
+
+var poolV6 = ipam.Pool{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, NetworkV6: netip.MustParsePrefix("fd00:10:244::/48")}
+
+func dualStack(n registry.Node) registry.Node {
+	n.SubnetV6, _ = poolV6.SubnetV6(n.Subnet)
+	return n
+}
+
+// A host's IPv6 subnet is the /64 paired with its IPv4 one: a record
+// claiming another is kept for IPv4 with its IPv6 subnet cleared, and
+// only the owner's exact /64 with the owner's address as next hop is
+// routed (a rogue /80 inside it is refused, as a /25 is for IPv4).
+func TestIPv6Subnets(t *testing.T) {
+	h := self
+	h.PoolV6, h.SubnetV6 = poolV6, netip.MustParsePrefix("fd00:10:244:1::/64")
+	if got := dualStack(h2).SubnetV6.String(); got != "fd00:10:244:2::/64" {
+		t.Fatalf("h2's IPv6 subnet %s, want fd00:10:244:2::/64", got)
+	}
+	thief := dualStack(h3)
+	thief.SubnetV6 = dualStack(h2).SubnetV6
+	held := map[string][]netip.Prefix{"h2": {h2.Subnet}, "h3": {h3.Subnet}}
+	nodes, refused := AcceptNodes(h, []registry.Node{dualStack(h1), dualStack(h2), thief}, held)
+	if len(nodes) != 3 || nodes[2].SubnetV6.IsValid() || len(refused) != 1 || !strings.Contains(refused[0].Why, "is not fd00:10:244:3::/64, the one paired with its subnet 10.244.3.0/24") {
+		t.Fatalf("a record claiming another host's IPv6 subnet: nodes %+v, refused %+v", nodes, refused)
+	}
+	nodes = []registry.Node{dualStack(h1), dualStack(h2), dualStack(h3)}
+	for _, c := range []struct {
+		name, prefix, nextHop, peer string
+		want, refused               string
+	}{
+		{"a host's IPv6 subnet from its owner", "fd00:10:244:2::/64", "192.0.2.2", "h2", "fd00:10:244:2::/64 via 192.0.2.2 (node h2)", ""},
+		{"a rogue /80 inside a host's /64", "fd00:10:244:2::/80", "198.51.100.3", "h3", "", "fd00:10:244:2::/80 is not the subnet fd00:10:244:2::/64 that host h2 holds"},
+		{"a host's /64 from another host", "fd00:10:244:2::/64", "198.51.100.3", "h3", "", "belongs to host h2 (192.0.2.2), but the next hop is 198.51.100.3"},
+		{"an unleased /64 of the pool", "fd00:10:244:9::/64", "192.0.2.2", "h2", "", "is inside the pool fd00:10:244::/48 but no fabric host holds it"},
+		{"IPv6 outside the pool via a fabric host", "2001:db8::/64", "192.0.2.2", "h2", "", "would be tunnelled, but 2001:db8::/64 is outside the pool fd00:10:244::/48"},
+		{"our own IPv6 subnet is skipped", "fd00:10:244:1::/64", "198.51.100.3", "h3", "", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got, why := describeAs(t, h, nodes, []bgp.Route{route(c.prefix, c.nextHop, c.peer)}, over)
+			if got != c.want {
+				t.Errorf("routes = %q, want %q", got, c.want)
+			}
+			switch {
+			case c.refused == "" && len(why) > 0:
+				t.Errorf("refused %q, want nothing refused", why)
+			case c.refused != "" && (len(why) != 1 || !strings.Contains(why[0], c.refused)):
+				t.Errorf("refused %q, want one refusal containing %q", why, c.refused)
+			}
+		})
+	}
+	// A fabric without an IPv6 pool routes no IPv6 subnet of a host.
+	got, why := describeAs(t, self, []registry.Node{h1, h2}, []bgp.Route{route("fd00:10:244:2::/64", "192.0.2.2", "h2")}, over)
+	if got != "" || len(why) != 1 || !strings.Contains(why[0], "the fabric has no IPv6 pool") {
+		t.Errorf("IPv6 without a pool: routes %q, refused %q", got, why)
+	}
+	// A restart keeps a host's IPv6 subnet like its IPv4 one until its
+	// session has synced.
+	g := Grace{KeptAtStart: map[netip.Prefix]netip.Addr{h2.Subnet: {}, dualStack(h2).SubnetV6: {}}}
+	got, _ = describeAs(t, h, nodes, nil, g)
+	if got != "10.244.2.0/24 via 192.0.2.2 (node h2); fd00:10:244:2::/64 via 192.0.2.2 (node h2)" {
+		t.Errorf("kept through the start-up grace: %q", got)
+	}
+}
