@@ -227,8 +227,8 @@ type peerPlan struct {
 	why     string
 	err     error // no encapsulation can reach the peer
 	// v6 is what carries the peer's IPv6 prefixes: the same choice, or,
-	// when that backend carries only IPv4, the first usable one that
-	// carries IPv6 too.
+	// when that is a direct route or a backend that carries only IPv4,
+	// the first usable backend that carries IPv6.
 	v6 *peerPlan
 }
 

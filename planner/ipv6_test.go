@@ -48,15 +48,7 @@ func TestIPv6Subnets(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			got, why := describeAs(t, h, nodes, []bgp.Route{route(c.prefix, c.nextHop, c.peer)}, over)
-			if got != c.want {
-				t.Errorf("routes = %q, want %q", got, c.want)
-			}
-			switch {
-			case c.refused == "" && len(why) > 0:
-				t.Errorf("refused %q, want nothing refused", why)
-			case c.refused != "" && (len(why) != 1 || !strings.Contains(why[0], c.refused)):
-				t.Errorf("refused %q, want one refusal containing %q", why, c.refused)
-			}
+			checkRoutes(t, got, why, c.want, c.refused)
 		})
 	}
 	// A fabric without an IPv6 pool routes no IPv6 subnet of a host.

@@ -74,6 +74,21 @@ func describeAs(t *testing.T, h Host, nodes []registry.Node, best []bgp.Route, g
 
 var over = Grace{Over: true}
 
+// checkRoutes compares what describeAs gave with the routes wanted and the
+// one refusal whose reason contains refused ("" = nothing refused).
+func checkRoutes(t *testing.T, got string, why []string, want, refused string) {
+	t.Helper()
+	if got != want {
+		t.Errorf("routes = %q, want %q", got, want)
+	}
+	switch {
+	case refused == "" && len(why) > 0:
+		t.Errorf("refused %q, want nothing refused", why)
+	case refused != "" && (len(why) != 1 || !strings.Contains(why[0], refused)):
+		t.Errorf("refused %q, want one refusal containing %q", why, refused)
+	}
+}
+
 func TestRoutes(t *testing.T) {
 	nodes := []registry.Node{h1, h2, h3}
 	for _, c := range []struct {
@@ -109,15 +124,7 @@ func TestRoutes(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			got, why := describeAs(t, withImports, nodes, c.best, over)
-			if got != c.want {
-				t.Errorf("routes = %q, want %q", got, c.want)
-			}
-			switch {
-			case c.refused == "" && len(why) > 0:
-				t.Errorf("refused %q, want nothing refused", why)
-			case c.refused != "" && (len(why) != 1 || !strings.Contains(why[0], c.refused)):
-				t.Errorf("refused %q, want one refusal containing %q", why, c.refused)
-			}
+			checkRoutes(t, got, why, c.want, c.refused)
 		})
 	}
 }
