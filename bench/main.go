@@ -69,7 +69,7 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "probe" (an IPIP path blocked, here and in the qemu guest), "bfd" (BFD's CPU, alone), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "ipv6" (IPv6 against IPv4), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "probe" (an IPIP path blocked, here and in the qemu guest), "bfd" (BFD's CPU, alone), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
@@ -111,12 +111,14 @@ func main() {
 		err = bfdBench(context.Background())
 	case "encryption":
 		err = encryptionBench(context.Background(), binDir)
+	case "ipv6":
+		err = ipv6Bench(context.Background(), binDir)
 	case "routes":
 		err = routesBench(context.Background(), binDir, counts)
 	case "hosts":
 		err = hostsBench(context.Background(), binDir, setups)
 	default:
-		err = fmt.Errorf("-only %q: want throughput, encryption, names, networks, failover, probe, bfd, routes or hosts", *only)
+		err = fmt.Errorf("-only %q: want throughput, encryption, ipv6, names, networks, failover, probe, bfd, routes or hosts", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -178,6 +180,9 @@ func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 		return err
 	}
 	if err := encryptionBench(ctx, binDir); err != nil {
+		return err
+	}
+	if err := ipv6Bench(ctx, binDir); err != nil {
 		return err
 	}
 	return networksBench(ctx, binDir)

@@ -36,33 +36,7 @@ func TestIPv6AcrossHosts(t *testing.T) {
 }
 
 func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
-	const poolV6 = "fd00:10:244::/48"
-	hosts := f.lab.Hosts()
-	for _, h := range hosts {
-		f.start(h)
-	}
-	subnetV6 := map[string]netip.Prefix{}
-	for _, h := range hosts {
-		f.eventually(20*time.Second, h.Name+" sessions established", func() error { return f.allEstablished(h, 2) })
-		st, err := f.status(h)
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := netip.ParsePrefix(st.SubnetV6)
-		if err != nil || !netip.MustParsePrefix(poolV6).Contains(p.Addr()) || p.Bits() != 64 {
-			t.Fatalf("%s: IPv6 subnet %q (%v), want a /64 of %s", h.Name, st.SubnetV6, err, poolV6)
-		}
-		subnetV6[h.Name] = p
-	}
-	for _, h := range hosts {
-		var want []netip.Prefix
-		for _, o := range hosts {
-			if o != h {
-				want = append(want, f.subnet(o), subnetV6[o.Name])
-			}
-		}
-		f.eventually(15*time.Second, h.Name+" routes to the other hosts' IPv4 and IPv6 subnets", func() error { return f.routesTo(h, want) })
-	}
+	hosts, subnetV6 := f.startIPv6Mesh()
 
 	dhs, img := f.startDockerds(hosts)
 	addrs := make([]netip.Addr, len(dhs))
@@ -161,4 +135,88 @@ func (dh *dockerHost) ipv4(t *testing.T) netip.Addr {
 		t.Fatal(err)
 	}
 	return netip.MustParseAddr(out)
+}
+
+// TestIPv6OverTheTunnels: IPv6 between containers on three hosts (set up as
+// dockerd would, without dockerd, so the test runs in the qemu guest too).
+// There auto mode carries IPv4 over ipip, which cannot carry IPv6: the /64s
+// must go over vxlan while the /24s stay on ipip.
+func TestIPv6OverTheTunnels(t *testing.T) {
+	t.Parallel()
+	f := newFabric(t, lab.Spec{Hosts: 3}, "--pool-v6", "fd00:10:244::/48")
+	hosts, subnets := f.startIPv6Mesh()
+	ctrs := make([]*lab.Container, len(hosts))
+	addrs := make([]netip.Addr, len(hosts))
+	for i, h := range hosts {
+		st, err := f.status(h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub6 := subnets[h.Name]
+		ctrs[i] = f.container(h, "c6", 2)
+		addrs[i] = sub6.Addr().Next().Next()
+		ctx, cancel := dockerCtx()
+		err = ctrs[i].AddIPv6(ctx, st.Bridge, netip.PrefixFrom(sub6.Addr().Next(), 64), netip.PrefixFrom(addrs[i], 64))
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, a := range ctrs {
+		for j := range ctrs {
+			if i == j {
+				continue
+			}
+			f.eventually(15*time.Second, fmt.Sprintf("%s's container reaches %s's over IPv6 (%s)", hosts[i].Name, hosts[j].Name, addrs[j]), func() error {
+				ctx, cancel := dockerCtx()
+				defer cancel()
+				_, err := a.Run(ctx, "ping", "-6", "-c", "1", "-W", "2", addrs[j].String())
+				return err
+			})
+		}
+	}
+	v4encap := f.autoEncap(hosts[0])
+	routes := f.ownedRoutes(hosts[0])
+	for _, h := range hosts[1:] {
+		r6, r4 := routes[subnets[h.Name].String()], routes[f.subnet(h).String()]
+		if !strings.Contains(r6, "dev fabric.vxlan") || !strings.Contains(r4, "dev fabric."+v4encap) {
+			t.Errorf("%s's routes to %s: IPv6 %q, IPv4 %q; want IPv6 on fabric.vxlan and IPv4 on fabric.%s (auto mode's choice)", hosts[0].Name, h.Name, r6, r4, v4encap)
+		}
+	}
+	t.Logf("IPv4 over %s, IPv6 over vxlan", v4encap)
+}
+
+// startIPv6Mesh starts fabricd (with the fabric's extra flags, an IPv6 pool
+// among them) on every host and waits until each routes to every other
+// host's IPv4 and IPv6 subnets; it returns the hosts and their IPv6
+// subnets, each a /64 of the pool.
+func (f *fabric) startIPv6Mesh() ([]*lab.Host, map[string]netip.Prefix) {
+	f.t.Helper()
+	hosts := f.lab.Hosts()
+	for _, h := range hosts {
+		f.start(h)
+	}
+	subnetV6 := map[string]netip.Prefix{}
+	for _, h := range hosts {
+		f.eventually(20*time.Second, h.Name+" sessions established", func() error { return f.allEstablished(h, len(hosts)-1) })
+		st, err := f.status(h)
+		if err != nil {
+			f.t.Fatal(err)
+		}
+		p, err := netip.ParsePrefix(st.SubnetV6)
+		if err != nil || p.Bits() != 64 {
+			f.t.Fatalf("%s: IPv6 subnet %q (%v), want a /64 of the pool", h.Name, st.SubnetV6, err)
+		}
+		subnetV6[h.Name] = p
+	}
+	for _, h := range hosts {
+		var want []netip.Prefix
+		for _, o := range hosts {
+			if o != h {
+				want = append(want, f.subnet(o), subnetV6[o.Name])
+			}
+		}
+		f.eventually(15*time.Second, h.Name+" routes to the other hosts' IPv4 and IPv6 subnets", func() error { return f.routesTo(h, want) })
+	}
+	return hosts, subnetV6
 }

@@ -23,9 +23,10 @@ func FabricImage(kernel string, bins map[string]string, init string, more map[st
 		return Image{}, fmt.Errorf("iptables extensions: %w", err)
 	}
 	img.Symlinks = map[string]string{}
-	for _, name := range []string{"iptables", "iptables-save", "iptables-restore",
-		"iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
-		img.Symlinks["/usr/sbin/"+name] = "xtables-legacy-multi"
+	for _, tool := range []string{"iptables", "ip6tables"} {
+		for _, name := range []string{tool, tool + "-save", tool + "-restore", tool + "-legacy", tool + "-legacy-save", tool + "-legacy-restore"} {
+			img.Symlinks["/usr/sbin/"+name] = "xtables-legacy-multi"
+		}
 	}
 	return img, nil
 }
@@ -34,12 +35,13 @@ const xtablesDir = "/usr/lib/x86_64-linux-gnu/xtables"
 
 // FabricModules: the data planes (ipip, vxlan, wireguard), the lab (veth,
 // bridge, netem) and what fabricd's NAT and policy need from
-// iptables-legacy and ipset. The VM has no modprobe that could load them on
+// iptables-legacy and ipset, and ip6tables for IPv6 policy. The VM has no modprobe that could load them on
 // demand. crc32c_generic first: libcrc32c (under nf_conntrack) needs it
 // through a softdep, which ResolveModules does not follow.
 var FabricModules = []string{"ipip", "veth", "bridge", "vxlan", "wireguard", "crc32c_generic",
 	"iptable_filter", "iptable_nat", "iptable_mangle", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
 	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter",
+	"ip6table_filter", "ip6t_REJECT",
 	"sch_netem"} // random loss on an underlay link (lab.Host.Loss)
 
 // FabricTools are this machine's programs fabricd, the lab and the tests

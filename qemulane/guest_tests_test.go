@@ -26,7 +26,7 @@ var guestSuites = []struct{ pkg, run string }{
 	// The e2e tests whose outcome depends on the encapsulation auto mode
 	// picks, its MTU and the tunnel devices fabricd owns, and the NAT wire
 	// check (what a server outside the pool sees).
-	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation)$"},
+	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation|TestIPv6OverTheTunnels)$"},
 }
 
 // guestInit starts every suite at once (they wait on timers and sessions
