@@ -12,7 +12,9 @@ import (
 // duplicate address detection, so both are usable at once.
 func (c *Container) AddIPv6(ctx context.Context, bridge string, gw, addr netip.Prefix) error {
 	for _, step := range []struct {
-		on   interface{ Run(context.Context, string, ...string) (string, error) }
+		on interface {
+			Run(context.Context, string, ...string) (string, error)
+		}
 		args []string
 	}{
 		{c.Host, []string{"sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"}},
