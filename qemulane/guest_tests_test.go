@@ -55,7 +55,7 @@ func guestInit() string {
 	for _, s := range guestSuites {
 		fmt.Fprintf(&b, `status=$(cat /tmp/%[1]s.status)
 grep -E '^(--- |ok |FAIL|PASS|panic)' /tmp/%[1]s.log | sed 's/^/GUESTTEST %[1]s /'
-grep -E '^ +[a-z_]+_test\.go:[0-9]+: ' /tmp/%[1]s.log | head -n 200 | sed 's/^/GUESTNOTE %[1]s /'
+grep -E '^ +[a-z0-9_]+_test\.go:[0-9]+: ' /tmp/%[1]s.log | head -n 200 | sed 's/^/GUESTNOTE %[1]s /'
 if [ "$status" -eq 0 ]; then
 	echo "GUESTSUITE %[1]s ok"
 else
