@@ -23,7 +23,7 @@ func (a *Agent) containerNamesLoop(ctx context.Context, pub *names.Publisher, do
 			var rs []names.Record
 			for _, c := range snap.Containers {
 				if c.Addr.IsValid() {
-					rs = append(rs, names.Record{Name: c.Name, Address: c.Addr, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created})
+					rs = append(rs, names.Record{Name: c.Name, Address: c.Addr, AddressV6: c.AddrV6, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created})
 				}
 				for _, n := range c.Networks {
 					rs = append(rs, names.Record{Name: c.Name, Address: n.Addr, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created,
@@ -107,13 +107,15 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 		held, nets, netsKnown := a.in.held, a.in.networks.State, a.in.networksKnown
 		a.in.mu.Unlock()
 		kept, refused := names.Trusted(rs, held, nets.Owns)
+		kept, refusedV6 := names.TrustIPv6(kept, a.pool.SubnetsV6(held))
+		refused = append(refused, refusedV6...)
 		seen := map[string]bool{}
 		for _, r := range refused {
 			key := r.Record.Node + "/" + r.Record.Name
 			seen[key] = true
 			if held != nil && (netsKnown || r.Record.Network == "") && logged[key] != r.Reason {
 				logged[key] = r.Reason
-				log.Warn("not answering a container name: its address is not its node's", "node", r.Record.Node, "name", r.Record.Name, "address", r.Record.Address, "reason", r.Reason)
+				log.Warn("not answering a container name (or its IPv6 address): the address is not its node's", "node", r.Record.Node, "name", r.Record.Name, "address", r.Record.Address, "reason", r.Reason)
 			}
 		}
 		for key := range logged {

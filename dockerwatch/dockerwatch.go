@@ -36,9 +36,12 @@ import (
 // Container is one running container on the fabric bridge or on fabric
 // networks.
 type Container struct {
-	ID      string            `json:"id"`
-	Name    string            `json:"name"`
-	Addr    netip.Addr        `json:"address"` // on the fabric bridge; invalid when not there
+	ID   string     `json:"id"`
+	Name string     `json:"name"`
+	Addr netip.Addr `json:"address"` // on the fabric bridge; invalid when not there
+	// AddrV6 is its IPv6 address on the fabric bridge (dockerd --ipv6),
+	// invalid when it has none.
+	AddrV6  netip.Addr        `json:"addressV6,omitzero"`
 	Labels  map[string]string `json:"labels,omitempty"`
 	Created time.Time         `json:"created"`
 	// Networks are its endpoints on fabric networks, by network name.
@@ -110,6 +113,7 @@ type apiContainer struct {
 			NetworkID  string   `json:"NetworkID"`
 			EndpointID string   `json:"EndpointID"`
 			IPAddress  string   `json:"IPAddress"`
+			IPv6       string   `json:"GlobalIPv6Address"`
 			Aliases    []string `json:"Aliases"`
 		} `json:"Networks"`
 	} `json:"NetworkSettings"`
@@ -264,6 +268,7 @@ func fromAPI(list []apiContainer, networks []apiNetwork, f Filter) Snapshot {
 				c.Networks = append(c.Networks, Attachment{Network: n, NetworkID: ep.NetworkID, EndpointID: ep.EndpointID, Addr: a, Aliases: cleanAliases(ep.Aliases, name)})
 			case f.Subnet.IsValid() && f.Subnet.Contains(a) && !c.Addr.IsValid():
 				c.Addr = a
+				c.AddrV6, _ = netip.ParseAddr(ep.IPv6)
 			}
 		}
 		if c.Addr.IsValid() || len(c.Networks) > 0 {

@@ -9,7 +9,7 @@ import (
 // The shape of GET /containers/json as dockerd 20.10 answers it (trimmed).
 const listJSON = `[
  {"Id":"b1","Names":["/web"],"Created":1700000000,"Labels":{"role":"frontend"},
-  "NetworkSettings":{"Networks":{"bridge":{"IPAddress":"10.244.7.2"}}}},
+  "NetworkSettings":{"Networks":{"bridge":{"IPAddress":"10.244.7.2","GlobalIPv6Address":"fd00:10:244:7::2"}}}},
  {"Id":"b2","Names":["/host-net"],"Created":1700000001,"Labels":{},
   "NetworkSettings":{"Networks":{"host":{"IPAddress":""}}}},
  {"Id":"b3","Names":["/elsewhere"],"Created":1700000002,"Labels":{},
@@ -29,7 +29,7 @@ func TestFromAPIKeepsContainersOnTheFabricBridge(t *testing.T) {
 	if len(got) != 2 || got[0].Name != "api" || got[1].Name != "web" {
 		t.Fatalf("got %+v, want api and web", got)
 	}
-	if got[1].Addr != netip.MustParseAddr("10.244.7.2") || got[1].Labels["role"] != "frontend" || got[1].Created.Unix() != 1700000000 {
+	if got[1].Addr != netip.MustParseAddr("10.244.7.2") || got[1].AddrV6 != netip.MustParseAddr("fd00:10:244:7::2") || got[1].Labels["role"] != "frontend" || got[1].Created.Unix() != 1700000000 {
 		t.Errorf("web: %+v", got[1])
 	}
 	if got[0].Addr != netip.MustParseAddr("10.244.7.3") {

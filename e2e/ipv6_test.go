@@ -44,7 +44,7 @@ func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
 		if opts := strings.Join(dh.opts, " "); !strings.Contains(opts, "--ipv6 --fixed-cidr-v6="+subnetV6[dh.host.Name].String()) {
 			t.Fatalf("%s: DOCKER_OPTS %q lack the host's IPv6 subnet %s", dh.host.Name, opts, subnetV6[dh.host.Name])
 		}
-		dh.ctr = "web6"
+		dh.ctr = "v6-" + dh.host.Name
 		dh.run(t, dh.ctr, nil, img, "tcpprobe", "serve", "[::]:8000", "100")
 		out, err := dh.docker("inspect", "-f", "{{.NetworkSettings.GlobalIPv6Address}}", dh.ctr)
 		if err != nil {
@@ -75,6 +75,22 @@ func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
 			}
 		}
 	}
+	// Names answer AAAA with the container's IPv6 address, on every host.
+	for i, dh := range dhs {
+		for j, b := range dhs {
+			if i == j {
+				continue
+			}
+			f.eventually(15*time.Second, fmt.Sprintf("%s's container resolves %s's name to its IPv6 address %s", dh.host.Name, b.ctr, addrs[j]), func() error {
+				out, err := dh.docker("exec", dh.ctr, "nslookup", "-type=AAAA", b.ctr+".fabric")
+				if err != nil || !strings.Contains(out, addrs[j].String()) {
+					return fmt.Errorf("nslookup -type=AAAA %s.fabric: %v: %s", b.ctr, err, out)
+				}
+				return nil
+			})
+		}
+	}
+
 	// Policy rules name IPv4 addresses: while any exists, IPv6 into the
 	// containers fails closed, refused (not timed out) like an IPv4 deny,
 	// and opens again when the rules are gone. IPv4 follows the rule.

@@ -216,6 +216,12 @@ func (s *Server) answer(req *dns.Msg, q dns.Question, qname string, from netip.A
 				A:   r.Address.AsSlice(),
 			})
 		}
+		if (q.Qtype == dns.TypeAAAA || q.Qtype == dns.TypeANY) && r.AddressV6.IsValid() {
+			m.Answer = append(m.Answer, &dns.AAAA{
+				Hdr:  dns.RR_Header{Name: q.Name, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: TTL},
+				AAAA: r.AddressV6.AsSlice(),
+			})
+		}
 		return m, true
 	}
 	if onNetwork {

@@ -256,3 +256,17 @@ func BenchmarkUDPQueries(b *testing.B) {
 		}
 	})
 }
+
+// A container with an IPv6 address answers AAAA with it, and A as before.
+func TestAAAA(t *testing.T) {
+	s, addr := start(t, Config{})
+	web := names.Record{Name: "web", Node: "host2", Address: netip.MustParseAddr("10.244.2.5"), AddressV6: netip.MustParseAddr("fd00:10:244:2::5"), Created: time.Unix(1, 0)}
+	s.SetView(names.NewView([]names.Record{web}, nil))
+	resp := ask(t, "udp", addr, "web.fabric.", dns.TypeAAAA)
+	if resp.Rcode != dns.RcodeSuccess || len(resp.Answer) != 1 || resp.Answer[0].(*dns.AAAA).AAAA.String() != "fd00:10:244:2::5" {
+		t.Errorf("web.fabric AAAA: %v", resp)
+	}
+	if resp := ask(t, "udp", addr, "web.fabric.", dns.TypeA); len(resp.Answer) != 1 || resp.Answer[0].(*dns.A).A.String() != "10.244.2.5" {
+		t.Errorf("web.fabric A: %v", resp)
+	}
+}

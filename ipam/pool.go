@@ -129,6 +129,20 @@ func (p Pool) Contains(s netip.Prefix) bool {
 	return s.Bits() == p.SubnetLen && p.Network.Contains(s.Addr()) && s.Masked() == s
 }
 
+// SubnetsV6 maps each node of held (node -> its leased subnets) to the IPv6
+// subnets paired with them; empty without an IPv6 pool.
+func (p Pool) SubnetsV6(held map[string][]netip.Prefix) map[string][]netip.Prefix {
+	out := map[string][]netip.Prefix{}
+	for node, subnets := range held {
+		for _, s := range subnets {
+			if v6, ok := p.SubnetV6(s); ok {
+				out[node] = append(out[node], v6)
+			}
+		}
+	}
+	return out
+}
+
 func (p Pool) String() string {
 	if p.NetworkV6.IsValid() {
 		return fmt.Sprintf("%s /%d and %s /%d", p.Network, p.SubnetLen, p.NetworkV6, SubnetLenV6)

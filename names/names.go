@@ -33,14 +33,17 @@ const DefaultPrefix = "/fabric"
 // aliases (compose's service name, --network-alias) and only to queries
 // from that network.
 type Record struct {
-	Name    string            `json:"name"`
-	Address netip.Addr        `json:"address"`
-	Node    string            `json:"node"`
-	ID      string            `json:"id"`
-	Labels  map[string]string `json:"labels,omitempty"`
-	Created time.Time         `json:"created"`
-	Network string            `json:"network,omitempty"`
-	Aliases []string          `json:"aliases,omitempty"`
+	Name    string     `json:"name"`
+	Address netip.Addr `json:"address"`
+	// AddressV6 is the container's IPv6 address on the bridge (AAAA),
+	// invalid when it has none.
+	AddressV6 netip.Addr        `json:"addressV6,omitzero"`
+	Node      string            `json:"node"`
+	ID        string            `json:"id"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	Created   time.Time         `json:"created"`
+	Network   string            `json:"network,omitempty"`
+	Aliases   []string          `json:"aliases,omitempty"`
 }
 
 // Validate names the first problem of a record.
@@ -54,6 +57,8 @@ func (r Record) Validate() error {
 		return fmt.Errorf("network %q holds '/', '@' or a space", r.Network)
 	case !r.Address.Is4():
 		return fmt.Errorf("address %v is not an IPv4 address", r.Address)
+	case r.AddressV6.IsValid() && (!r.AddressV6.Is6() || r.AddressV6.Is4In6()):
+		return fmt.Errorf("addressV6 %v is not an IPv6 address", r.AddressV6)
 	}
 	return nil
 }
@@ -280,4 +285,26 @@ func Trusted(records []Record, held map[string][]netip.Prefix, owns func(network
 		refused = append(refused, Refusal{Record: r, Reason: reason})
 	}
 	return kept, refused
+}
+
+// TrustIPv6 clears the IPv6 address of every record whose address is not in
+// its node's IPv6 subnet (heldV6: node -> the /64 paired with its lease),
+// so no record can point a name's AAAA at another host's container; the
+// record still answers for its (trusted) IPv4 address. It returns the
+// records and one refusal per cleared address.
+func TrustIPv6(records []Record, heldV6 map[string][]netip.Prefix) ([]Record, []Refusal) {
+	out := slices.Clone(records)
+	var refused []Refusal
+	for i := range out {
+		r := &out[i]
+		if !r.AddressV6.IsValid() {
+			continue
+		}
+		if slices.ContainsFunc(heldV6[r.Node], func(p netip.Prefix) bool { return p.Contains(r.AddressV6) }) {
+			continue
+		}
+		refused = append(refused, Refusal{Record: *r, Reason: fmt.Sprintf("IPv6 address %s is not in the IPv6 subnet of %s; answered for IPv4 only", r.AddressV6, r.Node)})
+		r.AddressV6 = netip.Addr{}
+	}
+	return out, refused
 }

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -208,5 +209,25 @@ func TestTrustedOnlyInsideTheNodesLease(t *testing.T) {
 	}
 	if kept, _ := Trusted([]Record{own}, nil, nil); len(kept) != 0 {
 		t.Error("records trusted before the leases are known")
+	}
+}
+
+// A record's IPv6 address is answered only inside its node's /64: one in
+// another host's /64 is cleared (its IPv4 address still answers) and the
+// refusal says why.
+func TestTrustIPv6(t *testing.T) {
+	heldV6 := map[string][]netip.Prefix{"host1": {netip.MustParsePrefix("fd00:10:244:1::/64")}, "host2": {netip.MustParsePrefix("fd00:10:244:2::/64")}}
+	own, forged, none := rec("web", "host1", "10.244.1.5", 1), rec("bank", "host1", "10.244.1.6", 1), rec("db", "host1", "10.244.1.7", 1)
+	own.AddressV6 = netip.MustParseAddr("fd00:10:244:1::5")
+	forged.AddressV6 = netip.MustParseAddr("fd00:10:244:2::9") // host2's container
+	out, refused := TrustIPv6([]Record{own, forged, none}, heldV6)
+	if out[0].AddressV6 != own.AddressV6 || out[1].AddressV6.IsValid() || out[2].AddressV6.IsValid() || out[1].Address != forged.Address {
+		t.Errorf("records after the IPv6 check: %+v", out)
+	}
+	if len(refused) != 1 || refused[0].Record.Name != "bank" || !strings.Contains(refused[0].Reason, "not in the IPv6 subnet of host1") {
+		t.Errorf("refusals %+v, want bank's IPv6 address", refused)
+	}
+	if out, _ := TrustIPv6([]Record{own}, nil); out[0].AddressV6.IsValid() {
+		t.Error("an IPv6 address trusted without an IPv6 pool")
 	}
 }

@@ -206,6 +206,10 @@ func containersCmd(g *globals) *cobra.Command {
 					return err
 				}
 				kept, refused := names.Trusted(records, held, nets.Owns)
+				if pool, err := ipam.GetPool(ctx, cli, g.host.EtcdPrefix); err == nil {
+					// An IPv6 address DNS would not give is not shown.
+					kept, _ = names.TrustIPv6(kept, pool.SubnetsV6(held))
+				}
 				entries := names.NewView(kept, nil).Entries()
 				for _, r := range refused {
 					entries = append(entries, names.Entry{Record: r.Record, Refused: r.Reason})
@@ -230,7 +234,11 @@ func containersCmd(g *globals) *cobra.Command {
 					if network == "" {
 						network = "(bridge)"
 					}
-					row := []string{e.Name, network, e.Address.String(), e.Node, answer, strings.Join(labels, ",")}
+					addrs := e.Address.String()
+					if e.AddressV6.IsValid() {
+						addrs += "," + e.AddressV6.String()
+					}
+					row := []string{e.Name, network, addrs, e.Node, answer, strings.Join(labels, ",")}
 					if g.wide() {
 						row = append(row, e.ID, e.Created.Format(time.RFC3339))
 					}
