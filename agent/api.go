@@ -38,6 +38,9 @@ func (a *Agent) Peers(ctx context.Context) ([]localapi.Peer, error) {
 		case p.Type != bgp.PeerMesh:
 			e = "direct"
 		}
+		if v6 := choices[p.Name].EncapV6; v6 != "" {
+			e += " (IPv6: " + v6 + ")"
+		}
 		lp := localapi.Peer{
 			Name: p.Name, Address: p.Address.String(), ASN: p.ASN, Type: string(p.Type), State: string(p.State),
 			Since: p.Since, Received: p.Received, Accepted: p.Accepted, Encap: e, EncapReason: choices[p.Name].Reason,

@@ -94,6 +94,9 @@ type OwnedRoute struct {
 type Choice struct {
 	Encap  string // a backend's name, or "direct"
 	Reason string
+	// EncapV6 carries the peer's IPv6 subnet when it is not Encap (a
+	// direct route, or ipip): a backend's name, "" for Encap or no IPv6.
+	EncapV6 string
 }
 
 // LocalRoute is a route to something on this host: a container endpoint's
@@ -626,15 +629,18 @@ func carriesIPv6(b backend.Backend) bool {
 func (m *Manager) logChoices(peers map[string]*peerPlan) {
 	next := make(map[string]Choice, len(peers))
 	for name, p := range peers {
-		c := Choice{p.encap, p.why}
+		c := Choice{Encap: p.encap, Reason: p.why}
+		if p.v6 != p {
+			c.EncapV6 = cmp.Or(p.v6.encap, "none")
+		}
 		next[name] = c
 		old, had := m.choices[name]
 		switch {
 		case !had:
-			m.log.Info("peer encapsulation", "peer", name, "address", p.peer.Address, "encap", c.Encap, "reason", c.Reason)
+			m.log.Info("peer encapsulation", "peer", name, "address", p.peer.Address, "encap", c.Encap, "reason", c.Reason, "encapIPv6", c.EncapV6)
 		case old != c:
 			m.log.Info("peer encapsulation changed", "peer", name, "address", p.peer.Address,
-				"encap", c.Encap, "was", old.Encap, "reason", c.Reason)
+				"encap", c.Encap, "was", old.Encap, "reason", c.Reason, "encapIPv6", c.EncapV6, "wasIPv6", old.EncapV6)
 		}
 	}
 	for name, old := range m.choices {

@@ -199,7 +199,21 @@ func TestIPv6OverTheTunnels(t *testing.T) {
 			t.Errorf("%s's routes to %s: IPv6 %q, IPv4 %q; want IPv6 on fabric.vxlan and IPv4 on fabric.%s (auto mode's choice)", hosts[0].Name, h.Name, r6, r4, v4encap)
 		}
 	}
-	t.Logf("IPv4 over %s, IPv6 over vxlan", v4encap)
+	// fabricctl peers status says so.
+	want := v4encap
+	if v4encap == "ipip" {
+		want = "ipip (IPv6: vxlan)"
+	}
+	ps, err := f.peers(hosts[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range ps {
+		if p.Encap != want {
+			t.Errorf("%s's peer %s: encapsulation %q, want %q", hosts[0].Name, p.Name, p.Encap, want)
+		}
+	}
+	t.Logf("IPv4 over %s, IPv6 over vxlan; peers status: %q", v4encap, want)
 }
 
 // startIPv6Mesh starts fabricd (with the fabric's extra flags, an IPv6 pool
