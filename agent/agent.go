@@ -202,15 +202,15 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.own.tables, err = iptables.New(iptables.Config{Sections: []string{nat.Section, policy.Section, ingress.Section}, Logger: log}); err != nil {
 		return err
 	}
-	if a.own.nat, err = nat.New(nat.Config{Tables: a.own.tables, Logger: log}); err != nil {
-		return err
-	}
 	if a.subnetV6().IsValid() {
-		// IPv6 has its own tables and so its own owner; only policy
-		// writes there (failing closed, see policy.IptablesConfig).
-		if a.own.tables6, err = iptables.New(iptables.Config{IPv6: true, Sections: []string{policy.Section}, Logger: log}); err != nil {
+		// IPv6 has its own tables and so its own owner; NAT66 and policy
+		// (failing closed, see policy.IptablesConfig) write there.
+		if a.own.tables6, err = iptables.New(iptables.Config{IPv6: true, Sections: []string{nat.Section, policy.Section}, Logger: log}); err != nil {
 			return fmt.Errorf("the pool has IPv6: %w", err)
 		}
+	}
+	if a.own.nat, err = nat.New(nat.Config{Tables: a.own.tables, Tables6: a.own.tables6, Logger: log}); err != nil {
+		return err
 	}
 	sets := ipsets.NewOwner("")
 	if a.own.policy, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.own.tables,

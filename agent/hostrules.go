@@ -26,7 +26,7 @@ func (a *Agent) natLoop(ctx context.Context) error {
 	for _, b := range a.own.backends {
 		tunnels = append(tunnels, b.Device())
 	}
-	st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, Bridge: a.cfg.Bridge, Node: a.cfg.NodeName,
+	st := nat.State{Pool: a.pool.Network, Subnet: a.lease.Subnet, PoolV6: a.pool.NetworkV6, SubnetV6: a.subnetV6(), Bridge: a.cfg.Bridge, Node: a.cfg.NodeName,
 		UnderlayDev: a.underlay.Dev, Tunnels: tunnels, EndpointLinks: dockernet.LinkPrefix + "+",
 		Reserved: nat.Reserved{
 			fmt.Sprintf("tcp/%d", a.cfg.BGPPort):   "this host's BGP port",

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/fabricnet/fabric/internal/nsthread"
@@ -17,7 +18,7 @@ import (
 func ServeTCP(ns, addr string) (net.Listener, error) {
 	var ln net.Listener
 	err := nsthread.Do(ns, func() (err error) {
-		ln, err = net.Listen("tcp4", addr)
+		ln, err = net.Listen(tcpFamily(addr), addr)
 		return err
 	})
 	if err != nil {
@@ -54,7 +55,7 @@ func DialTCP(ns, src, addr string, timeout time.Duration) (net.Conn, string, err
 	}
 	var conn net.Conn
 	err := nsthread.Do(ns, func() (err error) {
-		conn, err = d.Dial("tcp4", addr)
+		conn, err = d.Dial(tcpFamily(addr), addr)
 		return err
 	})
 	if err != nil {
@@ -67,6 +68,14 @@ func DialTCP(ns, src, addr string, timeout time.Duration) (net.Conn, string, err
 		return nil, "", fmt.Errorf("greeting from %s: %w", addr, err)
 	}
 	return conn, line, nil
+}
+
+// tcpFamily is "tcp6" for an address written "[v6]:port", else "tcp4".
+func tcpFamily(addr string) string {
+	if strings.HasPrefix(addr, "[") {
+		return "tcp6"
+	}
+	return "tcp4"
 }
 
 // readLine reads up to a newline one byte at a time, so nothing after the

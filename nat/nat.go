@@ -88,7 +88,10 @@ func (p PublishedPort) onHost(node string) bool {
 type State struct {
 	Pool   netip.Prefix // the whole fabric, e.g. 10.244.0.0/16
 	Subnet netip.Prefix // this host's lease, e.g. 10.244.1.0/24
-	Bridge string       // the containers' bridge, e.g. docker0
+	// PoolV6 and SubnetV6 are their IPv6 counterparts (invalid: no IPv6).
+	PoolV6   netip.Prefix
+	SubnetV6 netip.Prefix
+	Bridge   string // the containers' bridge, e.g. docker0
 	// UnderlayDev and Tunnels are the interfaces fabric traffic crosses;
 	// FABRIC-FORWARD accepts only between them and Bridge.
 	UnderlayDev string
@@ -124,20 +127,24 @@ type Config struct {
 	// Tables is the host's iptables owner, shared with the policy package
 	// (required: every table has one owner).
 	Tables *iptables.Manager
-	Logger *slog.Logger
+	// Tables6 is the owner of the IPv6 tables when the fabric has IPv6
+	// (else nil): containers' IPv6 leaving the pool is masqueraded there.
+	Tables6 *iptables.Manager
+	Logger  *slog.Logger
 }
 
 // Manager renders fabric's NAT and forward chains on one host and hands them
 // to the iptables owner.
 type Manager struct {
-	exec   func(ctx context.Context, name string, args ...string) *exec.Cmd
-	log    *slog.Logger
-	tables *iptables.Manager
+	exec    func(ctx context.Context, name string, args ...string) *exec.Cmd
+	log     *slog.Logger
+	tables  *iptables.Manager
+	tables6 *iptables.Manager
 }
 
 // New returns a Manager. It writes nothing.
 func New(cfg Config) (*Manager, error) {
-	m := &Manager{exec: cfg.Exec, log: cfg.Logger, tables: cfg.Tables}
+	m := &Manager{exec: cfg.Exec, log: cfg.Logger, tables: cfg.Tables, tables6: cfg.Tables6}
 	if m.exec == nil {
 		m.exec = exec.CommandContext
 	}
@@ -166,11 +173,21 @@ func (m *Manager) Apply(ctx context.Context, st State) error {
 	if err := m.tables.Set(ctx, Section, render(st, m.selectPublishes(st), m.tables.RandomFully())); err != nil {
 		return fmt.Errorf("nat: %w", err)
 	}
+	if m.tables6 != nil {
+		if err := m.tables6.Set(ctx, Section, renderIPv6(st, m.tables6.RandomFully())); err != nil {
+			return fmt.Errorf("nat: IPv6: %w", err)
+		}
+	}
 	return nil
 }
 
 // Cleanup withdraws nat's rules. It is safe when nothing is there.
 func (m *Manager) Cleanup(ctx context.Context) error {
+	if m.tables6 != nil {
+		if err := m.tables6.Set(ctx, Section, iptables.Section{}); err != nil {
+			return err
+		}
+	}
 	return m.tables.Set(ctx, Section, iptables.Section{})
 }
 

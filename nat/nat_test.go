@@ -451,3 +451,57 @@ func TestLegacyBackend(t *testing.T) {
 		t.Errorf("%d FABRIC mentions left in legacy tables after Cleanup", n)
 	}
 }
+
+// NAT66: with an IPv6 pool, a container's IPv6 traffic leaving the pool
+// takes the host's address, as dockerd does for IPv6; to another host's
+// container it keeps its own. Without the IPv6 rules the outside gets the
+// container's own address, a unique local one it has no route back to.
+func TestMasqueradeIPv6LeavingThePool(t *testing.T) {
+	lab.RequireRoot(t, "ip6tables", "ip6tables-save", "ip6tables-restore")
+	l := newTestLab(t)
+	ctx := testContext(t)
+	// IPv6 beside IPv4: the bridges' /64s, h1's underlay toward the
+	// outside, and the h1-h2 link standing in for the tunnel.
+	for _, h := range []string{"h1", "h2"} {
+		l.in(h, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+	}
+	lab.Addr(t, l.ns("h1"), labBridge, "fd00:10:244:1::1/64")
+	lab.Addr(t, l.ns("h2"), labBridge, "fd00:10:244:2::1/64")
+	for _, c := range []struct{ ns, addr, gw string }{{"c1", "fd00:10:244:1::2/64", "fd00:10:244:1::1"}, {"c2", "fd00:10:244:2::2/64", "fd00:10:244:2::1"}} {
+		l.in(c.ns, "ip", "-6", "addr", "add", c.addr, "dev", "eth0", "nodad")
+		l.in(c.ns, "ip", "-6", "route", "add", "default", "via", c.gw)
+	}
+	l.in("h1", "ip", "-6", "addr", "add", "fd99::11/64", "dev", "eu", "nodad")
+	l.in("out", "ip", "-6", "addr", "add", "fd99::250/64", "dev", "eu", "nodad")
+	l.in("h1", "ip", "-6", "addr", "add", "fd98::1/64", "dev", "et", "nodad")
+	l.in("h2", "ip", "-6", "addr", "add", "fd98::2/64", "dev", "et", "nodad")
+	l.in("h1", "ip", "-6", "route", "add", "fd00:10:244:2::/64", "via", "fd98::2")
+	l.in("h2", "ip", "-6", "route", "add", "default", "via", "fd98::1")
+	l.serveSource("out", "[fd99::250]:9000")
+	l.serveSource("c2", "[fd00:10:244:2::2]:80")
+
+	// No NAT66 yet: the outside has no route back to a container's address.
+	l.expectClosed("c1", "[fd99::250]:9000")
+
+	tables6, err := iptables.New(iptables.Config{Exec: l.exec("h1"), IPv6: true, Sections: []string{Section}, Logger: lab.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Config{Exec: l.exec("h1"), Tables: ownTables(t, l.exec("h1")), Tables6: tables6, Logger: lab.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := hostState("h1", h1Subnet)
+	st.PoolV6, st.SubnetV6 = netip.MustParsePrefix("fd00:10:244::/48"), netip.MustParsePrefix("fd00:10:244:1::/64")
+	if err := m.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	l.expectSource("c1", "[fd99::250]:9000", "fd99::11")
+	l.expectSource("c1", "[fd00:10:244:2::2]:80", "fd00:10:244:1::2")
+	if err := m.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if out := l.in("h1", "ip6tables-save"); strings.Contains(out, "FABRIC-") {
+		t.Errorf("IPv6 rules left after Cleanup:\n%s", out)
+	}
+}

@@ -144,5 +144,26 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 	}
 }
 
+// renderIPv6 is NAT66 as dockerd does it for IPv6: containers' traffic
+// leaving the IPv6 pool takes the host's address; between containers it
+// keeps its own. Published ports stay IPv4 (the underlay is).
+func renderIPv6(st State, randomFully bool) iptables.Section {
+	if !st.PoolV6.IsValid() || !st.SubnetV6.IsValid() {
+		return iptables.Section{}
+	}
+	masqueradeOptions := ""
+	if randomFully {
+		masqueradeOptions = " --random-fully"
+	}
+	pool, subnet := st.PoolV6.Masked(), st.SubnetV6.Masked()
+	return iptables.Section{
+		Chains: []iptables.Chain{{Table: "nat", Name: PostroutingChain, Rules: []string{
+			fmt.Sprintf("-s %s -d %s %s -j ACCEPT", pool, pool, comment("traffic between containers keeps its addresses")),
+			fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions),
+		}}},
+		Jumps: []iptables.Jump{{Table: "nat", From: "POSTROUTING", To: PostroutingChain, Why: "masquerade", Rank: iptables.RankNAT}},
+	}
+}
+
 // comment renders nat's comment match the way iptables-save prints it.
 func comment(why string) string { return iptables.Comment("fabric: " + why) }

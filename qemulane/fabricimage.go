@@ -35,13 +35,13 @@ const xtablesDir = "/usr/lib/x86_64-linux-gnu/xtables"
 
 // FabricModules: the data planes (ipip, vxlan, wireguard), the lab (veth,
 // bridge, netem) and what fabricd's NAT and policy need from
-// iptables-legacy and ipset, and ip6tables for IPv6 policy. The VM has no modprobe that could load them on
-// demand. crc32c_generic first: libcrc32c (under nf_conntrack) needs it
+// iptables-legacy, ip6tables and ipset. The VM has no modprobe that could
+// load them on demand. crc32c_generic first: libcrc32c (under nf_conntrack) needs it
 // through a softdep, which ResolveModules does not follow.
 var FabricModules = []string{"ipip", "veth", "bridge", "vxlan", "wireguard", "crc32c_generic",
 	"iptable_filter", "iptable_nat", "iptable_mangle", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
 	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter",
-	"ip6table_filter", "ip6t_REJECT",
+	"ip6table_filter", "ip6table_nat", "ip6t_REJECT",
 	"sch_netem"} // random loss on an underlay link (lab.Host.Loss)
 
 // FabricTools are this machine's programs fabricd, the lab and the tests

@@ -47,7 +47,7 @@ func TestHostsAddingEachOtherAtOnceTalkAtOnce(t *testing.T) {
 	lab.Veth(t, nsA, "eth0", nsB, "eth0")
 	lab.Addr(t, nsA, "eth0", "192.0.2.1/24")
 	lab.Addr(t, nsB, "eth0", "192.0.2.2/24")
-	const rounds, pairs = 12, 8
+	const rounds, pairs = 20, 4
 	for round := 1; round <= rounds; round++ {
 		var wg sync.WaitGroup
 		errs := make(chan error, 2*pairs)
@@ -110,8 +110,9 @@ func pairTalksAtOnce(t *testing.T, i int, nsA, nsB string) error {
 	}
 	// Waiting for a handshake on both sides first keeps the ping from
 	// starting one of its own. The bound is under the 5 s after which
-	// WireGuard tries a new handshake when one got no answer.
-	deadline := time.Now().Add(testwait.Scale(3 * time.Second))
+	// WireGuard tries a new handshake when one got no answer, above the
+	// 2 s a host waits when the other's first initiation was dropped.
+	deadline := time.Now().Add(testwait.Scale(4500 * time.Millisecond))
 	for {
 		var missing []string
 		for _, h := range []wgHost{a, b} {
@@ -127,7 +128,7 @@ func pairTalksAtOnce(t *testing.T, i int, nsA, nsB string) error {
 			break
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("no handshake within %s of both hosts adding each other: %v", testwait.Scale(3*time.Second), missing)
+			return fmt.Errorf("no handshake within %s of both hosts adding each other: %v", testwait.Scale(4500*time.Millisecond), missing)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -48,19 +48,20 @@ const Keepalive = 25 * time.Second
 
 // initiateDelay is how long a host waits before it initiates a handshake
 // with a peer it has just added whose public key sorts before its own
-// (answerFirst). Two hosts
-// usually add each other within milliseconds (both see both node records
-// at once); if both initiated then, the initiations crossed, each dropped
-// the other's answer, and wireguard-go could be left with a session the
-// other side does not have: no traffic until its 15 s "sent, heard
-// nothing" timer (TestHostsAddingEachOtherAtOnceTalkAtOnce). The host
-// that sorts first initiates at once; the second turns its keepalive on
-// after this delay, which sends on the session that exists by then, or
-// starts the handshake itself when the first one's initiation came before
-// it knew that host (and was dropped). While the first one's handshake is
-// under way (answered, not yet confirmed: a loaded host can take a second
-// to process the answer) it waits on.
-const initiateDelay = time.Second
+// (answerFirst). Two hosts usually add each other within milliseconds (both
+// see both node records at once); when both initiated then, the
+// initiations crossed, each dropped the other's answer, and nothing passed
+// until WireGuard's next try 5 s later, or, when wireguard-go kept a
+// session the other side did not have, until its 15 s "sent, heard
+// nothing" timer (TestHostsAddingEachOtherAtOnceTalkAtOnce). The host that
+// sorts first initiates at once; the second turns its keepalive on after
+// this delay, which sends on the session that exists by then, or starts
+// the handshake itself when the first one's initiation came before it knew
+// that host (and was dropped). While the first one's handshake is under
+// way (answered, not yet confirmed) it waits on. Two seconds: on a loaded
+// machine (CI, 16 devices made at once) a received initiation waited over
+// a second to be processed, and one second crossed it.
+const initiateDelay = 2 * time.Second
 
 // answerFirst are the peers of want that are new on the device and wait
 // for the other host to initiate: those whose key sorts before self. Not
