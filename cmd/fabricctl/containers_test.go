@@ -162,6 +162,13 @@ func TestEtcdFromFabricdSettingsFile(t *testing.T) {
 	if err != nil || !strings.Contains(out, "pool 10.244.0.0/16") {
 		t.Fatalf("ipam init with etcd from the settings file: %v\n%s", err, out)
 	}
+	// IPv6 added to the stored pool; a pool too small for the hosts is refused, naming the size.
+	if out, err := run([]string{"FABRIC_CONFIG=" + settings}, "ipam", "init", "--pool", "10.244.0.0/16", "--pool-v6", "fd00:10:244::/48"); err != nil || !strings.Contains(out, "IPv6 pool fd00:10:244::/48, /64 per host") {
+		t.Errorf("ipam init --pool-v6: %v\n%s", err, out)
+	}
+	if out, err := run([]string{"FABRIC_CONFIG=" + settings}, "ipam", "init", "--pool", "10.244.0.0/16", "--pool-v6", "fd00:10:244::/60"); err == nil || !strings.Contains(out, "must be /56 or larger") {
+		t.Errorf("ipam init with too small an IPv6 pool: %v\n%s", err, out)
+	}
 	// The prefix came from the file too: the pool is under /site-a.
 	if out, err := run(nil, "--etcd-endpoints", ep, "--etcd-prefix", "/site-a", "ipam", "show"); err != nil || !strings.Contains(out, "pool 10.244.0.0/16") {
 		t.Errorf("pool not under the file's prefix: %v\n%s", err, out)
