@@ -35,6 +35,9 @@ type CompiledRule struct {
 	Dests    []netip.Prefix // never empty: always inside Local or a network
 	Protocol string
 	Ports    []PortRange
+	// Isolation marks the rules that keep the fabric's Docker networks
+	// apart (not the operator's): they concern IPv4 subnets only.
+	Isolation bool `json:",omitempty"`
 }
 
 // Hash identifies the ruleset's content; equal rulesets have equal hashes.
@@ -178,7 +181,7 @@ func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces [
 	}
 	if len(gateways) > 0 {
 		out = append(out, CompiledRule{Name: "the hosts' gateways (published ports) as by default", Action: defaultAction,
-			Sources: normalize(gateways), Dests: normalize(slices.Clone(spaces))})
+			Sources: normalize(gateways), Dests: normalize(slices.Clone(spaces)), Isolation: true})
 	}
 	names := slices.Sorted(maps.Keys(dir.Networks))
 	var all []netip.Prefix
@@ -186,7 +189,7 @@ func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces [
 		all = append(all, dir.Networks[name].Masked())
 	}
 	out = append(out, CompiledRule{Name: "isolation of the bridge from the networks " + strings.Join(names, ", "),
-		Action: ActionDeny, Sources: normalize(slices.Clone(all)), Dests: []netip.Prefix{local}})
+		Action: ActionDeny, Sources: normalize(slices.Clone(all)), Dests: []netip.Prefix{local}, Isolation: true})
 	for _, name := range names {
 		subnet := dir.Networks[name].Masked()
 		var others []netip.Prefix
@@ -198,7 +201,7 @@ func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces [
 				others = append(others, p)
 			}
 		}
-		out = append(out, CompiledRule{Name: "isolation of network " + name, Action: ActionDeny, Sources: normalize(others), Dests: []netip.Prefix{subnet}})
+		out = append(out, CompiledRule{Name: "isolation of network " + name, Action: ActionDeny, Sources: normalize(others), Dests: []netip.Prefix{subnet}, Isolation: true})
 	}
 	return out
 }

@@ -172,3 +172,30 @@ func TestCompileNetworks(t *testing.T) {
 		t.Errorf("warnings %v", rs.Warnings)
 	}
 }
+
+// IPv6 into local containers opens only where the policy denies nothing:
+// rules name IPv4 addresses, so any deny of the operator's (or deny by
+// default) closes IPv6; allow rules and the networks' isolation do not.
+func TestIPv6FailsClosed(t *testing.T) {
+	allow := CompiledRule{Name: "allow-web", Action: ActionAllow}
+	deny := CompiledRule{Name: "deny-web", Action: ActionDeny}
+	isolation := CompiledRule{Name: "isolation of network n1", Action: ActionDeny, Isolation: true}
+	for _, c := range []struct {
+		name   string
+		rs     Ruleset
+		closed bool
+	}{
+		{"no policy", Ruleset{DefaultAction: ActionAllow}, false},
+		{"allow rules only", Ruleset{DefaultAction: ActionAllow, Rules: []CompiledRule{allow}}, false},
+		{"the networks' isolation", Ruleset{DefaultAction: ActionAllow, Rules: []CompiledRule{isolation}}, false},
+		{"a deny rule", Ruleset{DefaultAction: ActionAllow, Rules: []CompiledRule{allow, deny, isolation}}, true},
+		{"deny by default", Ruleset{DefaultAction: ActionDeny, Rules: []CompiledRule{allow}}, true},
+	} {
+		s := ipv6Section(c.rs, netip.MustParsePrefix("fd00:10:244:1::/64"), "docker0")
+		rules := s.Chains[1].Rules
+		closed := strings.Contains(rules[len(rules)-1], "REJECT")
+		if closed != c.closed {
+			t.Errorf("%s: IPv6 refused = %v, want %v (rules %q)", c.name, closed, c.closed, rules)
+		}
+	}
+}

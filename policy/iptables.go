@@ -74,9 +74,9 @@ type IptablesConfig struct {
 	Sets *ipsets.Owner
 	// Tables6 is the host's ip6tables owner and LocalV6 its IPv6 subnet,
 	// when the fabric has IPv6 (else nil and invalid). Rules name IPv4
-	// addresses only, so IPv6 fails closed: while the policy has any rule
-	// or denies by default, new IPv6 connections into this host's
-	// containers are refused (ipv6Section).
+	// addresses only, so IPv6 fails closed: while the policy denies
+	// anything here (a deny rule, or deny by default), new IPv6
+	// connections into this host's containers are refused (ipv6Section).
 	Tables6 *iptables.Manager
 	LocalV6 netip.Prefix
 	Logger  *slog.Logger
@@ -151,18 +151,19 @@ func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 }
 
 // ipv6Section is the IPv6 policy: replies and neighbour discovery pass;
-// new connections into local containers pass only while the policy allows
-// everything (no rule, default allow), since rules name IPv4 addresses and
-// an IPv6 path around them must not open.
+// new connections into local containers pass only while the policy denies
+// nothing here (default allow, no deny rule of the operator's: the
+// networks' isolation concerns IPv4 subnets), since rules name IPv4
+// addresses and an IPv6 path around a deny must not open.
 func ipv6Section(rs Ruleset, local netip.Prefix, bridge string) iptables.Section {
 	in := "-o " + bridge + " "
 	if bridge == "" {
 		in = ""
 	}
-	verdict := []string{comment("IPv6: the policy allows everything") + " -j RETURN"}
-	if len(rs.Rules) > 0 || rs.DefaultAction != ActionAllow {
+	verdict := []string{comment("IPv6: the policy denies nothing here") + " -j RETURN"}
+	if deniesAny(rs) {
 		// Refused as IPv4 denies are: a reset, so a client fails at once.
-		why := comment("IPv6: refused while the policy has rules (they name IPv4 addresses)")
+		why := comment("IPv6: refused while the policy denies (its rules name IPv4 addresses)")
 		verdict = []string{"-p tcp " + why + " -j REJECT --reject-with tcp-reset", why + " -j REJECT --reject-with icmp6-port-unreachable"}
 	}
 	return iptables.Section{
@@ -177,6 +178,11 @@ func ipv6Section(rs Ruleset, local netip.Prefix, bridge string) iptables.Section
 		Jumps: []iptables.Jump{{Table: "filter", From: "FORWARD", To: ChainName,
 			Why: "enforce fabric policy for local containers", Rank: iptables.RankPolicy}},
 	}
+}
+
+// deniesAny: the default denies, or a rule of the operator's does.
+func deniesAny(rs Ruleset) bool {
+	return rs.DefaultAction != ActionAllow || slices.ContainsFunc(rs.Rules, func(r CompiledRule) bool { return !r.Isolation && r.Action != ActionAllow })
 }
 
 func (e *IptablesEnforcer) apply(ctx context.Context, rs Ruleset) error {
