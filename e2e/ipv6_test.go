@@ -214,6 +214,27 @@ func TestIPv6OverTheTunnels(t *testing.T) {
 		}
 	}
 	t.Logf("IPv4 over %s, IPv6 over vxlan; peers status: %q", v4encap, want)
+
+	// --cleanup removes the IPv6 side too: routes, and the IPv6 tables'
+	// chains (policy and NAT66).
+	h, a := hosts[0], f.agents[hosts[0].Name]
+	ctx, cancel := dockerCtx()
+	defer cancel()
+	if rules, _ := h.Run(ctx, "ip6tables-save"); !strings.Contains(rules, "FABRIC-POSTROUTING") || !strings.Contains(rules, "FABRIC-POLICY") {
+		t.Errorf("%s's IPv6 tables lack fabric's NAT66 or policy chain:\n%s", h.Name, rules)
+	}
+	if err := a.proc.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := h.Run(ctx, a.args[0], append(a.args[1:], "--cleanup")...); err != nil {
+		t.Fatalf("fabricd --cleanup: %v\n%s", err, out)
+	}
+	if routes, _ := h.Run(ctx, "ip", "-6", "route", "show", "proto", "93"); strings.TrimSpace(routes) != "" {
+		t.Errorf("IPv6 routes left after --cleanup:\n%s", routes)
+	}
+	if rules, _ := h.Run(ctx, "ip6tables-save"); strings.Contains(rules, "FABRIC") {
+		t.Errorf("ip6tables chains left after --cleanup:\n%s", rules)
+	}
 }
 
 // startIPv6Mesh starts fabricd (with the fabric's extra flags, an IPv6 pool
