@@ -819,7 +819,10 @@ func describe(r *netlink.Route) string {
 	if routeType(r) == unix.RTN_UNREACHABLE {
 		return fmt.Sprintf("unreachable %s proto %d", prefixOf(r.Dst), r.Protocol)
 	}
-	s := fmt.Sprintf("%s via %s", prefixOf(r.Dst), gateway(r))
+	s := prefixOf(r.Dst).String()
+	if gw := gateway(r); gw.IsValid() {
+		s += " via " + gw.String()
+	}
 	if r.LinkIndex != 0 {
 		s += fmt.Sprintf(" ifindex %d", r.LinkIndex)
 	}

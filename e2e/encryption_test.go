@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -159,7 +160,7 @@ func TestEncryptedRestart(t *testing.T) {
 	// every pair. Loss is counted from the sequence numbers answered: the
 	// requests missing between the first and the last reply (what was in
 	// flight when the stream ended is not lost; under TCG that is several).
-	pinger, err := ctrs[h1.Name].Start("pingstream", "ping", "-i", "0.02", ctrs[h2.Name].Addr.String())
+	pinger, err := ctrs[h1.Name].Start("pingstream", "ping", "-D", "-i", "0.02", ctrs[h2.Name].Addr.String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +170,9 @@ func TestEncryptedRestart(t *testing.T) {
 		}
 		return nil
 	})
+	stopped := time.Now()
 	f.restartWith(h2)
+	back := time.Now()
 	f.waitEncaps(hosts, func(string, string) string { return "wireguard" })
 	f.pairsTalk(hosts, ctrs)
 	if err := pinger.Signal(syscall.SIGINT); err != nil {
@@ -183,6 +186,10 @@ func TestEncryptedRestart(t *testing.T) {
 	t.Logf("host2's fabricd restarted (%s WireGuard): %d of %d pings from host1 lost", impl, sent-got, sent)
 	if sent < 100 || (impl == "kernel" && got != sent) {
 		t.Errorf("%s WireGuard across a restart: %d of %d pings lost, want 0 of at least 100", impl, sent-got, sent)
+		// Whether the loss falls in the restart: the replies around each
+		// gap carry their time (ping -D).
+		t.Logf("host2's fabricd stopped at %.3f, the new one answered at %.3f; replies around the missing ones:\n%s",
+			float64(stopped.UnixMicro())/1e6, float64(back.UnixMicro())/1e6, aroundGaps(string(log)))
 		// One line each, so that the qemu lane's excerpt carries them.
 		for _, h := range hosts {
 			b, _ := os.ReadFile(f.agents[h.Name].proc.LogPath())
@@ -304,6 +311,36 @@ func streamLoss(log string) (sent, got int) {
 		return 0, 0
 	}
 	return last - first + 1, len(seen)
+}
+
+// aroundGaps lists, for each icmp_seq missing from a ping stream's log,
+// the reply lines just before and after it.
+func aroundGaps(log string) string {
+	bySeq := map[int]string{}
+	seqRe := regexp.MustCompile(`icmp_seq=(\d+) `)
+	for _, line := range strings.Split(log, "\n") {
+		if m := seqRe.FindStringSubmatch(line); m != nil {
+			n, _ := strconv.Atoi(m[1])
+			bySeq[n] = line
+		}
+	}
+	var out []string
+	for n := range bySeq {
+		if _, ok := bySeq[n+1]; ok {
+			continue
+		}
+		next := n + 1
+		for ; next < n+10000; next++ {
+			if _, ok := bySeq[next]; ok {
+				break
+			}
+		}
+		if next < n+10000 {
+			out = append(out, fmt.Sprintf("missing %d-%d: %s / %s", n+1, next-1, bySeq[n], bySeq[next]))
+		}
+	}
+	slices.Sort(out)
+	return strings.Join(out, "\n")
 }
 
 // wireGuardImplementation is what fabricd runs on this kernel: the
