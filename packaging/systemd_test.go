@@ -258,6 +258,14 @@ func bootDebian(t *testing.T, root, netns string) *booted {
 			}
 			c.init, _ = strconv.Atoi(f[0])
 		}
+		// nspawn's first child may be a helper that starts the container's
+		// init and exits (CI once kept such a PID for the whole minute):
+		// only systemd itself counts, else look again.
+		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", c.init)); strings.TrimSpace(string(comm)) != "systemd" {
+			pid := c.init
+			c.init = 0
+			return fmt.Errorf("nspawn's child %d is %q, not the container's systemd yet", pid, strings.TrimSpace(string(comm)))
+		}
 		state, _ := c.run("systemctl", "is-system-running")
 		if state != "running" && state != "degraded" {
 			return fmt.Errorf("is-system-running: %q", state)
