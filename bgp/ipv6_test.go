@@ -2,9 +2,12 @@ package bgp
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/fabricnet/fabric/internal/testwait"
 )
 
 // With IPv6 on, a host's IPv6 subnet travels on the same IPv4 session as
@@ -40,17 +43,12 @@ func TestIPv6SubnetOverIPv4Session(t *testing.T) {
 	}
 	// The IPv4-only peer's session counts as synced once its IPv4 routes
 	// are in: it sends no End-of-RIB for IPv6.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		st, _ := peerState(t, a, old.addr)
-		if st.EndOfRIB {
-			break
+	testwait.For(t, 10*time.Second, "the IPv4-only peer's End-of-RIB at a", func() error {
+		if st, _ := peerState(t, a, old.addr); !st.EndOfRIB {
+			return fmt.Errorf("a's view of it: %+v", st)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("a never saw the IPv4-only peer's End-of-RIB: %+v", st)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
 	if err := a.Advertise(context.Background(), a.addr, v4); err != nil {
 		t.Fatal(err)
 	}

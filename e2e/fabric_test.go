@@ -33,11 +33,22 @@ func (f *fabric) routesTo(h *lab.Host, want []netip.Prefix) error {
 	return nil
 }
 
+// otherSubnets are the subnets of every host but self: each one's IPv4
+// subnet, and its IPv6 one when the fabric has an IPv6 pool.
 func (f *fabric) otherSubnets(self *lab.Host, hosts []*lab.Host) []netip.Prefix {
+	f.t.Helper()
 	var out []netip.Prefix
 	for _, h := range hosts {
-		if h != self {
-			out = append(out, f.subnet(h))
+		if h == self {
+			continue
+		}
+		st, err := f.status(h)
+		if err != nil {
+			f.t.Fatalf("status of %s: %v", h.Name, err)
+		}
+		out = append(out, netip.MustParsePrefix(st.Subnet))
+		if st.SubnetV6 != "" {
+			out = append(out, netip.MustParsePrefix(st.SubnetV6))
 		}
 	}
 	return out

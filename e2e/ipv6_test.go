@@ -238,19 +238,14 @@ func TestIPv6OverTheTunnels(t *testing.T) {
 	}
 }
 
-// startIPv6Mesh starts fabricd (with the fabric's extra flags, an IPv6 pool
-// among them) on every host and waits until each routes to every other
-// host's IPv4 and IPv6 subnets; it returns the hosts and their IPv6
+// startIPv6Mesh starts the mesh (startMesh waits for routes to every other
+// host's IPv4 and IPv6 subnets) and returns the hosts and their IPv6
 // subnets, each a /64 of the pool.
 func (f *fabric) startIPv6Mesh() ([]*lab.Host, map[string]netip.Prefix) {
 	f.t.Helper()
-	hosts := f.lab.Hosts()
-	for _, h := range hosts {
-		f.start(h)
-	}
+	hosts := f.startMesh()
 	subnetV6 := map[string]netip.Prefix{}
 	for _, h := range hosts {
-		f.eventually(20*time.Second, h.Name+" sessions established", func() error { return f.allEstablished(h, len(hosts)-1) })
 		st, err := f.status(h)
 		if err != nil {
 			f.t.Fatal(err)
@@ -260,15 +255,6 @@ func (f *fabric) startIPv6Mesh() ([]*lab.Host, map[string]netip.Prefix) {
 			f.t.Fatalf("%s: IPv6 subnet %q (%v), want a /64 of the pool", h.Name, st.SubnetV6, err)
 		}
 		subnetV6[h.Name] = p
-	}
-	for _, h := range hosts {
-		var want []netip.Prefix
-		for _, o := range hosts {
-			if o != h {
-				want = append(want, f.subnet(o), subnetV6[o.Name])
-			}
-		}
-		f.eventually(15*time.Second, h.Name+" routes to the other hosts' IPv4 and IPv6 subnets", func() error { return f.routesTo(h, want) })
 	}
 	return hosts, subnetV6
 }
