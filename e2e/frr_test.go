@@ -77,6 +77,23 @@ func TestFRRTopOfRackBFD(t *testing.T) {
 				}
 			}
 
+			t.Cleanup(func() {
+				if !t.Failed() {
+					return
+				}
+				// What decided the route's fate: the lab keeps only each
+				// log's tail, which a debug-level fabricd fills in seconds.
+				log, _ := os.ReadFile(f.agents[h.Name].proc.LogPath())
+				var lines []string
+				for _, l := range strings.Split(string(log), "\n") {
+					if strings.Contains(l, "bfd") || strings.Contains(l, "peer state") || strings.Contains(l, "route") && strings.Contains(l, torRoute) {
+						lines = append(lines, l)
+					}
+				}
+				t.Logf("fabricd's BFD, session and %s lines:\n%s", torRoute, strings.Join(lines, "\n"))
+				out, _ := vtysh("show bfd peers")
+				t.Logf("FRR: show bfd peers:\n%s", out)
+			})
 			if _, err := tor.Run(context.Background(), "ip", "link", "set", tor.Dev, "down"); err != nil {
 				t.Fatal(err)
 			}

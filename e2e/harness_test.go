@@ -24,10 +24,15 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
+	// os.Exit skips deferred calls: the built binaries are removed in run.
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
 	flag.Parse()
 	if testing.Short() {
 		fmt.Println("short mode: the e2e tests run real fabricd in a lab, in make test")
-		os.Exit(0)
+		return 0
 	}
 	binDir = os.Getenv("FABRIC_BIN")
 	if binDir == "" {
@@ -40,7 +45,7 @@ func TestMain(m *testing.M) {
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			fmt.Fprintf(os.Stderr, "build: %v\n%s", err, out)
-			os.Exit(1)
+			return 1
 		}
 		binDir = dir
 	} else if _, err := exec.LookPath("go"); err == nil {
@@ -51,10 +56,10 @@ func TestMain(m *testing.M) {
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			fmt.Fprintf(os.Stderr, "build tcpprobe: %v\n%s", err, out)
-			os.Exit(1)
+			return 1
 		}
 	}
-	os.Exit(m.Run())
+	return m.Run()
 }
 
 // fabric is a lab with fabricd on its hosts.

@@ -184,7 +184,13 @@ func (h *Host) StartDockerd(ctx context.Context, opts DockerdOptions) (*Dockerd,
 		args = append(args, fmt.Sprintf("--mtu=%d", opts.MTU))
 	}
 	args = append(args, opts.ExtraArgs...)
-	full := append([]string{"sh", "-c", dockerSupervisor, "dockerd-supervisor",
+	// containerd writes a stack dump to $TMPDIR when dockerd kills it on
+	// a slow shutdown: into the lab's logs, kept with a failure's.
+	tmp := filepath.Join(l.logDir, h.Name+"-dockerd-tmp")
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	full := append([]string{"env", "TMPDIR=" + tmp, "sh", "-c", dockerSupervisor, "dockerd-supervisor",
 		root, d.Socket, strings.TrimPrefix(d.Cgroup, "/"), DockerdPath, DockerClientPath, opts.PluginDir}, args...)
 	if opts.PluginDir != "" {
 		if err := os.MkdirAll(opts.PluginDir, 0o755); err != nil {
