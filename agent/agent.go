@@ -214,7 +214,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	}
 	sets := ipsets.NewOwner("")
 	if a.own.policy, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.own.tables,
-		Tables6: a.own.tables6, LocalV6: a.subnetV6(), Sets: sets, Logger: log}); err != nil {
+		Tables6: a.own.tables6, Sets: sets, Logger: log}); err != nil {
 		return err
 	}
 	var tunnels []string

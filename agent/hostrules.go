@@ -95,9 +95,10 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 			continue
 		}
 		a.in.mu.Lock()
-		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, Containers: a.in.containers, Pool: a.pool.Network, Networks: map[string]netip.Prefix{}}
+		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, NodesV6: map[string]netip.Prefix{}, Containers: a.in.containers, Pool: a.pool.Network, Networks: map[string]netip.Prefix{}}
 		for _, n := range a.in.nodes {
 			dir.Nodes[n.Name] = n.Subnet
+			dir.NodesV6[n.Name] = n.SubnetV6 // checked on import: its /24's pair
 		}
 		for name, n := range a.in.networks.State.Networks {
 			dir.Networks[name] = n.Subnet
@@ -108,12 +109,13 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 			continue // without the networks there is no isolation between them: wait
 		}
 		dir.Nodes[a.cfg.NodeName] = a.lease.Subnet
+		dir.NodesV6[a.cfg.NodeName] = a.subnetV6()
 		if !containersKnown && policy.UsesContainers(current.Rules) {
 			// Compiled without the containers, a deny rule by label would
 			// match nothing: keep what is in force until they are known.
 			continue
 		}
-		rs, err := policy.Compile(current.Rules, current.DefaultAction, dir, a.lease.Subnet)
+		rs, err := policy.Compile(current.Rules, current.DefaultAction, dir, a.lease.Subnet, a.subnetV6())
 		if err != nil {
 			policyApplyErrors.Inc()
 			a.log.Error("compile policy; keeping the rules in force", "err", err)

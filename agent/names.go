@@ -132,7 +132,7 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 		}
 		containers := make([]policy.Container, 0, len(kept))
 		for _, r := range kept {
-			containers = append(containers, policy.Container{Name: r.Name, Address: r.Address, Labels: r.Labels})
+			containers = append(containers, policy.Container{Name: r.Name, Address: r.Address, AddressV6: r.AddressV6, Labels: r.Labels})
 		}
 		a.in.mu.Lock()
 		a.in.containers = containers

@@ -17,6 +17,9 @@ import (
 // order. It is backend neutral; enforcers decide how to express it.
 type Ruleset struct {
 	Local netip.Prefix // this host's container subnet (on the bridge)
+	// LocalV6 is its IPv6 subnet on the bridge (invalid: no IPv6). Rules
+	// hold prefixes of both families; each family's enforcer takes its own.
+	LocalV6 netip.Prefix `json:",omitzero"`
 	// Networks are the subnets of the fabric's Docker networks: traffic
 	// into one through an endpoint link of this host is judged too.
 	Networks      []netip.Prefix `json:",omitempty"`
@@ -32,22 +35,20 @@ type CompiledRule struct {
 	Name     string
 	Action   string
 	Sources  []netip.Prefix // nil = any source
-	Dests    []netip.Prefix // never empty: always inside Local or a network
+	Dests    []netip.Prefix // never empty: always inside Local, LocalV6 or a network
 	Protocol string
 	Ports    []PortRange
-	// Isolation marks the rules that keep the fabric's Docker networks
-	// apart (not the operator's): they concern IPv4 subnets only.
-	Isolation bool `json:",omitempty"`
 }
 
 // Hash identifies the ruleset's content; equal rulesets have equal hashes.
 func (rs Ruleset) Hash() string {
 	b, _ := json.Marshal(struct {
 		Local         string
+		LocalV6       netip.Prefix `json:",omitzero"`
 		Networks      []netip.Prefix
 		DefaultAction string
 		Rules         []CompiledRule
-	}{rs.Local.String(), rs.Networks, rs.DefaultAction, rs.Rules})
+	}{rs.Local.String(), rs.LocalV6, rs.Networks, rs.DefaultAction, rs.Rules})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:])
 }
@@ -63,6 +64,7 @@ func SortRules(rules []Rule) {
 // it changes, so rules follow leases and containers.
 type Directory struct {
 	Nodes      map[string]netip.Prefix // node name -> its current subnet
+	NodesV6    map[string]netip.Prefix // node name -> its IPv6 subnet, if it has one
 	Containers []Container             // the fabric's containers, every host's
 	// Pool is the fabric's container pool (the bridges' subnets), and
 	// Networks the fabric's Docker networks by name: each is isolated
@@ -73,9 +75,10 @@ type Directory struct {
 
 // Container is one container as policy sees it.
 type Container struct {
-	Name    string
-	Address netip.Addr
-	Labels  map[string]string
+	Name      string
+	Address   netip.Addr
+	AddressV6 netip.Addr // invalid: none
+	Labels    map[string]string
 }
 
 // UsesContainers reports whether any rule selects containers by name or
@@ -91,9 +94,9 @@ func UsesContainers(rules []Rule) bool {
 	return false
 }
 
-// Compile resolves rules for the host whose container subnet is local.
-// defaultAction "" means allow.
-func Compile(rules []Rule, defaultAction string, dir Directory, local netip.Prefix) (Ruleset, error) {
+// Compile resolves rules for the host whose container subnet is local, and
+// localV6 its IPv6 one (invalid: none). defaultAction "" means allow.
+func Compile(rules []Rule, defaultAction string, dir Directory, local, localV6 netip.Prefix) (Ruleset, error) {
 	if defaultAction == "" {
 		defaultAction = ActionAllow
 	}
@@ -103,12 +106,19 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local netip.Pref
 	if !local.IsValid() || !local.Addr().Is4() {
 		return Ruleset{}, fmt.Errorf("local subnet %s: want an IPv4 prefix", local)
 	}
+	if localV6.IsValid() && (!localV6.Addr().Is6() || localV6.Addr().Is4In6()) {
+		return Ruleset{}, fmt.Errorf("local IPv6 subnet %s: want an IPv6 prefix", localV6)
+	}
 	local = local.Masked()
 	rs := Ruleset{Local: local, DefaultAction: defaultAction}
 	for _, name := range slices.Sorted(maps.Keys(dir.Networks)) {
 		rs.Networks = append(rs.Networks, dir.Networks[name].Masked())
 	}
 	spaces := append([]netip.Prefix{local}, rs.Networks...) // where this host's containers are
+	if localV6.IsValid() {
+		rs.LocalV6 = localV6.Masked()
+		spaces = append(spaces, rs.LocalV6)
+	}
 	sorted := slices.Clone(rules)
 	SortRules(sorted)
 	seen := map[string]bool{}
@@ -181,7 +191,7 @@ func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces [
 	}
 	if len(gateways) > 0 {
 		out = append(out, CompiledRule{Name: "the hosts' gateways (published ports) as by default", Action: defaultAction,
-			Sources: normalize(gateways), Dests: normalize(slices.Clone(spaces)), Isolation: true})
+			Sources: normalize(gateways), Dests: normalize(slices.Clone(spaces))})
 	}
 	names := slices.Sorted(maps.Keys(dir.Networks))
 	var all []netip.Prefix
@@ -189,7 +199,7 @@ func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces [
 		all = append(all, dir.Networks[name].Masked())
 	}
 	out = append(out, CompiledRule{Name: "isolation of the bridge from the networks " + strings.Join(names, ", "),
-		Action: ActionDeny, Sources: normalize(slices.Clone(all)), Dests: []netip.Prefix{local}, Isolation: true})
+		Action: ActionDeny, Sources: normalize(slices.Clone(all)), Dests: []netip.Prefix{local}})
 	for _, name := range names {
 		subnet := dir.Networks[name].Masked()
 		var others []netip.Prefix
@@ -201,7 +211,7 @@ func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces [
 				others = append(others, p)
 			}
 		}
-		out = append(out, CompiledRule{Name: "isolation of network " + name, Action: ActionDeny, Sources: normalize(others), Dests: []netip.Prefix{subnet}, Isolation: true})
+		out = append(out, CompiledRule{Name: "isolation of network " + name, Action: ActionDeny, Sources: normalize(others), Dests: []netip.Prefix{subnet}})
 	}
 	return out
 }
@@ -215,17 +225,19 @@ func (rs *Ruleset) resolve(rule, side string, sels []Selector, dir Directory) []
 		case s.CIDR != "":
 			out = append(out, netip.MustParsePrefix(s.CIDR)) // validated
 		case s.Address != "":
-			out = append(out, netip.PrefixFrom(netip.MustParseAddr(s.Address), 32))
+			a := netip.MustParseAddr(s.Address) // validated
+			out = append(out, netip.PrefixFrom(a, a.BitLen()))
 		case s.Container != "" || s.Label != "":
 			// No container selected is normal (none started yet): the
 			// selector matches nothing, without a warning.
 			key, value, _ := strings.Cut(s.Label, "=")
 			for _, c := range dir.Containers {
-				if s.Container != "" && c.Name == s.Container {
+				v, ok := c.Labels[key]
+				if (s.Container != "" && c.Name == s.Container) || (s.Label != "" && ok && v == value) {
 					out = append(out, netip.PrefixFrom(c.Address, 32))
-				}
-				if v, ok := c.Labels[key]; s.Label != "" && ok && v == value {
-					out = append(out, netip.PrefixFrom(c.Address, 32))
+					if c.AddressV6.IsValid() {
+						out = append(out, netip.PrefixFrom(c.AddressV6, 128))
+					}
 				}
 			}
 		case s.Node != "":
@@ -235,6 +247,9 @@ func (rs *Ruleset) resolve(rule, side string, sels []Selector, dir Directory) []
 				continue
 			}
 			out = append(out, p.Masked())
+			if p6, ok := dir.NodesV6[s.Node]; ok && p6.IsValid() {
+				out = append(out, p6.Masked())
+			}
 		case s.Network != "":
 			p, ok := dir.Networks[s.Network]
 			if !ok {

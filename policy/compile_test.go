@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -21,7 +22,7 @@ func TestCompileResolvesAndDrops(t *testing.T) {
 		{Name: "from-gone", Order: 3, Action: "deny", From: []Selector{{Node: "host-gone"}}},
 		{Name: "to-wide", Order: 4, Action: "allow", To: []Selector{{CIDR: "10.0.0.0/8"}, {Address: "10.244.2.7"}}},
 	}
-	rs, err := Compile(rules, "", Directory{Nodes: nodes}, local)
+	rs, err := Compile(rules, "", Directory{Nodes: nodes}, local, netip.Prefix{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,7 +51,7 @@ func TestCompileResolvesAndDrops(t *testing.T) {
 
 	// The node rule follows a new lease.
 	nodes["host-b"] = netip.MustParsePrefix("10.244.3.0/24")
-	rs2, err := Compile(rules, "", Directory{Nodes: nodes}, local)
+	rs2, err := Compile(rules, "", Directory{Nodes: nodes}, local, netip.Prefix{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,10 +65,10 @@ func TestCompileResolvesAndDrops(t *testing.T) {
 
 func TestCompileRefusesInvalid(t *testing.T) {
 	local := netip.MustParsePrefix("10.244.2.0/24")
-	if _, err := Compile(nil, "block", Directory{}, local); err == nil {
+	if _, err := Compile(nil, "block", Directory{}, local, netip.Prefix{}); err == nil {
 		t.Fatal("bad default accepted")
 	}
-	if _, err := Compile([]Rule{{Name: "x", Action: "maybe"}}, "", Directory{}, local); err == nil || !strings.Contains(err.Error(), `rule "x"`) {
+	if _, err := Compile([]Rule{{Name: "x", Action: "maybe"}}, "", Directory{}, local, netip.Prefix{}); err == nil || !strings.Contains(err.Error(), `rule "x"`) {
 		t.Fatalf("bad rule: %v", err)
 	}
 }
@@ -77,7 +78,7 @@ func TestProtoMatchesSplitsMultiport(t *testing.T) {
 	for p := uint16(1); p <= 20; p++ {
 		ports = append(ports, PortRange{p, p})
 	}
-	got := protoMatches("tcp", ports)
+	got := protoMatches("tcp", ports, ipv4)
 	if len(got) != 2 || !strings.HasSuffix(got[1], "--dports 16,17,18,19,20") {
 		t.Fatalf("got %q", got)
 	}
@@ -103,7 +104,7 @@ func TestCompileContainerSelectors(t *testing.T) {
 	if !UsesContainers(rules) || UsesContainers([]Rule{{Name: "n", Action: "deny", From: []Selector{{Node: "x"}}}}) {
 		t.Fatal("UsesContainers is wrong")
 	}
-	rs, err := Compile(rules, "deny", dir, local)
+	rs, err := Compile(rules, "deny", dir, local, netip.Prefix{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +124,7 @@ func TestCompileContainerSelectors(t *testing.T) {
 	}
 	// A new frontend container changes the ruleset.
 	dir.Containers = append(dir.Containers, Container{Name: "fe3", Address: netip.MustParseAddr("10.244.5.5"), Labels: map[string]string{"role": "frontend"}})
-	rs2, _ := Compile(rules, "deny", dir, local)
+	rs2, _ := Compile(rules, "deny", dir, local, netip.Prefix{})
 	if rs.Hash() == rs2.Hash() || len(rs2.Rules[0].Sources) != 3 {
 		t.Errorf("a new frontend container did not change the rule: %v", rs2.Rules[0].Sources)
 	}
@@ -141,7 +142,7 @@ func TestCompileNetworks(t *testing.T) {
 		Networks: map[string]netip.Prefix{"front": netip.MustParsePrefix("172.16.1.0/24"), "back": netip.MustParsePrefix("172.16.2.0/24")},
 	}
 	rules := []Rule{{Name: "front-to-back-db", Action: ActionAllow, From: []Selector{{Network: "front"}}, To: []Selector{{Network: "back"}}, Protocol: "tcp", Ports: []PortRange{{5432, 5432}}}}
-	rs, err := Compile(rules, ActionAllow, dir, local)
+	rs, err := Compile(rules, ActionAllow, dir, local, netip.Prefix{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -164,7 +165,7 @@ func TestCompileNetworks(t *testing.T) {
 	}
 	// A rule without "to" reaches every local space; one naming an unknown
 	// network matches nothing and says so.
-	rs, _ = Compile([]Rule{{Name: "all", Action: ActionDeny, From: []Selector{{CIDR: "192.0.2.0/24"}}}, {Name: "ghost", Action: ActionDeny, To: []Selector{{Network: "ghost"}}}}, ActionAllow, dir, local)
+	rs, _ = Compile([]Rule{{Name: "all", Action: ActionDeny, From: []Selector{{CIDR: "192.0.2.0/24"}}}, {Name: "ghost", Action: ActionDeny, To: []Selector{{Network: "ghost"}}}}, ActionAllow, dir, local, netip.Prefix{})
 	if r := rs.Rules[0]; r.Name != "all" || len(r.Dests) != 3 {
 		t.Errorf("a rule without to: %+v, want it to reach the bridge and both networks", r)
 	}
@@ -173,29 +174,95 @@ func TestCompileNetworks(t *testing.T) {
 	}
 }
 
-// IPv6 into local containers opens only where the policy denies nothing:
-// rules name IPv4 addresses, so any deny of the operator's (or deny by
-// default) closes IPv6; allow rules and the networks' isolation do not.
-func TestIPv6FailsClosed(t *testing.T) {
-	allow := CompiledRule{Name: "allow-web", Action: ActionAllow}
-	deny := CompiledRule{Name: "deny-web", Action: ActionDeny}
-	isolation := CompiledRule{Name: "isolation of network n1", Action: ActionDeny, Isolation: true}
-	for _, c := range []struct {
-		name   string
-		rs     Ruleset
-		closed bool
-	}{
-		{"no policy", Ruleset{DefaultAction: ActionAllow}, false},
-		{"allow rules only", Ruleset{DefaultAction: ActionAllow, Rules: []CompiledRule{allow}}, false},
-		{"the networks' isolation", Ruleset{DefaultAction: ActionAllow, Rules: []CompiledRule{isolation}}, false},
-		{"a deny rule", Ruleset{DefaultAction: ActionAllow, Rules: []CompiledRule{allow, deny, isolation}}, true},
-		{"deny by default", Ruleset{DefaultAction: ActionDeny, Rules: []CompiledRule{allow}}, true},
-	} {
-		s := ipv6Section(c.rs, netip.MustParsePrefix("fd00:10:244:1::/64"), "docker0")
-		rules := s.Chains[1].Rules
-		closed := strings.Contains(rules[len(rules)-1], "REJECT")
-		if closed != c.closed {
-			t.Errorf("%s: IPv6 refused = %v, want %v (rules %q)", c.name, closed, c.closed, rules)
+// A node, container or label selector covers both families; a CIDR or an
+// address only its own. The IPv6 subnet is one of the host's spaces.
+func TestCompileIPv6(t *testing.T) {
+	local, localV6 := netip.MustParsePrefix("10.244.2.0/24"), netip.MustParsePrefix("fd00:10:244:2::/64")
+	dir := Directory{
+		Nodes:      map[string]netip.Prefix{"host-b": netip.MustParsePrefix("10.244.1.0/24"), "v4only": netip.MustParsePrefix("10.244.3.0/24")},
+		NodesV6:    map[string]netip.Prefix{"host-b": netip.MustParsePrefix("fd00:10:244:1::/64")},
+		Containers: []Container{{Name: "web", Address: netip.MustParseAddr("10.244.2.5"), AddressV6: netip.MustParseAddr("fd00:10:244:2::5"), Labels: map[string]string{"role": "web"}}},
+	}
+	p := func(s ...string) []netip.Prefix {
+		var out []netip.Prefix
+		for _, x := range s {
+			out = append(out, netip.MustParsePrefix(x))
 		}
+		return out
+	}
+	for _, c := range []struct {
+		name           string
+		rule           Rule
+		sources, dests []netip.Prefix
+	}{
+		{"node", Rule{From: []Selector{{Node: "host-b"}}}, p("10.244.1.0/24", "fd00:10:244:1::/64"), p("10.244.2.0/24", "fd00:10:244:2::/64")},
+		{"node without IPv6", Rule{From: []Selector{{Node: "v4only"}}}, p("10.244.3.0/24"), p("10.244.2.0/24", "fd00:10:244:2::/64")},
+		{"label", Rule{To: []Selector{{Label: "role=web"}}}, nil, p("10.244.2.5/32", "fd00:10:244:2::5/128")},
+		{"container", Rule{To: []Selector{{Container: "web"}}}, nil, p("10.244.2.5/32", "fd00:10:244:2::5/128")},
+		{"IPv6 cidr", Rule{From: []Selector{{CIDR: "fd00:99::/64"}}, To: []Selector{{CIDR: "fd00::/8"}}}, p("fd00:99::/64"), p("fd00:10:244:2::/64")},
+		{"IPv4 address", Rule{To: []Selector{{Address: "10.244.2.7"}}}, nil, p("10.244.2.7/32")},
+		{"IPv6 address", Rule{To: []Selector{{Address: "fd00:10:244:2::7"}}}, nil, p("fd00:10:244:2::7/128")},
+	} {
+		c.rule.Name, c.rule.Action = "r", ActionDeny
+		rs, err := Compile([]Rule{c.rule}, "", dir, local, localV6)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if len(rs.Rules) != 1 || !reflect.DeepEqual(rs.Rules[0].Sources, c.sources) || !reflect.DeepEqual(rs.Rules[0].Dests, c.dests) {
+			t.Errorf("%s: compiled %+v, want sources %v dests %v", c.name, rs.Rules, c.sources, c.dests)
+		}
+	}
+	// Another host's /64 as destination is not about this host.
+	if rs, _ := Compile([]Rule{{Name: "r", Action: ActionDeny, To: []Selector{{CIDR: "fd00:10:244:1::/64"}}}}, "", dir, local, localV6); len(rs.Rules) != 0 {
+		t.Errorf("rule to another host's /64 kept: %+v", rs.Rules)
+	}
+	for _, bad := range []Selector{{CIDR: "::ffff:10.0.0.0/104"}, {CIDR: "fd00::1/64"}, {Address: "fe80::1%eth0"}} {
+		if err := bad.Validate(); err == nil {
+			t.Errorf("selector %+v accepted", bad)
+		}
+	}
+}
+
+// Each family's chain takes its own prefixes: a rule whose sources are
+// all IPv4 matches no IPv6 packet and is left out of the IPv6 chain (not
+// widened to "from anywhere"), ICMP is ICMPv6 there, and its rejects are
+// ICMPv6's; neighbour discovery passes a default deny.
+func TestRenderPerFamily(t *testing.T) {
+	rs, err := Compile([]Rule{
+		{Name: "from-v4", Action: ActionDeny, From: []Selector{{CIDR: "10.9.0.0/16"}}},
+		{Name: "from-v6", Action: ActionDeny, From: []Selector{{CIDR: "fd00:99::/64"}}},
+		{Name: "ping", Action: ActionAllow, Protocol: ProtocolICMP},
+	}, ActionDeny, Directory{}, netip.MustParsePrefix("10.244.2.0/24"), netip.MustParsePrefix("fd00:10:244:2::/64"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &IptablesEnforcer{cfg: IptablesConfig{Bridge: "docker0"}}
+	v4, _ := e.render(rs, ipv4)
+	v6, _ := e.render(rs, ipv6)
+	has := func(rules []string, s string) bool { return slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, s) }) }
+	for _, c := range []struct {
+		what  string
+		rules []string
+		sub   string
+		want  bool
+	}{
+		{"IPv4 chain: from-v4", v4.rules, "-s 10.9.0.0/16", true},
+		{"IPv4 chain: from-v6", v4.rules, "from-v6", false},
+		{"IPv6 chain: from-v6", v6.rules, "-s fd00:99::/64", true},
+		{"IPv6 chain: from-v4", v6.rules, "from-v4", false},
+		{"IPv6 chain: ICMPv6", v6.rules, "-p ipv6-icmp " + comment("ping"), true},
+		{"IPv6 chain: ICMPv6 rejects", v6.rules, "icmp6-port-unreachable", true},
+		{"IPv6 chain: no ICMPv4 reject", v6.rules, "icmp-port-unreachable", false},
+		{"IPv6 chain: neighbour discovery", v6.rules, "--icmpv6-type 136", true},
+		{"IPv6 scope", v6.scope, "-d fd00:10:244:2::/64 -o docker0", true},
+	} {
+		if got := has(c.rules, c.sub); got != c.want {
+			t.Errorf("%s: has %q = %v, want %v:\n%s", c.what, c.sub, got, c.want, strings.Join(c.rules, "\n"))
+		}
+	}
+	// No IPv6 subnet here: no IPv6 chain.
+	rs.LocalV6 = netip.Prefix{}
+	if v6, _ := e.render(rs, ipv6); len(v6.section().Chains) != 0 {
+		t.Errorf("IPv6 chains without an IPv6 subnet: %+v", v6.section())
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/fabricnet/fabric/lab"
 
 	"github.com/fabricnet/fabric/internal/testreq"
+	"github.com/fabricnet/fabric/internal/testwait"
 )
 
 // nsLab is one host network namespace with a bridge (10.244.2.1/24) and two
@@ -155,7 +156,7 @@ func (l *nsLab) expectPing(ns, src, dst string, open bool) {
 
 func (l *nsLab) apply(e *IptablesEnforcer, rules []Rule, def string, nodes map[string]netip.Prefix) Ruleset {
 	l.t.Helper()
-	rs, err := Compile(rules, def, Directory{Nodes: nodes}, localSubnet)
+	rs, err := Compile(rules, def, Directory{Nodes: nodes}, localSubnet, netip.Prefix{})
 	if err != nil {
 		l.t.Fatalf("compile: %v", err)
 	}
@@ -447,7 +448,7 @@ func TestStoredRuleIsEnforced(t *testing.T) {
 	applied := make(chan string, 16)
 	go func() {
 		for p := range WatchPolicy(ctx, cli, "/fabric", slog.New(slog.DiscardHandler)) {
-			rs, err := Compile(p.Rules, p.DefaultAction, Directory{Nodes: nodes}, localSubnet)
+			rs, err := Compile(p.Rules, p.DefaultAction, Directory{Nodes: nodes}, localSubnet, netip.Prefix{})
 			if err == nil {
 				err = e.Apply(ctx, rs)
 			}
@@ -519,4 +520,107 @@ func newEnforcer(t *testing.T, ns string, cfg IptablesConfig) *IptablesEnforcer 
 		t.Fatal(err)
 	}
 	return e
+}
+
+// IPv6 addresses of the lab (addIPv6): the host's /64 on the bridge, the
+// remote's /64 (node host-b's), and an address outside both.
+const (
+	c1AddrV6      = "fd00:10:244:2::2"
+	remoteAddrV6  = "fd00:10:244:1::2"
+	remoteAddrV6b = "fd00:99::2"
+)
+
+var (
+	localSubnetV6 = netip.MustParsePrefix("fd00:10:244:2::/64")
+	nodeBV6       = netip.MustParsePrefix("fd00:10:244:1::/64")
+)
+
+// addIPv6 gives the lab's bridge, c1 and the remote IPv6 addresses (no
+// duplicate address detection: usable at once).
+func (l *nsLab) addIPv6() {
+	l.t.Helper()
+	lab.Exec(l.t, l.host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+	for _, a := range []struct{ ns, dev, prefix string }{
+		{l.host, "br0", "fd00:10:244:2::1/64"}, {l.c1, "eth0", c1AddrV6 + "/64"},
+		{l.host, "vremote", "fd00:10:244:1::1/64"}, {l.host, "vremote", "fd00:99::1/64"},
+		{l.remote, "eth0", remoteAddrV6 + "/64"}, {l.remote, "eth0", remoteAddrV6b + "/64"},
+	} {
+		lab.Run(l.t, "ip", "-n", a.ns, "addr", "add", a.prefix, "dev", a.dev, "nodad")
+	}
+	lab.Run(l.t, "ip", "-n", l.c1, "-6", "route", "add", "default", "via", "fd00:10:244:2::1")
+	lab.Run(l.t, "ip", "-n", l.remote, "-6", "route", "add", "default", "via", "fd00:10:244:1::1")
+	// The first neighbour solicitations on a new bridge can be lost: the
+	// lab is ready when the remote reaches c1, before any rule is judged.
+	testwait.For(l.t, 10*time.Second, "the remote reaches c1 over IPv6", func() error {
+		return lab.Command(context.Background(), l.remote, "ping", "-6", "-n", "-q", "-c1", "-W1", c1AddrV6).Run()
+	})
+}
+
+// TestIPv6Enforcement: the rules hold for IPv6 as for IPv4 in the
+// ip6tables owner. A node selector covers the node's /64, an IPv6 CIDR
+// is enforced, an IPv4-only rule leaves IPv6 alone (it names no IPv6
+// address), and a denied connection is refused at once, not timed out.
+func TestIPv6Enforcement(t *testing.T) {
+	lab.RequireRoot(t, "ip6tables-restore", "ip6tables-save")
+	l := newLab(t)
+	l.addIPv6()
+	web, webV6 := c1Addr+":80", "["+c1AddrV6+"]:80"
+	l.listen(l.c1, web)
+	l.listen(l.c1, webV6)
+	inHost := (&execRecorder{ns: l.host}).exec
+	tables6, err := iptables.New(iptables.Config{Exec: inHost, NetnsPath: lab.Path(l.host), Sections: []string{Section}, IPv6: true, Logger: lab.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnforcer(t, l.host, IptablesConfig{Exec: inHost, Bridge: "br0", Tables6: tables6, Logger: lab.Logger(t)})
+	t.Cleanup(func() { e.Cleanup(context.Background()) })
+	dir := Directory{Nodes: map[string]netip.Prefix{"host-a": localSubnet, "host-b": nodeB},
+		NodesV6: map[string]netip.Prefix{"host-a": localSubnetV6, "host-b": nodeBV6}}
+	apply := func(t *testing.T, def string, rules ...Rule) {
+		t.Helper()
+		rs, err := Compile(rules, def, dir, localSubnet, localSubnetV6)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := e.Apply(ctx, rs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.expectTCP(l.remote, remoteAddrV6, webV6, true)
+
+	for _, c := range []struct {
+		name                  string
+		def                   string
+		rule                  Rule
+		fromB, fromOther, ip4 bool // open from host-b's /64, from fd00:99::2, IPv4 from host-b
+	}{
+		{"a node covers its /64", "", Rule{Name: "deny-b", Action: "deny", From: []Selector{{Node: "host-b"}}, Protocol: "tcp"}, false, true, false},
+		{"an IPv6 CIDR", "", Rule{Name: "deny-99", Action: "deny", From: []Selector{{CIDR: "fd00:99::/64"}}}, true, false, true},
+		{"IPv6 CIDRs in an ipset", "", Rule{Name: "deny-set", Action: "deny", From: []Selector{{CIDR: "fd00:97::/64"}, {CIDR: "fd00:98::/64"}, {CIDR: "fd00:99::/64"}}}, true, false, true},
+		{"an IPv4 CIDR leaves IPv6 alone", "", Rule{Name: "deny-v4", Action: "deny", From: []Selector{{CIDR: "10.244.1.0/24"}}}, true, true, false},
+		{"an IPv6 address as destination", "", Rule{Name: "deny-to-c1", Action: "deny", To: []Selector{{Address: c1AddrV6}}, Protocol: "tcp", Ports: []PortRange{{80, 80}}}, false, false, true},
+		{"default deny, the node allowed", "deny", Rule{Name: "allow-b", Action: "allow", From: []Selector{{Node: "host-b"}}}, true, false, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l.t = t
+			apply(t, c.def, c.rule)
+			l.expectTCP(l.remote, remoteAddrV6, webV6, c.fromB)
+			l.expectTCP(l.remote, remoteAddrV6b, webV6, c.fromOther)
+			l.expectTCP(l.remote, remoteAddr, web, c.ip4)
+		})
+	}
+	t.Run("no rule", func(t *testing.T) {
+		l.t = t
+		apply(t, "")
+		l.expectTCP(l.remote, remoteAddrV6b, webV6, true)
+		// Cleanup removes the IPv6 chain and its jump too.
+		if err := e.Cleanup(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if saved := l.inHost("ip6tables-save", "-t", "filter"); strings.Contains(saved, ChainName) {
+			t.Errorf("ip6tables after Cleanup:\n%s", saved)
+		}
+	})
 }

@@ -72,13 +72,10 @@ type IptablesConfig struct {
 	Tables *iptables.Manager
 	// Sets is the host's owner of fabric's ipsets (required).
 	Sets *ipsets.Owner
-	// Tables6 is the host's ip6tables owner and LocalV6 its IPv6 subnet,
-	// when the fabric has IPv6 (else nil and invalid). Rules name IPv4
-	// addresses only, so IPv6 fails closed: while the policy denies
-	// anything here (a deny rule, or deny by default), new IPv6
-	// connections into this host's containers are refused (ipv6Section).
+	// Tables6 is the host's ip6tables owner when the fabric has IPv6 (else
+	// nil): the rules' IPv6 prefixes are enforced there, for traffic into
+	// the ruleset's LocalV6.
 	Tables6 *iptables.Manager
-	LocalV6 netip.Prefix
 	Logger  *slog.Logger
 }
 
@@ -127,6 +124,9 @@ type rendered struct {
 
 // section is what the iptables owner writes for these rules.
 func (r rendered) section() iptables.Section {
+	if len(r.scope) == 0 {
+		return iptables.Section{} // nothing of this family here
+	}
 	return iptables.Section{
 		Chains: []iptables.Chain{{Table: "filter", Name: ChainName, Rules: r.scope}, {Table: "filter", Name: InChain, Rules: r.rules}},
 		Jumps: []iptables.Jump{{Table: "filter", From: "FORWARD", To: ChainName,
@@ -138,58 +138,20 @@ func (r rendered) section() iptables.Section {
 func (e *IptablesEnforcer) Apply(ctx context.Context, rs Ruleset) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if err := e.apply(ctx, rs); err != nil {
-		return err
-	}
-	if e.cfg.Tables6 == nil {
-		return nil
-	}
-	if err := e.cfg.Tables6.Set(ctx, Section, ipv6Section(rs, e.cfg.LocalV6, e.cfg.Bridge)); err != nil {
-		return fmt.Errorf("apply policy: IPv6 chain %s: %w", ChainName, err)
-	}
-	return nil
-}
-
-// ipv6Section is the IPv6 policy: replies and neighbour discovery pass;
-// new connections into local containers pass only while the policy denies
-// nothing here (default allow, no deny rule of the operator's: the
-// networks' isolation concerns IPv4 subnets), since rules name IPv4
-// addresses and an IPv6 path around a deny must not open.
-func ipv6Section(rs Ruleset, local netip.Prefix, bridge string) iptables.Section {
-	in := "-o " + bridge + " "
-	if bridge == "" {
-		in = ""
-	}
-	verdict := []string{comment("IPv6: the policy denies nothing here") + " -j RETURN"}
-	if deniesAny(rs) {
-		// Refused as IPv4 denies are: a reset, so a client fails at once.
-		why := comment("IPv6: refused while the policy denies (its rules name IPv4 addresses)")
-		verdict = []string{"-p tcp " + why + " -j REJECT --reject-with tcp-reset", why + " -j REJECT --reject-with icmp6-port-unreachable"}
-	}
-	return iptables.Section{
-		Chains: []iptables.Chain{
-			{Table: "filter", Name: ChainName, Rules: []string{fmt.Sprintf("-d %s %s%s -j %s", local, in, comment("IPv6 traffic to local containers"), InChain)}},
-			{Table: "filter", Name: InChain, Rules: append([]string{
-				fmt.Sprintf("-m conntrack --ctstate RELATED,ESTABLISHED %s -j ACCEPT", comment("replies of allowed connections")),
-				fmt.Sprintf("-p ipv6-icmp -m icmp6 --icmpv6-type 135 %s -j ACCEPT", comment("neighbour discovery")),
-				fmt.Sprintf("-p ipv6-icmp -m icmp6 --icmpv6-type 136 %s -j ACCEPT", comment("neighbour discovery")),
-			}, verdict...)},
-		},
-		Jumps: []iptables.Jump{{Table: "filter", From: "FORWARD", To: ChainName,
-			Why: "enforce fabric policy for local containers", Rank: iptables.RankPolicy}},
-	}
-}
-
-// deniesAny: the default denies, or a rule of the operator's does.
-func deniesAny(rs Ruleset) bool {
-	return rs.DefaultAction != ActionAllow || slices.ContainsFunc(rs.Rules, func(r CompiledRule) bool { return !r.Isolation && r.Action != ActionAllow })
+	return e.apply(ctx, rs)
 }
 
 func (e *IptablesEnforcer) apply(ctx context.Context, rs Ruleset) error {
 	start := time.Now()
-	want, err := e.render(rs)
+	want, err := e.render(rs, ipv4)
 	if err != nil {
 		return err
+	}
+	var want6 rendered
+	if e.cfg.Tables6 != nil {
+		if want6, err = e.render(rs, ipv6); err != nil {
+			return err
+		}
 	}
 	if want.marker == e.marker {
 		// In force already (a repair tick, or a node set change that
@@ -198,7 +160,7 @@ func (e *IptablesEnforcer) apply(ctx context.Context, rs Ruleset) error {
 		// chain, without running a command when nothing changed. Only if
 		// the chain and a set were both removed does that repair fail:
 		// then the sets are made again below.
-		err := e.tables.Set(ctx, Section, want.section())
+		err := e.setChains(ctx, want, want6)
 		if err == nil {
 			return nil
 		}
@@ -214,26 +176,44 @@ func (e *IptablesEnforcer) apply(ctx context.Context, rs Ruleset) error {
 	// 1. Sets first, under names derived from their content, so the old
 	// chain keeps using the old sets until the commit below. A set left
 	// half-made by an earlier run is completed.
-	for _, name := range slices.Sorted(maps.Keys(want.sets)) {
+	sets := maps.Clone(want.sets)
+	maps.Copy(sets, want6.sets)
+	for _, name := range slices.Sorted(maps.Keys(sets)) {
 		if slices.Contains(have, name) {
 			continue
 		}
-		if err := e.cfg.Sets.SetNets(name, want.sets[name]); err != nil {
+		if err := e.cfg.Sets.SetNets(name, sets[name]); err != nil {
 			return fmt.Errorf("apply policy: %w", err)
 		}
 	}
 
-	// 2. The chain and its jump, in one transaction of the iptables owner.
-	if err := e.tables.Set(ctx, Section, want.section()); err != nil {
-		return fmt.Errorf("apply policy: chain %s: %w", ChainName, err)
+	// 2. The chain and its jump, in one transaction of the iptables owner
+	// per family.
+	if err := e.setChains(ctx, want, want6); err != nil {
+		return err
 	}
 
-	// 3. Sets the new chain no longer uses.
-	e.destroySets(ctx, have, want.sets)
+	// 3. Sets the new chains no longer use.
+	e.destroySets(ctx, have, sets)
 	e.marker = want.marker
 	e.log.Info("policy applied", "ruleset", want.marker, "rules", len(rs.Rules),
 		"iptables_rules", len(want.rules), "ipsets", len(want.sets), "default", rs.DefaultAction,
 		"local", rs.Local, "took", time.Since(start))
+	return nil
+}
+
+// setChains hands each family's chains to its iptables owner. IPv4 goes
+// first and alone when IPv6 fails: each family's rules stand by themselves.
+func (e *IptablesEnforcer) setChains(ctx context.Context, want, want6 rendered) error {
+	if err := e.tables.Set(ctx, Section, want.section()); err != nil {
+		return fmt.Errorf("apply policy: chain %s: %w", ChainName, err)
+	}
+	if e.cfg.Tables6 == nil {
+		return nil
+	}
+	if err := e.cfg.Tables6.Set(ctx, Section, want6.section()); err != nil {
+		return fmt.Errorf("apply policy: IPv6 chain %s: %w", ChainName, err)
+	}
 	return nil
 }
 
@@ -323,8 +303,29 @@ func (e *IptablesEnforcer) destroySets(ctx context.Context, have []string, keep 
 	return left
 }
 
-// render turns rs into chain rules and ipsets.
-func (e *IptablesEnforcer) render(rs Ruleset) (rendered, error) {
+// family is the address family one chain is rendered for.
+type family bool
+
+const (
+	ipv4 family = false
+	ipv6 family = true
+)
+
+// of keeps the prefixes of this family.
+func (f family) of(ps []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		if p.Addr().Is6() == bool(f) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// render turns rs into one family's chain rules and ipsets. A rule whose
+// sources or destinations are all of the other family matches nothing of
+// this one and is left out; a rule from anywhere applies to both.
+func (e *IptablesEnforcer) render(rs Ruleset, fam family) (rendered, error) {
 	if !rs.Local.IsValid() {
 		return rendered{}, fmt.Errorf("apply policy: ruleset has no local subnet")
 	}
@@ -342,32 +343,53 @@ func (e *IptablesEnforcer) render(rs Ruleset) (rendered, error) {
 	if e.cfg.Bridge == "" {
 		in = ""
 	}
+	local := rs.Local
+	var networks []netip.Prefix
+	if fam == ipv6 {
+		local = rs.LocalV6
+		if !local.IsValid() {
+			return r, nil // no IPv6 subnet here: no chain
+		}
+	} else {
+		networks = rs.Networks // fabric networks are IPv4
+	}
 	r.scope = append(r.scope,
-		fmt.Sprintf("-d %s %s%s -j %s", rs.Local, in, comment("traffic to local containers; ruleset "+r.marker), InChain))
+		fmt.Sprintf("-d %s %s%s -j %s", local, in, comment("traffic to local containers; ruleset "+r.marker), InChain))
 	if e.cfg.EndpointLinks != "" {
-		for _, n := range rs.Networks {
+		for _, n := range networks {
 			r.scope = append(r.scope, fmt.Sprintf("-d %s -o %s %s -j %s", n, e.cfg.EndpointLinks, comment("traffic to local containers on network "+n.String()), InChain))
 		}
 	}
 	r.rules = append(r.rules,
 		fmt.Sprintf("-m conntrack --ctstate RELATED,ESTABLISHED %s -j ACCEPT", comment("replies of allowed connections")))
+	if fam == ipv6 {
+		// IPv6 finds its neighbours through the bridge with ICMPv6, which
+		// a default deny must not stop (ARP, for IPv4, is not IP).
+		for _, typ := range []int{135, 136} {
+			r.rules = append(r.rules, fmt.Sprintf("-p ipv6-icmp -m icmp6 --icmpv6-type %d %s -j ACCEPT", typ, comment("neighbour discovery")))
+		}
+	}
 
-	spaces := append([]netip.Prefix{rs.Local}, rs.Networks...)
+	spaces := append([]netip.Prefix{local}, networks...)
 	for _, cr := range rs.Rules {
-		srcs := r.addressMatches(cr.Sources, "-s", "src", nil)
-		dsts := r.addressMatches(cr.Dests, "-d", "dst", spaces)
-		protos := protoMatches(cr.Protocol, cr.Ports)
+		sources, dests := fam.of(cr.Sources), fam.of(cr.Dests)
+		if (cr.Sources != nil && len(sources) == 0) || len(dests) == 0 {
+			continue // only the other family's addresses: no traffic of this one
+		}
+		srcs := r.addressMatches(sources, "-s", "src", nil)
+		dsts := r.addressMatches(dests, "-d", "dst", spaces)
+		protos := protoMatches(cr.Protocol, cr.Ports, fam)
 		for _, src := range srcs {
 			for _, dst := range dsts {
 				for _, proto := range protos {
-					for _, target := range targets(cr.Action, cr.Protocol) {
+					for _, target := range targets(cr.Action, cr.Protocol, fam) {
 						r.rules = append(r.rules, joinSpec(src, dst, target.proto, proto, comment(cr.Name), target.jump))
 					}
 				}
 			}
 		}
 	}
-	for _, target := range targets(rs.DefaultAction, ProtocolAny) {
+	for _, target := range targets(rs.DefaultAction, ProtocolAny, fam) {
 		jump := target.jump
 		if rs.DefaultAction == ActionAllow {
 			jump = "-j RETURN" // let the host's other FORWARD rules decide
@@ -404,9 +426,12 @@ func (r *rendered) addressMatches(ps []netip.Prefix, flag, dir string, in []neti
 
 // protoMatches returns protocol and port matches, split so no multiport
 // match exceeds its 15 entries.
-func protoMatches(proto string, ports []PortRange) []string {
+func protoMatches(proto string, ports []PortRange, fam family) []string {
 	if proto == ProtocolAny {
 		return []string{""}
+	}
+	if proto == ProtocolICMP && fam == ipv6 {
+		proto = "ipv6-icmp"
 	}
 	if len(ports) == 0 {
 		return []string{"-p " + proto}
@@ -440,9 +465,13 @@ type target struct {
 // targets returns the verdict for an action. Deny rejects rather than drops
 // so clients fail fast: TCP with a reset, everything else with ICMP port
 // unreachable. A deny for any protocol needs two rules for that.
-func targets(action, proto string) []target {
+func targets(action, proto string, fam family) []target {
 	if action == ActionAllow {
 		return []target{{jump: "-j ACCEPT"}}
+	}
+	unreachable := "-j REJECT --reject-with icmp-port-unreachable"
+	if fam == ipv6 {
+		unreachable = "-j REJECT --reject-with icmp6-port-unreachable"
 	}
 	switch proto {
 	case ProtocolTCP:
@@ -450,10 +479,10 @@ func targets(action, proto string) []target {
 	case ProtocolAny:
 		return []target{
 			{proto: "-p tcp", jump: "-j REJECT --reject-with tcp-reset"},
-			{jump: "-j REJECT --reject-with icmp-port-unreachable"},
+			{jump: unreachable},
 		}
 	default:
-		return []target{{jump: "-j REJECT --reject-with icmp-port-unreachable"}}
+		return []target{{jump: unreachable}}
 	}
 }
 

@@ -83,7 +83,7 @@ func TestParseErrorsNameLine(t *testing.T) {
   from:
     - cidr: 10.244.1.0/24
     - cidr: 10.244.300.0/24
-`, `policy.yaml:6: rule "web": from[1]: cidr "10.244.300.0/24": want an IPv4 prefix`},
+`, `policy.yaml:6: rule "web": from[1]: cidr "10.244.300.0/24": want an IPv4 or IPv6 prefix`},
 		{"host bits", `
 - name: web
   action: deny

@@ -15,6 +15,8 @@
 //	    order: 10                # lower first; ties by name
 //	    action: allow            # allow | deny
 //	    from: [{node: host-b}, {cidr: 10.244.1.0/24}]   # empty = anywhere
+//	                             # cidr and address are one family (IPv4 or
+//	                             # IPv6); node, container and label select both
 //	    to: [{address: 10.244.2.2}]                      # empty = anywhere
 //	    protocol: tcp            # tcp | udp | icmp | omitted = any
 //	    ports: [80, "8000-8100"] # tcp/udp only
@@ -68,8 +70,11 @@ type Rule struct {
 
 // Selector names a set of addresses; exactly one field is set.
 type Selector struct {
+	// CIDR and Address are literal: one family each. The others select
+	// both families of what they name (a node's /24 and its /64, a
+	// container's IPv4 and IPv6 address).
 	CIDR    string `json:"cidr,omitempty"`
-	Node    string `json:"node,omitempty"`    // whole node: that node's current subnet
+	Node    string `json:"node,omitempty"`    // whole node: that node's current subnets
 	Address string `json:"address,omitempty"` // one container address
 	// Container selects the containers of that name on any host (names are
 	// not unique across hosts: each one matches), following them as they
@@ -235,16 +240,16 @@ func (s Selector) Validate() error {
 	switch {
 	case s.CIDR != "":
 		p, err := netip.ParsePrefix(s.CIDR)
-		if err != nil || !p.Addr().Is4() {
-			return fmt.Errorf("cidr %q: want an IPv4 prefix like 10.244.1.0/24", s.CIDR)
+		if err != nil || p.Addr().Is4In6() || p.Addr().Zone() != "" {
+			return fmt.Errorf("cidr %q: want an IPv4 or IPv6 prefix like 10.244.1.0/24 or fd00:10:244:1::/64", s.CIDR)
 		}
 		if p.Masked() != p {
 			return fmt.Errorf("cidr %q has host bits set: did you mean %s?", s.CIDR, p.Masked())
 		}
 	case s.Address != "":
 		a, err := netip.ParseAddr(s.Address)
-		if err != nil || !a.Is4() {
-			return fmt.Errorf("address %q: want an IPv4 address like 10.244.1.2", s.Address)
+		if err != nil || a.Is4In6() || a.Zone() != "" {
+			return fmt.Errorf("address %q: want an IPv4 or IPv6 address like 10.244.1.2 or fd00:10:244:1::2", s.Address)
 		}
 	case s.Container != "":
 		if strings.ContainsAny(s.Container, "/ \t\n") {

@@ -88,12 +88,21 @@ func (o *Owner) SetIPs(name string, addrs []netip.Addr) (writes int, err error) 
 	return writes, err
 }
 
-// SetNets makes name a hash:net set holding every prefix of nets; entries
-// already there stay (policy's sets are named after their content, so a
-// set of that name holds nothing else).
+// SetNets makes name a hash:net set holding every prefix of nets, all of
+// one family (the set's); entries already there stay (policy's sets are
+// named after their content, so a set of that name holds nothing else).
 func (o *Owner) SetNets(name string, nets []netip.Prefix) error {
+	fam := uint8(unix.AF_INET)
+	if len(nets) > 0 && nets[0].Addr().Is6() {
+		fam = unix.AF_INET6
+	}
+	for _, p := range nets {
+		if p.Addr().Is6() != (fam == unix.AF_INET6) {
+			return fmt.Errorf("ipset %s: %s and %s are of different families: a set holds one", name, nets[0], p)
+		}
+	}
 	return o.with(func(h *netlink.Handle) error {
-		err := h.IpsetCreate(name, "hash:net", netlink.IpsetCreateOptions{Family: unix.AF_INET, MaxElements: uint32(max(65536, len(nets)))})
+		err := h.IpsetCreate(name, "hash:net", netlink.IpsetCreateOptions{Family: fam, MaxElements: uint32(max(65536, len(nets)))})
 		if err != nil && !errors.Is(err, unix.EEXIST) && !errors.Is(err, errExists) {
 			return fmt.Errorf("ipset %s: create: %w", name, err)
 		}
