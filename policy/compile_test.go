@@ -239,7 +239,9 @@ func TestRenderPerFamily(t *testing.T) {
 	e := &IptablesEnforcer{cfg: IptablesConfig{Bridge: "docker0"}}
 	v4, _ := e.render(rs, ipv4)
 	v6, _ := e.render(rs, ipv6)
-	has := func(rules []string, s string) bool { return slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, s) }) }
+	has := func(rules []string, s string) bool {
+		return slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, s) })
+	}
 	for _, c := range []struct {
 		what  string
 		rules []string
