@@ -60,13 +60,26 @@ func (a *Agent) natLoop(ctx context.Context) error {
 			apply()
 		case <-a.wake.nat:
 			a.in.mu.Lock()
-			nets := a.in.networks
+			nets, known, containers := a.in.networks, a.in.networksKnown, a.in.containers
 			a.in.mu.Unlock()
 			st.Networks, st.LocalPorts = planner.NetworkNAT(nets)
-			networksKnown = true // MASQUERADE does not wait for the published ports
+			networksKnown = known // MASQUERADE does not wait for the published ports
+			st.AddressesV6 = addressesV6(containers)
 			apply()
 		}
 	}
+}
+
+// addressesV6 maps each container's IPv4 address to its IPv6 one, for
+// publishing its ports over IPv6 too.
+func addressesV6(containers []policy.Container) map[netip.Addr]netip.Addr {
+	out := map[netip.Addr]netip.Addr{}
+	for _, c := range containers {
+		if c.AddressV6.IsValid() {
+			out[c.Address] = c.AddressV6
+		}
+	}
+	return out
 }
 
 // policyLoop compiles the fabric's policy for this host's subnet and enforces

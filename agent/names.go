@@ -140,5 +140,6 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 		a.in.containerRefusals = len(refused)
 		a.in.mu.Unlock()
 		a.kickPolicy()
+		kick(a.wake.nat) // ports published to a container follow its IPv6 address
 	}
 }

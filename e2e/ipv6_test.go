@@ -125,6 +125,8 @@ func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
 		return err
 	})
 
+	publishOverIPv6(t, f, hosts, dhs, subnetV6)
+
 	// The route to a peer's /64 goes over the tunnel via the peer's IPv6
 	// gateway address (the kernel takes no IPv4 gateway for an IPv6
 	// route), which a permanent neighbour entry maps to its VTEP MAC.
@@ -145,6 +147,48 @@ func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
 	out, err = hosts[0].Run(ctx, "ip", "-6", "neigh", "show", "dev", "fabric.vxlan", peer.Addr().String())
 	if err != nil || !strings.Contains(out, "PERMANENT") {
 		t.Errorf("%s's neighbour entry for %s: %q (%v), want a permanent one", hosts[0].Name, peer.Addr(), out, err)
+	}
+}
+
+// publishOverIPv6: a port published to host2's container (by its IPv4
+// address, as always) answers on every host's IPv6 address too: the
+// hosts' underlay gets IPv6 addresses here, as on a dual-stack LAN, and a
+// client outside the fabric reaches the container through each of them.
+// Through the container's own host it sees the client; through another
+// host, that host's IPv6 gateway (so the reply returns through it).
+func publishOverIPv6(t *testing.T, f *fabric, hosts []*lab.Host, dhs []*dockerHost, subnetV6 map[string]netip.Prefix) {
+	ctx, cancel := dockerCtx()
+	defer cancel()
+	o, err := f.lab.AddOutside(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	underlayV6 := func(i int) netip.Addr { return netip.AddrFrom16([16]byte{0xfd, 0x99, 15: byte(i)}) }
+	for i, h := range append([]*lab.Host{o}, hosts...) {
+		if _, err := h.Run(ctx, "ip", "-6", "addr", "replace", underlayV6(i+1).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	target := netip.AddrPortFrom(dhs[1].ipv4(t), 8000).String()
+	if out, err := f.fabricctl(hosts[0], "publish", "add", "8090/tcp", target); err != nil {
+		t.Fatalf("publish add: %v\n%s", err, out)
+	}
+	for i, h := range hosts {
+		want := underlayV6(1).String() // the client's own address
+		if i != 1 {
+			want = subnetV6[h.Name].Addr().Next().String()
+		}
+		addr := netip.AddrPortFrom(underlayV6(i+2), 8090).String()
+		f.eventually(15*time.Second, "the outside reaches host2's container through "+h.Name+"'s IPv6 address "+addr, func() error {
+			seen, err := outsideDial(o, addr)
+			if err == nil && seen != want {
+				err = fmt.Errorf("the container saw %s, want %s", seen, want)
+			}
+			return err
+		})
+	}
+	if out, err := f.fabricctl(hosts[0], "publish", "delete", "8090/tcp"); err != nil {
+		t.Fatalf("publish delete: %v\n%s", err, out)
 	}
 }
 

@@ -18,6 +18,10 @@
 // The policy package's FABRIC-POLICY jump precedes FABRIC-FORWARD's in
 // FORWARD; the iptables owner places both in one transaction.
 //
+// With an IPv6 pool the IPv6 tables' owner gets the same chains: NAT66
+// (MASQUERADE leaving the IPv6 pool) and, for each publish whose target
+// container has an IPv6 address (State.AddressesV6), its IPv6 side.
+//
 // Limits: a published port is reached through the host's non-loopback
 // addresses only; 127.0.0.1:port is not forwarded (that would need
 // route_localnet). Connections to a published port whose target runs on
@@ -108,6 +112,11 @@ type State struct {
 	Networks      []netip.Prefix
 	EndpointLinks string
 	LocalPorts    []LocalPort
+	// AddressesV6 maps a container's IPv4 address to its IPv6 one (from
+	// the trusted name records): a publish to a container's IPv4 address
+	// is served on the hosts' IPv6 addresses too, to the same container,
+	// as dockerd's -p serves both families.
+	AddressesV6 map[netip.Addr]netip.Addr
 }
 
 // LocalPort is a port a container on a fabric network publishes on this
@@ -174,7 +183,7 @@ func (m *Manager) Apply(ctx context.Context, st State) error {
 		return fmt.Errorf("nat: %w", err)
 	}
 	if m.tables6 != nil {
-		if err := m.tables6.Set(ctx, Section, renderIPv6(st, m.tables6.RandomFully())); err != nil {
+		if err := m.tables6.Set(ctx, Section, renderIPv6(st, m.selectPublishes(st), m.tables6.RandomFully())); err != nil {
 			return fmt.Errorf("nat: IPv6: %w", err)
 		}
 	}

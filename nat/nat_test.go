@@ -457,40 +457,16 @@ func TestLegacyBackend(t *testing.T) {
 // container it keeps its own. Without the IPv6 rules the outside gets the
 // container's own address, a unique local one it has no route back to.
 func TestMasqueradeIPv6LeavingThePool(t *testing.T) {
-	lab.RequireRoot(t, "ip6tables", "ip6tables-save", "ip6tables-restore")
 	l := newTestLab(t)
 	ctx := testContext(t)
-	// IPv6 beside IPv4: the bridges' /64s, h1's underlay toward the
-	// outside, and the h1-h2 link standing in for the tunnel.
-	for _, h := range []string{"h1", "h2"} {
-		l.in(h, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-	}
-	lab.Addr(t, l.ns("h1"), labBridge, "fd00:10:244:1::1/64")
-	lab.Addr(t, l.ns("h2"), labBridge, "fd00:10:244:2::1/64")
-	for _, c := range []struct{ ns, addr, gw string }{{"c1", "fd00:10:244:1::2/64", "fd00:10:244:1::1"}, {"c2", "fd00:10:244:2::2/64", "fd00:10:244:2::1"}} {
-		l.in(c.ns, "ip", "-6", "addr", "add", c.addr, "dev", "eth0", "nodad")
-		l.in(c.ns, "ip", "-6", "route", "add", "default", "via", c.gw)
-	}
-	l.in("h1", "ip", "-6", "addr", "add", "fd99::11/64", "dev", "eu", "nodad")
-	l.in("out", "ip", "-6", "addr", "add", "fd99::250/64", "dev", "eu", "nodad")
-	l.in("h1", "ip", "-6", "addr", "add", "fd98::1/64", "dev", "et", "nodad")
-	l.in("h2", "ip", "-6", "addr", "add", "fd98::2/64", "dev", "et", "nodad")
-	l.in("h1", "ip", "-6", "route", "add", "fd00:10:244:2::/64", "via", "fd98::2")
-	l.in("h2", "ip", "-6", "route", "add", "default", "via", "fd98::1")
+	l.addIPv6()
 	l.serveSource("out", "[fd99::250]:9000")
 	l.serveSource("c2", "[fd00:10:244:2::2]:80")
 
 	// No NAT66 yet: the outside has no route back to a container's address.
 	l.expectClosed("c1", "[fd99::250]:9000")
 
-	tables6, err := iptables.New(iptables.Config{Exec: l.exec("h1"), IPv6: true, Sections: []string{Section}, Logger: lab.Logger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := New(Config{Exec: l.exec("h1"), Tables: ownTables(t, l.exec("h1")), Tables6: tables6, Logger: lab.Logger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m := l.managerIPv6("h1")
 	st := hostState("h1", h1Subnet)
 	st.PoolV6, st.SubnetV6 = netip.MustParsePrefix("fd00:10:244::/48"), netip.MustParsePrefix("fd00:10:244:1::/64")
 	if err := m.Apply(ctx, st); err != nil {
@@ -504,4 +480,91 @@ func TestMasqueradeIPv6LeavingThePool(t *testing.T) {
 	if out := l.in("h1", "ip6tables-save"); strings.Contains(out, "FABRIC-") {
 		t.Errorf("IPv6 rules left after Cleanup:\n%s", out)
 	}
+}
+
+// A publish to a container that has an IPv6 address answers on the hosts'
+// IPv6 addresses too, forwarded to that container's IPv6 address with the
+// IPv4 publish's rules: a remote target sees h1's IPv6 gateway (its reply
+// returns through h1), a local one the client's own address. A target
+// without a known IPv6 address is published over IPv4 only.
+func TestPublishedPortsIPv6(t *testing.T) {
+	l := newTestLab(t)
+	ctx := testContext(t)
+	l.addIPv6()
+	l.serveSource("c2", "[fd00:10:244:2::2]:80")
+	l.serveSource("c1", "[fd00:10:244:1::2]:80")
+	m := l.managerIPv6("h1")
+	st := hostState("h1", h1Subnet, publish("tcp", 8080, "10.244.2.2:80"), publish("tcp", 8081, "10.244.1.2:80"), publish("tcp", 8083, "10.244.2.9:80"))
+	st.PoolV6, st.SubnetV6 = netip.MustParsePrefix("fd00:10:244::/48"), netip.MustParsePrefix("fd00:10:244:1::/64")
+	st.AddressesV6 = map[netip.Addr]netip.Addr{
+		netip.MustParseAddr("10.244.2.2"): netip.MustParseAddr("fd00:10:244:2::2"),
+		netip.MustParseAddr("10.244.1.2"): netip.MustParseAddr("fd00:10:244:1::2"),
+	}
+	l.expectClosed("out", "[fd99::11]:8080")
+	if err := m.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	if err := bridge.Hairpin(lab.Handle(t, l.ns("h1")), labBridge); err != nil {
+		t.Fatal(err)
+	}
+	l.expectSource("out", "[fd99::11]:8080", "fd00:10:244:1::1")
+	l.expectSource("h1", "[fd99::11]:8080", "fd00:10:244:1::1")
+	l.expectSource("out", "[fd99::11]:8081", "fd99::250")
+	l.expectSource("c1b", "[fd99::11]:8081", "fd00:10:244:1::1") // hairpin
+	rules := l.in("h1", "ip6tables-save", "-t", "nat")
+	if strings.Contains(rules, "--dport 8083") {
+		t.Errorf("a publish without an IPv6 target has IPv6 rules:\n%s", rules)
+	}
+
+	// The publish goes: closed over IPv6 too.
+	st.Publishes = st.Publishes[1:]
+	if err := m.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	l.expectClosed("out", "[fd99::11]:8080")
+	l.expectSource("out", "[fd99::11]:8081", "fd99::250")
+}
+
+// addIPv6 gives the lab IPv6 beside IPv4: the bridges' /64s with c1 and c2
+// in them, h1's underlay toward the outside (h1 fd99::11, out fd99::250),
+// and the h1-h2 link standing in for the tunnel.
+func (l *testLab) addIPv6() {
+	t := l.t
+	t.Helper()
+	lab.RequireRoot(t, "ip6tables", "ip6tables-save", "ip6tables-restore")
+	for _, h := range []string{"h1", "h2"} {
+		l.in(h, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+	}
+	// No duplicate address detection: a tentative address answers nothing.
+	l.in("h1", "ip", "-6", "addr", "add", "fd00:10:244:1::1/64", "dev", labBridge, "nodad")
+	l.in("h2", "ip", "-6", "addr", "add", "fd00:10:244:2::1/64", "dev", labBridge, "nodad")
+	for _, c := range []struct{ ns, addr, gw string }{{"c1", "fd00:10:244:1::2/64", "fd00:10:244:1::1"}, {"c1b", "fd00:10:244:1::3/64", "fd00:10:244:1::1"}, {"c2", "fd00:10:244:2::2/64", "fd00:10:244:2::1"}} {
+		l.in(c.ns, "ip", "-6", "addr", "add", c.addr, "dev", "eth0", "nodad")
+		l.in(c.ns, "ip", "-6", "route", "add", "default", "via", c.gw)
+	}
+	l.in("h1", "ip", "-6", "addr", "add", "fd99::11/64", "dev", "eu", "nodad")
+	l.in("out", "ip", "-6", "addr", "add", "fd99::250/64", "dev", "eu", "nodad")
+	l.in("h1", "ip", "-6", "addr", "add", "fd98::1/64", "dev", "et", "nodad")
+	l.in("h2", "ip", "-6", "addr", "add", "fd98::2/64", "dev", "et", "nodad")
+	l.in("h1", "ip", "-6", "route", "add", "fd00:10:244:2::/64", "via", "fd98::2")
+	l.in("h2", "ip", "-6", "route", "add", "default", "via", "fd98::1")
+	// Neighbours on a new bridge take a moment: ready once c1 reaches c2.
+	testwait.For(t, 10*time.Second, "c1 reaches c2 over IPv6", func() error {
+		return lab.Command(context.Background(), l.ns("c1"), "ping", "-6", "-n", "-q", "-c1", "-W1", "fd00:10:244:2::2").Run()
+	})
+}
+
+// managerIPv6 is a Manager for ns with owners of both families' tables.
+func (l *testLab) managerIPv6(ns string) *Manager {
+	t := l.t
+	t.Helper()
+	tables6, err := iptables.New(iptables.Config{Exec: l.exec(ns), IPv6: true, Sections: []string{Section}, Logger: lab.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Config{Exec: l.exec(ns), Tables: ownTables(t, l.exec(ns)), Tables6: tables6, Logger: lab.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }

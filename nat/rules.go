@@ -15,43 +15,14 @@ const Section = "nat"
 func render(st State, publishes []PublishedPort, randomFully bool) iptables.Section {
 	pool := st.Pool.Masked()
 	subnet := st.Subnet.Masked()
-	gateway := subnet.Addr().Next() // the bridge's address, routed back to this host by the fabric
 
-	var prerouting, output, postrouting, forward []string
 	// Replies of published connections (DNATed here) on any interface; other
 	// replies are Docker's to accept, so DOCKER-USER stays in force.
-	forward = append(forward,
-		"-m conntrack --ctstate RELATED,ESTABLISHED -m conntrack --ctstate DNAT "+comment("replies of published connections")+" -j ACCEPT")
+	c := chains{forward: []string{publishedReplies}}
 	for _, p := range publishes {
-		target := p.Target.Addr().Unmap()
-		port := strconv.Itoa(int(p.Target.Port()))
-		hostPort := strconv.Itoa(int(p.HostPort))
-		name := fmt.Sprintf("%s/%d to %s", p.Proto, p.HostPort, netip.AddrPortFrom(target, p.Target.Port()))
-		dnat := fmt.Sprintf("-p %s -m addrtype --dst-type LOCAL -m %s --dport %s %s -j DNAT --to-destination %s",
-			p.Proto, p.Proto, hostPort, comment("publish "+name), netip.AddrPortFrom(target, p.Target.Port()))
-		prerouting = append(prerouting, dnat)
-		// Loopback destinations are excluded: DNAT of 127.0.0.1 to another
-		// address needs route_localnet, which fabric does not turn on.
-		output = append(output, "! -d 127.0.0.0/8 "+dnat)
-
-		// Matches the connection after DNAT by its original port, so only
-		// this publish's connections are touched, not dockerd's -p ones.
-		published := fmt.Sprintf("-d %s/32 -p %s -m %s --dport %s -m conntrack --ctstate DNAT --ctorigdstport %s",
-			target, p.Proto, p.Proto, port, hostPort)
-		if subnet.Contains(target) {
-			// A local target answers clients from elsewhere through this host
-			// anyway; only a container of this bridge (hairpin) would be
-			// answered directly, so only it is SNATed.
-			postrouting = append(postrouting, fmt.Sprintf("-s %s %s %s -j SNAT --to-source %s",
-				subnet, published, comment("hairpin of publish "+name), gateway))
-		} else {
-			// A remote target would answer the client directly; SNAT to our
-			// gateway makes the reply come back through this host's conntrack.
-			postrouting = append(postrouting, fmt.Sprintf("%s %s -j SNAT --to-source %s",
-				published, comment("replies of publish "+name+" return through this host"), gateway))
-		}
-		forward = append(forward, fmt.Sprintf("%s %s -j ACCEPT", published, comment("forward publish "+name)))
+		c.publish(p, netip.AddrPortFrom(p.Target.Addr().Unmap(), p.Target.Port()), subnet)
 	}
+	prerouting, output, postrouting, forward := c.prerouting, c.output, c.postrouting, c.forward
 	for _, lp := range st.LocalPorts {
 		name := fmt.Sprintf("%s/%d to %s", lp.Proto, lp.HostPort, lp.Target)
 		dst := "-m addrtype --dst-type LOCAL"
@@ -146,8 +117,10 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 
 // renderIPv6 is NAT66 as dockerd does it for IPv6: containers' traffic
 // leaving the IPv6 pool takes the host's address; between containers it
-// keeps its own. Published ports stay IPv4 (the underlay is).
-func renderIPv6(st State, randomFully bool) iptables.Section {
+// keeps its own. A publish whose target container has an IPv6 address
+// (st.AddressesV6) is served on this host's IPv6 addresses as well, with
+// the rules of the IPv4 one and this host's IPv6 gateway.
+func renderIPv6(st State, publishes []PublishedPort, randomFully bool) iptables.Section {
 	if !st.PoolV6.IsValid() || !st.SubnetV6.IsValid() {
 		return iptables.Section{}
 	}
@@ -156,13 +129,80 @@ func renderIPv6(st State, randomFully bool) iptables.Section {
 		masqueradeOptions = " --random-fully"
 	}
 	pool, subnet := st.PoolV6.Masked(), st.SubnetV6.Masked()
-	return iptables.Section{
-		Chains: []iptables.Chain{{Table: "nat", Name: PostroutingChain, Rules: []string{
-			fmt.Sprintf("-s %s -d %s %s -j ACCEPT", pool, pool, comment("traffic between containers keeps its addresses")),
-			fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions),
-		}}},
-		Jumps: []iptables.Jump{{Table: "nat", From: "POSTROUTING", To: PostroutingChain, Why: "masquerade", Rank: iptables.RankNAT}},
+	var c chains
+	for _, p := range publishes {
+		target, ok := st.AddressesV6[p.Target.Addr().Unmap()]
+		if !ok || !pool.Contains(target) {
+			continue // no IPv6 address known, or not one of the fabric's
+		}
+		c.publish(p, netip.AddrPortFrom(target, p.Target.Port()), subnet)
 	}
+	prerouting, output, postrouting, forward := c.prerouting, c.output, c.postrouting, c.forward
+	postrouting = append(postrouting,
+		fmt.Sprintf("-s %s -d %s %s -j ACCEPT", pool, pool, comment("traffic between containers keeps its addresses")),
+		fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions))
+	s := iptables.Section{
+		Chains: []iptables.Chain{{Table: "nat", Name: PostroutingChain, Rules: postrouting}},
+		Jumps:  []iptables.Jump{{Table: "nat", From: "POSTROUTING", To: PostroutingChain, Why: "masquerade and published replies", Rank: iptables.RankNAT}},
+	}
+	if len(prerouting) > 0 {
+		forward = append([]string{publishedReplies}, forward...)
+		s.Chains = append(s.Chains,
+			iptables.Chain{Table: "nat", Name: PreroutingChain, Rules: prerouting},
+			iptables.Chain{Table: "nat", Name: OutputChain, Rules: output},
+			iptables.Chain{Table: "filter", Name: ForwardChain, Rules: forward})
+		s.Jumps = append(s.Jumps,
+			iptables.Jump{Table: "nat", From: "PREROUTING", To: PreroutingChain, Why: "published ports", Rank: iptables.RankNAT},
+			iptables.Jump{Table: "nat", From: "OUTPUT", To: OutputChain, Why: "published ports from this host", Rank: iptables.RankNAT},
+			iptables.Jump{Table: "filter", From: "FORWARD", To: ForwardChain, Why: "accept fabric traffic", Rank: iptables.RankAccept})
+	}
+	return s
+}
+
+// publishedReplies accepts the replies of connections DNATed here.
+var publishedReplies = "-m conntrack --ctstate RELATED,ESTABLISHED -m conntrack --ctstate DNAT " + comment("replies of published connections") + " -j ACCEPT"
+
+// chains are the rules of nat's chains, one list per chain.
+type chains struct{ prerouting, output, postrouting, forward []string }
+
+// publish adds the rules of publish p, forwarded to target; subnet is this
+// host's subnet of target's family, whose first address (the bridge's,
+// routed back to this host by the fabric) is the source of SNATed
+// connections.
+func (c *chains) publish(p PublishedPort, target netip.AddrPort, subnet netip.Prefix) {
+	gateway := subnet.Addr().Next()
+	port := strconv.Itoa(int(target.Port()))
+	hostPort := strconv.Itoa(int(p.HostPort))
+	name := fmt.Sprintf("%s/%d to %s", p.Proto, p.HostPort, target)
+	dnat := fmt.Sprintf("-p %s -m addrtype --dst-type LOCAL -m %s --dport %s %s -j DNAT --to-destination %s",
+		p.Proto, p.Proto, hostPort, comment("publish "+name), target)
+	c.prerouting = append(c.prerouting, dnat)
+	// Loopback destinations are excluded: DNAT of 127.0.0.1 to another
+	// address needs route_localnet, which fabric does not turn on (and
+	// the kernel never routes ::1 off the host).
+	loopback := "127.0.0.0/8"
+	if target.Addr().Is6() {
+		loopback = "::1/128"
+	}
+	c.output = append(c.output, "! -d "+loopback+" "+dnat)
+
+	// Matches the connection after DNAT by its original port, so only
+	// this publish's connections are touched, not dockerd's -p ones.
+	published := fmt.Sprintf("-d %s -p %s -m %s --dport %s -m conntrack --ctstate DNAT --ctorigdstport %s",
+		netip.PrefixFrom(target.Addr(), target.Addr().BitLen()), p.Proto, p.Proto, port, hostPort)
+	if subnet.Contains(target.Addr()) {
+		// A local target answers clients from elsewhere through this host
+		// anyway; only a container of this bridge (hairpin) would be
+		// answered directly, so only it is SNATed.
+		c.postrouting = append(c.postrouting, fmt.Sprintf("-s %s %s %s -j SNAT --to-source %s",
+			subnet, published, comment("hairpin of publish "+name), gateway))
+	} else {
+		// A remote target would answer the client directly; SNAT to our
+		// gateway makes the reply come back through this host's conntrack.
+		c.postrouting = append(c.postrouting, fmt.Sprintf("%s %s -j SNAT --to-source %s",
+			published, comment("replies of publish "+name+" return through this host"), gateway))
+	}
+	c.forward = append(c.forward, fmt.Sprintf("%s %s -j ACCEPT", published, comment("forward publish "+name)))
 }
 
 // comment renders nat's comment match the way iptables-save prints it.
