@@ -203,8 +203,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	if a.subnetV6().IsValid() {
-		// IPv6 has its own tables and so its own owner; NAT66 and policy
-		// (failing closed, see policy.IptablesConfig) write there.
+		// IPv6 has its own tables and so its own owner; NAT66, the IPv6
+		// side of published ports and policy write there.
 		if a.own.tables6, err = iptables.New(iptables.Config{IPv6: true, Sections: []string{nat.Section, policy.Section}, Logger: log}); err != nil {
 			return fmt.Errorf("the pool has IPv6: %w", err)
 		}
@@ -253,7 +253,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		return err
 	}
 	defer a.own.speaker.Stop()
-	if err := a.own.speaker.Advertise(ctx, a.underlay.Addr, a.ownSubnets()...); err != nil {
+	if err := a.own.speaker.Advertise(ctx, a.nextHops(), a.ownSubnets()...); err != nil {
 		return fmt.Errorf("advertise %v: %w", a.ownSubnets(), err)
 	}
 	log.Info("advertising subnet", "subnet", a.lease.Subnet, "subnetV6", a.subnetV6(), "nexthop", a.underlay.Addr)
@@ -565,6 +565,9 @@ func (a *Agent) detectKernel() error {
 // IPv6 turned off: its containers would get addresses nothing can reach.
 func (a *Agent) checkIPv6() error {
 	if !a.subnetV6().IsValid() {
+		if a.cfg.UnderlayAddrV6.IsValid() {
+			a.log.Warn("underlayAddressV6 is set, but the pool has no IPv6: ignored", "underlayAddressV6", a.cfg.UnderlayAddrV6)
+		}
 		return nil
 	}
 	const key = "/proc/sys/net/ipv6/conf/all/disable_ipv6"
@@ -575,7 +578,20 @@ func (a *Agent) checkIPv6() error {
 	case err == nil && strings.TrimSpace(string(v)) == "1":
 		return fmt.Errorf("the pool has IPv6 (%s), but this host has IPv6 turned off (%s is 1): sysctl -w net.ipv6.conf.all.disable_ipv6=0", a.pool.NetworkV6, key)
 	}
+	if a.underlay.AddrV6, err = findUnderlayV6(a.underlay.Dev, a.cfg.UnderlayAddrV6, a.pool.NetworkV6); err != nil {
+		return err
+	}
+	if a.underlay.AddrV6.IsValid() {
+		a.log.Info("underlay IPv6: the next hop of this host's IPv6 subnet", "device", a.underlay.Dev, "address", a.underlay.AddrV6)
+	} else {
+		a.log.Info("no global IPv6 address on the underlay: this host's IPv6 subnet goes with its IPv4 address as next hop, which fabric hosts use and routers cannot", "device", a.underlay.Dev)
+	}
 	return nil
+}
+
+// nextHops are this host's next hops for the routes it advertises.
+func (a *Agent) nextHops() bgp.NextHops {
+	return bgp.NextHops{IPv4: a.underlay.Addr, IPv6: a.underlay.AddrV6}
 }
 
 func (a *Agent) setupDataplane() error {
@@ -666,6 +682,7 @@ func (a *Agent) selfNode() registry.Node {
 		ASN:          a.cfg.ASN,
 		Subnet:       a.lease.Subnet,
 		SubnetV6:     a.subnetV6(),
+		AddressV6:    a.underlay.AddrV6,
 		VTEPMAC:      a.vtepMAC(),
 		Encaps:       names,
 		WireGuardKey: a.wireGuardKey(),

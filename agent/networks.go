@@ -67,7 +67,7 @@ func (a *Agent) setNetworks(ctx context.Context, local dockernet.Local) {
 	a.in.networks, a.in.networksKnown = local, true
 	a.in.mu.Unlock()
 	advertise, _ := planner.NetworkRoutes(local)
-	if err := a.own.speaker.Advertise(ctx, a.underlay.Addr, append(a.ownSubnets(), advertise...)...); err != nil {
+	if err := a.own.speaker.Advertise(ctx, a.nextHops(), append(a.ownSubnets(), advertise...)...); err != nil {
 		a.log.Error("advertise network blocks", "err", err)
 	}
 	a.kickDataplane()

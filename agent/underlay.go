@@ -3,6 +3,7 @@ package agent
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -15,6 +16,43 @@ type underlay struct {
 	Addr   netip.Addr
 	Prefix netip.Prefix // the connected subnet, for cross-subnet decisions
 	MTU    int
+	// AddrV6 is the host's IPv6 address on Dev in an IPv6 fabric (invalid:
+	// none): the next hop of its IPv6 subnet.
+	AddrV6 netip.Addr
+}
+
+// findUnderlayV6 returns want if it is on dev, else (want invalid) the
+// lowest usable global IPv6 address of dev outside the IPv6 pool (a
+// container gateway is no underlay address), or none.
+func findUnderlayV6(dev string, want netip.Addr, poolV6 netip.Prefix) (netip.Addr, error) {
+	link, err := netlink.LinkByName(dev)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("underlay %s: %w", dev, err)
+	}
+	addrs, err := netlink.AddrList(link, unix.AF_INET6)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("underlay %s: %w", dev, err)
+	}
+	var found []netip.Addr
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		const unusable = unix.IFA_F_TENTATIVE | unix.IFA_F_DADFAILED | unix.IFA_F_DEPRECATED
+		if !ok || !ip.IsGlobalUnicast() || ip.Is4In6() || a.Flags&unusable != 0 || poolV6.Contains(ip) {
+			continue
+		}
+		if want.IsValid() && ip == want {
+			return ip, nil
+		}
+		found = append(found, ip)
+	}
+	if want.IsValid() {
+		return netip.Addr{}, fmt.Errorf("underlayAddressV6 %s is not a usable address of interface %s (found %v)", want, dev, found)
+	}
+	slices.SortFunc(found, netip.Addr.Compare)
+	if len(found) == 0 {
+		return netip.Addr{}, nil
+	}
+	return found[0], nil
 }
 
 // findUnderlay picks the configured interface, else the one carrying the

@@ -194,7 +194,7 @@ func mustSetPeers(t *testing.T, sp *testSpeaker, peers ...Peer) {
 func mustAdvertise(t *testing.T, sp *testSpeaker, prefix string) netip.Prefix {
 	t.Helper()
 	p := netip.MustParsePrefix(prefix)
-	if err := sp.Advertise(context.Background(), sp.addr, p); err != nil {
+	if err := sp.Advertise(context.Background(), NextHops{IPv4: sp.addr}, p); err != nil {
 		t.Fatalf("%s: Advertise %s: %v", sp.name, p, err)
 	}
 	return p

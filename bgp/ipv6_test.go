@@ -30,7 +30,7 @@ func TestIPv6SubnetOverIPv4Session(t *testing.T) {
 	mustSetPeers(t, b, a.peer(PeerMesh))
 	mustSetPeers(t, old, a.peer(PeerMesh))
 	v4, v6 := netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("fd00:10:244:1::/64")
-	if err := a.Advertise(context.Background(), a.addr, v4, v6); err != nil {
+	if err := a.Advertise(context.Background(), NextHops{IPv4: a.addr}, v4, v6); err != nil {
 		t.Fatal(err)
 	}
 	rs := b.waitRoutes(t, 15*time.Second, "a's IPv4 and IPv6 subnets", func(rs []Route) bool { return hasRoute(v4)(rs) && hasRoute(v6)(rs) })
@@ -49,8 +49,22 @@ func TestIPv6SubnetOverIPv4Session(t *testing.T) {
 		}
 		return nil
 	})
-	if err := a.Advertise(context.Background(), a.addr, v4); err != nil {
+	// With an IPv6 address on the underlay, the IPv6 subnet's next hop is
+	// that address (what a router can use); the IPv4 one's stays IPv4.
+	addrV6 := netip.MustParseAddr("fd99::1")
+	if err := a.Advertise(context.Background(), NextHops{IPv4: a.addr, IPv6: addrV6}, v4, v6); err != nil {
+		t.Fatal(err)
+	}
+	b.waitRoutes(t, 10*time.Second, "the IPv6 subnet via a's IPv6 address", func(rs []Route) bool {
+		r6, _ := findRoute(rs, v6)
+		r4, _ := findRoute(rs, v4)
+		return r6.NextHop == addrV6 && r4.NextHop == a.addr
+	})
+	if err := a.Advertise(context.Background(), NextHops{IPv4: a.addr}, v4); err != nil {
 		t.Fatal(err)
 	}
 	b.waitRoutes(t, 10*time.Second, "the IPv6 subnet withdrawn, the IPv4 one kept", func(rs []Route) bool { return hasRoute(v4)(rs) && lacksRoute(v6)(rs) })
+	if err := a.Advertise(context.Background(), NextHops{IPv4: addrV6}, v4); err == nil {
+		t.Error("an IPv6 address as the IPv4 next hop was taken")
+	}
 }

@@ -338,25 +338,37 @@ func withDefaults(cfg Config) (Config, error) {
 // closed by Stop.
 func (s *Speaker) Routes() <-chan []Route { return s.routes }
 
+// NextHops are this host's addresses as next hops: IPv4 for IPv4
+// prefixes, and IPv6 (where the host has one on its underlay) for IPv6
+// ones. Without IPv6 an IPv6 prefix carries the IPv4 address IPv4-mapped
+// (RFC 4798): the routes lead to the same host over the IPv4 underlay,
+// which fabric hosts can use and routers cannot.
+type NextHops struct{ IPv4, IPv6 netip.Addr }
+
+// For is the next hop of prefix.
+func (n NextHops) For(prefix netip.Prefix) netip.Addr {
+	if prefix.Addr().Is6() && n.IPv6.IsValid() {
+		return n.IPv6
+	}
+	return n.IPv4.Unmap()
+}
+
 // Advertise makes the paths this host originates exactly prefixes (ORIGIN
-// IGP, NEXT_HOP nextHop): its subnet, its IPv6 subnet and its blocks of
-// Docker networks. An IPv6 prefix with an IPv4 next hop carries it as an
-// IPv4-mapped address (RFC 4798): the IPv6 routes lead to the same host,
-// over the same IPv4 underlay. New paths are added before gone ones are
-// withdrawn, each by the UUID AddPath gave it; advertising the same set
-// again is a no-op.
-func (s *Speaker) Advertise(ctx context.Context, nextHop netip.Addr, prefixes ...netip.Prefix) error {
+// IGP, NEXT_HOP from nextHops): its subnet, its IPv6 subnet and its blocks
+// of Docker networks. New paths are added before gone ones are withdrawn,
+// each by the UUID AddPath gave it; advertising the same set again is a
+// no-op.
+func (s *Speaker) Advertise(ctx context.Context, nextHops NextHops, prefixes ...netip.Prefix) error {
+	if !nextHops.IPv4.Unmap().Is4() || (nextHops.IPv6.IsValid() && (!nextHops.IPv6.Is6() || nextHops.IPv6.Is4In6())) {
+		return fmt.Errorf("bgp: advertise: next hops %v and %v: want an IPv4 address and an IPv6 one or none", nextHops.IPv4, nextHops.IPv6)
+	}
 	want := map[netip.Prefix]bool{}
 	for _, p := range prefixes {
 		if !p.IsValid() {
 			return fmt.Errorf("bgp: advertise: invalid prefix %q", p)
 		}
-		if !nextHop.IsValid() || (p.Addr().Is4() && !nextHop.Unmap().Is4()) {
-			return fmt.Errorf("bgp: advertise %s: next hop %q must be a valid address, IPv4 for an IPv4 prefix", p, nextHop)
-		}
 		want[p.Masked()] = true
 	}
-	nextHop = nextHop.Unmap()
 
 	s.configMu.Lock()
 	defer s.configMu.Unlock()
@@ -364,6 +376,7 @@ func (s *Speaker) Advertise(ctx context.Context, nextHop netip.Addr, prefixes ..
 		return errStopped
 	}
 	for _, prefix := range slices.SortedFunc(maps.Keys(want), comparePrefixes) {
+		nextHop := nextHops.For(prefix)
 		if old, ok := s.advertised[prefix]; ok && old.nextHop == nextHop {
 			continue
 		}

@@ -151,7 +151,7 @@ func TestMeshLifecycle(t *testing.T) {
 			t.Fatalf("host-b still counts %d prefixes from stopped host-a", st.Received)
 		}
 		a.Stop() // idempotent
-		if err := a.Advertise(context.Background(), a.addr, prefixes[a]); err == nil {
+		if err := a.Advertise(context.Background(), NextHops{IPv4: a.addr}, prefixes[a]); err == nil {
 			t.Fatal("Advertise on a stopped speaker succeeded")
 		}
 	})

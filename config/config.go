@@ -87,19 +87,24 @@ type Config struct {
 
 	UnderlayInterface string `json:"underlayInterface"`
 	UnderlayAddress   string `json:"underlayAddress"`
+	// UnderlayAddressV6 is the host's IPv6 address on the underlay, the
+	// next hop of its IPv6 subnet ("" = the lowest global one there).
+	UnderlayAddressV6 string `json:"underlayAddressV6"`
 
 	Pool      string `json:"pool"`
 	SubnetLen int    `json:"subnetLen"`
 	// PoolV6 is the IPv6 pool to store with the pool ("" = none, or the
 	// one already in etcd): each host's /64 pairs with its IPv4 subnet.
 	PoolV6 string `json:"poolV6"`
-	// PoolPrefix, PoolV6Prefix and UnderlayAddr are Pool, PoolV6 and
-	// UnderlayAddress as Validate parsed them (invalid when not set).
-	PoolPrefix   netip.Prefix  `json:"-"`
-	PoolV6Prefix netip.Prefix  `json:"-"`
-	UnderlayAddr netip.Addr    `json:"-"`
-	SubnetTTL    time.Duration `json:"subnetTTL"`
-	NodeTTL      time.Duration `json:"nodeTTL"`
+	// PoolPrefix, PoolV6Prefix, UnderlayAddr and UnderlayAddrV6 are Pool,
+	// PoolV6, UnderlayAddress and UnderlayAddressV6 as Validate parsed
+	// them (invalid when not set).
+	PoolPrefix     netip.Prefix  `json:"-"`
+	PoolV6Prefix   netip.Prefix  `json:"-"`
+	UnderlayAddr   netip.Addr    `json:"-"`
+	UnderlayAddrV6 netip.Addr    `json:"-"`
+	SubnetTTL      time.Duration `json:"subnetTTL"`
+	NodeTTL        time.Duration `json:"nodeTTL"`
 
 	ASN               uint32        `json:"asn"`
 	BGPPort           int           `json:"bgpPort"`
@@ -354,6 +359,7 @@ func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.StringVar(&c.EtcdKey, "etcd-key", c.EtcdKey, "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
 	fs.StringVar(&c.UnderlayInterface, "underlay-interface", c.UnderlayInterface, "interface facing the other hosts; default: the interface of the default route, else the only non-loopback one")
 	fs.StringVar(&c.UnderlayAddress, "underlay-address", c.UnderlayAddress, "this host's underlay IPv4 address; default: the first address of the underlay interface")
+	fs.StringVar(&c.UnderlayAddressV6, "underlay-address-v6", c.UnderlayAddressV6, "in an IPv6 fabric, this host's underlay IPv6 address: the next hop of its IPv6 subnet for routers; default: the lowest global IPv6 address of the underlay interface, if any (else the IPv4 address, IPv4-mapped)")
 	fs.StringVar(&c.Pool, "pool", c.Pool, "container address pool to create in etcd if none exists, e.g. 10.244.0.0/16")
 	fs.IntVar(&c.SubnetLen, "subnet-len", c.SubnetLen, "prefix length of each host's subnet when creating the pool")
 	fs.StringVar(&c.PoolV6, "pool-v6", c.PoolV6, "IPv6 pool to add to the pool in etcd, e.g. fd00:10:244::/48: each host gets the /64 paired with its IPv4 subnet (needs pool)")
@@ -533,6 +539,13 @@ func (c *Config) Validate() error {
 			bad("underlayAddress", "%q is not an IPv4 address", c.UnderlayAddress)
 		} else {
 			c.UnderlayAddr = a
+		}
+	}
+	if c.UnderlayAddressV6 != "" {
+		if a, err := netip.ParseAddr(c.UnderlayAddressV6); err != nil || !a.Is6() || a.Is4In6() || !a.IsGlobalUnicast() || a.Zone() != "" {
+			bad("underlayAddressV6", "%q is not a global IPv6 address", c.UnderlayAddressV6)
+		} else {
+			c.UnderlayAddrV6 = a
 		}
 	}
 	if c.Pool != "" {

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"os/user"
@@ -36,7 +37,7 @@ func TestFRRTopOfRackBFD(t *testing.T) {
 			t.Parallel()
 			f := newFabric(t, lab.Spec{Hosts: 1})
 			h := f.lab.Hosts()[0]
-			tor, vtysh := startFRR(t, f, h, tc.bfd)
+			tor, vtysh := startFRR(t, f, func(tor *lab.Host) string { return torBFDConf(tor, h, tc.bfd) })
 			conf := fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65001\n", tor.Addr)
 			if tc.bfd {
 				conf += "  bfd: true\n"
@@ -109,10 +110,39 @@ func TestFRRTopOfRackBFD(t *testing.T) {
 	}
 }
 
-// startFRR runs zebra, bfdd and bgpd in an outside namespace as an eBGP
-// router (AS 65001) that announces 10.250.0.0/24 to host h, with BFD on
-// the session when bfd is set. It returns the router and a vtysh runner.
-func startFRR(t *testing.T, f *fabric, h *lab.Host, bfd bool) (*lab.Host, func(cmd string) (string, error)) {
+// torBFDConf is frr.conf for an eBGP router (AS 65001) that announces
+// 10.250.0.0/24 to host h, with BFD on the session when bfd is set.
+func torBFDConf(tor, h *lab.Host, bfd bool) string {
+	neighborBFD := ""
+	if bfd {
+		neighborBFD = fmt.Sprintf(" neighbor %s bfd\n neighbor %s bfd profile fast\n", h.Addr, h.Addr)
+	}
+	return fmt.Sprintf(`frr defaults traditional
+hostname tor
+!
+bfd
+ profile fast
+  receive-interval 200
+  transmit-interval 200
+ !
+!
+router bgp 65001
+ bgp router-id %[1]s
+ no bgp ebgp-requires-policy
+ no bgp network import-check
+ timers bgp 3 9
+ neighbor %[2]s remote-as 64512
+%[3]s address-family ipv4 unicast
+  network 10.250.0.0/24
+ exit-address-family
+!
+`, tor.Addr, h.Addr, neighborBFD)
+}
+
+// startFRR runs zebra, bfdd and bgpd in an outside namespace (the router
+// tor) with the frr.conf that conf gives for it. It returns the router and
+// a vtysh runner (each argument one command, in order).
+func startFRR(t *testing.T, f *fabric, conf func(tor *lab.Host) string) (*lab.Host, func(cmds ...string) (string, error)) {
 	t.Helper()
 	if _, err := os.Stat("/usr/lib/frr/bgpd"); err != nil {
 		testreq.Missing(t, "FRR not installed (apt-get install frr; make test installs it)")
@@ -134,31 +164,7 @@ func startFRR(t *testing.T, f *fabric, h *lab.Host, bfd bool) (*lab.Host, func(c
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	neighborBFD := ""
-	if bfd {
-		neighborBFD = fmt.Sprintf(" neighbor %s bfd\n neighbor %s bfd profile fast\n", h.Addr, h.Addr)
-	}
-	conf := fmt.Sprintf(`frr defaults traditional
-hostname tor
-!
-bfd
- profile fast
-  receive-interval 200
-  transmit-interval 200
- !
-!
-router bgp 65001
- bgp router-id %[1]s
- no bgp ebgp-requires-policy
- no bgp network import-check
- timers bgp 3 9
- neighbor %[2]s remote-as 64512
-%[3]s address-family ipv4 unicast
-  network 10.250.0.0/24
- exit-address-family
-!
-`, tor.Addr, h.Addr, neighborBFD)
-	if err := os.WriteFile(filepath.Join(dir, "frr.conf"), []byte(conf), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "frr.conf"), []byte(conf(tor)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	for _, p := range []string{dir, filepath.Join(dir, "frr.conf")} {
@@ -182,9 +188,112 @@ router bgp 65001
 		sock := filepath.Join(dir, "zserv.api")
 		f.eventually(10*time.Second, "FRR's zebra socket", func() error { _, err := os.Stat(sock); return err })
 	}
-	vtysh := func(cmd string) (string, error) {
-		out, err := exec.Command("ip", "netns", "exec", tor.Netns, "vtysh", "--vty_socket", dir, "-c", cmd).CombinedOutput()
+	vtysh := func(cmds ...string) (string, error) {
+		args := []string{"netns", "exec", tor.Netns, "vtysh", "--vty_socket", dir}
+		for _, c := range cmds {
+			args = append(args, "-c", c)
+		}
+		out, err := exec.Command("ip", args...).CombinedOutput()
 		return string(out), err
 	}
 	return tor, vtysh
+}
+
+// TestFRRLearnsIPv6Subnets: on a dual-stack underlay, FRR as the
+// top-of-rack router learns every host's IPv6 /64 over the IPv4 sessions
+// with that host's IPv6 address as next hop, installs it in its kernel and
+// reaches a container's IPv6 address natively (no tunnel, no NAT). A /80
+// that FRR announces inside host2's /64 is refused by host1, which keeps
+// reaching host2's container through its tunnel.
+func TestFRRLearnsIPv6Subnets(t *testing.T) {
+	t.Parallel()
+	f := newFabric(t, lab.Spec{Hosts: 2}, "--pool-v6", "fd00:10:244::/48")
+	hosts := f.lab.Hosts()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	underlayV6 := func(i int) netip.Addr { return netip.AddrFrom16([16]byte{0xfd, 0x99, 15: byte(i)}) }
+	// The hosts' IPv6 addresses are there before fabricd starts: it takes
+	// the underlay's global IPv6 address as its /64's next hop.
+	for i, h := range hosts {
+		if _, err := h.Run(ctx, "ip", "-6", "addr", "add", underlayV6(i+1).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tor, vtysh := startFRR(t, f, func(tor *lab.Host) string {
+		if _, err := tor.Run(ctx, "ip", "-6", "addr", "add", "fd99::250/64", "dev", tor.Dev, "nodad"); err != nil {
+			t.Fatal(err)
+		}
+		conf := fmt.Sprintf("frr defaults traditional\nhostname tor\n!\nrouter bgp 65001\n bgp router-id %s\n no bgp ebgp-requires-policy\n no bgp network import-check\n timers bgp 3 9\n", tor.Addr)
+		for _, h := range hosts {
+			conf += fmt.Sprintf(" neighbor %s remote-as 64512\n", h.Addr)
+		}
+		conf += " address-family ipv6 unicast\n"
+		for _, h := range hosts {
+			conf += fmt.Sprintf("  neighbor %s activate\n", h.Addr)
+		}
+		return conf + " exit-address-family\n!\n"
+	})
+	peers := peersFile(t, f, fmt.Sprintf("peers:\n- name: tor\n  address: %s\n  asn: 65001\n", tor.Addr))
+	_, subnets := f.startIPv6Mesh("--config", peers)
+	for i, h := range hosts {
+		sub := subnets[h.Name]
+		want := fmt.Sprintf("via %s dev %s proto bgp", underlayV6(i+1), tor.Dev)
+		f.eventually(30*time.Second, "FRR installs "+h.Name+"'s /64 via its IPv6 address", func() error {
+			out, err := tor.Run(ctx, "ip", "-6", "route", "show", sub.String())
+			if err != nil || !strings.Contains(out, want) {
+				return fmt.Errorf("the router's kernel: %q (%v), want %q", out, err, want)
+			}
+			return nil
+		})
+	}
+	out, _ := vtysh("show bgp ipv6 unicast")
+	t.Logf("FRR: show bgp ipv6 unicast:\n%s", out)
+
+	// A container on host1 answers the router over IPv6, natively.
+	st1, err := f.status(hosts[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1 := f.container(hosts[0], "c6", 2)
+	c1v6 := subnets[hosts[0].Name].Addr().Next().Next()
+	if err := c1.AddIPv6(ctx, st1.Bridge, netip.PrefixFrom(subnets[hosts[0].Name].Addr().Next(), 64), netip.PrefixFrom(c1v6, 64)); err != nil {
+		t.Fatal(err)
+	}
+	f.eventually(10*time.Second, "the router pings host1's container over IPv6", func() error {
+		_, err := tor.Run(ctx, "ping", "-6", "-c", "1", "-W", "1", c1v6.String())
+		return err
+	})
+
+	// The router announces a /80 inside host2's /64: refused by host1,
+	// whose container still reaches host2's over the tunnel.
+	st2, err := f.status(hosts[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2 := f.container(hosts[1], "c6", 2)
+	c2v6 := subnets[hosts[1].Name].Addr().Next().Next()
+	if err := c2.AddIPv6(ctx, st2.Bridge, netip.PrefixFrom(subnets[hosts[1].Name].Addr().Next(), 64), netip.PrefixFrom(c2v6, 64)); err != nil {
+		t.Fatal(err)
+	}
+	rogue := netip.PrefixFrom(subnets[hosts[1].Name].Addr(), 80)
+	if out, err := vtysh("configure terminal", "router bgp 65001", "address-family ipv6 unicast", "network "+rogue.String()); err != nil {
+		t.Fatalf("vtysh: %v: %s", err, out)
+	}
+	f.eventually(30*time.Second, "host1 refuses the router's "+rogue.String(), func() error {
+		log, _ := os.ReadFile(f.agents[hosts[0].Name].proc.LogPath())
+		if !strings.Contains(string(log), rogue.String()+" is not the subnet "+subnets[hosts[1].Name].String()) {
+			return fmt.Errorf("no refusal of %s in host1's log", rogue)
+		}
+		return nil
+	})
+	if via, ok := f.ownedRoutes(hosts[0])[rogue.String()]; ok {
+		t.Errorf("host1 installed the router's %s: %s", rogue, via)
+	}
+	if out, err := hosts[0].Run(ctx, "ip", "-6", "route", "get", c2v6.String()); err != nil || !strings.Contains(out, " dev fabric.") {
+		t.Errorf("host1's route to host2's container: %q (%v), want it through a fabric tunnel", out, err)
+	}
+	f.eventually(10*time.Second, "host1's container reaches host2's over IPv6", func() error {
+		_, err := c1.Run(ctx, "ping", "-6", "-c", "1", "-W", "1", c2v6.String())
+		return err
+	})
 }

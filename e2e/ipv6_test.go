@@ -289,9 +289,9 @@ func TestIPv6OverTheTunnels(t *testing.T) {
 // startIPv6Mesh starts the mesh (startMesh waits for routes to every other
 // host's IPv4 and IPv6 subnets) and returns the hosts and their IPv6
 // subnets, each a /64 of the pool.
-func (f *fabric) startIPv6Mesh() ([]*lab.Host, map[string]netip.Prefix) {
+func (f *fabric) startIPv6Mesh(more ...string) ([]*lab.Host, map[string]netip.Prefix) {
 	f.t.Helper()
-	hosts := f.startMesh()
+	hosts := f.startMesh(more...)
 	subnetV6 := map[string]netip.Prefix{}
 	for _, h := range hosts {
 		st, err := f.status(h)

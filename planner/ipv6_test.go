@@ -64,3 +64,57 @@ func TestIPv6Subnets(t *testing.T) {
 		t.Errorf("kept through the start-up grace: %q", got)
 	}
 }
+
+// A host's IPv6 underlay address (addressV6) is a next hop of its /64, the
+// route still going through its tunnel; the address is refused where it
+// could point at someone else: inside the IPv6 pool, this host's own, two
+// records claiming it, or in a fabric without IPv6.
+func TestIPv6NextHop(t *testing.T) {
+	h := self
+	h.PoolV6, h.SubnetV6, h.UnderlayV6 = poolV6, netip.MustParsePrefix("fd00:10:244:1::/64"), netip.MustParseAddr("fd99::1")
+	withV6 := func(n registry.Node, a string) registry.Node {
+		n = dualStack(n)
+		n.AddressV6 = netip.MustParseAddr(a)
+		return n
+	}
+	held := map[string][]netip.Prefix{"h2": {h2.Subnet}, "h3": {h3.Subnet}}
+	for _, c := range []struct {
+		name    string
+		h3      registry.Node
+		refused string
+	}{
+		{"inside the IPv6 pool", withV6(h3, "fd00:10:244:2::5"), "is inside the IPv6 pool"},
+		{"this host's", withV6(h3, "fd99::1"), "claims this host's IPv6 address fd99::1"},
+		{"another record's too", withV6(h3, "fd99::2"), "claimed by another record too"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			nodes, refused := AcceptNodes(h, []registry.Node{dualStack(h1), withV6(h2, "fd99::2"), c.h3}, held)
+			if nodes[2].AddressV6.IsValid() || len(refused) == 0 || !strings.Contains(refused[len(refused)-1].Why, c.refused) {
+				t.Errorf("h3's addressV6 kept %v, refused %+v; want it cleared: %q", nodes[2].AddressV6, refused, c.refused)
+			}
+		})
+	}
+	if nodes, refused := AcceptNodes(self, []registry.Node{h1, withV6(h2, "fd99::2")}, held); nodes[1].AddressV6.IsValid() || len(refused) != 2 {
+		t.Errorf("an IPv6 address in a fabric without IPv6: kept %v, refused %+v", nodes[1].AddressV6, refused)
+	}
+
+	nodes, refused := AcceptNodes(h, []registry.Node{dualStack(h1), withV6(h2, "fd99::2"), withV6(h3, "fd99::3")}, held)
+	if len(refused) != 0 {
+		t.Fatalf("refused %+v", refused)
+	}
+	for _, c := range []struct {
+		name, prefix, nextHop, peer string
+		want, refused               string
+	}{
+		{"a host's /64 via its IPv6 address goes through its tunnel", "fd00:10:244:2::/64", "fd99::2", "h2", "fd00:10:244:2::/64 via 192.0.2.2 (node h2)", ""},
+		{"a host's /64 via another host's IPv6 address", "fd00:10:244:2::/64", "fd99::3", "h3", "", "belongs to host h2 (192.0.2.2), but the next hop is fd99::3"},
+		{"a rogue /80 via the owner's IPv6 address", "fd00:10:244:2::/80", "fd99::2", "h2", "", "is not the subnet fd00:10:244:2::/64"},
+		{"IPv6 outside the pool via a host's IPv6 address", "2001:db8::/64", "fd99::2", "h2", "", "is outside the pool fd00:10:244::/48"},
+		{"via this host's IPv6 address: skipped", "2001:db8::/64", "fd99::1", "h2", "", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got, why := describeAs(t, h, nodes, []bgp.Route{route(c.prefix, c.nextHop, c.peer)}, over)
+			checkRoutes(t, got, why, c.want, c.refused)
+		})
+	}
+}

@@ -34,6 +34,9 @@ type Host struct {
 	// network and the pairing of subnets (invalid network: IPv4 only).
 	SubnetV6 netip.Prefix
 	PoolV6   ipam.Pool
+	// UnderlayV6 is this host's IPv6 address on the underlay, if any: the
+	// next hop of its IPv6 subnet.
+	UnderlayV6 netip.Addr
 	// Imports limits what external peers may send, by peer name: a route
 	// from a listed peer must be one of its prefixes or lie inside one;
 	// 0.0.0.0/0 in a list stands for the default route alone. Peers not
@@ -88,7 +91,43 @@ func AcceptNodes(h Host, records []registry.Node, held map[string][]netip.Prefix
 		owner[n.Address] = n.Name
 		out = append(out, n)
 	}
-	return out, refuseKeys(h, out, refuseSubnetsV6(h, out, refused))
+	return out, refuseKeys(h, out, refuseAddressesV6(h, out, refuseSubnetsV6(h, out, refused)))
+}
+
+// refuseAddressesV6 clears IPv6 underlay addresses that may not be a next
+// hop: in a fabric without IPv6, inside the IPv6 pool (a container's, not
+// a host's), this host's own, or claimed by two records (which host is
+// behind it cannot be told). The host's IPv6 routes then need its IPv4
+// (mapped) next hop.
+func refuseAddressesV6(h Host, nodes []registry.Node, refused []Refusal) []Refusal {
+	claims := map[netip.Addr]int{}
+	for _, n := range nodes {
+		if n.Name != h.Name && n.AddressV6.IsValid() {
+			claims[n.AddressV6]++
+		}
+	}
+	for i := range nodes {
+		n := &nodes[i]
+		if n.Name == h.Name || !n.AddressV6.IsValid() {
+			continue
+		}
+		var why string
+		switch {
+		case !h.PoolV6.NetworkV6.IsValid():
+			why = fmt.Sprintf("its IPv6 address %s is refused: the fabric has no IPv6 pool", n.AddressV6)
+		case h.PoolV6.NetworkV6.Contains(n.AddressV6):
+			why = fmt.Sprintf("its IPv6 address %s is inside the IPv6 pool %s", n.AddressV6, h.PoolV6.NetworkV6)
+		case n.AddressV6 == h.UnderlayV6:
+			why = fmt.Sprintf("it claims this host's IPv6 address %s", n.AddressV6)
+		case claims[n.AddressV6] > 1:
+			why = fmt.Sprintf("its IPv6 address %s is claimed by another record too", n.AddressV6)
+		}
+		if why != "" {
+			refused = append(refused, Refusal{Key: "node/" + n.Name + "/" + why, What: "node record", Name: n.Name, Why: why + "; its IPv6 routes need its IPv4 next hop"})
+			n.AddressV6 = netip.Addr{}
+		}
+	}
+	return refused
 }
 
 // refuseSubnetsV6 clears IPv6 subnets that are not the one paired with the
@@ -304,6 +343,9 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 	for i, n := range nodes {
 		if n.Name != h.Name {
 			byAddr[n.Address] = n
+			if n.AddressV6.IsValid() {
+				byAddr[n.AddressV6] = n // checked unique by AcceptNodes
+			}
 		}
 		for _, s := range []netip.Prefix{n.Subnet, n.SubnetV6} {
 			if _, dup := bySubnet[s]; !dup && s.IsValid() {
@@ -318,7 +360,7 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 		// Our own subnet (or a piece of it) is on the bridge; a covering
 		// route such as a top-of-rack default is fine, the kernel prefers
 		// the connected /24.
-		if inside(r.Prefix, h.Subnet) || inside(r.Prefix, h.SubnetV6) || r.NextHop == h.Underlay.Addr() || nets.Owners[r.Prefix] == h.Name {
+		if inside(r.Prefix, h.Subnet) || inside(r.Prefix, h.SubnetV6) || r.NextHop == h.Underlay.Addr() || (h.UnderlayV6.IsValid() && r.NextHop == h.UnderlayV6) || nets.Owners[r.Prefix] == h.Name {
 			continue
 		}
 		n, toNode := byAddr[r.NextHop]
@@ -329,6 +371,9 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 		}
 		rr := dataplane.RemoteRoute{Prefix: r.Prefix, NextHop: r.NextHop, PeerName: r.PeerName}
 		if toNode {
+			// Through the host's tunnel, also when the next hop was its
+			// IPv6 address.
+			rr.NextHop = n.Address
 			rr.PeerName = n.Name
 			rr.Peer = PeerInfo(n)
 		}
@@ -412,7 +457,7 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 			return fmt.Sprintf("%s is inside the pool %s but no fabric host holds it", r.Prefix, pool)
 		case subnet(owner) != r.Prefix:
 			return fmt.Sprintf("%s is not the subnet %s that host %s holds; only the whole subnet is routed", r.Prefix, subnet(owner), owner.Name)
-		case owner.Address != r.NextHop:
+		case owner.Address != r.NextHop && (!owner.AddressV6.IsValid() || owner.AddressV6 != r.NextHop || !r.Prefix.Addr().Is6()):
 			return fmt.Sprintf("%s belongs to host %s (%s), but the next hop is %s", r.Prefix, owner.Name, owner.Address, r.NextHop)
 		}
 	}

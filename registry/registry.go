@@ -29,9 +29,13 @@ type Node struct {
 	// SubnetV6 is the host's IPv6 subnet when the fabric has an IPv6 pool:
 	// the /64 paired with Subnet (ipam.Pool.SubnetV6), checked by peers.
 	SubnetV6 netip.Prefix `json:"subnetV6,omitzero"`
-	VTEPMAC  string       `json:"vtepMAC,omitempty"`
-	Encaps   []string     `json:"encaps"` // encapsulations this host's kernel supports: "ipip", "vxlan"
-	Version  string       `json:"version"`
+	// AddressV6 is the host's IPv6 address on its underlay, where it has
+	// one in an IPv6 fabric: the next hop of its IPv6 subnet, so routers
+	// on a dual-stack network route the /64 natively.
+	AddressV6 netip.Addr `json:"addressV6,omitzero"`
+	VTEPMAC   string     `json:"vtepMAC,omitempty"`
+	Encaps    []string   `json:"encaps"` // encapsulations this host's kernel supports: "ipip", "vxlan"
+	Version   string     `json:"version"`
 	// RouteReflector: this host reflects routes for the fabric; once any
 	// host does, the others peer only with the reflectors (no full mesh).
 	RouteReflector bool   `json:"routeReflector,omitempty"`
@@ -63,6 +67,9 @@ func (n Node) Validate() error {
 	}
 	if n.SubnetV6.IsValid() && (!n.SubnetV6.Addr().Is6() || n.SubnetV6.Addr().Is4In6() || n.SubnetV6.Masked() != n.SubnetV6) {
 		return fmt.Errorf("node %q: subnetV6 %s is not an IPv6 network address", n.Name, n.SubnetV6)
+	}
+	if n.AddressV6.IsValid() && (!n.AddressV6.Is6() || n.AddressV6.Is4In6() || !n.AddressV6.IsGlobalUnicast() || n.AddressV6.Zone() != "") {
+		return fmt.Errorf("node %q: addressV6 %s is not a global IPv6 address", n.Name, n.AddressV6)
 	}
 	if n.VTEPMAC != "" {
 		if mac, err := net.ParseMAC(n.VTEPMAC); err != nil || len(mac) != 6 {
