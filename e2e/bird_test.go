@@ -341,11 +341,15 @@ func TestRogueSpeakerCannotTakeASubnet(t *testing.T) {
 		}
 		return fmt.Errorf("peers %+v", ps)
 	})
-	time.Sleep(2 * time.Second) // a data-plane apply after the update
-	log, _ := os.ReadFile(f.agents[h1.Name].proc.LogPath())
-	if want := half.String() + " is not the subnet " + s2.String(); !strings.Contains(string(log), want) {
-		t.Errorf("no refusal %q logged", want)
-	}
+	// The refusal is logged by the same planning that writes the data
+	// plane: once it is there, the routes of that update are decided.
+	want := half.String() + " is not the subnet " + s2.String()
+	f.eventually(15*time.Second, "host1 logs the refusal of the rogue's "+half.String(), func() error {
+		if log, _ := os.ReadFile(f.agents[h1.Name].proc.LogPath()); !strings.Contains(string(log), want) {
+			return fmt.Errorf("no %q in host1's log", want)
+		}
+		return nil
+	})
 	owned := f.ownedRoutes(h1)
 	if r, ok := owned[half.String()]; ok {
 		t.Errorf("host1 installed the rogue's %s: %s", half, r)
