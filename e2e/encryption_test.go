@@ -188,8 +188,11 @@ func TestEncryptedRestart(t *testing.T) {
 		t.Errorf("%s WireGuard across a restart: %d of %d pings lost, want 0 of at least 100", impl, sent-got, sent)
 		// Whether the loss falls in the restart: the replies around each
 		// gap carry their time (ping -D).
-		t.Logf("host2's fabricd stopped at %.3f, the new one answered at %.3f; replies around the missing ones:\n%s",
-			float64(stopped.UnixMicro())/1e6, float64(back.UnixMicro())/1e6, aroundGaps(string(log)))
+		t.Logf("host2's fabricd stopped at %.3f, the new one answered at %.3f; replies around the missing ones:",
+			float64(stopped.UnixMicro())/1e6, float64(back.UnixMicro())/1e6)
+		for _, gap := range aroundGaps(string(log), stopped, back) {
+			t.Logf("gap: %s", gap) // one line each, for the qemu lane's excerpt
+		}
 		// One line each, so that the qemu lane's excerpt carries them.
 		for _, h := range hosts {
 			b, _ := os.ReadFile(f.agents[h.Name].proc.LogPath())
@@ -315,14 +318,31 @@ func streamLoss(log string) (sent, got int) {
 
 // aroundGaps lists, for each icmp_seq missing from a ping stream's log,
 // the reply lines just before and after it.
-func aroundGaps(log string) string {
+func aroundGaps(log string, stopped, back time.Time) []string {
 	bySeq := map[int]string{}
 	seqRe := regexp.MustCompile(`icmp_seq=(\d+) `)
+	timeRe := regexp.MustCompile(`^\[(\d+\.\d+)\]`)
 	for _, line := range strings.Split(log, "\n") {
 		if m := seqRe.FindStringSubmatch(line); m != nil {
 			n, _ := strconv.Atoi(m[1])
 			bySeq[n] = line
 		}
+	}
+	// when says whether a reply (ping -D) came inside host2's restart.
+	when := func(line string) string {
+		m := timeRe.FindStringSubmatch(line)
+		if m == nil {
+			return "?"
+		}
+		sec, _ := strconv.ParseFloat(m[1], 64)
+		at := time.UnixMicro(int64(sec * 1e6))
+		switch {
+		case at.Before(stopped):
+			return "before the restart"
+		case at.After(back):
+			return "after the restart"
+		}
+		return "during the restart"
 	}
 	var out []string
 	for n := range bySeq {
@@ -336,11 +356,11 @@ func aroundGaps(log string) string {
 			}
 		}
 		if next < n+10000 {
-			out = append(out, fmt.Sprintf("missing %d-%d: %s / %s", n+1, next-1, bySeq[n], bySeq[next]))
+			out = append(out, fmt.Sprintf("missing %d-%d, between a reply %s and one %s: %s / %s", n+1, next-1, when(bySeq[n]), when(bySeq[next]), bySeq[n], bySeq[next]))
 		}
 	}
 	slices.Sort(out)
-	return strings.Join(out, "\n")
+	return out
 }
 
 // wireGuardImplementation is what fabricd runs on this kernel: the
