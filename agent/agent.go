@@ -480,9 +480,17 @@ func (a *Agent) Leave(context.Context) (localapi.LeaveResult, error) {
 // acquireLease makes sure the pool exists and takes this host's subnet,
 // waiting for etcd while it is unreachable.
 func (a *Agent) acquireLease(ctx context.Context) error {
+	underlay, err := underlayNetworks(a.underlay.Dev)
+	if err != nil {
+		return err
+	}
 	var want *ipam.Pool
 	if a.cfg.Pool != "" {
 		want = &ipam.Pool{Network: a.cfg.PoolPrefix, SubnetLen: a.cfg.SubnetLen, NetworkV6: a.cfg.PoolV6Prefix}
+		// Before it is stored: a pool that clashes here is no one's.
+		if err := want.CheckUnderlay(underlay); err != nil {
+			return err
+		}
 	}
 	backoff := time.Second
 	for {
@@ -494,6 +502,10 @@ func (a *Agent) acquireLease(ctx context.Context) error {
 				return err
 			}
 			a.pool = pool
+			// The fabric's pool, stored by another host, may clash here.
+			if err := pool.CheckUnderlay(underlay); err != nil {
+				return err
+			}
 			if a.ipamMgr == nil {
 				if a.ipamMgr, err = ipam.New(a.ipamOptions()); err != nil {
 					return err
@@ -578,7 +590,7 @@ func (a *Agent) checkIPv6() error {
 	case err == nil && strings.TrimSpace(string(v)) == "1":
 		return fmt.Errorf("the pool has IPv6 (%s), but this host has IPv6 turned off (%s is 1): sysctl -w net.ipv6.conf.all.disable_ipv6=0", a.pool.NetworkV6, key)
 	}
-	if a.underlay.AddrV6, err = findUnderlayV6(a.underlay.Dev, a.cfg.UnderlayAddrV6, a.pool.NetworkV6); err != nil {
+	if a.underlay.AddrV6, err = findUnderlayV6(a.underlay.Dev, a.cfg.UnderlayAddrV6); err != nil {
 		return err
 	}
 	if a.underlay.AddrV6.IsValid() {

@@ -21,10 +21,31 @@ type underlay struct {
 	AddrV6 netip.Addr
 }
 
+// underlayNetworks are the networks of dev's global addresses, both
+// families: no pool may overlap them.
+func underlayNetworks(dev string) ([]netip.Prefix, error) {
+	link, err := netlink.LinkByName(dev)
+	if err != nil {
+		return nil, fmt.Errorf("underlay %s: %w", dev, err)
+	}
+	addrs, err := netlink.AddrList(link, unix.AF_UNSPEC)
+	if err != nil {
+		return nil, fmt.Errorf("underlay %s: %w", dev, err)
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		ones, _ := a.Mask.Size()
+		if ok && ip.Unmap().IsGlobalUnicast() {
+			out = append(out, netip.PrefixFrom(ip.Unmap(), ones).Masked())
+		}
+	}
+	return out, nil
+}
+
 // findUnderlayV6 returns want if it is on dev, else (want invalid) the
-// lowest usable global IPv6 address of dev outside the IPv6 pool (a
-// container gateway is no underlay address), or none.
-func findUnderlayV6(dev string, want netip.Addr, poolV6 netip.Prefix) (netip.Addr, error) {
+// lowest usable global IPv6 address of dev, or none.
+func findUnderlayV6(dev string, want netip.Addr) (netip.Addr, error) {
 	link, err := netlink.LinkByName(dev)
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("underlay %s: %w", dev, err)
@@ -37,7 +58,7 @@ func findUnderlayV6(dev string, want netip.Addr, poolV6 netip.Prefix) (netip.Add
 	for _, a := range addrs {
 		ip, ok := netip.AddrFromSlice(a.IP)
 		const unusable = unix.IFA_F_TENTATIVE | unix.IFA_F_DADFAILED | unix.IFA_F_DEPRECATED
-		if !ok || !ip.IsGlobalUnicast() || ip.Is4In6() || a.Flags&unusable != 0 || poolV6.Contains(ip) {
+		if !ok || !ip.IsGlobalUnicast() || ip.Is4In6() || a.Flags&unusable != 0 {
 			continue
 		}
 		if want.IsValid() && ip == want {

@@ -250,15 +250,7 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 	t.Logf("FRR: show bgp ipv6 unicast:\n%s", out)
 
 	// A container on host1 answers the router over IPv6, natively.
-	st1, err := f.status(hosts[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	c1 := f.container(hosts[0], "c6", 2)
-	c1v6 := subnets[hosts[0].Name].Addr().Next().Next()
-	if err := c1.AddIPv6(ctx, st1.Bridge, netip.PrefixFrom(subnets[hosts[0].Name].Addr().Next(), 64), netip.PrefixFrom(c1v6, 64)); err != nil {
-		t.Fatal(err)
-	}
+	c1, c1v6 := f.containerV6(hosts[0], subnets[hosts[0].Name])
 	f.eventually(10*time.Second, "the router pings host1's container over IPv6", func() error {
 		_, err := tor.Run(ctx, "ping", "-6", "-c", "1", "-W", "1", c1v6.String())
 		return err
@@ -266,15 +258,7 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 
 	// The router announces a /80 inside host2's /64: refused by host1,
 	// whose container still reaches host2's over the tunnel.
-	st2, err := f.status(hosts[1])
-	if err != nil {
-		t.Fatal(err)
-	}
-	c2 := f.container(hosts[1], "c6", 2)
-	c2v6 := subnets[hosts[1].Name].Addr().Next().Next()
-	if err := c2.AddIPv6(ctx, st2.Bridge, netip.PrefixFrom(subnets[hosts[1].Name].Addr().Next(), 64), netip.PrefixFrom(c2v6, 64)); err != nil {
-		t.Fatal(err)
-	}
+	_, c2v6 := f.containerV6(hosts[1], subnets[hosts[1].Name])
 	rogue := netip.PrefixFrom(subnets[hosts[1].Name].Addr(), 80)
 	if out, err := vtysh("configure terminal", "router bgp 65001", "address-family ipv6 unicast", "network "+rogue.String()); err != nil {
 		t.Fatalf("vtysh: %v: %s", err, out)

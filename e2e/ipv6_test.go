@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/testreq"
+	"github.com/fabricnet/fabric/internal/testwait"
 	"github.com/fabricnet/fabric/lab"
 )
 
@@ -213,19 +214,7 @@ func TestIPv6OverTheTunnels(t *testing.T) {
 	ctrs := make([]*lab.Container, len(hosts))
 	addrs := make([]netip.Addr, len(hosts))
 	for i, h := range hosts {
-		st, err := f.status(h)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sub6 := subnets[h.Name]
-		ctrs[i] = f.container(h, "c6", 2)
-		addrs[i] = sub6.Addr().Next().Next()
-		ctx, cancel := dockerCtx()
-		err = ctrs[i].AddIPv6(ctx, st.Bridge, netip.PrefixFrom(sub6.Addr().Next(), 64), netip.PrefixFrom(addrs[i], 64))
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
+		ctrs[i], addrs[i] = f.containerV6(h, subnets[h.Name])
 	}
 	for i, a := range ctrs {
 		for j := range ctrs {
@@ -305,4 +294,54 @@ func (f *fabric) startIPv6Mesh(more ...string) ([]*lab.Host, map[string]netip.Pr
 		subnetV6[h.Name] = p
 	}
 	return hosts, subnetV6
+}
+
+// containerV6 adds a container on h's bridge, as dockerd would with an IPv6
+// pool: its second IPv4 address of h's subnet, and the second address of
+// h's /64 with the first (the bridge's) as its IPv6 gateway.
+func (f *fabric) containerV6(h *lab.Host, subnetV6 netip.Prefix) (*lab.Container, netip.Addr) {
+	f.t.Helper()
+	st, err := f.status(h)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	c := f.container(h, "c6", 2)
+	addr := subnetV6.Addr().Next().Next()
+	ctx, cancel := dockerCtx()
+	defer cancel()
+	if err := c.AddIPv6(ctx, st.Bridge, netip.PrefixFrom(subnetV6.Addr().Next(), 64), netip.PrefixFrom(addr, 64)); err != nil {
+		f.t.Fatal(err)
+	}
+	return c, addr
+}
+
+// TestPoolOverlappingTheUnderlay: fabricd refuses to start, naming both,
+// when the pool overlaps the network its underlay is on, for either
+// family: a subnet leased there would shadow the hosts' own network. The
+// pool in etcd is the fabric's, so the host with the clash is the one
+// that stops.
+func TestPoolOverlappingTheUnderlay(t *testing.T) {
+	t.Parallel()
+	f := newFabric(t, lab.Spec{Hosts: 1})
+	h := f.lab.Hosts()[0]
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(30*time.Second))
+	defer cancel()
+	for _, c := range []struct {
+		flags []string
+		want  string
+	}{
+		{[]string{"--pool", "192.168.0.0/16"}, "the pool 192.168.0.0/16 overlaps this host's underlay network " + h.Subnet.String()},
+		{[]string{"--pool-v6", "fd99::/48"}, "the pool fd99::/48 overlaps this host's underlay network fd99::/64"},
+	} {
+		if c.flags[0] == "--pool-v6" {
+			if _, err := h.Run(ctx, "ip", "-6", "addr", "add", "fd99::2/64", "dev", h.Dev, "nodad"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		args := f.fabricdArgs(h, filepath.Join(f.lab.LogDir(), h.Name+"-run"), c.flags...)
+		out, err := h.Run(ctx, args[0], args[1:]...)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Errorf("fabricd %v on %s: %v, want it to stop with %q:\n%s", c.flags, h.Name, err, c.want, out)
+		}
+	}
 }

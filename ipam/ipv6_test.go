@@ -70,3 +70,28 @@ func TestEnsurePoolAddsIPv6(t *testing.T) {
 		t.Fatalf("a different IPv6 pool: %v, want a conflict", err)
 	}
 }
+
+// A pool that overlaps the host's underlay network (either family) is
+// refused with both named; pools beside it are fine.
+func TestPoolOverlapsUnderlay(t *testing.T) {
+	p := Pool{Network: netip.MustParsePrefix("10.244.0.0/16"), SubnetLen: 24, NetworkV6: netip.MustParsePrefix("fd00:10:244::/48")}
+	for _, c := range []struct {
+		underlay []string
+		clash    string
+	}{
+		{[]string{"192.168.100.11/24", "fd99::2/64"}, ""},
+		{[]string{"10.244.7.3/24"}, "the pool 10.244.0.0/16 overlaps this host's underlay network 10.244.7.0/24"},
+		{[]string{"10.0.0.5/8"}, "the pool 10.244.0.0/16 overlaps this host's underlay network 10.0.0.0/8"},
+		{[]string{"192.168.100.11/24", "fd00:10:244:99::2/64"}, "the pool fd00:10:244::/48 overlaps this host's underlay network fd00:10:244:99::/64"},
+		{[]string{"fd00::1/8"}, "the pool fd00:10:244::/48 overlaps this host's underlay network fd00::/8"},
+	} {
+		var underlay []netip.Prefix
+		for _, u := range c.underlay {
+			underlay = append(underlay, netip.MustParsePrefix(u))
+		}
+		err := p.CheckUnderlay(underlay)
+		if (c.clash == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), c.clash)) {
+			t.Errorf("underlay %v: %v, want %q", c.underlay, err, c.clash)
+		}
+	}
+}

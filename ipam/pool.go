@@ -143,6 +143,21 @@ func (p Pool) SubnetsV6(held map[string][]netip.Prefix) map[string][]netip.Prefi
 	return out
 }
 
+// CheckUnderlay names the first of the host's underlay networks (the
+// prefixes of its underlay addresses, either family) that the pool
+// overlaps: a subnet leased there would shadow the network the hosts
+// reach each other over.
+func (p Pool) CheckUnderlay(underlay []netip.Prefix) error {
+	for _, u := range underlay {
+		for _, pool := range []netip.Prefix{p.Network, p.NetworkV6} {
+			if pool.IsValid() && u.IsValid() && pool.Overlaps(u.Masked()) {
+				return fmt.Errorf("the pool %s overlaps this host's underlay network %s: fabric subnets there would shadow the hosts' own network; choose a pool outside it (fabricctl ipam init, or --pool/--pool-v6 on a new fabric)", pool, u.Masked())
+			}
+		}
+	}
+	return nil
+}
+
 func (p Pool) String() string {
 	if p.NetworkV6.IsValid() {
 		return fmt.Sprintf("%s /%d and %s /%d", p.Network, p.SubnetLen, p.NetworkV6, SubnetLenV6)
