@@ -594,7 +594,7 @@ func (a *Agent) checkIPv6() error {
 		return err
 	}
 	if a.underlay.AddrV6.IsValid() {
-		a.log.Info("underlay IPv6: the next hop of this host's IPv6 subnet", "device", a.underlay.Dev, "address", a.underlay.AddrV6)
+		a.log.Info("underlay IPv6: the next hop of this host's IPv6 subnet", "device", a.underlay.Dev, "address", a.underlay.AddrV6.Addr())
 	} else {
 		a.log.Info("no global IPv6 address on the underlay: this host's IPv6 subnet goes with its IPv4 address as next hop, which fabric hosts use and routers cannot", "device", a.underlay.Dev)
 	}
@@ -603,7 +603,7 @@ func (a *Agent) checkIPv6() error {
 
 // nextHops are this host's next hops for the routes it advertises.
 func (a *Agent) nextHops() bgp.NextHops {
-	return bgp.NextHops{IPv4: a.underlay.Addr, IPv6: a.underlay.AddrV6}
+	return bgp.NextHops{IPv4: a.underlay.Addr, IPv6: a.underlay.AddrV6.Addr()}
 }
 
 func (a *Agent) setupDataplane() error {
@@ -694,7 +694,7 @@ func (a *Agent) selfNode() registry.Node {
 		ASN:          a.cfg.ASN,
 		Subnet:       a.lease.Subnet,
 		SubnetV6:     a.subnetV6(),
-		AddressV6:    a.underlay.AddrV6,
+		AddressV6:    a.underlay.AddrV6.Addr(),
 		VTEPMAC:      a.vtepMAC(),
 		Encaps:       names,
 		WireGuardKey: a.wireGuardKey(),

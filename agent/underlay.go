@@ -17,8 +17,9 @@ type underlay struct {
 	Prefix netip.Prefix // the connected subnet, for cross-subnet decisions
 	MTU    int
 	// AddrV6 is the host's IPv6 address on Dev in an IPv6 fabric (invalid:
-	// none): the next hop of its IPv6 subnet.
-	AddrV6 netip.Addr
+	// none), the next hop of its IPv6 subnet, with its connected prefix
+	// length.
+	AddrV6 netip.Prefix
 }
 
 // underlayNetworks are the networks of dev's global addresses, both
@@ -44,34 +45,36 @@ func underlayNetworks(dev string) ([]netip.Prefix, error) {
 }
 
 // findUnderlayV6 returns want if it is on dev, else (want invalid) the
-// lowest usable global IPv6 address of dev, or none.
-func findUnderlayV6(dev string, want netip.Addr) (netip.Addr, error) {
+// lowest usable global IPv6 address of dev, or none; with its connected
+// prefix length.
+func findUnderlayV6(dev string, want netip.Addr) (netip.Prefix, error) {
 	link, err := netlink.LinkByName(dev)
 	if err != nil {
-		return netip.Addr{}, fmt.Errorf("underlay %s: %w", dev, err)
+		return netip.Prefix{}, fmt.Errorf("underlay %s: %w", dev, err)
 	}
 	addrs, err := netlink.AddrList(link, unix.AF_INET6)
 	if err != nil {
-		return netip.Addr{}, fmt.Errorf("underlay %s: %w", dev, err)
+		return netip.Prefix{}, fmt.Errorf("underlay %s: %w", dev, err)
 	}
-	var found []netip.Addr
+	var found []netip.Prefix
 	for _, a := range addrs {
 		ip, ok := netip.AddrFromSlice(a.IP)
+		ones, _ := a.Mask.Size()
 		const unusable = unix.IFA_F_TENTATIVE | unix.IFA_F_DADFAILED | unix.IFA_F_DEPRECATED
 		if !ok || !ip.IsGlobalUnicast() || ip.Is4In6() || a.Flags&unusable != 0 {
 			continue
 		}
 		if want.IsValid() && ip == want {
-			return ip, nil
+			return netip.PrefixFrom(ip, ones), nil
 		}
-		found = append(found, ip)
+		found = append(found, netip.PrefixFrom(ip, ones))
 	}
 	if want.IsValid() {
-		return netip.Addr{}, fmt.Errorf("underlayAddressV6 %s is not a usable address of interface %s (found %v)", want, dev, found)
+		return netip.Prefix{}, fmt.Errorf("underlayAddressV6 %s is not a usable address of interface %s (found %v)", want, dev, found)
 	}
-	slices.SortFunc(found, netip.Addr.Compare)
+	slices.SortFunc(found, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 	if len(found) == 0 {
-		return netip.Addr{}, nil
+		return netip.Prefix{}, nil
 	}
 	return found[0], nil
 }

@@ -371,8 +371,8 @@ func (m *Manager) desiredRoutes(routes []RemoteRoute, local []LocalRoute, peers 
 	}
 	for _, r := range routes {
 		prefix := r.Prefix.Masked()
-		if !prefix.IsValid() || (prefix.Addr().Is6() && r.Peer == nil) {
-			fail(fmt.Errorf("route %v (peer %q): only a fabric host's IPv6 subnet is routed, not an IPv6 route from a router", r.Prefix, r.PeerName))
+		if !prefix.IsValid() {
+			fail(fmt.Errorf("route %v (peer %q): not a prefix", r.Prefix, r.PeerName))
 			continue
 		}
 		if _, dup := desired[prefix]; dup {
@@ -678,8 +678,8 @@ func (m *Manager) resolve(addr netip.Addr, cache map[netip.Addr]nextHop) nextHop
 
 func (m *Manager) routeFor(r RemoteRoute, prefix netip.Prefix, peers map[string]*peerPlan, ready map[string]bool, underlay netlink.Link, gateways map[netip.Addr]nextHop) (*netlink.Route, string, error) {
 	if r.Peer == nil {
-		if !r.NextHop.Is4() {
-			return nil, "", fmt.Errorf("route %s: next hop %v is not an IPv4 address", prefix, r.NextHop)
+		if r.NextHop.Is4() != prefix.Addr().Is4() || r.NextHop.Is4In6() {
+			return nil, "", fmt.Errorf("route %s: next hop %v is not of the prefix's family", prefix, r.NextHop)
 		}
 		// Not a fabric node: a plain route. A next hop on a connected
 		// segment is used as it is (the kernel finds the device); one

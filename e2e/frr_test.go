@@ -202,9 +202,10 @@ func startFRR(t *testing.T, f *fabric, conf func(tor *lab.Host) string) (*lab.Ho
 // TestFRRLearnsIPv6Subnets: on a dual-stack underlay, FRR as the
 // top-of-rack router learns every host's IPv6 /64 over the IPv4 sessions
 // with that host's IPv6 address as next hop, installs it in its kernel and
-// reaches a container's IPv6 address natively (no tunnel, no NAT). A /80
-// that FRR announces inside host2's /64 is refused by host1, which keeps
-// reaching host2's container through its tunnel.
+// reaches a container's IPv6 address natively (no tunnel, no NAT); the
+// hosts route the router's own IPv6 network through it. A /80 that FRR
+// announces inside host2's /64 is refused by host1, which keeps reaching
+// host2's container through its tunnel.
 func TestFRRLearnsIPv6Subnets(t *testing.T) {
 	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2}, "--pool-v6", "fd00:10:244::/48")
@@ -227,7 +228,11 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 		for _, h := range hosts {
 			conf += fmt.Sprintf(" neighbor %s remote-as 64512\n", h.Addr)
 		}
-		conf += " address-family ipv6 unicast\n"
+		// A network of the router's own, behind it.
+		if _, err := tor.Run(ctx, "ip", "-6", "addr", "add", "2001:db8:250::1/128", "dev", "lo"); err != nil {
+			t.Fatal(err)
+		}
+		conf += " address-family ipv6 unicast\n  network 2001:db8:250::/48\n"
 		for _, h := range hosts {
 			conf += fmt.Sprintf("  neighbor %s activate\n", h.Addr)
 		}
@@ -253,6 +258,19 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 	c1, c1v6 := f.containerV6(hosts[0], subnets[hosts[0].Name])
 	f.eventually(10*time.Second, "the router pings host1's container over IPv6", func() error {
 		_, err := tor.Run(ctx, "ping", "-6", "-c", "1", "-W", "1", c1v6.String())
+		return err
+	})
+
+	// The router's own IPv6 network is routed through it, and host1's
+	// container reaches it (leaving the pool: NAT66 to host1's address).
+	f.eventually(15*time.Second, "host1 installs the router's 2001:db8:250::/48 via its IPv6 address", func() error {
+		if via := f.ownedRoutes(hosts[0])["2001:db8:250::/48"]; !strings.Contains(via, "via fd99::250 ") {
+			return fmt.Errorf("host1's route: %q, want via fd99::250", via)
+		}
+		return nil
+	})
+	f.eventually(10*time.Second, "host1's container reaches the router's network over IPv6", func() error {
+		_, err := c1.Run(ctx, "ping", "-6", "-c", "1", "-W", "1", "2001:db8:250::1")
 		return err
 	})
 

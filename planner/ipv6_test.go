@@ -68,10 +68,11 @@ func TestIPv6Subnets(t *testing.T) {
 // A host's IPv6 underlay address (addressV6) is a next hop of its /64, the
 // route still going through its tunnel; the address is refused where it
 // could point at someone else: inside the IPv6 pool, this host's own, two
-// records claiming it, or in a fabric without IPv6.
+// records claiming it, or in a fabric without IPv6. A router's IPv6 route
+// with an IPv6 next hop is routed as an IPv4 one is, under the same rules.
 func TestIPv6NextHop(t *testing.T) {
 	h := self
-	h.PoolV6, h.SubnetV6, h.UnderlayV6 = poolV6, netip.MustParsePrefix("fd00:10:244:1::/64"), netip.MustParseAddr("fd99::1")
+	h.PoolV6, h.SubnetV6, h.UnderlayV6 = poolV6, netip.MustParsePrefix("fd00:10:244:1::/64"), netip.MustParsePrefix("fd99::1/64")
 	withV6 := func(n registry.Node, a string) registry.Node {
 		n = dualStack(n)
 		n.AddressV6 = netip.MustParseAddr(a)
@@ -111,6 +112,11 @@ func TestIPv6NextHop(t *testing.T) {
 		{"a rogue /80 via the owner's IPv6 address", "fd00:10:244:2::/80", "fd99::2", "h2", "", "is not the subnet fd00:10:244:2::/64"},
 		{"IPv6 outside the pool via a host's IPv6 address", "2001:db8::/64", "fd99::2", "h2", "", "is outside the pool fd00:10:244::/48"},
 		{"via this host's IPv6 address: skipped", "2001:db8::/64", "fd99::1", "h2", "", ""},
+		{"a router's IPv6 route via its IPv6 address", "2001:db8:250::/48", "fd99::250", "tor", "2001:db8:250::/48 via fd99::250 (plain)", ""},
+		{"a router's IPv6 default route", "::/0", "fd99::250", "tor", "::/0 via fd99::250 (plain)", ""},
+		{"a router's IPv6 route via an IPv4 next hop", "2001:db8:250::/48", "198.51.100.250", "tor", "", "routes from routers need an IPv6 next hop"},
+		{"a router's route into this host's IPv6 underlay", "fd99::/80", "fd99::250", "tor", "", "would take over this host's underlay segment fd99::/64"},
+		{"a router's route into the IPv6 pool", "fd00:10:244:7::/64", "fd99::250", "tor", "", "is inside the pool fd00:10:244::/48 but no fabric host holds it"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			got, why := describeAs(t, h, nodes, []bgp.Route{route(c.prefix, c.nextHop, c.peer)}, over)

@@ -34,9 +34,9 @@ type Host struct {
 	// network and the pairing of subnets (invalid network: IPv4 only).
 	SubnetV6 netip.Prefix
 	PoolV6   ipam.Pool
-	// UnderlayV6 is this host's IPv6 address on the underlay, if any: the
-	// next hop of its IPv6 subnet.
-	UnderlayV6 netip.Addr
+	// UnderlayV6 is this host's IPv6 address on the underlay, if any (the
+	// next hop of its IPv6 subnet), with its connected prefix length.
+	UnderlayV6 netip.Prefix
 	// Imports limits what external peers may send, by peer name: a route
 	// from a listed peer must be one of its prefixes or lie inside one;
 	// 0.0.0.0/0 in a list stands for the default route alone. Peers not
@@ -117,7 +117,7 @@ func refuseAddressesV6(h Host, nodes []registry.Node, refused []Refusal) []Refus
 			why = fmt.Sprintf("its IPv6 address %s is refused: the fabric has no IPv6 pool", n.AddressV6)
 		case h.PoolV6.NetworkV6.Contains(n.AddressV6):
 			why = fmt.Sprintf("its IPv6 address %s is inside the IPv6 pool %s", n.AddressV6, h.PoolV6.NetworkV6)
-		case n.AddressV6 == h.UnderlayV6:
+		case n.AddressV6 == h.UnderlayV6.Addr():
 			why = fmt.Sprintf("it claims this host's IPv6 address %s", n.AddressV6)
 		case claims[n.AddressV6] > 1:
 			why = fmt.Sprintf("its IPv6 address %s is claimed by another record too", n.AddressV6)
@@ -360,7 +360,7 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 		// Our own subnet (or a piece of it) is on the bridge; a covering
 		// route such as a top-of-rack default is fine, the kernel prefers
 		// the connected /24.
-		if inside(r.Prefix, h.Subnet) || inside(r.Prefix, h.SubnetV6) || r.NextHop == h.Underlay.Addr() || (h.UnderlayV6.IsValid() && r.NextHop == h.UnderlayV6) || nets.Owners[r.Prefix] == h.Name {
+		if inside(r.Prefix, h.Subnet) || inside(r.Prefix, h.SubnetV6) || r.NextHop == h.Underlay.Addr() || (h.UnderlayV6.IsValid() && r.NextHop == h.UnderlayV6.Addr()) || nets.Owners[r.Prefix] == h.Name {
 			continue
 		}
 		n, toNode := byAddr[r.NextHop]
@@ -485,8 +485,15 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 	if toNode && !inNetwork && !inside(r.Prefix, pool) {
 		return fmt.Sprintf("its next hop is a fabric host, so it would be tunnelled, but %s is outside the pool %v", r.Prefix, pool)
 	}
-	if u := h.Underlay.Masked(); r.Prefix.Overlaps(u) && r.Prefix.Bits() >= u.Bits() {
-		return fmt.Sprintf("it would take over this host's underlay segment %s", u)
+	for _, u := range []netip.Prefix{h.Underlay.Masked(), h.UnderlayV6.Masked()} {
+		if u.IsValid() && r.Prefix.Overlaps(u) && r.Prefix.Bits() >= u.Bits() {
+			return fmt.Sprintf("it would take over this host's underlay segment %s", u)
+		}
+	}
+	if r.Prefix.Addr().Is6() && !toNode && !r.NextHop.Is6() {
+		// A router's IPv6 route needs an IPv6 next hop: the kernel takes
+		// no IPv4 gateway for it, and only fabric hosts are tunnelled to.
+		return fmt.Sprintf("%s is IPv6, but its next hop %s is not: routes from routers need an IPv6 next hop (this host's underlay has IPv6?)", r.Prefix, r.NextHop)
 	}
 	return ""
 }
