@@ -256,7 +256,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err := a.own.speaker.Advertise(ctx, a.nextHops(), a.ownSubnets()...); err != nil {
 		return fmt.Errorf("advertise %v: %w", a.ownSubnets(), err)
 	}
-	log.Info("advertising subnet", "subnet", a.lease.Subnet, "subnetV6", a.subnetV6(), "nexthop", a.underlay.Addr)
+	log.Info("advertising subnet", "subnet", a.lease.Subnet, "subnetV6", a.subnetV6(), "nexthop", a.underlay.Addr, "nexthopV6", a.nextHops().For(a.subnetV6()))
 
 	if err := a.startBFD(); err != nil {
 		return err
@@ -590,11 +590,11 @@ func (a *Agent) checkIPv6() error {
 	case err == nil && strings.TrimSpace(string(v)) == "1":
 		return fmt.Errorf("the pool has IPv6 (%s), but this host has IPv6 turned off (%s is 1): sysctl -w net.ipv6.conf.all.disable_ipv6=0", a.pool.NetworkV6, key)
 	}
-	if a.underlay.AddrV6, err = findUnderlayV6(a.underlay.Dev, a.cfg.UnderlayAddrV6); err != nil {
+	if a.underlay.V6, err = findUnderlayV6(a.underlay.Dev, a.cfg.UnderlayAddrV6); err != nil {
 		return err
 	}
-	if a.underlay.AddrV6.IsValid() {
-		a.log.Info("underlay IPv6: the next hop of this host's IPv6 subnet", "device", a.underlay.Dev, "address", a.underlay.AddrV6.Addr())
+	if a.underlay.V6.IsValid() {
+		a.log.Info("underlay IPv6: the next hop of this host's IPv6 subnet", "device", a.underlay.Dev, "address", a.underlay.V6.Addr())
 	} else {
 		a.log.Info("no global IPv6 address on the underlay: this host's IPv6 subnet goes with its IPv4 address as next hop, which fabric hosts use and routers cannot", "device", a.underlay.Dev)
 	}
@@ -603,7 +603,7 @@ func (a *Agent) checkIPv6() error {
 
 // nextHops are this host's next hops for the routes it advertises.
 func (a *Agent) nextHops() bgp.NextHops {
-	return bgp.NextHops{IPv4: a.underlay.Addr, IPv6: a.underlay.AddrV6.Addr()}
+	return bgp.NextHops{IPv4: a.underlay.Addr, IPv6: a.underlay.V6.Addr()}
 }
 
 func (a *Agent) setupDataplane() error {
@@ -694,7 +694,7 @@ func (a *Agent) selfNode() registry.Node {
 		ASN:          a.cfg.ASN,
 		Subnet:       a.lease.Subnet,
 		SubnetV6:     a.subnetV6(),
-		AddressV6:    a.underlay.AddrV6.Addr(),
+		AddressV6:    a.underlay.V6.Addr(),
 		VTEPMAC:      a.vtepMAC(),
 		Encaps:       names,
 		WireGuardKey: a.wireGuardKey(),

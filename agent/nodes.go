@@ -11,7 +11,7 @@ import (
 
 func (a *Agent) host() planner.Host {
 	return planner.Host{Name: a.cfg.NodeName, ASN: a.cfg.ASN, Underlay: netip.PrefixFrom(a.underlay.Addr, a.underlay.Prefix.Bits()),
-		Subnet: a.lease.Subnet, Pool: a.pool.Network, SubnetV6: a.subnetV6(), PoolV6: a.pool, UnderlayV6: a.underlay.AddrV6,
+		Subnet: a.lease.Subnet, Pool: a.pool.Network, SubnetV6: a.subnetV6(), PoolV6: a.pool, UnderlayV6: a.underlay.V6,
 		Imports: planner.Imports(a.cfg.Peers), WireGuardKey: a.wireGuardKey()}
 }
 

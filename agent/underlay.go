@@ -16,10 +16,10 @@ type underlay struct {
 	Addr   netip.Addr
 	Prefix netip.Prefix // the connected subnet, for cross-subnet decisions
 	MTU    int
-	// AddrV6 is the host's IPv6 address on Dev in an IPv6 fabric (invalid:
-	// none), the next hop of its IPv6 subnet, with its connected prefix
-	// length.
-	AddrV6 netip.Prefix
+	// V6 is the host's IPv6 address on Dev in an IPv6 fabric, the next hop
+	// of its IPv6 subnet, with its connected prefix length (as
+	// planner.Host.Underlay); invalid: none.
+	V6 netip.Prefix
 }
 
 // underlayNetworks are the networks of dev's global addresses, both

@@ -179,11 +179,12 @@ func (m *Manager) Apply(ctx context.Context, st State) error {
 	if err := checkState(st); err != nil {
 		return err
 	}
-	if err := m.tables.Set(ctx, Section, render(st, m.selectPublishes(st), m.tables.RandomFully())); err != nil {
+	publishes := m.selectPublishes(st)
+	if err := m.tables.Set(ctx, Section, render(st, publishes, m.tables.RandomFully())); err != nil {
 		return fmt.Errorf("nat: %w", err)
 	}
 	if m.tables6 != nil {
-		if err := m.tables6.Set(ctx, Section, renderIPv6(st, m.selectPublishes(st), m.tables6.RandomFully())); err != nil {
+		if err := m.tables6.Set(ctx, Section, renderIPv6(st, publishes, m.tables6.RandomFully())); err != nil {
 			return fmt.Errorf("nat: IPv6: %w", err)
 		}
 	}
