@@ -95,8 +95,15 @@ func (a *Agent) Status(ctx context.Context) (localapi.Status, error) {
 		Underlay: a.underlay.Addr.String(), UnderlayDev: a.underlay.Dev, ASN: a.cfg.ASN,
 		Encapsulation: a.cfg.Encapsulation, MTU: a.own.dataplane.MTU(), Bridge: a.cfg.Bridge, Started: a.started,
 		EtcdHealthy: etcdErr == nil, Encryption: a.encryptionStatus(), WireGuardKey: a.wireGuardKey(),
-		SubnetV6: prefixOrEmpty(a.subnetV6()),
+		SubnetV6: prefixOrEmpty(a.subnetV6()), UnderlayV6: addrOrEmpty(a.underlay.V6.Addr()),
 	}, nil
+}
+
+func addrOrEmpty(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
 }
 
 func prefixOrEmpty(p netip.Prefix) string {

@@ -232,7 +232,7 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 		if _, err := tor.Run(ctx, "ip", "-6", "addr", "add", "2001:db8:250::1/128", "dev", "lo"); err != nil {
 			t.Fatal(err)
 		}
-		conf += " address-family ipv6 unicast\n  network 2001:db8:250::/48\n"
+		conf += " address-family ipv6 unicast\n"
 		for _, h := range hosts {
 			conf += fmt.Sprintf("  neighbor %s activate\n", h.Addr)
 		}
@@ -253,6 +253,10 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 	}
 	out, _ := vtysh("show bgp ipv6 unicast")
 	t.Logf("FRR: show bgp ipv6 unicast:\n%s", out)
+	// What the operator checks on the host: the next hop routers get.
+	if out, err := f.fabricctl(hosts[0], "status"); err != nil || !strings.Contains(out, fmt.Sprintf("%s (next hop %s)", subnets[hosts[0].Name], underlayV6(1))) {
+		t.Errorf("fabricctl status on host1: %v\n%s\nwant its IPv6 subnet with next hop %s", err, out, underlayV6(1))
+	}
 
 	// A container on host1 answers the router over IPv6, natively.
 	c1, c1v6 := f.containerV6(hosts[0], subnets[hosts[0].Name])
@@ -261,8 +265,12 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 		return err
 	})
 
-	// The router's own IPv6 network is routed through it, and host1's
+	// The router's own IPv6 network (announced once the mesh is up, whose
+	// check counts every route) is routed through it, and host1's
 	// container reaches it (leaving the pool: NAT66 to host1's address).
+	if out, err := vtysh("configure terminal", "router bgp 65001", "address-family ipv6 unicast", "network 2001:db8:250::/48"); err != nil {
+		t.Fatalf("vtysh: %v: %s", err, out)
+	}
 	f.eventually(15*time.Second, "host1 installs the router's 2001:db8:250::/48 via its IPv6 address", func() error {
 		if via := f.ownedRoutes(hosts[0])["2001:db8:250::/48"]; !strings.Contains(via, "via fd99::250 ") {
 			return fmt.Errorf("host1's route: %q, want via fd99::250", via)

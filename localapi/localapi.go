@@ -55,10 +55,13 @@ type Route struct {
 
 // Status is the agent's own view of itself.
 type Status struct {
-	Node          string `json:"node"`
-	Version       string `json:"version"`
-	Subnet        string `json:"subnet"`
-	SubnetV6      string `json:"subnetV6,omitempty"` // with an IPv6 pool
+	Node     string `json:"node"`
+	Version  string `json:"version"`
+	Subnet   string `json:"subnet"`
+	SubnetV6 string `json:"subnetV6,omitempty"` // with an IPv6 pool
+	// UnderlayV6 is the IPv6 next hop of SubnetV6: the host's IPv6
+	// address on the underlay, "" when it has none (then its IPv4 one).
+	UnderlayV6    string `json:"underlayV6,omitempty"`
 	Gateway       string `json:"gateway"`
 	Underlay      string `json:"underlay"`
 	UnderlayDev   string `json:"underlayDevice"`

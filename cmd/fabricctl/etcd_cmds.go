@@ -130,11 +130,14 @@ func nodesCmd(g *globals) *cobra.Command {
 				}
 				var rows [][]string
 				for _, n := range nodes {
-					subnets := n.Subnet.String()
+					subnets, address := n.Subnet.String(), n.Address.String()
 					if n.SubnetV6.IsValid() {
 						subnets += "," + n.SubnetV6.String()
 					}
-					rows = append(rows, []string{n.Name, n.Address.String(), fmt.Sprint(n.ASN), subnets, strings.Join(n.Encaps, ","), n.VTEPMAC, n.Version})
+					if n.AddressV6.IsValid() {
+						address += "," + n.AddressV6.String()
+					}
+					rows = append(rows, []string{n.Name, address, fmt.Sprint(n.ASN), subnets, strings.Join(n.Encaps, ","), n.VTEPMAC, n.Version})
 				}
 				table("NODE\tADDRESS\tASN\tSUBNETS\tENCAPSULATIONS\tVTEP MAC\tVERSION", rows)
 				for _, b := range bad {

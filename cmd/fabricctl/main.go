@@ -413,7 +413,12 @@ func statusCmd(g *globals) *cobra.Command {
 			fmt.Fprintf(w, "node\t%s\nversion\t%s\nsubnet\t%s (gateway %s)\nunderlay\t%s on %s\nasn\t%d\nencapsulation\t%s\nencryption\t%s\nmtu\t%d\nbridge\t%s\nup\t%s\netcd\t%v\n",
 				s.Node, s.Version, s.Subnet, s.Gateway, s.Underlay, s.UnderlayDev, s.ASN, s.Encapsulation, s.Encryption, s.MTU, s.Bridge, since(s.Started), map[bool]string{true: "reachable", false: "UNREACHABLE"}[s.EtcdHealthy])
 			if s.SubnetV6 != "" {
-				fmt.Fprintf(w, "subnet IPv6\t%s\n", s.SubnetV6)
+				// What routers get as the /64's next hop.
+				nextHop := s.UnderlayV6
+				if nextHop == "" {
+					nextHop = s.Underlay + ", IPv4-mapped: no IPv6 address on the underlay, usable by fabric hosts only"
+				}
+				fmt.Fprintf(w, "subnet IPv6\t%s (next hop %s)\n", s.SubnetV6, nextHop)
 			}
 			return w.Flush()
 		},
