@@ -320,7 +320,7 @@ func streamLoss(log string, from time.Time) (sent, got int) {
 		if first < 0 || n < first {
 			first = n
 		}
-		if time.UnixMicro(int64(sec*1e6)).Before(from) {
+		if time.UnixMicro(int64(sec * 1e6)).Before(from) {
 			start = max(start, n)
 		}
 		last = max(last, n)
