@@ -35,22 +35,14 @@ func TestIPv6Subnets(t *testing.T) {
 		t.Fatalf("a record claiming another host's IPv6 subnet: nodes %+v, refused %+v", nodes, refused)
 	}
 	nodes = []registry.Node{dualStack(h1), dualStack(h2), dualStack(h3)}
-	for _, c := range []struct {
-		name, prefix, nextHop, peer string
-		want, refused               string
-	}{
+	checkRouteCases(t, h, nodes, []routeCase{
 		{"a host's IPv6 subnet from its owner", "fd00:10:244:2::/64", "192.0.2.2", "h2", "fd00:10:244:2::/64 via 192.0.2.2 (node h2)", ""},
 		{"a rogue /80 inside a host's /64", "fd00:10:244:2::/80", "198.51.100.3", "h3", "", "fd00:10:244:2::/80 is not the subnet fd00:10:244:2::/64 that host h2 holds"},
 		{"a host's /64 from another host", "fd00:10:244:2::/64", "198.51.100.3", "h3", "", "belongs to host h2 (192.0.2.2), but the next hop is 198.51.100.3"},
 		{"an unleased /64 of the pool", "fd00:10:244:9::/64", "192.0.2.2", "h2", "", "is inside the pool fd00:10:244::/48 but no fabric host holds it"},
 		{"IPv6 outside the pool via a fabric host", "2001:db8::/64", "192.0.2.2", "h2", "", "would be tunnelled, but 2001:db8::/64 is outside the pool fd00:10:244::/48"},
 		{"our own IPv6 subnet is skipped", "fd00:10:244:1::/64", "198.51.100.3", "h3", "", ""},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			got, why := describeAs(t, h, nodes, []bgp.Route{route(c.prefix, c.nextHop, c.peer)}, over)
-			checkRoutes(t, got, why, c.want, c.refused)
-		})
-	}
+	})
 	// A fabric without an IPv6 pool routes no IPv6 subnet of a host.
 	got, why := describeAs(t, self, []registry.Node{h1, h2}, []bgp.Route{route("fd00:10:244:2::/64", "192.0.2.2", "h2")}, over)
 	if got != "" || len(why) != 1 || !strings.Contains(why[0], "the fabric has no IPv6 pool") {
@@ -103,10 +95,7 @@ func TestIPv6NextHop(t *testing.T) {
 	if len(refused) != 0 {
 		t.Fatalf("refused %+v", refused)
 	}
-	for _, c := range []struct {
-		name, prefix, nextHop, peer string
-		want, refused               string
-	}{
+	checkRouteCases(t, h, nodes, []routeCase{
 		{"a host's /64 via its IPv6 address goes through its tunnel", "fd00:10:244:2::/64", "fd99::2", "h2", "fd00:10:244:2::/64 via 192.0.2.2 (node h2)", ""},
 		{"a host's /64 via another host's IPv6 address", "fd00:10:244:2::/64", "fd99::3", "h3", "", "belongs to host h2 (192.0.2.2), but the next hop is fd99::3"},
 		{"a rogue /80 via the owner's IPv6 address", "fd00:10:244:2::/80", "fd99::2", "h2", "", "is not the subnet fd00:10:244:2::/64"},
@@ -117,7 +106,19 @@ func TestIPv6NextHop(t *testing.T) {
 		{"a router's IPv6 route via an IPv4 next hop", "2001:db8:250::/48", "198.51.100.250", "tor", "", "routes from routers need an IPv6 next hop"},
 		{"a router's route into this host's IPv6 underlay", "fd99::/80", "fd99::250", "tor", "", "would take over this host's underlay segment fd99::/64"},
 		{"a router's route into the IPv6 pool", "fd00:10:244:7::/64", "fd99::250", "tor", "", "is inside the pool fd00:10:244::/48 but no fabric host holds it"},
-	} {
+	})
+}
+
+// routeCase is one learned route and what the planner must make of it.
+type routeCase struct {
+	name, prefix, nextHop, peer string
+	want, refused               string
+}
+
+// checkRouteCases plans each case's route alone, as h with nodes.
+func checkRouteCases(t *testing.T, h Host, nodes []registry.Node, cases []routeCase) {
+	t.Helper()
+	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			got, why := describeAs(t, h, nodes, []bgp.Route{route(c.prefix, c.nextHop, c.peer)}, over)
 			checkRoutes(t, got, why, c.want, c.refused)
