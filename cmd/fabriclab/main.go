@@ -75,9 +75,9 @@ func demo(binDir string, nHosts int, encap string, keep bool) error {
 		fmt.Printf("  %-6s namespace %-14s underlay %s on %s\n", h.Name, h.Netns, h.Addr, h.Dev)
 	}
 
-	step("starting fabricd on every host (pool 10.244.0.0/16, encapsulation %s)", encap)
+	step("starting fabricd on every host (pool 10.244.0.0/16, IPv6 pool %s, encapsulation %s)", demoPoolV6, encap)
 	for _, h := range l.Hosts() {
-		args := l.FabricdArgs(binDir, h, "--encapsulation", encap)
+		args := l.FabricdArgs(binDir, h, "--encapsulation", encap, "--pool-v6", demoPoolV6)
 		if _, err := h.Start("fabricd", args...); err != nil {
 			return err
 		}
@@ -231,11 +231,48 @@ func (d *demoLab) waitMesh(ctx context.Context) error {
 }
 
 // dockerCtr is a demo container and the dockerd it runs in.
+// demoPoolV6 gives the demo's containers IPv6 beside IPv4: each host's /64
+// pairs with its /24.
+const demoPoolV6 = "fd00:10:244::/48"
+
 type dockerCtr struct {
 	host *lab.Host
 	d    *lab.Dockerd
 	name string // "app" + the host's number: names are fabric-wide
 	ip   string
+	ipv6 string
+}
+
+// pingPairs pings from each container every container on another host,
+// over IPv6 or IPv4, and returns how many pairs failed.
+func pingPairs(ctx context.Context, ctrs []dockerCtr, ipv6 bool) (failed int) {
+	for _, a := range ctrs {
+		for _, b := range ctrs {
+			if a.host == b.host {
+				continue
+			}
+			args, dst := []string{"exec", a.name, "ping", "-c", "1", "-W", "2"}, b.ip
+			if ipv6 {
+				args, dst = append(args, "-6"), b.ipv6
+			}
+			var err error
+			for try := 0; try < 3; try++ {
+				pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err = a.d.Docker(pctx, append(args, dst)...)
+				cancel()
+				if err == nil {
+					break
+				}
+			}
+			verdict := "ok"
+			if err != nil {
+				verdict = "FAILED"
+				failed++
+			}
+			fmt.Printf("  docker exec %s ping %s   (%s@%s -> %s@%s): %s\n", a.name, dst, a.name, a.host.Name, b.name, b.host.Name, verdict)
+		}
+	}
+	return failed
 }
 
 // dockerDemo starts a real dockerd on every host with the options fabricd
@@ -281,39 +318,22 @@ func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.S
 		if err == nil {
 			c.ip, err = c.d.Docker(rctx, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", c.name)
 		}
+		if err == nil {
+			c.ipv6, err = c.d.Docker(rctx, "inspect", "-f", "{{.NetworkSettings.GlobalIPv6Address}}", c.name)
+		}
 		mtu, _ := c.d.Docker(rctx, "exec", c.name, "cat", "/sys/class/net/eth0/mtu")
 		cancel()
 		if err != nil {
 			return fmt.Errorf("docker on %s: %w", c.host.Name, err)
 		}
 		s := statuses[c.host.Name]
-		fmt.Printf("  %s: docker container %s, %s in %s (MTU %s, gateway %s on %s)\n", c.host.Name, c.name, c.ip, s.Subnet, mtu, s.Gateway, s.Bridge)
+		fmt.Printf("  %s: docker container %s, %s in %s and %s in %s (MTU %s, gateway %s on %s)\n", c.host.Name, c.name, c.ip, s.Subnet, c.ipv6, s.SubnetV6, mtu, s.Gateway, s.Bridge)
 	}
 
 	step("docker containers on different hosts reach each other (docker exec ping)")
-	failed := 0
-	for _, a := range ctrs {
-		for _, b := range ctrs {
-			if a.host == b.host {
-				continue
-			}
-			var err error
-			for try := 0; try < 3; try++ {
-				pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-				_, err = a.d.Docker(pctx, "exec", a.name, "ping", "-c", "1", "-W", "2", b.ip)
-				cancel()
-				if err == nil {
-					break
-				}
-			}
-			verdict := "ok"
-			if err != nil {
-				verdict = "FAILED"
-				failed++
-			}
-			fmt.Printf("  docker exec %s ping %s   (%s@%s -> %s@%s): %s\n", a.name, b.ip, a.ip, a.host.Name, b.ip, b.host.Name, verdict)
-		}
-	}
+	failed := pingPairs(ctx, ctrs, false)
+	step("and over IPv6 (docker exec ping -6)")
+	failed += pingPairs(ctx, ctrs, true)
 
 	// By name, as on Docker's overlay: fabricd answers <name>.fabric on every
 	// gateway, and dockerd's --dns-search makes the short name work.
@@ -334,12 +354,17 @@ func (d *demoLab) dockerDemo(ctx context.Context, statuses map[string]localapi.S
 			}
 			time.Sleep(500 * time.Millisecond)
 		}
-		verdict := "ok"
-		if err != nil || !strings.Contains(out, b.ip) {
+		// The name has an A and an AAAA record; ping takes the one its
+		// resolver prefers.
+		verdict, addr := "ok", b.ip
+		if strings.Contains(out, "("+b.ipv6+")") {
+			addr = b.ipv6
+		}
+		if err != nil || !strings.Contains(out, "("+addr+")") {
 			verdict = fmt.Sprintf("FAILED: %v %s", err, out)
 			failed++
 		}
-		fmt.Printf("  docker exec %s ping %s   (%s@%s -> %s.fabric = %s@%s): %s\n", a.name, b.name, a.name, a.host.Name, b.name, b.ip, b.host.Name, verdict)
+		fmt.Printf("  docker exec %s ping %s   (%s@%s -> %s.fabric = %s@%s): %s\n", a.name, b.name, a.name, a.host.Name, b.name, addr, b.host.Name, verdict)
 	}
 	if out, err := d.ctl(ctx, hosts[0], "containers"); err == nil {
 		fmt.Printf("  fabricctl containers (on %s):\n", hosts[0].Name)
