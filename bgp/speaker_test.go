@@ -224,7 +224,9 @@ func TestMD5(t *testing.T) {
 	prefixB := mustAdvertise(t, b, "10.244.2.0/24")
 	prefixC := mustAdvertise(t, c, "10.244.3.0/24")
 
-	a.waitRoutes(t, 10*time.Second, "host-b's route over MD5", hasRoute(prefixB))
+	// Bounds for a loaded machine: a SYN that meets the listener before its
+	// MD5 key is set is dropped, and TCP retries it after 1, 2, 4 s...
+	a.waitRoutes(t, 30*time.Second, "host-b's route over MD5", hasRoute(prefixB))
 	waitEstablished(t, a, b.addr, 15*time.Second)
 	a.holdsFor(t, 4*time.Second, "no route from mismatched host-c", lacksRoute(prefixC))
 	for _, pair := range []struct {
@@ -238,7 +240,7 @@ func TestMD5(t *testing.T) {
 
 	// Fixing host-c's key brings it up: the mismatch was the only obstacle.
 	mustSetPeers(t, c, withPassword(a.peer(PeerMesh), "s3cret"))
-	a.waitRoutes(t, 10*time.Second, "host-c's route after fixing its key", hasRoute(prefixC))
+	a.waitRoutes(t, 30*time.Second, "host-c's route after fixing its key", hasRoute(prefixC))
 }
 
 // TestUnconfiguredPeerRejected: a speaker that dials us without being in our

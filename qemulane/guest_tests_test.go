@@ -48,7 +48,7 @@ func guestInit() string {
 			run = fmt.Sprintf(" -test.run '%s'", s.run)
 		}
 		fmt.Fprintf(&b, `echo "GUESTSUITE %[1]s start at $(cut -d' ' -f1 /proc/uptime)s"
-(/bin/tests/%[1]s.test -test.v -test.count=1 -test.timeout=15m -test.parallel=%[3]d%[2]s > /tmp/%[1]s.log 2>&1; echo $? > /tmp/%[1]s.status; echo "GUESTSUITE %[1]s ended at $(cut -d' ' -f1 /proc/uptime)s") &
+(/bin/tests/%[1]s.test -test.v -test.count=1 -test.timeout=18m -test.parallel=%[3]d%[2]s > /tmp/%[1]s.log 2>&1; echo $? > /tmp/%[1]s.status; echo "GUESTSUITE %[1]s ended at $(cut -d' ' -f1 /proc/uptime)s") &
 `, s.pkg, run, guestParallel)
 	}
 	b.WriteString("wait\n")
