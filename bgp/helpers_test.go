@@ -184,8 +184,18 @@ func waitEstablished(t *testing.T, sp *testSpeaker, addr netip.Addr, timeout tim
 	}
 }
 
+// mustSetPeers sets sp's peers. Between fabric hosts only the one with the
+// lower address dials, as fabricd has it (planner.FabricPeers): when both
+// dial, GoBGP's idle hold after the collision can keep a session down for
+// longer than a test waits (seen: no route within 10 s).
 func mustSetPeers(t *testing.T, sp *testSpeaker, peers ...Peer) {
 	t.Helper()
+	for i, p := range peers {
+		switch p.Type {
+		case PeerMesh, PeerRRClient, PeerRouteReflector:
+			peers[i].Passive = p.Passive || sp.addr.Compare(p.Address) > 0
+		}
+	}
 	if err := sp.SetPeers(context.Background(), peers); err != nil {
 		t.Fatalf("%s: SetPeers: %v", sp.name, err)
 	}
