@@ -212,7 +212,6 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 	hosts := f.lab.Hosts()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	underlayV6 := func(i int) netip.Addr { return netip.AddrFrom16([16]byte{0xfd, 0x99, 15: byte(i)}) }
 	// The hosts' IPv6 addresses are there before fabricd starts: it takes
 	// the underlay's global IPv6 address as its /64's next hop.
 	for i, h := range hosts {

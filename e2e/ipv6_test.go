@@ -164,7 +164,6 @@ func publishOverIPv6(t *testing.T, f *fabric, hosts []*lab.Host, dhs []*dockerHo
 	if err != nil {
 		t.Fatal(err)
 	}
-	underlayV6 := func(i int) netip.Addr { return netip.AddrFrom16([16]byte{0xfd, 0x99, 15: byte(i)}) }
 	for i, h := range append([]*lab.Host{o}, hosts...) {
 		if _, err := h.Run(ctx, "ip", "-6", "addr", "replace", underlayV6(i+1).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
 			t.Fatal(err)
@@ -192,6 +191,10 @@ func publishOverIPv6(t *testing.T, f *fabric, hosts []*lab.Host, dhs []*dockerHo
 		t.Fatalf("publish delete: %v\n%s", err, out)
 	}
 }
+
+// underlayV6 is the i-th IPv6 address the tests give the lab's underlay
+// segment, fd99::i (a dual-stack network beside the lab's IPv4 one).
+func underlayV6(i int) netip.Addr { return netip.AddrFrom16([16]byte{0xfd, 0x99, 15: byte(i)}) }
 
 // ipv4 is the IPv4 address of dh's container.
 func (dh *dockerHost) ipv4(t *testing.T) netip.Addr {

@@ -107,10 +107,7 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 			// world, to Docker's networks) stays Docker's to judge.
 			{Table: "filter", From: "FORWARD", To: EstablishedChain, Why: "connections between containers, after their first packet",
 				Match: fmt.Sprintf("-s %s -d %s -m conntrack --ctstate ESTABLISHED", pool, pool), Rank: iptables.RankEstablished},
-			{Table: "nat", From: "PREROUTING", To: PreroutingChain, Why: "published ports", Rank: iptables.RankNAT},
-			{Table: "nat", From: "OUTPUT", To: OutputChain, Why: "published ports from this host", Rank: iptables.RankNAT},
-			{Table: "nat", From: "POSTROUTING", To: PostroutingChain, Why: "masquerade and published replies", Rank: iptables.RankNAT},
-			{Table: "filter", From: "FORWARD", To: ForwardChain, Why: "accept fabric traffic", Rank: iptables.RankAccept},
+			preroutingJump, outputJump, postroutingJump, forwardJump,
 		},
 	}
 }
@@ -143,7 +140,7 @@ func renderIPv6(st State, publishes []PublishedPort, randomFully bool) iptables.
 		fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions))
 	s := iptables.Section{
 		Chains: []iptables.Chain{{Table: "nat", Name: PostroutingChain, Rules: postrouting}},
-		Jumps:  []iptables.Jump{{Table: "nat", From: "POSTROUTING", To: PostroutingChain, Why: "masquerade and published replies", Rank: iptables.RankNAT}},
+		Jumps:  []iptables.Jump{postroutingJump},
 	}
 	if len(prerouting) > 0 {
 		forward = append([]string{publishedReplies}, forward...)
@@ -151,13 +148,18 @@ func renderIPv6(st State, publishes []PublishedPort, randomFully bool) iptables.
 			iptables.Chain{Table: "nat", Name: PreroutingChain, Rules: prerouting},
 			iptables.Chain{Table: "nat", Name: OutputChain, Rules: output},
 			iptables.Chain{Table: "filter", Name: ForwardChain, Rules: forward})
-		s.Jumps = append(s.Jumps,
-			iptables.Jump{Table: "nat", From: "PREROUTING", To: PreroutingChain, Why: "published ports", Rank: iptables.RankNAT},
-			iptables.Jump{Table: "nat", From: "OUTPUT", To: OutputChain, Why: "published ports from this host", Rank: iptables.RankNAT},
-			iptables.Jump{Table: "filter", From: "FORWARD", To: ForwardChain, Why: "accept fabric traffic", Rank: iptables.RankAccept})
+		s.Jumps = append(s.Jumps, preroutingJump, outputJump, forwardJump)
 	}
 	return s
 }
+
+// The jumps into nat's chains, the same in both families' tables.
+var (
+	preroutingJump  = iptables.Jump{Table: "nat", From: "PREROUTING", To: PreroutingChain, Why: "published ports", Rank: iptables.RankNAT}
+	outputJump      = iptables.Jump{Table: "nat", From: "OUTPUT", To: OutputChain, Why: "published ports from this host", Rank: iptables.RankNAT}
+	postroutingJump = iptables.Jump{Table: "nat", From: "POSTROUTING", To: PostroutingChain, Why: "masquerade and published replies", Rank: iptables.RankNAT}
+	forwardJump     = iptables.Jump{Table: "filter", From: "FORWARD", To: ForwardChain, Why: "accept fabric traffic", Rank: iptables.RankAccept}
+)
 
 // publishedReplies accepts the replies of connections DNATed here.
 var publishedReplies = "-m conntrack --ctstate RELATED,ESTABLISHED -m conntrack --ctstate DNAT " + comment("replies of published connections") + " -j ACCEPT"

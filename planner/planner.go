@@ -360,7 +360,7 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 		// Our own subnet (or a piece of it) is on the bridge; a covering
 		// route such as a top-of-rack default is fine, the kernel prefers
 		// the connected /24.
-		if inside(r.Prefix, h.Subnet) || inside(r.Prefix, h.SubnetV6) || r.NextHop == h.Underlay.Addr() || (h.UnderlayV6.IsValid() && r.NextHop == h.UnderlayV6.Addr()) || nets.Owners[r.Prefix] == h.Name {
+		if inside(r.Prefix, h.Subnet) || inside(r.Prefix, h.SubnetV6) || r.NextHop == h.Underlay.Addr() || r.NextHop == h.UnderlayV6.Addr() || nets.Owners[r.Prefix] == h.Name {
 			continue
 		}
 		n, toNode := byAddr[r.NextHop]
@@ -457,7 +457,7 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 			return fmt.Sprintf("%s is inside the pool %s but no fabric host holds it", r.Prefix, pool)
 		case subnet(owner) != r.Prefix:
 			return fmt.Sprintf("%s is not the subnet %s that host %s holds; only the whole subnet is routed", r.Prefix, subnet(owner), owner.Name)
-		case owner.Address != r.NextHop && (!owner.AddressV6.IsValid() || owner.AddressV6 != r.NextHop || !r.Prefix.Addr().Is6()):
+		case !leadsTo(r, owner):
 			return fmt.Sprintf("%s belongs to host %s (%s), but the next hop is %s", r.Prefix, owner.Name, owner.Address, r.NextHop)
 		}
 	}
@@ -496,6 +496,12 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 		return fmt.Sprintf("%s is IPv6, but its next hop %s is not: routes from routers need an IPv6 next hop (this host's underlay has IPv6?)", r.Prefix, r.NextHop)
 	}
 	return ""
+}
+
+// leadsTo reports whether route r's next hop is host n: its address, or
+// for an IPv6 prefix its checked IPv6 address.
+func leadsTo(r bgp.Route, n *registry.Node) bool {
+	return r.NextHop == n.Address || (r.Prefix.Addr().Is6() && n.AddressV6.IsValid() && r.NextHop == n.AddressV6)
 }
 
 // PeerInfo is what the data plane needs to know about node n.
