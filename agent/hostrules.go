@@ -108,13 +108,17 @@ func (a *Agent) policyLoop(ctx context.Context) error {
 			continue
 		}
 		a.in.mu.Lock()
-		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, NodesV6: map[string]netip.Prefix{}, Containers: a.in.containers, Pool: a.pool.Network, Networks: map[string]netip.Prefix{}}
+		dir := policy.Directory{Nodes: map[string]netip.Prefix{}, NodesV6: map[string]netip.Prefix{}, Containers: a.in.containers,
+			Pool: a.pool.Network, PoolV6: a.pool.NetworkV6, Networks: map[string]netip.Prefix{}, NetworksV6: map[string]netip.Prefix{}}
 		for _, n := range a.in.nodes {
 			dir.Nodes[n.Name] = n.Subnet
 			dir.NodesV6[n.Name] = n.SubnetV6 // checked on import: its /24's pair
 		}
 		for name, n := range a.in.networks.State.Networks {
 			dir.Networks[name] = n.Subnet
+			if n.SubnetV6.IsValid() {
+				dir.NetworksV6[name] = n.SubnetV6
+			}
 		}
 		containersKnown, networksKnown := a.in.containersKnown, a.in.networksKnown
 		a.in.mu.Unlock()

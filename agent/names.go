@@ -26,7 +26,7 @@ func (a *Agent) containerNamesLoop(ctx context.Context, pub *names.Publisher, do
 					rs = append(rs, names.Record{Name: c.Name, Address: c.Addr, AddressV6: c.AddrV6, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created})
 				}
 				for _, n := range c.Networks {
-					rs = append(rs, names.Record{Name: c.Name, Address: n.Addr, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created,
+					rs = append(rs, names.Record{Name: c.Name, Address: n.Addr, AddressV6: n.AddrV6, Node: a.cfg.NodeName, ID: c.ID, Labels: c.Labels, Created: c.Created,
 						Network: n.Network, Aliases: n.Aliases})
 				}
 			}
@@ -107,7 +107,7 @@ func (a *Agent) namesViewLoop(ctx context.Context, srv *fabricdns.Server) error 
 		held, nets, netsKnown := a.in.held, a.in.networks.State, a.in.networksKnown
 		a.in.mu.Unlock()
 		kept, refused := names.Trusted(rs, held, nets.Owns)
-		kept, refusedV6 := names.TrustIPv6(kept, a.pool.SubnetsV6(held))
+		kept, refusedV6 := names.TrustIPv6(kept, a.pool.SubnetsV6(held), nets.Owns)
 		refused = append(refused, refusedV6...)
 		seen := map[string]bool{}
 		for _, r := range refused {

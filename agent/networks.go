@@ -32,10 +32,12 @@ func (a *Agent) networksLoop(ctx context.Context, docker <-chan dockerwatch.Snap
 	log := a.log.With("component", "networks")
 	store := dockernet.NewStore(a.etcd, a.cfg.EtcdPrefix)
 	driver := dockernet.NewDriver(dockernet.Host{
-		Node:     a.cfg.NodeName,
-		Pool:     a.pool.Network,
-		Underlay: a.underlay.Prefix,
-		MTU:      a.own.dataplane.MTU(),
+		Node:       a.cfg.NodeName,
+		Pool:       a.pool.Network,
+		PoolV6:     a.pool.NetworkV6,
+		Underlay:   a.underlay.Prefix,
+		UnderlayV6: a.underlay.V6.Masked(),
+		MTU:        a.own.dataplane.MTU(),
 		Lease: func() clientv3.LeaseID {
 			l, _ := a.ipamMgr.Lease()
 			return l.LeaseID
@@ -81,13 +83,13 @@ func (a *Agent) setNetworks(ctx context.Context, local dockernet.Local) {
 // network's subnet must not shadow.
 func foreignRoutes(protocol int) func() (map[netip.Prefix]string, error) {
 	return func() (map[netip.Prefix]string, error) {
-		routes, err := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		routes, err := netlink.RouteListFiltered(unix.AF_UNSPEC, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 		if err != nil {
 			return nil, err
 		}
 		out := map[netip.Prefix]string{}
 		for _, r := range routes {
-			if int(r.Protocol) == protocol || r.Dst == nil {
+			if int(r.Protocol) == protocol || r.Dst == nil || r.Dst.IP.IsLinkLocalUnicast() || r.Dst.IP.IsMulticast() {
 				continue
 			}
 			addr, ok := netip.AddrFromSlice(r.Dst.IP)

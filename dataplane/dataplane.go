@@ -397,8 +397,8 @@ func (m *Manager) desiredRoutes(routes []RemoteRoute, local []LocalRoute, peers 
 		if l.KeepInside {
 			continue // see Apply
 		}
-		if _, dup := desired[prefix]; dup || !prefix.Addr().Is4() {
-			fail(fmt.Errorf("local route %s: duplicate or not IPv4", l.Prefix))
+		if _, dup := desired[prefix]; dup {
+			fail(fmt.Errorf("local route %s: duplicate", l.Prefix))
 			continue
 		}
 		if l.Dev == "" {
@@ -411,7 +411,11 @@ func (m *Manager) desiredRoutes(routes []RemoteRoute, local []LocalRoute, peers 
 			keep[prefix] = true
 			continue
 		}
-		add(prefix, &netlink.Route{Dst: backend.IPNet(prefix), LinkIndex: link.Attrs().Index, Scope: netlink.SCOPE_LINK}, "this host")
+		route := &netlink.Route{Dst: backend.IPNet(prefix), LinkIndex: link.Attrs().Index, Scope: netlink.SCOPE_LINK}
+		if prefix.Addr().Is6() {
+			route.Scope = netlink.SCOPE_UNIVERSE // IPv6 routes have no scope: the kernel reads back universe
+		}
+		add(prefix, route, "this host")
 	}
 	m.owners = owners
 	return desired, keep

@@ -1,6 +1,7 @@
 package dockernet
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -35,14 +36,7 @@ func TestPick(t *testing.T) {
 		nearlyFull = append(nearlyFull, Block{Network: "net1", Prefix: p, Node: node})
 	}
 
-	for _, c := range []struct {
-		name      string
-		s         State
-		want      string // the address wanted, or ""
-		addr      string
-		claim     string // "" when no block is claimed
-		errSaying string
-	}{
+	for _, c := range []pickCase{
 		{name: "the first address of a fresh network skips the network address and the gateway, with its block", s: state(nil), addr: "172.16.1.2", claim: "172.16.1.0/28"},
 		{name: "a host takes from its own block before claiming another", s: state([]Block{block("172.16.1.0/28", "h2"), block("172.16.1.16/28", "h1")}, grant("172.16.1.16", "h1")), addr: "172.16.1.17"},
 		{name: "another host's block is skipped for a free one", s: state([]Block{block("172.16.1.0/28", "h2")}), addr: "172.16.1.16", claim: "172.16.1.16/28"},
@@ -55,28 +49,41 @@ func TestPick(t *testing.T) {
 		{name: "an address outside the subnet is refused", s: state(nil), want: "172.16.2.5", errSaying: "not in network net1's subnet"},
 		{name: "a full network says so", s: state(nearlyFull, append(nearlyFullGrants, fill(n, "h2")...)...), errSaying: "no free address"},
 	} {
-		t.Run(c.name, func(t *testing.T) {
-			var want netip.Addr
-			if c.want != "" {
-				want = addr(c.want)
-			}
-			got, claim, err := Pick(c.s, n, "h1", want)
-			if c.errSaying != "" {
-				if err == nil || !strings.Contains(err.Error(), c.errSaying) {
-					t.Fatalf("got %s, %v; want an error saying %q", got, err, c.errSaying)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got.String() != c.addr {
-				t.Errorf("address %s, want %s", got, c.addr)
-			}
-			if (c.claim == "") != !claim.IsValid() || (c.claim != "" && claim.String() != c.claim) {
-				t.Errorf("claims %v, want %q", claim, c.claim)
-			}
-		})
+		t.Run(c.name, func(t *testing.T) { c.check(t, n, false) })
+	}
+}
+
+// pickCase is one case of TestPick and TestPickIPv6: what h1 is given.
+type pickCase struct {
+	name      string
+	s         State
+	want      string // the address wanted, or ""
+	addr      string
+	claim     string // "" when no block is claimed
+	errSaying string
+}
+
+func (c pickCase) check(t *testing.T, n Network, v6 bool) {
+	t.Helper()
+	var want netip.Addr
+	if c.want != "" {
+		want = netip.MustParseAddr(c.want)
+	}
+	got, claim, err := Pick(c.s, n, v6, "h1", want)
+	if c.errSaying != "" {
+		if err == nil || !strings.Contains(err.Error(), c.errSaying) {
+			t.Fatalf("got %s, %v; want an error saying %q", got, err, c.errSaying)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.String() != c.addr {
+		t.Errorf("address %s, want %s", got, c.addr)
+	}
+	if (c.claim == "") != !claim.IsValid() || (c.claim != "" && claim.String() != c.claim) {
+		t.Errorf("claims %v, want %q", claim, c.claim)
 	}
 }
 
@@ -84,11 +91,67 @@ func TestPick(t *testing.T) {
 func fill(n Network, node string) []Grant {
 	var out []Grant
 	for a := n.Subnet.Addr(); n.Subnet.Contains(a); a = a.Next() {
-		if !reserved(n, a) && a.As4()[3] < 240 {
+		if !n.space(false).reserved(a) && a.As4()[3] < 240 {
 			out = append(out, Grant{Network: n.Name, Address: a, Node: node})
 		}
 	}
 	return out
+}
+
+// TestPickIPv6: a network's IPv6 addresses come from the IPv6 block that
+// goes with the host's IPv4 block (same place in the subnet), claimed
+// through the IPv4 block's record.
+func TestPickIPv6(t *testing.T) {
+	n := Network{Name: "net6", Subnet: netip.MustParsePrefix("172.16.1.0/24"), Gateway: netip.MustParseAddr("172.16.1.1"),
+		SubnetV6: netip.MustParsePrefix("fd00:16:1::/64"), GatewayV6: netip.MustParseAddr("fd00:16:1::1")}
+	if err := n.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.MustParseAddr
+	state := func(blocks []Block, grants ...Grant) State {
+		s := State{Networks: map[string]Network{"net6": n}, Blocks: map[string][]Block{"net6": blocks}, Grants: map[string]map[netip.Addr]Grant{"net6": {}}}
+		for _, g := range grants {
+			s.Grants["net6"][g.Address] = g
+		}
+		return s
+	}
+	block := func(p, node string) Block {
+		return Block{Network: "net6", Prefix: netip.MustParsePrefix(p), Node: node}
+	}
+	for _, c := range []pickCase{
+		{name: "a fresh network: the first IPv6 block's first host address, claiming IPv4 block 0", s: state(nil), addr: "fd00:16:1::2", claim: "172.16.1.0/28"},
+		{name: "the IPv6 block of the host's IPv4 block 3", s: state([]Block{block("172.16.1.0/28", "h2"), block("172.16.1.48/28", "h1")}), addr: "fd00:16:1:0:3000::", claim: ""},
+		{name: "another host's blocks are skipped", s: state([]Block{block("172.16.1.0/28", "h2")}), addr: "fd00:16:1:0:1000::", claim: "172.16.1.16/28"},
+		{name: "a wanted address claims the IPv4 block of its place", s: state(nil), want: "fd00:16:1:0:f000::9", addr: "fd00:16:1:0:f000::9", claim: "172.16.1.240/28"},
+		{name: "a wanted address in use names the host", s: state([]Block{block("172.16.1.0/28", "h3")}, Grant{Network: "net6", Address: addr("fd00:16:1::5"), Node: "h3"}), want: "fd00:16:1::5", errSaying: "in use by a container on host h3"},
+		{name: "the IPv6 gateway is refused", s: state(nil), want: "fd00:16:1::1", errSaying: "gateway"},
+		{name: "an IPv4 address asked of the IPv6 side is refused", s: state(nil), want: "172.16.1.9", errSaying: "not in network net6's subnet fd00:16:1::/64"},
+	} {
+		t.Run(c.name, func(t *testing.T) { c.check(t, n, true) })
+	}
+	if _, _, err := Pick(state(nil), Network{Name: "v4only", Subnet: n.Subnet, Gateway: n.Gateway}, true, "h1", netip.Addr{}); err == nil {
+		t.Error("an IPv6 address from a network without IPv6 was given")
+	}
+}
+
+// TestSubnetV6Sizes: an IPv6 subnet is cut into as many blocks as the IPv4
+// one, each of 256 addresses or more.
+func TestSubnetV6Sizes(t *testing.T) {
+	for _, c := range []struct{ v4, v6, errSaying string }{
+		{"172.16.1.0/24", "fd00:1::/64", ""},
+		{"172.16.1.0/24", "fd00:1::/116", ""}, // 16 blocks of /120
+		{"172.16.1.0/24", "fd00:1::/117", "at most /116"},
+		{"10.50.0.0/16", "fd00:1::/48", ""},
+		{"10.50.0.0/16", "fd00:1::/112", "at most /110"},
+		{"172.16.1.0/24", "fd00:1::1/64", "host bits"},
+		{"172.16.1.0/24", "fe80::/64", "link-local"},
+		{"172.16.1.0/24", "10.1.0.0/16", "not an IPv6 prefix"},
+	} {
+		err := CheckSubnetV6(netip.MustParsePrefix(c.v6), netip.MustParsePrefix(c.v4))
+		if (c.errSaying == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), c.errSaying)) {
+			t.Errorf("%s beside %s: %v, want an error saying %q", c.v6, c.v4, err, c.errSaying)
+		}
+	}
 }
 
 // TestOwnership: what each host advertises and the planner accepts from it.
@@ -113,5 +176,22 @@ func TestOwnership(t *testing.T) {
 	}
 	if !s.Owns("net1", "h1", netip.MustParseAddr("172.16.1.20")) || s.Owns("net1", "h2", netip.MustParseAddr("172.16.1.20")) {
 		t.Error("Owns does not follow the grants")
+	}
+
+	// With IPv6, each block's IPv6 pair is its holder's, and an IPv6
+	// address outside the holder's blocks is a /128.
+	n := s.Networks["net1"]
+	n.SubnetV6, n.GatewayV6 = netip.MustParsePrefix("fd00:16:1::/64"), netip.MustParseAddr("fd00:16:1::1")
+	s.Networks["net1"] = n
+	s.Grants["net1"][netip.MustParseAddr("fd00:16:1:0:1000::7")] = Grant{Network: "net1", Address: netip.MustParseAddr("fd00:16:1:0:1000::7"), Node: "h1"} // in h2's
+	s.Grants["net1"][netip.MustParseAddr("fd00:16:1::7")] = Grant{Network: "net1", Address: netip.MustParseAddr("fd00:16:1::7"), Node: "h1"}               // in its own
+	if got := fmt.Sprint(s.Routes("h1")); got != "[172.16.1.0/28 172.16.1.20/32 fd00:16:1::/68 fd00:16:1:0:1000::7/128]" {
+		t.Errorf("h1 advertises %s", got)
+	}
+	if got := fmt.Sprint(s.Routes("h2")); got != "[172.16.1.16/28 fd00:16:1:0:1000::/68]" {
+		t.Errorf("h2 advertises %s", got)
+	}
+	if got := fmt.Sprint(s.Subnets()); got != "[172.16.1.0/24 fd00:16:1::/64]" {
+		t.Errorf("subnets %s", got)
 	}
 }

@@ -25,7 +25,8 @@ type Endpoint struct {
 	ID      string
 	Network string
 	Addr    netip.Addr
-	Link    string // the host side of its veth pair
+	AddrV6  netip.Addr // invalid: the network has no IPv6
+	Link    string     // the host side of its veth pair
 	Ports   []dockerplugin.PortBinding
 }
 
@@ -33,8 +34,11 @@ type Endpoint struct {
 type Host struct {
 	Node     string
 	Pool     netip.Prefix // the fabric's container pool: no network may overlap it
+	PoolV6   netip.Prefix // its IPv6 pool, invalid without: IPv6 networks need it
 	Underlay netip.Prefix // the underlay segment: nor this
-	MTU      int          // the fabric MTU, for the endpoints' links
+	// UnderlayV6 is the underlay's IPv6 segment, invalid without.
+	UnderlayV6 netip.Prefix
+	MTU        int // the fabric MTU, for the endpoints' links
 	// Lease is the etcd lease of this host's subnet: its addresses and
 	// blocks live as long as it.
 	Lease func() clientv3.LeaseID
@@ -125,25 +129,38 @@ func (d *Driver) read(ctx context.Context) (State, error) {
 
 // RequestPool checks a network's subnet: a fabric network needs one given
 // (--subnet), IPv4, not overlapping the fabric's pool, the underlay, a
-// route of this host or another network. The subnet of a network that
-// exists in the fabric (the network sync making it here) is its own.
+// route of this host or another network; with --ipv6 an IPv6 subnet as
+// well (a second --subnet), under the same rules. The subnet of a network
+// that exists in the fabric (the network sync making it here) is its own.
 func (d *Driver) RequestPool(ctx context.Context, req dockerplugin.PoolRequest) (dockerplugin.PoolResponse, error) {
 	switch {
-	case req.V6:
-		return dockerplugin.PoolResponse{}, errors.New("fabric networks are IPv4 only for now: create the network without --ipv6")
+	case req.V6 && req.Pool == "":
+		return dockerplugin.PoolResponse{}, errors.New("a fabric network with --ipv6 needs its IPv6 subnet too: docker network create -d fabric --ipam-driver fabric --ipv6 --subnet 172.16.1.0/24 --subnet fd00:16:1::/64 NAME")
+	case req.V6 && !d.host.PoolV6.IsValid():
+		return dockerplugin.PoolResponse{}, errors.New("IPv6 on fabric networks needs the fabric's IPv6 pool (setting poolV6, or `fabricctl ipam init --pool-v6`): the networks' IPv6 blocks are routed between the hosts' IPv6 subnets")
 	case req.Pool == "":
 		return dockerplugin.PoolResponse{}, errors.New("a fabric network needs its subnet: docker network create -d fabric --ipam-driver fabric --subnet 172.16.1.0/24 NAME")
 	case req.SubPool != "":
 		return dockerplugin.PoolResponse{}, errors.New("fabric networks do not take --ip-range: each host hands out addresses of the whole subnet")
 	}
 	subnet, err := netip.ParsePrefix(req.Pool)
-	if err != nil || !subnet.Addr().Is4() {
+	switch {
+	case req.V6 && (err != nil || !subnet.Addr().Is6() || subnet.Addr().Is4In6()):
+		return dockerplugin.PoolResponse{}, fmt.Errorf("IPv6 subnet %q is not an IPv6 prefix", req.Pool)
+	case req.V6:
+		// Its size against the IPv4 subnet's is checked when the network
+		// is recorded (Network.Validate): dockerd asks for this pool alone.
+		if subnet.Masked() != subnet {
+			return dockerplugin.PoolResponse{}, fmt.Errorf("IPv6 subnet %s has host bits set: did you mean %s?", subnet, subnet.Masked())
+		}
+		if subnet.Addr().IsLinkLocalUnicast() || subnet.Addr().IsMulticast() || subnet.Bits() > 120 {
+			return dockerplugin.PoolResponse{}, fmt.Errorf("IPv6 subnet %s: want a global or unique-local prefix of /120 or larger", subnet)
+		}
+	case err != nil || !subnet.Addr().Is4():
 		return dockerplugin.PoolResponse{}, fmt.Errorf("subnet %q is not an IPv4 prefix", req.Pool)
-	}
-	if subnet.Masked() != subnet {
+	case subnet.Masked() != subnet:
 		return dockerplugin.PoolResponse{}, fmt.Errorf("subnet %s has host bits set: did you mean %s?", subnet, subnet.Masked())
-	}
-	if subnet.Bits() > 30 {
+	case subnet.Bits() > 30:
 		return dockerplugin.PoolResponse{}, fmt.Errorf("subnet %s is too small for a network (at most /30)", subnet)
 	}
 	s, err := d.read(ctx)
@@ -161,15 +178,21 @@ func (d *Driver) RequestPool(ctx context.Context, req dockerplugin.PoolRequest) 
 // checkSubnet refuses a new network's subnet that would collide with
 // something on the fabric or this host.
 func (d *Driver) checkSubnet(s State, subnet netip.Prefix) error {
-	switch {
-	case d.host.Pool.IsValid() && d.host.Pool.Overlaps(subnet):
-		return fmt.Errorf("subnet %s overlaps the fabric's container pool %s", subnet, d.host.Pool)
-	case d.host.Underlay.IsValid() && d.host.Underlay.Overlaps(subnet):
-		return fmt.Errorf("subnet %s overlaps the hosts' underlay %s", subnet, d.host.Underlay)
+	for _, pool := range []netip.Prefix{d.host.Pool, d.host.PoolV6} {
+		if pool.IsValid() && pool.Overlaps(subnet) {
+			return fmt.Errorf("subnet %s overlaps the fabric's container pool %s", subnet, pool)
+		}
+	}
+	for _, u := range []netip.Prefix{d.host.Underlay, d.host.UnderlayV6} {
+		if u.IsValid() && u.Overlaps(subnet) {
+			return fmt.Errorf("subnet %s overlaps the hosts' underlay %s", subnet, u)
+		}
 	}
 	for _, n := range s.Networks {
-		if n.Subnet.Overlaps(subnet) {
-			return fmt.Errorf("subnet %s overlaps fabric network %s (%s)", subnet, n.Name, n.Subnet)
+		for _, p := range []netip.Prefix{n.Subnet, n.SubnetV6} {
+			if p.IsValid() && p.Overlaps(subnet) {
+				return fmt.Errorf("subnet %s overlaps fabric network %s (%s)", subnet, n.Name, p)
+			}
 		}
 	}
 	if d.host.Routes != nil {
@@ -207,17 +230,19 @@ func (d *Driver) RequestAddress(ctx context.Context, req dockerplugin.AddressReq
 	if err != nil {
 		return "", err
 	}
+	v6 := subnet.Addr().Is6()
 	n, exists := s.NetworkBySubnet(subnet)
 	if req.Options[dockerplugin.OptionAddressType] == dockerplugin.AddressTypeGateway {
 		if exists {
-			if want.IsValid() && want != n.Gateway {
-				return "", fmt.Errorf("network %s's gateway is %s, not %s", n.Name, n.Gateway, want)
+			gw := n.space(v6).gateway
+			if want.IsValid() && want != gw {
+				return "", fmt.Errorf("network %s's gateway is %s, not %s", n.Name, gw, want)
 			}
-			return netip.PrefixFrom(n.Gateway, subnet.Bits()).String(), nil
+			return netip.PrefixFrom(gw, subnet.Bits()).String(), nil
 		}
 		gw := subnet.Addr().Next()
 		if want.IsValid() {
-			if !subnet.Contains(want) || reserved(Network{Subnet: subnet}, want) {
+			if !subnet.Contains(want) || (space{subnet: subnet}).reserved(want) {
 				return "", fmt.Errorf("gateway %s is not a host address of %s", want, subnet)
 			}
 			gw = want
@@ -234,11 +259,17 @@ func (d *Driver) RequestAddress(ctx context.Context, req dockerplugin.AddressReq
 	if !exists {
 		return "", fmt.Errorf("subnet %s is not a fabric network (yet): see `fabricctl networks`", subnet)
 	}
-	addr, err := d.store.Grant(ctx, GrantRequest{Network: n.Name, Node: d.host.Node, Want: want, Lease: d.host.Lease()})
+	addr, err := d.store.Grant(ctx, GrantRequest{Network: n.Name, V6: v6, Node: d.host.Node, Want: want, Lease: d.host.Lease()})
 	if err != nil {
 		return "", err
 	}
 	d.log.Info("gave a container an address", "network", n.Name, "address", addr)
+	if v6 {
+		// A /128: the container sends everything to its gateway, this
+		// host, which routes it; IPv6 has no proxy ARP for a whole subnet
+		// to make its neighbours on the subnet reachable otherwise.
+		return netip.PrefixFrom(addr, 128).String(), nil
+	}
 	return netip.PrefixFrom(addr, subnet.Bits()).String(), nil
 }
 
@@ -274,7 +305,7 @@ func (d *Driver) ReleaseAddress(ctx context.Context, pool, address string) error
 		return err
 	}
 	n, ok := s.NetworkBySubnet(subnet)
-	if !ok || a == n.Gateway {
+	if !ok || a == n.Gateway || a == n.GatewayV6 {
 		return nil
 	}
 	return d.store.Release(ctx, n.Name, a, d.host.Node)
@@ -284,23 +315,24 @@ func (d *Driver) ReleaseAddress(ctx context.Context, pool, address string) error
 // A network new to the fabric is recorded in etcd once dockerd's listing
 // gives its name (Sync).
 func (d *Driver) CreateNetwork(ctx context.Context, req dockerplugin.CreateNetworkRequest) error {
-	if v, _ := req.Options[dockerplugin.OptionEnableIPv6].(bool); v || len(req.IPv6Data) > 0 {
-		return errors.New("fabric networks are IPv4 only for now: create the network without --ipv6")
-	}
 	if len(req.IPv4Data) != 1 {
-		return fmt.Errorf("a fabric network has exactly one subnet, got %d", len(req.IPv4Data))
+		return fmt.Errorf("a fabric network has exactly one IPv4 subnet, got %d", len(req.IPv4Data))
 	}
-	data := req.IPv4Data[0]
-	if data.AddressSpace != dockerplugin.AddressSpace {
-		return errors.New("a fabric network needs fabric's IPAM driver (--ipam-driver fabric): with Docker's default IPAM every host would hand out the same addresses")
+	if len(req.IPv6Data) > 1 {
+		return fmt.Errorf("a fabric network has at most one IPv6 subnet, got %d", len(req.IPv6Data))
 	}
-	subnet, err := netip.ParsePrefix(data.Pool)
+	subnet, gw, err := ipamData(req.IPv4Data[0])
 	if err != nil {
-		return fmt.Errorf("subnet %q: %w", data.Pool, err)
+		return err
 	}
-	gw, err := netip.ParsePrefix(data.Gateway)
-	if err != nil {
-		return fmt.Errorf("gateway %q: %w", data.Gateway, err)
+	var subnetV6, gwV6 netip.Prefix
+	if len(req.IPv6Data) == 1 {
+		if subnetV6, gwV6, err = ipamData(req.IPv6Data[0]); err != nil {
+			return err
+		}
+		if err := CheckSubnetV6(subnetV6, subnet); err != nil {
+			return err
+		}
 	}
 	s, err := d.read(ctx)
 	if err != nil {
@@ -312,9 +344,23 @@ func (d *Driver) CreateNetwork(ctx context.Context, req dockerplugin.CreateNetwo
 		d.networks[req.NetworkID] = n
 		return nil
 	}
-	d.networks[req.NetworkID] = Network{Subnet: subnet, Gateway: gw.Addr(), CreatedOn: d.host.Node}
+	d.networks[req.NetworkID] = Network{Subnet: subnet, Gateway: gw.Addr(), SubnetV6: subnetV6, GatewayV6: gwV6.Addr(), CreatedOn: d.host.Node}
 	d.pending[req.NetworkID] = true
 	return nil
+}
+
+// ipamData is the subnet and gateway of one of a new network's IPAM data.
+func ipamData(data dockerplugin.IPAMData) (subnet, gateway netip.Prefix, err error) {
+	if data.AddressSpace != dockerplugin.AddressSpace {
+		return subnet, gateway, errors.New("a fabric network needs fabric's IPAM driver (--ipam-driver fabric): with Docker's default IPAM every host would hand out the same addresses")
+	}
+	if subnet, err = netip.ParsePrefix(data.Pool); err != nil {
+		return subnet, gateway, fmt.Errorf("subnet %q: %w", data.Pool, err)
+	}
+	if gateway, err = netip.ParsePrefix(data.Gateway); err != nil {
+		return subnet, gateway, fmt.Errorf("gateway %q: %w", data.Gateway, err)
+	}
+	return subnet, gateway, nil
 }
 
 // DeleteNetwork removes the network fabric-wide; refused while a container
@@ -384,15 +430,20 @@ func (d *Driver) CreateEndpoint(ctx context.Context, req dockerplugin.CreateEndp
 	if req.Interface == nil || req.Interface.Address == "" {
 		return dockerplugin.CreateEndpointResponse{}, fmt.Errorf("network %s: the endpoint has no address (a fabric network needs --ipam-driver fabric)", n.Name)
 	}
-	if req.Interface.AddressIPv6 != "" {
-		return dockerplugin.CreateEndpointResponse{}, errors.New("fabric networks are IPv4 only for now")
-	}
 	p, err := netip.ParsePrefix(req.Interface.Address)
 	if err != nil || !n.Subnet.Contains(p.Addr()) {
 		return dockerplugin.CreateEndpointResponse{}, fmt.Errorf("network %s: address %q is not in %s", n.Name, req.Interface.Address, n.Subnet)
 	}
+	var v6 netip.Addr
+	if req.Interface.AddressIPv6 != "" {
+		p6, err := netip.ParsePrefix(req.Interface.AddressIPv6)
+		if err != nil || !n.SubnetV6.Contains(p6.Addr()) {
+			return dockerplugin.CreateEndpointResponse{}, fmt.Errorf("network %s: IPv6 address %q is not in %v", n.Name, req.Interface.AddressIPv6, n.SubnetV6)
+		}
+		v6 = p6.Addr()
+	}
 	d.mu.Lock()
-	d.endpoints[req.EndpointID] = &Endpoint{ID: req.EndpointID, Network: n.Name, Addr: p.Addr(), Link: HostLink(req.EndpointID)}
+	d.endpoints[req.EndpointID] = &Endpoint{ID: req.EndpointID, Network: n.Name, Addr: p.Addr(), AddrV6: v6, Link: HostLink(req.EndpointID)}
 	d.mu.Unlock()
 	return dockerplugin.CreateEndpointResponse{}, nil
 }
@@ -427,7 +478,8 @@ func (d *Driver) Join(ctx context.Context, req dockerplugin.JoinRequest) (docker
 	if !ok {
 		return dockerplugin.JoinResponse{}, fmt.Errorf("network %s: endpoint %s was not created through fabricd (was fabricd restarted meanwhile?); start the container again", n.Name, shortID(req.EndpointID))
 	}
-	temp, err := d.links.Create(req.EndpointID, n.Gateway, d.host.MTU)
+	ipv6 := ep.AddrV6.IsValid()
+	temp, err := d.links.Create(req.EndpointID, n.Gateway, ipv6, d.host.MTU)
 	if err != nil {
 		return dockerplugin.JoinResponse{}, fmt.Errorf("network %s: %w", n.Name, err)
 	}
@@ -435,11 +487,18 @@ func (d *Driver) Join(ctx context.Context, req dockerplugin.JoinRequest) (docker
 	d.joined[req.EndpointID] = true
 	d.mu.Unlock()
 	d.signal()
-	d.log.Info("container joined a fabric network", "network", n.Name, "address", ep.Addr, "link", ep.Link)
-	return dockerplugin.JoinResponse{
+	d.log.Info("container joined a fabric network", "network", n.Name, "address", ep.Addr, "addressV6", ep.AddrV6, "link", ep.Link)
+	resp := dockerplugin.JoinResponse{
 		InterfaceName: dockerplugin.InterfaceName{SrcName: temp, DstPrefix: "eth"},
 		Gateway:       n.Gateway.String(),
-	}, nil
+	}
+	if ipv6 {
+		// The host side's link-local address, on the link (the container's
+		// address is a /128: everything goes to it).
+		resp.GatewayIPv6 = GatewayV6.String()
+		resp.StaticRoutes = append(resp.StaticRoutes, dockerplugin.StaticRoute{Destination: netip.PrefixFrom(GatewayV6, 128).String(), RouteType: dockerplugin.RouteConnected})
+	}
+	return resp, nil
 }
 
 // Leave removes the endpoint's veth pair.

@@ -3,12 +3,14 @@ package dockernet
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/fabricnet/fabric/backend"
 )
@@ -38,21 +40,30 @@ func shortID(id string) string { return id[:min(len(id), 11)] }
 // ARP answers at once: the kernel's default delays each answer by up to
 // 0.8 s, and a container's neighbour probes then fail while its packets
 // queue (seen: 496 of 500 pings lost).
+//
+// On a network with IPv6 the host side also has GatewayV6, the container's
+// IPv6 gateway; the container's IPv6 address is a /128, so it has no
+// neighbours but this one. The reverse-path check for IPv6 is an ip6tables
+// rule (nat's), the kernel having no rp_filter for it.
 type Links struct {
 	h *netlink.Handle
-	// sysctl is where the namespace's /proc/sys/net/ipv4 is.
+	// sysctl is where the namespace's /proc/sys/net is.
 	sysctl string
 }
 
+// GatewayV6 is the IPv6 gateway of every container on a fabric network: a
+// link-local address of the host side of its veth pair.
+var GatewayV6 = netip.MustParseAddr("fe80::1")
+
 // NewLinks returns the owner of endpoint links on h (nil: this namespace).
 func NewLinks(h *netlink.Handle) *Links {
-	return &Links{h: backend.DefaultHandle(h), sysctl: "/proc/sys/net/ipv4"}
+	return &Links{h: backend.DefaultHandle(h), sysctl: "/proc/sys/net"}
 }
 
 // Create makes endpoint id's veth pair: the host side configured and up,
 // the container side (its name returned) for dockerd to move into the
 // container. A pair left by an earlier attempt is replaced.
-func (l *Links) Create(id string, gateway netip.Addr, mtu int) (containerSide string, err error) {
+func (l *Links) Create(id string, gateway netip.Addr, ipv6 bool, mtu int) (containerSide string, err error) {
 	host, temp := HostLink(id), tempLink(id)
 	for _, name := range []string{host, temp} {
 		if err := backend.DeleteLink(l.h, name); err != nil {
@@ -74,10 +85,14 @@ func (l *Links) Create(id string, gateway netip.Addr, mtu int) (containerSide st
 	if err := l.h.LinkSetMTU(peer, mtu); err != nil {
 		return undo(fmt.Errorf("set MTU of %s: %w", temp, err))
 	}
-	for key, value := range map[string]string{"conf/" + host + "/proxy_arp": "1", "conf/" + host + "/rp_filter": "1",
-		"conf/" + host + "/forwarding": "1", "neigh/" + host + "/proxy_delay": "0"} {
+	settings := map[string]string{"ipv4/conf/" + host + "/proxy_arp": "1", "ipv4/conf/" + host + "/rp_filter": "1",
+		"ipv4/conf/" + host + "/forwarding": "1", "ipv4/neigh/" + host + "/proxy_delay": "0"}
+	if ipv6 {
+		settings["ipv6/conf/"+host+"/disable_ipv6"] = "0"
+	}
+	for key, value := range settings {
 		if err := os.WriteFile(filepath.Join(l.sysctl, key), []byte(value), 0o644); err != nil {
-			return undo(fmt.Errorf("net.ipv4.%s: %w", strings.ReplaceAll(key, "/", "."), err))
+			return undo(fmt.Errorf("net.%s: %w", strings.ReplaceAll(key, "/", "."), err))
 		}
 	}
 	link, err := l.h.LinkByName(host)
@@ -86,6 +101,14 @@ func (l *Links) Create(id string, gateway netip.Addr, mtu int) (containerSide st
 	}
 	if err := backend.SetSoleAddress(l.h, link, gateway); err != nil {
 		return undo(err)
+	}
+	if ipv6 {
+		// No duplicate detection: every host side has this address, on
+		// its own link, and the container's first packets must not wait.
+		gw := &netlink.Addr{IPNet: &net.IPNet{IP: GatewayV6.AsSlice(), Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD}
+		if err := l.h.AddrReplace(link, gw); err != nil {
+			return undo(fmt.Errorf("add %s to %s: %w", GatewayV6, host, err))
+		}
 	}
 	if err := l.h.LinkSetUp(link); err != nil {
 		return undo(fmt.Errorf("set %s up: %w", host, err))

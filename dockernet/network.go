@@ -5,9 +5,9 @@
 //
 // The fabric-wide state lives in etcd:
 //
-//	<prefix>/networks/<name>                 the network: subnet, gateway (permanent)
+//	<prefix>/networks/<name>                 the network: subnets, gateways (permanent)
 //	<prefix>/netblocks/<name>/<a.b.c.d-len>  a block of its addresses one host hands out
-//	<prefix>/netaddrs/<name>/<a.b.c.d>       an address given to a container
+//	<prefix>/netaddrs/<name>/<address>       an address given to a container
 //
 // Blocks and addresses are attached to their host's subnet lease, so they
 // are freed with it (`fabricctl ipam release`, or the subnet TTL after the
@@ -16,6 +16,10 @@
 // host advertises its blocks over BGP, and a /32 for an address it holds
 // outside them (`docker run --ip` into another host's block); other hosts
 // accept exactly those routes from it (planner.Networks).
+//
+// A network created with --ipv6 has an IPv6 subnet too, cut into as many
+// blocks as the IPv4 one: the holder of IPv4 block i holds IPv6 block i
+// (one record), and IPv6 addresses are granted as IPv4 ones are.
 package dockernet
 
 import (
@@ -31,14 +35,26 @@ import (
 
 // Network is one fabric network, the same on every host.
 type Network struct {
-	Name      string       `json:"name"`
-	Subnet    netip.Prefix `json:"subnet"`
-	Gateway   netip.Addr   `json:"gateway"`
+	Name    string       `json:"name"`
+	Subnet  netip.Prefix `json:"subnet"`
+	Gateway netip.Addr   `json:"gateway"`
+	// SubnetV6 and GatewayV6 are its IPv6 side (--ipv6), invalid without.
+	SubnetV6  netip.Prefix `json:"subnetV6,omitzero"`
+	GatewayV6 netip.Addr   `json:"gatewayV6,omitzero"`
 	Created   time.Time    `json:"created"`
 	CreatedOn string       `json:"createdOn"` // the host whose dockerd it was created on
 	// Labels are the network's labels where it was created, given to it on
 	// every host (docker-compose finds its networks by them).
 	Labels map[string]string `json:"labels,omitempty"`
+}
+
+// subnets says the network's subnets: "172.16.1.0/24", or with IPv6
+// "172.16.1.0/24 and fd00:16:1::/64".
+func (n Network) subnets() string {
+	if n.SubnetV6.IsValid() {
+		return n.Subnet.String() + " and " + n.SubnetV6.String()
+	}
+	return n.Subnet.String()
 }
 
 // namePattern is what Docker accepts as a network name.
@@ -57,6 +73,36 @@ func (n Network) Validate() error {
 		return fmt.Errorf("network %s: subnet %s is too small (at most /30)", n.Name, n.Subnet)
 	case !n.Subnet.Contains(n.Gateway):
 		return fmt.Errorf("network %s: gateway %v is not in its subnet %s", n.Name, n.Gateway, n.Subnet)
+	}
+	if !n.SubnetV6.IsValid() {
+		if n.GatewayV6.IsValid() {
+			return fmt.Errorf("network %s: IPv6 gateway %s without an IPv6 subnet", n.Name, n.GatewayV6)
+		}
+		return nil
+	}
+	if err := CheckSubnetV6(n.SubnetV6, n.Subnet); err != nil {
+		return fmt.Errorf("network %s: %w", n.Name, err)
+	}
+	if !n.SubnetV6.Contains(n.GatewayV6) || n.GatewayV6 == n.SubnetV6.Addr() {
+		return fmt.Errorf("network %s: IPv6 gateway %v is not a host address of its IPv6 subnet %s", n.Name, n.GatewayV6, n.SubnetV6)
+	}
+	return nil
+}
+
+// CheckSubnetV6 names the first problem of p as the IPv6 subnet of a
+// network whose IPv4 subnet is v4: it must be cut into as many blocks as
+// v4 is, of 256 addresses or more.
+func CheckSubnetV6(p, v4 netip.Prefix) error {
+	switch {
+	case !p.IsValid() || !p.Addr().Is6() || p.Addr().Is4In6():
+		return fmt.Errorf("IPv6 subnet %v is not an IPv6 prefix", p)
+	case p.Masked() != p:
+		return fmt.Errorf("IPv6 subnet %s has host bits set (want %s)", p, p.Masked())
+	case p.Addr().IsLinkLocalUnicast() || p.Addr().IsMulticast() || p.Addr().IsLoopback() || p.Bits() < 8:
+		return fmt.Errorf("IPv6 subnet %s is link-local, multicast, loopback or too large", p)
+	}
+	if blocks := BlockBits(v4) - v4.Bits(); p.Bits()+blocks > 120 {
+		return fmt.Errorf("IPv6 subnet %s is too small: it is cut into as many blocks as the IPv4 subnet %s (%d), so at most /%d", p, v4, 1<<blocks, 120-blocks)
 	}
 	return nil
 }
@@ -94,45 +140,63 @@ type State struct {
 	Problems map[string]string
 }
 
-// NetworkBySubnet returns the network whose subnet is s.
+// NetworkBySubnet returns the network whose subnet (or IPv6 subnet) is p.
 func (s State) NetworkBySubnet(p netip.Prefix) (Network, bool) {
 	for _, n := range s.Networks {
-		if n.Subnet == p {
+		if n.Subnet == p || (p.IsValid() && n.SubnetV6 == p) {
 			return n, true
 		}
 	}
 	return Network{}, false
 }
 
-// NetworkOf returns the network whose subnet holds a.
+// NetworkOf returns the network whose subnet (or IPv6 subnet) holds a.
 func (s State) NetworkOf(a netip.Addr) (Network, bool) {
 	for _, n := range s.Networks {
-		if n.Subnet.Contains(a) {
+		if n.Subnet.Contains(a) || n.SubnetV6.Contains(a) {
 			return n, true
 		}
 	}
 	return Network{}, false
 }
 
-// Routes are the prefixes node must advertise: its blocks, and a /32 for
-// each address it holds outside them.
+// Routes are the prefixes node must advertise: its blocks (of both
+// families), and a /32 (or /128) for each address it holds outside them.
 func (s State) Routes(node string) []netip.Prefix {
 	var out []netip.Prefix
-	for name := range s.Networks {
-		var own []netip.Prefix
+	for p, owner := range s.Owners() {
+		if owner != node {
+			continue
+		}
+		if p.IsSingleIP() && containedIn(s.blocksOf(node), p.Addr()) {
+			continue // inside its own block: the block's route covers it
+		}
+		out = append(out, p)
+	}
+	sortPrefixes(out)
+	return out
+}
+
+// blocksOf are node's blocks of every network, both families.
+func (s State) blocksOf(node string) []netip.Prefix {
+	var out []netip.Prefix
+	for name, n := range s.Networks {
 		for _, b := range s.Blocks[name] {
 			if b.Node == node {
-				own = append(own, b.Prefix)
-			}
-		}
-		out = append(out, own...)
-		for a, g := range s.Grants[name] {
-			if g.Node == node && !containedIn(own, a) {
-				out = append(out, netip.PrefixFrom(a, 32))
+				out = append(out, n.blockPrefixes(b)...)
 			}
 		}
 	}
-	sortPrefixes(out)
+	return out
+}
+
+// blockPrefixes are block b's prefixes: its IPv4 one, and the IPv6 block
+// that goes with it when the network has IPv6.
+func (n Network) blockPrefixes(b Block) []netip.Prefix {
+	out := []netip.Prefix{b.Prefix}
+	if v6 := n.space(true); v6.subnet.IsValid() {
+		out = append(out, v6.block(n.space(false).index(b.Prefix.Addr())))
+	}
 	return out
 }
 
@@ -140,22 +204,27 @@ func (s State) Routes(node string) []netip.Prefix {
 // the planner accepts a route inside a network's subnet only from there.
 func (s State) Owners() map[netip.Prefix]string {
 	out := map[netip.Prefix]string{}
-	for name := range s.Networks {
+	for name, n := range s.Networks {
 		for _, b := range s.Blocks[name] {
-			out[b.Prefix] = b.Node
+			for _, p := range n.blockPrefixes(b) {
+				out[p] = b.Node
+			}
 		}
 		for a, g := range s.Grants[name] {
-			out[netip.PrefixFrom(a, 32)] = g.Node
+			out[netip.PrefixFrom(a, a.BitLen())] = g.Node
 		}
 	}
 	return out
 }
 
-// Subnets are the subnets of every network, sorted.
+// Subnets are the subnets of every network, both families, sorted.
 func (s State) Subnets() []netip.Prefix {
 	out := make([]netip.Prefix, 0, len(s.Networks))
 	for _, n := range s.Networks {
 		out = append(out, n.Subnet)
+		if n.SubnetV6.IsValid() {
+			out = append(out, n.SubnetV6)
+		}
 	}
 	sortPrefixes(out)
 	return out
@@ -233,7 +302,7 @@ func decodeState(prefix string, kvs map[string][]byte) State {
 		case strings.HasPrefix(key, grantsDir(prefix)):
 			var g Grant
 			err := json.Unmarshal(value, &g)
-			if err == nil && (g.Node == "" || !g.Address.Is4() || grantKey(prefix, g.Network, g.Address) != key) {
+			if err == nil && (g.Node == "" || !g.Address.IsValid() || g.Address.Is4In6() || g.Address.Zone() != "" || grantKey(prefix, g.Network, g.Address) != key) {
 				err = fmt.Errorf("address record %s does not match its key", value)
 			}
 			if err != nil {
@@ -249,15 +318,34 @@ func decodeState(prefix string, kvs map[string][]byte) State {
 	// Blocks and grants of a network that is gone (a deletion half seen)
 	// count for nothing.
 	for name, bs := range s.Blocks {
-		if _, ok := s.Networks[name]; !ok {
+		n, ok := s.Networks[name]
+		if !ok {
 			delete(s.Blocks, name)
 			continue
 		}
+		// A block is one of the network's IPv4 blocks: the IPv6 one that
+		// goes with it is found by its place in the subnet.
+		bs = slices.DeleteFunc(bs, func(b Block) bool {
+			if b.Prefix.Masked() == b.Prefix && b.Prefix.Bits() == BlockBits(n.Subnet) && n.Subnet.Contains(b.Prefix.Addr()) {
+				return false
+			}
+			s.Problems[blockKey(prefix, name, b.Prefix)] = fmt.Sprintf("%s is not a block of network %s (%s)", b.Prefix, name, n.Subnet)
+			return true
+		})
+		s.Blocks[name] = bs
 		slices.SortFunc(bs, func(a, b Block) int { return a.Prefix.Addr().Compare(b.Prefix.Addr()) })
 	}
-	for name := range s.Grants {
-		if _, ok := s.Networks[name]; !ok {
+	for name, grants := range s.Grants {
+		n, ok := s.Networks[name]
+		if !ok {
 			delete(s.Grants, name)
+			continue
+		}
+		for a := range grants {
+			if !n.Subnet.Contains(a) && !n.SubnetV6.Contains(a) {
+				s.Problems[grantKey(prefix, name, a)] = fmt.Sprintf("address %s is not in network %s's subnets", a, name)
+				delete(grants, a)
+			}
 		}
 	}
 	return s

@@ -153,8 +153,9 @@ func whereGranted(grants map[netip.Addr]Grant) string {
 // GrantRequest asks for an address on a network for a container on Node.
 type GrantRequest struct {
 	Network string
+	V6      bool // an address of its IPv6 subnet
 	Node    string
-	Want    netip.Addr // --ip, or invalid
+	Want    netip.Addr // --ip (--ip6), or invalid
 	// Lease is the etcd lease the address and any claimed block are
 	// attached to: the host's subnet lease.
 	Lease clientv3.LeaseID
@@ -173,7 +174,7 @@ func (st *Store) Grant(ctx context.Context, req GrantRequest) (netip.Addr, error
 		if !ok {
 			return netip.Addr{}, fmt.Errorf("network %s does not exist in the fabric", req.Network)
 		}
-		addr, claim, err := Pick(s, n, req.Node, req.Want)
+		addr, claim, err := Pick(s, n, req.V6, req.Node, req.Want)
 		if err != nil {
 			return netip.Addr{}, err
 		}

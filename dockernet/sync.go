@@ -27,7 +27,7 @@ type Local struct {
 
 // Docker is the local dockerd, as the network sync uses it.
 type Docker interface {
-	CreateNetwork(ctx context.Context, name, driver, ipamDriver string, subnet netip.Prefix, gateway netip.Addr, labels map[string]string) error
+	CreateNetwork(ctx context.Context, driver string, n dockerwatch.Network) error
 	DeleteNetwork(ctx context.Context, id string) error
 }
 
@@ -154,15 +154,19 @@ func (s *Sync) networks(ctx context.Context) {
 		d.mu.Unlock()
 		fabric, inEtcd := s.state.Networks[ln.Name]
 		switch {
-		case pending && inEtcd && fabric.Subnet == ln.Subnet:
+		case pending && inEtcd && fabric.Subnet == ln.Subnet && fabric.SubnetV6 == ln.SubnetV6:
 			// Created here and on another host at once, alike.
 			s.known(ln.ID, fabric)
 		case pending && inEtcd:
-			s.refuse(ctx, ln, "network "+ln.Name+" exists in the fabric with subnet "+fabric.Subnet.String())
+			s.refuse(ctx, ln, "network "+ln.Name+" exists in the fabric with subnets "+fabric.subnets())
 		case pending:
-			n := Network{Name: ln.Name, Subnet: ln.Subnet, Gateway: created.Gateway, Created: time.Now().UTC(), CreatedOn: d.host.Node, Labels: ln.Labels}
+			n := Network{Name: ln.Name, Subnet: ln.Subnet, Gateway: created.Gateway, SubnetV6: ln.SubnetV6, GatewayV6: created.GatewayV6,
+				Created: time.Now().UTC(), CreatedOn: d.host.Node, Labels: ln.Labels}
 			if !n.Gateway.IsValid() {
 				n.Gateway = ln.Gateway
+			}
+			if !n.GatewayV6.IsValid() {
+				n.GatewayV6 = ln.GatewayV6
 			}
 			if err := d.store.Create(ctx, n); err != nil {
 				if errors.Is(err, ErrConflict) {
@@ -181,10 +185,10 @@ func (s *Sync) networks(ctx context.Context) {
 				continue
 			}
 			s.log.Info("network removed fabric-wide; removed it here", "network", ln.Name)
-		case fabric.Subnet != ln.Subnet:
+		case fabric.Subnet != ln.Subnet || fabric.SubnetV6 != ln.SubnetV6:
 			if inUse[ln.ID] {
-				s.once("conflict/"+ln.Name, "dockerd's network has another subnet than the fabric's network of that name, and containers on it; leaving it",
-					"network", ln.Name, "here", ln.Subnet, "fabric", fabric.Subnet)
+				s.once("conflict/"+ln.Name, "dockerd's network has other subnets than the fabric's network of that name, and containers on it; leaving it",
+					"network", ln.Name, "here", ln.Subnet, "hereV6", ln.SubnetV6, "fabric", fabric.subnets())
 				continue
 			}
 			if err := s.docker.DeleteNetwork(ctx, ln.ID); err == nil {
@@ -221,7 +225,8 @@ func (s *Sync) networks(ctx context.Context) {
 				continue // dockerd may be removing it: its DeleteNetwork comes next
 			}
 		}
-		if err := s.docker.CreateNetwork(ctx, n.Name, DriverName, DriverName, n.Subnet, n.Gateway, n.Labels); err != nil {
+		spec := dockerwatch.Network{Name: n.Name, Subnet: n.Subnet, Gateway: n.Gateway, SubnetV6: n.SubnetV6, GatewayV6: n.GatewayV6, IPAM: DriverName, Labels: n.Labels}
+		if err := s.docker.CreateNetwork(ctx, DriverName, spec); err != nil {
 			s.once("create/"+name, "cannot make the fabric's network on this host's dockerd; retrying", "network", name, "err", err)
 			continue
 		}
@@ -263,12 +268,18 @@ func (s *Sync) addresses(ctx context.Context) {
 		for _, a := range c.Networks {
 			if _, ok := s.state.Networks[a.Network]; ok {
 				used[a.Addr] = a.Network
+				if a.AddrV6.IsValid() {
+					used[a.AddrV6] = a.Network
+				}
 			}
 		}
 	}
 	d.mu.Lock()
 	for _, ep := range d.endpoints {
 		used[ep.Addr] = ep.Network
+		if ep.AddrV6.IsValid() {
+			used[ep.AddrV6] = ep.Network
+		}
 	}
 	d.mu.Unlock()
 	now := time.Now()
@@ -337,7 +348,7 @@ func (s *Sync) endpoints() []Endpoint {
 	for _, c := range s.snap.Containers {
 		for _, a := range c.Networks {
 			if _, ok := s.state.Networks[a.Network]; ok && a.EndpointID != "" {
-				byID[a.EndpointID] = Endpoint{ID: a.EndpointID, Network: a.Network, Addr: a.Addr, Link: HostLink(a.EndpointID)}
+				byID[a.EndpointID] = Endpoint{ID: a.EndpointID, Network: a.Network, Addr: a.Addr, AddrV6: a.AddrV6, Link: HostLink(a.EndpointID)}
 			}
 		}
 	}
@@ -371,7 +382,7 @@ func (s *Sync) endpoints() []Endpoint {
 }
 
 func endpointEqual(a, b Endpoint) bool {
-	return a.ID == b.ID && a.Network == b.Network && a.Addr == b.Addr && a.Link == b.Link && slices.Equal(a.Ports, b.Ports)
+	return a.ID == b.ID && a.Network == b.Network && a.Addr == b.Addr && a.AddrV6 == b.AddrV6 && a.Link == b.Link && slices.Equal(a.Ports, b.Ports)
 }
 
 func stateEqual(a, b State) bool { return reflect.DeepEqual(a, b) }

@@ -23,7 +23,8 @@ type callsRecorder struct {
 	created []string
 }
 
-func (c *callsRecorder) CreateNetwork(_ context.Context, name, _, _ string, _ netip.Prefix, _ netip.Addr, _ map[string]string) error {
+func (c *callsRecorder) CreateNetwork(_ context.Context, _ string, n dockerwatch.Network) error {
+	name := n.Name
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.created = append(c.created, name)

@@ -37,8 +37,6 @@ const (
 	OptionPortMap = "com.docker.network.portmap"
 	// OptionGeneric holds `docker network create -o` options.
 	OptionGeneric = "com.docker.network.generic"
-	// OptionEnableIPv6 is `docker network create --ipv6`.
-	OptionEnableIPv6 = "com.docker.network.enable_ipv6"
 )
 
 // IPAMData is one address pool of a network as the network driver gets it.
@@ -96,14 +94,21 @@ type InterfaceName struct {
 // StaticRoute is a route dockerd adds in the container.
 type StaticRoute struct {
 	Destination string
-	RouteType   int // 0: via NextHop, 1: connected
+	RouteType   int // RouteNextHop or RouteConnected
 	NextHop     string
 }
+
+// The kinds of StaticRoute.
+const (
+	RouteNextHop   = 0
+	RouteConnected = 1
+)
 
 // JoinResponse answers Join.
 type JoinResponse struct {
 	InterfaceName         InterfaceName
 	Gateway               string `json:",omitempty"`
+	GatewayIPv6           string `json:",omitempty"`
 	StaticRoutes          []StaticRoute
 	DisableGatewayService bool
 }

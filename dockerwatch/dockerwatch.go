@@ -54,6 +54,7 @@ type Attachment struct {
 	NetworkID  string     `json:"networkID"`
 	EndpointID string     `json:"endpointID"`
 	Addr       netip.Addr `json:"address"`
+	AddrV6     netip.Addr `json:"addressV6,omitzero"` // invalid: none
 	// Aliases are the other names it answers to there: compose's service
 	// name, --network-alias, the short container ID.
 	Aliases []string `json:"aliases,omitempty"`
@@ -65,7 +66,10 @@ type Network struct {
 	Name    string       `json:"name"`
 	Subnet  netip.Prefix `json:"subnet"`
 	Gateway netip.Addr   `json:"gateway"`
-	IPAM    string       `json:"ipam"` // its IPAM driver
+	// SubnetV6 and GatewayV6 are its IPv6 ones (--ipv6), invalid without.
+	SubnetV6  netip.Prefix `json:"subnetV6,omitzero"`
+	GatewayV6 netip.Addr   `json:"gatewayV6,omitzero"`
+	IPAM      string       `json:"ipam"` // its IPAM driver
 	// Labels are its labels (compose marks its networks with them).
 	Labels map[string]string `json:"labels,omitempty"`
 }
@@ -238,9 +242,15 @@ func fromAPI(list []apiContainer, networks []apiNetwork, f Filter) Snapshot {
 			continue
 		}
 		n := Network{ID: an.ID, Name: an.Name, IPAM: an.IPAM.Driver, Labels: an.Labels}
-		if len(an.IPAM.Config) > 0 {
-			n.Subnet, _ = netip.ParsePrefix(an.IPAM.Config[0].Subnet)
-			n.Gateway, _ = netip.ParseAddr(strings.Split(an.IPAM.Config[0].Gateway, "/")[0])
+		for _, c := range an.IPAM.Config {
+			subnet, _ := netip.ParsePrefix(c.Subnet)
+			gateway, _ := netip.ParseAddr(strings.Split(c.Gateway, "/")[0])
+			switch {
+			case subnet.Addr().Is4() && !n.Subnet.IsValid():
+				n.Subnet, n.Gateway = subnet, gateway
+			case subnet.Addr().Is6() && !n.SubnetV6.IsValid():
+				n.SubnetV6, n.GatewayV6 = subnet, gateway
+			}
 		}
 		fabric[an.ID] = true
 		snap.Networks = append(snap.Networks, n)
@@ -265,7 +275,8 @@ func fromAPI(list []apiContainer, networks []apiNetwork, f Filter) Snapshot {
 			}
 			switch {
 			case fabric[ep.NetworkID]:
-				c.Networks = append(c.Networks, Attachment{Network: n, NetworkID: ep.NetworkID, EndpointID: ep.EndpointID, Addr: a, Aliases: cleanAliases(ep.Aliases, name)})
+				v6, _ := netip.ParseAddr(ep.IPv6)
+				c.Networks = append(c.Networks, Attachment{Network: n, NetworkID: ep.NetworkID, EndpointID: ep.EndpointID, Addr: a, AddrV6: v6, Aliases: cleanAliases(ep.Aliases, name)})
 			case f.Subnet.IsValid() && f.Subnet.Contains(a) && !c.Addr.IsValid():
 				c.Addr = a
 				c.AddrV6, _ = netip.ParseAddr(ep.IPv6)
@@ -279,14 +290,19 @@ func fromAPI(list []apiContainer, networks []apiNetwork, f Filter) Snapshot {
 	return snap
 }
 
-// CreateNetwork makes a network on this dockerd (the network sync: a
-// fabric network made on another host).
-func (c *Client) CreateNetwork(ctx context.Context, name, driver, ipamDriver string, subnet netip.Prefix, gateway netip.Addr, labels map[string]string) error {
+// CreateNetwork makes network n of driver on this dockerd, with n's IPAM
+// driver, subnets, gateways and labels (the network sync: a fabric network
+// made on another host).
+func (c *Client) CreateNetwork(ctx context.Context, driver string, n Network) error {
+	config := []map[string]string{{"Subnet": n.Subnet.String(), "Gateway": n.Gateway.String()}}
+	if n.SubnetV6.IsValid() {
+		config = append(config, map[string]string{"Subnet": n.SubnetV6.String(), "Gateway": n.GatewayV6.String()})
+	}
 	body, _ := json.Marshal(map[string]any{
-		"Name": name, "Driver": driver, "CheckDuplicate": true, "Labels": labels,
-		"IPAM": map[string]any{"Driver": ipamDriver, "Config": []map[string]string{{"Subnet": subnet.String(), "Gateway": gateway.String()}}},
+		"Name": n.Name, "Driver": driver, "CheckDuplicate": true, "Labels": n.Labels, "EnableIPv6": n.SubnetV6.IsValid(),
+		"IPAM": map[string]any{"Driver": n.IPAM, "Config": config},
 	})
-	return c.send(ctx, http.MethodPost, "/networks/create", body, "create network "+name)
+	return c.send(ctx, http.MethodPost, "/networks/create", body, "create network "+n.Name)
 }
 
 // DeleteNetwork removes a network from this dockerd; dockerd refuses while

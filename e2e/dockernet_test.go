@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -219,11 +220,19 @@ func TestDockerNetworks(t *testing.T) {
 		if out, err := h1.docker("exec", "spoofer", "ip", "addr", "add", "172.16.1.99/24", "dev", "eth0"); err != nil {
 			t.Fatalf("add a second address in the container: %v: %s", err, out)
 		}
+		// c2's count of echo requests received says whether a ping
+		// arrived: a reply to 172.16.1.99 would be lost anyway.
+		before := h2.echoesReceived(t, "c2", false)
+		h1.docker("exec", "spoofer", "ping", "-c", "2", "-W", "2", "-I", "172.16.1.99", c2.String())
+		spoofed := h2.echoesReceived(t, "c2", false) - before
 		if out, err := h1.docker("exec", "spoofer", "ping", "-c", "1", "-W", "2", c2.String()); err != nil {
 			t.Fatalf("spoofer pings c2 from its own address: %v: %s", err, out)
 		}
-		if out, err := h1.docker("exec", "spoofer", "ping", "-c", "2", "-W", "2", "-I", "172.16.1.99", c2.String()); err == nil {
-			t.Errorf("a ping from an address that is not the container's reached c2: %s", out)
+		if own := h2.echoesReceived(t, "c2", false) - before - spoofed; own < 1 {
+			t.Fatalf("c2 counted %d echo requests from the spoofer's own address: the counter does not show arrivals", own)
+		}
+		if spoofed != 0 {
+			t.Errorf("%d pings from an address that is not the container's reached c2", spoofed)
 		}
 		h1.docker("rm", "-f", "spoofer")
 	})
@@ -285,7 +294,7 @@ func TestDockerNetworks(t *testing.T) {
 			{[]string{"-d", "fabric", "--ipam-driver", "fabric", "--subnet", "10.244.200.0/24", "inpool"}, "overlaps the fabric's container pool"},
 			{[]string{"-d", "fabric", "--ipam-driver", "fabric", "--subnet", "172.16.1.128/25", "overlapping"}, "overlaps"},
 			{[]string{"-d", "fabric", "--ipam-driver", "fabric", "--subnet", "192.168.100.0/24", "underlay"}, "underlay"},
-			{[]string{"-d", "fabric", "--ipam-driver", "fabric", "--ipv6", "--subnet", "172.16.9.0/24", "--subnet", "fd00:9::/64", "six"}, "IPv4 only"},
+			{[]string{"-d", "fabric", "--ipam-driver", "fabric", "--ipv6", "--subnet", "172.16.9.0/24", "--subnet", "fd00:9::/64", "six"}, "needs the fabric's IPv6 pool"},
 			{[]string{"-d", "fabric", "--ipam-driver", "fabric", "nosubnet"}, "needs its subnet"},
 		} {
 			args := append([]string{"network", "create"}, c.args...)
@@ -314,6 +323,38 @@ func TestDockerNetworks(t *testing.T) {
 			f.hasNetwork(dh, "net1", false)
 		}
 	})
+}
+
+// echoesReceived is how many ICMP (or ICMPv6) echo requests container ctr
+// on dh has received: whether a ping arrived, whatever became of its reply.
+func (dh *dockerHost) echoesReceived(t *testing.T, ctr string, v6 bool) int {
+	t.Helper()
+	file := "/proc/net/snmp"
+	if v6 {
+		file = "/proc/net/snmp6"
+	}
+	out, err := dh.docker("exec", ctr, "cat", file)
+	if err != nil {
+		t.Fatalf("read %s's %s: %v: %s", ctr, file, err, out)
+	}
+	lines := strings.Split(out, "\n")
+	for i, line := range lines {
+		f := strings.Fields(line)
+		switch {
+		case v6 && len(f) == 2 && f[0] == "Icmp6InEchos":
+			n, _ := strconv.Atoi(f[1])
+			return n
+		case !v6 && len(f) > 0 && f[0] == "Icmp:" && i+1 < len(lines):
+			// "Icmp: InMsgs ... InEchos ..." then the values, in order.
+			values := strings.Fields(lines[i+1])
+			if k := slices.Index(f, "InEchos"); k > 0 && k < len(values) {
+				n, _ := strconv.Atoi(values[k])
+				return n
+			}
+		}
+	}
+	t.Fatalf("%s's %s has no count of echo requests: %s", ctr, file, out)
+	return 0
 }
 
 // pingStream pings dst every 10 ms for d from the network namespace of

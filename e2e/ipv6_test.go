@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -347,4 +348,131 @@ func TestPoolOverlappingTheUnderlay(t *testing.T) {
 			t.Errorf("fabricd %v on %s: %v, want it to stop with %q:\n%s", c.flags, h.Name, err, c.want, out)
 		}
 	}
+}
+
+// TestDockerNetworkIPv6: `docker network create -d fabric --ipv6` with an
+// IPv6 subnet beside the IPv4 one exists on every host with both;
+// containers on three hosts get an IPv6 address of it from their host's
+// block and reach each other over IPv6 (ping, TCP seeing the sender's own
+// address) and by name (AAAA); the bridge's containers are refused over
+// IPv6 as over IPv4, and a container cannot send from an IPv6 address that
+// is not its own.
+func TestDockerNetworkIPv6(t *testing.T) {
+	t.Parallel()
+	if reason := lab.DockerMissing(); reason != "" {
+		testreq.Missing(t, "%s", reason)
+	}
+	f := newFabric(t, lab.Spec{Hosts: 3}, "--pool-v6", "fd00:10:244::/48")
+	hosts, _ := f.startIPv6Mesh()
+	dhs, img := f.startDockerds(hosts)
+	subnet, subnetV6 := netip.MustParsePrefix("172.30.0.0/24"), netip.MustParsePrefix("fd00:30::/64")
+
+	if out, err := dhs[0].docker("network", "create", "-d", "fabric", "--ipam-driver", "fabric", "--ipv6",
+		"--subnet", subnet.String(), "--subnet", subnetV6.String(), "net6"); err != nil {
+		t.Fatalf("docker network create --ipv6 on host1: %v: %s", err, out)
+	}
+	for _, dh := range dhs[1:] {
+		f.hasNetwork(dh, "net6", true)
+		out, err := dh.docker("network", "inspect", "-f", "{{.EnableIPv6}} {{range .IPAM.Config}}{{.Subnet}} {{end}}", "net6")
+		if err != nil || strings.TrimSpace(out) != "true "+subnet.String()+" "+subnetV6.String() {
+			t.Fatalf("net6 on %s: %q (%v), want IPv6 on with both subnets", dh.host.Name, out, err)
+		}
+	}
+
+	names := []string{"n1", "n2", "n3"}
+	v6 := make([]netip.Addr, len(dhs))
+	for i, dh := range dhs {
+		dh.runOn(t, "net6", names[i], []string{"--cap-add", "NET_ADMIN"}, img, "tcpprobe", "serve", "[::]:8000", "1000")
+		out, err := dh.docker("inspect", "-f", `{{(index .NetworkSettings.Networks "net6").GlobalIPv6Address}}`, names[i])
+		if v6[i], err = netip.ParseAddr(strings.TrimSpace(out)); err != nil || !subnetV6.Contains(v6[i]) {
+			t.Fatalf("%s on %s: IPv6 address %q (%v), want one of %s", names[i], dh.host.Name, out, err, subnetV6)
+		}
+	}
+	if v6[0] == v6[1] || v6[1] == v6[2] || v6[0] == v6[2] {
+		t.Fatalf("IPv6 addresses given twice: %v", v6)
+	}
+
+	for i, a := range dhs {
+		for j := range dhs {
+			if i == j {
+				continue
+			}
+			f.eventually(networkSettle, fmt.Sprintf("%s on %s pings %s over IPv6 (%s)", names[i], a.host.Name, names[j], v6[j]), func() error {
+				out, err := a.docker("exec", names[i], "ping", "-6", "-c", "1", "-W", "2", v6[j].String())
+				if err != nil {
+					return fmt.Errorf("%v: %s", err, out)
+				}
+				return nil
+			})
+			out, err := a.docker("exec", names[i], "tcpprobe", "dial", netip.AddrPortFrom(v6[j], 8000).String())
+			if seen, _ := strings.CutPrefix(strings.TrimSpace(out), "seen-from "); err != nil || seen != v6[i].String() {
+				t.Errorf("TCP over IPv6 %s -> %s: %q (%v), want the server to see %s", names[i], names[j], out, err, v6[i])
+			}
+		}
+	}
+
+	t.Run("names answer AAAA on the network", func(t *testing.T) {
+		f.sub(t).eventually(networkSettle, "n1 resolves n2's IPv6 address", func() error {
+			out, err := dhs[0].docker("exec", "n1", "nslookup", "-type=AAAA", "n2")
+			if err != nil || !strings.Contains(out, v6[1].String()) {
+				return fmt.Errorf("nslookup -type=AAAA n2: %v: %s", err, out)
+			}
+			return nil
+		})
+	})
+
+	t.Run("the bridge's containers are refused over IPv6", func(t *testing.T) {
+		// A container on host3's docker0 (its IPv6 from the fabric's pool).
+		dhs[2].ctr = "bridged"
+		dhs[2].run(t, dhs[2].ctr, nil, img, "sleep", "3600")
+		target := netip.AddrPortFrom(v6[1], 8000).String()
+		f.sub(t).eventually(networkSettle, "host3's bridge container refused by n2 over IPv6", func() error {
+			_, err := dhs[2].dial(target)
+			if err == nil || !strings.Contains(err.Error(), "refused") {
+				return fmt.Errorf("dial %s from the bridge: %v, want connection refused", target, err)
+			}
+			return nil
+		})
+	})
+
+	t.Run("a container cannot send from an IPv6 address that is not its own", func(t *testing.T) {
+		echoes := func() int { return dhs[1].echoesReceived(t, "n2", true) }
+		fake := v6[2] // n3's address, on host3
+		if out, err := dhs[0].docker("exec", "n1", "ip", "-6", "addr", "add", netip.PrefixFrom(fake, 128).String(), "dev", "eth0"); err != nil {
+			t.Fatalf("add n3's address in n1: %v: %s", err, out)
+		}
+		f.sub(t).eventually(networkSettle, "n3's address in n1 past duplicate detection", func() error {
+			out, err := dhs[0].docker("exec", "n1", "ip", "-6", "addr", "show", "dev", "eth0")
+			if err != nil || !strings.Contains(out, fake.String()) || strings.Contains(out, "tentative") {
+				return fmt.Errorf("n1's addresses: %v: %s", err, out)
+			}
+			return nil
+		})
+		before := echoes()
+		dhs[0].docker("exec", "n1", "ping", "-6", "-c", "3", "-W", "1", "-I", fake.String(), v6[1].String())
+		spoofed := echoes() - before
+		if out, err := dhs[0].docker("exec", "n1", "ping", "-6", "-c", "1", "-W", "2", v6[1].String()); err != nil {
+			t.Fatalf("n1 pings n2 from its own address: %v: %s", err, out)
+		}
+		if own := echoes() - before - spoofed; own < 1 {
+			t.Fatalf("n2 counted %d echo requests from n1's own address: the counter does not show arrivals", own)
+		}
+		if spoofed != 0 {
+			t.Errorf("%d echo requests from n3's address, sent by n1 on host1, reached n2", spoofed)
+		}
+	})
+
+	t.Run("the network's IPv6 blocks are routed to their hosts", func(t *testing.T) {
+		ctx, cancel := dockerCtx()
+		defer cancel()
+		out, err := hosts[0].Run(ctx, "ip", "-6", "route", "show", "proto", "93")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// host2's block of fd00:30::/64 (a /68, as its IPv4 block is a /28)
+		// goes over the tunnel; the subnet itself is unreachable here.
+		if !strings.Contains(out, "unreachable "+subnetV6.String()) || !regexp.MustCompile(`fd00:30:0:0:[0-9a-f]+::/68 via \S+ dev fabric\.vxlan`).MatchString(out) {
+			t.Errorf("host1's IPv6 routes of proto 93:\n%s\nwant the subnet unreachable and host2's /68 block via the tunnel", out)
+		}
+	})
 }

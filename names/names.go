@@ -289,10 +289,11 @@ func Trusted(records []Record, held map[string][]netip.Prefix, owns func(network
 
 // TrustIPv6 clears the IPv6 address of every record whose address is not in
 // its node's IPv6 subnet (heldV6: node -> the /64 paired with its lease),
-// so no record can point a name's AAAA at another host's container; the
-// record still answers for its (trusted) IPv4 address. It returns the
-// records and one refusal per cleared address.
-func TrustIPv6(records []Record, heldV6 map[string][]netip.Prefix) ([]Record, []Refusal) {
+// or for a record on a fabric network not given to its node there (owns,
+// as for Trusted), so no record can point a name's AAAA at another host's
+// container; the record still answers for its (trusted) IPv4 address. It
+// returns the records and one refusal per cleared address.
+func TrustIPv6(records []Record, heldV6 map[string][]netip.Prefix, owns func(network, node string, a netip.Addr) bool) ([]Record, []Refusal) {
 	out := slices.Clone(records)
 	var refused []Refusal
 	for i := range out {
@@ -300,10 +301,16 @@ func TrustIPv6(records []Record, heldV6 map[string][]netip.Prefix) ([]Record, []
 		if !r.AddressV6.IsValid() {
 			continue
 		}
-		if slices.ContainsFunc(heldV6[r.Node], func(p netip.Prefix) bool { return p.Contains(r.AddressV6) }) {
+		reason := fmt.Sprintf("IPv6 address %s is not in the IPv6 subnet of %s; answered for IPv4 only", r.AddressV6, r.Node)
+		if r.Network != "" {
+			if owns != nil && owns(r.Network, r.Node, r.AddressV6) {
+				continue
+			}
+			reason = fmt.Sprintf("IPv6 address %s on network %s is not given to %s; answered for IPv4 only", r.AddressV6, r.Network, r.Node)
+		} else if slices.ContainsFunc(heldV6[r.Node], func(p netip.Prefix) bool { return p.Contains(r.AddressV6) }) {
 			continue
 		}
-		refused = append(refused, Refusal{Record: *r, Reason: fmt.Sprintf("IPv6 address %s is not in the IPv6 subnet of %s; answered for IPv4 only", r.AddressV6, r.Node)})
+		refused = append(refused, Refusal{Record: *r, Reason: reason})
 		r.AddressV6 = netip.Addr{}
 	}
 	return out, refused

@@ -220,14 +220,26 @@ func TestTrustIPv6(t *testing.T) {
 	own, forged, none := rec("web", "host1", "10.244.1.5", 1), rec("bank", "host1", "10.244.1.6", 1), rec("db", "host1", "10.244.1.7", 1)
 	own.AddressV6 = netip.MustParseAddr("fd00:10:244:1::5")
 	forged.AddressV6 = netip.MustParseAddr("fd00:10:244:2::9") // host2's container
-	out, refused := TrustIPv6([]Record{own, forged, none}, heldV6)
+	// On a fabric network, the IPv6 address must be given to the node
+	// there (dockernet's grants), as the IPv4 one is.
+	onNet, forgedOnNet := rec("api", "host1", "172.16.1.5", 1), rec("vault", "host1", "172.16.1.6", 1)
+	onNet.Network, forgedOnNet.Network = "net6", "net6"
+	onNet.AddressV6, forgedOnNet.AddressV6 = netip.MustParseAddr("fd00:16:1::5"), netip.MustParseAddr("fd00:16:1::9")
+	owns := func(network, node string, a netip.Addr) bool {
+		return network == "net6" && node == "host1" && a == netip.MustParseAddr("fd00:16:1::5")
+	}
+	out, refused := TrustIPv6([]Record{own, forged, none, onNet, forgedOnNet}, heldV6, owns)
 	if out[0].AddressV6 != own.AddressV6 || out[1].AddressV6.IsValid() || out[2].AddressV6.IsValid() || out[1].Address != forged.Address {
 		t.Errorf("records after the IPv6 check: %+v", out)
 	}
-	if len(refused) != 1 || refused[0].Record.Name != "bank" || !strings.Contains(refused[0].Reason, "not in the IPv6 subnet of host1") {
-		t.Errorf("refusals %+v, want bank's IPv6 address", refused)
+	if out[3].AddressV6 != onNet.AddressV6 || out[4].AddressV6.IsValid() {
+		t.Errorf("network records after the IPv6 check: %+v", out[3:])
 	}
-	if out, _ := TrustIPv6([]Record{own}, nil); out[0].AddressV6.IsValid() {
+	if len(refused) != 2 || refused[0].Record.Name != "bank" || !strings.Contains(refused[0].Reason, "not in the IPv6 subnet of host1") ||
+		refused[1].Record.Name != "vault" || !strings.Contains(refused[1].Reason, "on network net6 is not given to host1") {
+		t.Errorf("refusals %+v, want bank's and vault's IPv6 addresses", refused)
+	}
+	if out, _ := TrustIPv6([]Record{own}, nil, nil); out[0].AddressV6.IsValid() {
 		t.Error("an IPv6 address trusted without an IPv6 pool")
 	}
 }

@@ -64,6 +64,9 @@ const (
 	PreroutingChain  = "FABRIC-PREROUTING"
 	OutputChain      = "FABRIC-OUTPUT"
 	PostroutingChain = "FABRIC-POSTROUTING"
+	// SourceCheckChain (IPv6's raw table) drops what a container on a
+	// fabric network sends from an address that is not its own.
+	SourceCheckChain = "FABRIC-SOURCE-CHECK"
 )
 
 // PublishedPort is one fabric-wide published port: HostPort on the selected hosts

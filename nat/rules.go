@@ -39,7 +39,8 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 		masqueradeOptions = " --random-fully"
 	}
 	// Everything that is the fabric's: the bridges' pool and the networks.
-	spaces := append([]netip.Prefix{pool}, st.Networks...)
+	networks := family(st.Networks, false)
+	spaces := append([]netip.Prefix{pool}, networks...)
 	for _, src := range spaces {
 		for _, dst := range spaces {
 			// ACCEPT, not RETURN: it also ends the nat POSTROUTING walk, so a
@@ -50,10 +51,7 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 	}
 	postrouting = append(postrouting,
 		fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions))
-	for _, n := range st.Networks {
-		postrouting = append(postrouting,
-			fmt.Sprintf("-s %s %s -j MASQUERADE%s", n, comment("containers of network "+n.String()+" leaving the fabric use the host address"), masqueradeOptions))
-	}
+	postrouting = append(postrouting, networksLeaving(networks, masqueradeOptions)...)
 	// Fabric traffic only: between this host's bridge and its tunnels, and
 	// between the bridge and the underlay for pool-to-pool traffic (direct
 	// routes to peers on the same segment). Nothing else: a container on
@@ -71,26 +69,8 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 				fmt.Sprintf("-s %s -d %s -i %s -o %s %s -j ACCEPT", subnet, pool, st.Bridge, st.UnderlayDev, comment("local containers to fabric peers on this segment")))
 		}
 	}
-	// Containers on fabric networks: Docker has no rules for a network of
-	// a plugin driver, and its FORWARD policy drops, so fabric accepts
-	// their traffic here, after policy (which judges what enters them).
-	if st.EndpointLinks != "" && len(st.Networks) > 0 {
-		links := st.EndpointLinks
-		forward = append(forward,
-			fmt.Sprintf("-i %s %s -j ACCEPT", links, comment("containers on fabric networks, outbound")),
-			fmt.Sprintf("-o %s -m conntrack --ctstate RELATED,ESTABLISHED %s -j ACCEPT", links, comment("replies to containers on fabric networks")),
-			fmt.Sprintf("-o %s -m conntrack --ctstate DNAT %s -j ACCEPT", links, comment("ports published by containers on fabric networks")))
-		for _, t := range st.Tunnels {
-			forward = append(forward, fmt.Sprintf("-i %s -o %s %s -j ACCEPT", t, links, comment("fabric tunnel to local containers on fabric networks")))
-		}
-		if st.UnderlayDev != "" {
-			for _, src := range spaces {
-				forward = append(forward, fmt.Sprintf("-s %s -i %s -o %s %s -j ACCEPT", src, st.UnderlayDev, links, comment("fabric peers on this segment to local containers on fabric networks")))
-			}
-		}
-		if st.Bridge != "" {
-			forward = append(forward, fmt.Sprintf("-i %s -o %s %s -j ACCEPT", st.Bridge, links, comment("the bridge's containers to fabric networks (policy isolates them)")))
-		}
+	if len(networks) > 0 {
+		forward = append(forward, endpointsForward(st, spaces)...)
 	}
 
 	return iptables.Section{
@@ -135,9 +115,16 @@ func renderIPv6(st State, publishes []PublishedPort, randomFully bool) iptables.
 		c.publish(p, netip.AddrPortFrom(target, p.Target.Port()), subnet)
 	}
 	prerouting, output, postrouting, forward := c.prerouting, c.output, c.postrouting, c.forward
+	networks := family(st.Networks, true)
+	spaces := append([]netip.Prefix{pool}, networks...)
+	for _, src := range spaces {
+		for _, dst := range spaces {
+			postrouting = append(postrouting, fmt.Sprintf("-s %s -d %s %s -j ACCEPT", src, dst, comment("traffic between containers keeps its addresses")))
+		}
+	}
 	postrouting = append(postrouting,
-		fmt.Sprintf("-s %s -d %s %s -j ACCEPT", pool, pool, comment("traffic between containers keeps its addresses")),
 		fmt.Sprintf("-s %s ! -d %s %s -j MASQUERADE%s", subnet, pool, comment("containers leaving the fabric use the host address"), masqueradeOptions))
+	postrouting = append(postrouting, networksLeaving(networks, masqueradeOptions)...)
 	s := iptables.Section{
 		Chains: []iptables.Chain{{Table: "nat", Name: PostroutingChain, Rules: postrouting}},
 		Jumps:  []iptables.Jump{postroutingJump},
@@ -146,11 +133,74 @@ func renderIPv6(st State, publishes []PublishedPort, randomFully bool) iptables.
 		forward = append([]string{publishedReplies}, forward...)
 		s.Chains = append(s.Chains,
 			iptables.Chain{Table: "nat", Name: PreroutingChain, Rules: prerouting},
-			iptables.Chain{Table: "nat", Name: OutputChain, Rules: output},
-			iptables.Chain{Table: "filter", Name: ForwardChain, Rules: forward})
-		s.Jumps = append(s.Jumps, preroutingJump, outputJump, forwardJump)
+			iptables.Chain{Table: "nat", Name: OutputChain, Rules: output})
+		s.Jumps = append(s.Jumps, preroutingJump, outputJump)
+	}
+	if len(networks) > 0 && st.EndpointLinks != "" {
+		forward = append(forward, endpointsForward(st, spaces)...)
+		// The kernel's rp_filter is IPv4's: a container's IPv6 packets
+		// must come from its own address (the one routed to its link)
+		// so that no container speaks with another's address.
+		s.Chains = append(s.Chains, iptables.Chain{Table: "raw", Name: SourceCheckChain, Rules: []string{
+			fmt.Sprintf("-i %s -m rpfilter --invert %s -j DROP", st.EndpointLinks, comment("containers on fabric networks send from their own addresses")),
+		}})
+		s.Jumps = append(s.Jumps, iptables.Jump{Table: "raw", From: "PREROUTING", To: SourceCheckChain, Why: "containers' IPv6 source addresses", Rank: iptables.RankIngress})
+	}
+	if len(forward) > 0 {
+		s.Chains = append(s.Chains, iptables.Chain{Table: "filter", Name: ForwardChain, Rules: forward})
+		s.Jumps = append(s.Jumps, forwardJump)
 	}
 	return s
+}
+
+// family keeps the prefixes of one family.
+func family(ps []netip.Prefix, v6 bool) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		if p.Addr().Is6() == v6 {
+			out = append(out, p.Masked())
+		}
+	}
+	return out
+}
+
+// networksLeaving masquerades the fabric networks' containers leaving the
+// fabric (the rules before it accepted traffic between the fabric's spaces).
+func networksLeaving(networks []netip.Prefix, masqueradeOptions string) []string {
+	var out []string
+	for _, n := range networks {
+		out = append(out, fmt.Sprintf("-s %s %s -j MASQUERADE%s", n, comment("containers of network "+n.String()+" leaving the fabric use the host address"), masqueradeOptions))
+	}
+	return out
+}
+
+// endpointsForward accepts the traffic of containers on fabric networks:
+// Docker has no rules for a network of a plugin driver, and its FORWARD
+// policy drops, so fabric accepts their traffic here, after policy (which
+// judges what enters them). spaces are the fabric's prefixes of the
+// family (the pool, the networks).
+func endpointsForward(st State, spaces []netip.Prefix) []string {
+	links := st.EndpointLinks
+	if links == "" {
+		return nil
+	}
+	forward := []string{
+		fmt.Sprintf("-i %s %s -j ACCEPT", links, comment("containers on fabric networks, outbound")),
+		fmt.Sprintf("-o %s -m conntrack --ctstate RELATED,ESTABLISHED %s -j ACCEPT", links, comment("replies to containers on fabric networks")),
+		fmt.Sprintf("-o %s -m conntrack --ctstate DNAT %s -j ACCEPT", links, comment("ports published by containers on fabric networks")),
+	}
+	for _, t := range st.Tunnels {
+		forward = append(forward, fmt.Sprintf("-i %s -o %s %s -j ACCEPT", t, links, comment("fabric tunnel to local containers on fabric networks")))
+	}
+	if st.UnderlayDev != "" {
+		for _, src := range spaces {
+			forward = append(forward, fmt.Sprintf("-s %s -i %s -o %s %s -j ACCEPT", src, st.UnderlayDev, links, comment("fabric peers on this segment to local containers on fabric networks")))
+		}
+	}
+	if st.Bridge != "" {
+		forward = append(forward, fmt.Sprintf("-i %s -o %s %s -j ACCEPT", st.Bridge, links, comment("the bridge's containers to fabric networks (policy isolates them)")))
+	}
+	return forward
 }
 
 // The jumps into nat's chains, the same in both families' tables.

@@ -31,6 +31,9 @@ func NetworkRoutes(l dockernet.Local) (advertise []netip.Prefix, local []datapla
 	}
 	for _, ep := range l.Endpoints {
 		local = append(local, dataplane.LocalRoute{Prefix: netip.PrefixFrom(ep.Addr, 32), Dev: ep.Link})
+		if ep.AddrV6.IsValid() {
+			local = append(local, dataplane.LocalRoute{Prefix: netip.PrefixFrom(ep.AddrV6, 128), Dev: ep.Link})
+		}
 	}
 	return advertise, local
 }

@@ -475,7 +475,7 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 			return fmt.Sprintf("%s is inside network subnet %s but is no block or address a fabric host holds", r.Prefix, network)
 		case holder == nil:
 			return fmt.Sprintf("%s is held by host %s, which is not in the fabric", r.Prefix, owner)
-		case holder.Address != r.NextHop:
+		case !leadsTo(r, holder):
 			return fmt.Sprintf("%s is held by host %s (%s), but the next hop is %s", r.Prefix, owner, holder.Address, r.NextHop)
 		}
 	}

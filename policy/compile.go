@@ -68,9 +68,21 @@ type Directory struct {
 	Containers []Container             // the fabric's containers, every host's
 	// Pool is the fabric's container pool (the bridges' subnets), and
 	// Networks the fabric's Docker networks by name: each is isolated
-	// from the others unless a rule allows the traffic.
-	Pool     netip.Prefix
-	Networks map[string]netip.Prefix
+	// from the others unless a rule allows the traffic. PoolV6 and
+	// NetworksV6 are their IPv6 sides (absent: none).
+	Pool       netip.Prefix
+	PoolV6     netip.Prefix
+	Networks   map[string]netip.Prefix
+	NetworksV6 map[string]netip.Prefix
+}
+
+// network is a network's subnets: its IPv4 one, and its IPv6 one if any.
+func (dir Directory) network(name string) []netip.Prefix {
+	out := []netip.Prefix{dir.Networks[name].Masked()}
+	if p, ok := dir.NetworksV6[name]; ok && p.IsValid() {
+		out = append(out, p.Masked())
+	}
+	return out
 }
 
 // Container is one container as policy sees it.
@@ -112,7 +124,7 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local, localV6 n
 	local = local.Masked()
 	rs := Ruleset{Local: local, DefaultAction: defaultAction}
 	for _, name := range slices.Sorted(maps.Keys(dir.Networks)) {
-		rs.Networks = append(rs.Networks, dir.Networks[name].Masked())
+		rs.Networks = append(rs.Networks, dir.network(name)...)
 	}
 	spaces := append([]netip.Prefix{local}, rs.Networks...) // where this host's containers are
 	if localV6.IsValid() {
@@ -167,7 +179,7 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local, localV6 n
 			Ports:    slices.Clone(r.Ports),
 		})
 	}
-	rs.Rules = append(rs.Rules, isolation(local, dir, defaultAction, spaces)...)
+	rs.Rules = append(rs.Rules, isolation([]netip.Prefix{local, rs.LocalV6}, dir, defaultAction, spaces)...)
 	return rs, nil
 }
 
@@ -178,15 +190,17 @@ func Compile(rules []Rule, defaultAction string, dir Directory, local, localV6 n
 // rules' and the default's to judge, and so is traffic from the hosts'
 // gateway addresses: connections to a published port arrive SNATed to the
 // gateway of the host that took them.
-func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces []netip.Prefix) []CompiledRule {
+func isolation(local []netip.Prefix, dir Directory, defaultAction string, spaces []netip.Prefix) []CompiledRule {
 	if len(dir.Networks) == 0 {
 		return nil
 	}
+	local = slices.DeleteFunc(slices.Clone(local), func(p netip.Prefix) bool { return !p.IsValid() })
 	var out []CompiledRule
 	var gateways []netip.Prefix
-	for _, s := range dir.Nodes {
+	for _, s := range append(slices.Collect(maps.Values(dir.Nodes)), slices.Collect(maps.Values(dir.NodesV6))...) {
 		if s.IsValid() {
-			gateways = append(gateways, netip.PrefixFrom(s.Masked().Addr().Next(), 32))
+			gw := s.Masked().Addr().Next()
+			gateways = append(gateways, netip.PrefixFrom(gw, gw.BitLen()))
 		}
 	}
 	if len(gateways) > 0 {
@@ -196,22 +210,24 @@ func isolation(local netip.Prefix, dir Directory, defaultAction string, spaces [
 	names := slices.Sorted(maps.Keys(dir.Networks))
 	var all []netip.Prefix
 	for _, name := range names {
-		all = append(all, dir.Networks[name].Masked())
+		all = append(all, dir.network(name)...)
 	}
 	out = append(out, CompiledRule{Name: "isolation of the bridge from the networks " + strings.Join(names, ", "),
-		Action: ActionDeny, Sources: normalize(slices.Clone(all)), Dests: []netip.Prefix{local}})
+		Action: ActionDeny, Sources: normalize(slices.Clone(all)), Dests: normalize(local)})
 	for _, name := range names {
-		subnet := dir.Networks[name].Masked()
+		own := dir.network(name)
 		var others []netip.Prefix
-		if dir.Pool.IsValid() {
-			others = append(others, dir.Pool.Masked())
+		for _, p := range []netip.Prefix{dir.Pool, dir.PoolV6} {
+			if p.IsValid() {
+				others = append(others, p.Masked())
+			}
 		}
 		for _, p := range all {
-			if p != subnet {
+			if !slices.Contains(own, p) {
 				others = append(others, p)
 			}
 		}
-		out = append(out, CompiledRule{Name: "isolation of network " + name, Action: ActionDeny, Sources: normalize(others), Dests: []netip.Prefix{subnet}})
+		out = append(out, CompiledRule{Name: "isolation of network " + name, Action: ActionDeny, Sources: normalize(others), Dests: normalize(own)})
 	}
 	return out
 }
@@ -251,12 +267,11 @@ func (rs *Ruleset) resolve(rule, side string, sels []Selector, dir Directory) []
 				out = append(out, p6.Masked())
 			}
 		case s.Network != "":
-			p, ok := dir.Networks[s.Network]
-			if !ok {
+			if _, ok := dir.Networks[s.Network]; !ok {
 				rs.Warnings = append(rs.Warnings, fmt.Sprintf("rule %q: %s: there is no fabric network %q; matches nothing", rule, side, s.Network))
 				continue
 			}
-			out = append(out, p.Masked())
+			out = append(out, dir.network(s.Network)...)
 		}
 	}
 	return normalize(out)

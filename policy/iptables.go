@@ -344,15 +344,13 @@ func (e *IptablesEnforcer) render(rs Ruleset, fam family) (rendered, error) {
 		in = ""
 	}
 	local := rs.Local
-	var networks []netip.Prefix
 	if fam == ipv6 {
 		local = rs.LocalV6
 		if !local.IsValid() {
 			return r, nil // no IPv6 subnet here: no chain
 		}
-	} else {
-		networks = rs.Networks // fabric networks are IPv4
 	}
+	networks := fam.of(rs.Networks)
 	r.scope = append(r.scope,
 		fmt.Sprintf("-d %s %s%s -j %s", local, in, comment("traffic to local containers; ruleset "+r.marker), InChain))
 	if e.cfg.EndpointLinks != "" {

@@ -211,7 +211,7 @@ func containersCmd(g *globals) *cobra.Command {
 				kept, refused := names.Trusted(records, held, nets.Owns)
 				if pool, err := ipam.GetPool(ctx, cli, g.host.EtcdPrefix); err == nil {
 					// An IPv6 address DNS would not give is not shown.
-					kept, _ = names.TrustIPv6(kept, pool.SubnetsV6(held))
+					kept, _ = names.TrustIPv6(kept, pool.SubnetsV6(held), nets.Owns)
 				}
 				entries := names.NewView(kept, nil).Entries()
 				for _, r := range refused {
