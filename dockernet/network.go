@@ -183,16 +183,16 @@ func (s State) blocksOf(node string) []netip.Prefix {
 	for name, n := range s.Networks {
 		for _, b := range s.Blocks[name] {
 			if b.Node == node {
-				out = append(out, n.blockPrefixes(b)...)
+				out = append(out, n.BlockPrefixes(b)...)
 			}
 		}
 	}
 	return out
 }
 
-// blockPrefixes are block b's prefixes: its IPv4 one, and the IPv6 block
+// BlockPrefixes are block b's prefixes: its IPv4 one, and the IPv6 block
 // that goes with it when the network has IPv6.
-func (n Network) blockPrefixes(b Block) []netip.Prefix {
+func (n Network) BlockPrefixes(b Block) []netip.Prefix {
 	out := []netip.Prefix{b.Prefix}
 	if v6 := n.space(true); v6.subnet.IsValid() {
 		out = append(out, v6.block(n.space(false).index(b.Prefix.Addr())))
@@ -206,7 +206,7 @@ func (s State) Owners() map[netip.Prefix]string {
 	out := map[netip.Prefix]string{}
 	for name, n := range s.Networks {
 		for _, b := range s.Blocks[name] {
-			for _, p := range n.blockPrefixes(b) {
+			for _, p := range n.BlockPrefixes(b) {
 				out[p] = b.Node
 			}
 		}

@@ -2,11 +2,13 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -459,6 +461,26 @@ func TestDockerNetworkIPv6(t *testing.T) {
 		}
 		if spoofed != 0 {
 			t.Errorf("%d echo requests from n3's address, sent by n1 on host1, reached n2", spoofed)
+		}
+	})
+
+	t.Run("fabricctl networks shows both subnets and each host's blocks", func(t *testing.T) {
+		out, err := f.fabricctl(hosts[2], "networks", "-o", "json")
+		if err != nil {
+			t.Fatalf("fabricctl networks: %v: %s", err, out)
+		}
+		var rows []struct {
+			Name, SubnetV6, GatewayV6 string
+			Blocks                    map[string][]string
+			Containers                map[string]int
+		}
+		if err := json.Unmarshal([]byte(out), &rows); err != nil || len(rows) != 1 {
+			t.Fatalf("%v: %s", err, out)
+		}
+		r := rows[0]
+		if r.SubnetV6 != subnetV6.String() || r.GatewayV6 != "fd00:30::1" || r.Containers[hosts[1].Name] != 1 ||
+			!slices.ContainsFunc(r.Blocks[hosts[1].Name], func(b string) bool { return strings.HasSuffix(b, "::/68") }) {
+			t.Errorf("fabricctl networks: %+v; want the IPv6 subnet and gateway, one container on host2 and its IPv6 block", r)
 		}
 	})
 

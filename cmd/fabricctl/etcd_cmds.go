@@ -266,9 +266,11 @@ type networkRow struct {
 	Name       string              `json:"name"`
 	Subnet     string              `json:"subnet"`
 	Gateway    string              `json:"gateway"`
+	SubnetV6   string              `json:"subnetV6,omitempty"`
+	GatewayV6  string              `json:"gatewayV6,omitempty"`
 	CreatedOn  string              `json:"createdOn"`
 	Created    time.Time           `json:"created"`
-	Blocks     map[string][]string `json:"blocks"`              // host -> its blocks
+	Blocks     map[string][]string `json:"blocks"`              // host -> its blocks (IPv4, and IPv6 with it)
 	Containers map[string]int      `json:"containers"`          // host -> containers with an address
 	Addresses  map[string][]string `json:"addresses,omitempty"` // host -> addresses given (wide, json, yaml)
 }
@@ -289,12 +291,19 @@ func networksCmd(g *globals) *cobra.Command {
 					n := s.Networks[name]
 					r := networkRow{Name: name, Subnet: n.Subnet.String(), Gateway: n.Gateway.String(), CreatedOn: n.CreatedOn, Created: n.Created,
 						Blocks: map[string][]string{}, Containers: map[string]int{}, Addresses: map[string][]string{}}
+					if n.SubnetV6.IsValid() {
+						r.SubnetV6, r.GatewayV6 = n.SubnetV6.String(), n.GatewayV6.String()
+					}
 					for _, b := range s.Blocks[name] {
-						r.Blocks[b.Node] = append(r.Blocks[b.Node], b.Prefix.String())
+						for _, p := range n.BlockPrefixes(b) {
+							r.Blocks[b.Node] = append(r.Blocks[b.Node], p.String())
+						}
 					}
 					for _, a := range slices.SortedFunc(maps.Keys(s.Grants[name]), netip.Addr.Compare) {
 						gr := s.Grants[name][a]
-						r.Containers[gr.Node]++
+						if a.Is4() {
+							r.Containers[gr.Node]++ // a container on an IPv6 network has two
+						}
 						r.Addresses[gr.Node] = append(r.Addresses[gr.Node], a.String())
 					}
 					rows = append(rows, r)
@@ -318,7 +327,11 @@ func networksCmd(g *globals) *cobra.Command {
 					for _, h := range slices.Sorted(maps.Keys(r.Containers)) {
 						counts = append(counts, fmt.Sprintf("%s: %d", h, r.Containers[h]))
 					}
-					row := []string{r.Name, r.Subnet, r.Gateway, perHost(r.Blocks), strings.Join(counts, ", ")}
+					subnet, gateway := r.Subnet, r.Gateway
+					if r.SubnetV6 != "" {
+						subnet, gateway = subnet+" "+r.SubnetV6, gateway+" "+r.GatewayV6
+					}
+					row := []string{r.Name, subnet, gateway, perHost(r.Blocks), strings.Join(counts, ", ")}
 					if g.wide() {
 						row = append(row, perHost(r.Addresses), r.CreatedOn, r.Created.Format(time.RFC3339))
 					}
