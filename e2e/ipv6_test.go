@@ -464,6 +464,27 @@ func TestDockerNetworkIPv6(t *testing.T) {
 		}
 	})
 
+	t.Run("fabricd restarted: no IPv6 packet lost", func(t *testing.T) {
+		// host2's fabricd restarts while n1 pings n2 over IPv6: the
+		// endpoint's link and /128 route stay, and are kept after it.
+		done := make(chan [2]int, 1)
+		go func() {
+			sent, received := dhs[0].pingStream(t, "n1", v6[1], 8*time.Second)
+			done <- [2]int{sent, received}
+		}()
+		f.sub(t).eventually(10*time.Second, "the ping stream runs", func() error {
+			_, err := dhs[0].docker("exec", "n1", "ping", "-6", "-c", "1", "-W", "1", v6[1].String())
+			return err
+		})
+		f.restart(hosts[1])
+		sr := <-done
+		f.sub(t).eventually(30*time.Second, "host2's fabricd answers again", func() error { _, err := f.status(hosts[1]); return err })
+		t.Logf("fabricd on host2 restarted: n1 -> n2 over IPv6 %d sent, %d received", sr[0], sr[1])
+		if sr[0] < 300 || sr[1] != sr[0] {
+			t.Errorf("%d of %d IPv6 packets lost across host2's fabricd restart (want 0 of at least 300)", sr[0]-sr[1], sr[0])
+		}
+	})
+
 	t.Run("fabricctl networks shows both subnets and each host's blocks", func(t *testing.T) {
 		out, err := f.fabricctl(hosts[2], "networks", "-o", "json")
 		if err != nil {
