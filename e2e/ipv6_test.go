@@ -365,7 +365,7 @@ func TestDockerNetworkIPv6(t *testing.T) {
 		testreq.Missing(t, "%s", reason)
 	}
 	f := newFabric(t, lab.Spec{Hosts: 3}, "--pool-v6", "fd00:10:244::/48")
-	hosts, _ := f.startIPv6Mesh()
+	hosts, hostSubnetV6 := f.startIPv6Mesh()
 	dhs, img := f.startDockerds(hosts)
 	subnet, subnetV6 := netip.MustParsePrefix("172.30.0.0/24"), netip.MustParsePrefix("fd00:30::/64")
 
@@ -382,9 +382,13 @@ func TestDockerNetworkIPv6(t *testing.T) {
 	}
 
 	names := []string{"n1", "n2", "n3"}
-	v6 := make([]netip.Addr, len(dhs))
+	v4, v6 := make([]netip.Addr, len(dhs)), make([]netip.Addr, len(dhs))
 	for i, dh := range dhs {
-		dh.runOn(t, "net6", names[i], []string{"--cap-add", "NET_ADMIN"}, img, "tcpprobe", "serve", "[::]:8000", "1000")
+		flags := []string{"--cap-add", "NET_ADMIN"}
+		if i == 1 {
+			flags = append(flags, "-p", "8081:8000")
+		}
+		v4[i] = dh.runOn(t, "net6", names[i], flags, img, "tcpprobe", "serve", "[::]:8000", "1000")
 		out, err := dh.docker("inspect", "-f", `{{(index .NetworkSettings.Networks "net6").GlobalIPv6Address}}`, names[i])
 		if v6[i], err = netip.ParseAddr(strings.TrimSpace(out)); err != nil || !subnetV6.Contains(v6[i]) {
 			t.Fatalf("%s on %s: IPv6 address %q (%v), want one of %s", names[i], dh.host.Name, out, err, subnetV6)
@@ -461,6 +465,46 @@ func TestDockerNetworkIPv6(t *testing.T) {
 		}
 		if spoofed != 0 {
 			t.Errorf("%d echo requests from n3's address, sent by n1 on host1, reached n2", spoofed)
+		}
+	})
+
+	t.Run("published ports answer on IPv6", func(t *testing.T) {
+		// The hosts' underlay gets IPv6 addresses, as on a dual-stack LAN;
+		// a client outside the fabric reaches n2 (on host2) through
+		// host2's -p 8081 and through host1's fabric-wide publish 9101 (to
+		// n2's IPv4 address, as a publish names its target).
+		f := f.sub(t)
+		ctx, cancel := dockerCtx()
+		defer cancel()
+		o, err := f.lab.AddOutside(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, h := range append([]*lab.Host{o}, hosts...) {
+			if _, err := h.Run(ctx, "ip", "-6", "addr", "replace", underlayV6(i+1).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if out, err := f.fabricctl(hosts[0], "publish", "add", "9101/tcp", netip.AddrPortFrom(v4[1], 8000).String()); err != nil {
+			t.Fatalf("fabricctl publish add: %v: %s", err, out)
+		}
+		for _, c := range []struct {
+			via  netip.AddrPort
+			sees string
+		}{
+			{netip.AddrPortFrom(underlayV6(3), 8081), underlayV6(1).String()},                             // host2, docker run -p: the client itself
+			{netip.AddrPortFrom(underlayV6(2), 9101), hostSubnetV6[hosts[0].Name].Addr().Next().String()}, // host1: its IPv6 gateway
+		} {
+			f.eventually(networkSettle, "the outside reaches n2 over IPv6 through "+c.via.String(), func() error {
+				seen, err := outsideDial(o, c.via.String())
+				if err == nil && seen != c.sees {
+					err = fmt.Errorf("n2 saw %s, want %s", seen, c.sees)
+				}
+				return err
+			})
+		}
+		if out, err := f.fabricctl(hosts[0], "publish", "delete", "9101/tcp"); err != nil {
+			t.Errorf("fabricctl publish delete: %v: %s", err, out)
 		}
 	})
 

@@ -3,6 +3,7 @@ package nat
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 
 	"github.com/fabricnet/fabric/iptables"
@@ -22,18 +23,12 @@ func render(st State, publishes []PublishedPort, randomFully bool) iptables.Sect
 	for _, p := range publishes {
 		c.publish(p, netip.AddrPortFrom(p.Target.Addr().Unmap(), p.Target.Port()), subnet)
 	}
-	prerouting, output, postrouting, forward := c.prerouting, c.output, c.postrouting, c.forward
 	for _, lp := range st.LocalPorts {
-		name := fmt.Sprintf("%s/%d to %s", lp.Proto, lp.HostPort, lp.Target)
-		dst := "-m addrtype --dst-type LOCAL"
-		if lp.HostIP.IsValid() && !lp.HostIP.IsUnspecified() {
-			dst = "-d " + lp.HostIP.String() + "/32"
+		if !lp.HostIP.IsValid() || lp.HostIP.Is4() {
+			c.localPort(lp, lp.Target)
 		}
-		dnat := fmt.Sprintf("-p %s %s -m %s --dport %d %s -j DNAT --to-destination %s",
-			lp.Proto, dst, lp.Proto, lp.HostPort, comment("container port "+name), lp.Target)
-		prerouting = append(prerouting, dnat)
-		output = append(output, "! -d 127.0.0.0/8 "+dnat)
 	}
+	prerouting, output, postrouting, forward := c.prerouting, c.output, c.postrouting, c.forward
 	masqueradeOptions := ""
 	if randomFully {
 		masqueradeOptions = " --random-fully"
@@ -106,17 +101,26 @@ func renderIPv6(st State, publishes []PublishedPort, randomFully bool) iptables.
 		masqueradeOptions = " --random-fully"
 	}
 	pool, subnet := st.PoolV6.Masked(), st.SubnetV6.Masked()
-	var c chains
-	for _, p := range publishes {
-		target, ok := st.AddressesV6[p.Target.Addr().Unmap()]
-		if !ok || !pool.Contains(target) {
-			continue // no IPv6 address known, or not one of the fabric's
-		}
-		c.publish(p, netip.AddrPortFrom(target, p.Target.Port()), subnet)
-	}
-	prerouting, output, postrouting, forward := c.prerouting, c.output, c.postrouting, c.forward
 	networks := family(st.Networks, true)
 	spaces := append([]netip.Prefix{pool}, networks...)
+	// A target's IPv6 address, from the trusted name records, when it is
+	// one of the fabric's (the bridges' pool or a network's).
+	targetV6 := func(v4 netip.AddrPort) (netip.AddrPort, bool) {
+		a, ok := st.AddressesV6[v4.Addr().Unmap()]
+		return netip.AddrPortFrom(a, v4.Port()), ok && slices.ContainsFunc(spaces, func(p netip.Prefix) bool { return p.Contains(a) })
+	}
+	var c chains
+	for _, p := range publishes {
+		if target, ok := targetV6(p.Target); ok {
+			c.publish(p, target, subnet)
+		}
+	}
+	for _, lp := range st.LocalPorts {
+		if target, ok := targetV6(lp.Target); ok && (!lp.HostIP.IsValid() || lp.HostIP.Is6() || lp.HostIP.IsUnspecified()) {
+			c.localPort(lp, target)
+		}
+	}
+	prerouting, output, postrouting, forward := c.prerouting, c.output, c.postrouting, c.forward
 	for _, src := range spaces {
 		for _, dst := range spaces {
 			postrouting = append(postrouting, fmt.Sprintf("-s %s -d %s %s -j ACCEPT", src, dst, comment("traffic between containers keeps its addresses")))
@@ -215,7 +219,36 @@ var (
 var publishedReplies = "-m conntrack --ctstate RELATED,ESTABLISHED -m conntrack --ctstate DNAT " + comment("replies of published connections") + " -j ACCEPT"
 
 // chains are the rules of nat's chains, one list per chain.
-type chains struct{ prerouting, output, postrouting, forward []string }
+type chains struct {
+	prerouting, output, postrouting, forward []string
+	localPorts                               map[string]bool // rendered, to render once
+}
+
+// localPort adds the rules of a port a container on a fabric network
+// publishes on this host (`docker run -p`), forwarded to target (its
+// address of the rules' family).
+func (c *chains) localPort(lp LocalPort, target netip.AddrPort) {
+	name := fmt.Sprintf("%s/%d to %s", lp.Proto, lp.HostPort, target)
+	dst := "-m addrtype --dst-type LOCAL"
+	if lp.HostIP.IsValid() && !lp.HostIP.IsUnspecified() {
+		dst = "-d " + netip.PrefixFrom(lp.HostIP, lp.HostIP.BitLen()).String()
+	}
+	dnat := fmt.Sprintf("-p %s %s -m %s --dport %d %s -j DNAT --to-destination %s",
+		lp.Proto, dst, lp.Proto, lp.HostPort, comment("container port "+name), target)
+	loopback := "127.0.0.0/8"
+	if target.Addr().Is6() {
+		loopback = "::1/128"
+	}
+	if c.localPorts[dnat] {
+		return // dockerd binds both 0.0.0.0 and ::, and IPv6 takes either
+	}
+	if c.localPorts == nil {
+		c.localPorts = map[string]bool{}
+	}
+	c.localPorts[dnat] = true
+	c.prerouting = append(c.prerouting, dnat)
+	c.output = append(c.output, "! -d "+loopback+" "+dnat)
+}
 
 // publish adds the rules of publish p, forwarded to target; subnet is this
 // host's subnet of target's family, whose first address (the bridge's,

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/fabricnet/fabric/iptables"
 )
 
 func TestValidatePublish(t *testing.T) {
@@ -63,5 +65,51 @@ func TestSelectPublishesFiltersAndSkipsConflicts(t *testing.T) {
 	want := "tcp/9000 -> 10.244.1.2:80|udp/53 -> 10.244.1.2:53 on h1,h3"
 	if strings.Join(names, "|") != want {
 		t.Errorf("selected %q, want %q", strings.Join(names, "|"), want)
+	}
+}
+
+// TestLocalPortsPerFamily: a port a container on a fabric network
+// publishes (`docker run -p`) is forwarded in each family's tables to its
+// address of that family, once, whether dockerd bound 0.0.0.0, :: or both;
+// a binding to one IPv4 address stays IPv4, and a container without an
+// IPv6 address gets no IPv6 rule.
+func TestLocalPortsPerFamily(t *testing.T) {
+	target := netip.MustParseAddrPort("172.30.0.18:8000")
+	st := State{Pool: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.244.2.0/24"),
+		PoolV6: netip.MustParsePrefix("fd00:10:244::/48"), SubnetV6: netip.MustParsePrefix("fd00:10:244:2::/64"),
+		Networks: []netip.Prefix{netip.MustParsePrefix("172.30.0.0/24"), netip.MustParsePrefix("fd00:30::/64")}, EndpointLinks: "fnep+",
+		LocalPorts: []LocalPort{
+			{Proto: "tcp", HostIP: netip.MustParseAddr("0.0.0.0"), HostPort: 8081, Target: target},
+			{Proto: "tcp", HostIP: netip.MustParseAddr("::"), HostPort: 8081, Target: target},
+			{Proto: "tcp", HostIP: netip.MustParseAddr("192.168.100.12"), HostPort: 8082, Target: target},
+			{Proto: "udp", HostPort: 5353, Target: netip.MustParseAddrPort("172.30.0.19:53")}, // no IPv6 address
+		},
+		AddressesV6: map[netip.Addr]netip.Addr{target.Addr(): netip.MustParseAddr("fd00:30:0:0:1000::")},
+	}
+	dnats := func(s iptables.Section) []string {
+		var out []string
+		for _, c := range s.Chains {
+			if c.Name == PreroutingChain {
+				for _, r := range c.Rules {
+					if strings.Contains(r, "DNAT") {
+						out = append(out, r[strings.Index(r, "--dport"):])
+					}
+				}
+			}
+		}
+		return out
+	}
+	v4, v6 := dnats(render(st, nil, false)), dnats(renderIPv6(st, nil, false))
+	want4 := []string{"--dport 8081", "--dport 8082", "--dport 5353"}
+	if len(v4) != 3 {
+		t.Fatalf("IPv4 DNAT rules %q, want one each for %q", v4, want4)
+	}
+	for i, w := range want4 {
+		if !strings.HasPrefix(v4[i], w) {
+			t.Errorf("IPv4 DNAT rule %d: %q, want %q", i, v4[i], w)
+		}
+	}
+	if len(v6) != 1 || !strings.HasPrefix(v6[0], "--dport 8081") || !strings.HasSuffix(v6[0], "--to-destination [fd00:30:0:0:1000::]:8000") {
+		t.Errorf("IPv6 DNAT rules %q, want one, 8081 to [fd00:30:0:0:1000::]:8000", v6)
 	}
 }
