@@ -12,11 +12,8 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"runtime"
 	"strings"
-	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
@@ -104,59 +101,37 @@ func (s *Server) SetView(v *names.View) { s.view.Store(v) }
 // listen (the address is not on the host yet, another server has port 53).
 func (s *Server) Run(ctx context.Context) error {
 	addr := s.cfg.Listen.String()
-	// One UDP socket per CPU on the same port (SO_REUSEPORT): the kernel
-	// spreads queries over them, so reading is not one goroutine's job.
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		if err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-		}); err != nil {
-			return err
-		}
-		return serr
-	}}
-	var servers []*dns.Server
-	closeUnstarted := func() {
-		for _, srv := range servers {
-			srv.PacketConn.Close()
-		}
-	}
-	for range max(1, runtime.NumCPU()) {
-		pc, err := lc.ListenPacket(context.Background(), "udp", addr)
-		if err != nil {
-			closeUnstarted()
-			return fmt.Errorf("fabricdns: listen udp %s: %w", addr, err)
-		}
-		servers = append(servers, &dns.Server{PacketConn: pc, Handler: s})
+	udp, err := listenUDP(s.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("fabricdns: listen udp %s: %w", addr, err)
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		closeUnstarted()
+		unix.Close(udp.fd)
 		return fmt.Errorf("fabricdns: listen tcp %s: %w", addr, err)
 	}
-	servers = append(servers, &dns.Server{Listener: ln, Handler: s})
-	errc := make(chan error, len(servers))
-	var started sync.WaitGroup
-	for _, srv := range servers {
-		started.Add(1)
-		srv.NotifyStartedFunc = started.Done
-		go func() { errc <- srv.ActivateAndServe() }()
-	}
+	udpDone := make(chan struct{})
+	go func() {
+		defer close(udpDone)
+		s.serveUDP(udp)
+	}()
+	defer func() {
+		udp.stop()
+		<-udpDone
+		udp.forwarding.Wait() // a reply sent on a closed descriptor could reach a reused one
+		unix.Close(udp.fd)
+	}()
+	tcp := &dns.Server{Listener: ln, Handler: s}
+	errc := make(chan error, 1)
+	started := make(chan struct{})
+	tcp.NotifyStartedFunc = func() { close(started) }
+	go func() { errc <- tcp.ActivateAndServe() }()
 	// Shutdown refuses a server that has not started (and leaves its
-	// socket open): wait until every one has, or one failed.
-	allStarted := make(chan struct{})
-	go func() { started.Wait(); close(allStarted) }()
+	// socket open): wait until it has, or failed.
 	select {
-	case <-allStarted:
+	case <-started:
 	case err := <-errc:
-		for _, srv := range servers { // closing the sockets ends every server
-			if srv.PacketConn != nil {
-				srv.PacketConn.Close()
-			}
-			if srv.Listener != nil {
-				srv.Listener.Close()
-			}
-		}
+		ln.Close()
 		return fmt.Errorf("fabricdns: serve %s: %w", addr, err)
 	}
 	s.log.Info("answering container names", "listen", addr, "domain", strings.TrimSuffix(s.zone, "."), "upstreams", s.upstreams)
@@ -165,31 +140,37 @@ func (s *Server) Run(ctx context.Context) error {
 		err = nil
 	case err = <-errc:
 	}
-	for _, srv := range servers {
-		srv.Shutdown()
-	}
+	tcp.Shutdown()
 	return err
 }
 
-// ServeDNS implements dns.Handler.
+// ServeDNS implements dns.Handler (TCP).
 func (s *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
-	if len(req.Question) != 1 {
-		m := new(dns.Msg)
-		m.SetRcode(req, dns.RcodeFormatError)
-		w.WriteMsg(m)
-		return
-	}
-	q := req.Question[0]
-	qname := strings.ToLower(q.Name)
 	var from netip.Addr
 	if ap, err := netip.ParseAddrPort(w.RemoteAddr().String()); err == nil {
 		from = ap.Addr().Unmap()
 	}
-	if m, ok := s.answer(req, q, qname, from); ok {
-		w.WriteMsg(m)
-		return
+	m, _ := s.local(req, from)
+	if m == nil {
+		m = s.forward(req, w.RemoteAddr().Network())
 	}
-	w.WriteMsg(s.forward(req, w.RemoteAddr().Network()))
+	w.WriteMsg(m)
+}
+
+// local is the reply to req from from when this server is the authority
+// for it (cacheable: the same view gives the same reply), or nil.
+func (s *Server) local(req *dns.Msg, from netip.Addr) (m *dns.Msg, cacheable bool) {
+	if len(req.Question) != 1 {
+		m := new(dns.Msg)
+		m.SetRcode(req, dns.RcodeFormatError)
+		return m, false
+	}
+	q := req.Question[0]
+	m, ok := s.answer(req, q, strings.ToLower(q.Name), from)
+	if !ok {
+		return nil, false
+	}
+	return m, true
 }
 
 // answer returns the reply for a name this server is the authority for.
