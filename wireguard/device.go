@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/conn"
 	wgdevice "golang.zx2c4.com/wireguard/device"
@@ -20,6 +21,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/fabricnet/fabric/backend"
+	"github.com/fabricnet/fabric/internal/nsthread"
 )
 
 // device is one WireGuard implementation: the kernel's, configured over
@@ -162,25 +164,53 @@ type userspaceDevice struct {
 	name    string
 	ifindex int
 	dev     *wgdevice.Device
+	netns   netns.NsHandle // where its TUN device is, and so its sockets
 	key     wgtypes.Key
 	port    int
 }
 
 func newUserspaceDevice(name string, mtu int, log *slog.Logger) (*userspaceDevice, error) {
+	here, err := netns.Get()
+	if err != nil {
+		return nil, fmt.Errorf("wireguard: this thread's network namespace: %w", err)
+	}
 	t, err := tun.CreateTUN(name, mtu)
 	if err != nil {
+		here.Close()
 		return nil, fmt.Errorf("wireguard: create TUN device %s for wireguard-go: %w", name, err)
 	}
 	link, err := netlink.LinkByName(name)
 	if err != nil {
 		t.Close()
+		here.Close()
 		return nil, fmt.Errorf("wireguard: look up new TUN device %s: %w", name, err)
 	}
 	logger := &wgdevice.Logger{
 		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	}
-	return &userspaceDevice{name: name, ifindex: link.Attrs().Index, dev: wgdevice.NewDevice(t, conn.NewDefaultBind(), logger)}, nil
+	bind := nsBind{Bind: conn.NewDefaultBind(), netns: here}
+	return &userspaceDevice{name: name, ifindex: link.Attrs().Index, netns: here, dev: wgdevice.NewDevice(t, bind, logger)}, nil
+}
+
+// nsBind opens wireguard-go's sockets in the network namespace of its
+// device. wireguard-go opens them again whenever the device comes up, on
+// whichever goroutine sees that (its TUN event worker among them); in a
+// process with threads in several namespaces (the package tests: two
+// hosts in one process) they would otherwise land in another one, and the
+// device would hear nothing (seen in CI: neither side of a pair received
+// the other's handshake).
+type nsBind struct {
+	conn.Bind
+	netns netns.NsHandle
+}
+
+func (b nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
+	err = nsthread.In(b.netns, func() error {
+		fns, actual, err = b.Bind.Open(port)
+		return err
+	})
+	return fns, actual, err
 }
 
 func (d *userspaceDevice) alive(h *netlink.Handle) bool {
@@ -242,7 +272,10 @@ func (d *userspaceDevice) status() ([]PeerStatus, error) {
 	return out, nil
 }
 
-func (d *userspaceDevice) close() { d.dev.Close() }
+func (d *userspaceDevice) close() {
+	d.dev.Close()
+	d.netns.Close()
+}
 
 func (d *userspaceDevice) read() ([]uapiPeer, error) {
 	text, err := d.dev.IpcGet()

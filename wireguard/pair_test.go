@@ -165,3 +165,56 @@ func startBackend(t *testing.T, h wgHost, dev string, port int) (*Backend, error
 	}
 	return b, nil
 }
+
+// TestSocketsStayInTheDevicesNamespace: wireguard-go opens its sockets
+// again whenever its device comes up, on whichever goroutine sees that;
+// they must open in the device's namespace all the same. Here the test's
+// own goroutine (in the root namespace) takes both devices down and up
+// before the pair adds each other: they must still talk. (In CI the
+// TUN event worker did this now and then, and a pair heard nothing.)
+func TestSocketsStayInTheDevicesNamespace(t *testing.T) {
+	lab.RequireRoot(t, "ping")
+	prefix := lab.Prefix("wgns")
+	nsA, nsB := lab.AddNS(t, prefix+"a"), lab.AddNS(t, prefix+"b")
+	lab.Veth(t, nsA, "eth0", nsB, "eth0")
+	lab.Addr(t, nsA, "eth0", "192.0.2.1/24")
+	lab.Addr(t, nsB, "eth0", "192.0.2.2/24")
+	a := wgHost{ns: nsA, underlay: netip.MustParseAddr("192.0.2.1"), subnet: netip.MustParsePrefix("10.244.1.0/24")}
+	b := wgHost{ns: nsB, underlay: netip.MustParseAddr("192.0.2.2"), subnet: netip.MustParsePrefix("10.244.2.0/24")}
+	for _, h := range []*wgHost{&a, &b} {
+		var err error
+		if h.b, err = startBackend(t, *h, "wgns0", 51830); err != nil {
+			t.Fatal(err)
+		}
+		defer h.b.Close()
+		dev := h.b.dev.(*userspaceDevice).dev
+		if err := dev.Down(); err != nil {
+			t.Fatal(err)
+		}
+		if err := dev.Up(); err != nil { // reopens the sockets, from this goroutine
+			t.Fatal(err)
+		}
+	}
+	for _, pair := range [][2]wgHost{{a, b}, {b, a}} {
+		if err := pair[0].b.SyncPeers([]backend.Peer{pair[1].peer()}); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("ip", "-n", pair[0].ns, "route", "replace", pair[1].subnet.String(), "dev", "wgns0").CombinedOutput(); err != nil {
+			t.Fatalf("route: %v: %s", err, out)
+		}
+	}
+	for _, pair := range [][2]wgHost{{a, b}, {b, a}} {
+		from, to := pair[0], pair[1]
+		// WireGuard retries a lost handshake after 5 s: within 12 s, two
+		// tries from each side have had their chance.
+		testwait.For(t, 12*time.Second, fmt.Sprintf("a ping %s -> %s over WireGuard", from.ns, to.ns), func() error {
+			out, err := exec.Command("nsenter", "--net="+lab.Path(from.ns), "--", "ping", "-c", "1", "-W", "1",
+				"-I", from.subnet.Addr().String(), to.subnet.Addr().String()).CombinedOutput()
+			if err != nil {
+				st, _ := from.b.Peers()
+				return fmt.Errorf("%v: %s (peers %+v)", err, out, st)
+			}
+			return nil
+		})
+	}
+}
