@@ -3,21 +3,17 @@ package bfd
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
-	"net"
 	"net/netip"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
 
-	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
-
-	"github.com/fabricnet/fabric/internal/latest"
 )
 
 // Port is where single-hop BFD control packets go (RFC 5881).
@@ -78,27 +74,32 @@ func (c Change) Failed() bool {
 // sends from a port of 49152-65535 with TTL 255 and takes only packets
 // that arrive with TTL 255 from a configured peer (RFC 5881 §4-5: nobody
 // off the link can reach a session).
+//
+// Every session runs on one thread that waits in ppoll for a packet, the
+// next deadline or a request (SetPeers, Stop): a packet or a deadline
+// wakes that thread and nothing else. The earlier reader goroutine, channel
+// and timer woke the Go scheduler several times a packet, which cost a
+// host with 49 sessions about 5 % of a core.
 type Server struct {
 	log      *slog.Logger
 	local    netip.Addr
 	peerPort int
-	rx       *ipv4.PacketConn
-	rxConn   *net.UDPConn
-	tx       *net.UDPConn
-
-	setPeers chan []Peer
-	packets  chan received
-	stopReq  chan chan struct{}
+	rx, tx   int // sockets: rx on Port (with the TTL of each packet), tx from the source port
+	wake     int // eventfd: a request is waiting
 
 	statusView map[netip.Addr]Status // Run's own copy of status
 
-	mu      sync.Mutex
-	status  map[netip.Addr]Status
-	changes []Change
-	changed chan struct{}
-	running bool // Run has begun; Stop must go through it
-	stopped bool
-	runDone chan struct{}
+	mu       sync.Mutex
+	peers    []Peer // set by SetPeers, not yet taken by Run
+	newPeers bool
+	stopReq  bool
+	status   map[netip.Addr]Status
+	changes  []Change
+	changed  chan struct{}
+	running  bool // Run has begun; Stop must go through it
+	stopped  bool
+	closed   bool // the sockets are closed
+	runDone  chan struct{}
 }
 
 type received struct {
@@ -110,6 +111,7 @@ type received struct {
 type session struct {
 	*Session
 	peer   netip.Addr
+	to     *unix.SockaddrInet4 // the peer's BFD port
 	nextTx time.Time
 	since  time.Time
 	downs  int
@@ -123,52 +125,91 @@ func Listen(local netip.Addr, port int, log *slog.Logger) (*Server, error) {
 	if !local.Is4() {
 		return nil, fmt.Errorf("bfd: local address %s: IPv4 only", local)
 	}
-	rxConn, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, uint16(port))))
+	rx, err := udpSocket(local, port, unix.IP_RECVTTL, 1)
 	if err != nil {
-		return nil, fmt.Errorf("bfd: listen on %s:%d: %w", local, port, err)
-	}
-	rx := ipv4.NewPacketConn(rxConn)
-	if err := rx.SetControlMessage(ipv4.FlagTTL, true); err != nil {
-		rxConn.Close()
-		return nil, fmt.Errorf("bfd: receive TTL: %w", err)
+		return nil, fmt.Errorf("bfd: listen on %s:%d (receiving the TTL): %w", local, port, err)
 	}
 	tx, err := listenSourcePort(local)
 	if err != nil {
-		rxConn.Close()
+		unix.Close(rx)
 		return nil, err
 	}
-	if err := ipv4.NewConn(tx).SetTTL(255); err != nil {
-		rxConn.Close()
-		tx.Close()
-		return nil, fmt.Errorf("bfd: send TTL 255: %w", err)
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(rx)
+		unix.Close(tx)
+		return nil, fmt.Errorf("bfd: eventfd: %w", err)
 	}
 	return &Server{
-		log: log, local: local, peerPort: port, rx: rx, rxConn: rxConn, tx: tx,
-		setPeers: make(chan []Peer, 1), packets: make(chan received, 256), stopReq: make(chan chan struct{}),
+		log: log, local: local, peerPort: port, rx: rx, tx: tx, wake: wake,
 		status: map[netip.Addr]Status{}, changed: make(chan struct{}, 1), runDone: make(chan struct{}),
 	}, nil
 }
 
-// listenSourcePort binds a UDP socket to a free port of 49152-65535, where
-// RFC 5881 §4 wants the source port.
-func listenSourcePort(local netip.Addr) (*net.UDPConn, error) {
+// udpSocket is a non-blocking UDP socket bound to local:port with one IP
+// option set.
+func udpSocket(local netip.Addr, port, option, value int) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return -1, err
+	}
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IP, option, value); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port, Addr: local.As4()}); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// listenSourcePort binds a UDP socket sending with TTL 255 to a free port
+// of 49152-65535, where RFC 5881 §4 wants the source port.
+func listenSourcePort(local netip.Addr) (int, error) {
 	var err error
 	for range 64 {
-		port := 49152 + rand.IntN(65536-49152)
-		var c *net.UDPConn
-		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, uint16(port))))
-		if err == nil {
-			return c, nil
+		var fd int
+		if fd, err = udpSocket(local, 49152+rand.IntN(65536-49152), unix.IP_TTL, 255); err == nil {
+			return fd, nil
 		}
 	}
-	return nil, fmt.Errorf("bfd: no free source port in 49152-65535 on %s: %w", local, err)
+	return -1, fmt.Errorf("bfd: no free source port in 49152-65535 on %s: %w", local, err)
+}
+
+// request wakes Run for what SetPeers or Stop left under s.mu; once the
+// sockets are closed, their numbers may be another file's, and it does
+// nothing.
+func (s *Server) request() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return
+	}
+	var one [8]byte
+	binary.NativeEndian.PutUint64(one[:], 1)
+	unix.Write(s.wake, one[:])
+}
+
+func (s *Server) closeSockets() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closed {
+		s.closed = true
+		unix.Close(s.rx)
+		unix.Close(s.tx)
+		unix.Close(s.wake)
+	}
 }
 
 // SetPeers makes the sessions those of peers: new ones start Down, gone
 // ones end without a word (their peers were removed on purpose). One
 // goroutine calls it (the agent's main loop); it never blocks.
 func (s *Server) SetPeers(peers []Peer) {
-	latest.Put(s.setPeers, slices.Clone(peers))
+	s.mu.Lock()
+	s.peers, s.newPeers = slices.Clone(peers), true
+	s.mu.Unlock()
+	s.request()
 }
 
 // Changed is signalled after state changes; Changes takes them.
@@ -203,32 +244,45 @@ func (s *Server) Run(ctx context.Context) {
 	if stoppedFirst {
 		return
 	}
-	go s.read()
+	stopOnCancel := context.AfterFunc(ctx, func() {
+		s.mu.Lock()
+		s.stopReq = true
+		s.mu.Unlock()
+		s.request()
+	})
+	defer stopOnCancel()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	sessions := map[netip.Addr]*session{}
 	byDiscr := map[uint32]*session{}
-	timer := time.NewTimer(time.Hour)
-	defer timer.Stop()
-	var stopped chan struct{}
 	defer func() {
 		s.adminDown(sessions)
-		s.rxConn.Close()
-		s.tx.Close()
-		if stopped != nil {
-			close(stopped)
-		}
+		s.closeSockets()
 	}()
+	buf, oob := make([]byte, 512), make([]byte, 64)
+	fds := []unix.PollFd{{Fd: int32(s.rx), Events: unix.POLLIN}, {Fd: int32(s.wake), Events: unix.POLLIN}}
 	for {
-		timer.Reset(time.Until(nextEvent(sessions)))
-		select {
-		case <-ctx.Done():
+		ts := unix.NsecToTimespec(max(0, time.Until(nextEvent(sessions)).Nanoseconds()))
+		if _, err := unix.Ppoll(fds, &ts, nil); err != nil && err != unix.EINTR {
+			s.log.Error("bfd: wait for packets", "err", err)
 			return
-		case stopped = <-s.stopReq:
-			return
-		case peers := <-s.setPeers:
-			s.applyPeers(sessions, byDiscr, peers)
-		case r := <-s.packets:
-			s.receive(sessions, byDiscr, r)
-		case <-timer.C:
+		}
+		if fds[1].Revents != 0 {
+			var count [8]byte
+			unix.Read(s.wake, count[:])
+			s.mu.Lock()
+			stop, peers, newPeers := s.stopReq, s.peers, s.newPeers
+			s.newPeers = false
+			s.mu.Unlock()
+			if stop {
+				return
+			}
+			if newPeers {
+				s.applyPeers(sessions, byDiscr, peers)
+			}
+		}
+		if fds[0].Revents != 0 {
+			s.readAll(sessions, byDiscr, buf, oob)
 		}
 		now := time.Now()
 		for _, ss := range sessions {
@@ -242,12 +296,39 @@ func (s *Server) Run(ctx context.Context) {
 				// counts on the new interval.
 				ss.nextTx = now.Add(jitter(iv, ss.cfg.Multiplier))
 			}
-			if iv > 0 && !now.Before(ss.nextTx) {
+			if iv > 0 && !now.Add(iv/early).Before(ss.nextTx) {
 				s.send(ss)
 				ss.nextTx = now.Add(jitter(iv, ss.cfg.Multiplier))
 			}
 		}
 		s.publish(sessions)
+	}
+}
+
+// early: a packet due within 1/early of its interval goes out with the
+// packets sent now, saving the thread a wake-up of its own.
+const early = 10
+
+// readAll takes every packet waiting on the receive socket.
+func (s *Server) readAll(sessions map[netip.Addr]*session, byDiscr map[uint32]*session, buf, oob []byte) {
+	for {
+		n, oobn, _, from, err := unix.Recvmsg(s.rx, buf, oob, unix.MSG_DONTWAIT)
+		if err != nil {
+			return // EAGAIN: none left
+		}
+		at := time.Now()
+		src, ok := from.(*unix.SockaddrInet4)
+		if !ok {
+			continue
+		}
+		if ttl, ok := receivedTTL(oob[:oobn]); !ok || ttl != 255 {
+			continue // not from the link (RFC 5881 §5)
+		}
+		p, err := Parse(buf[:n])
+		if err != nil {
+			continue
+		}
+		s.receive(sessions, byDiscr, received{p: p, from: netip.AddrFrom4(src.Addr), at: at})
 	}
 }
 
@@ -258,21 +339,17 @@ func (s *Server) Stop() {
 	s.mu.Lock()
 	already, running := s.stopped, s.running
 	s.stopped = true
+	s.stopReq = running
 	s.mu.Unlock()
 	switch {
 	case already:
 		return
 	case !running:
-		s.rxConn.Close()
-		s.tx.Close()
+		s.closeSockets()
 		return
 	}
-	done := make(chan struct{})
-	select {
-	case s.stopReq <- done:
-		<-done
-	case <-s.runDone:
-	}
+	s.request()
+	<-s.runDone
 }
 
 func (s *Server) applyPeers(sessions map[netip.Addr]*session, byDiscr map[uint32]*session, peers []Peer) {
@@ -295,7 +372,7 @@ func (s *Server) applyPeers(sessions map[netip.Addr]*session, byDiscr map[uint32
 		for discr == 0 || byDiscr[discr] != nil {
 			discr = rand.Uint32()
 		}
-		ss := &session{Session: NewSession(p.Config, discr), peer: addr, since: now,
+		ss := &session{Session: NewSession(p.Config, discr), peer: addr, to: &unix.SockaddrInet4{Port: s.peerPort, Addr: addr.As4()}, since: now,
 			nextTx: now.Add(jitter(slowInterval, p.Multiplier) / 4)} // the first packet soon, not all at once
 		sessions[addr] = ss
 		byDiscr[discr] = ss
@@ -368,7 +445,7 @@ func (s *Server) publish(sessions map[netip.Addr]*session) {
 
 func (s *Server) send(ss *session) {
 	ss.buf = ss.Packet().AppendTo(ss.buf[:0])
-	if _, err := s.tx.WriteToUDPAddrPort(ss.buf, netip.AddrPortFrom(ss.peer, uint16(s.peerPort))); err != nil && !errors.Is(err, net.ErrClosed) {
+	if err := unix.Sendto(s.tx, ss.buf, unix.MSG_DONTWAIT, ss.to); err != nil {
 		s.log.Debug("bfd send", "peer", ss.peer, "err", err)
 	}
 }
@@ -388,29 +465,6 @@ func (s *Server) adminDown(sessions map[netip.Addr]*session) {
 		}
 		for _, ss := range sessions {
 			s.send(ss)
-		}
-	}
-}
-
-func (s *Server) read() {
-	buf := make([]byte, 512)
-	oob := make([]byte, 64)
-	for {
-		n, oobn, _, src, err := s.rxConn.ReadMsgUDPAddrPort(buf, oob)
-		if err != nil {
-			return // closed
-		}
-		at := time.Now()
-		if ttl, ok := receivedTTL(oob[:oobn]); !ok || ttl != 255 {
-			continue // not from the link (RFC 5881 §5)
-		}
-		p, err := Parse(buf[:n])
-		if err != nil {
-			continue
-		}
-		select {
-		case s.packets <- received{p: p, from: src.Addr().Unmap(), at: at}:
-		default: // the loop is behind; BFD tolerates a lost packet
 		}
 	}
 }
@@ -444,10 +498,12 @@ func nextEvent(sessions map[netip.Addr]*session) time.Time {
 	return next
 }
 
-// jitter shortens an interval by 0-25 % (10-25 % with a multiplier of 1),
-// so that sessions do not send in lockstep (RFC 5880 §6.8.7).
+// jitter shortens an interval by 0-15 % (10-15 % with a multiplier of 1),
+// so that sessions do not send in lockstep; a packet sent up to a tenth of
+// the interval early (with another, one wake-up for both: early) makes
+// that the 0-25 % (10-25 %) of RFC 5880 §6.8.7.
 func jitter(d time.Duration, mult uint8) time.Duration {
-	lo := 0.75
+	lo := 0.85
 	hi := 1.0
 	if mult == 1 {
 		hi = 0.9
