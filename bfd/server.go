@@ -309,9 +309,10 @@ func (s *Server) Run(ctx context.Context) {
 // packets sent now, saving the thread a wake-up of its own.
 const early = 10
 
-// readAll takes every packet waiting on the receive socket.
+// readAll takes the packets waiting on the receive socket, at most 256 at
+// a time: a flood must not keep the sessions from sending.
 func (s *Server) readAll(sessions map[netip.Addr]*session, byDiscr map[uint32]*session, buf, oob []byte) {
-	for {
+	for range 256 {
 		n, oobn, _, from, err := unix.Recvmsg(s.rx, buf, oob, unix.MSG_DONTWAIT)
 		if err != nil {
 			return // EAGAIN: none left
