@@ -12,7 +12,6 @@ import (
 // the IPv6 subnet goes with block i of the IPv4 one: a host holds both,
 // through one block record, so every host can check who may route which.
 type space struct {
-	network string
 	subnet  netip.Prefix
 	gateway netip.Addr
 	bits    int // the blocks' length
@@ -21,14 +20,14 @@ type space struct {
 // space returns the network's IPv4 side, or its IPv6 one (invalid subnet
 // when it has none).
 func (n Network) space(v6 bool) space {
-	v4 := space{network: n.Name, subnet: n.Subnet, gateway: n.Gateway, bits: BlockBits(n.Subnet)}
+	v4 := space{subnet: n.Subnet, gateway: n.Gateway, bits: BlockBits(n.Subnet)}
 	if !v6 {
 		return v4
 	}
 	if !n.SubnetV6.IsValid() {
-		return space{network: n.Name}
+		return space{}
 	}
-	return space{network: n.Name, subnet: n.SubnetV6, gateway: n.GatewayV6, bits: n.SubnetV6.Bits() + v4.bits - n.Subnet.Bits()}
+	return space{subnet: n.SubnetV6, gateway: n.GatewayV6, bits: n.SubnetV6.Bits() + v4.bits - n.Subnet.Bits()}
 }
 
 func (sp space) blocks() int { return 1 << (sp.bits - sp.subnet.Bits()) }
