@@ -417,6 +417,25 @@ func TestDockerNetworkIPv6(t *testing.T) {
 		}
 	}
 
+	t.Run("--ip6 is given once fabric-wide", func(t *testing.T) {
+		dhs[2].runOn(t, "net6", "fixed6", []string{"--ip6", "fd00:30::99"}, img, "sleep", "3600")
+		out, err := dhs[2].docker("inspect", "-f", `{{(index .NetworkSettings.Networks "net6").GlobalIPv6Address}}`, "fixed6")
+		if err != nil || strings.TrimSpace(out) != "fd00:30::99" {
+			t.Fatalf("--ip6 fd00:30::99 gave %q (%v)", out, err)
+		}
+		out, err = dhs[0].docker("run", "-d", "--name", "twin6", "--network", "net6", "--ip6", "fd00:30::99", img, "sleep", "3600")
+		if err == nil || !strings.Contains(out, "in use") || !strings.Contains(out, hosts[2].Name) {
+			t.Errorf("a second --ip6 fd00:30::99 on host1: want it refused as in use on host3, got %v: %s", err, out)
+		}
+		f.sub(t).eventually(networkSettle, "n1 pings the --ip6 container on host3", func() error {
+			out, err := dhs[0].docker("exec", "n1", "ping", "-6", "-c", "1", "-W", "2", "fd00:30::99")
+			if err != nil {
+				return fmt.Errorf("%v: %s", err, out)
+			}
+			return nil
+		})
+	})
+
 	t.Run("names answer AAAA on the network", func(t *testing.T) {
 		f.sub(t).eventually(networkSettle, "n1 resolves n2's IPv6 address", func() error {
 			out, err := dhs[0].docker("exec", "n1", "nslookup", "-type=AAAA", "n2")
