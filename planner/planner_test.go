@@ -374,23 +374,31 @@ func TestFabricPeers(t *testing.T) {
 // peer.
 func TestRoutesInNetworks(t *testing.T) {
 	nets := Networks{
-		Subnets: []netip.Prefix{netip.MustParsePrefix("172.16.1.0/24")},
+		Subnets: []netip.Prefix{netip.MustParsePrefix("172.16.1.0/24"), netip.MustParsePrefix("fd00:16:1::/64")},
 		Owners: map[netip.Prefix]string{
-			netip.MustParsePrefix("172.16.1.0/28"):  "h2",
-			netip.MustParsePrefix("172.16.1.16/28"): "h1",
-			netip.MustParsePrefix("172.16.1.20/32"): "h3", // --ip inside h1's block
+			netip.MustParsePrefix("172.16.1.0/28"):         "h2",
+			netip.MustParsePrefix("172.16.1.16/28"):        "h1",
+			netip.MustParsePrefix("172.16.1.20/32"):        "h3", // --ip inside h1's block
+			netip.MustParsePrefix("fd00:16:1::/68"):        "h2", // the IPv6 block of h2's
+			netip.MustParsePrefix("fd00:16:1:0:1000::/68"): "h1",
 		},
 	}
-	nodes := []registry.Node{h1, h2, h3}
+	h2v6 := h2
+	h2v6.AddressV6 = netip.MustParseAddr("fd99::2") // its IPv6 next hop for routers
+	nodes := []registry.Node{h1, h2v6, h3}
 	for _, c := range []struct {
 		name, route, want, refused string
 	}{
 		{"h2's block from h2", "172.16.1.0/28 via 192.0.2.2", "172.16.1.0/28 via 192.0.2.2 (node h2)", ""},
+		{"h2's IPv6 block via h2's IPv6 address, through its tunnel", "fd00:16:1::/68 via fd99::2", "fd00:16:1::/68 via 192.0.2.2 (node h2)", ""},
 		{"h2's block from h3 is refused", "172.16.1.0/28 via 198.51.100.3", "", "held by host h2"},
 		{"h3's address inside h1's block, from h3", "172.16.1.20/32 via 198.51.100.3", "172.16.1.20/32 via 198.51.100.3 (node h3)", ""},
 		{"a /32 inside h2's block from h3 is refused", "172.16.1.3/32 via 198.51.100.3", "", "no block or address"},
 		{"a wider prefix over the network is refused", "172.16.1.0/25 via 192.0.2.2", "", "no block or address"},
 		{"this host's own block is not routed to a peer", "172.16.1.16/28 via 192.0.2.2", "", ""},
+		{"h2's IPv6 block from h2, through its tunnel", "fd00:16:1::/68 via 192.0.2.2", "fd00:16:1::/68 via 192.0.2.2 (node h2)", ""},
+		{"h2's IPv6 block from h3 is refused", "fd00:16:1::/68 via 198.51.100.3", "", "held by host h2"},
+		{"a /80 inside h2's IPv6 block is refused", "fd00:16:1::/80 via 192.0.2.2", "", "no block or address"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			prefix, nh, _ := strings.Cut(c.route, " via ")
