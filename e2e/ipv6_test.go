@@ -161,17 +161,7 @@ func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
 // Through the container's own host it sees the client; through another
 // host, that host's IPv6 gateway (so the reply returns through it).
 func publishOverIPv6(t *testing.T, f *fabric, hosts []*lab.Host, dhs []*dockerHost, subnetV6 map[string]netip.Prefix) {
-	ctx, cancel := dockerCtx()
-	defer cancel()
-	o, err := f.lab.AddOutside(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, h := range append([]*lab.Host{o}, hosts...) {
-		if _, err := h.Run(ctx, "ip", "-6", "addr", "replace", underlayV6(i+1).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
-			t.Fatal(err)
-		}
-	}
+	o := dualStackOutside(t, f, hosts)
 	target := netip.AddrPortFrom(dhs[1].ipv4(t), 8000).String()
 	if out, err := f.fabricctl(hosts[0], "publish", "add", "8090/tcp", target); err != nil {
 		t.Fatalf("publish add: %v\n%s", err, out)
@@ -193,6 +183,25 @@ func publishOverIPv6(t *testing.T, f *fabric, hosts []*lab.Host, dhs []*dockerHo
 	if out, err := f.fabricctl(hosts[0], "publish", "delete", "8090/tcp"); err != nil {
 		t.Fatalf("publish delete: %v\n%s", err, out)
 	}
+}
+
+// dualStackOutside adds a client outside the fabric and gives it and the
+// hosts IPv6 addresses on the underlay, as on a dual-stack LAN: the
+// outside is underlayV6(1), hosts[i] underlayV6(i+2).
+func dualStackOutside(t *testing.T, f *fabric, hosts []*lab.Host) *lab.Host {
+	t.Helper()
+	ctx, cancel := dockerCtx()
+	defer cancel()
+	o, err := f.lab.AddOutside(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, h := range append([]*lab.Host{o}, hosts...) {
+		if _, err := h.Run(ctx, "ip", "-6", "addr", "replace", underlayV6(i+1).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return o
 }
 
 // underlayV6 is the i-th IPv6 address the tests give the lab's underlay
@@ -493,17 +502,7 @@ func TestDockerNetworkIPv6(t *testing.T) {
 		// host2's -p 8081 and through host1's fabric-wide publish 9101 (to
 		// n2's IPv4 address, as a publish names its target).
 		f := f.sub(t)
-		ctx, cancel := dockerCtx()
-		defer cancel()
-		o, err := f.lab.AddOutside(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for i, h := range append([]*lab.Host{o}, hosts...) {
-			if _, err := h.Run(ctx, "ip", "-6", "addr", "replace", underlayV6(i+1).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
-				t.Fatal(err)
-			}
-		}
+		o := dualStackOutside(t, f, hosts)
 		if out, err := f.fabricctl(hosts[0], "publish", "add", "9101/tcp", netip.AddrPortFrom(v4[1], 8000).String()); err != nil {
 			t.Fatalf("fabricctl publish add: %v: %s", err, out)
 		}

@@ -41,12 +41,7 @@ func (h wgHost) peer() backend.Peer {
 // several pairs of devices between the same two namespaces at once, with
 // new keys, so which side sorts first varies.
 func TestHostsAddingEachOtherAtOnceTalkAtOnce(t *testing.T) {
-	lab.RequireRoot(t, "ping")
-	prefix := lab.Prefix("wg")
-	nsA, nsB := lab.AddNS(t, prefix+"a"), lab.AddNS(t, prefix+"b")
-	lab.Veth(t, nsA, "eth0", nsB, "eth0")
-	lab.Addr(t, nsA, "eth0", "192.0.2.1/24")
-	lab.Addr(t, nsB, "eth0", "192.0.2.2/24")
+	nsA, nsB := twoNamespaces(t, "wg")
 	const rounds, pairs = 20, 4
 	for round := 1; round <= rounds; round++ {
 		var wg sync.WaitGroup
@@ -69,6 +64,19 @@ func TestHostsAddingEachOtherAtOnceTalkAtOnce(t *testing.T) {
 			return
 		}
 	}
+}
+
+// twoNamespaces are two hosts' namespaces on one link, 192.0.2.1 and
+// 192.0.2.2 on their eth0.
+func twoNamespaces(t *testing.T, name string) (nsA, nsB string) {
+	t.Helper()
+	lab.RequireRoot(t, "ping")
+	prefix := lab.Prefix(name)
+	nsA, nsB = lab.AddNS(t, prefix+"a"), lab.AddNS(t, prefix+"b")
+	lab.Veth(t, nsA, "eth0", nsB, "eth0")
+	lab.Addr(t, nsA, "eth0", "192.0.2.1/24")
+	lab.Addr(t, nsB, "eth0", "192.0.2.2/24")
+	return nsA, nsB
 }
 
 // pairTalksAtOnce makes device pair i (its own device names, port and
@@ -173,12 +181,7 @@ func startBackend(t *testing.T, h wgHost, dev string, port int) (*Backend, error
 // before the pair adds each other: they must still talk. (In CI the
 // TUN event worker did this now and then, and a pair heard nothing.)
 func TestSocketsStayInTheDevicesNamespace(t *testing.T) {
-	lab.RequireRoot(t, "ping")
-	prefix := lab.Prefix("wgns")
-	nsA, nsB := lab.AddNS(t, prefix+"a"), lab.AddNS(t, prefix+"b")
-	lab.Veth(t, nsA, "eth0", nsB, "eth0")
-	lab.Addr(t, nsA, "eth0", "192.0.2.1/24")
-	lab.Addr(t, nsB, "eth0", "192.0.2.2/24")
+	nsA, nsB := twoNamespaces(t, "wgns")
 	a := wgHost{ns: nsA, underlay: netip.MustParseAddr("192.0.2.1"), subnet: netip.MustParsePrefix("10.244.1.0/24")}
 	b := wgHost{ns: nsB, underlay: netip.MustParseAddr("192.0.2.2"), subnet: netip.MustParsePrefix("10.244.2.0/24")}
 	for _, h := range []*wgHost{&a, &b} {
