@@ -145,16 +145,13 @@ func (d *Driver) RequestPool(ctx context.Context, req dockerplugin.PoolRequest) 
 	}
 	subnet, err := netip.ParsePrefix(req.Pool)
 	switch {
-	case req.V6 && (err != nil || !subnet.Addr().Is6() || subnet.Addr().Is4In6()):
+	case req.V6 && err != nil:
 		return dockerplugin.PoolResponse{}, fmt.Errorf("IPv6 subnet %q is not an IPv6 prefix", req.Pool)
 	case req.V6:
 		// Its size against the IPv4 subnet's is checked when the network
-		// is recorded (Network.Validate): dockerd asks for this pool alone.
-		if subnet.Masked() != subnet {
-			return dockerplugin.PoolResponse{}, fmt.Errorf("IPv6 subnet %s has host bits set: did you mean %s?", subnet, subnet.Masked())
-		}
-		if subnet.Addr().IsLinkLocalUnicast() || subnet.Addr().IsMulticast() || subnet.Bits() > 120 {
-			return dockerplugin.PoolResponse{}, fmt.Errorf("IPv6 subnet %s: want a global or unique-local prefix of /120 or larger", subnet)
+		// is created (CheckSubnetV6): dockerd asks for this pool alone.
+		if err := checkPrefixV6(subnet, 0); err != nil {
+			return dockerplugin.PoolResponse{}, err
 		}
 	case err != nil || !subnet.Addr().Is4():
 		return dockerplugin.PoolResponse{}, fmt.Errorf("subnet %q is not an IPv4 prefix", req.Pool)

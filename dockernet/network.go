@@ -57,6 +57,22 @@ func (n Network) subnets() string {
 	return n.Subnet.String()
 }
 
+// checkPrefixV6 names the first problem of p as an IPv6 subnet cut into
+// 2^blockBits blocks of 256 addresses or more, whatever the IPv4 side.
+func checkPrefixV6(p netip.Prefix, blockBits int) error {
+	switch {
+	case !p.IsValid() || !p.Addr().Is6() || p.Addr().Is4In6():
+		return fmt.Errorf("IPv6 subnet %v is not an IPv6 prefix", p)
+	case p.Masked() != p:
+		return fmt.Errorf("IPv6 subnet %s has host bits set (want %s)", p, p.Masked())
+	case p.Addr().IsLinkLocalUnicast() || p.Addr().IsMulticast() || p.Addr().IsLoopback() || p.Bits() < 8:
+		return fmt.Errorf("IPv6 subnet %s is link-local, multicast, loopback or too large", p)
+	case p.Bits()+blockBits > 120:
+		return fmt.Errorf("IPv6 subnet %s is too small: at most /%d", p, 120-blockBits)
+	}
+	return nil
+}
+
 // namePattern is what Docker accepts as a network name.
 var namePattern = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`)
 
@@ -93,13 +109,8 @@ func (n Network) Validate() error {
 // network whose IPv4 subnet is v4: it must be cut into as many blocks as
 // v4 is, of 256 addresses or more.
 func CheckSubnetV6(p, v4 netip.Prefix) error {
-	switch {
-	case !p.IsValid() || !p.Addr().Is6() || p.Addr().Is4In6():
-		return fmt.Errorf("IPv6 subnet %v is not an IPv6 prefix", p)
-	case p.Masked() != p:
-		return fmt.Errorf("IPv6 subnet %s has host bits set (want %s)", p, p.Masked())
-	case p.Addr().IsLinkLocalUnicast() || p.Addr().IsMulticast() || p.Addr().IsLoopback() || p.Bits() < 8:
-		return fmt.Errorf("IPv6 subnet %s is link-local, multicast, loopback or too large", p)
+	if err := checkPrefixV6(p, 0); err != nil {
+		return err
 	}
 	if blocks := BlockBits(v4) - v4.Bits(); p.Bits()+blocks > 120 {
 		return fmt.Errorf("IPv6 subnet %s is too small: it is cut into as many blocks as the IPv4 subnet %s (%d), so at most /%d", p, v4, 1<<blocks, 120-blocks)
