@@ -12,13 +12,7 @@ func TestPick(t *testing.T) {
 	n := Network{Name: "net1", Subnet: netip.MustParsePrefix("172.16.1.0/24"), Gateway: netip.MustParseAddr("172.16.1.1")}
 	addr := netip.MustParseAddr
 	prefix := netip.MustParsePrefix
-	state := func(blocks []Block, grants ...Grant) State {
-		s := State{Networks: map[string]Network{"net1": n}, Blocks: map[string][]Block{"net1": blocks}, Grants: map[string]map[netip.Addr]Grant{"net1": {}}}
-		for _, g := range grants {
-			s.Grants["net1"][g.Address] = g
-		}
-		return s
-	}
+	state := func(blocks []Block, grants ...Grant) State { return stateOf(n, blocks, grants...) }
 	block := func(p, node string) Block { return Block{Network: "net1", Prefix: prefix(p), Node: node} }
 	grant := func(a, node string) Grant { return Grant{Network: "net1", Address: addr(a), Node: node} }
 	// Every block of net1 held by h2 but the last, fully given.
@@ -51,6 +45,15 @@ func TestPick(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) { c.check(t, n, false) })
 	}
+}
+
+// stateOf is the fabric's state with network n alone, its blocks and grants.
+func stateOf(n Network, blocks []Block, grants ...Grant) State {
+	s := State{Networks: map[string]Network{n.Name: n}, Blocks: map[string][]Block{n.Name: blocks}, Grants: map[string]map[netip.Addr]Grant{n.Name: {}}}
+	for _, g := range grants {
+		s.Grants[n.Name][g.Address] = g
+	}
+	return s
 }
 
 // pickCase is one case of TestPick and TestPickIPv6: what h1 is given.
@@ -108,13 +111,7 @@ func TestPickIPv6(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := netip.MustParseAddr
-	state := func(blocks []Block, grants ...Grant) State {
-		s := State{Networks: map[string]Network{"net6": n}, Blocks: map[string][]Block{"net6": blocks}, Grants: map[string]map[netip.Addr]Grant{"net6": {}}}
-		for _, g := range grants {
-			s.Grants["net6"][g.Address] = g
-		}
-		return s
-	}
+	state := func(blocks []Block, grants ...Grant) State { return stateOf(n, blocks, grants...) }
 	block := func(p, node string) Block {
 		return Block{Network: "net6", Prefix: netip.MustParsePrefix(p), Node: node}
 	}
