@@ -76,6 +76,7 @@ type Agent struct {
 	// Main loop only.
 	ownRecordSeen bool // our record was seen with our address
 	departed      map[string]planner.Departed
+	nodesRecheck  time.Time // when the node set changes with time alone; zero: never
 	leaveRequest  chan struct{}
 }
 
@@ -338,10 +339,18 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	// wait may hold the next route set back.
 	goLoop("bgp-routes", a.bgpRoutesLoop)
 	goLoop("start-up-grace", a.graceLoop)
-	// Departed hosts are dropped once their sessions are down.
-	departedCheck := time.NewTicker(2 * time.Second)
+	// Departed hosts are dropped once their sessions are down (a session
+	// event) or they have been away for subnetTTL (the node set's Recheck).
+	sessions := a.own.speaker.WatchSessions()
+	departedCheck := time.NewTimer(time.Hour)
+	departedCheck.Stop()
 	defer departedCheck.Stop()
 	for {
+		if a.nodesRecheck.IsZero() {
+			departedCheck.Stop()
+		} else {
+			departedCheck.Reset(time.Until(a.nodesRecheck))
+		}
 		select {
 		case <-ctx.Done():
 			if cfg.GracefulRestartTime > 0 {
@@ -410,6 +419,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			a.refreshNodes(runCtx)
 			kick(a.wake.names)
 		case <-departedCheck.C:
+			a.refreshNodes(runCtx)
+		case <-sessions:
 			a.refreshNodes(runCtx)
 		case <-a.wake.mesh:
 			a.refreshNodes(runCtx)

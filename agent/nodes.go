@@ -49,7 +49,8 @@ func (a *Agent) warnRefused(refused []planner.Refusal) {
 
 // refreshNodes recomputes the node set the agent works with (the planner's
 // Nodes) and hands it to BGP, the prober, the data plane and policy when it
-// changed. It runs only on the main loop, which owns a.departed.
+// changed. It runs only on the main loop, which owns a.departed and
+// a.nodesRecheck.
 func (a *Agent) refreshNodes(ctx context.Context) {
 	// In session: established. A host whose record expired and whose session
 	// is down is dead, not restarting: a restarting fabricd keeps its record
@@ -71,7 +72,7 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 	accepted, refused := planner.AcceptNodes(a.host(), reg, held)
 	a.warnRefused(refused)
 	set := planner.Nodes(a.host(), accepted, prev, a.departed, inSession, a.cfg.SubnetTTL, time.Now())
-	a.departed = set.Departed
+	a.departed, a.nodesRecheck = set.Departed, set.Recheck
 	for _, e := range set.Events {
 		a.log.Info(e)
 	}

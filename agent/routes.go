@@ -117,16 +117,20 @@ func (a *Agent) probeHoldLoop(ctx context.Context) error {
 	if a.own.prober == nil {
 		return nil
 	}
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
+	sessions := a.own.speaker.WatchSessions()
+	var retry <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-t.C:
+		case <-sessions:
+		case <-retry:
 		}
+		retry = nil
 		peers, err := a.own.speaker.Peers(ctx)
 		if err != nil {
+			a.log.Warn("probe: cannot read the BGP sessions to hold the probes of peers that are away; trying again", "err", err, "in", time.Second)
+			retry = time.After(time.Second)
 			continue
 		}
 		var away []netip.Addr

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -26,6 +27,9 @@ const statusInterval = 10 * time.Second
 // a deadlock in either stops the pings, and systemd restarts fabricd (which
 // keeps the data plane).
 func (a *Agent) systemdLoop(ctx context.Context) error {
+	if os.Getenv("NOTIFY_SOCKET") == "" {
+		return nil // not run by systemd: nobody to tell, no status to compute
+	}
 	watchdog, err := daemon.SdWatchdogEnabled(false)
 	if err != nil {
 		a.log.Warn("systemd watchdog setting unreadable; not pinging it", "err", err)

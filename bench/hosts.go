@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -20,6 +21,10 @@ type scaleSetup struct{ hosts, reflectors int }
 // defaultScaleSetups are the issue's: 50 hosts as a full mesh and with two
 // reflectors, and 200 hosts with two reflectors.
 var defaultScaleSetups = []scaleSetup{{50, 0}, {50, 2}, {200, 2}}
+
+// hostsArgs go to every fabricd of the hosts part: "--bfd-interval 0"
+// shows what BFD costs an idle host.
+var hostsArgs = flag.String("hosts-args", "", `more fabricd flags for the hosts part, space-separated (e.g. "--bfd-interval 0")`)
 
 // parseSetups reads "50x0,50x2,200x2".
 func parseSetups(s string) ([]scaleSetup, error) {
@@ -109,6 +114,7 @@ func converge(ctx context.Context, binDir string, n, reflectors int) (convergenc
 		// answers take longer than fabricd's default 5 s wait while a wave
 		// of a few hundred hosts starts, which real etcd servers do not.
 		args := append(fabricdArgs(l, binDir, hosts[i]), "--etcd-timeout", "30s")
+		args = append(args, strings.Fields(*hostsArgs)...)
 		if i < reflectors {
 			// Every client's sessions live on the reflectors' keepalives
 			// (9 s hold time). A reflector needs little CPU (the table's

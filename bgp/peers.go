@@ -206,7 +206,7 @@ func (s *Speaker) DropRoutes(ctx context.Context, addr netip.Addr) error {
 func (s *Speaker) addPeer(ctx context.Context, p Peer) error {
 	s.peersMu.Lock()
 	s.peers[p.Address] = p
-	s.stateSince[p.Address] = time.Now()
+	s.sessions[p.Address] = sessionSeen{since: time.Now()}
 	s.peersMu.Unlock()
 	if err := s.server.AddPeer(ctx, &api.AddPeerRequest{Peer: s.apiPeer(p)}); err != nil {
 		s.forgetPeer(p.Address)
@@ -218,7 +218,7 @@ func (s *Speaker) addPeer(ctx context.Context, p Peer) error {
 func (s *Speaker) forgetPeer(addr netip.Addr) {
 	s.peersMu.Lock()
 	delete(s.peers, addr)
-	delete(s.stateSince, addr)
+	delete(s.sessions, addr)
 	s.peersMu.Unlock()
 }
 
@@ -259,7 +259,8 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 	defer s.peersMu.RUnlock()
 	out := make([]PeerStatus, 0, len(s.peers))
 	for _, p := range s.peerSnapshotLocked() {
-		st := PeerStatus{Name: p.Name, Address: p.Address, ASN: p.ASN, Type: p.Type, State: "idle", Since: s.stateSince[p.Address]}
+		seen := s.sessions[p.Address]
+		st := PeerStatus{Name: p.Name, Address: p.Address, ASN: p.ASN, Type: p.Type, State: Idle, Since: seen.since}
 		if ap, ok := live[p.Address]; ok {
 			if ap.State != nil {
 				st.State = sessionStateName(ap.State.SessionState)
@@ -278,6 +279,11 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 				st.EndOfRIB = st.EndOfRIB && gr.GetEndOfRibReceived()
 			}
 			st.Restarting = ap.GetGracefulRestart().GetPeerRestarting()
+		}
+		if seen.state != "" {
+			// GoBGP signals Established before its listing shows it: a
+			// reader woken by WatchSessions must see the state it was woken for.
+			st.State = seen.state
 		}
 		out = append(out, st)
 	}

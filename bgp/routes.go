@@ -20,11 +20,19 @@ func (s *Speaker) onPeerEvent(pe *apiutil.WatchEventMessage_PeerEvent, at time.T
 		if addr := pe.Peer.State.NeighborAddress.Unmap(); addr.IsValid() {
 			s.peersMu.Lock()
 			if _, ok := s.peers[addr]; ok {
-				s.stateSince[addr] = at
+				s.sessions[addr] = sessionSeen{since: at, state: fsmStateName(pe.Peer.State.SessionState)}
 			}
 			s.peersMu.Unlock()
 			s.log.Debug("bgp peer state", "address", addr, "state", fsmStateName(pe.Peer.State.SessionState))
 		}
+		s.peersMu.RLock()
+		for _, c := range s.sessionWatchers {
+			select {
+			case c <- struct{}{}:
+			default: // its reader has yet to look; it will see this change too
+			}
+		}
+		s.peersMu.RUnlock()
 	}
 	s.signalRIBChanged()
 }

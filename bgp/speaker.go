@@ -112,6 +112,12 @@ type Route struct {
 // SessionState is a BGP session's state, named as GoBGP and RFC 4271 do.
 type SessionState string
 
+// sessionSeen is a peer's session as GoBGP's state events tell it.
+type sessionSeen struct {
+	since time.Time    // of the state, or when the peer was added
+	state SessionState // "": no event yet
+}
+
 // Session states.
 const (
 	Established SessionState = "established"
@@ -172,11 +178,14 @@ type Speaker struct {
 	restarting  bool // peers added now get LocalRestarting; see Config.Restarting
 
 	// peersMu guards the peer table read by the route publisher.
-	peersMu    sync.RWMutex
-	peers      map[netip.Addr]Peer
-	stateSince map[netip.Addr]time.Time
+	peersMu  sync.RWMutex
+	peers    map[netip.Addr]Peer
+	sessions map[netip.Addr]sessionSeen
 
 	ribChanged chan struct{} // cap 1: "something changed, rebuild"
+	// sessionWatchers (under peersMu) are signalled when a session changes
+	// state; each has cap 1.
+	sessionWatchers []chan struct{}
 	// changesMu guards the best-path changes the watcher queued and the
 	// publisher has not applied yet.
 	changesMu       sync.Mutex
@@ -251,7 +260,7 @@ func Start(ctx context.Context, cfg Config) (*Speaker, error) {
 		server:        bgpServer,
 		api:           apiSock,
 		peers:         map[netip.Addr]Peer{},
-		stateSince:    map[netip.Addr]time.Time{},
+		sessions:      map[netip.Addr]sessionSeen{},
 		ribChanged:    make(chan struct{}, 1),
 		routes:        make(chan []Route, 1),
 		cancel:        cancel,
@@ -337,6 +346,19 @@ func withDefaults(cfg Config) (Config, error) {
 // coalesced: a slow reader only ever sees the latest set. The channel is
 // closed by Stop.
 func (s *Speaker) Routes() <-chan []Route { return s.routes }
+
+// WatchSessions returns a channel signalled once at once and then after
+// every change of a session's state, changes coalesced while the reader is
+// busy: whoever acts on session states reads Peers on a signal instead of
+// asking GoBGP on a timer, which an idle host would pay for every second.
+func (s *Speaker) WatchSessions() <-chan struct{} {
+	c := make(chan struct{}, 1)
+	c <- struct{}{}
+	s.peersMu.Lock()
+	s.sessionWatchers = append(s.sessionWatchers, c)
+	s.peersMu.Unlock()
+	return c
+}
 
 // NextHops are this host's addresses as next hops: IPv4 for IPv4
 // prefixes, and IPv6 (where the host has one on its underlay) for IPv6

@@ -438,3 +438,37 @@ func TestBestPathFollowsWithdrawals(t *testing.T) {
 	}
 	host.waitRoutes(t, 10*time.Second, "no route after both withdrew", lacksRoute(p))
 }
+
+// TestWatchSessions: a watcher is woken when a session comes up and when it
+// goes, and Peers shows the state it was woken for (GoBGP signals
+// Established before its own listing shows it). The agent reads sessions
+// only on these signals, so a missed one leaves a peer taken for away.
+func TestWatchSessions(t *testing.T) {
+	t.Parallel()
+	const block = 14
+	a := startSpeaker(t, "host-a", fastConfig(testAddr(block, 1)))
+	b := startSpeaker(t, "host-b", fastConfig(testAddr(block, 2)))
+	sessions := a.WatchSessions()
+	// awaitState reads a's view of host-b only when woken, as the agent does.
+	awaitState := func(want func(SessionState) bool, what string) {
+		t.Helper()
+		deadline := time.After(10 * time.Second)
+		var last SessionState
+		for {
+			select {
+			case <-sessions:
+			case <-deadline:
+				t.Fatalf("host-a: no signal showing the session to host-b %s within 10 s (last seen on a signal: %q)", what, last)
+			}
+			st, _ := peerState(t, a, b.addr)
+			if last = st.State; want(last) {
+				return
+			}
+		}
+	}
+	mustSetPeers(t, a, Peer{Name: "host-b", Address: b.addr})
+	mustSetPeers(t, b, Peer{Name: "host-a", Address: a.addr})
+	awaitState(func(s SessionState) bool { return s == Established }, "established")
+	b.Stop()
+	awaitState(func(s SessionState) bool { return s != Established }, "down")
+}

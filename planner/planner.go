@@ -202,6 +202,10 @@ type NodeSet struct {
 	Nodes    []registry.Node // accepted records plus departed hosts still in session, by name
 	Departed map[string]Departed
 	Events   []string // what changed among the departed, for the log
+	// Recheck is when a departed host kept now has been away for maxAway
+	// and goes; zero when none is kept. Nothing else in the set changes
+	// with time alone.
+	Recheck time.Time
 }
 
 // Nodes computes the node set: the accepted records, plus hosts that left
@@ -234,6 +238,9 @@ func Nodes(h Host, accepted, prev []registry.Node, departed map[string]Departed,
 			out.Events = append(out.Events, fmt.Sprintf("node %s: departed and its session is down; removing the peer", name))
 		default:
 			nodes = append(nodes, d.Node)
+			if due := d.Since.Add(maxAway + time.Nanosecond); out.Recheck.IsZero() || due.Before(out.Recheck) {
+				out.Recheck = due // "> maxAway" holds from then
+			}
 		}
 	}
 	slices.SortFunc(nodes, func(a, b registry.Node) int { return cmp.Compare(a.Name, b.Name) })

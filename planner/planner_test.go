@@ -295,10 +295,21 @@ func TestDepartedNodes(t *testing.T) {
 	if names(set.Nodes) != "h1,h2" {
 		t.Errorf("record and session gone: nodes %s, want h1,h2", names(set.Nodes))
 	}
-	// h2 kept no longer than maxAway, even in session.
-	kept := Nodes(self, []registry.Node{h1}, set.Nodes, set.Departed, map[string]bool{"h2": true}, time.Hour, t0.Add(2*time.Hour))
-	if names(kept.Nodes) != "h1" || len(kept.Departed) != 0 {
-		t.Errorf("after maxAway: nodes %s, departed %v", names(kept.Nodes), kept.Departed)
+	// h2 kept no longer than maxAway, even in session: the set says when
+	// to look again, and at that moment h2 goes, not a moment earlier.
+	if set.Recheck.IsZero() {
+		t.Fatal("h2 kept, but no time to look again")
+	}
+	before := Nodes(self, []registry.Node{h1}, set.Nodes, set.Departed, map[string]bool{"h2": true}, time.Hour, set.Recheck.Add(-time.Nanosecond))
+	if names(before.Nodes) != "h1,h2" || !before.Recheck.Equal(set.Recheck) {
+		t.Errorf("just before the recheck time %s: nodes %s, recheck %s", set.Recheck, names(before.Nodes), before.Recheck)
+	}
+	kept := Nodes(self, []registry.Node{h1}, set.Nodes, set.Departed, map[string]bool{"h2": true}, time.Hour, set.Recheck)
+	if names(kept.Nodes) != "h1" || len(kept.Departed) != 0 || !kept.Recheck.IsZero() {
+		t.Errorf("at the recheck time %s (maxAway after it left): nodes %s, departed %v, next recheck %s", set.Recheck, names(kept.Nodes), kept.Departed, kept.Recheck)
+	}
+	if set.Recheck.After(t0.Add(time.Hour + time.Second)) {
+		t.Errorf("recheck at %s, later than maxAway after h2 left (%s)", set.Recheck, t0)
 	}
 	// h2's session drops: gone.
 	down := Nodes(self, []registry.Node{h1}, set.Nodes, set.Departed, map[string]bool{}, time.Hour, t0.Add(3*time.Second))
