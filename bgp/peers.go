@@ -280,10 +280,12 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 			}
 			st.Restarting = ap.GetGracefulRestart().GetPeerRestarting()
 		}
-		if seen.state != "" {
+		if seen.state == Established && st.State == OpenConfirm {
 			// GoBGP signals Established before its listing shows it: a
-			// reader woken by WatchSessions must see the state it was woken for.
-			st.State = seen.state
+			// reader woken by WatchSessions must see the state it was woken
+			// for. A session going down is listed before it is signalled,
+			// so the listing is the newer word on anything else.
+			st.State = Established
 		}
 		out = append(out, st)
 	}
