@@ -41,12 +41,13 @@ func (h wgHost) peer() backend.Peer {
 // several pairs of devices between the same two namespaces at once, with
 // new keys, so which side sorts first varies.
 //
-// A pair may still need WireGuard's own retry when this machine is so busy
-// that an initiation waits longer than initiateDelay to be read (seen in a
-// CI run on a fresh machine beside the qemu lane: 2.6 s), and the answering
-// side's fallback initiation crosses it. Every pair must shake hands within
-// one retry; more than one pair of a run needing it is the crossing coming
-// back, not load.
+// A pair may still need WireGuard's own retries when an initiation waits
+// longer than initiateDelay to be read and the answering side's fallback
+// crosses it: seen in CI, alone and on a fresh machine, 2.4-2.6 s between
+// the first initiation's sending and its reading, now and then two pairs of
+// a round. Every pair must shake hands within slowest; more than a tenth of
+// the pairs of a run needing more than firstTry is the crossing coming back
+// (as when both sides initiate at once), not a slow machine.
 func TestHostsAddingEachOtherAtOnceTalkAtOnce(t *testing.T) {
 	nsA, nsB := twoNamespaces(t, "wg")
 	const rounds, pairs = 20, 4
@@ -82,18 +83,21 @@ func TestHostsAddingEachOtherAtOnceTalkAtOnce(t *testing.T) {
 	if len(retried) > 0 {
 		t.Logf("pairs whose handshake took longer than %s: %v", firstTry, retried)
 	}
-	if len(retried) > 1 {
-		t.Errorf("%d of %d pairs needed WireGuard's retry to shake hands: initiations crossed", len(retried), rounds*pairs)
+	if len(retried) > rounds*pairs/10 {
+		t.Errorf("%d of %d pairs needed WireGuard's retries to shake hands: initiations crossed", len(retried), rounds*pairs)
 	}
 }
 
 // firstTry is how long a pair may take to shake hands without a retry:
 // under the 5 s after which WireGuard tries a new handshake when one got no
 // answer, above the initiateDelay a host waits when the other's first
-// initiation was dropped. oneRetry adds that 5 s and its jitter (1/3 s).
+// initiation was dropped. slowest allows crossed initiations WireGuard's
+// retries: after a crossing each side has just sent a response, which
+// counts as a handshake sent, so the first retry 5 s on is skipped and the
+// next comes 10 s (and up to 1/3 s of jitter) after the initiation.
 var (
 	firstTry = testwait.Scale(4500 * time.Millisecond)
-	oneRetry = testwait.Scale(9 * time.Second)
+	slowest  = testwait.Scale(15 * time.Second)
 )
 
 // twoNamespaces are two hosts' namespaces on one link, 192.0.2.1 and
@@ -111,7 +115,7 @@ func twoNamespaces(t *testing.T, name string) (nsA, nsB string) {
 
 // pairTalksAtOnce makes device pair i (its own device names, port and
 // subnets) between nsA and nsB, has both add each other at the same
-// moment, waits for a handshake on both sides (at most oneRetry; how long
+// moment, waits for a handshake on both sides (at most slowest; how long
 // it took is returned) and then needs a ping each way to be answered at
 // once.
 func pairTalksAtOnce(t *testing.T, i int, nsA, nsB string) (time.Duration, error) {
@@ -150,7 +154,7 @@ func pairTalksAtOnce(t *testing.T, i int, nsA, nsB string) (time.Duration, error
 	// Waiting for a handshake on both sides first keeps the ping from
 	// starting one of its own.
 	added := time.Now()
-	deadline := added.Add(oneRetry)
+	deadline := added.Add(slowest)
 	for {
 		var missing []string
 		for _, h := range []wgHost{a, b} {
@@ -166,7 +170,7 @@ func pairTalksAtOnce(t *testing.T, i int, nsA, nsB string) (time.Duration, error
 			break
 		}
 		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("no handshake within %s of both hosts adding each other (one WireGuard retry): %v", oneRetry, missing)
+			return 0, fmt.Errorf("no handshake within %s of both hosts adding each other (WireGuard's retries included): %v", slowest, missing)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -116,9 +116,17 @@ type Backend struct {
 	// delayed are the peers added without keepalive (initiateDelay), each
 	// with the timer that turns it on.
 	delayed map[wgtypes.Key]*delayedPeer
+	// nudged are the new peers this host initiates with, each with the
+	// timer that starts a handshake again while they have no session.
+	nudged map[wgtypes.Key]*nudgedPeer
 }
 
 type delayedPeer struct{ timer *time.Timer }
+
+type nudgedPeer struct {
+	timer *time.Timer
+	tries int
+}
 
 var (
 	_ backend.Backend       = (*Backend)(nil)
@@ -156,6 +164,7 @@ func New(cfg Config) (*Backend, error) {
 		handle:  backend.DefaultHandle(cfg.Handle),
 		log:     cfg.Logger.With("backend", Name, "device", cfg.Device),
 		delayed: map[wgtypes.Key]*delayedPeer{},
+		nudged:  map[wgtypes.Key]*nudgedPeer{},
 	}, nil
 }
 
@@ -235,6 +244,10 @@ func (b *Backend) Close() {
 	for key, d := range b.delayed {
 		d.timer.Stop()
 		delete(b.delayed, key)
+	}
+	for key, n := range b.nudged {
+		n.timer.Stop()
+		delete(b.nudged, key)
 	}
 	if b.dev != nil {
 		b.dev.close()
@@ -364,6 +377,17 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 			delete(b.delayed, key)
 		}
 	}
+	for key := range want {
+		if _, had := have[key]; !had && b.delayed[key] == nil {
+			b.watchHandshake(key)
+		}
+	}
+	for key, n := range b.nudged {
+		if _, ok := want[key]; !ok {
+			n.timer.Stop()
+			delete(b.nudged, key)
+		}
+	}
 	cfg := planPeers(have, want)
 	if len(cfg) == 0 {
 		return nil
@@ -406,6 +430,73 @@ func (b *Backend) keepaliveOn(key wgtypes.Key, d *delayedPeer) {
 		// The next SyncPeers sets it: the peer is no longer delayed.
 		b.log.Warn("cannot turn on the keepalive of a new peer", "peer", key.String(), "err", err)
 	}
+}
+
+// nudgeAfter is how long a new peer this host initiates with may be
+// without a session before it starts a handshake again, at most maxNudges
+// times: more than initiateDelay and WireGuard's 5 s between two handshake
+// messages it sends (it drops the new one otherwise; the next nudge then
+// gets through). Initiations that crossed (the other host's fallback went out
+// before it read ours: seen in CI when a host read an initiation 2.4 s
+// late) leave both sides with an answer each took for a handshake sent,
+// and WireGuard then skips its own retry: without this, the pair waits for
+// traffic or the next persistent keepalive (25 s). Only the initiating
+// side nudges, so the new handshakes do not cross again.
+const (
+	nudgeAfter = 8 * time.Second
+	maxNudges  = 5
+)
+
+// watchHandshake starts peer key's nudge timer. Called with b.mu held.
+func (b *Backend) watchHandshake(key wgtypes.Key) {
+	if b.nudged[key] != nil {
+		return
+	}
+	n := &nudgedPeer{}
+	n.timer = time.AfterFunc(nudgeAfter, func() { b.nudge(key, n) })
+	b.nudged[key] = n
+}
+
+// nudge starts a handshake with peer key if it still has no session:
+// turning its persistent keepalive off and on sends a keepalive, and a
+// keepalive without a session starts a handshake (in the kernel's
+// WireGuard as in wireguard-go).
+func (b *Backend) nudge(key wgtypes.Key, n *nudgedPeer) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.nudged[key] != n {
+		return // removed, or removed and added again, meanwhile
+	}
+	if b.dev == nil || hasSession(b.dev, key) || n.tries >= maxNudges {
+		delete(b.nudged, key)
+		return
+	}
+	n.tries++
+	off, on := time.Duration(0), Keepalive
+	err := b.dev.configurePeers([]wgtypes.PeerConfig{{PublicKey: key, UpdateOnly: true, PersistentKeepaliveInterval: &off}})
+	if err == nil {
+		err = b.dev.configurePeers([]wgtypes.PeerConfig{{PublicKey: key, UpdateOnly: true, PersistentKeepaliveInterval: &on}})
+	}
+	if err != nil {
+		b.log.Warn("cannot start a handshake again with a new peer", "peer", key.String(), "err", err)
+	} else {
+		b.log.Info("no session with a new peer yet: asking for a handshake again", "peer", key.String(), "after", time.Duration(n.tries)*nudgeAfter)
+	}
+	n.timer.Reset(nudgeAfter)
+}
+
+// hasSession: the device has completed a handshake with peer key.
+func hasSession(dev device, key wgtypes.Key) bool {
+	peers, err := dev.status()
+	if err != nil {
+		return false
+	}
+	for _, p := range peers {
+		if p.PublicKey == key.String() {
+			return !p.LastHandshake.IsZero()
+		}
+	}
+	return false
 }
 
 // peerInitiating: the device has heard from peer key (its handshake
