@@ -115,17 +115,37 @@ type Backend struct {
 	impl string
 	// delayed are the peers added without keepalive (initiateDelay), each
 	// with the timer that turns it on.
-	delayed map[wgtypes.Key]*delayedPeer
+	delayed map[wgtypes.Key]*peerTimer
 	// nudged are the new peers this host initiates with, each with the
 	// timer that starts a handshake again while they have no session.
-	nudged map[wgtypes.Key]*nudgedPeer
+	nudged map[wgtypes.Key]*peerTimer
 }
 
-type delayedPeer struct{ timer *time.Timer }
-
-type nudgedPeer struct {
+// peerTimer is a timer kept for one peer, and how often it fired.
+type peerTimer struct {
 	timer *time.Timer
 	tries int
+}
+
+// arm starts key's timer in timers unless it has one: fire runs with it
+// after d. Called with b.mu held.
+func arm(timers map[wgtypes.Key]*peerTimer, key wgtypes.Key, d time.Duration, fire func(wgtypes.Key, *peerTimer)) {
+	if timers[key] != nil {
+		return
+	}
+	t := &peerTimer{}
+	t.timer = time.AfterFunc(d, func() { fire(key, t) })
+	timers[key] = t
+}
+
+// disarm stops and forgets the timers of the peers keep does not keep.
+func disarm(timers map[wgtypes.Key]*peerTimer, keep func(wgtypes.Key) bool) {
+	for key, t := range timers {
+		if !keep(key) {
+			t.timer.Stop()
+			delete(timers, key)
+		}
+	}
 }
 
 var (
@@ -163,8 +183,8 @@ func New(cfg Config) (*Backend, error) {
 		cfg:     cfg,
 		handle:  backend.DefaultHandle(cfg.Handle),
 		log:     cfg.Logger.With("backend", Name, "device", cfg.Device),
-		delayed: map[wgtypes.Key]*delayedPeer{},
-		nudged:  map[wgtypes.Key]*nudgedPeer{},
+		delayed: map[wgtypes.Key]*peerTimer{},
+		nudged:  map[wgtypes.Key]*peerTimer{},
 	}, nil
 }
 
@@ -241,14 +261,9 @@ func (b *Backend) initiateNow() error {
 func (b *Backend) Close() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for key, d := range b.delayed {
-		d.timer.Stop()
-		delete(b.delayed, key)
-	}
-	for key, n := range b.nudged {
-		n.timer.Stop()
-		delete(b.nudged, key)
-	}
+	none := func(wgtypes.Key) bool { return false }
+	disarm(b.delayed, none)
+	disarm(b.nudged, none)
 	if b.dev != nil {
 		b.dev.close()
 		b.dev = nil
@@ -363,7 +378,7 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 		return err
 	}
 	for _, key := range answerFirst(b.cfg.PrivateKey.PublicKey(), have, want) {
-		b.delayKeepalive(key)
+		arm(b.delayed, key, initiateDelay, b.keepaliveOn)
 	}
 	for key, w := range want {
 		if b.delayed[key] != nil {
@@ -371,23 +386,14 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 			want[key] = w
 		}
 	}
-	for key, d := range b.delayed {
-		if _, ok := want[key]; !ok {
-			d.timer.Stop()
-			delete(b.delayed, key)
-		}
-	}
+	wanted := func(key wgtypes.Key) bool { _, ok := want[key]; return ok }
+	disarm(b.delayed, wanted)
 	for key := range want {
 		if _, had := have[key]; !had && b.delayed[key] == nil {
-			b.watchHandshake(key)
+			arm(b.nudged, key, nudgeAfter, b.nudge)
 		}
 	}
-	for key, n := range b.nudged {
-		if _, ok := want[key]; !ok {
-			n.timer.Stop()
-			delete(b.nudged, key)
-		}
-	}
+	disarm(b.nudged, wanted)
 	cfg := planPeers(have, want)
 	if len(cfg) == 0 {
 		return nil
@@ -395,18 +401,9 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 	return b.dev.configurePeers(cfg)
 }
 
-// delayKeepalive turns peer key's keepalive on after initiateDelay.
-// Called with b.mu held.
-func (b *Backend) delayKeepalive(key wgtypes.Key) {
-	if b.delayed[key] != nil {
-		return
-	}
-	d := &delayedPeer{}
-	d.timer = time.AfterFunc(initiateDelay, func() { b.keepaliveOn(key, d) })
-	b.delayed[key] = d
-}
-
-func (b *Backend) keepaliveOn(key wgtypes.Key, d *delayedPeer) {
+// keepaliveOn turns peer key's keepalive on, initiateDelay after it was
+// added (arm).
+func (b *Backend) keepaliveOn(key wgtypes.Key, d *peerTimer) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.delayed[key] != d {
@@ -447,21 +444,11 @@ const (
 	maxNudges  = 5
 )
 
-// watchHandshake starts peer key's nudge timer. Called with b.mu held.
-func (b *Backend) watchHandshake(key wgtypes.Key) {
-	if b.nudged[key] != nil {
-		return
-	}
-	n := &nudgedPeer{}
-	n.timer = time.AfterFunc(nudgeAfter, func() { b.nudge(key, n) })
-	b.nudged[key] = n
-}
-
 // nudge starts a handshake with peer key if it still has no session:
 // turning its persistent keepalive off and on sends a keepalive, and a
 // keepalive without a session starts a handshake (in the kernel's
 // WireGuard as in wireguard-go).
-func (b *Backend) nudge(key wgtypes.Key, n *nudgedPeer) {
+func (b *Backend) nudge(key wgtypes.Key, n *peerTimer) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.nudged[key] != n {
@@ -487,31 +474,29 @@ func (b *Backend) nudge(key wgtypes.Key, n *nudgedPeer) {
 
 // hasSession: the device has completed a handshake with peer key.
 func hasSession(dev device, key wgtypes.Key) bool {
+	p, ok := peerStatus(dev, key)
+	return ok && !p.LastHandshake.IsZero()
+}
+
+// peerStatus is the device's status of peer key.
+func peerStatus(dev device, key wgtypes.Key) (PeerStatus, bool) {
 	peers, err := dev.status()
 	if err != nil {
-		return false
+		return PeerStatus{}, false
 	}
 	for _, p := range peers {
 		if p.PublicKey == key.String() {
-			return !p.LastHandshake.IsZero()
+			return p, true
 		}
 	}
-	return false
+	return PeerStatus{}, false
 }
 
 // peerInitiating: the device has heard from peer key (its handshake
 // initiation) but has no session with it yet.
 func peerInitiating(dev device, key wgtypes.Key) bool {
-	peers, err := dev.status()
-	if err != nil {
-		return false
-	}
-	for _, p := range peers {
-		if p.PublicKey == key.String() {
-			return p.LastHandshake.IsZero() && p.RxBytes > 0
-		}
-	}
-	return false
+	p, ok := peerStatus(dev, key)
+	return ok && p.LastHandshake.IsZero() && p.RxBytes > 0
 }
 
 // allowed are the prefixes a peer may send from and receive: its container
