@@ -77,9 +77,9 @@ func (c Change) Failed() bool {
 //
 // Every session runs on one thread that waits in ppoll for a packet, the
 // next deadline or a request (SetPeers, Stop): a packet or a deadline
-// wakes that thread and nothing else, and packets at most once a wakeGap. The earlier reader goroutine, channel
-// and timer woke the Go scheduler several times a packet, which cost a
-// host with 49 sessions about 5 % of a core.
+// wakes that thread and nothing else, packets at most once a wakeGap. The
+// earlier reader goroutine, channel and timer woke the Go scheduler several
+// times a packet, which cost a host with 49 sessions about 5 % of a core.
 type Server struct {
 	log      *slog.Logger
 	local    netip.Addr
