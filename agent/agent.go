@@ -31,6 +31,7 @@ import (
 	"github.com/fabricnet/fabric/dockeropts"
 	"github.com/fabricnet/fabric/dockerwatch"
 	"github.com/fabricnet/fabric/fabricdns"
+	"github.com/fabricnet/fabric/flowoffload"
 	"github.com/fabricnet/fabric/ingress"
 	"github.com/fabricnet/fabric/internal/etcdclient"
 	"github.com/fabricnet/fabric/internal/ipsets"
@@ -315,6 +316,12 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		goLoop("ip6tables", func(ctx context.Context) error { return a.own.tables6.Maintain(ctx, 2*time.Second) })
 	}
 	goLoop("policy", a.policyLoop)
+	if cfg.FlowOffload {
+		goLoop("flow-offload", func(ctx context.Context) error {
+			flowoffload.New("", log.With("component", "flow-offload")).Run(ctx, a.flowOffloadState(), cfg.Resync)
+			return nil
+		})
+	}
 	goLoop("ingress", a.ingressLoop)
 	goLoop("probe-hold", a.probeHoldLoop)
 	goLoop("metrics", a.metricsLoop)
@@ -787,6 +794,9 @@ func Cleanup(cfg *config.Config, log *slog.Logger) error {
 		if err := tables6.Cleanup(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("ip6tables rules: %w", err))
 		}
+	}
+	if err := flowoffload.Cleanup(""); err != nil {
+		errs = append(errs, fmt.Errorf("nftables table inet %s: %w", flowoffload.TableName, err))
 	}
 	if err := dockernet.NewLinks(nil).Cleanup(); err != nil {
 		errs = append(errs, fmt.Errorf("links of containers on fabric networks: %w", err))

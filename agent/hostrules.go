@@ -9,6 +9,7 @@ import (
 	"github.com/fabricnet/fabric/backend/encaps"
 	"github.com/fabricnet/fabric/bridge"
 	"github.com/fabricnet/fabric/dockernet"
+	"github.com/fabricnet/fabric/flowoffload"
 	"github.com/fabricnet/fabric/nat"
 	"github.com/fabricnet/fabric/planner"
 	"github.com/fabricnet/fabric/policy"
@@ -68,6 +69,17 @@ func (a *Agent) natLoop(ctx context.Context) error {
 			apply()
 		}
 	}
+}
+
+// flowOffloadState is what the flowtable covers: connections inside the
+// pools between the bridge and the tunnel devices, the packets
+// FABRIC-ESTABLISHED would accept.
+func (a *Agent) flowOffloadState() flowoffload.State {
+	st := flowoffload.State{Pools: []netip.Prefix{a.pool.Network, a.pool.NetworkV6}, Devices: []string{a.cfg.Bridge}}
+	for _, b := range a.own.backends {
+		st.Devices = append(st.Devices, b.Device())
+	}
+	return st
 }
 
 // addressesV6 maps each container's IPv4 address to its IPv6 one, for

@@ -27,7 +27,10 @@
 //     previous probe settings; and the CPU of BFD on a host of a 50-host
 //     fabric (49 sessions);
 //   - encryption (-only encryption): fabricd with WireGuard against fabricd
-//     in clear, side by side, and fabricd's CPU per Gbit/s encrypted.
+//     in clear, side by side, and fabricd's CPU per Gbit/s encrypted;
+//   - flow offload (-only offload): fabricd with its flowtable against
+//     fabricd with --flow-offload=false, side by side (in the qemu guest
+//     where this kernel has no flowtables).
 //
 // Figures are medians of several runs, with min and max: these machines are
 // shared and noisy, one sample proves nothing. The hosts part is the
@@ -69,7 +72,7 @@ func main() {
 	}
 	binDir, _ = filepath.Abs(binDir)
 	lab.CloseOnInterrupt()
-	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "ipv6" (IPv6 against IPv4), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "probe" (an IPIP path blocked, here and in the qemu guest), "bfd" (BFD's CPU, alone), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
+	only := flag.String("only", "", `run one part: "throughput" (container to container, with the breakdown), "encryption" (WireGuard against clear), "offload" (flow offload against the path through the rules, in the qemu guest where this kernel has no flowtables), "ipv6" (IPv6 against IPv4), "names" (container names and DNS), "networks" (Docker networks), "failover" (a silent host routed around, an IPIP path blocked, BFD's CPU), "probe" (an IPIP path blocked, here and in the qemu guest), "bfd" (BFD's CPU, alone), "routes" (routes from a BIRD peer) or "hosts" (many hosts: full mesh against reflectors); default every part`)
 	routeCounts := flag.String("routes", "10000", "route counts of the BIRD part, comma-separated (e.g. 10000,100000)")
 	scale := flag.String("hosts", "", "setups of the hosts part as HOSTSxREFLECTORS, comma-separated (default 50x0,50x2,200x2)")
 	flag.Parse()
@@ -113,12 +116,14 @@ func main() {
 		err = encryptionBench(context.Background(), binDir)
 	case "ipv6":
 		err = ipv6Bench(context.Background(), binDir)
+	case "offload":
+		err = offloadBench(context.Background(), binDir)
 	case "routes":
 		err = routesBench(context.Background(), binDir, counts)
 	case "hosts":
 		err = hostsBench(context.Background(), binDir, setups)
 	default:
-		err = fmt.Errorf("-only %q: want throughput, encryption, ipv6, names, networks, failover, probe, bfd, routes or hosts", *only)
+		err = fmt.Errorf("-only %q: want throughput, encryption, offload, ipv6, names, networks, failover, probe, bfd, routes or hosts", *only)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -180,6 +185,9 @@ func run(binDir string, routeCounts []int, setups []scaleSetup) error {
 		return err
 	}
 	if err := encryptionBench(ctx, binDir); err != nil {
+		return err
+	}
+	if err := offloadBench(ctx, binDir); err != nil {
 		return err
 	}
 	if err := ipv6Bench(ctx, binDir); err != nil {

@@ -139,6 +139,10 @@ type Config struct {
 	// Encryption is off, wireguard (nothing between hosts in clear) or
 	// wireguard-optional (WireGuard to the peers that offer it: the step
 	// while a fabric switches).
+	// FlowOffload hands established connections between containers to an
+	// nftables flowtable where the kernel has one (nf_flow_table): their
+	// packets then skip conntrack and every rule.
+	FlowOffload             bool   `json:"flowOffload"`
 	Encryption              string `json:"encryption"`
 	WireGuardPort           int    `json:"wireguardPort"`
 	WireGuardImplementation string `json:"wireguardImplementation"`
@@ -203,6 +207,7 @@ func Defaults() Config {
 		VXLANVNI:                4096,
 		VXLANPort:               4789,
 		RouteProtocol:           93,
+		FlowOffload:             true,
 		Encryption:              "off",
 		WireGuardPort:           51820,
 		WireGuardImplementation: "auto",
@@ -385,6 +390,7 @@ func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.BoolVar(&c.RouteReflector, "route-reflector", c.RouteReflector, "reflect routes for the fabric; hosts that are not reflectors then peer only with the reflectors")
 	fs.StringVar(&c.Encapsulation, "encapsulation", c.Encapsulation, "ipip, vxlan or auto (env FABRIC_ENCAPSULATION)")
 	fs.BoolVar(&c.CrossSubnet, "cross-subnet", c.CrossSubnet, "route unencapsulated to peers on this host's own L2 subnet")
+	fs.BoolVar(&c.FlowOffload, "flow-offload", c.FlowOffload, "hand established connections between containers to an nftables flowtable where the kernel has one (nf_flow_table): their packets skip conntrack and every rule")
 	fs.IntVar(&c.VXLANVNI, "vxlan-vni", c.VXLANVNI, "VXLAN network identifier")
 	fs.IntVar(&c.VXLANPort, "vxlan-port", c.VXLANPort, "VXLAN UDP port")
 	fs.StringVar(&c.Encryption, "encryption", c.Encryption, "encrypt traffic between hosts: off, wireguard (nothing in clear) or wireguard-optional (WireGuard to the hosts that offer it, clear to the rest; for switching)")

@@ -15,6 +15,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/fabricnet/fabric/flowoffload"
 	"github.com/fabricnet/fabric/lab"
 )
 
@@ -320,11 +321,15 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	if out, err := h.Run(ctx, "iptables", "-A", "FORWARD", "-i", "other0", "-j", "ACCEPT"); err != nil {
 		t.Fatalf("foreign rule: %v %s", err, out)
 	}
-	f.eventually(10*time.Second, "policy ipset, ingress ipset and publish rules in place", func() error {
+	offload := flowoffload.New(lab.Path(h.Netns), nil).Supported() == nil // the qemu guest's kernel
+	f.eventually(10*time.Second, "policy ipset, ingress ipset, publish rules and (where the kernel has them) the flowtable in place", func() error {
 		sets, _ := h.Run(ctx, "ipset", "list", "-n")
 		rules, _ := h.Run(ctx, "iptables-save")
 		if !strings.Contains(sets, "fabric-nodes") || strings.Count(sets, "fabric-") < 2 || !strings.Contains(rules, "8080") {
 			return fmt.Errorf("ipsets %q; publish rule present: %v", sets, strings.Contains(rules, "8080"))
+		}
+		if _, ok, err := flowoffload.Read(lab.Path(h.Netns)); offload && !ok {
+			return fmt.Errorf("no flowtable: %v", err)
 		}
 		return nil
 	})
@@ -375,6 +380,9 @@ func TestCleanupLeavesNothing(t *testing.T) {
 	}
 	if sets, _ := h.Run(ctx, "ipset", "list", "-n"); strings.Contains(sets, "fabric-") {
 		t.Errorf("ipsets left after --cleanup: %q", sets)
+	}
+	if cs, ok, err := flowoffload.Read(lab.Path(h.Netns)); ok || err != nil {
+		t.Errorf("nftables table inet %s left after --cleanup (flowtable on %v), or unreadable: %v", flowoffload.TableName, cs.Devices, err)
 	}
 	for _, file := range []string{"docker.env", "fabricd.sock", "gobgp.sock", "probe-verdicts.json"} {
 		if _, err := os.Stat(filepath.Join(a.runDir, file)); err == nil {

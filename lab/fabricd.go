@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"net/netip"
 	"path/filepath"
 	"strings"
 )
@@ -19,7 +20,7 @@ func (l *Lab) FabricdArgs(binDir string, h *Host, more ...string) []string {
 		"--node-name", h.Name,
 		"--machine-id", l.prefix + "-" + h.Name,
 		"--etcd-endpoints", strings.Join(l.EtcdEndpoints(), ","),
-		"--pool", "10.244.0.0/16",
+		"--pool", Pool.String(),
 		"--run-dir", run,
 		"--state-dir", run + "/state",
 		"--docker-opts-file", run + "/docker.env",
@@ -29,3 +30,6 @@ func (l *Lab) FabricdArgs(binDir string, h *Host, more ...string) []string {
 	}
 	return append(args, more...)
 }
+
+// Pool is the pool of every lab's fabricd.
+var Pool = netip.MustParsePrefix("10.244.0.0/16")

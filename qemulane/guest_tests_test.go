@@ -23,10 +23,11 @@ var guestSuites = []struct{ pkg, run string }{
 	{"ipip", ""},
 	{"vxlanfallback", ""},
 	{"dataplane", ""},
+	{"flowoffload", ""},
 	// The e2e tests whose outcome depends on the encapsulation auto mode
 	// picks, its MTU and the tunnel devices fabricd owns, and the NAT wire
 	// check (what a server outside the pool sees).
-	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation|TestIPv6OverTheTunnels)$"},
+	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation|TestIPv6OverTheTunnels|TestFlowOffload)$"},
 }
 
 // guestInit starts every suite at once (they wait on timers and sessions
@@ -40,8 +41,9 @@ var guestSuites = []struct{ pkg, run string }{
 func guestInit() string {
 	var b strings.Builder
 	// FABRIC_KERNEL_WIREGUARD: Debian's kernel has WireGuard, so the e2e
-	// tests must find fabricd running the kernel's (not wireguard-go).
-	fmt.Fprintf(&b, "export FABRIC_REQUIRE_ALL=1 FABRIC_BIN=/bin/fabric FABRIC_KERNEL_WIREGUARD=1 %s=%d\nfailed=0\n", testwait.ScaleEnv, guestTimeScale)
+	// tests must find fabricd running the kernel's (not wireguard-go);
+	// FABRIC_KERNEL_FLOWTABLE: it has nftables flowtables too.
+	fmt.Fprintf(&b, "export FABRIC_REQUIRE_ALL=1 FABRIC_BIN=/bin/fabric FABRIC_KERNEL_WIREGUARD=1 FABRIC_KERNEL_FLOWTABLE=1 %s=%d\nfailed=0\n", testwait.ScaleEnv, guestTimeScale)
 	for _, s := range guestSuites {
 		run := ""
 		if s.run != "" {
@@ -65,6 +67,14 @@ else
 fi
 `, s.pkg)
 	}
+	// A failed suite may have waited on the kernel (ci88: every `ip` stood
+	// still for minutes): the tasks blocked now and the kernel's own reports
+	// of stuck tasks, from the ring buffer (the console is quiet).
+	b.WriteString(`if [ "$failed" -ne 0 ]; then
+	echo w > /proc/sysrq-trigger
+	dmesg | grep -A 40 -E 'blocked for more than|soft lockup|self-detected stall|Show Blocked State' | head -n 600 | sed 's/^/GUESTKERNEL /'
+fi
+`)
 	fmt.Fprintf(&b, "[ \"$failed\" -eq 0 ] && echo %q || echo %q\n", PassLine, FailPrefix+" a guest suite failed")
 	return b.String()
 }
@@ -126,6 +136,9 @@ func TestHostTestsInGuest(t *testing.T) {
 	res, err := Run(ctx, kernel, initrd, RunOptions{MemoryMB: 2048, Timeout: 20 * time.Minute,
 		Append: strings.TrimSpace("softlockup_all_cpu_backtrace=1 " + os.Getenv("FABRIC_QEMU_APPEND"))})
 	logLockups(t, res.Output)
+	if kernel := res.Lines("GUESTKERNEL "); len(kernel) > 0 {
+		t.Logf("guest kernel after a failed suite:\n%s", strings.Join(kernel, "\n"))
+	}
 	t.Logf("VM ran %s", res.Duration.Round(time.Millisecond))
 	for _, l := range res.Lines("GUESTSUITE ") {
 		t.Log(l)
@@ -139,6 +152,8 @@ func TestHostTestsInGuest(t *testing.T) {
 			for _, l := range verdicts {
 				if strings.Contains(l, "--- FAIL") || strings.Contains(l, "--- SKIP") {
 					t.Error(l)
+				} else if testing.Verbose() {
+					t.Log(l) // how long each test took in the guest
 				}
 			}
 			notes := res.Lines("GUESTNOTE " + s.pkg + " ")
@@ -163,12 +178,15 @@ func TestHostTestsInGuest(t *testing.T) {
 	}
 }
 
-// logLockups logs every soft-lockup report of the guest kernel with the
-// stacks that follow it.
+// logLockups logs every soft-lockup, RCU stall and hung-task report of the
+// guest kernel with the stacks that follow it: a task stuck in the kernel
+// (an `ip` waiting for the RTNL lock) is reported after 120 s
+// (CONFIG_DEFAULT_HUNG_TASK_TIMEOUT), with the stack that says what for.
 func logLockups(t *testing.T, console string) {
 	lines := strings.Split(console, "\n")
 	for i, l := range lines {
-		if strings.Contains(l, "soft lockup") || strings.Contains(l, "rcu_sched self-detected stall") {
+		if strings.Contains(l, "soft lockup") || strings.Contains(l, "rcu_sched self-detected stall") ||
+			strings.Contains(l, "rcu_preempt self-detected stall") || strings.Contains(l, "blocked for more than") {
 			t.Logf("guest kernel: %s", strings.Join(lines[i:min(len(lines), i+60)], "\n"))
 		}
 	}

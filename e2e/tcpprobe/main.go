@@ -4,7 +4,9 @@
 // address the receiver saw. `tcpprobe get URL` prints the body of an HTTP GET
 // (and fails unless the status is 200), for scraping fabricd's metrics from
 // inside a lab namespace. `serve-udp ADDR:PORT` and `dial-udp ADDR:PORT` do
-// the same over UDP: each datagram is answered with the address it came from.
+// the same over UDP: each datagram is answered with the address it came from;
+// `udp-rounds ADDR:PORT N` sends N datagrams from one socket, one at a time,
+// and prints how many were answered.
 package main
 
 import (
@@ -20,7 +22,7 @@ import (
 
 func main() {
 	if len(os.Args) < 3 {
-		fmt.Fprintln(os.Stderr, "usage: tcpprobe serve ADDR:PORT [N] | dial ADDR:PORT | serve-udp ADDR:PORT | dial-udp ADDR:PORT | get URL")
+		fmt.Fprintln(os.Stderr, "usage: tcpprobe serve ADDR:PORT [N] | dial ADDR:PORT | serve-udp ADDR:PORT | dial-udp ADDR:PORT | udp-rounds ADDR:PORT N | get URL")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -91,6 +93,27 @@ func main() {
 		}
 		fmt.Fprintln(os.Stderr, "no UDP answer from", os.Args[2])
 		os.Exit(1)
+	case "udp-rounds":
+		// N round trips on one socket (one connection to conntrack),
+		// each waiting for its answer; prints how many were answered.
+		n := 1
+		if len(os.Args) > 3 {
+			n, _ = strconv.Atoi(os.Args[3])
+		}
+		c, err := net.Dial("udp", os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		buf, answered := make([]byte, 1500), 0
+		for i := 0; i < n; i++ {
+			c.Write([]byte("hello\n"))
+			c.SetReadDeadline(time.Now().Add(time.Second))
+			if _, err := c.Read(buf); err == nil {
+				answered++
+			}
+		}
+		fmt.Printf("answered %d of %d\n", answered, n)
 	case "get":
 		resp, err := (&http.Client{Timeout: 5 * time.Second}).Get(os.Args[2])
 		if err != nil {
