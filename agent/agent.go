@@ -321,6 +321,8 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 			flowoffload.New("", log.With("component", "flow-offload")).Run(ctx, a.flowOffloadState(), cfg.Resync)
 			return nil
 		})
+	} else if err := flowoffload.Cleanup(""); err != nil { // turned off: the table of an earlier run goes
+		log.Error("remove the flowtable of an earlier run", "err", err)
 	}
 	goLoop("ingress", a.ingressLoop)
 	goLoop("probe-hold", a.probeHoldLoop)
