@@ -297,6 +297,27 @@ func TestFlowOffload(t *testing.T) {
 		t.Logf("no flowtables here (%v): fabricd wrote no table and the round trips took the rules", supported)
 		return
 	}
+	// Policy still judges every new connection: denied, a new socket's
+	// datagrams go unanswered while the flowtable is in place.
+	policyFile := filepath.Join(f.lab.LogDir(), "deny-udp.yaml")
+	if err := os.WriteFile(policyFile, []byte(denyUDP), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := f.fabricctl(hosts[0], "policy", "apply", "-f", policyFile); err != nil {
+		t.Fatalf("fabricctl policy apply: %v: %s", err, out)
+	}
+	f.eventually(20*time.Second, "a new UDP connection host1 -> host2 refused by policy with the flowtable in place", func() error {
+		cctx, cancel := context.WithTimeout(ctx, testwait.Scale(30*time.Second))
+		defer cancel()
+		out, _ := ctrs[hosts[0].Name].Run(cctx, filepath.Join(binDir, "tcpprobe"), "udp-rounds", ctrs[hosts[1].Name].Addr.String()+":9100", "3")
+		if strings.TrimSpace(out) != "answered 0 of 3" {
+			return fmt.Errorf("%s", strings.TrimSpace(out))
+		}
+		return nil
+	})
+	if out, err := f.fabricctl(hosts[0], "policy", "delete", "deny-udp-h1-h2"); err != nil {
+		t.Fatalf("fabricctl policy delete: %v: %s", err, out)
+	}
 	// Turned off, fabricd removes the table an earlier run left, and the
 	// containers keep talking through the rules.
 	f.restartWith(hosts[0], "--flow-offload=false")
@@ -308,3 +329,13 @@ func TestFlowOffload(t *testing.T) {
 	})
 	f.pairsTalk(hosts, ctrs)
 }
+
+const denyUDP = `rules:
+  - name: deny-udp-h1-h2
+    order: 10
+    action: deny
+    from: [{node: host1}]
+    to: [{node: host2}]
+    protocol: udp
+    ports: [9100]
+`

@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"github.com/miekg/dns"
 	"golang.org/x/sys/unix"
@@ -12,12 +13,12 @@ import (
 	"github.com/fabricnet/fabric/names"
 )
 
-// udpSocket is the server's UDP socket, read by one thread blocked in
-// recvfrom, as dnsmasq reads its socket: a query wakes that thread and
-// nothing else, where a goroutine per query (miekg/dns's server) spent
-// most of a query's CPU in the Go scheduler. One thread is what the names
-// of one host's containers need (`make bench`: ~70,000 queries/s here);
-// more sockets (SO_REUSEPORT) or recvmmsg batches measured no better.
+// udpSocket is the server's UDP socket, read by one thread, as dnsmasq
+// reads its socket: a query wakes that thread and nothing else, where a
+// goroutine per query (miekg/dns's server) spent most of a query's CPU in
+// the Go scheduler. One thread is what the names of one host's containers
+// need (`make bench`: ~70,000 queries/s here); more sockets (SO_REUSEPORT)
+// or recvmmsg batches measured no better.
 type udpSocket struct {
 	fd      int
 	closing atomic.Bool
@@ -65,34 +66,78 @@ const maxCachedReplies = 4096
 // server gives from its own names are kept per view (replier), so a
 // repeated query is answered by copying bytes; anything else is unpacked
 // and answered as over TCP, forwarded queries on a goroutine of their own.
+//
+// Queries are read and answered with non-blocking raw system calls, into a
+// sender address this loop owns: while queries wait in the socket no call
+// goes through the Go scheduler (entersyscall, exitsyscall) and nothing is
+// allocated per query. Only on an empty socket does recvfrom block, as a
+// system call the scheduler knows of.
 func (s *Server) serveUDP(u *udpSocket) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	buf, out := make([]byte, 65535), make([]byte, 0, 512)
 	r := replier{s: s, cache: map[string]map[string][]byte{}}
+	var from unix.RawSockaddrAny
 	for {
-		n, sa, err := unix.Recvfrom(u.fd, buf, 0)
+		fromLen := uint32(unix.SizeofSockaddrAny)
+		n, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(u.fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)),
+			unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(&from)), uintptr(unsafe.Pointer(&fromLen)))
+		if errno == unix.EAGAIN {
+			// Nothing waiting: block in recvfrom, through the scheduler
+			// (stop's shutdown wakes it).
+			fromLen = uint32(unix.SizeofSockaddrAny)
+			n, _, errno = unix.Syscall6(unix.SYS_RECVFROM, uintptr(u.fd), uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)),
+				0, uintptr(unsafe.Pointer(&from)), uintptr(unsafe.Pointer(&fromLen)))
+		}
 		if u.closing.Load() {
 			return
 		}
-		if err != nil {
+		if errno != 0 {
 			continue
 		}
-		reply, forward := r.reply(buf[:n], sockaddrAddr(sa), out[:0])
+		sender, ok := rawAddr(&from)
+		if !ok {
+			continue
+		}
+		reply, forward := r.reply(buf[:n], sender, out[:0])
 		if forward != nil {
+			to := sockaddrOf(sender, &from)
 			u.forwarding.Add(1)
 			go func() {
 				defer u.forwarding.Done()
 				if wire, err := s.forward(forward, "udp").Pack(); err == nil {
-					unix.Sendto(u.fd, wire, 0, sa)
+					unix.Sendto(u.fd, wire, 0, to)
 				}
 			}()
 		}
-		if reply != nil {
+		if len(reply) > 0 {
 			out = reply[:0] // keep a grown buffer
-			unix.Sendto(u.fd, reply, 0, sa)
+			unix.RawSyscall6(unix.SYS_SENDTO, uintptr(u.fd), uintptr(unsafe.Pointer(&reply[0])), uintptr(len(reply)),
+				unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(&from)), uintptr(fromLen))
 		}
 	}
+}
+
+// rawAddr is the address in a sender's raw socket address.
+func rawAddr(sa *unix.RawSockaddrAny) (netip.Addr, bool) {
+	switch sa.Addr.Family {
+	case unix.AF_INET:
+		return netip.AddrFrom4((*unix.RawSockaddrInet4)(unsafe.Pointer(sa)).Addr), true
+	case unix.AF_INET6:
+		return netip.AddrFrom16((*unix.RawSockaddrInet6)(unsafe.Pointer(sa)).Addr).Unmap(), true
+	}
+	return netip.Addr{}, false
+}
+
+// sockaddrOf is the sender as a unix.Sockaddr, for a forwarded query's
+// reply sent later from another goroutine.
+func sockaddrOf(a netip.Addr, sa *unix.RawSockaddrAny) unix.Sockaddr {
+	if sa.Addr.Family == unix.AF_INET {
+		in := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		return &unix.SockaddrInet4{Port: int(in.Port>>8 | in.Port<<8), Addr: a.As4()}
+	}
+	in := (*unix.RawSockaddrInet6)(unsafe.Pointer(sa))
+	return &unix.SockaddrInet6{Port: int(in.Port>>8 | in.Port<<8), ZoneId: in.Scope_id, Addr: in.Addr}
 }
 
 // replier builds one socket's replies, keeping those it can give again.
@@ -141,15 +186,4 @@ func (r *replier) reply(q []byte, from netip.Addr, out []byte) (reply []byte, fo
 		r.cached++
 	}
 	return wire, nil
-}
-
-// sockaddrAddr is the address of a datagram's sender.
-func sockaddrAddr(sa unix.Sockaddr) netip.Addr {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrFrom4(sa.Addr)
-	case *unix.SockaddrInet6:
-		return netip.AddrFrom16(sa.Addr).Unmap()
-	}
-	return netip.Addr{}
 }
