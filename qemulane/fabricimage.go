@@ -42,6 +42,7 @@ var FabricModules = []string{"ipip", "veth", "bridge", "vxlan", "wireguard", "cr
 	"iptable_filter", "iptable_nat", "iptable_mangle", "xt_conntrack", "xt_comment", "xt_MASQUERADE", "xt_addrtype",
 	"xt_tcpudp", "xt_nat", "xt_set", "ip_set_hash_net", "ip_set_hash_ip", "br_netfilter",
 	"ip6table_filter", "ip6table_nat", "ip6t_REJECT",
+	"ipt_REJECT", "xt_multiport", // policy's deny rules (no modprobe here: without them a policy is not written at all)
 	"sch_netem",                                        // random loss on an underlay link (lab.Host.Loss)
 	"nft_ct", "nft_flow_offload", "nf_flow_table_inet"} // flowoffload: a flowtable and the rule that fills it
 
