@@ -136,13 +136,13 @@ type Config struct {
 	VXLANVNI      int    `json:"vxlanVNI"`
 	VXLANPort     int    `json:"vxlanPort"`
 	RouteProtocol int    `json:"routeProtocol"`
-	// Encryption is off, wireguard (nothing between hosts in clear) or
-	// wireguard-optional (WireGuard to the peers that offer it: the step
-	// while a fabric switches).
 	// FlowOffload hands established connections between containers to an
 	// nftables flowtable where the kernel has one (nf_flow_table): their
 	// packets then skip conntrack and every rule.
-	FlowOffload             bool   `json:"flowOffload"`
+	FlowOffload bool `json:"flowOffload"`
+	// Encryption is off, wireguard (nothing between hosts in clear) or
+	// wireguard-optional (WireGuard to the peers that offer it: the step
+	// while a fabric switches).
 	Encryption              string `json:"encryption"`
 	WireGuardPort           int    `json:"wireguardPort"`
 	WireGuardImplementation string `json:"wireguardImplementation"`

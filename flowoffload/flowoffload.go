@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/google/nftables"
@@ -81,9 +82,9 @@ func plan(st State, exists func(string) bool) desired {
 
 // ruleTag is a rule's user data, which is also how the rules are compared
 // with the kernel's: a rule changed by hand loses it.
-func ruleTag(pool netip.Prefix) []byte {
-	return []byte("fabric: offload established " + pool.String())
-}
+func ruleTag(pool netip.Prefix) []byte { return []byte(tagPrefix + pool.String()) }
+
+const tagPrefix = "fabric: offload established "
 
 // equal reports whether the kernel holds d (devices and rules by their
 // tags).
@@ -292,7 +293,7 @@ func Read(nsPath string) (cs Counters, ok bool, err error) {
 		return cs, true, err
 	}
 	for _, r := range rs {
-		pool, err := netip.ParsePrefix(string(bytes.TrimPrefix(r.UserData, []byte("fabric: offload established "))))
+		pool, err := netip.ParsePrefix(strings.TrimPrefix(string(r.UserData), tagPrefix))
 		if err != nil {
 			continue // not ours
 		}
