@@ -225,8 +225,10 @@ func TestMasqueradeLeavingThePool(t *testing.T) {
 // connection between containers on two hosts is handed to fabricd's
 // flowtable, so its packets skip conntrack and the rules: of 1000 UDP
 // round trips on one socket, the rule that hands connections over sees only
-// the first few on each host. Where the kernel has none (these build
-// machines), fabricd writes no table and the same traffic takes the rules.
+// the first few on each host. A policy deny still refuses a new
+// connection, and a restart with --flow-offload=false removes the table.
+// Where the kernel has none (these build machines), fabricd writes no
+// table, the same traffic takes the rules and the deny holds as well.
 func TestFlowOffload(t *testing.T) {
 	t.Parallel()
 	f := newFabric(t, lab.Spec{Hosts: 2})

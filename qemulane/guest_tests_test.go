@@ -144,8 +144,8 @@ func TestHostTestsInGuest(t *testing.T) {
 	res, err := Run(ctx, kernel, initrd, RunOptions{MemoryMB: 2048, Timeout: 20 * time.Minute,
 		Append: strings.TrimSpace("softlockup_all_cpu_backtrace=1 " + guestAppend + " " + os.Getenv("FABRIC_QEMU_APPEND"))})
 	logLockups(t, res.Output)
-	if kernel := res.Lines("GUESTKERNEL "); len(kernel) > 0 {
-		t.Logf("guest kernel after a failed suite:\n%s", strings.Join(kernel, "\n"))
+	if dump := res.Lines("GUESTKERNEL "); len(dump) > 0 {
+		t.Logf("guest kernel after a failed suite:\n%s", strings.Join(dump, "\n"))
 	}
 	t.Logf("VM ran %s", res.Duration.Round(time.Millisecond))
 	for _, l := range res.Lines("GUESTSUITE ") {
@@ -186,10 +186,12 @@ func TestHostTestsInGuest(t *testing.T) {
 	}
 }
 
-// logLockups logs every soft-lockup, RCU stall and hung-task report of the
-// guest kernel with the stacks that follow it: a task stuck in the kernel
-// (an `ip` waiting for the RTNL lock) is reported after 120 s
-// (CONFIG_DEFAULT_HUNG_TASK_TIMEOUT), with the stack that says what for.
+// logLockups logs every soft-lockup, RCU stall and hung-task report the
+// guest kernel printed on its console, with the lines that follow it. A
+// task stuck in the kernel (an `ip` waiting for the RTNL lock) is reported
+// after 120 s (CONFIG_DEFAULT_HUNG_TASK_TIMEOUT); its stack stays in the
+// ring buffer (the console is quiet), which a failed run prints as
+// GUESTKERNEL lines.
 func logLockups(t *testing.T, console string) {
 	lines := strings.Split(console, "\n")
 	for i, l := range lines {
