@@ -52,8 +52,8 @@ type State struct {
 
 // desired is the table's content for the devices that exist.
 type desired struct {
-	devices []string // sorted
-	rules   [][]byte // each rule's user data: what it matches, written out
+	devices []string       // sorted
+	pools   []netip.Prefix // one rule each, masked
 }
 
 // plan is what the kernel should hold for st, given the devices that exist;
@@ -71,10 +71,10 @@ func plan(st State, exists func(string) bool) desired {
 	}
 	for _, p := range st.Pools {
 		if p.IsValid() {
-			d.rules = append(d.rules, ruleTag(p.Masked()))
+			d.pools = append(d.pools, p.Masked())
 		}
 	}
-	if len(d.rules) == 0 {
+	if len(d.pools) == 0 {
 		return desired{}
 	}
 	return d
@@ -86,11 +86,12 @@ func ruleTag(pool netip.Prefix) []byte { return []byte(tagPrefix + pool.String()
 
 const tagPrefix = "fabric: offload established "
 
-// equal reports whether the kernel holds d (devices and rules by their
+// equal reports whether the kernel holds d (devices, and rules by their
 // tags).
-func (d desired) equal(devices []string, rules [][]byte) bool {
+func (d desired) equal(devices []string, rules []*nftables.Rule) bool {
 	slices.Sort(devices)
-	return slices.Equal(d.devices, devices) && slices.EqualFunc(d.rules, rules, bytes.Equal)
+	return slices.Equal(d.devices, devices) &&
+		slices.EqualFunc(d.pools, rules, func(p netip.Prefix, r *nftables.Rule) bool { return bytes.Equal(ruleTag(p), r.UserData) })
 }
 
 // Owner writes the table in one network namespace.
@@ -177,7 +178,7 @@ func (o *Owner) Apply(st State) (bool, error) {
 		c.DelTable(table)
 	}
 	if len(want.devices) > 0 {
-		write(c, want, st.Pools)
+		write(c, want)
 	}
 	if err := c.Flush(); err != nil {
 		return false, fmt.Errorf("nftables table inet %s (flowtable on %v): %w", TableName, want.devices, err)
@@ -186,17 +187,15 @@ func (o *Owner) Apply(st State) (bool, error) {
 }
 
 // write queues the table, its flowtable and its rules on c.
-func write(c *nftables.Conn, want desired, pools []netip.Prefix) {
+func write(c *nftables.Conn, want desired) {
 	c.AddTable(table)
 	ft := c.AddFlowtable(&nftables.Flowtable{Table: table, Name: FlowtableName, Devices: want.devices,
 		Hooknum: nftables.FlowtableHookIngress, Priority: nftables.FlowtablePriorityFilter})
 	accept := nftables.ChainPolicyAccept
 	ch := c.AddChain(&nftables.Chain{Name: ChainName, Table: table, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &accept})
-	for _, p := range pools {
-		if p.IsValid() {
-			c.AddRule(&nftables.Rule{Table: table, Chain: ch, Exprs: offloadRule(p.Masked(), ft.Name), UserData: ruleTag(p.Masked())})
-		}
+	for _, p := range want.pools {
+		c.AddRule(&nftables.Rule{Table: table, Chain: ch, Exprs: offloadRule(p, ft.Name), UserData: ruleTag(p)})
 	}
 }
 
@@ -239,9 +238,9 @@ func netipMask(pool netip.Prefix) []byte {
 	return m
 }
 
-// read is the kernel's table: the flowtable's devices, the chain's rules by
-// their tags, and whether the table exists.
-func read(c *nftables.Conn) (devices []string, rules [][]byte, present bool, err error) {
+// read is the kernel's table: the flowtable's devices, the chain's rules,
+// and whether the table exists.
+func read(c *nftables.Conn) (devices []string, rules []*nftables.Rule, present bool, err error) {
 	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return nil, nil, false, nil
@@ -261,10 +260,7 @@ func read(c *nftables.Conn) (devices []string, rules [][]byte, present bool, err
 	if err != nil && !errors.Is(err, unix.ENOENT) {
 		return nil, nil, true, fmt.Errorf("list chain %s of inet %s: %w", ChainName, TableName, err)
 	}
-	for _, r := range rs {
-		rules = append(rules, r.UserData)
-	}
-	return devices, rules, true, nil
+	return devices, rs, true, nil
 }
 
 // Counters are the table as the kernel has it, for status and tests.
@@ -283,15 +279,11 @@ func Read(nsPath string) (cs Counters, ok bool, err error) {
 		return cs, false, err
 	}
 	defer done()
-	devices, _, present, err := read(c)
+	devices, rs, present, err := read(c)
 	if err != nil || !present {
 		return cs, false, err
 	}
 	cs.Devices, cs.SlowPath = devices, map[netip.Prefix]uint64{}
-	rs, err := c.GetRules(table, chain)
-	if err != nil {
-		return cs, true, err
-	}
 	for _, r := range rs {
 		pool, err := netip.ParsePrefix(strings.TrimPrefix(string(r.UserData), tagPrefix))
 		if err != nil {

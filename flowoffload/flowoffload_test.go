@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/fabricnet/fabric/lab"
+	"github.com/google/nftables"
 )
 
 func TestPlan(t *testing.T) {
@@ -32,19 +33,19 @@ func TestPlan(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			d := plan(c.st, exists)
-			if !slices.Equal(d.devices, c.wantDevices) || len(d.rules) != c.wantRules {
-				t.Errorf("plan = devices %v, %d rules; want %v, %d", d.devices, len(d.rules), c.wantDevices, c.wantRules)
+			if !slices.Equal(d.devices, c.wantDevices) || len(d.pools) != c.wantRules {
+				t.Errorf("plan = devices %v, %d rules; want %v, %d", d.devices, len(d.pools), c.wantDevices, c.wantRules)
 			}
 		})
 	}
 	d := plan(State{Pools: []netip.Prefix{v4}, Devices: []string{"docker0", "fabric.vxlan"}}, exists)
-	if !d.equal([]string{"fabric.vxlan", "docker0"}, [][]byte{ruleTag(v4)}) {
+	if !d.equal([]string{"fabric.vxlan", "docker0"}, []*nftables.Rule{{UserData: ruleTag(v4)}}) {
 		t.Error("the same devices in another order and the same rule: want equal")
 	}
-	if d.equal([]string{"docker0"}, [][]byte{ruleTag(v4)}) {
+	if d.equal([]string{"docker0"}, []*nftables.Rule{{UserData: ruleTag(v4)}}) {
 		t.Error("a device gone from the kernel's flowtable: want a rewrite")
 	}
-	if d.equal([]string{"docker0", "fabric.vxlan"}, [][]byte{nil}) {
+	if d.equal([]string{"docker0", "fabric.vxlan"}, []*nftables.Rule{{}}) {
 		t.Error("a rule without fabric's tag (changed by hand): want a rewrite")
 	}
 }
