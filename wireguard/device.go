@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -169,7 +170,10 @@ type userspaceDevice struct {
 	port    int
 }
 
-func newUserspaceDevice(name string, mtu int, log *slog.Logger) (*userspaceDevice, error) {
+// newUserspaceDevice starts wireguard-go on a new TUN device. crossed is
+// called, on a goroutine of its own, with the endpoint of a peer whose
+// handshake initiation crossed this device's (see crossings).
+func newUserspaceDevice(name string, mtu int, log *slog.Logger, crossed func(netip.AddrPort)) (*userspaceDevice, error) {
 	here, err := netns.Get()
 	if err != nil {
 		return nil, fmt.Errorf("wireguard: this thread's network namespace: %w", err)
@@ -189,7 +193,7 @@ func newUserspaceDevice(name string, mtu int, log *slog.Logger) (*userspaceDevic
 		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	}
-	bind := nsBind{Bind: conn.NewDefaultBind(), netns: here}
+	bind := nsBind{Bind: conn.NewDefaultBind(), netns: here, crossings: &crossings{initiated: map[netip.AddrPort]bool{}, crossed: crossed}}
 	return &userspaceDevice{name: name, ifindex: link.Attrs().Index, netns: here, dev: wgdevice.NewDevice(t, bind, logger)}, nil
 }
 
@@ -202,7 +206,61 @@ func newUserspaceDevice(name string, mtu int, log *slog.Logger) (*userspaceDevic
 // the other's handshake).
 type nsBind struct {
 	conn.Bind
-	netns netns.NsHandle
+	netns     netns.NsHandle
+	crossings *crossings
+}
+
+func (b nsBind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	b.crossings.sent(bufs, ep)
+	return b.Bind.Send(bufs, ep)
+}
+
+// crossings finds handshakes that crossed: this device sent an initiation
+// to an endpoint and then a response to the same endpoint, so it consumed
+// the peer's initiation after sending its own. wireguard-go (not the
+// kernel's WireGuard, which checks the handshake's state again under its
+// write lock) can then end with a session whose receiving index the peer
+// never learnt: its two handshake workers take the peer's initiation and
+// the response to our own at the same time, the response passes the state
+// check, the initiation's answer replaces the handshake's index, and the
+// response's keys are stored under the new index. Every packet the peer
+// sends is dropped until WireGuard's 15 s "sent, heard nothing" timer
+// (seen in CI: a pair with a handshake on both sides answered no ping for
+// 5 s). Handshake messages are few; data packets pass on a byte compare.
+type crossings struct {
+	mu        sync.Mutex
+	initiated map[netip.AddrPort]bool // sent an initiation, no response since
+	crossed   func(netip.AddrPort)
+}
+
+// WireGuard's message types (the first byte of a little-endian uint32
+// whose other three are zero).
+const (
+	messageInitiation = 1
+	messageResponse   = 2
+)
+
+func (c *crossings) sent(bufs [][]byte, ep conn.Endpoint) {
+	for _, b := range bufs {
+		if len(b) < 4 || (b[0] != messageInitiation && b[0] != messageResponse) || b[1]|b[2]|b[3] != 0 {
+			continue
+		}
+		to, err := netip.ParseAddrPort(ep.DstToString())
+		if err != nil {
+			continue
+		}
+		c.mu.Lock()
+		crossed := b[0] == messageResponse && c.initiated[to]
+		if b[0] == messageInitiation {
+			c.initiated[to] = true
+		} else {
+			delete(c.initiated, to)
+		}
+		c.mu.Unlock()
+		if crossed {
+			go c.crossed(to)
+		}
+	}
 }
 
 func (b nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {

@@ -119,6 +119,9 @@ type Backend struct {
 	// nudged are the new peers this host initiates with, each with the
 	// timer that starts a handshake again while they have no session.
 	nudged map[wgtypes.Key]*peerTimer
+	// startedOver are the peers made anew after crossed initiations, and
+	// when (startOver).
+	startedOver map[wgtypes.Key]time.Time
 }
 
 // peerTimer is a timer kept for one peer, and how often it fired.
@@ -185,6 +188,8 @@ func New(cfg Config) (*Backend, error) {
 		log:     cfg.Logger.With("backend", Name, "device", cfg.Device),
 		delayed: map[wgtypes.Key]*peerTimer{},
 		nudged:  map[wgtypes.Key]*peerTimer{},
+
+		startedOver: map[wgtypes.Key]time.Time{},
 	}, nil
 }
 
@@ -349,7 +354,10 @@ func (b *Backend) create(mtu int) (device, string, error) {
 		}
 		b.log.Info("this kernel has no WireGuard: running wireguard-go in fabricd (userspace, over TUN)")
 	}
-	dev, err := newUserspaceDevice(b.cfg.Device, mtu, b.log)
+	dev, err := newUserspaceDevice(b.cfg.Device, mtu, b.log, func(to netip.AddrPort) {
+		time.Sleep(startOverAfter)
+		b.startOver(to)
+	})
 	if err != nil {
 		return nil, "", err
 	}
@@ -394,6 +402,11 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 		}
 	}
 	disarm(b.nudged, wanted)
+	for key := range b.startedOver {
+		if !wanted(key) {
+			delete(b.startedOver, key)
+		}
+	}
 	cfg := planPeers(have, want)
 	if len(cfg) == 0 {
 		return nil
@@ -470,6 +483,51 @@ func (b *Backend) nudge(key wgtypes.Key, n *peerTimer) {
 		b.log.Info("no session with a new peer yet: asking for a handshake again", "peer", key.String(), "after", time.Duration(n.tries)*nudgeAfter)
 	}
 	n.timer.Reset(nudgeAfter)
+}
+
+// startOverAfter is how long after initiations crossed the peer is made
+// anew: the crossing's last messages are through by then, and the new
+// initiation does not come within the 20 ms after the last one the other
+// host took, which it would drop as a flood.
+const startOverAfter = 200 * time.Millisecond
+
+// startOverEvery is how often one peer may be made anew: a new
+// initiation that crosses again waits its turn.
+const startOverEvery = 10 * time.Second
+
+// startOver removes and adds again the peer at endpoint to after this
+// device's initiation to it crossed the peer's (crossings, wireguard-go
+// only), so its session is one both sides hold: a new peer initiates at
+// once, where WireGuard would refuse a second initiation within 5 s of
+// the first. Only the host that answers first (answerFirst's order) does,
+// so the new initiation does not cross one of the other host's.
+func (b *Backend) startOver(to netip.AddrPort) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.dev == nil {
+		return
+	}
+	have, err := b.dev.peers()
+	if err != nil {
+		b.log.Warn("cannot read peers after crossed handshakes", "err", err)
+		return
+	}
+	self := b.cfg.PrivateKey.PublicKey()
+	for key, h := range have {
+		if h.Endpoint != to || bytes.Compare(key[:], self[:]) >= 0 || b.delayed[key] != nil {
+			continue
+		}
+		if last, ok := b.startedOver[key]; ok && time.Since(last) < startOverEvery {
+			continue
+		}
+		b.startedOver[key] = time.Now()
+		cfg := append([]wgtypes.PeerConfig{{PublicKey: key, Remove: true}}, planPeers(nil, map[wgtypes.Key]peerConfig{key: h})...)
+		if err := b.dev.configurePeers(cfg); err != nil {
+			b.log.Warn("cannot make a peer anew after crossed handshakes", "peer", key.String(), "err", err)
+			continue
+		}
+		b.log.Info("handshakes crossed: made the peer anew for a session both hosts hold", "peer", key.String(), "endpoint", to.String())
+	}
 }
 
 // hasSession: the device has completed a handshake with peer key.

@@ -5,9 +5,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
+	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/fabricnet/fabric/backend"
@@ -181,5 +184,60 @@ func TestAnswerFirst(t *testing.T) {
 	want := map[wgtypes.Key]peerConfig{low: at("192.0.2.1:51820"), other: at("192.0.2.3:51820")}
 	if got := answerFirst(high, have, want); len(got) != 1 || got[0] != other {
 		t.Errorf("rotated key and a new host: waits for %v, want only the new host", got)
+	}
+}
+
+// An initiation and then a response to the same endpoint are initiations
+// that crossed; anything else is not (crossings).
+func TestCrossings(t *testing.T) {
+	msg := func(typ byte) []byte { return append([]byte{typ, 0, 0, 0}, make([]byte, 28)...) }
+	ep := func(s string) conn.Endpoint {
+		e, err := conn.NewStdNetBind().ParseEndpoint(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	a, b := "192.0.2.2:51820", "192.0.2.3:51820"
+	type send struct {
+		typ byte
+		to  string
+	}
+	for _, tc := range []struct {
+		name  string
+		sends []send
+		want  []string
+	}{
+		{"initiation then response", []send{{1, a}, {2, a}}, []string{a}},
+		{"response only (answered a peer that initiated)", []send{{2, a}}, nil},
+		{"response then initiation", []send{{2, a}, {1, a}}, nil},
+		{"to two endpoints", []send{{1, a}, {2, b}}, nil},
+		{"data between", []send{{1, a}, {4, a}, {2, a}}, []string{a}},
+		{"once per initiation", []send{{1, a}, {2, a}, {2, a}}, []string{a}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			found := make(chan netip.AddrPort, 10)
+			c := &crossings{initiated: map[netip.AddrPort]bool{}, crossed: func(to netip.AddrPort) { found <- to }}
+			for _, s := range tc.sends {
+				c.sent([][]byte{msg(s.typ)}, ep(s.to))
+			}
+			var got []string
+			for range tc.want {
+				select {
+				case to := <-found:
+					got = append(got, to.String())
+				case <-time.After(5 * time.Second):
+					t.Fatalf("crossed called %d times, want %v", len(got), tc.want)
+				}
+			}
+			select {
+			case to := <-found:
+				t.Fatalf("crossed also called for %s, want only %v", to, tc.want)
+			case <-time.After(50 * time.Millisecond):
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("crossed for %v, want %v", got, tc.want)
+			}
+		})
 	}
 }
