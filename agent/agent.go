@@ -204,26 +204,41 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if a.own.tables, err = iptables.New(iptables.Config{Sections: []string{nat.Section, policy.Section, ingress.Section}, Logger: log}); err != nil {
 		return err
 	}
+	// IPv6 has its own tables and so its own owner: NAT66, the IPv6 side of
+	// published ports and policy write there with an IPv6 pool, the
+	// ingress filter on an IPv6 underlay.
+	var sections6 []string
 	if a.subnetV6().IsValid() {
-		// IPv6 has its own tables and so its own owner; NAT66, the IPv6
-		// side of published ports and policy write there.
-		if a.own.tables6, err = iptables.New(iptables.Config{IPv6: true, Sections: []string{nat.Section, policy.Section}, Logger: log}); err != nil {
-			return fmt.Errorf("the pool has IPv6: %w", err)
+		sections6 = append(sections6, nat.Section, policy.Section)
+	}
+	if a.underlay.Addr.Is6() {
+		sections6 = append(sections6, ingress.Section)
+	}
+	if len(sections6) > 0 {
+		if a.own.tables6, err = iptables.New(iptables.Config{IPv6: true, Sections: sections6, Logger: log}); err != nil {
+			return fmt.Errorf("IPv6 tables: %w", err)
 		}
 	}
-	if a.own.nat, err = nat.New(nat.Config{Tables: a.own.tables, Tables6: a.own.tables6, Logger: log}); err != nil {
+	var pool6Tables, underlay6Tables *iptables.Manager
+	if a.subnetV6().IsValid() {
+		pool6Tables = a.own.tables6
+	}
+	if a.underlay.Addr.Is6() {
+		underlay6Tables = a.own.tables6
+	}
+	if a.own.nat, err = nat.New(nat.Config{Tables: a.own.tables, Tables6: pool6Tables, Logger: log}); err != nil {
 		return err
 	}
 	sets := ipsets.NewOwner("")
 	if a.own.policy, err = policy.New(policy.IptablesConfig{Bridge: cfg.Bridge, EndpointLinks: dockernet.LinkPrefix + "+", Tables: a.own.tables,
-		Tables6: a.own.tables6, Sets: sets, Logger: log}); err != nil {
+		Tables6: pool6Tables, Sets: sets, Logger: log}); err != nil {
 		return err
 	}
 	var tunnels []string
 	for _, b := range a.own.backends {
 		tunnels = append(tunnels, b.Ingress())
 	}
-	a.own.ingress = ingress.New(ingress.Config{Tables: a.own.tables, Sets: sets, Matches: tunnels, Logger: log})
+	a.own.ingress = ingress.New(ingress.Config{Tables: a.own.tables, Tables6: underlay6Tables, Sets: sets, Matches: tunnels, Logger: log})
 	gw := netip.PrefixFrom(a.lease.Gateway(), a.lease.Subnet.Bits())
 	if err := bridge.Ensure(nil, cfg.Bridge, gw, a.own.dataplane.MTU(), log); err != nil {
 		return err
@@ -237,7 +252,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	a.notify(fmt.Sprintf("STATUS=subnet %s leased, bridge %s up; starting BGP", a.lease.Subnet, cfg.Bridge))
 
 	a.own.speaker, err = bgp.Start(ctx, bgp.Config{
-		RouterID:          a.underlay.Addr,
+		RouterID:          a.nextHops().IPv4,
 		ASN:               cfg.ASN,
 		ListenAddress:     a.underlay.Addr,
 		ListenPort:        cfg.BGPPort,
@@ -258,7 +273,7 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	if err := a.own.speaker.Advertise(ctx, a.nextHops(), a.ownSubnets()...); err != nil {
 		return fmt.Errorf("advertise %v: %w", a.ownSubnets(), err)
 	}
-	log.Info("advertising subnet", "subnet", a.lease.Subnet, "subnetV6", a.subnetV6(), "nexthop", a.underlay.Addr, "nexthopV6", a.nextHops().For(a.subnetV6()))
+	log.Info("advertising subnet", "subnet", a.lease.Subnet, "subnetV6", a.subnetV6(), "nexthop", a.nextHops().IPv4, "nexthopV6", a.nextHops().For(a.subnetV6()))
 
 	if err := a.startBFD(); err != nil {
 		return err
@@ -582,6 +597,14 @@ func (a *Agent) detectKernel() error {
 			a.log.Info(fmt.Sprintf("this kernel has no %s support: peers use the other encapsulations", k.Name), "encapsulation", k.Name, "vxlanPort", a.cfg.VXLANPort)
 		}
 	}
+	if a.underlay.Addr.Is6() && supported[ipip.Name] {
+		// IPIP's outer header is IPv4 (ip6tnl is another device).
+		if a.cfg.Encapsulation == ipip.Name {
+			return fmt.Errorf("encapsulation ipip needs an IPv4 underlay, and this host's is IPv6 (%s): use vxlan or auto", a.underlay.Addr)
+		}
+		supported[ipip.Name] = false
+		a.log.Info("the underlay is IPv6: peers use VXLAN (or WireGuard) over IPv6, not IPIP", "underlay", a.underlay.Addr)
+	}
 	a.ipipOK = supported[ipip.Name]
 	if a.cfg.Encryption != encaps.EncryptionOff && a.cfg.WireGuardImplementation == wireguard.Kernel {
 		if ok, err := wireguard.KernelSupported(nil); !ok {
@@ -610,6 +633,9 @@ func (a *Agent) checkIPv6() error {
 	case err == nil && strings.TrimSpace(string(v)) == "1":
 		return fmt.Errorf("the pool has IPv6 (%s), but this host has IPv6 turned off (%s is 1): sysctl -w net.ipv6.conf.all.disable_ipv6=0", a.pool.NetworkV6, key)
 	}
+	if a.underlay.Addr.Is6() {
+		return nil // V6 is the underlay address (findUnderlay)
+	}
 	if a.underlay.V6, err = findUnderlayV6(a.underlay.Dev, a.cfg.UnderlayAddrV6); err != nil {
 		return err
 	}
@@ -621,9 +647,17 @@ func (a *Agent) checkIPv6() error {
 	return nil
 }
 
-// nextHops are this host's next hops for the routes it advertises.
+// nextHops are this host's next hops for the routes it advertises. On an
+// IPv6-only underlay the IPv4 one (and the BGP router ID, which is 32 bits)
+// is the network address of the host's IPv4 subnet: the pool leases it to
+// this host alone, and fabric hosts take it for this host
+// (planner.Routes); routers cannot forward IPv4 over that underlay anyway.
 func (a *Agent) nextHops() bgp.NextHops {
-	return bgp.NextHops{IPv4: a.underlay.Addr, IPv6: a.underlay.V6.Addr()}
+	v4 := a.underlay.Addr
+	if !v4.Is4() {
+		v4 = a.lease.Subnet.Masked().Addr()
+	}
+	return bgp.NextHops{IPv4: v4, IPv6: a.underlay.V6.Addr()}
 }
 
 func (a *Agent) setupDataplane() error {

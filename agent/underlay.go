@@ -80,7 +80,10 @@ func findUnderlayV6(dev string, want netip.Addr) (netip.Prefix, error) {
 }
 
 // findUnderlay picks the configured interface, else the one carrying the
-// default route, else the only non-loopback interface with an IPv4 address.
+// default route (IPv4, else IPv6), else the only non-loopback interface
+// with an address; and on it want, else its first IPv4 address, else (an
+// IPv6-only underlay) its lowest global IPv6 address, which is then also
+// the host's IPv6 next hop (V6).
 func findUnderlay(dev string, want netip.Addr) (underlay, error) {
 	var u underlay
 	var link netlink.Link
@@ -91,24 +94,8 @@ func findUnderlay(dev string, want netip.Addr) (underlay, error) {
 			return u, fmt.Errorf("underlayInterface %q: %w", dev, err)
 		}
 	default:
-		routes, err := netlink.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return u, fmt.Errorf("underlayInterface: list routes: %w", err)
-		}
-		for _, r := range routes {
-			if r.Dst != nil && r.Dst.String() != "0.0.0.0/0" {
-				continue
-			}
-			index := r.LinkIndex
-			if index == 0 && len(r.MultiPath) > 0 {
-				// An ECMP default route (two top-of-rack routers): its
-				// first path's interface.
-				index = r.MultiPath[0].LinkIndex
-			}
-			if link, err = netlink.LinkByIndex(index); err == nil {
-				break
-			}
-			link = nil
+		if link, err = defaultRouteLink(); err != nil {
+			return u, err
 		}
 		if link == nil {
 			links, err := netlink.LinkList()
@@ -126,16 +113,25 @@ func findUnderlay(dev string, want netip.Addr) (underlay, error) {
 				}
 				if as, _ := netlink.AddrList(l, unix.AF_INET); len(as) > 0 {
 					candidates = append(candidates, l)
+				} else if v6, _ := findUnderlayV6(l.Attrs().Name, netip.Addr{}); v6.IsValid() {
+					candidates = append(candidates, l)
 				}
 			}
 			if len(candidates) != 1 {
-				return u, fmt.Errorf("underlayInterface: cannot choose one (no default route, %d interfaces with IPv4 addresses); set --underlay-interface", len(candidates))
+				return u, fmt.Errorf("underlayInterface: cannot choose one (no default route, %d interfaces with addresses); set --underlay-interface", len(candidates))
 			}
 			link = candidates[0]
 		}
 	}
 	u.Dev = link.Attrs().Name
 	u.MTU = link.Attrs().MTU
+	if want.Is6() {
+		if u.V6, err = findUnderlayV6(u.Dev, want); err != nil {
+			return u, fmt.Errorf("underlayAddress: %w", err)
+		}
+		u.Addr, u.Prefix = u.V6.Addr(), u.V6.Masked()
+		return u, nil
+	}
 	addrs, err := netlink.AddrList(link, unix.AF_INET)
 	if err != nil {
 		return u, fmt.Errorf("underlay %s: %w", u.Dev, err)
@@ -153,5 +149,37 @@ func findUnderlay(dev string, want netip.Addr) (underlay, error) {
 	if want.IsValid() {
 		return u, fmt.Errorf("underlayAddress %s is not on interface %s", want, u.Dev)
 	}
-	return u, fmt.Errorf("underlay interface %s has no IPv4 address; set --underlay-interface", u.Dev)
+	if u.V6, err = findUnderlayV6(u.Dev, netip.Addr{}); err != nil || !u.V6.IsValid() {
+		return u, fmt.Errorf("underlay interface %s has neither an IPv4 nor a global IPv6 address; set --underlay-interface", u.Dev)
+	}
+	u.Addr, u.Prefix = u.V6.Addr(), u.V6.Masked()
+	return u, nil
+}
+
+// defaultRouteLink is the interface of the IPv4 default route, else of the
+// IPv6 one; nil without either.
+func defaultRouteLink() (netlink.Link, error) {
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return nil, fmt.Errorf("underlayInterface: list routes: %w", err)
+		}
+		for _, r := range routes {
+			if r.Dst != nil {
+				if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+					continue // not a default route
+				}
+			}
+			index := r.LinkIndex
+			if index == 0 && len(r.MultiPath) > 0 {
+				// An ECMP default route (two top-of-rack routers): its
+				// first path's interface.
+				index = r.MultiPath[0].LinkIndex
+			}
+			if link, err := netlink.LinkByIndex(index); err == nil {
+				return link, nil
+			}
+		}
+	}
+	return nil, nil
 }

@@ -111,7 +111,7 @@ type received struct {
 type session struct {
 	*Session
 	peer   netip.Addr
-	to     *unix.SockaddrInet4 // the peer's BFD port
+	to     unix.Sockaddr // the peer's BFD port
 	nextTx time.Time
 	since  time.Time
 	downs  int
@@ -122,10 +122,10 @@ type session struct {
 // Listen opens the sockets on local; port is the port peers send to and
 // this server listens on (Port outside tests).
 func Listen(local netip.Addr, port int, log *slog.Logger) (*Server, error) {
-	if !local.Is4() {
-		return nil, fmt.Errorf("bfd: local address %s: IPv4 only", local)
+	if !local.IsValid() || local.Is4In6() {
+		return nil, fmt.Errorf("bfd: local address %q: want IPv4 or IPv6", local)
 	}
-	rx, err := udpSocket(local, port, unix.IP_RECVTTL, 1)
+	rx, err := udpSocket(local, port, true)
 	if err != nil {
 		return nil, fmt.Errorf("bfd: listen on %s:%d (receiving the TTL): %w", local, port, err)
 	}
@@ -146,18 +146,28 @@ func Listen(local netip.Addr, port int, log *slog.Logger) (*Server, error) {
 	}, nil
 }
 
-// udpSocket is a non-blocking UDP socket bound to local:port with one IP
-// option set.
-func udpSocket(local netip.Addr, port, option, value int) (int, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+// udpSocket is a non-blocking UDP socket bound to local:port (either
+// family) that receives each packet's TTL (hop limit), or sends with 255.
+func udpSocket(local netip.Addr, port int, receiveTTL bool) (int, error) {
+	family, level, option, value := unix.AF_INET, unix.IPPROTO_IP, unix.IP_TTL, 255
+	if receiveTTL {
+		option, value = unix.IP_RECVTTL, 1
+	}
+	if local.Is6() {
+		family, level, option = unix.AF_INET6, unix.IPPROTO_IPV6, unix.IPV6_UNICAST_HOPS
+		if receiveTTL {
+			option = unix.IPV6_RECVHOPLIMIT
+		}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
 		return -1, err
 	}
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IP, option, value); err != nil {
+	if err := unix.SetsockoptInt(fd, level, option, value); err != nil {
 		unix.Close(fd)
 		return -1, err
 	}
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: port, Addr: local.As4()}); err != nil {
+	if err := unix.Bind(fd, sockaddr(local, port)); err != nil {
 		unix.Close(fd)
 		return -1, err
 	}
@@ -170,7 +180,7 @@ func listenSourcePort(local netip.Addr) (int, error) {
 	var err error
 	for range 64 {
 		var fd int
-		if fd, err = udpSocket(local, 49152+rand.IntN(65536-49152), unix.IP_TTL, 255); err == nil {
+		if fd, err = udpSocket(local, 49152+rand.IntN(65536-49152), false); err == nil {
 			return fd, nil
 		}
 	}
@@ -329,8 +339,13 @@ func (s *Server) readAll(sessions map[netip.Addr]*session, byDiscr map[uint32]*s
 			return // EAGAIN: none left
 		}
 		at := time.Now()
-		src, ok := from.(*unix.SockaddrInet4)
-		if !ok {
+		var src netip.Addr
+		switch from := from.(type) {
+		case *unix.SockaddrInet4:
+			src = netip.AddrFrom4(from.Addr)
+		case *unix.SockaddrInet6:
+			src = netip.AddrFrom16(from.Addr).Unmap()
+		default:
 			continue
 		}
 		if ttl, ok := receivedTTL(oob[:oobn]); !ok || ttl != 255 {
@@ -340,7 +355,7 @@ func (s *Server) readAll(sessions map[netip.Addr]*session, byDiscr map[uint32]*s
 		if err != nil {
 			continue
 		}
-		s.receive(sessions, byDiscr, received{p: p, from: netip.AddrFrom4(src.Addr), at: at})
+		s.receive(sessions, byDiscr, received{p: p, from: src, at: at})
 	}
 }
 
@@ -384,7 +399,7 @@ func (s *Server) applyPeers(sessions map[netip.Addr]*session, byDiscr map[uint32
 		for discr == 0 || byDiscr[discr] != nil {
 			discr = rand.Uint32()
 		}
-		ss := &session{Session: NewSession(p.Config, discr), peer: addr, to: &unix.SockaddrInet4{Port: s.peerPort, Addr: addr.As4()}, since: now,
+		ss := &session{Session: NewSession(p.Config, discr), peer: addr, to: sockaddr(addr, s.peerPort), since: now,
 			nextTx: now.Add(jitter(slowInterval, p.Multiplier) / 4)} // the first packet soon, not all at once
 		sessions[addr] = ss
 		byDiscr[discr] = ss
@@ -481,14 +496,25 @@ func (s *Server) adminDown(sessions map[netip.Addr]*session) {
 	}
 }
 
-// receivedTTL finds IP_TTL among a packet's control messages.
+// sockaddr is addr:port for the socket calls.
+func sockaddr(addr netip.Addr, port int) unix.Sockaddr {
+	if addr.Is4() {
+		return &unix.SockaddrInet4{Port: port, Addr: addr.As4()}
+	}
+	return &unix.SockaddrInet6{Port: port, Addr: addr.As16()}
+}
+
+// receivedTTL finds IP_TTL (IPV6_HOPLIMIT) among a packet's control
+// messages.
 func receivedTTL(oob []byte) (int, bool) {
 	for len(oob) > 0 {
 		h, data, rest, err := unix.ParseOneSocketControlMessage(oob)
 		if err != nil {
 			return 0, false
 		}
-		if h.Level == unix.SOL_IP && h.Type == unix.IP_TTL && len(data) >= 4 {
+		ipv4 := h.Level == unix.SOL_IP && h.Type == unix.IP_TTL
+		ipv6 := h.Level == unix.SOL_IPV6 && h.Type == unix.IPV6_HOPLIMIT
+		if (ipv4 || ipv6) && len(data) >= 4 {
 			return int(binary.NativeEndian.Uint32(data)), true
 		}
 		oob = rest

@@ -194,3 +194,20 @@ func TestMain(m *testing.M) {
 	slog.SetDefault(slog.New(slog.DiscardHandler))
 	m.Run()
 }
+
+// TestSessionOverIPv6: on an IPv6 underlay the sessions run over IPv6,
+// with the hop limit checked as the TTL is: up both ways, and a silent
+// peer detected.
+func TestSessionOverIPv6(t *testing.T) {
+	nsA, nsB := link(t)
+	a6, b6 := netip.MustParseAddr("2001:db8:99::1"), netip.MustParseAddr("2001:db8:99::2")
+	lab.Exec(t, nsA, "ip", "-6", "addr", "add", a6.String()+"/64", "dev", "eth0", "nodad")
+	lab.Exec(t, nsB, "ip", "-6", "addr", "add", b6.String()+"/64", "dev", "eth0", "nodad")
+	a, _ := serve(t, nsA, a6, Peer{Addr: b6, Config: testTimers})
+	b, _ := serve(t, nsB, b6, Peer{Addr: a6, Config: testTimers})
+	waitState(t, a, b6, Up, 5*time.Second)
+	waitState(t, b, a6, Up, 5*time.Second)
+	lab.Exec(t, nsB, "ip", "link", "set", "eth0", "down")
+	took := waitState(t, a, b6, Down, 2*time.Second)
+	t.Logf("silent IPv6 peer detected in %s", took)
+}

@@ -151,8 +151,10 @@ func (s *Speaker) apiPeer(p Peer) *api.Peer {
 			LocalRestarting: s.restarting,
 		}
 	}
-	families := []*api.Family{apiFamilyOf(s.cfg.ListenAddress)}
-	if s.cfg.IPv6 && s.cfg.ListenAddress.Is4() {
+	// IPv4 always (the container subnets; over an IPv6-only underlay too,
+	// on the IPv6 session), IPv6 with an IPv6 pool or an IPv6 session.
+	families := []*api.Family{apiFamilyOf(netip.IPv4Unspecified())}
+	if s.cfg.IPv6 || s.cfg.ListenAddress.Is6() {
 		families = append(families, apiFamilyOf(netip.IPv6Unspecified()))
 	}
 	if ap.GracefulRestart != nil || p.MaxPrefixes > 0 || len(families) > 1 {
@@ -273,8 +275,8 @@ func (s *Speaker) Peers(ctx context.Context) ([]PeerStatus, error) {
 				}
 				gr := af.GetMpGracefulRestart().GetState()
 				st.GracefulRestart = st.GracefulRestart || (gr.GetAdvertised() && gr.GetReceived())
-				if af.GetConfig().GetFamily().GetAfi() == api.Family_AFI_IP6 && s.cfg.ListenAddress.Is4() && !gr.GetReceived() {
-					continue // a peer without IPv6 sends no End-of-RIB for it
+				if (af.GetConfig().GetFamily().GetAfi() == api.Family_AFI_IP6) != s.cfg.ListenAddress.Is6() && !gr.GetReceived() {
+					continue // a peer without the session's other family sends no End-of-RIB for it
 				}
 				st.EndOfRIB = st.EndOfRIB && gr.GetEndOfRibReceived()
 			}

@@ -363,7 +363,7 @@ func defineFlags(fs *pflag.FlagSet, c *Config) {
 	fs.StringVar(&c.EtcdCert, "etcd-cert", c.EtcdCert, "PEM file of the client certificate for etcd (env FABRIC_ETCD_CERT)")
 	fs.StringVar(&c.EtcdKey, "etcd-key", c.EtcdKey, "PEM file of the client certificate's key (env FABRIC_ETCD_KEY)")
 	fs.StringVar(&c.UnderlayInterface, "underlay-interface", c.UnderlayInterface, "interface facing the other hosts; default: the interface of the default route, else the only non-loopback one")
-	fs.StringVar(&c.UnderlayAddress, "underlay-address", c.UnderlayAddress, "this host's underlay IPv4 address; default: the first address of the underlay interface")
+	fs.StringVar(&c.UnderlayAddress, "underlay-address", c.UnderlayAddress, "this host's underlay address, IPv4, or IPv6 on an IPv6-only underlay (VXLAN and WireGuard over IPv6; every host of the fabric then needs one); default: the first IPv4 address of the underlay interface, else its lowest global IPv6 address")
 	fs.StringVar(&c.UnderlayAddressV6, "underlay-address-v6", c.UnderlayAddressV6, "in an IPv6 fabric, this host's underlay IPv6 address: the next hop of its IPv6 subnet for routers; default: the lowest global IPv6 address of the underlay interface, if any (else the IPv4 address, IPv4-mapped)")
 	fs.StringVar(&c.Pool, "pool", c.Pool, "container address pool to create in etcd if none exists, e.g. 10.244.0.0/16")
 	fs.IntVar(&c.SubnetLen, "subnet-len", c.SubnetLen, "prefix length of each host's subnet when creating the pool")
@@ -541,8 +541,8 @@ func (c *Config) Validate() error {
 		bad("etcdPrefix", "%q must start with '/' and not end with '/', e.g. /fabric/v1", c.EtcdPrefix)
 	}
 	if c.UnderlayAddress != "" {
-		if a, err := netip.ParseAddr(c.UnderlayAddress); err != nil || !a.Is4() {
-			bad("underlayAddress", "%q is not an IPv4 address", c.UnderlayAddress)
+		if a, err := netip.ParseAddr(c.UnderlayAddress); err != nil || a.Is4In6() || !a.IsGlobalUnicast() || a.Zone() != "" {
+			bad("underlayAddress", "%q is not an IPv4 or global IPv6 address", c.UnderlayAddress)
 		} else {
 			c.UnderlayAddr = a
 		}
@@ -553,6 +553,9 @@ func (c *Config) Validate() error {
 		} else {
 			c.UnderlayAddrV6 = a
 		}
+	}
+	if c.UnderlayAddr.Is6() && c.UnderlayAddrV6 != c.UnderlayAddr && c.UnderlayAddressV6 != "" {
+		bad("underlayAddressV6", "%q differs from underlayAddress %s: an IPv6 underlay address is the next hop of both families", c.UnderlayAddressV6, c.UnderlayAddress)
 	}
 	if c.Pool != "" {
 		p, err := netip.ParsePrefix(c.Pool)

@@ -303,8 +303,8 @@ func (m *Manager) choosePeers(routes []RemoteRoute, connected []netip.Prefix) ma
 		}
 		p.backend, p.encap, p.why = m.choose(p.peer, connected, false)
 		switch {
-		case !p.peer.Address.Is4():
-			p.err = fmt.Errorf("peer %s: underlay address %v is not IPv4", name, p.peer.Address)
+		case !p.peer.Address.IsValid() || p.peer.Address.Is4In6():
+			p.err = fmt.Errorf("peer %s: underlay address %v is neither IPv4 nor IPv6", name, p.peer.Address)
 		case p.encap == "":
 			p.err = fmt.Errorf("peer %s: no encapsulation can reach it: %s", name, p.why)
 		}
@@ -598,9 +598,9 @@ func (m *Manager) underlay() (netlink.Link, []netip.Prefix, error) {
 // encap is "" and why lists every refusal.
 func (m *Manager) choose(peer backend.Peer, connected []netip.Prefix, ipv6 bool) (backend.Backend, string, string) {
 	for _, p := range connected {
-		// A direct route needs a gateway of the route's family, and the
-		// underlay is IPv4: IPv6 goes through a tunnel even on one segment.
-		if p.Contains(peer.Address) && !ipv6 {
+		// A direct route needs a gateway of the route's family: the other
+		// family goes through a tunnel even on one segment.
+		if p.Contains(peer.Address) && peer.Address.Is6() == ipv6 {
 			return nil, EncapDirect, fmt.Sprintf("cross-subnet: peer underlay address is inside the connected prefix %s", p)
 		}
 	}

@@ -167,8 +167,8 @@ func TestVXLANMeshPingAndTCP(t *testing.T) {
 		if vx.Port != testVXLANPort || vx.VxlanId != vxlanfallback.DefaultVNI || vx.Learning || vx.MTU != 1450 {
 			t.Fatalf("vxlan device on %s: port %d vni %d learning %v mtu %d", h.ns, vx.Port, vx.VxlanId, vx.Learning, vx.MTU)
 		}
-		if vx.HardwareAddr.String() != vxlanfallback.MACFor(h.addr).String() {
-			t.Fatalf("vxlan MAC %s, want %s", vx.HardwareAddr, vxlanfallback.MACFor(h.addr))
+		if vx.HardwareAddr.String() != vxlanfallback.MACFor(h.addr, netip.Prefix{}).String() {
+			t.Fatalf("vxlan MAC %s, want %s", vx.HardwareAddr, vxlanfallback.MACFor(h.addr, netip.Prefix{}))
 		}
 		// Idempotent: a second Apply changes nothing.
 		before := ownedRoutes(t, h.handle, DefaultProtocol)
@@ -275,7 +275,7 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 		fdb = lab.Run(t, "bridge", "-n", h1.ns, "fdb", "show", "dev", vxlanfallback.DefaultDevice)
 		return
 	}
-	mac3 := vxlanfallback.MACFor(h3.addr).String()
+	mac3 := vxlanfallback.MACFor(h3.addr, netip.Prefix{}).String()
 	neigh, fdb := state()
 	if !strings.Contains(neigh, "10.244.3.0 lladdr "+mac3+" PERMANENT") || !strings.Contains(fdb, mac3+" dst 192.168.100.13") {
 		t.Fatalf("peer state for h3 missing:\n%s\n%s", neigh, fdb)

@@ -85,7 +85,7 @@ func (h *labHost) peerInfo(encaps ...string) *PeerInfo {
 	return &PeerInfo{
 		Name:    h.ns,
 		Address: h.addr,
-		VTEPMAC: vxlanfallback.MACFor(h.addr),
+		VTEPMAC: vxlanfallback.MACFor(h.addr, netip.Prefix{}),
 		Encaps:  encaps,
 		Subnet:  h.subnet,
 	}

@@ -14,10 +14,20 @@ import (
 // TestForgedTunnelPacketsDropped: a host on the underlay that is not a
 // fabric host sends VXLAN packets to host1 whose inner source is a container
 // address of host2, as if host2 had sent them. Not one may reach host1's
-// container; host2's real traffic still does.
+// container; host2's real traffic still does. Over an IPv4 underlay and
+// over an IPv6-only one, where the packets come over IPv6.
 func TestForgedTunnelPacketsDropped(t *testing.T) {
 	t.Parallel()
-	f := newFabric(t, lab.Spec{Hosts: 2})
+	for _, v6 := range []bool{false, true} {
+		t.Run(map[bool]string{false: "ipv4-underlay", true: "ipv6-underlay"}[v6], func(t *testing.T) {
+			t.Parallel()
+			forgedTunnelPacketsDropped(t, v6)
+		})
+	}
+}
+
+func forgedTunnelPacketsDropped(t *testing.T, ipv6Underlay bool) {
+	f := newFabric(t, lab.Spec{Hosts: 2, IPv6Underlay: ipv6Underlay})
 	hosts := f.startMesh()
 	h1, h2 := hosts[0], hosts[1]
 	target := f.container(h1, "target", 2)
@@ -52,7 +62,7 @@ func TestForgedTunnelPacketsDropped(t *testing.T) {
 			"remote", h1.Addr.String(), "local", attacker.Addr.String(), "dev", attacker.Dev},
 		{"addr", "add", forged.String() + "/32", "dev", "fakevx"},
 		{"link", "set", "fakevx", "up"},
-		{"neigh", "add", target.Addr.String(), "lladdr", vxlanfallback.MACFor(h1.Addr).String(), "dev", "fakevx", "nud", "permanent"},
+		{"neigh", "add", target.Addr.String(), "lladdr", vxlanfallback.MACFor(h1.Addr, f.subnet(h1)).String(), "dev", "fakevx", "nud", "permanent"},
 		{"route", "add", target.Addr.String() + "/32", "dev", "fakevx"},
 	} {
 		if out, err := attacker.Run(ctx, "ip", args...); err != nil {
@@ -72,6 +82,6 @@ func TestForgedTunnelPacketsDropped(t *testing.T) {
 	if n := counted(peer.Addr); n == 0 {
 		t.Errorf("host2's ping was not counted: the counter proves nothing")
 	}
-	out, _ := h1.Run(ctx, "iptables", "-L", "FABRIC-INPUT", "-v", "-n")
+	out, _ := h1.Run(ctx, map[bool]string{false: "iptables", true: "ip6tables"}[ipv6Underlay], "-L", "FABRIC-INPUT", "-v", "-n")
 	t.Logf("host1 FABRIC-INPUT:\n%s", out)
 }

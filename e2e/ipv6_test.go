@@ -19,28 +19,81 @@ import (
 )
 
 // TestIPv6AcrossHosts: with an IPv6 pool, each host's dockerd gets the /64
-// paired with its IPv4 subnet, the /64s travel over BGP on the existing
-// IPv4 sessions, and containers on three hosts reach each other over IPv6
-// (ping and TCP, the receiver seeing the sender's own address) across the
-// IPv4 underlay, beside IPv4 as before.
+// paired with its IPv4 subnet, the /64s travel over BGP, and containers on
+// three hosts reach each other over IPv6 (ping and TCP, the receiver
+// seeing the sender's own address), by name, under policy, through
+// published ports, beside IPv4 as before; over VXLAN and WireGuard, on an
+// IPv4 underlay (the /64s on the IPv4 sessions) and on an IPv6-only one,
+// with no IPv4 on it at all (etcd, BGP and the tunnels over IPv6; the /24s
+// travel on the IPv6 sessions).
 func TestIPv6AcrossHosts(t *testing.T) {
 	t.Parallel()
 	if reason := lab.DockerMissing(); reason != "" {
 		testreq.Missing(t, "%s", reason)
 	}
-	for _, encap := range []string{"vxlan", "wireguard"} {
-		t.Run(encap, func(t *testing.T) {
-			t.Parallel()
-			args := []string{"--pool-v6", "fd00:10:244::/48"}
-			if encap == "wireguard" {
-				args = append(args, "--encryption", "wireguard")
+	for _, v6Underlay := range []bool{false, true} {
+		for _, encap := range []string{"vxlan", "wireguard"} {
+			name := encap
+			if v6Underlay {
+				name += "-ipv6-only-underlay"
 			}
-			ipv6AcrossHosts(t, encap, newFabric(t, lab.Spec{Hosts: 3}, args...))
+			t.Run(name, func(t *testing.T) {
+				t.Parallel()
+				args := []string{"--pool-v6", "fd00:10:244::/48"}
+				if encap == "wireguard" {
+					args = append(args, "--encryption", "wireguard")
+				}
+				f := newFabric(t, lab.Spec{Hosts: 3, IPv6Underlay: v6Underlay}, args...)
+				dhs := ipv6AcrossHosts(t, encap, f)
+				if v6Underlay {
+					ipv4OverIPv6Underlay(t, f, encap, dhs)
+				}
+			})
+		}
+	}
+}
+
+// ipv4OverIPv6Underlay: the containers' IPv4 crosses the IPv6-only
+// underlay too, and the tunnels' outer packets are IPv6.
+func ipv4OverIPv6Underlay(t *testing.T, f *fabric, encap string, dhs []*dockerHost) {
+	hosts := f.lab.Hosts()
+	ctx, cancel := dockerCtx()
+	defer cancel()
+	for _, h := range hosts {
+		if out, err := h.Run(ctx, "ip", "-4", "addr", "show", "dev", h.Dev); err != nil || strings.Contains(out, "inet ") {
+			t.Fatalf("%s's underlay %s has IPv4: %q (%v); the lab must give it none", h.Name, h.Dev, out, err)
+		}
+	}
+	// The containers' MTU leaves room for an IPv6 outer header: 20 bytes
+	// more than over IPv4.
+	st, err := f.status(hosts[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	mtu := map[string]int{"vxlan": 1500 - 70, "wireguard": 1500 - 80}[encap]
+	if out, err := hosts[0].Run(ctx, "ip", "link", "show", st.Bridge); err != nil || !strings.Contains(out, fmt.Sprintf(" mtu %d ", mtu)) {
+		t.Errorf("%s's bridge %s: %q (%v), want mtu %d", hosts[0].Name, st.Bridge, out, err, mtu)
+	}
+	if encap == "vxlan" {
+		out, err := hosts[0].Run(ctx, "ip", "-d", "link", "show", "fabric.vxlan")
+		if err != nil || !strings.Contains(out, "local "+hosts[0].Addr.String()) {
+			t.Errorf("%s's fabric.vxlan: %q (%v), want local %s", hosts[0].Name, out, err, hosts[0].Addr)
+		}
+	}
+	// IPv4 between containers, across hosts.
+	for i, a := range dhs {
+		b := dhs[(i+1)%len(dhs)]
+		target := b.ipv4(t)
+		f.eventually(10*time.Second, fmt.Sprintf("%s's container reaches %s's over IPv4 (%s) across the IPv6 underlay", a.host.Name, b.host.Name, target), func() error {
+			_, err := a.docker("exec", a.ctr, "ping", "-c", "1", "-W", "2", target.String())
+			return err
 		})
 	}
 }
 
-func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
+// ipv6AcrossHosts runs the checks on f's three hosts and returns their
+// dockerds, each with its container.
+func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) (dhs []*dockerHost) {
 	hosts, subnetV6 := f.startIPv6Mesh()
 
 	dhs, img := f.startDockerds(hosts)
@@ -152,6 +205,7 @@ func ipv6AcrossHosts(t *testing.T, encap string, f *fabric) {
 	if err != nil || !strings.Contains(out, "PERMANENT") {
 		t.Errorf("%s's neighbour entry for %s: %q (%v), want a permanent one", hosts[0].Name, peer.Addr(), out, err)
 	}
+	return dhs
 }
 
 // publishOverIPv6: a port published to host2's container (by its IPv4

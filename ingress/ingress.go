@@ -5,6 +5,8 @@
 // set of all hosts, an ipset holds the underlay addresses of the fabric's
 // hosts, kept from the node registry, and a chain in INPUT drops every
 // encapsulated packet (each backend's Ingress match) from any other source.
+// On an IPv6 underlay tunnel packets come over IPv6: a second set and the
+// same chain in the IPv6 tables do the same there.
 package ingress
 
 import (
@@ -13,6 +15,8 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/fabricnet/fabric/internal/ipsets"
 	"github.com/fabricnet/fabric/iptables"
@@ -23,11 +27,16 @@ const (
 	Section = "ingress"
 	Chain   = "FABRIC-INPUT"
 	SetName = "fabric-nodes"
+	// SetName6 holds the IPv6 underlay addresses (Config.Tables6).
+	SetName6 = "fabric-nodes6"
 )
 
 // Config configures a Limiter.
 type Config struct {
 	Tables *iptables.Manager
+	// Tables6 is the owner of the IPv6 tables where tunnel packets come
+	// over IPv6 (an IPv6 underlay); nil: none do.
+	Tables6 *iptables.Manager
 	// Sets is the host's owner of fabric's ipsets (required).
 	Sets *ipsets.Owner
 	// Matches select the encapsulated packets of every tunnel this host
@@ -52,11 +61,12 @@ func New(cfg Config) *Limiter {
 	return &Limiter{cfg: cfg, log: cfg.Logger.With("component", "ingress")}
 }
 
-// Section is the chain that drops tunnel packets from outside the node set.
-func (l *Limiter) Section() iptables.Section {
+// Section is the chain that drops tunnel packets from outside the node set
+// named set.
+func (l *Limiter) Section(set string) iptables.Section {
 	var rules []string
 	for _, m := range l.cfg.Matches {
-		rules = append(rules, fmt.Sprintf("%s -m set ! --match-set %s src %s -j DROP", m, SetName,
+		rules = append(rules, fmt.Sprintf("%s -m set ! --match-set %s src %s -j DROP", m, set,
 			iptables.Comment("fabric: tunnel packets only from fabric hosts")))
 	}
 	return iptables.Section{
@@ -74,22 +84,34 @@ func (l *Limiter) Section() iptables.Section {
 func (l *Limiter) Apply(ctx context.Context, nodes []netip.Addr) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	var want []netip.Addr
+	var want, want6 []netip.Addr
 	for _, a := range nodes {
 		if a.Is4() {
 			want = append(want, a)
+		} else if a.Is6() && !a.Is4In6() {
+			want6 = append(want6, a)
 		}
 	}
-	writes, err := l.cfg.Sets.SetIPs(SetName, want)
+	if err := l.apply(ctx, l.cfg.Tables, SetName, unix.AF_INET, want); err != nil {
+		return err
+	}
+	if l.cfg.Tables6 != nil {
+		return l.apply(ctx, l.cfg.Tables6, SetName6, unix.AF_INET6, want6)
+	}
+	return nil
+}
+
+func (l *Limiter) apply(ctx context.Context, tables *iptables.Manager, set string, family uint8, want []netip.Addr) error {
+	writes, err := l.cfg.Sets.SetIPs(set, family, want)
 	if err != nil {
 		return fmt.Errorf("ingress: node set: %w", err)
 	}
 	l.writes += writes
-	if err := l.cfg.Tables.Set(ctx, Section, l.Section()); err != nil {
+	if err := tables.Set(ctx, Section, l.Section(set)); err != nil {
 		return fmt.Errorf("ingress: %w", err)
 	}
 	if writes > 0 {
-		l.log.Info("tunnel packets accepted only from these fabric hosts", "hosts", len(want), "entriesWritten", writes, "set", SetName)
+		l.log.Info("tunnel packets accepted only from these fabric hosts", "hosts", len(want), "entriesWritten", writes, "set", set)
 	}
 	return nil
 }

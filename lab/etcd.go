@@ -32,9 +32,9 @@ func (l *Lab) addEtcdNamespace(ctx context.Context, i int) (*etcdMember, error) 
 	h := &Host{
 		Name:   fmt.Sprintf("etcd%d", i),
 		Netns:  fmt.Sprintf("%s-etcd%d", l.prefix, i),
-		Addr:   subnetAddr(0, byte(200+i)),
+		Addr:   l.addrOn(0, byte(200+i)),
 		Dev:    "eth0",
-		Subnet: SubnetPrefix(0),
+		Subnet: l.subnet(0),
 		lab:    l,
 	}
 	m := &etcdMember{index: i, name: fmt.Sprintf("%s-etcd%d", l.prefix, i), host: h, dir: filepath.Join(l.runDir, h.Name)}
@@ -44,7 +44,7 @@ func (l *Lab) addEtcdNamespace(ctx context.Context, i int) (*etcdMember, error) 
 	if err := l.addNamespace(ctx, h.Netns); err != nil {
 		return nil, err
 	}
-	if err := l.attach(ctx, h.Netns, h.Dev, fmt.Sprintf("%s-e%d", l.prefix, i), 0, netip.PrefixFrom(h.Addr, 24)); err != nil {
+	if err := l.attach(ctx, h.Netns, h.Dev, fmt.Sprintf("%s-e%d", l.prefix, i), 0, netip.PrefixFrom(h.Addr, h.Subnet.Bits())); err != nil {
 		return nil, err
 	}
 	if err := l.routeToOtherSubnets(ctx, h.Netns, 0); err != nil {
@@ -56,9 +56,9 @@ func (l *Lab) addEtcdNamespace(ctx context.Context, i int) (*etcdMember, error) 
 func (l *Lab) etcdArgs(m *etcdMember) []string {
 	var cluster []string
 	for _, o := range l.etcd {
-		cluster = append(cluster, fmt.Sprintf("%s=http://%s:%d", o.name, o.host.Addr, etcdPeerPort))
+		cluster = append(cluster, fmt.Sprintf("%s=http://%s", o.name, netip.AddrPortFrom(o.host.Addr, etcdPeerPort)))
 	}
-	client := fmt.Sprintf("http://%s:%d", m.host.Addr, etcdClientPort)
+	client := fmt.Sprintf("http://%s", netip.AddrPortFrom(m.host.Addr, etcdClientPort))
 	var nice []string
 	if l.spec.EtcdNice != 0 {
 		nice = []string{"nice", "-n", strconv.Itoa(l.spec.EtcdNice)}
@@ -69,8 +69,8 @@ func (l *Lab) etcdArgs(m *etcdMember) []string {
 		"--data-dir", filepath.Join(m.dir, "data"),
 		"--listen-client-urls", client+",unix://"+etcdSocketFile,
 		"--advertise-client-urls", client,
-		"--listen-peer-urls", fmt.Sprintf("http://%s:%d", m.host.Addr, etcdPeerPort),
-		"--initial-advertise-peer-urls", fmt.Sprintf("http://%s:%d", m.host.Addr, etcdPeerPort),
+		"--listen-peer-urls", fmt.Sprintf("http://%s", netip.AddrPortFrom(m.host.Addr, etcdPeerPort)),
+		"--initial-advertise-peer-urls", fmt.Sprintf("http://%s", netip.AddrPortFrom(m.host.Addr, etcdPeerPort)),
 		"--initial-cluster", strings.Join(cluster, ","),
 		"--initial-cluster-token", l.prefix,
 		// Ignored once the data dir exists, so restarts just rejoin.
@@ -150,7 +150,7 @@ func (m *etcdMember) clientEndpoint() string {
 func (l *Lab) EtcdEndpoints() []string {
 	var eps []string
 	for _, m := range l.etcd {
-		eps = append(eps, fmt.Sprintf("http://%s:%d", m.host.Addr, etcdClientPort))
+		eps = append(eps, fmt.Sprintf("http://%s", netip.AddrPortFrom(m.host.Addr, etcdClientPort)))
 	}
 	return eps
 }

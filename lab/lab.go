@@ -60,6 +60,10 @@ type Spec struct {
 	MTU int
 	// Logger for the lab's own progress messages; default slog.Default().
 	Logger *slog.Logger
+	// IPv6Underlay gives the underlay IPv6 addresses only
+	// (2001:db8:<100+i>::<host>/64, no IPv4 on it): etcd, BGP and the
+	// tunnels between hosts run over IPv6. One subnet only.
+	IPv6Underlay bool
 	// EtcdNice runs etcd at this niceness (e.g. -10) instead of the
 	// default 0. The scheduler gives every runnable thread an equal share:
 	// with a few hundred agents on two cores, one etcd serving all of them
@@ -144,6 +148,25 @@ func subnetAddr(i int, host byte) netip.Addr {
 	return netip.AddrFrom4([4]byte{192, 168, byte(100 + i), host})
 }
 
+// subnet is underlay subnet i: SubnetPrefix, or its IPv6 counterpart
+// 2001:db8:<100+i>::/64 (Spec.IPv6Underlay).
+func (l *Lab) subnet(i int) netip.Prefix {
+	if !l.spec.IPv6Underlay {
+		return SubnetPrefix(i)
+	}
+	return netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, byte(100 + i)}), 64)
+}
+
+// addrOn is host's address on underlay subnet i.
+func (l *Lab) addrOn(i int, host byte) netip.Addr {
+	if !l.spec.IPv6Underlay {
+		return subnetAddr(i, host)
+	}
+	a := l.subnet(i).Addr().As16()
+	a[15] = host
+	return netip.AddrFrom16(a)
+}
+
 // New builds the lab described by spec and waits until etcd is healthy. On
 // failure it removes whatever it had built.
 func New(ctx context.Context, spec Spec) (*Lab, error) {
@@ -155,6 +178,9 @@ func New(ctx context.Context, spec Spec) (*Lab, error) {
 	}
 	if spec.Subnets < 1 || spec.Subnets > 100 {
 		return nil, fmt.Errorf("lab: Subnets must be 1..100, got %d", spec.Subnets)
+	}
+	if spec.IPv6Underlay && spec.Subnets > 1 {
+		return nil, errors.New("lab: an IPv6 underlay has one subnet (the router forwards IPv4 only)")
 	}
 	if spec.EtcdMembers == 0 {
 		spec.EtcdMembers = 1
@@ -315,13 +341,13 @@ func (l *Lab) buildRouter(ctx context.Context) error {
 	for i := 0; i < l.spec.Subnets; i++ {
 		dev := fmt.Sprintf("eth%d", i)
 		peer := fmt.Sprintf("%s-r%d", l.prefix, i)
-		addr := netip.PrefixFrom(subnetAddr(i, 1), 24)
+		addr := netip.PrefixFrom(l.addrOn(i, 1), l.subnet(i).Bits())
 		if err := l.attach(ctx, ns, dev, peer, i, addr); err != nil {
 			return err
 		}
 	}
 	l.mu.Lock()
-	l.router = &Host{Name: "router", Netns: ns, Addr: subnetAddr(0, 1), Dev: "eth0", SubnetIndex: 0, Subnet: SubnetPrefix(0), lab: l}
+	l.router = &Host{Name: "router", Netns: ns, Addr: l.addrOn(0, 1), Dev: "eth0", SubnetIndex: 0, Subnet: l.subnet(0), lab: l}
 	l.mu.Unlock()
 	return nil
 }
@@ -335,7 +361,7 @@ func (l *Lab) attach(ctx context.Context, ns, dev, peer string, subnet int, addr
 	steps := [][]string{
 		{"link", "add", dev, "netns", ns, "mtu", mtu, "type", "veth", "peer", "name", peer, "netns", l.underlay, "mtu", mtu},
 		{"-n", l.underlay, "link", "set", peer, "master", l.bridgeName(subnet), "up"},
-		{"-n", ns, "addr", "add", addr.String(), "dev", dev},
+		append([]string{"-n", ns, "addr", "add", addr.String(), "dev", dev}, nodad(addr.Addr())...),
 		{"-n", ns, "link", "set", dev, "up"},
 	}
 	for _, args := range steps {
@@ -349,12 +375,21 @@ func (l *Lab) attach(ctx context.Context, ns, dev, peer string, subnet int, addr
 // routeToOtherSubnets gives ns routes to every other underlay subnet via the
 // router. Specific routes instead of a default route, so a missing fabric
 // route fails locally instead of disappearing into the router.
+// nodad adds no duplicate address detection to an IPv6 address, so the
+// address is usable at once.
+func nodad(a netip.Addr) []string {
+	if a.Is6() {
+		return []string{"nodad"}
+	}
+	return nil
+}
+
 func (l *Lab) routeToOtherSubnets(ctx context.Context, ns string, subnet int) error {
 	for i := 0; i < l.spec.Subnets; i++ {
 		if i == subnet {
 			continue
 		}
-		if err := l.ipCmd(ctx, "-n", ns, "route", "add", SubnetPrefix(i).String(), "via", subnetAddr(subnet, 1).String()); err != nil {
+		if err := l.ipCmd(ctx, "-n", ns, "route", "add", l.subnet(i).String(), "via", l.addrOn(subnet, 1).String()); err != nil {
 			return err
 		}
 	}
@@ -379,10 +414,10 @@ func (l *Lab) AddHost(ctx context.Context) (*Host, error) {
 	h := &Host{
 		Name:        fmt.Sprintf("host%d", n),
 		Netns:       fmt.Sprintf("%s-host%d", l.prefix, n),
-		Addr:        subnetAddr(subnet, byte(10+position)),
+		Addr:        l.addrOn(subnet, byte(10+position)),
 		Dev:         "eth0",
 		SubnetIndex: subnet,
-		Subnet:      SubnetPrefix(subnet),
+		Subnet:      l.subnet(subnet),
 		lab:         l,
 	}
 	// Reserve the slot before building so concurrent AddHost calls differ.
@@ -409,7 +444,7 @@ func (l *Lab) buildHost(ctx context.Context, h *Host, peer string) error {
 	}); err != nil {
 		return err
 	}
-	if err := l.attach(ctx, h.Netns, h.Dev, peer, h.SubnetIndex, netip.PrefixFrom(h.Addr, 24)); err != nil {
+	if err := l.attach(ctx, h.Netns, h.Dev, peer, h.SubnetIndex, netip.PrefixFrom(h.Addr, h.Subnet.Bits())); err != nil {
 		return err
 	}
 	if err := l.sysctls(ctx, h.Netns, map[string]string{"net/ipv4/conf/" + h.Dev + "/rp_filter": "0"}); err != nil {
@@ -427,13 +462,13 @@ func (l *Lab) AddOutside(ctx context.Context) (*Host, error) {
 		l.mu.Unlock()
 		return o, nil
 	}
-	o := &Host{Name: "outside", Netns: l.prefix + "-outside", Addr: subnetAddr(0, 250), Dev: "eth0", Subnet: SubnetPrefix(0), lab: l}
+	o := &Host{Name: "outside", Netns: l.prefix + "-outside", Addr: l.addrOn(0, 250), Dev: "eth0", Subnet: l.subnet(0), lab: l}
 	l.outside = o
 	l.mu.Unlock()
 	if err := l.addNamespace(ctx, o.Netns); err != nil {
 		return nil, err
 	}
-	if err := l.attach(ctx, o.Netns, o.Dev, l.prefix+"-out", 0, netip.PrefixFrom(o.Addr, 24)); err != nil {
+	if err := l.attach(ctx, o.Netns, o.Dev, l.prefix+"-out", 0, netip.PrefixFrom(o.Addr, o.Subnet.Bits())); err != nil {
 		return nil, err
 	}
 	if err := l.routeToOtherSubnets(ctx, o.Netns, 0); err != nil {

@@ -125,3 +125,31 @@ func checkRouteCases(t *testing.T, h Host, nodes []registry.Node, cases []routeC
 		})
 	}
 }
+
+// On an IPv6-only underlay a host's record carries an IPv6 address, and
+// its IPv4 subnet travels with the subnet's network address as next hop
+// (an IPv4 next hop is 32 bits): that next hop leads to that host alone,
+// through its tunnel. A record with an address inside the pool is refused.
+func TestIPv6OnlyUnderlay(t *testing.T) {
+	h := self
+	h.PoolV6, h.SubnetV6 = poolV6, netip.MustParsePrefix("fd00:10:244:1::/64")
+	h.Underlay, h.UnderlayV6 = netip.MustParsePrefix("2001:db8:64::1/64"), netip.MustParsePrefix("2001:db8:64::1/64")
+	v6 := func(n registry.Node, a string) registry.Node {
+		n = dualStack(n)
+		n.Address, n.AddressV6 = netip.MustParseAddr(a), netip.MustParseAddr(a)
+		return n
+	}
+	held := map[string][]netip.Prefix{"h2": {h2.Subnet}, "h3": {h3.Subnet}}
+	inPool := v6(h3, "fd00:10:244:2::7")
+	nodes, refused := AcceptNodes(h, []registry.Node{v6(h1, "2001:db8:64::1"), v6(h2, "2001:db8:64::2"), inPool}, held)
+	if len(nodes) != 2 || len(refused) != 1 || !strings.Contains(refused[0].Why, "inside the pool") {
+		t.Fatalf("records with IPv6 addresses: kept %+v, refused %+v; want h2 kept and h3 (an address in the pool) refused", nodes, refused)
+	}
+	nodes = []registry.Node{v6(h1, "2001:db8:64::1"), v6(h2, "2001:db8:64::2"), v6(h3, "2001:db8:64::3")}
+	checkRouteCases(t, h, nodes, []routeCase{
+		{"a host's IPv4 subnet via its subnet's address", "10.244.2.0/24", "10.244.2.0", "h2", "10.244.2.0/24 via 2001:db8:64::2 (node h2)", ""},
+		{"a host's IPv6 subnet via its address", "fd00:10:244:2::/64", "2001:db8:64::2", "h2", "fd00:10:244:2::/64 via 2001:db8:64::2 (node h2)", ""},
+		{"a host's IPv4 subnet from another host's subnet address", "10.244.2.0/24", "10.244.3.0", "h3", "", "belongs to host h2 (2001:db8:64::2), but the next hop is 10.244.3.0"},
+		{"a longer prefix inside a host's subnet", "10.244.2.0/25", "10.244.2.0", "h2", "", "is not the subnet 10.244.2.0/24 that host h2 holds"},
+	})
+}

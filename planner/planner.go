@@ -75,8 +75,10 @@ func AcceptNodes(h Host, records []registry.Node, held map[string][]netip.Prefix
 		switch {
 		case n.ASN != h.ASN:
 			why = fmt.Sprintf("its ASN %d differs from this host's %d; mesh peers share one ASN", n.ASN, h.ASN)
-		case !n.Address.Is4() || !n.Address.IsGlobalUnicast():
+		case n.Address.Is4In6() || !n.Address.IsGlobalUnicast() || n.Address.Zone() != "":
 			why = fmt.Sprintf("its address %v cannot be a peer", n.Address)
+		case h.Pool.Contains(n.Address) || h.PoolV6.NetworkV6.Contains(n.Address):
+			why = fmt.Sprintf("its address %v is inside the pool: a container's, not a host's", n.Address)
 		case n.Address == h.Underlay.Addr():
 			why = fmt.Sprintf("it claims this host's underlay address %s", n.Address)
 		case owner[n.Address] != "":
@@ -353,6 +355,9 @@ func Routes(h Host, nodes []registry.Node, best []bgp.Route, g Grace, nets Netwo
 			if n.AddressV6.IsValid() {
 				byAddr[n.AddressV6] = n // checked unique by AcceptNodes
 			}
+			if n.Address.Is6() && n.Subnet.IsValid() {
+				byAddr[n.Subnet.Masked().Addr()] = n // its IPv4 next hop (leadsTo)
+			}
 		}
 		for _, s := range []netip.Prefix{n.Subnet, n.SubnetV6} {
 			if _, dup := bySubnet[s]; !dup && s.IsValid() {
@@ -506,9 +511,12 @@ func refuseRoute(h Host, nodes []registry.Node, bySubnet map[netip.Prefix]*regis
 }
 
 // leadsTo reports whether route r's next hop is host n: its address, or
-// for an IPv6 prefix its checked IPv6 address.
+// for an IPv6 prefix its checked IPv6 address, or for an IPv4 prefix of a
+// host on an IPv6-only underlay the network address of its (checked)
+// IPv4 subnet, which it uses as its IPv4 next hop.
 func leadsTo(r bgp.Route, n *registry.Node) bool {
-	return r.NextHop == n.Address || (r.Prefix.Addr().Is6() && n.AddressV6.IsValid() && r.NextHop == n.AddressV6)
+	return r.NextHop == n.Address || (r.Prefix.Addr().Is6() && n.AddressV6.IsValid() && r.NextHop == n.AddressV6) ||
+		(r.Prefix.Addr().Is4() && n.Address.Is6() && n.Subnet.IsValid() && r.NextHop == n.Subnet.Masked().Addr())
 }
 
 // PeerInfo is what the data plane needs to know about node n.

@@ -53,8 +53,8 @@ func (n Node) Validate() error {
 	if !n.Address.IsValid() {
 		return fmt.Errorf("node %q: address is missing", n.Name)
 	}
-	if !n.Address.Is4() {
-		return fmt.Errorf("node %q: address %s is not IPv4", n.Name, n.Address)
+	if n.Address.Is4In6() || n.Address.Zone() != "" || n.Address.Is6() && !n.Address.IsGlobalUnicast() {
+		return fmt.Errorf("node %q: address %s is neither IPv4 nor a global IPv6 address (an IPv6-only underlay)", n.Name, n.Address)
 	}
 	if n.ASN == 0 {
 		return fmt.Errorf("node %q: asn is 0", n.Name)

@@ -314,13 +314,14 @@ func TestNodeValidate(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, mutate := range map[string]func(*Node){
-		"empty name":    func(n *Node) { n.Name = "" },
-		"slash in name": func(n *Node) { n.Name = "a/b" },
-		"no asn":        func(n *Node) { n.ASN = 0 },
-		"no subnet":     func(n *Node) { n.Subnet = netip.Prefix{} },
-		"host bits":     func(n *Node) { n.Subnet = netip.MustParsePrefix("10.0.0.1/24") },
-		"ipv6 address":  func(n *Node) { n.Address = netip.MustParseAddr("fd00::1") },
-		"bad encap":     func(n *Node) { n.Encaps = []string{"VXLAN"} },
+		"empty name":     func(n *Node) { n.Name = "" },
+		"slash in name":  func(n *Node) { n.Name = "a/b" },
+		"no asn":         func(n *Node) { n.ASN = 0 },
+		"no subnet":      func(n *Node) { n.Subnet = netip.Prefix{} },
+		"host bits":      func(n *Node) { n.Subnet = netip.MustParsePrefix("10.0.0.1/24") },
+		"mapped address": func(n *Node) { n.Address = netip.MustParseAddr("::ffff:10.0.0.1") },
+		"link-local":     func(n *Node) { n.Address = netip.MustParseAddr("fe80::1") },
+		"bad encap":      func(n *Node) { n.Encaps = []string{"VXLAN"} },
 	} {
 		n := node("x", 1)
 		mutate(&n)

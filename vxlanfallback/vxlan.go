@@ -26,8 +26,10 @@ const (
 	DefaultDevice = "fabric.vxlan"
 	DefaultVNI    = 4096
 	DefaultPort   = 4789
-	// Overhead is outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
-	Overhead = 50
+	// Overhead is outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet
+	// (14); over an IPv6 underlay the outer header is 40 bytes (Overhead6).
+	Overhead  = 50
+	Overhead6 = Overhead + 20
 )
 
 // Config describes the VXLAN device of this host.
@@ -93,8 +95,8 @@ func New(cfg Config) (*Backend, error) {
 		return nil, fmt.Errorf("vxlan VNI %d out of range 1..16777215", cfg.VNI)
 	case cfg.Port < 1 || cfg.Port > 65535:
 		return nil, fmt.Errorf("vxlan port %d out of range 1..65535", cfg.Port)
-	case !cfg.UnderlayAddr.Is4():
-		return nil, fmt.Errorf("vxlan underlay address %v is not an IPv4 address", cfg.UnderlayAddr)
+	case !cfg.UnderlayAddr.IsGlobalUnicast() || cfg.UnderlayAddr.Is4In6() || cfg.UnderlayAddr.Zone() != "":
+		return nil, fmt.Errorf("vxlan underlay address %v is not a global IPv4 or IPv6 address", cfg.UnderlayAddr)
 	case cfg.UnderlayDev == "":
 		return nil, errors.New("vxlan needs the underlay device name")
 	case !cfg.Subnet.IsValid() || !cfg.Subnet.Addr().Is4():
@@ -105,21 +107,33 @@ func New(cfg Config) (*Backend, error) {
 		cfg:    cfg,
 		handle: backend.DefaultHandle(cfg.Handle),
 		log:    cfg.Logger.With("backend", "vxlan", "device", cfg.Device),
-		mac:    MACFor(cfg.UnderlayAddr),
+		mac:    MACFor(cfg.UnderlayAddr, cfg.Subnet),
 	}, nil
 }
 
-// MACFor is the VTEP MAC of the host with underlay address addr: 0e:fa: and
-// the four address bytes. Locally administered and unicast, and the same after
-// a restart, so the MAC published in the node registry stays true.
-func MACFor(addr netip.Addr) net.HardwareAddr {
-	a := addr.As4()
-	return net.HardwareAddr{0x0e, 0xfa, a[0], a[1], a[2], a[3]}
+// MACFor is the VTEP MAC of the host with underlay address addr and
+// container subnet subnet: 0e:fa: and the four bytes of an IPv4 address;
+// with an IPv6 underlay (sixteen bytes, whose last four two hosts may
+// share) 0e:fb: and the subnet's network address, which the pool leases to
+// one host. Locally administered and unicast, and the same after a restart,
+// so the MAC published in the node registry stays true.
+func MACFor(addr netip.Addr, subnet netip.Prefix) net.HardwareAddr {
+	if addr.Is4() {
+		a := addr.As4()
+		return net.HardwareAddr{0x0e, 0xfa, a[0], a[1], a[2], a[3]}
+	}
+	a := subnet.Masked().Addr().As4()
+	return net.HardwareAddr{0x0e, 0xfb, a[0], a[1], a[2], a[3]}
 }
 
-func (b *Backend) Name() string          { return Name }
-func (b *Backend) Device() string        { return b.cfg.Device }
-func (b *Backend) Overhead() int         { return Overhead }
+func (b *Backend) Name() string   { return Name }
+func (b *Backend) Device() string { return b.cfg.Device }
+func (b *Backend) Overhead() int {
+	if b.cfg.UnderlayAddr.Is4() {
+		return Overhead
+	}
+	return Overhead6
+}
 func (b *Backend) Port() int             { return b.cfg.Port }
 func (b *Backend) VNI() int              { return b.cfg.VNI }
 func (b *Backend) MAC() net.HardwareAddr { return bytes.Clone(b.mac) }
@@ -131,6 +145,8 @@ func (b *Backend) Usable(peer backend.Peer) (bool, string) {
 		return false, "the peer does not run vxlan"
 	case len(peer.VTEPMAC) != 6:
 		return false, "the peer's node record has no VTEP MAC"
+	case peer.Address.Is4() != b.cfg.UnderlayAddr.Is4():
+		return false, fmt.Sprintf("the peer's underlay address %s and this host's %s are of different families", peer.Address, b.cfg.UnderlayAddr)
 	}
 	return true, "the peer runs vxlan"
 }
@@ -221,9 +237,9 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 	var errs []error
 	want := &peerView{link: idx, neigh: map[netip.Addr]string{}, fdb: map[string][]netip.Addr{}}
 	for _, p := range peers {
-		if len(p.VTEPMAC) != 6 || !p.Address.Is4() || !p.Subnet.IsValid() {
-			errs = append(errs, fmt.Errorf("vxlan: peer %s: needs a VTEP MAC, an IPv4 underlay address and a subnet (mac %q, address %v, subnet %v)",
-				p.Name, p.VTEPMAC, p.Address, p.Subnet))
+		if len(p.VTEPMAC) != 6 || !p.Address.IsValid() || p.Address.Is4() != b.cfg.UnderlayAddr.Is4() || !p.Subnet.IsValid() {
+			errs = append(errs, fmt.Errorf("vxlan: peer %s: needs a VTEP MAC, an underlay address of this host's family (%s) and a subnet (mac %q, address %v, subnet %v)",
+				p.Name, b.cfg.UnderlayAddr, p.VTEPMAC, p.Address, p.Subnet))
 			continue
 		}
 		want.neigh[p.Subnet.Masked().Addr()] = p.VTEPMAC.String()

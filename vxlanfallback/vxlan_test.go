@@ -94,7 +94,7 @@ func TestSyncPeersExactState(t *testing.T) {
 	}
 	peer := func(n byte) backend.Peer {
 		addr := netip.AddrFrom4([4]byte{192, 168, 100, 10 + n})
-		return backend.Peer{Name: "h" + string('0'+n), Address: addr, VTEPMAC: MACFor(addr),
+		return backend.Peer{Name: "h" + string('0'+n), Address: addr, VTEPMAC: MACFor(addr, netip.Prefix{}),
 			Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, n, 0}), 24)}
 	}
 	if err := b.SyncPeers([]backend.Peer{peer(2), peer(3)}); err != nil {
@@ -160,12 +160,13 @@ func TestNewValidates(t *testing.T) {
 		t.Fatalf("defaults: %v", err)
 	}
 	for name, mutate := range map[string]func(*Config){
-		"ipv6 underlay": func(c *Config) { c.UnderlayAddr = netip.MustParseAddr("2001:db8::1") },
-		"no underlay":   func(c *Config) { c.UnderlayDev = "" },
-		"port":          func(c *Config) { c.Port = 70000 },
-		"vni":           func(c *Config) { c.VNI = 1 << 24 },
-		"long name":     func(c *Config) { c.Device = "a-very-long-device-name" },
-		"no subnet":     func(c *Config) { c.Subnet = netip.Prefix{} },
+		"mapped underlay":     func(c *Config) { c.UnderlayAddr = netip.MustParseAddr("::ffff:192.0.2.1") },
+		"link-local underlay": func(c *Config) { c.UnderlayAddr = netip.MustParseAddr("fe80::1") },
+		"no underlay":         func(c *Config) { c.UnderlayDev = "" },
+		"port":                func(c *Config) { c.Port = 70000 },
+		"vni":                 func(c *Config) { c.VNI = 1 << 24 },
+		"long name":           func(c *Config) { c.Device = "a-very-long-device-name" },
+		"no subnet":           func(c *Config) { c.Subnet = netip.Prefix{} },
 	} {
 		c := good
 		mutate(&c)

@@ -34,8 +34,9 @@ const (
 	DefaultDevice = "fabric.wg"
 	DefaultPort   = 51820
 	// Overhead is an IPv4 header, UDP, WireGuard's 16-byte data header and
-	// its 16-byte authentication tag.
-	Overhead = 20 + 8 + 16 + 16
+	// its 16-byte authentication tag; Overhead6 over an IPv6 underlay.
+	Overhead  = 20 + 8 + 16 + 16
+	Overhead6 = Overhead + 20
 )
 
 // Keepalive is every peer's persistent keepalive. Setting it makes a device
@@ -174,8 +175,8 @@ func New(cfg Config) (*Backend, error) {
 		return nil, fmt.Errorf("wireguard port %d outside 1-65535", cfg.Port)
 	case cfg.PrivateKey == wgtypes.Key{}:
 		return nil, errors.New("wireguard needs this host's private key")
-	case !cfg.UnderlayAddr.Is4():
-		return nil, fmt.Errorf("wireguard underlay address %v is not an IPv4 address", cfg.UnderlayAddr)
+	case !cfg.UnderlayAddr.IsGlobalUnicast() || cfg.UnderlayAddr.Is4In6() || cfg.UnderlayAddr.Zone() != "":
+		return nil, fmt.Errorf("wireguard underlay address %v is not a global IPv4 or IPv6 address", cfg.UnderlayAddr)
 	case !cfg.Subnet.IsValid() || !cfg.Subnet.Addr().Is4():
 		return nil, fmt.Errorf("wireguard subnet %v is not an IPv4 prefix", cfg.Subnet)
 	case cfg.Implementation != "" && cfg.Implementation != Kernel && cfg.Implementation != Userspace:
@@ -195,7 +196,12 @@ func New(cfg Config) (*Backend, error) {
 
 func (b *Backend) Name() string   { return Name }
 func (b *Backend) Device() string { return b.cfg.Device }
-func (b *Backend) Overhead() int  { return Overhead }
+func (b *Backend) Overhead() int {
+	if b.cfg.UnderlayAddr.Is6() {
+		return Overhead6
+	}
+	return Overhead
+}
 
 // PublicKey is this host's public key, for its node record.
 func (b *Backend) PublicKey() string {
@@ -289,6 +295,8 @@ func (b *Backend) Usable(peer backend.Peer) (bool, string) {
 		return false, "the peer does not encrypt (its node record offers no wireguard)"
 	case peer.WireGuardKey == "":
 		return false, "the peer's node record has no usable WireGuard public key"
+	case peer.Address.Is4() != b.cfg.UnderlayAddr.Is4():
+		return false, fmt.Sprintf("the peer's underlay address %s and this host's %s are of different families", peer.Address, b.cfg.UnderlayAddr)
 	}
 	return true, "both hosts encrypt with WireGuard"
 }

@@ -138,7 +138,8 @@ func TestNewRejects(t *testing.T) {
 		"no key":         func(c *Config) { c.PrivateKey = wgtypes.Key{} },
 		"long name":      func(c *Config) { c.Device = "fabric.wireguard0" },
 		"port":           func(c *Config) { c.Port = 70000 },
-		"v6 underlay":    func(c *Config) { c.UnderlayAddr = netip.MustParseAddr("2001:db8::1") },
+		"mapped":         func(c *Config) { c.UnderlayAddr = netip.MustParseAddr("::ffff:192.0.2.1") },
+		"link-local":     func(c *Config) { c.UnderlayAddr = netip.MustParseAddr("fe80::1") },
 		"implementation": func(c *Config) { c.Implementation = "boringtun" },
 	} {
 		c := good
@@ -149,6 +150,18 @@ func TestNewRejects(t *testing.T) {
 	}
 	if _, err := New(good); err != nil {
 		t.Errorf("good config: %v", err)
+	}
+	v6 := good
+	v6.UnderlayAddr = netip.MustParseAddr("2001:db8::1")
+	b, err := New(v6)
+	if err != nil {
+		t.Fatalf("IPv6 underlay: %v", err)
+	}
+	if b.Overhead() != Overhead6 {
+		t.Errorf("IPv6 underlay: overhead %d, want %d", b.Overhead(), Overhead6)
+	}
+	if ok, _ := b.Usable(backend.Peer{Encaps: []string{Name}, WireGuardKey: "k", Address: netip.MustParseAddr("192.0.2.2")}); ok {
+		t.Error("an IPv6 underlay host found a peer with an IPv4 underlay address usable")
 	}
 }
 

@@ -31,17 +31,23 @@ func NewOwner(nsPath string) *Owner { return &Owner{nsPath: nsPath} }
 // what is not.
 var errExists = nl.IPSetError(nl.IPSET_ERR_EXIST)
 
-// SetIPs makes name a hash:ip set holding exactly addrs, adding before it
-// removes (a host joining is let in before one leaving is shut out), and
-// returns how many entries it wrote. A set of that name of another type is
-// an error: fabric did not make it and will not guess whose it is.
-func (o *Owner) SetIPs(name string, addrs []netip.Addr) (writes int, err error) {
+// SetIPs makes name a hash:ip set of family (unix.AF_INET or AF_INET6)
+// holding exactly addrs, adding before it removes (a host joining is let in
+// before one leaving is shut out), and returns how many entries it wrote.
+// A set of that name of another type or family is an error: fabric did not
+// make it and will not guess whose it is.
+func (o *Owner) SetIPs(name string, family uint8, addrs []netip.Addr) (writes int, err error) {
+	for _, a := range addrs {
+		if a.Unmap().Is4() != (family == unix.AF_INET) {
+			return 0, fmt.Errorf("ipset %s: %s is not of the set's family %d", name, a, family)
+		}
+	}
 	set, err := Read(o.nsPath, name)
 	if err != nil {
 		return 0, err
 	}
-	if set != nil && (set.Type != "hash:ip" || set.Family != unix.AF_INET) {
-		return 0, fmt.Errorf("ipset %s exists as %s (family %d), not hash:ip inet: remove it (ipset destroy %s) or free the name", name, set.Type, set.Family, name)
+	if set != nil && (set.Type != "hash:ip" || set.Family != family) {
+		return 0, fmt.Errorf("ipset %s exists as %s (family %d), not hash:ip of family %d: remove it (ipset destroy %s) or free the name", name, set.Type, set.Family, family, name)
 	}
 	have := map[netip.Addr]bool{}
 	if set != nil {
@@ -67,7 +73,7 @@ func (o *Owner) SetIPs(name string, addrs []netip.Addr) (writes int, err error) 
 	}
 	err = o.with(func(h *netlink.Handle) error {
 		if set == nil {
-			if err := h.IpsetCreate(name, "hash:ip", netlink.IpsetCreateOptions{Family: unix.AF_INET}); err != nil {
+			if err := h.IpsetCreate(name, "hash:ip", netlink.IpsetCreateOptions{Family: family}); err != nil {
 				return fmt.Errorf("ipset %s: create: %w", name, err)
 			}
 		}
