@@ -625,8 +625,8 @@ func (c *Config) Validate() error {
 		if p.Name != "" {
 			where += " (" + p.Name + ")"
 		}
-		if a, err := netip.ParseAddr(p.Address); err != nil || !a.Is4() {
-			bad(where+".address", "%q is not an IPv4 address", p.Address)
+		if a, err := netip.ParseAddr(p.Address); err != nil || a.Is4In6() || !a.IsGlobalUnicast() || a.Zone() != "" {
+			bad(where+".address", "%q is not an IPv4 or global IPv6 address (IPv6 on an IPv6-only underlay)", p.Address)
 		} else {
 			p.Addr = a
 		}

@@ -199,31 +199,57 @@ func startFRR(t *testing.T, f *fabric, conf func(tor *lab.Host) string) (*lab.Ho
 	return tor, vtysh
 }
 
-// TestFRRLearnsIPv6Subnets: on a dual-stack underlay, FRR as the
-// top-of-rack router learns every host's IPv6 /64 over the IPv4 sessions
-// with that host's IPv6 address as next hop, installs it in its kernel and
-// reaches a container's IPv6 address natively (no tunnel, no NAT); the
-// hosts route the router's own IPv6 network through it. A /80 that FRR
-// announces inside host2's /64 is refused by host1, which keeps reaching
-// host2's container through its tunnel.
+// TestFRRLearnsIPv6Subnets: FRR as the top-of-rack router learns every
+// host's IPv6 /64 with that host's IPv6 address as next hop, installs it in
+// its kernel and reaches a container's IPv6 address natively (no tunnel, no
+// NAT); the hosts route the router's own IPv6 network through it. A /80
+// that FRR announces inside host2's /64 is refused by host1, which keeps
+// reaching host2's container through its tunnel. On a dual-stack underlay
+// (the sessions over IPv4) and on an IPv6-only one (the sessions over
+// IPv6).
 func TestFRRLearnsIPv6Subnets(t *testing.T) {
 	t.Parallel()
-	f := newFabric(t, lab.Spec{Hosts: 2}, "--pool-v6", "fd00:10:244::/48")
+	for _, v6Only := range []bool{false, true} {
+		t.Run(map[bool]string{false: "dual-stack-underlay", true: "ipv6-only-underlay"}[v6Only], func(t *testing.T) {
+			t.Parallel()
+			frrLearnsIPv6Subnets(t, v6Only)
+		})
+	}
+}
+
+func frrLearnsIPv6Subnets(t *testing.T, v6Only bool) {
+	f := newFabric(t, lab.Spec{Hosts: 2, IPv6Underlay: v6Only}, "--pool-v6", "fd00:10:244::/48")
 	hosts := f.lab.Hosts()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	// The hosts' IPv6 addresses are there before fabricd starts: it takes
-	// the underlay's global IPv6 address as its /64's next hop.
-	for i, h := range hosts {
-		if _, err := h.Run(ctx, "ip", "-6", "addr", "add", underlayV6(i+1).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
-			t.Fatal(err)
+	// hostV6 is each host's IPv6 address on the underlay: its underlay
+	// address on an IPv6-only one; on a dual-stack one an address the test
+	// gives it before fabricd starts, which takes the underlay's global
+	// IPv6 address as its /64's next hop.
+	hostV6 := func(i int) netip.Addr {
+		if v6Only {
+			return hosts[i].Addr
+		}
+		return underlayV6(i + 1)
+	}
+	if !v6Only {
+		for i, h := range hosts {
+			if _, err := h.Run(ctx, "ip", "-6", "addr", "add", hostV6(i).String()+"/64", "dev", h.Dev, "nodad"); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
+	var torV6 netip.Addr
 	tor, vtysh := startFRR(t, f, func(tor *lab.Host) string {
-		if _, err := tor.Run(ctx, "ip", "-6", "addr", "add", "fd99::250/64", "dev", tor.Dev, "nodad"); err != nil {
-			t.Fatal(err)
+		torV6 = tor.Addr
+		if !v6Only {
+			torV6 = netip.MustParseAddr("fd99::250")
+			if _, err := tor.Run(ctx, "ip", "-6", "addr", "add", torV6.String()+"/64", "dev", tor.Dev, "nodad"); err != nil {
+				t.Fatal(err)
+			}
 		}
-		conf := fmt.Sprintf("frr defaults traditional\nhostname tor\n!\nrouter bgp 65001\n bgp router-id %s\n no bgp ebgp-requires-policy\n no bgp network import-check\n timers bgp 3 9\n", tor.Addr)
+		// A router ID is 32 bits, also on an IPv6-only network.
+		conf := "frr defaults traditional\nhostname tor\n!\nrouter bgp 65001\n bgp router-id 10.255.0.250\n no bgp ebgp-requires-policy\n no bgp network import-check\n timers bgp 3 9\n"
 		for _, h := range hosts {
 			conf += fmt.Sprintf(" neighbor %s remote-as 64512\n", h.Addr)
 		}
@@ -241,7 +267,7 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 	_, subnets := f.startIPv6Mesh("--config", peers)
 	for i, h := range hosts {
 		sub := subnets[h.Name]
-		want := fmt.Sprintf("via %s dev %s proto bgp", underlayV6(i+1), tor.Dev)
+		want := fmt.Sprintf("via %s dev %s proto bgp", hostV6(i), tor.Dev)
 		f.eventually(30*time.Second, "FRR installs "+h.Name+"'s /64 via its IPv6 address", func() error {
 			out, err := tor.Run(ctx, "ip", "-6", "route", "show", sub.String())
 			if err != nil || !strings.Contains(out, want) {
@@ -253,8 +279,8 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 	out, _ := vtysh("show bgp ipv6 unicast")
 	t.Logf("FRR: show bgp ipv6 unicast:\n%s", out)
 	// What the operator checks on the host: the next hop routers get.
-	if out, err := f.fabricctl(hosts[0], "status"); err != nil || !strings.Contains(out, fmt.Sprintf("%s (next hop %s)", subnets[hosts[0].Name], underlayV6(1))) {
-		t.Errorf("fabricctl status on host1: %v\n%s\nwant its IPv6 subnet with next hop %s", err, out, underlayV6(1))
+	if out, err := f.fabricctl(hosts[0], "status"); err != nil || !strings.Contains(out, fmt.Sprintf("%s (next hop %s)", subnets[hosts[0].Name], hostV6(0))) {
+		t.Errorf("fabricctl status on host1: %v\n%s\nwant its IPv6 subnet with next hop %s", err, out, hostV6(0))
 	}
 
 	// A container on host1 answers the router over IPv6, natively.
@@ -271,8 +297,8 @@ func TestFRRLearnsIPv6Subnets(t *testing.T) {
 		t.Fatalf("vtysh: %v: %s", err, out)
 	}
 	f.eventually(15*time.Second, "host1 installs the router's 2001:db8:250::/48 via its IPv6 address", func() error {
-		if via := f.ownedRoutes(hosts[0])["2001:db8:250::/48"]; !strings.Contains(via, "via fd99::250 ") {
-			return fmt.Errorf("host1's route: %q, want via fd99::250", via)
+		if via := f.ownedRoutes(hosts[0])["2001:db8:250::/48"]; !strings.Contains(via, "via "+torV6.String()+" ") {
+			return fmt.Errorf("host1's route: %q, want via %s", via, torV6)
 		}
 		return nil
 	})
