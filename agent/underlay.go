@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -79,11 +80,10 @@ func findUnderlayV6(dev string, want netip.Addr) (netip.Prefix, error) {
 	return found[0], nil
 }
 
-// findUnderlay picks the configured interface, else the one carrying the
-// default route (IPv4, else IPv6), else the only non-loopback interface
-// with an address; and on it want, else its first IPv4 address, else (an
-// IPv6-only underlay) its lowest global IPv6 address, which is then also
-// the host's IPv6 next hop (V6).
+// findUnderlay picks the configured interface, else chooseUnderlay's; and
+// on it want, else its first IPv4 address, else (an IPv6-only underlay)
+// its lowest global IPv6 address, which is then also the host's IPv6 next
+// hop (V6).
 func findUnderlay(dev string, want netip.Addr) (underlay, error) {
 	var u underlay
 	var link netlink.Link
@@ -94,33 +94,8 @@ func findUnderlay(dev string, want netip.Addr) (underlay, error) {
 			return u, fmt.Errorf("underlayInterface %q: %w", dev, err)
 		}
 	default:
-		if link, err = defaultRouteLink(); err != nil {
+		if link, err = chooseUnderlay(); err != nil {
 			return u, err
-		}
-		if link == nil {
-			links, err := netlink.LinkList()
-			if err != nil {
-				return u, err
-			}
-			var candidates []netlink.Link
-			for _, l := range links {
-				// Not fabric's own devices, nor bridges and tunnels: their
-				// addresses are container gateways, not the underlay.
-				switch {
-				case l.Attrs().Flags&1 == 0, l.Attrs().Name == "lo", strings.HasPrefix(l.Attrs().Name, "fabric."),
-					l.Type() == "bridge", l.Type() == "vxlan", l.Type() == "ipip", l.Type() == "veth" && l.Attrs().MasterIndex != 0:
-					continue
-				}
-				if as, _ := netlink.AddrList(l, unix.AF_INET); len(as) > 0 {
-					candidates = append(candidates, l)
-				} else if v6, _ := findUnderlayV6(l.Attrs().Name, netip.Addr{}); v6.IsValid() {
-					candidates = append(candidates, l)
-				}
-			}
-			if len(candidates) != 1 {
-				return u, fmt.Errorf("underlayInterface: cannot choose one (no default route, %d interfaces with addresses); set --underlay-interface", len(candidates))
-			}
-			link = candidates[0]
 		}
 	}
 	u.Dev = link.Attrs().Name
@@ -156,29 +131,68 @@ func findUnderlay(dev string, want netip.Addr) (underlay, error) {
 	return u, nil
 }
 
-// defaultRouteLink is the interface of the IPv4 default route, else of the
-// IPv6 one; nil without either.
-func defaultRouteLink() (netlink.Link, error) {
+// chooseUnderlay is the interface of the IPv4 default route, else the only
+// candidate interface with an IPv4 address; only on a host with neither
+// (an IPv6-only underlay), the same with IPv6: its default route's, else
+// the only one with a global IPv6 address.
+func chooseUnderlay() (netlink.Link, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, err
+	}
 	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
-		routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return nil, fmt.Errorf("underlayInterface: list routes: %w", err)
+		if link, err := defaultRouteLink(family); err != nil || link != nil {
+			return link, err
 		}
-		for _, r := range routes {
-			if r.Dst != nil {
-				if ones, _ := r.Dst.Mask.Size(); ones != 0 {
-					continue // not a default route
+		var candidates []netlink.Link
+		for _, l := range links {
+			// Not fabric's own devices, nor bridges and tunnels: their
+			// addresses are container gateways, not the underlay.
+			switch {
+			case l.Attrs().Flags&1 == 0, l.Attrs().Name == "lo", strings.HasPrefix(l.Attrs().Name, "fabric."),
+				l.Type() == "bridge", l.Type() == "vxlan", l.Type() == "ipip", l.Type() == "veth" && l.Attrs().MasterIndex != 0:
+				continue
+			}
+			if family == unix.AF_INET {
+				if as, _ := netlink.AddrList(l, unix.AF_INET); len(as) > 0 {
+					candidates = append(candidates, l)
 				}
+			} else if v6, _ := findUnderlayV6(l.Attrs().Name, netip.Addr{}); v6.IsValid() {
+				candidates = append(candidates, l)
 			}
-			index := r.LinkIndex
-			if index == 0 && len(r.MultiPath) > 0 {
-				// An ECMP default route (two top-of-rack routers): its
-				// first path's interface.
-				index = r.MultiPath[0].LinkIndex
+		}
+		switch len(candidates) {
+		case 0:
+			continue // no IPv4 anywhere: an IPv6-only underlay?
+		case 1:
+			return candidates[0], nil
+		}
+		return nil, fmt.Errorf("underlayInterface: cannot choose one (no default route, %d interfaces with addresses); set --underlay-interface", len(candidates))
+	}
+	return nil, errors.New("underlayInterface: no default route and no interface with an IPv4 or global IPv6 address; set --underlay-interface")
+}
+
+// defaultRouteLink is the interface of family's default route; nil
+// without one.
+func defaultRouteLink(family int) (netlink.Link, error) {
+	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("underlayInterface: list routes: %w", err)
+	}
+	for _, r := range routes {
+		if r.Dst != nil {
+			if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+				continue // not a default route
 			}
-			if link, err := netlink.LinkByIndex(index); err == nil {
-				return link, nil
-			}
+		}
+		index := r.LinkIndex
+		if index == 0 && len(r.MultiPath) > 0 {
+			// An ECMP default route (two top-of-rack routers): its
+			// first path's interface.
+			index = r.MultiPath[0].LinkIndex
+		}
+		if link, err := netlink.LinkByIndex(index); err == nil {
+			return link, nil
 		}
 	}
 	return nil, nil
