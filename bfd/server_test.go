@@ -75,6 +75,20 @@ func waitState(t *testing.T, s *Server, peer netip.Addr, want State, within time
 
 var testTimers = Config{Interval: 50 * time.Millisecond, Multiplier: 3}
 
+// waitFastTimers waits for s's session with peer to run testTimers: up at
+// the slow start-up pace first, then the fast timers once the poll
+// sequences are over.
+func waitFastTimers(t *testing.T, s *Server, peer netip.Addr) {
+	t.Helper()
+	start := time.Now()
+	for stateOf(s, peer).DetectionTime != 150*time.Millisecond {
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("detection time %s, want 3 × 50ms", stateOf(s, peer).DetectionTime)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // TestSessionLifecycle: two hosts bring a session up; one that goes
 // silent (its link down: no word) is detected within the detection time;
 // one that stops on purpose says AdminDown, and that is not a failure.
@@ -84,15 +98,7 @@ func TestSessionLifecycle(t *testing.T) {
 	b, stopB := serve(t, nsB, addrB, Peer{Addr: addrA, Config: testTimers})
 	waitState(t, a, addrB, Up, 5*time.Second)
 	waitState(t, b, addrA, Up, 5*time.Second)
-	// Up at the slow start-up pace first; then the fast timers, once the
-	// poll sequences are over.
-	start := time.Now()
-	for stateOf(a, addrB).DetectionTime != 150*time.Millisecond {
-		if time.Since(start) > 5*time.Second {
-			t.Fatalf("detection time %s, want 3 × 50ms", stateOf(a, addrB).DetectionTime)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitFastTimers(t, a, addrB)
 	a.Changes()
 
 	// Silence: B's link goes down, nothing is said.
@@ -207,6 +213,7 @@ func TestSessionOverIPv6(t *testing.T) {
 	b, _ := serve(t, nsB, b6, Peer{Addr: a6, Config: testTimers})
 	waitState(t, a, b6, Up, 5*time.Second)
 	waitState(t, b, a6, Up, 5*time.Second)
+	waitFastTimers(t, a, b6)
 	lab.Exec(t, nsB, "ip", "link", "set", "eth0", "down")
 	took := waitState(t, a, b6, Down, 2*time.Second)
 	t.Logf("silent IPv6 peer detected in %s", took)
