@@ -120,9 +120,10 @@ type Backend struct {
 	// nudged are the new peers this host initiates with, each with the
 	// timer that starts a handshake again while they have no session.
 	nudged map[wgtypes.Key]*peerTimer
-	// startedOver are the peers made anew after crossed initiations, and
-	// when (startOver).
-	startedOver map[wgtypes.Key]time.Time
+	// fellBack are the new peers this host initiated with after
+	// initiateDelay (keepaliveOn), and when: the initiations that can cross
+	// the other host's, which startOver mends once.
+	fellBack map[wgtypes.Key]time.Time
 }
 
 // peerTimer is a timer kept for one peer, and how often it fired.
@@ -190,7 +191,7 @@ func New(cfg Config) (*Backend, error) {
 		delayed: map[wgtypes.Key]*peerTimer{},
 		nudged:  map[wgtypes.Key]*peerTimer{},
 
-		startedOver: map[wgtypes.Key]time.Time{},
+		fellBack: map[wgtypes.Key]time.Time{},
 	}, nil
 }
 
@@ -410,9 +411,9 @@ func (b *Backend) SyncPeers(peers []backend.Peer) error {
 		}
 	}
 	disarm(b.nudged, wanted)
-	for key := range b.startedOver {
+	for key := range b.fellBack {
 		if !wanted(key) {
-			delete(b.startedOver, key)
+			delete(b.fellBack, key)
 		}
 	}
 	cfg := planPeers(have, want)
@@ -442,6 +443,7 @@ func (b *Backend) keepaliveOn(key wgtypes.Key, d *peerTimer) {
 		return
 	}
 	delete(b.delayed, key)
+	b.fellBack[key] = time.Now()
 	keepalive := Keepalive
 	cfg := []wgtypes.PeerConfig{{PublicKey: key, UpdateOnly: true, PersistentKeepaliveInterval: &keepalive}}
 	if err := b.dev.configurePeers(cfg); err != nil {
@@ -499,16 +501,21 @@ func (b *Backend) nudge(key wgtypes.Key, n *peerTimer) {
 // host took, which it would drop as a flood.
 const startOverAfter = 200 * time.Millisecond
 
-// startOverEvery is how often one peer may be made anew: a new
-// initiation that crosses again waits its turn.
-const startOverEvery = 10 * time.Second
+// startOverWithin is how long after this host's fallback initiation a
+// crossing is taken for one with it: WireGuard's 5 s retry and 2 s more.
+// Other crossings (a peer's key rotated at the same endpoint, or a new
+// initiation of the made-anew peer crossing again) are left to WireGuard.
+const startOverWithin = 7 * time.Second
 
 // startOver removes and adds again the peer at endpoint to after this
 // device's initiation to it crossed the peer's (crossings, wireguard-go
 // only), so its session is one both sides hold: a new peer initiates at
 // once, where WireGuard would refuse a second initiation within 5 s of
-// the first. Only the host that answers first (answerFirst's order) does,
-// so the new initiation does not cross one of the other host's.
+// the first. Only a peer whose fallback initiation (keepaliveOn) went out
+// shortly before, once: that is the initiation that crosses, sent by the
+// host that answers first (answerFirst), so the new one does not cross
+// one of the other host's. The crossing is known by endpoint alone: a
+// peer that merely shares it (a key rotated there) is not touched.
 func (b *Backend) startOver(to netip.AddrPort) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -520,15 +527,11 @@ func (b *Backend) startOver(to netip.AddrPort) {
 		b.log.Warn("cannot read peers after crossed handshakes", "err", err)
 		return
 	}
-	self := b.cfg.PrivateKey.PublicKey()
 	for key, h := range have {
-		if h.Endpoint != to || bytes.Compare(key[:], self[:]) >= 0 || b.delayed[key] != nil {
+		if at, ok := b.fellBack[key]; h.Endpoint != to || !ok || time.Since(at) > startOverWithin {
 			continue
 		}
-		if last, ok := b.startedOver[key]; ok && time.Since(last) < startOverEvery {
-			continue
-		}
-		b.startedOver[key] = time.Now()
+		delete(b.fellBack, key)
 		cfg := append([]wgtypes.PeerConfig{{PublicKey: key, Remove: true}}, planPeers(nil, map[wgtypes.Key]peerConfig{key: h})...)
 		if err := b.dev.configurePeers(cfg); err != nil {
 			b.log.Warn("cannot make a peer anew after crossed handshakes", "peer", key.String(), "err", err)
