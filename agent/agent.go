@@ -94,6 +94,11 @@ type inputs struct {
 	// the data plane is not touched, since a route set computed without
 	// node records would sweep every route fabricd installed before a restart.
 	nodesKnown bool
+	// peersKnown turns true once the speaker has the peers of a known
+	// node set: before it, a speaker with no peers has not been told of
+	// them yet (seen in the qemu guest: the start-up grace ended on an
+	// empty peer list and dropped a kept route for 0.9 s).
+	peersKnown bool
 	bgpRoutes  []bgp.Route
 	grace      planner.Grace
 	// containers are the fabric's containers whose records passed

@@ -59,6 +59,10 @@ func (a *Agent) graceLoop(ctx context.Context) error {
 // checkConverged feeds the peers' session states to the grace and reports
 // whether it is over; then the speaker stops telling new peers it restarts.
 func (a *Agent) checkConverged(ctx context.Context) bool {
+	// Read before the peer list: once true, the list has every peer.
+	a.in.mu.Lock()
+	peersKnown := a.in.peersKnown
+	a.in.mu.Unlock()
 	peers, err := a.own.speaker.Peers(ctx)
 	if err != nil {
 		return false
@@ -70,7 +74,7 @@ func (a *Agent) checkConverged(ctx context.Context) bool {
 	}
 	a.in.mu.Lock()
 	wasOver := a.in.grace.Over
-	a.in.grace = a.in.grace.Observe(syncs, a.in.nodesKnown, time.Now())
+	a.in.grace = a.in.grace.Observe(syncs, peersKnown, time.Now())
 	over := a.in.grace.Over
 	a.in.mu.Unlock()
 	if over && !wasOver {

@@ -91,6 +91,10 @@ func (a *Agent) refreshNodes(ctx context.Context) {
 	a.in.mu.Unlock()
 	if err := a.setPeers(ctx, set.Nodes); err != nil {
 		a.log.Error("set BGP peers", "err", err)
+	} else {
+		a.in.mu.Lock()
+		a.in.peersKnown = true
+		a.in.mu.Unlock()
 	}
 	a.kickDataplane()
 	a.kickPolicy()

@@ -281,8 +281,9 @@ type Grace struct {
 
 // Observe records the peers' states and ends the grace when every peer has
 // synced, or Until passed. peersKnown says the peer set is complete (the
-// node registry has been read): before that, no peers means none known yet,
-// after it, a host with no peers has nothing to wait for.
+// node registry has been read and its peers given to the speaker): before
+// that, no peers means none known yet, after it, a host with no peers has
+// nothing to wait for.
 func (g Grace) Observe(peers []PeerSync, peersKnown bool, now time.Time) Grace {
 	if g.Over {
 		return g
