@@ -212,11 +212,12 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 	// IPv6 has its own tables and so its own owner: NAT66, the IPv6 side of
 	// published ports and policy write there with an IPv6 pool, the
 	// ingress filter on an IPv6 underlay.
+	pool6, underlay6 := a.subnetV6().IsValid(), a.underlay.Addr.Is6()
 	var sections6 []string
-	if a.subnetV6().IsValid() {
+	if pool6 {
 		sections6 = append(sections6, nat.Section, policy.Section)
 	}
-	if a.underlay.Addr.Is6() {
+	if underlay6 {
 		sections6 = append(sections6, ingress.Section)
 	}
 	if len(sections6) > 0 {
@@ -225,10 +226,10 @@ func Run(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
 		}
 	}
 	var pool6Tables, underlay6Tables *iptables.Manager
-	if a.subnetV6().IsValid() {
+	if pool6 {
 		pool6Tables = a.own.tables6
 	}
-	if a.underlay.Addr.Is6() {
+	if underlay6 {
 		underlay6Tables = a.own.tables6
 	}
 	if a.own.nat, err = nat.New(nat.Config{Tables: a.own.tables, Tables6: pool6Tables, Logger: log}); err != nil {

@@ -59,6 +59,7 @@ func (l *Lab) etcdArgs(m *etcdMember) []string {
 		cluster = append(cluster, fmt.Sprintf("%s=http://%s", o.name, netip.AddrPortFrom(o.host.Addr, etcdPeerPort)))
 	}
 	client := fmt.Sprintf("http://%s", netip.AddrPortFrom(m.host.Addr, etcdClientPort))
+	peer := fmt.Sprintf("http://%s", netip.AddrPortFrom(m.host.Addr, etcdPeerPort))
 	var nice []string
 	if l.spec.EtcdNice != 0 {
 		nice = []string{"nice", "-n", strconv.Itoa(l.spec.EtcdNice)}
@@ -69,8 +70,8 @@ func (l *Lab) etcdArgs(m *etcdMember) []string {
 		"--data-dir", filepath.Join(m.dir, "data"),
 		"--listen-client-urls", client+",unix://"+etcdSocketFile,
 		"--advertise-client-urls", client,
-		"--listen-peer-urls", fmt.Sprintf("http://%s", netip.AddrPortFrom(m.host.Addr, etcdPeerPort)),
-		"--initial-advertise-peer-urls", fmt.Sprintf("http://%s", netip.AddrPortFrom(m.host.Addr, etcdPeerPort)),
+		"--listen-peer-urls", peer,
+		"--initial-advertise-peer-urls", peer,
 		"--initial-cluster", strings.Join(cluster, ","),
 		"--initial-cluster-token", l.prefix,
 		// Ignored once the data dir exists, so restarts just rejoin.

@@ -193,7 +193,7 @@ func newUserspaceDevice(name string, mtu int, log *slog.Logger, crossed func(net
 		Verbosef: func(format string, args ...any) { log.Debug(fmt.Sprintf(format, args...)) },
 		Errorf:   func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) },
 	}
-	bind := nsBind{Bind: conn.NewDefaultBind(), netns: here, crossings: &crossings{initiated: map[netip.AddrPort]bool{}, crossed: crossed}}
+	bind := nsBind{Bind: conn.NewDefaultBind(), netns: here, crossings: &crossings{initiated: map[netip.AddrPort]bool{}}, crossed: crossed}
 	return &userspaceDevice{name: name, ifindex: link.Attrs().Index, netns: here, dev: wgdevice.NewDevice(t, bind, logger)}, nil
 }
 
@@ -208,10 +208,13 @@ type nsBind struct {
 	conn.Bind
 	netns     netns.NsHandle
 	crossings *crossings
+	crossed   func(netip.AddrPort) // on a goroutine of its own: Send must not wait
 }
 
 func (b nsBind) Send(bufs [][]byte, ep conn.Endpoint) error {
-	b.crossings.sent(bufs, ep)
+	for _, to := range b.crossings.sent(bufs, ep) {
+		go b.crossed(to)
+	}
 	return b.Bind.Send(bufs, ep)
 }
 
@@ -230,7 +233,6 @@ func (b nsBind) Send(bufs [][]byte, ep conn.Endpoint) error {
 type crossings struct {
 	mu        sync.Mutex
 	initiated map[netip.AddrPort]bool // sent an initiation, no response since
-	crossed   func(netip.AddrPort)
 }
 
 // WireGuard's message types (the first byte of a little-endian uint32
@@ -240,7 +242,9 @@ const (
 	messageResponse   = 2
 )
 
-func (c *crossings) sent(bufs [][]byte, ep conn.Endpoint) {
+// sent notes the handshake messages among bufs, sent to ep, and returns
+// the endpoints whose handshakes they show crossed.
+func (c *crossings) sent(bufs [][]byte, ep conn.Endpoint) (crossed []netip.AddrPort) {
 	for _, b := range bufs {
 		if len(b) < 4 || (b[0] != messageInitiation && b[0] != messageResponse) || b[1]|b[2]|b[3] != 0 {
 			continue
@@ -250,17 +254,17 @@ func (c *crossings) sent(bufs [][]byte, ep conn.Endpoint) {
 			continue
 		}
 		c.mu.Lock()
-		crossed := b[0] == messageResponse && c.initiated[to]
+		if b[0] == messageResponse && c.initiated[to] {
+			crossed = append(crossed, to)
+		}
 		if b[0] == messageInitiation {
 			c.initiated[to] = true
 		} else {
 			delete(c.initiated, to)
 		}
 		c.mu.Unlock()
-		if crossed {
-			go c.crossed(to)
-		}
 	}
+	return crossed
 }
 
 func (b nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
