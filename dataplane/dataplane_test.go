@@ -116,6 +116,7 @@ func linkName(t *testing.T, h *netlink.Handle, index int) string {
 // comes back at the next Reread (the agent's resync timer), and a route
 // withdrawn from the input leaves the kernel without one.
 func TestDriftRepairAndWithdrawalWithTheView(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 3)
 	ctx := context.Background()
 	h := l.hosts[0]
@@ -148,6 +149,7 @@ func TestDriftRepairAndWithdrawalWithTheView(t *testing.T) {
 }
 
 func TestVXLANMeshPingAndTCP(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 3)
 	ctx := context.Background()
 	for _, h := range l.hosts {
@@ -213,6 +215,7 @@ func TestVXLANMeshPingAndTCP(t *testing.T) {
 }
 
 func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 2)
 	h1 := l.hosts[0]
 	// Leftovers of an earlier run (ours) and routes of others, planted before the first Apply.
@@ -254,6 +257,7 @@ func TestStaleRoutesSweptForeignRoutesKept(t *testing.T) {
 }
 
 func TestPeerDepartureAndCleanup(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 3)
 	ctx := context.Background()
 	var h1Manager *Manager
@@ -329,6 +333,7 @@ func TestPeerDepartureAndCleanup(t *testing.T) {
 }
 
 func TestCrossSubnetDirectRoute(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 2)
 	ctx := context.Background()
 	for _, h := range l.hosts {
@@ -361,6 +366,7 @@ func TestCrossSubnetDirectRoute(t *testing.T) {
 }
 
 func TestTopOfRackRouteIsPlain(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 2)
 	h1, router := l.hosts[0], l.hosts[1]
 	// h2 plays a top-of-rack router that owns 10.250.0.0/16.
@@ -388,6 +394,7 @@ func TestTopOfRackRouteIsPlain(t *testing.T) {
 // Auto mode runs ipip where the kernel has it and vxlan where it does not;
 // the same test passes on both (the qemu guest lane runs it on a stock kernel).
 func TestAutoModeFollowsTheKernel(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 2)
 	h1, h2 := l.hosts[0], l.hosts[1]
 	supported, err := ipip.Supported(h1.handle)
@@ -437,6 +444,7 @@ func TestAutoModeFollowsTheKernel(t *testing.T) {
 // A restart with a changed configuration (vxlan -> cross-subnet direct) turns
 // the existing kernel state into the new one: route replaced, tunnel entries gone.
 func TestRestartWithChangedConfig(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 2)
 	ctx := context.Background()
 	h1, h2 := l.hosts[0], l.hosts[1]
@@ -471,6 +479,7 @@ func TestRestartWithChangedConfig(t *testing.T) {
 // A peer whose registry entry lacks a VTEP MAC gets an unreachable route
 // (refused at once, not sent along the default route) and an error naming it; the other peers are unaffected.
 func TestBadPeerDoesNotStopOthers(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 3)
 	ctx := context.Background()
 	h1, h2, h3 := l.hosts[0], l.hosts[1], l.hosts[2]
@@ -504,6 +513,7 @@ func TestBadPeerDoesNotStopOthers(t *testing.T) {
 // connected segment (an eBGP multihop peer, a reflected route) is installed
 // via the gateway the kernel uses to reach that next hop.
 func TestMultihopNextHopResolved(t *testing.T) {
+	t.Parallel() // each test has its own namespaces: in the TCG guest, 7 min one after another
 	l := newLab(t, 2)
 	h1, router := l.hosts[0], l.hosts[1]
 	// The multihop peer's address and the prefix it announces live behind

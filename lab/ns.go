@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -42,11 +43,26 @@ func RequireRoot(t testing.TB, tools ...string) {
 // Prefix returns tag followed by four random hex digits. Names built on it
 // do not collide with a parallel run or the leftovers of a killed one, and
 // stay short enough for interface names (15 bytes).
+// Within one test binary no prefix is given twice (its tests run in
+// parallel, where a repeat would be two tests on one namespace).
 func Prefix(tag string) string {
-	b := make([]byte, 2)
-	rand.Read(b)
-	return tag + hex.EncodeToString(b)
+	prefixesGiven.Lock()
+	defer prefixesGiven.Unlock()
+	for {
+		b := make([]byte, 2)
+		rand.Read(b)
+		p := tag + hex.EncodeToString(b)
+		if !prefixesGiven.m[p] {
+			prefixesGiven.m[p] = true
+			return p
+		}
+	}
 }
+
+var prefixesGiven = struct {
+	sync.Mutex
+	m map[string]bool
+}{m: map[string]bool{}}
 
 // Run runs a command and fails the test if it fails; it returns the
 // combined output.

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/fabricnet/fabric/internal/testreq"
+	"github.com/fabricnet/fabric/internal/testwait"
 )
 
 // ForTest builds a lab for a test. It skips the test when the machine cannot
@@ -26,7 +27,10 @@ func ForTest(t testing.TB, spec Spec) *Lab {
 		t.Logf("lab: sweeping stale runs: %v", err)
 	}
 	CloseOnInterrupt()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute) // a bound, not an expectation: a busy machine or the TCG guest is slow
+	// A bound, not an expectation, stretched where time is (the TCG guest:
+	// its first labs, built while every suite starts at once, took over 3 min
+	// on the project's CI).
+	ctx, cancel := context.WithTimeout(context.Background(), testwait.Scale(3*time.Minute))
 	defer cancel()
 	l, err := New(ctx, spec)
 	if err != nil {

@@ -27,7 +27,7 @@ var guestSuites = []struct{ pkg, run string }{
 	// The e2e tests whose outcome depends on the encapsulation auto mode
 	// picks, its MTU and the tunnel devices fabricd owns, and the NAT wire
 	// check (what a server outside the pool sees).
-	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation|TestIPv6OverTheTunnels|TestFlowOffload)$"},
+	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestRestartKeepsEncapsulation|TestVXLANHostJoinsAutoHosts|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation|TestIPv6OverTheTunnels|TestFlowOffload)$"},
 }
 
 // guestInit starts every suite at once (they wait on timers and sessions
