@@ -215,7 +215,7 @@ func (f *fabric) eventually(timeout time.Duration, what string, cond func() erro
 		if err = cond(); err == nil {
 			return time.Since(start)
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(testwait.Interval(100 * time.Millisecond))
 	}
 	f.t.Fatalf("%s: not within %s: %v", what, timeout, err)
 	return 0
