@@ -33,12 +33,10 @@ deps-demo:
 # Every package, the lab integration tests and the qemu guest lane. The
 # tests spend most of their time waiting (BGP timers, sessions, a VM), so
 # packages and the e2e tests run several at a time; each lab has its own
-# namespaces, etcd and processes. The longest lanes are named first so
-# that they start first (go test starts packages in the order given):
-# the qemu guest alone takes most of the run.
+# namespaces, etcd and processes.
 test: deps-test build vulncheck
 	$(GO) vet ./...
-	FABRIC_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 25m -p 4 -parallel 4 ./qemulane ./packaging ./e2e ./...
+	FABRIC_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 25m -p 4 -parallel 4 ./...
 
 # The inner loop: no root, no lab, no VM (those tests skip in short mode).
 test-quick:

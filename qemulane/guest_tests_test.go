@@ -18,16 +18,22 @@ import (
 // again inside the guest on Debian's stock kernel (which has IPIP, unlike
 // the build machines): the same test binaries must pass on both, so no test
 // may assume which kernel it is on. run selects tests (-test.run); empty
-// runs the whole package.
-var guestSuites = []struct{ pkg, run string }{
-	{"ipip", ""},
-	{"vxlanfallback", ""},
-	{"dataplane", ""},
-	{"flowoffload", ""},
+// runs the whole package. parallel is how many of its tests run at once
+// (0: guestParallel).
+var guestSuites = []struct {
+	pkg, run string
+	parallel int
+}{
+	{"ipip", "", 0},
+	{"vxlanfallback", "", 0},
+	// Two at a time: it ends well before e2e all the same (145 s against
+	// 460 s alone; one at a time, 436 s), and leaves e2e the CPU.
+	{"dataplane", "", 2},
+	{"flowoffload", "", 0},
 	// The e2e tests whose outcome depends on the encapsulation auto mode
 	// picks, its MTU and the tunnel devices fabricd owns, and the NAT wire
 	// check (what a server outside the pool sees).
-	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestRestartKeepsEncapsulation|TestVXLANHostJoinsAutoHosts|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation|TestIPv6OverTheTunnels|TestFlowOffload)$"},
+	{"e2e", "^(TestMeshLifecycle|TestEncapsulationFallback|TestRestartKeepsEncapsulation|TestVXLANHostJoinsAutoHosts|TestPathMTUDiscovery|TestMTUNoBlackHole|TestCrossSubnetDirectAndVXLAN|TestForgedTunnelPacketsDropped|TestCleanupLeavesNothing|TestMasqueradeLeavingThePool|TestEncryptedRestart|TestKeyRotation|TestIPv6OverTheTunnels|TestFlowOffload)$", 0},
 }
 
 // guestInit starts every suite at once (they wait on timers and sessions
@@ -44,16 +50,26 @@ func guestInit() string {
 	// tests must find fabricd running the kernel's (not wireguard-go);
 	// FABRIC_KERNEL_FLOWTABLE: it has nftables flowtables too.
 	fmt.Fprintf(&b, "export FABRIC_REQUIRE_ALL=1 FABRIC_BIN=/bin/fabric FABRIC_KERNEL_WIREGUARD=1 FABRIC_KERNEL_FLOWTABLE=1 %s=%d\nfailed=0\n", testwait.ScaleEnv, guestTimeScale)
+	// Where the guest's CPU goes: every 30 s the CPU split and the busiest
+	// processes of the last 30 s (processes that start and end between two
+	// samples, such as an ip, show only in the split).
+	b.WriteString("top -b -d 30 -n 60 > /tmp/top.log 2>&1 &\ntop=$!\n")
 	for _, s := range guestSuites {
 		run := ""
 		if s.run != "" {
 			run = fmt.Sprintf(" -test.run '%s'", s.run)
 		}
+		parallel := guestParallel
+		if s.parallel > 0 {
+			parallel = s.parallel
+		}
 		fmt.Fprintf(&b, `echo "GUESTSUITE %[1]s start at $(cut -d' ' -f1 /proc/uptime)s"
 (/bin/tests/%[1]s.test -test.v -test.count=1 -test.timeout=18m -test.parallel=%[3]d%[2]s > /tmp/%[1]s.log 2>&1; echo $? > /tmp/%[1]s.status; echo "GUESTSUITE %[1]s ended at $(cut -d' ' -f1 /proc/uptime)s") &
-`, s.pkg, run, guestParallel)
+suites="$suites $!"
+`, s.pkg, run, parallel)
 	}
-	b.WriteString("wait\n")
+	b.WriteString("wait $suites\nkill $top\n")
+	b.WriteString(`awk '/^Mem:/ {n = 0} n++ < 12' /tmp/top.log | cut -c1-160 | sed 's/^/GUESTTOP /'` + "\n")
 	for _, s := range guestSuites {
 		fmt.Fprintf(&b, `status=$(cat /tmp/%[1]s.status)
 grep -E '^(--- |ok |FAIL|PASS|panic)' /tmp/%[1]s.log | sed 's/^/GUESTTEST %[1]s /'
@@ -85,7 +101,10 @@ fi
 // blocked-task dumps), and every `ip` of every other test waits for that
 // lock; under TCG on a busy machine a normal grace period takes long
 // enough that the guest's suites stood still for minutes (ci88, ci92).
-const guestAppend = "rcupdate.rcu_expedited=1"
+//
+// loglevel=5: a soft lockup's registers and stack reach the console (quiet
+// shows only its first line, which is all ci109's hang left).
+const guestAppend = "rcupdate.rcu_expedited=1 loglevel=5"
 
 // guestParallel is how many tests of a suite run at once in the guest.
 const guestParallel = 4
@@ -141,13 +160,16 @@ func TestHostTestsInGuest(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 21*time.Minute)
 	defer cancel()
 	// 2 GiB: the initramfs alone holds some 200 MB of binaries.
-	res, err := Run(ctx, kernel, initrd, RunOptions{MemoryMB: 2048, Timeout: 20 * time.Minute,
+	res, err := Run(ctx, kernel, initrd, RunOptions{MemoryMB: 2048, Timeout: 20 * time.Minute, StopOnLockup: 3 * time.Minute,
 		Append: strings.TrimSpace("softlockup_all_cpu_backtrace=1 " + guestAppend + " " + os.Getenv("FABRIC_QEMU_APPEND"))})
 	logLockups(t, res.Output)
 	if dump := res.Lines("GUESTKERNEL "); len(dump) > 0 {
 		t.Logf("guest kernel after a failed suite:\n%s", strings.Join(dump, "\n"))
 	}
 	t.Logf("VM ran %s", res.Duration.Round(time.Millisecond))
+	if testing.Verbose() {
+		t.Logf("where the guest's CPU went:\n%s", strings.Join(res.Lines("GUESTTOP "), "\n"))
+	}
 	for _, l := range res.Lines("GUESTSUITE ") {
 		t.Log(l)
 	}

@@ -28,7 +28,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -552,6 +554,40 @@ type RunOptions struct {
 	// Console, if set, receives the serial output as it arrives (e.g. for
 	// live test logs); Result.Output has it in full either way.
 	Console io.Writer
+	// StopOnLockup, if set, stops the VM as soon as its kernel reports a
+	// CPU stuck in the kernel that long (a soft lockup): a guest that has
+	// stood still for minutes does not recover before the timeout (ci109:
+	// both CPUs stuck from 100 s until qemu was killed at 20 min).
+	StopOnLockup time.Duration
+}
+
+// lockupWatch reads the console as it arrives and calls stop once the
+// kernel reports a soft lockup of at least limit ("watchdog: BUG: soft
+// lockup - CPU#1 stuck for 126s!").
+type lockupWatch struct {
+	limit time.Duration
+	stop  func()
+	line  []byte
+	seen  string // the report that stopped the VM
+}
+
+var softLockup = regexp.MustCompile(`soft lockup - CPU#\d+ stuck for (\d+)s!`)
+
+func (w *lockupWatch) Write(p []byte) (int, error) {
+	for _, c := range p {
+		if c != '\n' {
+			w.line = append(w.line, c)
+			continue
+		}
+		if m := softLockup.FindSubmatch(w.line); m != nil && w.seen == "" {
+			if secs, _ := strconv.Atoi(string(m[1])); time.Duration(secs)*time.Second >= w.limit {
+				w.seen = strings.TrimSpace(string(w.line))
+				w.stop()
+			}
+		}
+		w.line = w.line[:0]
+	}
+	return len(p), nil
 }
 
 // Verdict is what the VM reported.
@@ -655,10 +691,16 @@ func Run(ctx context.Context, kernel, initrd string, opts RunOptions) (Result, e
 		"-append", cmdline,
 	)
 	var output bytes.Buffer
-	var sink io.Writer = &output
+	sinks := []io.Writer{&output}
 	if opts.Console != nil {
-		sink = io.MultiWriter(&output, opts.Console)
+		sinks = append(sinks, opts.Console)
 	}
+	var lockup *lockupWatch
+	if opts.StopOnLockup > 0 {
+		lockup = &lockupWatch{limit: opts.StopOnLockup, stop: cancel}
+		sinks = append(sinks, lockup)
+	}
+	sink := io.MultiWriter(sinks...)
 	cmd.Stdout = sink
 	cmd.Stderr = sink
 	cmd.WaitDelay = 5 * time.Second
@@ -672,6 +714,9 @@ func Run(ctx context.Context, kernel, initrd string, opts RunOptions) (Result, e
 	parseVerdict(&res)
 
 	switch {
+	case lockup != nil && lockup.seen != "":
+		return res, fmt.Errorf("guest kernel locked up, VM stopped after %s (%q); console tail:\n%s",
+			res.Duration.Round(time.Millisecond), lockup.seen, tail(res.Output, 80))
 	case ctx.Err() != nil:
 		return res, fmt.Errorf("qemu stopped after %s: %w; console tail:\n%s",
 			res.Duration.Round(time.Millisecond), ctx.Err(), tail(res.Output, 30))

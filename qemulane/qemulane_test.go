@@ -112,3 +112,37 @@ func TestCpioNewc(t *testing.T) {
 }
 
 func align4(n int) int { return (n + 3) &^ 3 }
+
+// The watch stops the VM on the first report of a CPU stuck at least its
+// limit, also when the report arrives in pieces, and not on a shorter one
+// (a busy host can starve the guest for a while).
+func TestLockupWatch(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		writes []string
+		want   string
+	}{
+		{"short lockup", []string{"[  124.77] watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [ksoftirqd/0:14]\n"}, ""},
+		{"long lockup", []string{"x\n[  236.98] watchdog: BUG: soft lockup - CPU#1 stuck for 126s! [kworker/1:0:22]\nafter\n"},
+			"[  236.98] watchdog: BUG: soft lockup - CPU#1 stuck for 126s! [kworker/1:0:22]"},
+		{"in pieces", []string{"[ 1.0] watchdog: BUG: soft lock", "up - CPU#0 stuck for 200", "s! [k]\n"}, "[ 1.0] watchdog: BUG: soft lockup - CPU#0 stuck for 200s! [k]"},
+		{"no newline yet", []string{"soft lockup - CPU#0 stuck for 500s!"}, "soft lockup - CPU#0 stuck for 500s!"},
+		{"other noise", []string{"stuck for 500s!\nrcu: INFO: rcu_preempt self-detected stall\n"}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			stops := 0
+			w := &lockupWatch{limit: 2 * time.Minute, stop: func() { stops++ }}
+			for _, s := range tc.writes {
+				w.Write([]byte(s))
+			}
+			w.Write([]byte("\n")) // ends a line left open: judged now, not before
+			w.Write([]byte("watchdog: BUG: soft lockup - CPU#0 stuck for 999s!\n"))
+			if tc.want != "" && (w.seen != tc.want || stops != 1) {
+				t.Errorf("seen %q after %d stops, want %q once (a later report stops nothing more)", w.seen, stops, tc.want)
+			}
+			if tc.want == "" && w.seen != "watchdog: BUG: soft lockup - CPU#0 stuck for 999s!" {
+				t.Errorf("seen %q, want only the final long report", w.seen)
+			}
+		})
+	}
+}
