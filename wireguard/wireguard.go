@@ -124,6 +124,9 @@ type Backend struct {
 	// initiateDelay (keepaliveOn), and when: the initiations that can cross
 	// the other host's, which startOver mends once.
 	fellBack map[wgtypes.Key]time.Time
+	// rotated is when this host's key was last rotated: crossings for
+	// startOverWithin after it are the rotation's own.
+	rotated time.Time
 }
 
 // peerTimer is a timer kept for one peer, and how often it fired.
@@ -239,9 +242,10 @@ func (b *Backend) RotateKey(keyPath string) (oldKey, newKey string, err error) {
 		// The rotation's handshakes cross the peers' by design (each
 		// peer initiates once it has the new key, after this device's
 		// initiations were refused): not the fallback crossing startOver
-		// mends, though one may have gone out in the last 7 s (ci111: a
-		// rotation 5 s after the start made both peers anew; 1 ping lost).
-		clear(b.fellBack)
+		// mends, though a fallback initiation may have gone out in the 7 s
+		// before or go out just after (ci111: a rotation 5 s after the
+		// start made both peers anew; 1 ping lost).
+		b.rotated = time.Now()
 	}
 	newKey = key.PublicKey().String()
 	b.log.Info("wireguard key pair replaced", "old", oldKey, "new", newKey)
@@ -521,12 +525,16 @@ const startOverWithin = 7 * time.Second
 // shortly before, once: that is the initiation that crosses, sent by the
 // host that answers first (answerFirst), so the new one does not cross
 // one of the other host's. The crossing is known by endpoint alone: a
-// peer that merely shares it (a key rotated there) is not touched.
+// peer that merely shares it (a key rotated there) is not touched; none
+// is while this host's own rotation is recent.
 func (b *Backend) startOver(to netip.AddrPort) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.dev == nil {
 		return
+	}
+	if time.Since(b.rotated) < startOverWithin {
+		return // the rotation's own crossing (RotateKey)
 	}
 	have, err := b.dev.peers()
 	if err != nil {
