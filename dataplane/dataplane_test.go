@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,10 +8,10 @@ import (
 	"net/netip"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/fabricnet/fabric/backend"
+	"github.com/fabricnet/fabric/internal/testlog"
 	"github.com/fabricnet/fabric/ipip"
 	"github.com/fabricnet/fabric/lab"
 	"github.com/fabricnet/fabric/vxlanfallback"
@@ -21,24 +20,6 @@ import (
 )
 
 const testVXLANPort = 8472 // not the default, on purpose
-
-// logBuffer collects slog output for assertions.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // Test modes: which backends a manager gets, as fabricd's encaps.Select
 // would pick them.
@@ -50,7 +31,7 @@ const (
 type testOpts struct {
 	mode        string
 	crossSubnet bool
-	logs        *logBuffer
+	logs        *testlog.Buffer
 	ipip        bool
 }
 
@@ -418,7 +399,7 @@ func TestAutoModeFollowsTheKernel(t *testing.T) {
 	if supported {
 		want, why, encaps = ipip.Name, "both hosts run ipip and IP protocol 4 passes", []string{"ipip", "vxlan"}
 	}
-	logs := &logBuffer{}
+	logs := &testlog.Buffer{}
 	m := l.manager(h1, testOpts{mode: modeAuto, ipip: supported, logs: logs})
 	l.manager(h2, testOpts{mode: modeAuto, ipip: supported}).Apply(context.Background(), []RemoteRoute{
 		{Prefix: h1.subnet, NextHop: h1.addr, PeerName: h1.ns, Peer: h1.peerInfo(encaps...)}})

@@ -1,36 +1,17 @@
 package policy
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/fabricnet/fabric/internal/etcdtest"
+	"github.com/fabricnet/fabric/internal/testlog"
 )
-
-// lockedBuffer collects log output written from the watch goroutine.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 func TestStoreRoundTrip(t *testing.T) {
 	cli := etcdtest.Start(t).Client(t)
@@ -116,7 +97,7 @@ func TestWatchFollowsChangesAndHoldsOnMalformed(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	const prefix = "/fabric"
-	logs := &lockedBuffer{}
+	logs := &testlog.Buffer{}
 	logger := slog.New(slog.NewTextHandler(logs, nil))
 
 	deny80 := Rule{Name: "deny-80", Action: "deny", Protocol: "tcp", Ports: []PortRange{{80, 80}}}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/fabricnet/fabric/backend"
 	"github.com/fabricnet/fabric/internal/nsthread"
+	"github.com/fabricnet/fabric/internal/testlog"
 	"github.com/fabricnet/fabric/internal/testwait"
 	"github.com/fabricnet/fabric/lab"
 )
@@ -279,7 +280,7 @@ func TestSocketsStayInTheDevicesNamespace(t *testing.T) {
 // anew, which drops what is in flight (ci111: 1 of 251 pings lost).
 func TestRotationSoonAfterAFallbackInitiation(t *testing.T) {
 	nsA, nsB := twoNamespaces(t, "wr")
-	var logs lockedBuffer
+	var logs testlog.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	defer func() {
 		if t.Failed() {
@@ -349,21 +350,4 @@ func TestRotationSoonAfterAFallbackInitiation(t *testing.T) {
 	if strings.Contains(logs.String(), "made the peer anew") {
 		t.Error("the rotating host made its peer anew after its own rotation's handshakes crossed")
 	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
